@@ -1,0 +1,32 @@
+//! The snowflock control plane.
+//!
+//! This crate turns the VMM's clone hypercalls into clones: it captures VM
+//! descriptors, hands out tickets for clone slots, restores children onto
+//! copy-on-write views of the parent's frozen memory, and collects their
+//! results for `join`.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome, console};
+//! use snowflock_vmm::KvmHypervisor;
+//!
+//! let hv = Arc::new(KvmHypervisor::open()?);
+//! let supervisor = Supervisor::new(hv, SupervisorConfig {
+//!     clone_limit: 8,
+//!     lines: console::stdout_lines(),
+//!     descriptor_dir: None,
+//! });
+//! let image = std::fs::read("guest.elf")?;
+//! let vm = supervisor.launch(&image, 512 << 20, "clones=8")?;
+//! assert_eq!(vm.wait(), VmOutcome::Exited(0));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod console;
+pub mod descriptor;
+pub mod supervisor;
+
+pub use descriptor::{CaptureKind, Descriptor, DescriptorError};
+pub use supervisor::{
+    ChildReport, CloneReport, Supervisor, SupervisorConfig, SupervisorError, VmHandle, VmOutcome,
+};

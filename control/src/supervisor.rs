@@ -1,0 +1,815 @@
+//! Local clone orchestration: every VM runs on its own thread; the VM's
+//! control-plane hypercalls (tickets, clone, checkpoint, join, kill) are
+//! served here. Children are restored from the parent's descriptor onto
+//! copy-on-write views of its frozen memory, each on its own thread, while the
+//! parent keeps running.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use snowflock_guest::abi::{ChildStatus, errno};
+use snowflock_vmm::machine::{MachineConfig, MachineSnapshot, Request, Stop};
+use snowflock_vmm::memory::MemoryImage;
+use snowflock_vmm::{Hypervisor, Machine, MachineError, VcpuKicker};
+
+use crate::console::{ConsoleFlush, LineSink, labelled};
+use crate::descriptor::{CaptureKind, Descriptor};
+
+/// How long a waiting VM thread sleeps between checks for kills and control
+/// requests; bounds how late a kill of a joining parent is noticed.
+const WAIT_SLICE: Duration = Duration::from_millis(20);
+/// Longest an external capture waits for the VM thread to stop.
+const CAPTURE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings of a local supervisor.
+#[derive(Clone)]
+pub struct SupervisorConfig {
+    /// Clone slots on this host: at most this many clones run at once.
+    pub clone_limit: u32,
+    /// Where VM console lines go.
+    pub lines: LineSink,
+    /// If set, every captured descriptor is also written here.
+    pub descriptor_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for SupervisorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorConfig")
+            .field("clone_limit", &self.clone_limit)
+            .field("descriptor_dir", &self.descriptor_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest called `EXIT` (returned from main) with this code.
+    Exited(i32),
+    /// A clone called `exit(result)`.
+    Result(Vec<u8>),
+    /// The VM failed; the text names the RIP and the reason.
+    Failed(String),
+    /// Its parent (or the operator) killed it.
+    Killed,
+}
+
+/// One child of a clone operation, as the parent's join saw it.
+#[derive(Debug, Clone)]
+pub struct ChildReport {
+    pub id: u32,
+    pub vm: u64,
+    /// Time to restore the child's VM from the descriptor.
+    pub restore: Duration,
+    /// From the child's first instruction to its end.
+    pub runtime: Duration,
+    pub outcome: VmOutcome,
+}
+
+/// One clone (or create-from-checkpoint) operation.
+#[derive(Debug, Clone)]
+pub struct CloneReport {
+    pub parent_vm: u64,
+    pub ticket: u64,
+    pub kind: CaptureKind,
+    pub clones: u32,
+    /// How long the parent's vCPU was stopped for the capture.
+    pub capture_pause: Duration,
+    pub descriptor_bytes: usize,
+    /// From the clone hypercall to the last child executing guest code.
+    pub all_running: Option<Duration>,
+    pub children: Vec<ChildReport>,
+}
+
+/// Failure of a supervisor operation requested from outside a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("starting the VM failed")]
+    Start(#[source] MachineError),
+    #[error("the VM is no longer running")]
+    Gone,
+    #[error("the VM did not stop for the capture within {0:?}")]
+    CaptureTimeout(Duration),
+    #[error("capturing the VM failed: {0}")]
+    Capture(String),
+}
+
+struct Shared {
+    hv: Arc<dyn Hypervisor>,
+    config: SupervisorConfig,
+    slots_in_use: Mutex<u32>,
+    next_vm: AtomicU64,
+    next_id: AtomicU64,
+    reports: Mutex<Vec<CloneReport>>,
+}
+
+impl Shared {
+    fn reserve(&self, wanted: u32) -> u32 {
+        let mut used = self.slots_in_use.lock().unwrap_or_else(|p| p.into_inner());
+        let granted = wanted.min(self.config.clone_limit.saturating_sub(*used));
+        *used += granted;
+        granted
+    }
+
+    fn release(&self, slots: u32) {
+        let mut used = self.slots_in_use.lock().unwrap_or_else(|p| p.into_inner());
+        *used = used.saturating_sub(slots);
+    }
+
+    fn fresh_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Runs VMs on this host and serves their clone requests.
+#[derive(Clone)]
+pub struct Supervisor {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Requests to a running VM's thread from outside.
+enum Control {
+    Capture(mpsc::Sender<Result<(Descriptor, Arc<MemoryImage>), String>>),
+}
+
+/// A VM started by [`Supervisor::launch`] or [`Supervisor::resume`].
+pub struct VmHandle {
+    vm: u64,
+    thread: JoinHandle<VmOutcome>,
+    control: mpsc::Sender<Control>,
+    kicker: Arc<dyn VcpuKicker>,
+    kill: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for VmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmHandle").field("vm", &self.vm).finish_non_exhaustive()
+    }
+}
+
+impl VmHandle {
+    pub fn id(&self) -> u64 {
+        self.vm
+    }
+
+    /// Waits for the VM to end.
+    pub fn wait(self) -> VmOutcome {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| VmOutcome::Failed("VM thread panicked".into()))
+    }
+
+    /// Pauses the running VM, captures its descriptor and freezes its memory,
+    /// then lets it continue. Returns the descriptor and the frozen image.
+    pub fn capture(&self) -> Result<(Descriptor, Arc<MemoryImage>), SupervisorError> {
+        let (tx, rx) = mpsc::channel();
+        self.control
+            .send(Control::Capture(tx))
+            .map_err(|_| SupervisorError::Gone)?;
+        self.kicker.kick();
+        match rx.recv_timeout(CAPTURE_TIMEOUT) {
+            Ok(Ok(captured)) => Ok(captured),
+            Ok(Err(e)) => Err(SupervisorError::Capture(e)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(SupervisorError::CaptureTimeout(CAPTURE_TIMEOUT))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(SupervisorError::Gone),
+        }
+    }
+
+    /// Ends the VM (and its clones).
+    pub fn kill(&self) {
+        self.kill.store(true, Ordering::Release);
+        self.kicker.kick();
+    }
+}
+
+impl Supervisor {
+    pub fn new(hv: Arc<dyn Hypervisor>, config: SupervisorConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                hv,
+                config,
+                slots_in_use: Mutex::new(0),
+                next_vm: AtomicU64::new(1),
+                next_id: AtomicU64::new(1),
+                reports: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Boots `image` and runs it on a new thread.
+    pub fn launch(
+        &self,
+        image: &[u8],
+        mem_size: u64,
+        cmdline: &str,
+    ) -> Result<VmHandle, SupervisorError> {
+        let vm = self.shared.next_vm.fetch_add(1, Ordering::Relaxed);
+        let (console, flush) = labelled(String::new(), self.shared.config.lines.clone());
+        let config = MachineConfig {
+            mem_size,
+            cmdline: cmdline.to_string(),
+            console,
+        };
+        let machine =
+            Machine::boot(self.shared.hv.as_ref(), image, &config).map_err(SupervisorError::Start)?;
+        Ok(self.spawn_root(vm, machine, flush, 0))
+    }
+
+    /// Starts a new VM from `descriptor` on a private view of `image`.
+    pub fn resume(
+        &self,
+        descriptor: &Descriptor,
+        image: &Arc<MemoryImage>,
+    ) -> Result<VmHandle, SupervisorError> {
+        let vm = self.shared.next_vm.fetch_add(1, Ordering::Relaxed);
+        let (console, flush) = labelled(format!("vm {vm}"), self.shared.config.lines.clone());
+        let machine = Machine::restore(self.shared.hv.as_ref(), &descriptor.machine, image, console)
+            .map_err(SupervisorError::Start)?;
+        Ok(self.spawn_root(vm, machine, flush, descriptor.generation))
+    }
+
+    fn spawn_root(&self, vm: u64, machine: Machine, flush: ConsoleFlush, generation: u32) -> VmHandle {
+        let (control, requests) = mpsc::channel();
+        let kill = Arc::new(AtomicBool::new(false));
+        let kicker = machine.kicker();
+        let ctx = VmContext {
+            shared: self.shared.clone(),
+            vm,
+            label: String::new(),
+            is_clone: false,
+            kill: kill.clone(),
+            requests: Some(requests),
+            flush,
+            generation,
+            tickets: HashMap::new(),
+            checkpoints: HashMap::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vm{vm}"))
+            .spawn(move || ctx.drive(machine))
+            .expect("spawning a VM thread");
+        VmHandle {
+            vm,
+            thread,
+            control,
+            kicker,
+            kill,
+        }
+    }
+
+    /// Clone operations so far, oldest first (each complete once joined).
+    pub fn reports(&self) -> Vec<CloneReport> {
+        self.shared
+            .reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Clone slots currently reserved.
+    pub fn slots_in_use(&self) -> u32 {
+        *self.shared.slots_in_use.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What a child shares with the parent that spawned it.
+struct ChildCell {
+    id: u32,
+    vm: u64,
+    kill: Arc<AtomicBool>,
+    kicker: Mutex<Option<Arc<dyn VcpuKicker>>>,
+    first_run: Mutex<Option<Instant>>,
+    restore: Mutex<Duration>,
+    end: Mutex<Option<(VmOutcome, Duration)>>,
+    done: Condvar,
+}
+
+impl ChildCell {
+    fn kill(&self) -> bool {
+        if self.end.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            return false;
+        }
+        self.kill.store(true, Ordering::Release);
+        if let Some(kicker) = &*self.kicker.lock().unwrap_or_else(|p| p.into_inner()) {
+            kicker.kick();
+        }
+        true
+    }
+}
+
+struct Ticket {
+    granted: u32,
+    /// Slots reserved but not yet handed to running children.
+    unused_slots: u32,
+    spawned: Option<Spawned>,
+}
+
+struct Spawned {
+    started: Instant,
+    report: CloneReport,
+    children: Vec<(Arc<ChildCell>, JoinHandle<()>)>,
+    joined: bool,
+}
+
+struct Checkpoint {
+    descriptor: Descriptor,
+    image: Arc<MemoryImage>,
+    descriptor_bytes: usize,
+    pause: Duration,
+}
+
+/// Per-VM state owned by the VM's thread.
+struct VmContext {
+    shared: Arc<Shared>,
+    vm: u64,
+    label: String,
+    is_clone: bool,
+    kill: Arc<AtomicBool>,
+    requests: Option<mpsc::Receiver<Control>>,
+    flush: ConsoleFlush,
+    generation: u32,
+    tickets: HashMap<u64, Ticket>,
+    checkpoints: HashMap<u64, Checkpoint>,
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl VmContext {
+    fn killed(&self) -> bool {
+        self.kill.load(Ordering::Acquire)
+    }
+
+    /// Runs the VM to its end, then ends its clones and releases its slots.
+    fn drive(mut self, mut machine: Machine) -> VmOutcome {
+        let outcome = self.serve(&mut machine);
+        self.flush.flush();
+        self.end_all_tickets();
+        for (_, cp) in self.checkpoints.drain() {
+            drop(cp);
+        }
+        drop(machine);
+        if let VmOutcome::Failed(reason) = &outcome {
+            tracing::warn!(vm = self.vm, %reason, "VM failed");
+        }
+        outcome
+    }
+
+    fn serve(&mut self, machine: &mut Machine) -> VmOutcome {
+        loop {
+            if self.killed() {
+                return VmOutcome::Killed;
+            }
+            let stop = match machine.run() {
+                Ok(stop) => stop,
+                Err(e) => return VmOutcome::Failed(error_chain(&e)),
+            };
+            let stopped_at = Instant::now();
+            let result = match stop {
+                Stop::Exited(code) if self.is_clone && code == 0 => {
+                    return VmOutcome::Result(Vec::new());
+                }
+                Stop::Exited(code) if self.is_clone => {
+                    return VmOutcome::Failed(format!("clone exited with code {code}"));
+                }
+                Stop::Exited(code) => return VmOutcome::Exited(code),
+                Stop::ChildExit(result) if self.is_clone => return VmOutcome::Result(result),
+                Stop::ChildExit(_) => {
+                    return VmOutcome::Failed(
+                        "exit(result) called by a VM that is not a clone".into(),
+                    );
+                }
+                Stop::Paused => self.serve_controls(machine),
+                Stop::Request(request) => self.serve_request(machine, request, stopped_at),
+            };
+            if let Err(e) = result {
+                return VmOutcome::Failed(error_chain(&e));
+            }
+        }
+    }
+
+    fn serve_controls(&mut self, machine: &mut Machine) -> Result<(), MachineError> {
+        let Some(requests) = &self.requests else {
+            return Ok(());
+        };
+        let pending: Vec<Control> = requests.try_iter().collect();
+        for control in pending {
+            match control {
+                Control::Capture(reply) => {
+                    let captured = self
+                        .capture(machine, CaptureKind::External)
+                        .map(|(d, image, _)| (d, image))
+                        .map_err(|e| error_chain(&e));
+                    let _ = reply.send(captured);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn capture(
+        &mut self,
+        machine: &mut Machine,
+        kind: CaptureKind,
+    ) -> Result<(Descriptor, Arc<MemoryImage>, usize), MachineError> {
+        let (snapshot, image) = machine.capture()?;
+        self.generation += 1;
+        let descriptor = Descriptor {
+            family: std::hash::RandomState::new().hash_one((self.vm, self.generation)),
+            generation: self.generation,
+            parent_vm: self.vm,
+            kind,
+            captured_unix_ns: unix_ns(),
+            machine: snapshot,
+        };
+        let bytes = match descriptor.encode() {
+            Ok(encoded) => {
+                if let Some(dir) = &self.shared.config.descriptor_dir {
+                    let path = dir.join(format!("vm{}-gen{}.sfdesc", self.vm, self.generation));
+                    if let Err(e) = std::fs::write(&path, &encoded) {
+                        tracing::warn!(path = %path.display(), "cannot save descriptor: {e}");
+                    }
+                }
+                encoded.len()
+            }
+            Err(e) => {
+                tracing::warn!("descriptor does not encode: {e}");
+                0
+            }
+        };
+        Ok((descriptor, image, bytes))
+    }
+
+    fn serve_request(
+        &mut self,
+        machine: &mut Machine,
+        request: Request,
+        stopped_at: Instant,
+    ) -> Result<(), MachineError> {
+        match request {
+            Request::RequestTicket { clones } => {
+                let granted = self.shared.reserve(clones);
+                let id = self.shared.fresh_id();
+                self.tickets.insert(
+                    id,
+                    Ticket {
+                        granted,
+                        unused_slots: granted,
+                        spawned: None,
+                    },
+                );
+                machine.reply(id, u64::from(granted))
+            }
+            Request::Clone { ticket } => {
+                let granted = match self.usable_ticket(ticket) {
+                    Ok(granted) => granted,
+                    Err(code) => return machine.reply(errno::encode(code), 0),
+                };
+                if granted == 0 {
+                    self.mark_spawned(ticket, stopped_at, CaptureKind::Clone, 0, Vec::new());
+                    return machine.reply(0, 0);
+                }
+                let (descriptor, image, bytes) = self.capture(machine, CaptureKind::Clone)?;
+                let children = self.spawn_children(&descriptor, &image, granted, 0);
+                self.mark_spawned(ticket, stopped_at, CaptureKind::Clone, bytes, children);
+                machine.reply(0, 0)?;
+                self.finish_pause(ticket, stopped_at);
+                Ok(())
+            }
+            Request::Checkpoint => {
+                let (descriptor, image, descriptor_bytes) =
+                    self.capture(machine, CaptureKind::Checkpoint)?;
+                let id = self.shared.fresh_id();
+                self.checkpoints.insert(
+                    id,
+                    Checkpoint {
+                        descriptor,
+                        image,
+                        descriptor_bytes,
+                        pause: stopped_at.elapsed(),
+                    },
+                );
+                machine.reply(0, id)
+            }
+            Request::CreateClones { checkpoint, ticket } => {
+                if !self.checkpoints.contains_key(&checkpoint) {
+                    return machine.reply(errno::encode(errno::ENOENT), 0);
+                }
+                let granted = match self.usable_ticket(ticket) {
+                    Ok(granted) => granted,
+                    Err(code) => return machine.reply(errno::encode(code), 0),
+                };
+                let cp = &self.checkpoints[&checkpoint];
+                let (descriptor, image, bytes, pause) = (
+                    cp.descriptor.clone(),
+                    cp.image.clone(),
+                    cp.descriptor_bytes,
+                    cp.pause,
+                );
+                let children = self.spawn_children(&descriptor, &image, granted, checkpoint);
+                self.mark_spawned(ticket, stopped_at, CaptureKind::Checkpoint, bytes, children);
+                if let Some(spawned) = self.tickets.get_mut(&ticket).and_then(|t| t.spawned.as_mut()) {
+                    spawned.report.capture_pause = pause;
+                }
+                machine.reply(0, 0)
+            }
+            Request::Join { ticket } => match self.join(ticket) {
+                Ok(count) => machine.reply(u64::from(count), 0),
+                Err(JoinError::Errno(code)) => machine.reply(errno::encode(code), 0),
+                Err(JoinError::Killed) => Ok(()),
+            },
+            Request::ChildResult {
+                ticket,
+                child,
+                capacity: _,
+            } => match self.child_outcome(ticket, child) {
+                Some(VmOutcome::Result(bytes)) => {
+                    machine.reply_child_result(ChildStatus::Exited as u64, &bytes)
+                }
+                Some(VmOutcome::Exited(code)) => machine.reply_child_result(
+                    ChildStatus::Failed as u64,
+                    format!("exited with code {code}").as_bytes(),
+                ),
+                Some(VmOutcome::Failed(reason)) => {
+                    machine.reply_child_result(ChildStatus::Failed as u64, reason.as_bytes())
+                }
+                Some(VmOutcome::Killed) => {
+                    machine.reply_child_result(ChildStatus::Killed as u64, b"killed")
+                }
+                None => machine.reply(errno::encode(errno::ENOENT), 0),
+            },
+            Request::Kill { ticket } => {
+                let Some(spawned) = self.tickets.get(&ticket).and_then(|t| t.spawned.as_ref())
+                else {
+                    return machine.reply(errno::encode(errno::ENOENT), 0);
+                };
+                let killed = spawned.children.iter().filter(|(c, _)| c.kill()).count();
+                machine.reply(killed as u64, 0)
+            }
+        }
+    }
+
+    /// The granted count of an unused ticket of this VM, or an errno.
+    fn usable_ticket(&self, ticket: u64) -> Result<u32, u64> {
+        match self.tickets.get(&ticket) {
+            None => Err(errno::ENOENT),
+            Some(t) if t.spawned.is_some() => Err(errno::EBUSY),
+            Some(t) => Ok(t.granted),
+        }
+    }
+
+    fn mark_spawned(
+        &mut self,
+        ticket: u64,
+        started: Instant,
+        kind: CaptureKind,
+        descriptor_bytes: usize,
+        children: Vec<(Arc<ChildCell>, JoinHandle<()>)>,
+    ) {
+        let vm = self.vm;
+        let t = self.tickets.get_mut(&ticket).expect("ticket checked by caller");
+        // Each child now owns one slot and returns it when it ends.
+        t.unused_slots -= children.len() as u32;
+        t.spawned = Some(Spawned {
+            started,
+            report: CloneReport {
+                parent_vm: vm,
+                ticket,
+                kind,
+                clones: children.len() as u32,
+                capture_pause: Duration::ZERO,
+                descriptor_bytes,
+                all_running: None,
+                children: Vec::new(),
+            },
+            children,
+            joined: false,
+        });
+    }
+
+    fn finish_pause(&mut self, ticket: u64, stopped_at: Instant) {
+        if let Some(spawned) = self.tickets.get_mut(&ticket).and_then(|t| t.spawned.as_mut()) {
+            spawned.report.capture_pause = stopped_at.elapsed();
+        }
+    }
+
+    fn spawn_children(
+        &self,
+        descriptor: &Descriptor,
+        image: &Arc<MemoryImage>,
+        count: u32,
+        checkpoint: u64,
+    ) -> Vec<(Arc<ChildCell>, JoinHandle<()>)> {
+        let snapshot = Arc::new(descriptor.machine.clone());
+        (1..=count)
+            .map(|id| {
+                let vm = self.shared.next_vm.fetch_add(1, Ordering::Relaxed);
+                let cell = Arc::new(ChildCell {
+                    id,
+                    vm,
+                    kill: Arc::new(AtomicBool::new(false)),
+                    kicker: Mutex::new(None),
+                    first_run: Mutex::new(None),
+                    restore: Mutex::new(Duration::ZERO),
+                    end: Mutex::new(None),
+                    done: Condvar::new(),
+                });
+                let label = if self.label.is_empty() {
+                    format!("clone {id}")
+                } else {
+                    format!("{}.{id}", self.label)
+                };
+                let child = ChildStart {
+                    shared: self.shared.clone(),
+                    cell: cell.clone(),
+                    snapshot: snapshot.clone(),
+                    image: image.clone(),
+                    label,
+                    checkpoint,
+                    generation: descriptor.generation,
+                };
+                let thread = std::thread::Builder::new()
+                    .name(format!("vm{vm}"))
+                    .spawn(move || child.run())
+                    .expect("spawning a clone thread");
+                (cell, thread)
+            })
+            .collect()
+    }
+
+    /// Waits for every child of `ticket`; returns how many there were.
+    fn join(&mut self, ticket: u64) -> Result<u32, JoinError> {
+        let Some(spawned) = self.tickets.get(&ticket).and_then(|t| t.spawned.as_ref()) else {
+            return Err(JoinError::Errno(errno::ENOENT));
+        };
+        let cells: Vec<Arc<ChildCell>> = spawned.children.iter().map(|(c, _)| c.clone()).collect();
+        for cell in &cells {
+            let mut end = cell.end.lock().unwrap_or_else(|p| p.into_inner());
+            while end.is_none() {
+                if self.killed() {
+                    return Err(JoinError::Killed);
+                }
+                end = cell
+                    .done
+                    .wait_timeout(end, WAIT_SLICE)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        let count = cells.len() as u32;
+        self.finish_ticket(ticket);
+        Ok(count)
+    }
+
+    /// Joins the threads of a ticket whose children all ended and files its report.
+    fn finish_ticket(&mut self, ticket: u64) {
+        let Some(t) = self.tickets.get_mut(&ticket) else {
+            return;
+        };
+        self.shared.release(std::mem::take(&mut t.unused_slots));
+        let Some(spawned) = t.spawned.as_mut() else {
+            return;
+        };
+        if spawned.joined {
+            return;
+        }
+        spawned.joined = true;
+        let mut last_start = None;
+        for (cell, thread) in spawned.children.drain(..) {
+            let _ = thread.join();
+            let first_run = *cell.first_run.lock().unwrap_or_else(|p| p.into_inner());
+            last_start = last_start.max(first_run);
+            let (outcome, runtime) = cell
+                .end
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or((VmOutcome::Failed("no outcome".into()), Duration::ZERO));
+            spawned.report.children.push(ChildReport {
+                id: cell.id,
+                vm: cell.vm,
+                restore: *cell.restore.lock().unwrap_or_else(|p| p.into_inner()),
+                runtime,
+                outcome,
+            });
+        }
+        spawned.report.all_running = last_start.map(|t| t.duration_since(spawned.started));
+        self.shared
+            .reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(spawned.report.clone());
+    }
+
+    fn child_outcome(&self, ticket: u64, child: u32) -> Option<VmOutcome> {
+        let spawned = self.tickets.get(&ticket)?.spawned.as_ref()?;
+        spawned
+            .report
+            .children
+            .iter()
+            .find(|c| c.id == child)
+            .map(|c| c.outcome.clone())
+    }
+
+    /// At VM end: kill what still runs, wait for it, release every slot.
+    fn end_all_tickets(&mut self) {
+        let ids: Vec<u64> = self.tickets.keys().copied().collect();
+        for id in &ids {
+            if let Some(spawned) = self.tickets[id].spawned.as_ref() {
+                for (cell, _) in &spawned.children {
+                    cell.kill();
+                }
+            }
+        }
+        for id in ids {
+            self.finish_ticket(id);
+        }
+        self.tickets.clear();
+    }
+}
+
+enum JoinError {
+    Errno(u64),
+    /// This VM was killed while it waited.
+    Killed,
+}
+
+/// Everything a child thread needs to restore and run its VM.
+struct ChildStart {
+    shared: Arc<Shared>,
+    cell: Arc<ChildCell>,
+    snapshot: Arc<MachineSnapshot>,
+    image: Arc<MemoryImage>,
+    label: String,
+    checkpoint: u64,
+    generation: u32,
+}
+
+impl ChildStart {
+    fn run(self) {
+        let begun = Instant::now();
+        let (console, flush) = labelled(self.label.clone(), self.shared.config.lines.clone());
+        let restored = Machine::restore(self.shared.hv.as_ref(), &self.snapshot, &self.image, console)
+            .and_then(|mut m| {
+                m.set_return(u64::from(self.cell.id), self.checkpoint)?;
+                Ok(m)
+            });
+        *self.cell.restore.lock().unwrap_or_else(|p| p.into_inner()) = begun.elapsed();
+        drop(self.image);
+        let (outcome, runtime) = match restored {
+            Err(e) => (VmOutcome::Failed(error_chain(&e)), Duration::ZERO),
+            Ok(machine) => {
+                *self.cell.kicker.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(machine.kicker());
+                let started = Instant::now();
+                *self.cell.first_run.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
+                let ctx = VmContext {
+                    shared: self.shared.clone(),
+                    vm: self.cell.vm,
+                    label: self.label,
+                    is_clone: true,
+                    kill: self.cell.kill.clone(),
+                    requests: None,
+                    flush,
+                    generation: self.generation,
+                    tickets: HashMap::new(),
+                    checkpoints: HashMap::new(),
+                };
+                (ctx.drive(machine), started.elapsed())
+            }
+        };
+        self.shared.release(1);
+        *self.cell.end.lock().unwrap_or_else(|p| p.into_inner()) = Some((outcome, runtime));
+        self.cell.done.notify_all();
+    }
+}

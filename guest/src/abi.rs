@@ -1,0 +1,155 @@
+//! The guest/VMM binary interface: ports, hypercall numbers, memory map and
+//! the structures the two sides exchange. `docs/hypercalls.md` is the prose
+//! version of this file; both change together, and `ABI_VERSION` with them.
+
+/// Bumped on any incompatible change to this module.
+pub const ABI_VERSION: u32 = 1;
+
+/// `out dx, eax` to this port with the hypercall number in `eax` is a hypercall.
+pub const HYPERCALL_PORT: u16 = 0x5f0;
+/// Port used only by the VMM's own exception stubs (never by guest code).
+pub const EXCEPTION_PORT: u16 = 0x5f1;
+
+/// Guest pages are 4 KiB; the VMM maps guest memory with 2 MiB pages where it can.
+pub const PAGE_SIZE: u64 = 4096;
+/// Flock images are linked at this address; everything below it belongs to the VMM.
+pub const IMAGE_BASE: u64 = 0x20_0000;
+/// The boot information page (user-readable, read-only). `rdi` points here at entry.
+pub const BOOT_INFO_ADDR: u64 = 0x6_0000;
+/// Size of the stack the VMM maps at the top of guest memory.
+pub const STACK_SIZE: u64 = 8 << 20;
+/// Unmapped gap between the heap and the stack, so an overflow faults.
+pub const STACK_GUARD_SIZE: u64 = 2 << 20;
+/// Smallest guest memory the VMM accepts.
+pub const MIN_MEM_SIZE: u64 = 32 << 20;
+
+/// `BootInfo::magic`: "SFBOOT01" little-endian.
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SFBOOT01");
+
+/// What the VMM tells the guest at entry. Lives at [`BOOT_INFO_ADDR`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    pub magic: u64,
+    pub abi_version: u32,
+    /// 0 for a VM started from an image; clones learn their own id from `clone`.
+    pub reserved: u32,
+    /// Bytes of guest memory, mapped identity from 0.
+    pub mem_size: u64,
+    /// First byte the allocator may use (page aligned, after the image's segments).
+    pub heap_start: u64,
+    /// One past the last byte the allocator may use.
+    pub heap_end: u64,
+    /// Initial stack pointer (16-byte aligned).
+    pub stack_top: u64,
+    /// TSC frequency in kHz as the host measured it (0 if unknown).
+    pub tsc_khz: u64,
+    /// The image's argument string (UTF-8, space-separated `key=value` by
+    /// convention), inside the boot information page.
+    pub cmdline_ptr: u64,
+    pub cmdline_len: u64,
+}
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 72);
+
+/// Longest argument string the boot information page holds.
+pub const MAX_CMDLINE: u64 = 3072;
+
+/// Hypercall numbers (`eax`). Arguments go in `rdi`, `rsi`, `r8`, `r9`;
+/// results come back in `rax` (and `rdx` where noted).
+pub mod nr {
+    /// `(ptr, len) -> len`: write bytes to the VM console.
+    pub const CONSOLE_WRITE: u32 = 1;
+    /// `(code) -> !`: end this VM (a child that calls it fails with that code).
+    pub const EXIT: u32 = 2;
+    /// `(info: *const PanicReport) -> !`: report a guest panic and end the VM.
+    pub const PANIC: u32 = 3;
+    /// `(n) -> rax: ticket id, rdx: granted m <= n`.
+    pub const REQUEST_TICKET: u32 = 4;
+    /// `(ticket) -> 0 in the parent, 1..=m in each child`.
+    pub const CLONE: u32 = 5;
+    /// `() -> rax: 0 in the parent, 1..=m in children later created from it; rdx: checkpoint id`.
+    pub const CHECKPOINT: u32 = 6;
+    /// `(checkpoint, ticket) -> 0`: children resume at the `CHECKPOINT` call.
+    pub const CREATE_CLONES: u32 = 7;
+    /// `(ptr, len) -> !`: a child ends, handing `len` result bytes to its parent.
+    pub const CHILD_EXIT: u32 = 8;
+    /// `(ticket) -> m`: wait until every child of the ticket has ended.
+    pub const JOIN: u32 = 9;
+    /// `(ticket, child, buf, cap) -> rax: ChildStatus, rdx: full length of the payload`.
+    /// Copies `min(len, cap)` bytes of the result (or failure text) to `buf`.
+    pub const CHILD_RESULT: u32 = 10;
+    /// `(ticket) -> number of children that were still running and are now killed`.
+    pub const KILL: u32 = 11;
+    /// `() -> host monotonic clock in nanoseconds`.
+    pub const TIME_NS: u32 = 12;
+}
+
+/// `CHILD_RESULT`'s status in `rax`.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildStatus {
+    /// The child called `CHILD_EXIT`; the payload is its result.
+    Exited = 0,
+    /// The child faulted, panicked or misbehaved; the payload is the reason.
+    Failed = 1,
+    /// The parent killed it.
+    Killed = 2,
+    /// Its host went away (cross-host clones).
+    Lost = 3,
+}
+
+impl ChildStatus {
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Exited),
+            1 => Some(Self::Failed),
+            2 => Some(Self::Killed),
+            3 => Some(Self::Lost),
+            _ => None,
+        }
+    }
+}
+
+/// Errors come back as `-errno` in `rax` (values in the top 4095 of `u64`).
+pub mod errno {
+    /// The caller may not do this (e.g. `CHILD_EXIT` from a VM that is not a clone).
+    pub const EPERM: u64 = 1;
+    /// No such ticket, checkpoint or child.
+    pub const ENOENT: u64 = 2;
+    /// The ticket was already used.
+    pub const EBUSY: u64 = 16;
+    /// An argument is out of range.
+    pub const EINVAL: u64 = 22;
+    /// The cluster could not run the clones it granted.
+    pub const EAGAIN: u64 = 11;
+
+    /// The raw `rax` value for `-errno`.
+    pub const fn encode(errno: u64) -> u64 {
+        errno.wrapping_neg()
+    }
+
+    /// `Some(errno)` when `rax` holds an error.
+    pub const fn decode(rax: u64) -> Option<u64> {
+        if rax > u64::MAX - 4095 {
+            Some(rax.wrapping_neg())
+        } else {
+            None
+        }
+    }
+}
+
+/// Argument of `PANIC`: where and why the guest panicked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PanicReport {
+    pub message_ptr: u64,
+    pub message_len: u64,
+    pub file_ptr: u64,
+    pub file_len: u64,
+    pub line: u32,
+    pub column: u32,
+}
+const _: () = assert!(core::mem::size_of::<PanicReport>() == 40);
+
+/// Longest console write, panic message or child result the VMM accepts.
+pub const MAX_TRANSFER: u64 = 16 << 20;

@@ -1,0 +1,479 @@
+//! A running flock VM: one vCPU, its memory, and the hypercalls the VMM
+//! answers itself. Hypercalls that need the control plane (tickets, clones,
+//! join) come back from [`Machine::run`] as a [`Request`]; the caller answers
+//! with [`Machine::reply`] (or [`Machine::reply_child_result`]) and runs again.
+
+use std::io::Write;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use snowflock_guest::abi::{EXCEPTION_PORT, HYPERCALL_PORT, PAGE_SIZE, PanicReport};
+
+use crate::boot::{self, BootError, GuestLayout};
+use crate::hypercall::{self, GuestRange, Hypercall, HypercallError};
+use crate::hypervisor::{
+    Hypervisor, HypervisorError, StateError, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm, VmState,
+};
+use crate::memory::{GuestMemory, MemoryError, MemoryImage, PageRuns};
+
+/// Receives console bytes of a VM.
+pub type ConsoleSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+const MEMORY_SLOT: u32 = 0;
+
+/// How to start a VM from an image.
+#[derive(Clone)]
+pub struct MachineConfig {
+    /// Guest memory in bytes (multiple of 2 MiB, at least 32 MiB).
+    pub mem_size: u64,
+    /// The image's argument string.
+    pub cmdline: String,
+    /// Where console output goes.
+    pub console: ConsoleSink,
+}
+
+impl std::fmt::Debug for MachineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineConfig")
+            .field("mem_size", &self.mem_size)
+            .field("cmdline", &self.cmdline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            mem_size: 256 << 20,
+            cmdline: String::new(),
+            console: stdout_console(),
+        }
+    }
+}
+
+/// A console sink that copies guest output to this process's stdout.
+pub fn stdout_console() -> ConsoleSink {
+    Arc::new(|bytes| {
+        let mut out = std::io::stdout().lock();
+        // Console output is best effort: a closed stdout must not stop the guest.
+        let _ = out.write_all(bytes).and_then(|()| out.flush());
+    })
+}
+
+/// Why [`Machine::run`] returned without an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The guest called `EXIT` with this code.
+    Exited(i32),
+    /// A clone called `CHILD_EXIT` with this result.
+    ChildExit(Vec<u8>),
+    /// The guest needs the control plane; answer before running again.
+    Request(Request),
+    /// A [`VcpuKicker`] paused the VM; run again to resume.
+    Paused,
+}
+
+/// A hypercall only the control plane can answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    RequestTicket { clones: u32 },
+    Clone { ticket: u64 },
+    Checkpoint,
+    CreateClones { checkpoint: u64, ticket: u64 },
+    Join { ticket: u64 },
+    ChildResult { ticket: u64, child: u32, capacity: u64 },
+    Kill { ticket: u64 },
+}
+
+/// What ended a VM, or made an operation on it fail.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("setting up the VM failed")]
+    Boot(#[from] BootError),
+    #[error("guest memory")]
+    Memory(#[from] MemoryError),
+    #[error("hypervisor")]
+    Hypervisor(#[from] HypervisorError),
+    #[error("vCPU state")]
+    State(#[from] StateError),
+    #[error("guest {name} at rip={rip:#x}{detail}")]
+    GuestException {
+        vector: u8,
+        name: &'static str,
+        rip: u64,
+        error_code: Option<u64>,
+        fault_addr: Option<u64>,
+        detail: String,
+    },
+    #[error("guest triple fault (the vCPU reset) at rip={rip:#x}")]
+    TripleFault { rip: u64 },
+    #[error("bad hypercall at rip={rip:#x}")]
+    BadHypercall {
+        rip: u64,
+        #[source]
+        source: HypercallError,
+    },
+    #[error("guest panicked at {location} (rip={rip:#x}): {message}")]
+    GuestPanic {
+        message: String,
+        location: String,
+        rip: u64,
+    },
+    #[error("guest stopped with an unexpected exit at rip={rip:#x}: {exit}")]
+    UnexpectedExit { rip: u64, exit: String },
+    #[error("the VM has a pending request; reply before running it")]
+    ReplyPending,
+    #[error("reply without a pending request")]
+    NoPendingRequest,
+}
+
+/// The saved state of a VM, without memory contents: the part of a clone
+/// descriptor this crate produces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineSnapshot {
+    pub hypervisor: String,
+    pub mem_size: u64,
+    pub tsc_khz: Option<u64>,
+    pub vcpu: VcpuState,
+    pub vm: VmState,
+    /// Pages holding data; every other page is zero.
+    pub data_pages: PageRuns,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Reply,
+    ChildResult(GuestRange),
+}
+
+/// One VM with one vCPU.
+pub struct Machine {
+    vm: Box<dyn Vm>,
+    vcpu: Box<dyn Vcpu>,
+    memory: GuestMemory,
+    layout: GuestLayout,
+    console: ConsoleSink,
+    pending: Option<Pending>,
+    hypervisor: &'static str,
+    tsc_khz: Option<u64>,
+    /// Threads unmapping memory this VM no longer uses; joined on drop so
+    /// that a dropped Machine has released everything.
+    retiring: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        for thread in self.retiring.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("layout", &self.layout)
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+impl Machine {
+    /// Loads `image` into a new VM, ready to run from its entry point.
+    pub fn boot(
+        hv: &dyn Hypervisor,
+        image: &[u8],
+        config: &MachineConfig,
+    ) -> Result<Self, MachineError> {
+        let layout = GuestLayout::new(config.mem_size)?;
+        let memory = GuestMemory::new(layout.mem_size)?;
+        let (entry, _) = boot::setup(&memory, image, &config.cmdline, hv.tsc_khz())?;
+        let mut machine = Self::assemble(hv, memory, config.console.clone())?;
+        machine.vcpu.set_long_mode_entry(&entry)?;
+        Ok(machine)
+    }
+
+    /// A new VM resuming `snapshot` on a private view of `image`.
+    pub fn restore(
+        hv: &dyn Hypervisor,
+        snapshot: &MachineSnapshot,
+        image: &Arc<MemoryImage>,
+        console: ConsoleSink,
+    ) -> Result<Self, MachineError> {
+        if image.size() != snapshot.mem_size {
+            return Err(StateError::Inconsistent(format!(
+                "descriptor says {:#x} bytes of memory, image has {:#x}",
+                snapshot.mem_size,
+                image.size()
+            ))
+            .into());
+        }
+        let memory = GuestMemory::from_image(image)?;
+        let mut machine = Self::assemble(hv, memory, console)?;
+        machine.vm.restore_state(&snapshot.vm)?;
+        machine.vcpu.restore_state(&snapshot.vcpu)?;
+        Ok(machine)
+    }
+
+    fn assemble(
+        hv: &dyn Hypervisor,
+        memory: GuestMemory,
+        console: ConsoleSink,
+    ) -> Result<Self, MachineError> {
+        let layout = GuestLayout::new(memory.size())?;
+        let mut vm = hv.create_vm()?;
+        // SAFETY: the mapping belongs to `memory`, which the Machine owns
+        // alongside `vm`; `refreeze_slot` re-points the slot before a mapping
+        // is retired, and fields drop in declaration order (vm first).
+        unsafe { vm.map_memory(MEMORY_SLOT, 0, memory.host_addr(), memory.size())? };
+        let vcpu = vm.create_vcpu(0)?;
+        Ok(Self {
+            vm,
+            vcpu,
+            memory,
+            layout,
+            console,
+            pending: None,
+            hypervisor: hv.name(),
+            tsc_khz: hv.tsc_khz(),
+            retiring: Vec::new(),
+        })
+    }
+
+    /// Guest memory of this VM.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// A handle that pauses this VM from another thread.
+    pub fn kicker(&self) -> Arc<dyn VcpuKicker> {
+        self.vcpu.kicker()
+    }
+
+    /// Sets the hypercall return registers of a restored clone (its id in
+    /// `rax`), without needing a pending request.
+    pub fn set_return(&mut self, rax: u64, rdx: u64) -> Result<(), MachineError> {
+        let mut regs = self.vcpu.regs()?;
+        regs.rax = rax;
+        regs.rdx = rdx;
+        self.vcpu.set_regs(&regs)?;
+        Ok(())
+    }
+
+    /// Answers the pending request with `rax` (and `rdx`).
+    pub fn reply(&mut self, rax: u64, rdx: u64) -> Result<(), MachineError> {
+        match self.pending.take() {
+            Some(_) => self.set_return(rax, rdx),
+            None => Err(MachineError::NoPendingRequest),
+        }
+    }
+
+    /// Answers a pending [`Request::ChildResult`]: copies as much of
+    /// `payload` as fits into the guest's buffer.
+    pub fn reply_child_result(&mut self, status: u64, payload: &[u8]) -> Result<(), MachineError> {
+        match self.pending.take() {
+            Some(Pending::ChildResult(buf)) => {
+                let n = payload.len().min(buf.len as usize);
+                self.memory.write(buf.addr, &payload[..n])?;
+                self.set_return(status, payload.len() as u64)
+            }
+            Some(Pending::Reply) => {
+                self.pending = Some(Pending::Reply);
+                Err(MachineError::NoPendingRequest)
+            }
+            None => Err(MachineError::NoPendingRequest),
+        }
+    }
+
+    /// Captures the VM for cloning: complete vCPU and VM state, and its
+    /// memory frozen into an image that this VM also continues on. The vCPU
+    /// must be stopped (between runs), e.g. at a request or after a pause.
+    pub fn capture(&mut self) -> Result<(MachineSnapshot, Arc<MemoryImage>), MachineError> {
+        let vcpu = self.vcpu.save_state()?;
+        let vm = self.vm.save_state()?;
+        let frozen = self.memory.freeze()?;
+        self.vm.unmap_memory(MEMORY_SLOT)?;
+        // SAFETY: the new mapping belongs to `self.memory` (see `assemble`).
+        unsafe {
+            self.vm
+                .map_memory(MEMORY_SLOT, 0, self.memory.host_addr(), self.memory.size())?
+        };
+        // Unmapping a large populated range takes milliseconds; the parent
+        // need not wait for it.
+        let retired = frozen.retired;
+        self.retiring.retain(|t| !t.is_finished());
+        self.retiring.push(std::thread::spawn(move || drop(retired)));
+        let data_pages = PageRuns::from_bitmap(&frozen.image.data_pages()?);
+        let snapshot = MachineSnapshot {
+            hypervisor: self.hypervisor.to_string(),
+            mem_size: self.memory.size(),
+            tsc_khz: self.tsc_khz,
+            vcpu,
+            vm,
+            data_pages,
+        };
+        Ok((snapshot, frozen.image))
+    }
+
+    /// Runs the guest until it exits, needs the control plane, is paused, or fails.
+    pub fn run(&mut self) -> Result<Stop, MachineError> {
+        if self.pending.is_some() {
+            return Err(MachineError::ReplyPending);
+        }
+        loop {
+            match self.vcpu.run()? {
+                VcpuExit::IoOut {
+                    port: HYPERCALL_PORT,
+                    size,
+                    data,
+                } => {
+                    if let Some(stop) = self.hypercall(size, data)? {
+                        return Ok(stop);
+                    }
+                }
+                VcpuExit::IoOut {
+                    port: EXCEPTION_PORT,
+                    data,
+                    ..
+                } => return Err(self.exception(data as u8)),
+                VcpuExit::Interrupted => return Ok(Stop::Paused),
+                VcpuExit::Shutdown => {
+                    return Err(MachineError::TripleFault {
+                        rip: self.vcpu.regs()?.rip,
+                    });
+                }
+                other => {
+                    return Err(MachineError::UnexpectedExit {
+                        rip: self.vcpu.regs()?.rip,
+                        exit: format!("{other:?}"),
+                    });
+                }
+            }
+        }
+    }
+
+    fn bad(&self, source: HypercallError) -> MachineError {
+        let rip = self.vcpu.regs().map(|r| r.rip).unwrap_or(0);
+        MachineError::BadHypercall { rip, source }
+    }
+
+    /// Serves one hypercall; `Some` when the caller must act.
+    fn hypercall(&mut self, size: u8, number: u32) -> Result<Option<Stop>, MachineError> {
+        if size != 4 {
+            return Err(self.bad(HypercallError::BadAccessSize { size }));
+        }
+        let regs = self.vcpu.regs()?;
+        let call = hypercall::decode(number, &regs, &self.layout)
+            .map_err(|source| MachineError::BadHypercall {
+                rip: regs.rip,
+                source,
+            })?;
+        let request = match call {
+            Hypercall::ConsoleWrite { data } => {
+                let bytes = self.read_range(data)?;
+                (self.console)(&bytes);
+                self.pending = Some(Pending::Reply);
+                self.reply(data.len, 0)?;
+                return Ok(None);
+            }
+            Hypercall::TimeNs => {
+                self.pending = Some(Pending::Reply);
+                self.reply(monotonic_ns(), 0)?;
+                return Ok(None);
+            }
+            Hypercall::Exit { code } => return Ok(Some(Stop::Exited(code))),
+            Hypercall::ChildExit { result } => {
+                return Ok(Some(Stop::ChildExit(self.read_range(result)?)));
+            }
+            Hypercall::Panic { report } => return Err(self.guest_panic(report, regs.rip)),
+            Hypercall::RequestTicket { clones } => Request::RequestTicket { clones },
+            Hypercall::Clone { ticket } => Request::Clone { ticket },
+            Hypercall::Checkpoint => Request::Checkpoint,
+            Hypercall::CreateClones { checkpoint, ticket } => {
+                Request::CreateClones { checkpoint, ticket }
+            }
+            Hypercall::Join { ticket } => Request::Join { ticket },
+            Hypercall::Kill { ticket } => Request::Kill { ticket },
+            Hypercall::ChildResult { ticket, child, buf } => {
+                self.pending = Some(Pending::ChildResult(buf));
+                return Ok(Some(Stop::Request(Request::ChildResult {
+                    ticket,
+                    child,
+                    capacity: buf.len,
+                })));
+            }
+        };
+        self.pending = Some(Pending::Reply);
+        Ok(Some(Stop::Request(request)))
+    }
+
+    fn read_range(&self, range: GuestRange) -> Result<Vec<u8>, MachineError> {
+        let mut buf = vec![0; range.len as usize];
+        self.memory.read(range.addr, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn guest_panic(&self, report: GuestRange, rip: u64) -> MachineError {
+        let decode = || -> Result<MachineError, MachineError> {
+            let mut raw = [0u8; size_of::<PanicReport>()];
+            self.memory.read(report.addr, &mut raw)?;
+            let (message, file, line, column) = hypercall::panic_strings(&raw, &self.layout)
+                .map_err(|source| MachineError::BadHypercall { rip, source })?;
+            let text = |r| -> Result<String, MachineError> {
+                Ok(String::from_utf8_lossy(&self.read_range(r)?).into_owned())
+            };
+            Ok(MachineError::GuestPanic {
+                message: text(message)?,
+                location: format!("{}:{line}:{column}", text(file)?),
+                rip,
+            })
+        };
+        decode().unwrap_or_else(|e| e)
+    }
+
+    /// Builds the error for exception `vector`, reported by a VMM stub.
+    fn exception(&self, vector: u8) -> MachineError {
+        let describe = || -> Result<MachineError, MachineError> {
+            let regs = self.vcpu.regs()?;
+            let frame = boot::read_exception_frame(&self.memory, vector, regs.rsp)?;
+            let fault_addr = if vector == 14 {
+                Some(self.vcpu.control_regs()?.cr2)
+            } else {
+                None
+            };
+            let detail = match (fault_addr, frame.error_code) {
+                (Some(addr), Some(code)) => {
+                    let access = if code & 2 != 0 { "write to" } else { "read of" };
+                    let access = if code & 16 != 0 { "instruction fetch at" } else { access };
+                    let what = if addr < PAGE_SIZE {
+                        " (null pointer)"
+                    } else if self.layout.is_stack_guard(addr) {
+                        " (stack overflow)"
+                    } else if code & 1 == 0 {
+                        " (not mapped)"
+                    } else {
+                        " (protection violation)"
+                    };
+                    format!(": {access} {addr:#x}{what}")
+                }
+                (_, Some(code)) if code != 0 => format!(": error code {code:#x}"),
+                _ => String::new(),
+            };
+            Ok(MachineError::GuestException {
+                vector,
+                name: boot::exception_name(vector),
+                rip: frame.rip,
+                error_code: frame.error_code,
+                fault_addr,
+                detail: format!("{detail} (rsp={:#x})", frame.rsp),
+            })
+        };
+        describe().unwrap_or_else(|e| e)
+    }
+}

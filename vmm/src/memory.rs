@@ -1,0 +1,561 @@
+//! Guest memory: memfd-backed, frozen into immutable images at clone time.
+//!
+//! A VM starts on a shared mapping of a fresh memfd. Freezing it for a clone
+//! turns the memory into a [`MemoryImage`]: a stack of memfd *layers*, each
+//! covering some pages, that nobody writes again. The parent and every child
+//! then run on private (`MAP_PRIVATE`, copy-on-write) views of the image, so
+//! later writes by any of them are invisible to the others. A second freeze
+//! of a VM that already runs on an image copies only the pages it dirtied
+//! since (found through `/proc/self/pagemap`) into a new top layer.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// Guest page size.
+pub const PAGE_SIZE: u64 = snowflock_guest::abi::PAGE_SIZE;
+/// More mapped runs than this across an image's layers and the next freeze
+/// flattens the image into one layer, to stay far below `vm.max_map_count`.
+const MAX_LAYER_RUNS: usize = 4096;
+
+/// A failed guest memory operation.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory size {size:#x} is not a positive multiple of {PAGE_SIZE}")]
+    BadSize { size: u64 },
+    #[error("creating the memfd failed")]
+    Memfd(#[source] std::io::Error),
+    #[error("sizing the memfd to {size:#x} bytes failed")]
+    Truncate {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mapping {len:#x} bytes of guest memory failed")]
+    Map {
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest range {addr:#x}+{len:#x} is outside guest memory ({size:#x} bytes)")]
+    OutOfRange { addr: u64, len: u64, size: u64 },
+    #[error("reading the page map of guest memory failed")]
+    PageMap(#[source] std::io::Error),
+    #[error("copying dirty pages into a new layer failed")]
+    CopyLayer(#[source] std::io::Error),
+    #[error("finding the data pages of a layer failed")]
+    SeekData(#[source] std::io::Error),
+}
+
+/// A sorted list of disjoint page runs `(first_page, count)`; the compact
+/// form of a page bitmap used in descriptors.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRuns(Vec<(u64, u64)>);
+
+impl PageRuns {
+    /// Runs covering every set bit of `bits`.
+    pub fn from_bitmap(bits: &PageBitmap) -> Self {
+        let mut runs = Vec::new();
+        let mut page = 0;
+        while page < bits.pages {
+            if bits.get(page) {
+                let start = page;
+                while page < bits.pages && bits.get(page) {
+                    page += 1;
+                }
+                runs.push((start, page - start));
+            } else {
+                page += 1;
+            }
+        }
+        Self(runs)
+    }
+
+    pub fn runs(&self) -> &[(u64, u64)] {
+        &self.0
+    }
+
+    /// Total pages covered.
+    pub fn pages(&self) -> u64 {
+        self.0.iter().map(|&(_, n)| n).sum()
+    }
+
+    /// Whether the runs are sorted, disjoint, non-empty and below `limit` pages.
+    pub fn is_valid(&self, limit: u64) -> bool {
+        let mut next_free = 0;
+        self.0.iter().all(|&(start, count)| {
+            let ok = count > 0 && start >= next_free && start.checked_add(count).is_some_and(|end| end <= limit);
+            next_free = start.saturating_add(count);
+            ok
+        })
+    }
+
+    /// Whether `page` lies in one of the runs.
+    pub fn contains(&self, page: u64) -> bool {
+        let idx = self.0.partition_point(|&(start, _)| start <= page);
+        idx > 0 && {
+            let (start, count) = self.0[idx - 1];
+            page < start + count
+        }
+    }
+}
+
+/// One bit per guest page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageBitmap {
+    pages: u64,
+    words: Vec<u64>,
+}
+
+impl PageBitmap {
+    pub fn new(pages: u64) -> Self {
+        Self {
+            pages,
+            words: vec![0; pages.div_ceil(64) as usize],
+        }
+    }
+
+    pub fn get(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    pub fn set_range(&mut self, start: u64, count: u64, value: bool) {
+        for page in start..(start + count).min(self.pages) {
+            let word = &mut self.words[(page / 64) as usize];
+            if value {
+                *word |= 1 << (page % 64);
+            } else {
+                *word &= !(1 << (page % 64));
+            }
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+/// One memfd of an image and the pages it provides.
+#[derive(Debug)]
+struct Layer {
+    file: File,
+    pages: PageRuns,
+}
+
+/// Frozen guest memory: never written again, shared by every VM that runs on it.
+#[derive(Debug)]
+pub struct MemoryImage {
+    size: u64,
+    layers: Vec<Layer>,
+}
+
+impl MemoryImage {
+    /// Bytes of guest memory.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of memfd layers.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Pages that hold data; every other page reads as zero. Found from the
+    /// memfds' holes (`SEEK_DATA`), not by reading memory, so it costs
+    /// microseconds per run rather than a scan of guest memory.
+    pub fn data_pages(&self) -> Result<PageBitmap, MemoryError> {
+        let pages = self.size / PAGE_SIZE;
+        let mut data = PageBitmap::new(pages);
+        for layer in &self.layers {
+            for &(start, count) in layer.pages.runs() {
+                data.set_range(start, count, false);
+                for (d_start, d_count) in file_data_runs(&layer.file, start, start + count)? {
+                    data.set_range(d_start, d_count, true);
+                }
+            }
+        }
+        Ok(data)
+    }
+
+    /// Copies `buf.len()` bytes at guest-physical `addr` out of the image.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        check_range(addr, buf.len() as u64, self.size)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = addr + done as u64;
+            let page = at / PAGE_SIZE;
+            let chunk = ((PAGE_SIZE - at % PAGE_SIZE) as usize).min(buf.len() - done);
+            let layer = self
+                .layers
+                .iter()
+                .rev()
+                .find(|l| l.pages.contains(page))
+                .expect("layer 0 covers every page");
+            layer
+                .file
+                .read_exact_at(&mut buf[done..done + chunk], at)
+                .map_err(MemoryError::CopyLayer)?;
+            done += chunk;
+        }
+        Ok(())
+    }
+}
+
+/// Runs of pages in `[first, end)` of `file` that hold data.
+fn file_data_runs(file: &File, first: u64, end: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+    let mut runs = Vec::new();
+    let end_off = end * PAGE_SIZE;
+    let mut off = first * PAGE_SIZE;
+    while off < end_off {
+        let Some(data) = seek(file, off, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end_off {
+            break;
+        }
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end_off).min(end_off);
+        let start_page = data / PAGE_SIZE;
+        runs.push((start_page, hole.div_ceil(PAGE_SIZE) - start_page));
+        off = hole;
+    }
+    Ok(runs)
+}
+
+/// `lseek` with `SEEK_DATA`/`SEEK_HOLE`; `None` when there is no more data.
+fn seek(file: &File, off: u64, whence: libc::c_int) -> Result<Option<u64>, MemoryError> {
+    // SAFETY: lseek on an fd we own; it only moves the file offset, which
+    // nothing else in this process relies on (all I/O here is positional).
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
+    if rc < 0 {
+        let err = std::io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(MemoryError::SeekData(err)),
+        };
+    }
+    Ok(Some(rc as u64))
+}
+
+fn check_range(addr: u64, len: u64, size: u64) -> Result<(), MemoryError> {
+    match addr.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(MemoryError::OutOfRange { addr, len, size }),
+    }
+}
+
+/// A host mapping of guest memory, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    addr: NonNull<u8>,
+    len: u64,
+}
+
+// SAFETY: the mapping is plain memory with no thread affinity; all access
+// goes through `GuestMemory`, whose methods take `&self`/`&mut self`.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; concurrent reads and writes of guest memory by the guest
+// and the VMM are byte copies without Rust references into the mapping.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn map(len: u64, flags: i32, fd: i32) -> Result<Self, MemoryError> {
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: no address hint and no MAP_FIXED: the kernel picks a fresh
+        // range, so no existing memory is affected.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, prot, flags, fd, 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(MemoryError::Map {
+                len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Self {
+            addr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr..addr+len` is a mapping this value created and owns.
+        unsafe { libc::munmap(self.addr.as_ptr().cast(), self.len as usize) };
+    }
+}
+
+/// Maps `count` pages of `file` at page `start` over the same pages of `base`.
+fn map_run_fixed(base: &Mapping, file: &File, start: u64, count: u64) -> Result<(), MemoryError> {
+    let off = start * PAGE_SIZE;
+    let len = count * PAGE_SIZE;
+    debug_assert!(off + len <= base.len);
+    // SAFETY: the target range lies inside `base`, which we own and which has
+    // no Rust references into it; MAP_FIXED replaces those pages atomically.
+    let ptr = unsafe {
+        libc::mmap(
+            base.addr.as_ptr().add(off as usize).cast(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            off as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(MemoryError::Map {
+            len,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn memfd(size: u64) -> Result<File, MemoryError> {
+    // SAFETY: the name is a valid NUL-terminated string; the returned fd is
+    // owned by the File immediately below.
+    let fd = unsafe { libc::memfd_create(c"snowflock-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|source| MemoryError::Truncate { size, source })?;
+    Ok(file)
+}
+
+#[derive(Debug)]
+enum Backing {
+    /// A shared mapping of a memfd that only this VM uses.
+    Live(File),
+    /// A private view of a frozen image.
+    Image(Arc<MemoryImage>),
+}
+
+/// The memory of one VM.
+#[derive(Debug)]
+pub struct GuestMemory {
+    size: u64,
+    mapping: Mapping,
+    backing: Backing,
+}
+
+/// What a freeze leaves behind.
+#[derive(Debug)]
+pub struct Frozen {
+    /// The image every clone (and from now on the VM itself) runs on.
+    pub image: Arc<MemoryImage>,
+    /// The VM's previous mapping. Drop it only after the hypervisor's memory
+    /// slot points at the new one; unmapping a large populated range takes
+    /// milliseconds, so callers may drop it on another thread.
+    pub retired: Mapping,
+}
+
+impl GuestMemory {
+    /// Fresh zeroed memory of `size` bytes.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(MemoryError::BadSize { size });
+        }
+        let file = memfd(size)?;
+        let mapping = Mapping::map(
+            size,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+        )?;
+        Ok(Self {
+            size,
+            mapping,
+            backing: Backing::Live(file),
+        })
+    }
+
+    /// A private copy-on-write view of `image`.
+    pub fn from_image(image: &Arc<MemoryImage>) -> Result<Self, MemoryError> {
+        let mapping = map_image(image)?;
+        Ok(Self {
+            size: image.size,
+            mapping,
+            backing: Backing::Image(image.clone()),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Host address of guest-physical 0.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.mapping.addr.as_ptr()
+    }
+
+    /// The image this memory is a view of, if it has been frozen before.
+    pub fn image(&self) -> Option<&Arc<MemoryImage>> {
+        match &self.backing {
+            Backing::Image(image) => Some(image),
+            Backing::Live(_) => None,
+        }
+    }
+
+    /// Copies guest memory at `addr` into `buf`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        check_range(addr, buf.len() as u64, self.size)?;
+        // SAFETY: the range is inside the mapping (checked above); the copy
+        // goes through raw pointers, so concurrent guest writes cannot break
+        // Rust aliasing rules, only give torn bytes, which callers tolerate.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.host_addr().add(addr as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into guest memory at `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        check_range(addr, data.len() as u64, self.size)?;
+        // SAFETY: the range is inside the mapping (checked above) and the
+        // mapping is writable; no Rust reference points into guest memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.host_addr().add(addr as usize),
+                data.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads a little-endian u64 at `addr`.
+    pub fn read_u64(&self, addr: u64) -> Result<u64, MemoryError> {
+        let mut raw = [0u8; 8];
+        self.read(addr, &mut raw)?;
+        Ok(u64::from_le_bytes(raw))
+    }
+
+    /// Writes a little-endian u64 at `addr`.
+    pub fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemoryError> {
+        self.write(addr, &value.to_le_bytes())
+    }
+
+    /// Freezes the current contents into an image and moves this VM onto a
+    /// private view of it. The vCPU must not run during the call, and the
+    /// caller must re-point the hypervisor's memory slot at [`Self::host_addr`].
+    pub fn freeze(&mut self) -> Result<Frozen, MemoryError> {
+        let image = match &self.backing {
+            Backing::Live(file) => Arc::new(MemoryImage {
+                size: self.size,
+                layers: vec![Layer {
+                    file: file.try_clone().map_err(MemoryError::Memfd)?,
+                    pages: PageRuns(vec![(0, self.size / PAGE_SIZE)]),
+                }],
+            }),
+            Backing::Image(base) => Arc::new(self.layer_dirty_pages(base)?),
+        };
+        let mapping = map_image(&image)?;
+        let retired = std::mem::replace(&mut self.mapping, mapping);
+        self.backing = Backing::Image(image.clone());
+        Ok(Frozen { image, retired })
+    }
+
+    /// A new image: `base` plus the pages this VM has written since it was
+    /// mapped (private anonymous pages in its mapping).
+    fn layer_dirty_pages(&self, base: &MemoryImage) -> Result<MemoryImage, MemoryError> {
+        let dirty = self.private_pages()?;
+        let runs = PageRuns::from_bitmap(&dirty);
+        let total_runs: usize = base.layers.iter().map(|l| l.pages.runs().len()).sum();
+        if total_runs + runs.runs().len() > MAX_LAYER_RUNS {
+            return self.flatten();
+        }
+        let file = memfd(self.size)?;
+        for &(start, count) in runs.runs() {
+            self.copy_pages_to(&file, start, count)?;
+        }
+        let mut layers = Vec::with_capacity(base.layers.len() + 1);
+        for layer in &base.layers {
+            layers.push(Layer {
+                file: layer.file.try_clone().map_err(MemoryError::Memfd)?,
+                pages: layer.pages.clone(),
+            });
+        }
+        layers.push(Layer { file, pages: runs });
+        Ok(MemoryImage {
+            size: self.size,
+            layers,
+        })
+    }
+
+    /// A one-layer image holding a full copy of this VM's memory.
+    fn flatten(&self) -> Result<MemoryImage, MemoryError> {
+        let file = memfd(self.size)?;
+        self.copy_pages_to(&file, 0, self.size / PAGE_SIZE)?;
+        Ok(MemoryImage {
+            size: self.size,
+            layers: vec![Layer {
+                file,
+                pages: PageRuns(vec![(0, self.size / PAGE_SIZE)]),
+            }],
+        })
+    }
+
+    /// Copies pages into `file`, leaving all-zero pages as holes.
+    fn copy_pages_to(&self, file: &File, start: u64, count: u64) -> Result<(), MemoryError> {
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for p in start..start + count {
+            self.read(p * PAGE_SIZE, &mut page)?;
+            if page.iter().any(|&b| b != 0) {
+                file.write_all_at(&page, p * PAGE_SIZE)
+                    .map_err(MemoryError::CopyLayer)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pages of the mapping that are private anonymous copies, i.e. written
+    /// since the mapping was made (pagemap: present and not file-backed).
+    fn private_pages(&self) -> Result<PageBitmap, MemoryError> {
+        const PRESENT: u64 = 1 << 63;
+        const FILE_OR_SHARED: u64 = 1 << 61;
+        let pages = self.size / PAGE_SIZE;
+        let mut map = File::open("/proc/self/pagemap").map_err(MemoryError::PageMap)?;
+        map.seek(SeekFrom::Start(self.host_addr() as u64 / PAGE_SIZE * 8))
+            .map_err(MemoryError::PageMap)?;
+        let mut bits = PageBitmap::new(pages);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut page = 0u64;
+        while page < pages {
+            let want = ((pages - page) as usize * 8).min(buf.len());
+            map.read_exact(&mut buf[..want]).map_err(MemoryError::PageMap)?;
+            for entry in buf[..want].chunks_exact(8) {
+                let e = u64::from_le_bytes(entry.try_into().expect("8-byte chunk"));
+                if e & PRESENT != 0 && e & FILE_OR_SHARED == 0 {
+                    bits.set_range(page, 1, true);
+                }
+                page += 1;
+            }
+        }
+        Ok(bits)
+    }
+}
+
+/// A private view of every layer of `image`, bottom layer first.
+fn map_image(image: &MemoryImage) -> Result<Mapping, MemoryError> {
+    let (bottom, upper) = image.layers.split_first().expect("an image has a bottom layer");
+    let mapping = Mapping::map(
+        image.size,
+        libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        bottom.file.as_raw_fd(),
+    )?;
+    for layer in upper {
+        for &(start, count) in layer.pages.runs() {
+            map_run_fixed(&mapping, &layer.file, start, count)?;
+        }
+    }
+    Ok(mapping)
+}
