@@ -38,7 +38,10 @@ pub fn labelled(label: String, sink: LineSink) -> (ConsoleSink, ConsoleFlush) {
         buf.extend_from_slice(bytes);
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
-            sink(&label, String::from_utf8_lossy(&line[..pos]).trim_end_matches('\r'));
+            sink(
+                &label,
+                String::from_utf8_lossy(&line[..pos]).trim_end_matches('\r'),
+            );
         }
     });
     (console, flush)
@@ -54,7 +57,9 @@ pub struct ConsoleFlush {
 
 impl std::fmt::Debug for ConsoleFlush {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsoleFlush").field("label", &self.label).finish_non_exhaustive()
+        f.debug_struct("ConsoleFlush")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
     }
 }
 

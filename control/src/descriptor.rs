@@ -37,7 +37,9 @@ pub enum DescriptorError {
     TooShort { len: usize },
     #[error("not a snowflock descriptor (bad magic {found:02x?})")]
     BadMagic { found: [u8; 8] },
-    #[error("descriptor format version {found} is not supported (this build reads {FORMAT_VERSION})")]
+    #[error(
+        "descriptor format version {found} is not supported (this build reads {FORMAT_VERSION})"
+    )]
     UnsupportedVersion { found: u16 },
     #[error("descriptor payload of {len} bytes exceeds the {MAX_PAYLOAD}-byte cap")]
     TooLarge { len: u64 },
@@ -304,16 +306,62 @@ pub struct VmSummary {
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        writeln!(f, "snowflock VM descriptor (format v{}, {} bytes)", self.format_version, self.encoded_bytes)?;
-        writeln!(f, "  family        {} generation {}", self.family, self.generation)?;
-        writeln!(f, "  captured      {:?} of vm {} at {} ns (unix)", self.kind, self.parent_vm, self.captured_unix_ns)?;
-        writeln!(f, "  hypervisor    {} (tsc {} kHz)", self.hypervisor, self.tsc_khz.map_or("unknown".into(), |k| k.to_string()))?;
+        writeln!(
+            f,
+            "snowflock VM descriptor (format v{}, {} bytes)",
+            self.format_version, self.encoded_bytes
+        )?;
+        writeln!(
+            f,
+            "  family        {} generation {}",
+            self.family, self.generation
+        )?;
+        writeln!(
+            f,
+            "  captured      {:?} of vm {} at {} ns (unix)",
+            self.kind, self.parent_vm, self.captured_unix_ns
+        )?;
+        writeln!(
+            f,
+            "  hypervisor    {} (tsc {} kHz)",
+            self.hypervisor,
+            self.tsc_khz.map_or("unknown".into(), |k| k.to_string())
+        )?;
         let m = &self.memory;
-        writeln!(f, "  memory        {:.0} MiB, {} pages: {} with data ({:.1} MiB) in {} runs, {} zero", mib(m.bytes), m.pages, m.data_pages, mib(m.data_pages * PAGE_SIZE), m.data_runs, m.zero_pages)?;
+        writeln!(
+            f,
+            "  memory        {:.0} MiB, {} pages: {} with data ({:.1} MiB) in {} runs, {} zero",
+            mib(m.bytes),
+            m.pages,
+            m.data_pages,
+            mib(m.data_pages * PAGE_SIZE),
+            m.data_runs,
+            m.zero_pages
+        )?;
         let v = &self.vcpu;
-        writeln!(f, "  vcpu 0        rip={:#x} rsp={:#x} rflags={:#x} rax={:#x}", v.rip, v.rsp, v.rflags, v.rax)?;
-        writeln!(f, "                cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} (cpl {})", v.cr0, v.cr3, v.cr4, v.efer, v.cs_selector, v.cpl)?;
-        writeln!(f, "                xcr0={} mp_state={} msrs={} cpuid={} pending exception={}", v.xcr0.map_or("-".into(), |x| format!("{x:#x}")), v.mp_state, v.msrs, v.cpuid_entries, v.pending_exception)?;
-        write!(f, "  vm            clock={} ns irqchips={}", self.vm.clock_ns, self.vm.irqchips)
+        writeln!(
+            f,
+            "  vcpu 0        rip={:#x} rsp={:#x} rflags={:#x} rax={:#x}",
+            v.rip, v.rsp, v.rflags, v.rax
+        )?;
+        writeln!(
+            f,
+            "                cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} (cpl {})",
+            v.cr0, v.cr3, v.cr4, v.efer, v.cs_selector, v.cpl
+        )?;
+        writeln!(
+            f,
+            "                xcr0={} mp_state={} msrs={} cpuid={} pending exception={}",
+            v.xcr0.map_or("-".into(), |x| format!("{x:#x}")),
+            v.mp_state,
+            v.msrs,
+            v.cpuid_entries,
+            v.pending_exception
+        )?;
+        write!(
+            f,
+            "  vm            clock={} ns irqchips={}",
+            self.vm.clock_ns, self.vm.irqchips
+        )
     }
 }

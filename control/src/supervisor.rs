@@ -157,7 +157,9 @@ pub struct VmHandle {
 
 impl std::fmt::Debug for VmHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmHandle").field("vm", &self.vm).finish_non_exhaustive()
+        f.debug_struct("VmHandle")
+            .field("vm", &self.vm)
+            .finish_non_exhaustive()
     }
 }
 
@@ -226,8 +228,8 @@ impl Supervisor {
             cmdline: cmdline.to_string(),
             console,
         };
-        let machine =
-            Machine::boot(self.shared.hv.as_ref(), image, &config).map_err(SupervisorError::Start)?;
+        let machine = Machine::boot(self.shared.hv.as_ref(), image, &config)
+            .map_err(SupervisorError::Start)?;
         Ok(self.spawn_root(vm, machine, flush, 0))
     }
 
@@ -239,12 +241,19 @@ impl Supervisor {
     ) -> Result<VmHandle, SupervisorError> {
         let vm = self.shared.next_vm.fetch_add(1, Ordering::Relaxed);
         let (console, flush) = labelled(format!("vm {vm}"), self.shared.config.lines.clone());
-        let machine = Machine::restore(self.shared.hv.as_ref(), &descriptor.machine, image, console)
-            .map_err(SupervisorError::Start)?;
+        let machine =
+            Machine::restore(self.shared.hv.as_ref(), &descriptor.machine, image, console)
+                .map_err(SupervisorError::Start)?;
         Ok(self.spawn_root(vm, machine, flush, descriptor.generation))
     }
 
-    fn spawn_root(&self, vm: u64, machine: Machine, flush: ConsoleFlush, generation: u32) -> VmHandle {
+    fn spawn_root(
+        &self,
+        vm: u64,
+        machine: Machine,
+        flush: ConsoleFlush,
+        generation: u32,
+    ) -> VmHandle {
         let (control, requests) = mpsc::channel();
         let kill = Arc::new(AtomicBool::new(false));
         let kicker = machine.kicker();
@@ -284,7 +293,11 @@ impl Supervisor {
 
     /// Clone slots currently reserved.
     pub fn slots_in_use(&self) -> u32 {
-        *self.shared.slots_in_use.lock().unwrap_or_else(|p| p.into_inner())
+        *self
+            .shared
+            .slots_in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -538,7 +551,11 @@ impl VmContext {
                 );
                 let children = self.spawn_children(&descriptor, &image, granted, checkpoint);
                 self.mark_spawned(ticket, stopped_at, CaptureKind::Checkpoint, bytes, children);
-                if let Some(spawned) = self.tickets.get_mut(&ticket).and_then(|t| t.spawned.as_mut()) {
+                if let Some(spawned) = self
+                    .tickets
+                    .get_mut(&ticket)
+                    .and_then(|t| t.spawned.as_mut())
+                {
                     spawned.report.capture_pause = pause;
                 }
                 machine.reply(0, 0)
@@ -597,7 +614,10 @@ impl VmContext {
         children: Vec<(Arc<ChildCell>, JoinHandle<()>)>,
     ) {
         let vm = self.vm;
-        let t = self.tickets.get_mut(&ticket).expect("ticket checked by caller");
+        let t = self
+            .tickets
+            .get_mut(&ticket)
+            .expect("ticket checked by caller");
         // Each child now owns one slot and returns it when it ends.
         t.unused_slots -= children.len() as u32;
         t.spawned = Some(Spawned {
@@ -618,7 +638,11 @@ impl VmContext {
     }
 
     fn finish_pause(&mut self, ticket: u64, stopped_at: Instant) {
-        if let Some(spawned) = self.tickets.get_mut(&ticket).and_then(|t| t.spawned.as_mut()) {
+        if let Some(spawned) = self
+            .tickets
+            .get_mut(&ticket)
+            .and_then(|t| t.spawned.as_mut())
+        {
             spawned.report.capture_pause = stopped_at.elapsed();
         }
     }
@@ -779,11 +803,16 @@ impl ChildStart {
     fn run(self) {
         let begun = Instant::now();
         let (console, flush) = labelled(self.label.clone(), self.shared.config.lines.clone());
-        let restored = Machine::restore(self.shared.hv.as_ref(), &self.snapshot, &self.image, console)
-            .and_then(|mut m| {
-                m.set_return(u64::from(self.cell.id), self.checkpoint)?;
-                Ok(m)
-            });
+        let restored = Machine::restore(
+            self.shared.hv.as_ref(),
+            &self.snapshot,
+            &self.image,
+            console,
+        )
+        .and_then(|mut m| {
+            m.set_return(u64::from(self.cell.id), self.checkpoint)?;
+            Ok(m)
+        });
         *self.cell.restore.lock().unwrap_or_else(|p| p.into_inner()) = begun.elapsed();
         drop(self.image);
         let (outcome, runtime) = match restored {
@@ -792,7 +821,11 @@ impl ChildStart {
                 *self.cell.kicker.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(machine.kicker());
                 let started = Instant::now();
-                *self.cell.first_run.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
+                *self
+                    .cell
+                    .first_run
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(started);
                 let ctx = VmContext {
                     shared: self.shared.clone(),
                     vm: self.cell.vm,

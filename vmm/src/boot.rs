@@ -101,7 +101,8 @@ pub struct GuestLayout {
 
 impl GuestLayout {
     pub fn new(mem_size: u64) -> Result<Self, BootError> {
-        if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem_size) || mem_size % HUGE_PAGE != 0 {
+        if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem_size) || !mem_size.is_multiple_of(HUGE_PAGE)
+        {
             return Err(BootError::BadMemorySize { size: mem_size });
         }
         Ok(Self { mem_size })
@@ -219,7 +220,10 @@ fn write_page_tables(memory: &GuestMemory, layout: &GuestLayout) -> Result<(), M
     // information page (user, read-only) are mapped; page 0 stays a trap.
     memory.write_u64(PD_BASE, LOW_PT | table)?;
     for page in VMM_PAGES.step_by(PAGE_SIZE as usize) {
-        memory.write_u64(LOW_PT + page / PAGE_SIZE * 8, page | PTE_PRESENT | PTE_WRITABLE)?;
+        memory.write_u64(
+            LOW_PT + page / PAGE_SIZE * 8,
+            page | PTE_PRESENT | PTE_WRITABLE,
+        )?;
     }
     memory.write_u64(
         LOW_PT + BOOT_INFO_ADDR / PAGE_SIZE * 8,
@@ -268,10 +272,18 @@ fn write_descriptor_tables(memory: &GuestMemory) -> Result<(), MemoryError> {
         memory.write_u64(IDT + vector * 16 + 8, stub >> 32)?;
         let [port_lo, port_hi] = EXCEPTION_PORT.to_le_bytes();
         let code = [
-            0xb8, vector as u8, 0, 0, 0, // mov eax, vector
-            0x66, 0xba, port_lo, port_hi, // mov dx, EXCEPTION_PORT
-            0xef, // out dx, eax
-            0xeb, 0xfe, // jmp $
+            0xb8,
+            vector as u8,
+            0,
+            0,
+            0, // mov eax, vector
+            0x66,
+            0xba,
+            port_lo,
+            port_hi, // mov dx, EXCEPTION_PORT
+            0xef,    // out dx, eax
+            0xeb,
+            0xfe, // jmp $
         ];
         memory.write(stub, &code)?;
     }

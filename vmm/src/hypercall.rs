@@ -17,17 +17,40 @@ pub struct GuestRange {
 /// A decoded, validated hypercall.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hypercall {
-    ConsoleWrite { data: GuestRange },
-    Exit { code: i32 },
-    Panic { report: GuestRange },
-    RequestTicket { clones: u32 },
-    Clone { ticket: u64 },
+    ConsoleWrite {
+        data: GuestRange,
+    },
+    Exit {
+        code: i32,
+    },
+    Panic {
+        report: GuestRange,
+    },
+    RequestTicket {
+        clones: u32,
+    },
+    Clone {
+        ticket: u64,
+    },
     Checkpoint,
-    CreateClones { checkpoint: u64, ticket: u64 },
-    ChildExit { result: GuestRange },
-    Join { ticket: u64 },
-    ChildResult { ticket: u64, child: u32, buf: GuestRange },
-    Kill { ticket: u64 },
+    CreateClones {
+        checkpoint: u64,
+        ticket: u64,
+    },
+    ChildExit {
+        result: GuestRange,
+    },
+    Join {
+        ticket: u64,
+    },
+    ChildResult {
+        ticket: u64,
+        child: u32,
+        buf: GuestRange,
+    },
+    Kill {
+        ticket: u64,
+    },
     TimeNs,
 }
 
@@ -190,7 +213,11 @@ mod tests {
     #[test]
     fn oversized_transfers_and_unknown_numbers_are_rejected() {
         let l = layout();
-        let err = decode(nr::CONSOLE_WRITE, &regs(IMAGE_BASE, MAX_TRANSFER + 1, 0, 0), &l);
+        let err = decode(
+            nr::CONSOLE_WRITE,
+            &regs(IMAGE_BASE, MAX_TRANSFER + 1, 0, 0),
+            &l,
+        );
         assert!(matches!(err, Err(HypercallError::TooLong { .. })));
         assert_eq!(
             decode(999, &regs(0, 0, 0, 0), &l),

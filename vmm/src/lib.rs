@@ -26,7 +26,9 @@ pub mod loader;
 pub mod machine;
 pub mod memory;
 
-pub use hypervisor::{Hypervisor, Regs, StateError, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm, VmState};
+pub use hypervisor::{
+    Hypervisor, Regs, StateError, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm, VmState,
+};
 #[cfg(feature = "kvm")]
 pub use kvm::KvmHypervisor;
 pub use machine::{Machine, MachineConfig, MachineError, Stop};

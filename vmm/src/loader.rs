@@ -45,7 +45,11 @@ pub enum LoadError {
         len: usize,
     },
     #[error("segment {index}: file size {filesz:#x} exceeds memory size {memsz:#x}")]
-    FileSizeExceedsMemSize { index: usize, filesz: u64, memsz: u64 },
+    FileSizeExceedsMemSize {
+        index: usize,
+        filesz: u64,
+        memsz: u64,
+    },
     #[error("segments {a} and {b} overlap")]
     Overlap { a: usize, b: usize },
     #[error("entry point {entry:#x} is not inside an executable segment")]
@@ -111,7 +115,10 @@ fn parse(bytes: &[u8], limit: u64) -> Result<(LoadedImage, Vec<Segment>), LoadEr
             _ => continue,
         }
         let in_area = ph.p_vaddr >= IMAGE_BASE
-            && ph.p_vaddr.checked_add(ph.p_memsz).is_some_and(|end| end <= limit);
+            && ph
+                .p_vaddr
+                .checked_add(ph.p_memsz)
+                .is_some_and(|end| end <= limit);
         if !in_area {
             return Err(LoadError::SegmentOutOfRange {
                 index,

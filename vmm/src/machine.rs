@@ -77,13 +77,28 @@ pub enum Stop {
 /// A hypercall only the control plane can answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
-    RequestTicket { clones: u32 },
-    Clone { ticket: u64 },
+    RequestTicket {
+        clones: u32,
+    },
+    Clone {
+        ticket: u64,
+    },
     Checkpoint,
-    CreateClones { checkpoint: u64, ticket: u64 },
-    Join { ticket: u64 },
-    ChildResult { ticket: u64, child: u32, capacity: u64 },
-    Kill { ticket: u64 },
+    CreateClones {
+        checkpoint: u64,
+        ticket: u64,
+    },
+    Join {
+        ticket: u64,
+    },
+    ChildResult {
+        ticket: u64,
+        child: u32,
+        capacity: u64,
+    },
+    Kill {
+        ticket: u64,
+    },
 }
 
 /// What ended a VM, or made an operation on it fail.
@@ -308,7 +323,8 @@ impl Machine {
         // need not wait for it.
         let retired = frozen.retired;
         self.retiring.retain(|t| !t.is_finished());
-        self.retiring.push(std::thread::spawn(move || drop(retired)));
+        self.retiring
+            .push(std::thread::spawn(move || drop(retired)));
         let data_pages = PageRuns::from_bitmap(&frozen.image.data_pages()?);
         let snapshot = MachineSnapshot {
             hypervisor: self.hypervisor.to_string(),
@@ -369,11 +385,12 @@ impl Machine {
             return Err(self.bad(HypercallError::BadAccessSize { size }));
         }
         let regs = self.vcpu.regs()?;
-        let call = hypercall::decode(number, &regs, &self.layout)
-            .map_err(|source| MachineError::BadHypercall {
+        let call = hypercall::decode(number, &regs, &self.layout).map_err(|source| {
+            MachineError::BadHypercall {
                 rip: regs.rip,
                 source,
-            })?;
+            }
+        })?;
         let request = match call {
             Hypercall::ConsoleWrite { data } => {
                 let bytes = self.read_range(data)?;
@@ -450,7 +467,11 @@ impl Machine {
             let detail = match (fault_addr, frame.error_code) {
                 (Some(addr), Some(code)) => {
                     let access = if code & 2 != 0 { "write to" } else { "read of" };
-                    let access = if code & 16 != 0 { "instruction fetch at" } else { access };
+                    let access = if code & 16 != 0 {
+                        "instruction fetch at"
+                    } else {
+                        access
+                    };
                     let what = if addr < PAGE_SIZE {
                         " (null pointer)"
                     } else if self.layout.is_stack_guard(addr) {

@@ -62,16 +62,10 @@ impl PageRuns {
     pub fn from_bitmap(bits: &PageBitmap) -> Self {
         let mut runs = Vec::new();
         let mut page = 0;
-        while page < bits.pages {
-            if bits.get(page) {
-                let start = page;
-                while page < bits.pages && bits.get(page) {
-                    page += 1;
-                }
-                runs.push((start, page - start));
-            } else {
-                page += 1;
-            }
+        while let Some(start) = bits.next(page, true) {
+            let end = bits.next(start, false).unwrap_or(bits.pages);
+            runs.push((start, end - start));
+            page = end;
         }
         Self(runs)
     }
@@ -89,7 +83,9 @@ impl PageRuns {
     pub fn is_valid(&self, limit: u64) -> bool {
         let mut next_free = 0;
         self.0.iter().all(|&(start, count)| {
-            let ok = count > 0 && start >= next_free && start.checked_add(count).is_some_and(|end| end <= limit);
+            let ok = count > 0
+                && start >= next_free
+                && start.checked_add(count).is_some_and(|end| end <= limit);
             next_free = start.saturating_add(count);
             ok
         })
@@ -125,14 +121,39 @@ impl PageBitmap {
     }
 
     pub fn set_range(&mut self, start: u64, count: u64, value: bool) {
-        for page in start..(start + count).min(self.pages) {
+        let end = start.saturating_add(count).min(self.pages);
+        let mut page = start;
+        while page < end {
+            let bit = page % 64;
+            let span = (64 - bit).min(end - page);
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << bit
+            };
             let word = &mut self.words[(page / 64) as usize];
             if value {
-                *word |= 1 << (page % 64);
+                *word |= mask;
             } else {
-                *word &= !(1 << (page % 64));
+                *word &= !mask;
             }
+            page += span;
         }
+    }
+
+    /// The first page at or after `from` whose bit equals `value`.
+    pub fn next(&self, from: u64, value: bool) -> Option<u64> {
+        let mut page = from;
+        while page < self.pages {
+            let raw = self.words[(page / 64) as usize];
+            let word = if value { raw } else { !raw } >> (page % 64);
+            if word != 0 {
+                let found = page + u64::from(word.trailing_zeros());
+                return (found < self.pages).then_some(found);
+            }
+            page = (page / 64 + 1) * 64;
+        }
+        None
     }
 
     pub fn count(&self) -> u64 {
@@ -218,7 +239,9 @@ fn file_data_runs(file: &File, first: u64, end: u64) -> Result<Vec<(u64, u64)>, 
         if data >= end_off {
             break;
         }
-        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end_off).min(end_off);
+        let hole = seek(file, data, libc::SEEK_HOLE)?
+            .unwrap_or(end_off)
+            .min(end_off);
         let start_page = data / PAGE_SIZE;
         runs.push((start_page, hole.div_ceil(PAGE_SIZE) - start_page));
         off = hole;
@@ -297,7 +320,7 @@ fn map_run_fixed(base: &Mapping, file: &File, start: u64, count: u64) -> Result<
     // no Rust references into it; MAP_FIXED replaces those pages atomically.
     let ptr = unsafe {
         libc::mmap(
-            base.addr.as_ptr().add(off as usize).cast(),
+            base.addr.as_ptr().wrapping_add(off as usize).cast(),
             len as usize,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
@@ -358,7 +381,7 @@ pub struct Frozen {
 impl GuestMemory {
     /// Fresh zeroed memory of `size` bytes.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadSize { size });
         }
         let file = memfd(size)?;
@@ -409,7 +432,7 @@ impl GuestMemory {
         // Rust aliasing rules, only give torn bytes, which callers tolerate.
         unsafe {
             std::ptr::copy_nonoverlapping(
-                self.host_addr().add(addr as usize),
+                self.host_addr().wrapping_add(addr as usize),
                 buf.as_mut_ptr(),
                 buf.len(),
             );
@@ -425,7 +448,7 @@ impl GuestMemory {
         unsafe {
             std::ptr::copy_nonoverlapping(
                 data.as_ptr(),
-                self.host_addr().add(addr as usize),
+                self.host_addr().wrapping_add(addr as usize),
                 data.len(),
             );
         }
@@ -531,7 +554,8 @@ impl GuestMemory {
         let mut page = 0u64;
         while page < pages {
             let want = ((pages - page) as usize * 8).min(buf.len());
-            map.read_exact(&mut buf[..want]).map_err(MemoryError::PageMap)?;
+            map.read_exact(&mut buf[..want])
+                .map_err(MemoryError::PageMap)?;
             for entry in buf[..want].chunks_exact(8) {
                 let e = u64::from_le_bytes(entry.try_into().expect("8-byte chunk"));
                 if e & PRESENT != 0 && e & FILE_OR_SHARED == 0 {
@@ -546,7 +570,10 @@ impl GuestMemory {
 
 /// A private view of every layer of `image`, bottom layer first.
 fn map_image(image: &MemoryImage) -> Result<Mapping, MemoryError> {
-    let (bottom, upper) = image.layers.split_first().expect("an image has a bottom layer");
+    let (bottom, upper) = image
+        .layers
+        .split_first()
+        .expect("an image has a bottom layer");
     let mapping = Mapping::map(
         image.size,
         libc::MAP_PRIVATE | libc::MAP_NORESERVE,
@@ -558,4 +585,64 @@ fn map_image(image: &MemoryImage) -> Result<Mapping, MemoryError> {
         }
     }
     Ok(mapping)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_runs_round_trip() {
+        let mut bits = PageBitmap::new(300);
+        bits.set_range(0, 3, true);
+        bits.set_range(62, 5, true);
+        bits.set_range(128, 64, true);
+        bits.set_range(299, 10, true);
+        bits.set_range(63, 1, false);
+        let runs = PageRuns::from_bitmap(&bits);
+        assert_eq!(
+            runs.runs(),
+            &[(0, 3), (62, 1), (64, 3), (128, 64), (299, 1)]
+        );
+        assert_eq!(runs.pages(), bits.count());
+        assert!(runs.is_valid(300));
+        assert!(!runs.is_valid(299));
+        assert!(runs.contains(130) && !runs.contains(63) && !runs.contains(200));
+    }
+
+    #[test]
+    fn overlapping_or_empty_runs_are_invalid() {
+        assert!(!PageRuns(vec![(0, 4), (3, 2)]).is_valid(10));
+        assert!(!PageRuns(vec![(0, 0)]).is_valid(10));
+        assert!(!PageRuns(vec![(u64::MAX, 2)]).is_valid(u64::MAX));
+    }
+
+    #[test]
+    fn frozen_image_is_isolated_from_later_writes() {
+        let mut mem = GuestMemory::new(64 * PAGE_SIZE).unwrap();
+        mem.write(5 * PAGE_SIZE, b"before").unwrap();
+        let first = mem.freeze().unwrap();
+        drop(first.retired);
+        mem.write(5 * PAGE_SIZE, b"after!").unwrap();
+        mem.write(9 * PAGE_SIZE, b"new").unwrap();
+        let second = mem.freeze().unwrap();
+        drop(second.retired);
+
+        let mut buf = [0u8; 6];
+        first.image.read(5 * PAGE_SIZE, &mut buf).unwrap();
+        assert_eq!(&buf, b"before");
+        second.image.read(5 * PAGE_SIZE, &mut buf).unwrap();
+        assert_eq!(&buf, b"after!");
+        assert_eq!(second.image.layer_count(), 2);
+
+        let view = GuestMemory::from_image(&second.image).unwrap();
+        view.write(9 * PAGE_SIZE, b"mine").unwrap();
+        let mut small = [0u8; 3];
+        second.image.read(9 * PAGE_SIZE, &mut small).unwrap();
+        assert_eq!(&small, b"new");
+
+        let data = second.image.data_pages().unwrap();
+        assert!(data.get(5) && data.get(9) && !data.get(6));
+        assert_eq!(data.count(), 2);
+    }
 }

@@ -67,7 +67,10 @@ impl KickState {
         IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
-        *self.running_thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(me);
+        *self
+            .running_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(me);
         RunGuard { state: self }
     }
 }
@@ -91,7 +94,10 @@ impl Drop for RunGuard<'_> {
 impl VcpuKicker for KickState {
     fn kick(&self) {
         self.pending.store(true, Ordering::Release);
-        let running = self.running_thread.lock().unwrap_or_else(|p| p.into_inner());
+        let running = self
+            .running_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(thread) = *running {
             // SAFETY: `thread` is alive: it is cleared under this lock before
             // the run (and so the thread's use of the vCPU) ends; the signal

@@ -2,8 +2,8 @@
 
 use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs,
-    kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave,
+    kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -37,13 +37,12 @@ pub struct KvmVmState {
     pub irqchips: Vec<kvm_irqchip>,
 }
 
-pub(super) fn save_vcpu(
-    fd: &VcpuFd,
-    msr_indices: &[u32],
-) -> Result<KvmVcpuState, StateError> {
-    let save = |what| move |e: kvm_ioctls::Error| StateError::Save {
-        what,
-        source: e.into(),
+pub(super) fn save_vcpu(fd: &VcpuFd, msr_indices: &[u32]) -> Result<KvmVcpuState, StateError> {
+    let save = |what| {
+        move |e: kvm_ioctls::Error| StateError::Save {
+            what,
+            source: e.into(),
+        }
     };
     let mp_state = fd.get_mp_state().map_err(save("mp_state"))?;
     let regs = fd.get_regs().map_err(save("regs"))?;
@@ -74,9 +73,11 @@ pub(super) fn save_vcpu(
 }
 
 pub(super) fn restore_vcpu(fd: &VcpuFd, state: &KvmVcpuState) -> Result<(), StateError> {
-    let restore = |what| move |e: kvm_ioctls::Error| StateError::Restore {
-        what,
-        source: e.into(),
+    let restore = |what| {
+        move |e: kvm_ioctls::Error| StateError::Restore {
+            what,
+            source: e.into(),
+        }
     };
     let cpuid = CpuId::from_entries(&state.cpuid)
         .map_err(|_| StateError::Inconsistent(format!("{} CPUID entries", state.cpuid.len())))?;
@@ -110,7 +111,8 @@ pub(super) fn restore_vcpu(fd: &VcpuFd, state: &KvmVcpuState) -> Result<(), Stat
     fd.set_debug_regs(&state.debug_regs)
         .map_err(restore("debug registers"))?;
     fd.set_lapic(&state.lapic).map_err(restore("lapic"))?;
-    fd.set_mp_state(state.mp_state).map_err(restore("mp_state"))?;
+    fd.set_mp_state(state.mp_state)
+        .map_err(restore("mp_state"))?;
     fd.set_vcpu_events(&state.vcpu_events)
         .map_err(restore("vcpu events"))?;
     Ok(())

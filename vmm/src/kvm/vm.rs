@@ -67,13 +67,19 @@ impl Vm for KvmVm {
     }
 
     fn save_state(&self) -> Result<VmState, StateError> {
-        let save = |what| move |e: kvm_ioctls::Error| StateError::Save {
-            what,
-            source: e.into(),
+        let save = |what| {
+            move |e: kvm_ioctls::Error| StateError::Save {
+                what,
+                source: e.into(),
+            }
         };
         let clock = self.fd.get_clock().map_err(save("clock"))?;
         let mut irqchips = Vec::with_capacity(3);
-        for chip_id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
             let mut chip = kvm_irqchip {
                 chip_id,
                 ..Default::default()
@@ -86,9 +92,11 @@ impl Vm for KvmVm {
 
     fn restore_state(&mut self, state: &VmState) -> Result<(), StateError> {
         let VmState::Kvm(state) = state;
-        let restore = |what| move |e: kvm_ioctls::Error| StateError::Restore {
-            what,
-            source: e.into(),
+        let restore = |what| {
+            move |e: kvm_ioctls::Error| StateError::Restore {
+                what,
+                source: e.into(),
+            }
         };
         for chip in &state.irqchips {
             self.fd.set_irqchip(chip).map_err(restore("irqchip"))?;

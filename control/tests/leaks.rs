@@ -1,0 +1,55 @@
+//! Clones, kills and failures leave nothing behind: no fds, mappings, threads
+//! or slots. Alone in its own test binary so no other test shares the process.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{run, supervisor};
+use snowflock_control::VmOutcome;
+
+fn count(dir: &str) -> usize {
+    std::fs::read_dir(dir).unwrap().count()
+}
+
+fn maps() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+fn snapshot() -> (usize, usize, usize) {
+    (count("/proc/self/fd"), maps(), count("/proc/self/task"))
+}
+
+#[test]
+fn clone_kill_and_failure_release_every_resource() {
+    let (sup, lines) = supervisor(8);
+    // Warm-up: one-time process state (signal handler, KVM probing, allocator arenas).
+    assert_eq!(run(&sup, "hello", "clones=2"), VmOutcome::Exited(0));
+    let before = snapshot();
+    for (name, args) in [
+        ("hello", "clones=8"),
+        ("killer", ""),
+        ("childfail", ""),
+        ("badptr", ""),
+        ("cow", "clones=4 mib=8"),
+    ] {
+        assert_eq!(
+            run(&sup, name, args),
+            VmOutcome::Exited(0),
+            "{name}: {:?}",
+            lines.all()
+        );
+    }
+    assert_eq!(sup.slots_in_use(), 0);
+    // Thread exit is asynchronous to join's return; allow it a bounded moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after = snapshot();
+    while after != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        after = snapshot();
+    }
+    assert_eq!(after, before, "(fds, mappings, threads) before vs after");
+}

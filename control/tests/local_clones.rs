@@ -1,0 +1,182 @@
+//! Local cloning on the real /dev/kvm: ids, results, isolation, failures.
+
+mod common;
+
+use common::{failure, run, supervisor};
+use snowflock_control::{CaptureKind, VmOutcome};
+
+#[test]
+fn eight_clones_return_distinct_ids_and_correct_results() {
+    let (sup, lines) = supervisor(8);
+    assert_eq!(
+        run(&sup, "hello", "clones=8"),
+        VmOutcome::Exited(0),
+        "{:?}",
+        lines.all()
+    );
+    let reports = sup.reports();
+    assert_eq!(reports.len(), 1);
+    let op = &reports[0];
+    assert_eq!((op.kind, op.clones), (CaptureKind::Clone, 8));
+    assert!(op.descriptor_bytes > 0 && op.all_running.is_some());
+    let mut ids: Vec<u32> = op.children.iter().map(|c| c.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=8).collect::<Vec<_>>());
+    for child in &op.children {
+        let expected = u64::from(child.id * child.id).to_le_bytes().to_vec();
+        assert_eq!(
+            child.outcome,
+            VmOutcome::Result(expected),
+            "clone {}",
+            child.id
+        );
+    }
+    assert_eq!(sup.slots_in_use(), 0);
+}
+
+#[test]
+fn clone_limit_grants_fewer_clones() {
+    let (sup, lines) = supervisor(3);
+    assert_eq!(
+        run(&sup, "hello", "clones=8"),
+        VmOutcome::Exited(0),
+        "{:?}",
+        lines.all()
+    );
+    assert_eq!(sup.reports()[0].clones, 3);
+}
+
+#[test]
+fn copy_on_write_isolates_parent_and_clones_both_ways() {
+    let (sup, lines) = supervisor(4);
+    assert_eq!(
+        run(&sup, "cow", "clones=4 mib=16"),
+        VmOutcome::Exited(0),
+        "{:?}",
+        lines.all()
+    );
+    assert!(lines.of("").iter().any(|l| l.contains("cow: ok")));
+    let op = &sup.reports()[0];
+    assert_eq!(op.children.len(), 4);
+    for child in &op.children {
+        assert_eq!(
+            child.outcome,
+            VmOutcome::Result(vec![1]),
+            "clone {}",
+            child.id
+        );
+    }
+}
+
+#[test]
+fn clones_resume_at_a_checkpoint() {
+    let (sup, lines) = supervisor(3);
+    assert_eq!(
+        run(&sup, "checkpoint", "clones=3"),
+        VmOutcome::Exited(0),
+        "{:?}",
+        lines.all()
+    );
+    let op = &sup.reports()[0];
+    assert_eq!((op.kind, op.clones), (CaptureKind::Checkpoint, 3));
+}
+
+#[test]
+fn join_reports_a_failed_clone_and_the_others_finish() {
+    let (sup, lines) = supervisor(3);
+    assert_eq!(
+        run(&sup, "childfail", ""),
+        VmOutcome::Exited(0),
+        "{:?}",
+        lines.all()
+    );
+    let op = &sup.reports()[0];
+    let two = op.children.iter().find(|c| c.id == 2).unwrap();
+    assert!(failure(&two.outcome).contains("child two fails on purpose"));
+    for c in op.children.iter().filter(|c| c.id != 2) {
+        assert_eq!(c.outcome, VmOutcome::Result(b"fine".to_vec()));
+    }
+}
+
+#[test]
+fn kill_ends_running_clones() {
+    let (sup, lines) = supervisor(4);
+    assert_eq!(
+        run(&sup, "killer", ""),
+        VmOutcome::Exited(0),
+        "{:?}",
+        lines.all()
+    );
+    let op = &sup.reports()[0];
+    assert_eq!(op.children.len(), 4);
+    assert!(op.children.iter().all(|c| c.outcome == VmOutcome::Killed));
+    assert_eq!(sup.slots_in_use(), 0);
+}
+
+#[test]
+fn a_bad_pointer_ends_only_the_clone_that_passed_it() {
+    let (sup, lines) = supervisor(2);
+    assert_eq!(
+        run(&sup, "badptr", ""),
+        VmOutcome::Exited(0),
+        "{:?}",
+        lines.all()
+    );
+    let op = &sup.reports()[0];
+    let bad = op.children.iter().find(|c| c.id == 1).unwrap();
+    let reason = failure(&bad.outcome);
+    assert!(reason.contains("bad hypercall at rip=0x"), "{reason}");
+    assert!(reason.contains("console buffer pointer"), "{reason}");
+    let good = op.children.iter().find(|c| c.id == 2).unwrap();
+    assert_eq!(good.outcome, VmOutcome::Result(b"fine".to_vec()));
+}
+
+#[test]
+fn a_bad_pointer_from_the_parent_ends_it_with_a_clear_error() {
+    let (sup, _) = supervisor(2);
+    let outcome = run(&sup, "badptr", "self=1");
+    let reason = failure(&outcome);
+    assert!(reason.contains("bad hypercall at rip=0x"), "{reason}");
+    assert!(reason.contains("outside guest memory"), "{reason}");
+}
+
+#[test]
+fn guest_exceptions_name_the_rip_and_the_reason() {
+    let (sup, _) = supervisor(1);
+    for (kind, expect) in [
+        ("ud2", "invalid opcode (#UD) at rip=0x"),
+        ("null", "(null pointer)"),
+        ("gp", "general protection fault (#GP) at rip=0x"),
+        ("stack", "(stack overflow)"),
+    ] {
+        let outcome = run(&sup, "fault", &format!("kind={kind}"));
+        let reason = failure(&outcome);
+        assert!(reason.contains(expect), "kind={kind}: {reason}");
+    }
+}
+
+#[test]
+fn guest_panics_carry_message_and_location() {
+    let (sup, _) = supervisor(1);
+    let outcome = run(&sup, "panic", "");
+    let reason = failure(&outcome);
+    assert!(reason.contains("deliberate panic 42"), "{reason}");
+    assert!(reason.contains("panic.rs:"), "{reason}");
+}
+
+#[test]
+fn example_jobs_check_their_answers() {
+    let (sup, lines) = supervisor(4);
+    for (name, args) in [
+        ("seqsearch", "ref_mib=16 queries=4000 clones=4"),
+        ("montecarlo", "paths=200000 clones=4"),
+        ("primes_c", "clones=4"),
+    ] {
+        assert_eq!(
+            run(&sup, name, args),
+            VmOutcome::Exited(0),
+            "{name}: {:?}",
+            lines.all()
+        );
+    }
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages snowflock needs to build and test, if missing.
+# Idempotent: runs `apt-get update` (once) only when something must be installed.
+set -euo pipefail
+
+packages=(
+  gcc          # C example guest, and the linker driver for guest images
+  libc6-dev    # crt objects for host binaries
+  iproute2     # network-namespace test hosts
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "deps: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
+  echo "deps: /dev/kvm is not accessible; snowflock needs KVM (run as root on a KVM host)" >&2
+  exit 1
+fi

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The full check: formatting, lints (host workspace and guest SDK), and every
+# test, including the ones that run real VMs on /dev/kvm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/deps.sh
+
+cargo fmt --all -- --check
+(cd guest && cargo fmt --all -- --check)
+cargo clippy --workspace --all-targets --locked -- -D warnings
+(cd guest && cargo clippy --examples --features rt --release --locked -- -D warnings)
+cargo test --workspace --locked

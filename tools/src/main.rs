@@ -1,0 +1,270 @@
+//! `sf`: run flock images, watch them clone, inspect descriptors.
+
+mod report;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use snowflock_control::console::LineSink;
+use snowflock_control::{Descriptor, Supervisor, SupervisorConfig, VmOutcome};
+use snowflock_vmm::KvmHypervisor;
+
+use crate::report::RunReport;
+use crate::size::parse_size;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sf",
+    version,
+    about = "snowflock: clone running VMs in milliseconds"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a flock image (a path, or the name of an embedded example) with its console on stdout.
+    Run(RunArgs),
+    /// Run the sequence-search demo: a VM builds a DNA index, clones itself, and merges the clones' hits.
+    Demo(DemoArgs),
+    /// Work with VM descriptor files.
+    Descriptor {
+        #[command(subcommand)]
+        command: DescriptorCommand,
+    },
+    /// List the example images built into this binary.
+    Images,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Image file, or embedded example name (see `sf images`).
+    image: String,
+    /// Guest memory (multiple of 2 MiB), e.g. 512M or 1G.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// Most clones that may run at once on this host.
+    #[arg(long, default_value_t = 32)]
+    clone_limit: u32,
+    /// Save every captured descriptor into this directory.
+    #[arg(long)]
+    descriptor_dir: Option<PathBuf>,
+    /// Print a JSON report on stdout (guest console goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Arguments for the guest, e.g. `-- clones=4 mib=64`.
+    #[arg(last = true)]
+    guest_args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Clones to fork.
+    #[arg(long, default_value_t = 8)]
+    clones: u32,
+    /// Size of the synthetic DNA reference in MiB.
+    #[arg(long, default_value_t = 256)]
+    ref_mib: u32,
+    /// Number of query reads.
+    #[arg(long, default_value_t = 200_000)]
+    queries: u32,
+    /// Guest memory.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    mem: u64,
+    /// Save the clone descriptor into this directory.
+    #[arg(long)]
+    descriptor_dir: Option<PathBuf>,
+    /// Print a JSON report on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum DescriptorCommand {
+    /// Print a descriptor file in readable form.
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Demo(args) => demo(args),
+        Command::Descriptor {
+            command: DescriptorCommand::Inspect { file, json },
+        } => inspect(&file, json),
+        Command::Images => {
+            for (name, bytes) in snowflock_guest::images::ALL {
+                println!("{name:<12} {:>8} bytes", bytes.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    result.unwrap_or_else(|err| {
+        eprintln!("sf: error: {err:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn load_image(name: &str) -> Result<Vec<u8>> {
+    let path = std::path::Path::new(name);
+    if path.is_file() {
+        return std::fs::read(path).with_context(|| format!("reading image {name}"));
+    }
+    match snowflock_guest::images::by_name(name) {
+        Some(bytes) => Ok(bytes.to_vec()),
+        None => {
+            let known: Vec<&str> = snowflock_guest::images::ALL
+                .iter()
+                .map(|(n, _)| *n)
+                .collect();
+            bail!(
+                "{name} is neither a file nor an embedded image (embedded: {})",
+                known.join(", ")
+            )
+        }
+    }
+}
+
+fn supervisor(
+    clone_limit: u32,
+    lines: LineSink,
+    descriptor_dir: Option<PathBuf>,
+) -> Result<Supervisor> {
+    if let Some(dir) = &descriptor_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating descriptor directory {}", dir.display()))?;
+    }
+    let hv = KvmHypervisor::open().context("opening KVM (/dev/kvm)")?;
+    Ok(Supervisor::new(
+        Arc::new(hv),
+        SupervisorConfig {
+            clone_limit,
+            lines,
+            descriptor_dir,
+        },
+    ))
+}
+
+/// A line sink writing guest lines to stdout or stderr, above the progress bar.
+fn console_lines(to_stderr: bool, bar: Option<ProgressBar>) -> LineSink {
+    Arc::new(move |label: &str, line: &str| {
+        let text = if label.is_empty() {
+            line.to_string()
+        } else {
+            format!("[{label}] {line}")
+        };
+        let print = || {
+            if to_stderr {
+                eprintln!("{text}");
+            } else {
+                println!("{text}");
+            }
+        };
+        match &bar {
+            Some(bar) => bar.suspend(print),
+            None => print(),
+        }
+    })
+}
+
+fn exit_code(outcome: &VmOutcome) -> ExitCode {
+    match outcome {
+        VmOutcome::Exited(0) => ExitCode::SUCCESS,
+        VmOutcome::Exited(code) => {
+            ExitCode::from(u8::try_from(*code).ok().filter(|&c| c != 0).unwrap_or(1))
+        }
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let image = load_image(&args.image)?;
+    let sup = supervisor(
+        args.clone_limit,
+        console_lines(args.json, None),
+        args.descriptor_dir,
+    )?;
+    let started = Instant::now();
+    let vm = sup
+        .launch(&image, args.mem, &args.guest_args.join(" "))
+        .context("starting the VM")?;
+    let outcome = vm.wait();
+    let report = RunReport::new(&args.image, &outcome, started.elapsed(), &sup.reports());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        eprint!("{}", report.brief());
+    }
+    Ok(exit_code(&outcome))
+}
+
+fn demo(args: DemoArgs) -> Result<ExitCode> {
+    let image = snowflock_guest::images::by_name("seqsearch")
+        .context("the seqsearch example is not embedded in this build")?;
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").expect("static template"),
+    );
+    bar.set_message(format!(
+        "building a {} MiB reference, then cloning {} workers",
+        args.ref_mib, args.clones
+    ));
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let sup = supervisor(
+        args.clones,
+        console_lines(args.json, Some(bar.clone())),
+        args.descriptor_dir,
+    )?;
+    let cmdline = format!(
+        "ref_mib={} queries={} clones={}",
+        args.ref_mib, args.queries, args.clones
+    );
+    let started = Instant::now();
+    let vm = sup
+        .launch(image, args.mem, &cmdline)
+        .context("starting the VM")?;
+    let outcome = vm.wait();
+    bar.finish_and_clear();
+    let report = RunReport::new("seqsearch", &outcome, started.elapsed(), &sup.reports());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.demo_table(&cmdline, args.mem));
+    }
+    Ok(exit_code(&outcome))
+}
+
+fn inspect(file: &std::path::Path, json: bool) -> Result<ExitCode> {
+    let bytes = std::fs::metadata(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
+    let descriptor = Descriptor::load(file)?;
+    let summary = descriptor.summary(bytes as usize);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("{summary}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

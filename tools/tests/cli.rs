@@ -1,0 +1,120 @@
+//! `sf` end to end, as users run it (real /dev/kvm).
+
+use std::process::{Command, Output};
+
+fn sf(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sf"))
+        .args(args)
+        .output()
+        .expect("sf runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn run_prints_the_console_and_exits_with_the_guest_code() {
+    let out = sf(&["run", "hello", "--", "clones=3"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("hello from snowflock"), "{stdout}");
+    assert!(
+        stdout.contains("[clone 2]") || stdout.contains("child 2"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_failing_guest_makes_sf_fail() {
+    let out = sf(&["run", "fault", "--", "kind=ud2"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("invalid opcode"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_malformed_image_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.elf");
+    std::fs::write(&path, b"\x7fELF but not really").unwrap();
+    let out = sf(&["run", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("sf: error:") && stderr.contains("ELF"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn demo_prints_a_table_and_passes_its_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sf(&[
+        "demo",
+        "--clones",
+        "2",
+        "--ref-mib",
+        "16",
+        "--queries",
+        "2000",
+        "--mem",
+        "256M",
+        "--descriptor-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("result check: PASS"), "{stdout}");
+    assert!(stdout.contains("parent paused"), "{stdout}");
+
+    let saved: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+    assert_eq!(saved.len(), 1, "one clone point, one descriptor");
+    let file = saved[0].path();
+    let readable = sf(&["descriptor", "inspect", file.to_str().unwrap()]);
+    let readable_text = text(&readable.stdout);
+    assert!(readable.status.success(), "{}", text(&readable.stderr));
+    assert!(
+        readable_text.contains("rip=0x") && readable_text.contains("256 MiB"),
+        "{readable_text}"
+    );
+
+    let json = sf(&["descriptor", "inspect", "--json", file.to_str().unwrap()]);
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).expect("valid JSON");
+    assert_eq!(value["memory"]["bytes"], 256u64 << 20);
+    assert_eq!(value["kind"], "Clone");
+    assert_eq!(value["vcpu"]["cpl"], 3);
+}
+
+#[test]
+fn inspecting_a_corrupt_descriptor_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("corrupt.sfdesc");
+    std::fs::write(&path, b"SFLOCKD\0\x01\x00\x00\x00garbage-garbage").unwrap();
+    let out = sf(&["descriptor", "inspect", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("descriptor"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn run_json_reports_clone_operations() {
+    let out = sf(&["run", "hello", "--json", "--", "clones=2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(value["check_passed"], true);
+    assert_eq!(value["clone_operations"][0]["clones"], 2);
+    assert_eq!(
+        value["clone_operations"][0]["children"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
