@@ -10,4 +10,6 @@ cargo fmt --all -- --check
 (cd guest && cargo fmt --all -- --check)
 cargo clippy --workspace --all-targets --locked -- -D warnings
 (cd guest && cargo clippy --examples --features rt --release --locked -- -D warnings)
+(cd guest && cargo clippy --all-targets --locked -- -D warnings)
+(cd guest && cargo test --lib --locked)
 cargo test --workspace --locked

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use snowflock_guest::abi::{ChildStatus, errno};
+use snowflock_vmm::background::{Job, Worker, housekeeper};
 use snowflock_vmm::machine::{MachineConfig, MachineSnapshot, Request, Stop};
 use snowflock_vmm::memory::MemoryImage;
 use snowflock_vmm::{Hypervisor, Machine, MachineError, VcpuKicker};
@@ -102,6 +103,7 @@ pub enum SupervisorError {
 
 struct Shared {
     hv: Arc<dyn Hypervisor>,
+    launcher: Worker,
     config: SupervisorConfig,
     slots_in_use: Mutex<u32>,
     next_vm: AtomicU64,
@@ -205,6 +207,7 @@ impl Supervisor {
         Self {
             shared: Arc::new(Shared {
                 hv,
+                launcher: Worker::start("sf-launcher", false),
                 config,
                 slots_in_use: Mutex::new(0),
                 next_vm: AtomicU64::new(1),
@@ -336,15 +339,34 @@ struct Ticket {
 struct Spawned {
     started: Instant,
     report: CloneReport,
-    children: Vec<(Arc<ChildCell>, JoinHandle<()>)>,
+    children: Vec<Arc<ChildCell>>,
+    /// Starting the children on the launcher; yields their threads.
+    launcher: Option<Job<Vec<JoinHandle<()>>>>,
+    describer: Option<Described>,
     joined: bool,
+}
+
+/// The encoded size of a clone point's descriptor, or the thread computing it.
+enum Described {
+    Pending(Job<usize>),
+    Done(usize),
+}
+
+impl Described {
+    fn bytes(self) -> usize {
+        match self {
+            Self::Pending(job) => job.wait().unwrap_or(0),
+            Self::Done(bytes) => bytes,
+        }
+    }
 }
 
 struct Checkpoint {
     descriptor: Descriptor,
     image: Arc<MemoryImage>,
-    descriptor_bytes: usize,
     pause: Duration,
+    describer: Option<Job<usize>>,
+    descriptor_bytes: usize,
 }
 
 /// Per-VM state owned by the VM's thread.
@@ -378,6 +400,47 @@ fn unix_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// Fills in the descriptor's data page runs from the frozen image, encodes
+/// it and saves it if the configuration asks to. This walks the image's
+/// memfds, so clone paths run it off the parent's vCPU thread. Returns the
+/// completed descriptor and its encoded size.
+fn describe(
+    shared: &Shared,
+    mut descriptor: Descriptor,
+    image: &MemoryImage,
+) -> Result<(Descriptor, usize), String> {
+    descriptor
+        .machine
+        .describe_memory(image)
+        .map_err(|e| error_chain(&e))?;
+    let encoded = descriptor.encode().map_err(|e| error_chain(&e))?;
+    if let Some(dir) = &shared.config.descriptor_dir {
+        let path = dir.join(format!(
+            "vm{}-gen{}.sfdesc",
+            descriptor.parent_vm, descriptor.generation
+        ));
+        if let Err(e) = std::fs::write(&path, &encoded) {
+            tracing::warn!(path = %path.display(), "cannot save descriptor: {e}");
+        }
+    }
+    Ok((descriptor, encoded.len()))
+}
+
+fn describe_in_background(
+    shared: &Arc<Shared>,
+    descriptor: &Descriptor,
+    image: &Arc<MemoryImage>,
+) -> Job<usize> {
+    let (shared, descriptor, image) = (shared.clone(), descriptor.clone(), image.clone());
+    housekeeper().submit(move || match describe(&shared, descriptor, &image) {
+        Ok((_, bytes)) => bytes,
+        Err(e) => {
+            tracing::warn!("cannot describe the clone point: {e}");
+            0
+        }
+    })
+}
+
 impl VmContext {
     fn killed(&self) -> bool {
         self.kill.load(Ordering::Acquire)
@@ -389,7 +452,7 @@ impl VmContext {
         self.flush.flush();
         self.end_all_tickets();
         for (_, cp) in self.checkpoints.drain() {
-            drop(cp);
+            cp.describer.and_then(Job::wait);
         }
         drop(machine);
         if let VmOutcome::Failed(reason) = &outcome {
@@ -417,12 +480,11 @@ impl VmContext {
                 }
                 Stop::Exited(code) => return VmOutcome::Exited(code),
                 Stop::ChildExit(result) if self.is_clone => return VmOutcome::Result(result),
-                Stop::ChildExit(_) => {
-                    return VmOutcome::Failed(
-                        "exit(result) called by a VM that is not a clone".into(),
-                    );
+                Stop::ChildExit(_) => machine.reply(errno::encode(errno::EPERM), 0),
+                Stop::Paused => {
+                    self.serve_controls(machine);
+                    Ok(())
                 }
-                Stop::Paused => self.serve_controls(machine),
                 Stop::Request(request) => self.serve_request(machine, request, stopped_at),
             };
             if let Err(e) = result {
@@ -431,9 +493,9 @@ impl VmContext {
         }
     }
 
-    fn serve_controls(&mut self, machine: &mut Machine) -> Result<(), MachineError> {
+    fn serve_controls(&mut self, machine: &mut Machine) {
         let Some(requests) = &self.requests else {
-            return Ok(());
+            return;
         };
         let pending: Vec<Control> = requests.try_iter().collect();
         for control in pending {
@@ -441,20 +503,37 @@ impl VmContext {
                 Control::Capture(reply) => {
                     let captured = self
                         .capture(machine, CaptureKind::External)
-                        .map(|(d, image, _)| (d, image))
-                        .map_err(|e| error_chain(&e));
+                        .map_err(|e| error_chain(&e))
+                        .and_then(|(descriptor, image)| {
+                            describe(&self.shared, descriptor, &image).map(|(d, _)| (d, image))
+                        });
                     let _ = reply.send(captured);
                 }
             }
         }
-        Ok(())
     }
 
+    /// Answers control requests that cannot be served while the vCPU sits in
+    /// a blocking hypercall.
+    fn refuse_controls(&self, why: &str) {
+        if let Some(requests) = &self.requests {
+            for control in requests.try_iter() {
+                match control {
+                    Control::Capture(reply) => {
+                        let _ = reply.send(Err(why.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Captures the VM; the descriptor's data page runs are filled in later
+    /// by [`describe`].
     fn capture(
         &mut self,
         machine: &mut Machine,
         kind: CaptureKind,
-    ) -> Result<(Descriptor, Arc<MemoryImage>, usize), MachineError> {
+    ) -> Result<(Descriptor, Arc<MemoryImage>), MachineError> {
         let (snapshot, image) = machine.capture()?;
         self.generation += 1;
         let descriptor = Descriptor {
@@ -465,22 +544,7 @@ impl VmContext {
             captured_unix_ns: unix_ns(),
             machine: snapshot,
         };
-        let bytes = match descriptor.encode() {
-            Ok(encoded) => {
-                if let Some(dir) = &self.shared.config.descriptor_dir {
-                    let path = dir.join(format!("vm{}-gen{}.sfdesc", self.vm, self.generation));
-                    if let Err(e) = std::fs::write(&path, &encoded) {
-                        tracing::warn!(path = %path.display(), "cannot save descriptor: {e}");
-                    }
-                }
-                encoded.len()
-            }
-            Err(e) => {
-                tracing::warn!("descriptor does not encode: {e}");
-                0
-            }
-        };
-        Ok((descriptor, image, bytes))
+        Ok((descriptor, image))
     }
 
     fn serve_request(
@@ -509,27 +573,35 @@ impl VmContext {
                     Err(code) => return machine.reply(errno::encode(code), 0),
                 };
                 if granted == 0 {
-                    self.mark_spawned(ticket, stopped_at, CaptureKind::Clone, 0, Vec::new());
+                    self.mark_spawned(ticket, stopped_at, CaptureKind::Clone, None);
                     return machine.reply(0, 0);
                 }
-                let (descriptor, image, bytes) = self.capture(machine, CaptureKind::Clone)?;
-                let children = self.spawn_children(&descriptor, &image, granted, 0);
-                self.mark_spawned(ticket, stopped_at, CaptureKind::Clone, bytes, children);
+                let (descriptor, image) = self.capture(machine, CaptureKind::Clone)?;
+                let describer =
+                    Described::Pending(describe_in_background(&self.shared, &descriptor, &image));
                 machine.reply(0, 0)?;
-                self.finish_pause(ticket, stopped_at);
+                let launch = self.spawn_children(&descriptor, image, granted, 0);
+                self.mark_spawned(
+                    ticket,
+                    stopped_at,
+                    CaptureKind::Clone,
+                    Some((launch, describer)),
+                );
+                self.set_pause(ticket, stopped_at.elapsed());
                 Ok(())
             }
             Request::Checkpoint => {
-                let (descriptor, image, descriptor_bytes) =
-                    self.capture(machine, CaptureKind::Checkpoint)?;
+                let (descriptor, image) = self.capture(machine, CaptureKind::Checkpoint)?;
+                let describer = Some(describe_in_background(&self.shared, &descriptor, &image));
                 let id = self.shared.fresh_id();
                 self.checkpoints.insert(
                     id,
                     Checkpoint {
                         descriptor,
                         image,
-                        descriptor_bytes,
                         pause: stopped_at.elapsed(),
+                        describer,
+                        descriptor_bytes: 0,
                     },
                 );
                 machine.reply(0, id)
@@ -542,22 +614,27 @@ impl VmContext {
                     Ok(granted) => granted,
                     Err(code) => return machine.reply(errno::encode(code), 0),
                 };
-                let cp = &self.checkpoints[&checkpoint];
-                let (descriptor, image, bytes, pause) = (
+                let cp = self
+                    .checkpoints
+                    .get_mut(&checkpoint)
+                    .expect("checked above");
+                if let Some(bytes) = cp.describer.take().and_then(Job::wait) {
+                    cp.descriptor_bytes = bytes;
+                }
+                let (descriptor, image, pause, bytes) = (
                     cp.descriptor.clone(),
                     cp.image.clone(),
-                    cp.descriptor_bytes,
                     cp.pause,
+                    cp.descriptor_bytes,
                 );
-                let children = self.spawn_children(&descriptor, &image, granted, checkpoint);
-                self.mark_spawned(ticket, stopped_at, CaptureKind::Checkpoint, bytes, children);
-                if let Some(spawned) = self
-                    .tickets
-                    .get_mut(&ticket)
-                    .and_then(|t| t.spawned.as_mut())
-                {
-                    spawned.report.capture_pause = pause;
-                }
+                let launch = self.spawn_children(&descriptor, image, granted, checkpoint);
+                self.mark_spawned(
+                    ticket,
+                    stopped_at,
+                    CaptureKind::Checkpoint,
+                    Some((launch, Described::Done(bytes))),
+                );
+                self.set_pause(ticket, pause);
                 machine.reply(0, 0)
             }
             Request::Join { ticket } => match self.join(ticket) {
@@ -570,27 +647,27 @@ impl VmContext {
                 child,
                 capacity: _,
             } => match self.child_outcome(ticket, child) {
-                Some(VmOutcome::Result(bytes)) => {
+                Ok(VmOutcome::Result(bytes)) => {
                     machine.reply_child_result(ChildStatus::Exited as u64, &bytes)
                 }
-                Some(VmOutcome::Exited(code)) => machine.reply_child_result(
+                Ok(VmOutcome::Exited(code)) => machine.reply_child_result(
                     ChildStatus::Failed as u64,
                     format!("exited with code {code}").as_bytes(),
                 ),
-                Some(VmOutcome::Failed(reason)) => {
+                Ok(VmOutcome::Failed(reason)) => {
                     machine.reply_child_result(ChildStatus::Failed as u64, reason.as_bytes())
                 }
-                Some(VmOutcome::Killed) => {
+                Ok(VmOutcome::Killed) => {
                     machine.reply_child_result(ChildStatus::Killed as u64, b"killed")
                 }
-                None => machine.reply(errno::encode(errno::ENOENT), 0),
+                Err(code) => machine.reply(errno::encode(code), 0),
             },
             Request::Kill { ticket } => {
                 let Some(spawned) = self.tickets.get(&ticket).and_then(|t| t.spawned.as_ref())
                 else {
                     return machine.reply(errno::encode(errno::ENOENT), 0);
                 };
-                let killed = spawned.children.iter().filter(|(c, _)| c.kill()).count();
+                let killed = spawned.children.iter().filter(|c| c.kill()).count();
                 machine.reply(killed as u64, 0)
             }
         }
@@ -610,14 +687,17 @@ impl VmContext {
         ticket: u64,
         started: Instant,
         kind: CaptureKind,
-        descriptor_bytes: usize,
-        children: Vec<(Arc<ChildCell>, JoinHandle<()>)>,
+        launched: Option<(Launch, Described)>,
     ) {
         let vm = self.vm;
         let t = self
             .tickets
             .get_mut(&ticket)
             .expect("ticket checked by caller");
+        let (children, launcher, describer) = match launched {
+            Some((launch, describer)) => (launch.cells, Some(launch.thread), Some(describer)),
+            None => (Vec::new(), None, None),
+        };
         // Each child now owns one slot and returns it when it ends.
         t.unused_slots -= children.len() as u32;
         t.spawned = Some(Spawned {
@@ -628,67 +708,79 @@ impl VmContext {
                 kind,
                 clones: children.len() as u32,
                 capture_pause: Duration::ZERO,
-                descriptor_bytes,
+                descriptor_bytes: 0,
                 all_running: None,
                 children: Vec::new(),
             },
             children,
+            launcher,
+            describer,
             joined: false,
         });
     }
 
-    fn finish_pause(&mut self, ticket: u64, stopped_at: Instant) {
+    fn set_pause(&mut self, ticket: u64, pause: Duration) {
         if let Some(spawned) = self
             .tickets
             .get_mut(&ticket)
             .and_then(|t| t.spawned.as_mut())
         {
-            spawned.report.capture_pause = stopped_at.elapsed();
+            spawned.report.capture_pause = pause;
         }
     }
 
+    /// Starts `count` children from `descriptor`. The supervisor's launcher
+    /// thread creates the children's threads, so the parent's pause neither
+    /// grows with the number of clones nor waits to create a thread.
     fn spawn_children(
         &self,
         descriptor: &Descriptor,
-        image: &Arc<MemoryImage>,
+        image: Arc<MemoryImage>,
         count: u32,
         checkpoint: u64,
-    ) -> Vec<(Arc<ChildCell>, JoinHandle<()>)> {
+    ) -> Launch {
         let snapshot = Arc::new(descriptor.machine.clone());
-        (1..=count)
+        let starts: Vec<ChildStart> = (1..=count)
             .map(|id| {
                 let vm = self.shared.next_vm.fetch_add(1, Ordering::Relaxed);
-                let cell = Arc::new(ChildCell {
-                    id,
-                    vm,
-                    kill: Arc::new(AtomicBool::new(false)),
-                    kicker: Mutex::new(None),
-                    first_run: Mutex::new(None),
-                    restore: Mutex::new(Duration::ZERO),
-                    end: Mutex::new(None),
-                    done: Condvar::new(),
-                });
                 let label = if self.label.is_empty() {
                     format!("clone {id}")
                 } else {
                     format!("{}.{id}", self.label)
                 };
-                let child = ChildStart {
+                ChildStart {
                     shared: self.shared.clone(),
-                    cell: cell.clone(),
+                    cell: Arc::new(ChildCell {
+                        id,
+                        vm,
+                        kill: Arc::new(AtomicBool::new(false)),
+                        kicker: Mutex::new(None),
+                        first_run: Mutex::new(None),
+                        restore: Mutex::new(Duration::ZERO),
+                        end: Mutex::new(None),
+                        done: Condvar::new(),
+                    }),
                     snapshot: snapshot.clone(),
                     image: image.clone(),
                     label,
                     checkpoint,
                     generation: descriptor.generation,
-                };
-                let thread = std::thread::Builder::new()
-                    .name(format!("vm{vm}"))
-                    .spawn(move || child.run())
-                    .expect("spawning a clone thread");
-                (cell, thread)
+                }
             })
-            .collect()
+            .collect();
+        let cells = starts.iter().map(|c| c.cell.clone()).collect();
+        let thread = self.shared.launcher.submit(move || {
+            starts
+                .into_iter()
+                .map(|child| {
+                    std::thread::Builder::new()
+                        .name(format!("vm{}", child.cell.vm))
+                        .spawn(move || child.run())
+                        .expect("spawning a clone thread")
+                })
+                .collect()
+        });
+        Launch { cells, thread }
     }
 
     /// Waits for every child of `ticket`; returns how many there were.
@@ -696,13 +788,14 @@ impl VmContext {
         let Some(spawned) = self.tickets.get(&ticket).and_then(|t| t.spawned.as_ref()) else {
             return Err(JoinError::Errno(errno::ENOENT));
         };
-        let cells: Vec<Arc<ChildCell>> = spawned.children.iter().map(|(c, _)| c.clone()).collect();
+        let cells = spawned.children.clone();
         for cell in &cells {
             let mut end = cell.end.lock().unwrap_or_else(|p| p.into_inner());
             while end.is_none() {
                 if self.killed() {
                     return Err(JoinError::Killed);
                 }
+                self.refuse_controls("the VM is waiting in join");
                 end = cell
                     .done
                     .wait_timeout(end, WAIT_SLICE)
@@ -728,9 +821,17 @@ impl VmContext {
             return;
         }
         spawned.joined = true;
-        let mut last_start = None;
-        for (cell, thread) in spawned.children.drain(..) {
+        for thread in spawned
+            .launcher
+            .take()
+            .and_then(Job::wait)
+            .unwrap_or_default()
+        {
             let _ = thread.join();
+        }
+        spawned.report.descriptor_bytes = spawned.describer.take().map_or(0, Described::bytes);
+        let mut last_start = None;
+        for cell in &spawned.children {
             let first_run = *cell.first_run.lock().unwrap_or_else(|p| p.into_inner());
             last_start = last_start.max(first_run);
             let (outcome, runtime) = cell
@@ -755,31 +856,48 @@ impl VmContext {
             .push(spawned.report.clone());
     }
 
-    fn child_outcome(&self, ticket: u64, child: u32) -> Option<VmOutcome> {
-        let spawned = self.tickets.get(&ticket)?.spawned.as_ref()?;
+    /// A joined child's outcome; `EBUSY` while the ticket's children have not
+    /// been joined, `ENOENT` for an unknown ticket or child.
+    fn child_outcome(&self, ticket: u64, child: u32) -> Result<VmOutcome, u64> {
+        let Some(spawned) = self.tickets.get(&ticket).and_then(|t| t.spawned.as_ref()) else {
+            return Err(errno::ENOENT);
+        };
+        if child == 0 || child > spawned.report.clones {
+            return Err(errno::ENOENT);
+        }
+        if !spawned.joined {
+            return Err(errno::EBUSY);
+        }
         spawned
             .report
             .children
             .iter()
             .find(|c| c.id == child)
             .map(|c| c.outcome.clone())
+            .ok_or(errno::ENOENT)
     }
 
     /// At VM end: kill what still runs, wait for it, release every slot.
     fn end_all_tickets(&mut self) {
-        let ids: Vec<u64> = self.tickets.keys().copied().collect();
-        for id in &ids {
-            if let Some(spawned) = self.tickets[id].spawned.as_ref() {
-                for (cell, _) in &spawned.children {
+        for ticket in self.tickets.values() {
+            if let Some(spawned) = &ticket.spawned {
+                for cell in &spawned.children {
                     cell.kill();
                 }
             }
         }
+        let ids: Vec<u64> = self.tickets.keys().copied().collect();
         for id in ids {
             self.finish_ticket(id);
         }
         self.tickets.clear();
     }
+}
+
+/// Children being started: their cells now, their threads from the launcher.
+struct Launch {
+    cells: Vec<Arc<ChildCell>>,
+    thread: Job<Vec<JoinHandle<()>>>,
 }
 
 enum JoinError {

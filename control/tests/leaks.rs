@@ -12,15 +12,23 @@ fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).unwrap().count()
 }
 
-fn maps() -> usize {
+/// Mappings of guest memory and of KVM objects (vCPU run pages). Other
+/// mappings (malloc arenas, glibc's cache of thread stacks) are the C
+/// library's to keep.
+fn vm_mappings() -> usize {
     std::fs::read_to_string("/proc/self/maps")
         .unwrap()
         .lines()
+        .filter(|l| l.contains("memfd:") || l.contains("kvm"))
         .count()
 }
 
 fn snapshot() -> (usize, usize, usize) {
-    (count("/proc/self/fd"), maps(), count("/proc/self/task"))
+    (
+        count("/proc/self/fd"),
+        vm_mappings(),
+        count("/proc/self/task"),
+    )
 }
 
 #[test]
@@ -43,6 +51,16 @@ fn clone_kill_and_failure_release_every_resource() {
             lines.all()
         );
     }
+    // The probe sees a running VM's memory and vCPU, so a leak would show.
+    let running = sup
+        .launch(common::image("spin"), common::MEM, "")
+        .expect("spin starts");
+    assert!(
+        vm_mappings() >= 2,
+        "guest memory and kvm_run are mapped while a VM runs"
+    );
+    running.kill();
+    assert_eq!(running.wait(), VmOutcome::Killed);
     assert_eq!(sup.slots_in_use(), 0);
     // Thread exit is asynchronous to join's return; allow it a bounded moment.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -51,5 +69,6 @@ fn clone_kill_and_failure_release_every_resource() {
         std::thread::sleep(Duration::from_millis(20));
         after = snapshot();
     }
-    assert_eq!(after, before, "(fds, mappings, threads) before vs after");
+    assert_eq!(after, before, "(fds, VM mappings, threads) before vs after");
+    assert_eq!(before.1, 0, "no VM is mapped between runs");
 }

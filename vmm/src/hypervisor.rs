@@ -30,8 +30,6 @@ pub trait Vm: Send + std::fmt::Debug {
         host_addr: *mut u8,
         len: u64,
     ) -> Result<(), HypervisorError>;
-    /// Removes a memory slot.
-    fn unmap_memory(&mut self, slot: u32) -> Result<(), HypervisorError>;
     /// Creates vCPU `id`, configured with the host's supported CPUID.
     fn create_vcpu(&mut self, id: u8) -> Result<Box<dyn Vcpu>, HypervisorError>;
     /// Saves VM-level device state (clock, interrupt controller).

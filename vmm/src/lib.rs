@@ -17,6 +17,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod background;
 pub mod boot;
 pub mod hypercall;
 pub mod hypervisor;

@@ -66,7 +66,8 @@ pub fn stdout_console() -> ConsoleSink {
 pub enum Stop {
     /// The guest called `EXIT` with this code.
     Exited(i32),
-    /// A clone called `CHILD_EXIT` with this result.
+    /// The guest called `CHILD_EXIT` with this result. A clone ends here; for
+    /// any other VM the caller replies (with `-EPERM`) and runs it again.
     ChildExit(Vec<u8>),
     /// The guest needs the control plane; answer before running again.
     Request(Request),
@@ -152,8 +153,19 @@ pub struct MachineSnapshot {
     pub tsc_khz: Option<u64>,
     pub vcpu: VcpuState,
     pub vm: VmState,
-    /// Pages holding data; every other page is zero.
+    /// Pages holding data; every other page is zero. Empty until
+    /// [`MachineSnapshot::describe_memory`] fills it in.
     pub data_pages: PageRuns,
+}
+
+impl MachineSnapshot {
+    /// Records which pages of `image` hold data. This walks the image's
+    /// memfds (about 10 ms for 500 MiB of data), so it is separate from the
+    /// capture, which keeps the VM paused.
+    pub fn describe_memory(&mut self, image: &MemoryImage) -> Result<(), MemoryError> {
+        self.data_pages = PageRuns::from_bitmap(&image.data_pages()?);
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,15 +184,15 @@ pub struct Machine {
     pending: Option<Pending>,
     hypervisor: &'static str,
     tsc_khz: Option<u64>,
-    /// Threads unmapping memory this VM no longer uses; joined on drop so
-    /// that a dropped Machine has released everything.
-    retiring: Vec<std::thread::JoinHandle<()>>,
+    /// Unmapping of memory this VM no longer uses, on the housekeeper;
+    /// awaited on drop so that a dropped Machine has released everything.
+    retiring: Vec<crate::background::Job<()>>,
 }
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        for thread in self.retiring.drain(..) {
-            let _ = thread.join();
+        for job in self.retiring.drain(..) {
+            job.wait();
         }
     }
 }
@@ -242,10 +254,12 @@ impl Machine {
         console: ConsoleSink,
     ) -> Result<Self, MachineError> {
         let layout = GuestLayout::new(memory.size())?;
+        // Started now so that no clone point has to create its thread.
+        crate::background::housekeeper();
         let mut vm = hv.create_vm()?;
         // SAFETY: the mapping belongs to `memory`, which the Machine owns
-        // alongside `vm`; `refreeze_slot` re-points the slot before a mapping
-        // is retired, and fields drop in declaration order (vm first).
+        // alongside `vm`; freezing keeps the mapping's address, and fields
+        // drop in declaration order (vm first).
         unsafe { vm.map_memory(MEMORY_SLOT, 0, memory.host_addr(), memory.size())? };
         let vcpu = vm.create_vcpu(0)?;
         Ok(Self {
@@ -309,30 +323,33 @@ impl Machine {
     /// Captures the VM for cloning: complete vCPU and VM state, and its
     /// memory frozen into an image that this VM also continues on. The vCPU
     /// must be stopped (between runs), e.g. at a request or after a pause.
+    /// The snapshot's data page runs are left for
+    /// [`MachineSnapshot::describe_memory`].
     pub fn capture(&mut self) -> Result<(MachineSnapshot, Arc<MemoryImage>), MachineError> {
+        let started = Instant::now();
         let vcpu = self.vcpu.save_state()?;
         let vm = self.vm.save_state()?;
+        let saved = started.elapsed();
         let frozen = self.memory.freeze()?;
-        self.vm.unmap_memory(MEMORY_SLOT)?;
-        // SAFETY: the new mapping belongs to `self.memory` (see `assemble`).
-        unsafe {
-            self.vm
-                .map_memory(MEMORY_SLOT, 0, self.memory.host_addr(), self.memory.size())?
-        };
+        let froze = started.elapsed();
         // Unmapping a large populated range takes milliseconds; the parent
         // need not wait for it.
         let retired = frozen.retired;
-        self.retiring.retain(|t| !t.is_finished());
+        self.retiring.retain(|job| !job.is_finished());
         self.retiring
-            .push(std::thread::spawn(move || drop(retired)));
-        let data_pages = PageRuns::from_bitmap(&frozen.image.data_pages()?);
+            .push(crate::background::housekeeper().submit(move || retired.unmap_gradually()));
+        tracing::debug!(
+            save_us = saved.as_micros() as u64,
+            freeze_us = (froze - saved).as_micros() as u64,
+            "captured"
+        );
         let snapshot = MachineSnapshot {
             hypervisor: self.hypervisor.to_string(),
             mem_size: self.memory.size(),
             tsc_khz: self.tsc_khz,
             vcpu,
             vm,
-            data_pages,
+            data_pages: PageRuns::default(),
         };
         Ok((snapshot, frozen.image))
     }
@@ -406,6 +423,8 @@ impl Machine {
             }
             Hypercall::Exit { code } => return Ok(Some(Stop::Exited(code))),
             Hypercall::ChildExit { result } => {
+                // A VM that is not a clone gets an error reply instead of ending.
+                self.pending = Some(Pending::Reply);
                 return Ok(Some(Stop::ChildExit(self.read_range(result)?)));
             }
             Hypercall::Panic { report } => return Err(self.guest_panic(report, regs.rip)),

@@ -49,19 +49,6 @@ impl Vm for KvmVm {
             .map_err(|e| ioctl("KVM_SET_USER_MEMORY_REGION", e))
     }
 
-    fn unmap_memory(&mut self, slot: u32) -> Result<(), HypervisorError> {
-        let region = kvm_userspace_memory_region {
-            slot,
-            guest_phys_addr: 0,
-            memory_size: 0,
-            userspace_addr: 0,
-            flags: 0,
-        };
-        // SAFETY: a zero-sized region deletes the slot; KVM keeps no pointer.
-        unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(|e| ioctl("KVM_SET_USER_MEMORY_REGION (delete)", e))
-    }
-
     fn create_vcpu(&mut self, id: u8) -> Result<Box<dyn Vcpu>, HypervisorError> {
         Ok(Box::new(KvmVcpu::new(&self.fd, id, self.caps.clone())?))
     }

@@ -1,4 +1,6 @@
 //! Shared helpers for the control-plane integration tests (real /dev/kvm).
+// Each test binary compiles this module and uses a different subset of it.
+#![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
 
@@ -9,7 +11,7 @@ use snowflock_vmm::KvmHypervisor;
 pub const MEM: u64 = 128 << 20;
 
 /// Console lines seen, as (label, line).
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug)]
 pub struct Lines(Arc<Mutex<Vec<(String, String)>>>);
 
 impl Lines {

@@ -1,0 +1,53 @@
+//! touch: dirties `mib` MiB of heap, then clones; children read a few bytes
+//! and exit at once with an empty result. For the clone-local benchmark.
+//!
+//! Args `mib` (default 64), `clones` (default 1). Prints
+//! `touch: mib=.. clones=.. granted=.. clone_ms=.. join_ms=..`; exits 0 iff
+//! every child exited normally.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use core::hint::black_box;
+use snowflock_guest::args::{arg_u32, arg_u64};
+use snowflock_guest::time::{Millis, now_ns};
+use snowflock_guest::{Fork, clone, exit, join, println, request_ticket};
+
+snowflock_guest::entry!(main);
+
+fn main() -> i32 {
+    let mib = arg_u64("mib", 64) as usize;
+    let clones = arg_u32("clones", 1);
+    let mut buf = alloc::vec![0u8; (mib << 20).max(1)];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i >> 12) as u8 ^ 0x5a;
+    }
+    let ticket = request_ticket(clones).expect("request_ticket");
+    let t0 = now_ns();
+    if let Fork::Child(_) = clone(&ticket).expect("clone") {
+        let len = buf.len();
+        black_box((buf[0], buf[len / 2], buf[len - 1]));
+        exit(&[]);
+    }
+    let t1 = now_ns();
+    let outcomes = join(&ticket).expect("join");
+    let t2 = now_ns();
+    let ok = outcomes.len() == ticket.granted() as usize
+        && outcomes
+            .iter()
+            .all(|c| c.result.as_ref().is_ok_and(|r| r.is_empty()));
+    for c in &outcomes {
+        if let Err(failure) = &c.result {
+            println!("touch: child {}: {failure}", c.id);
+        }
+    }
+    println!(
+        "touch: mib={mib} clones={clones} granted={} clone_ms={} join_ms={} {}",
+        ticket.granted(),
+        Millis(t1 - t0),
+        Millis(t2 - t1),
+        if ok { "ok" } else { "FAILED" }
+    );
+    if ok { 0 } else { 1 }
+}
