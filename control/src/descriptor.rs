@@ -19,6 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 use snowflock_vmm::boot::GuestLayout;
+use snowflock_vmm::hypervisor::{VcpuSummary, VmSummary};
 use snowflock_vmm::machine::MachineSnapshot;
 use snowflock_vmm::memory::PAGE_SIZE;
 
@@ -196,9 +197,6 @@ impl Descriptor {
         let m = &self.machine;
         let total = m.mem_size / PAGE_SIZE;
         let data = m.data_pages.pages();
-        let regs = m.vcpu.regs();
-        let snowflock_vmm::VcpuState::Kvm(kvm) = &m.vcpu;
-        let snowflock_vmm::VmState::Kvm(vm) = &m.vm;
         Summary {
             format_version: FORMAT_VERSION,
             encoded_bytes,
@@ -216,34 +214,8 @@ impl Descriptor {
                 zero_pages: total - data,
                 data_runs: m.data_pages.runs().len(),
             },
-            vcpu: VcpuSummary {
-                rip: regs.rip,
-                rsp: regs.rsp,
-                rflags: regs.rflags,
-                rax: regs.rax,
-                cr0: kvm.sregs.cr0,
-                cr3: kvm.sregs.cr3,
-                cr4: kvm.sregs.cr4,
-                efer: kvm.sregs.efer,
-                cs_selector: kvm.sregs.cs.selector,
-                cpl: kvm.sregs.cs.selector & 3,
-                xcr0: kvm
-                    .xcrs
-                    .xcrs
-                    .iter()
-                    .take(kvm.xcrs.nr_xcrs as usize)
-                    .find(|x| x.xcr == 0)
-                    .map(|x| x.value),
-                mp_state: kvm.mp_state.mp_state,
-                msrs: kvm.msrs.len(),
-                cpuid_entries: kvm.cpuid.len(),
-                pending_exception: kvm.vcpu_events.exception.pending != 0
-                    || kvm.vcpu_events.exception.injected != 0,
-            },
-            vm: VmSummary {
-                clock_ns: vm.clock.clock,
-                irqchips: vm.irqchips.len(),
-            },
+            vcpu: m.vcpu.summary(),
+            vm: m.vm.summary(),
         }
     }
 }
@@ -274,33 +246,6 @@ pub struct MemorySummary {
     pub data_pages: u64,
     pub zero_pages: u64,
     pub data_runs: usize,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[allow(missing_docs)]
-pub struct VcpuSummary {
-    pub rip: u64,
-    pub rsp: u64,
-    pub rflags: u64,
-    pub rax: u64,
-    pub cr0: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub efer: u64,
-    pub cs_selector: u16,
-    pub cpl: u16,
-    pub xcr0: Option<u64>,
-    pub mp_state: u32,
-    pub msrs: usize,
-    pub cpuid_entries: usize,
-    pub pending_exception: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[allow(missing_docs)]
-pub struct VmSummary {
-    pub clock_ns: u64,
-    pub irqchips: usize,
 }
 
 impl std::fmt::Display for Summary {

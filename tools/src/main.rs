@@ -198,11 +198,23 @@ fn exit_code(outcome: &VmOutcome) -> ExitCode {
     }
 }
 
+/// A spinner on stderr with the elapsed time (hidden when stderr is not a terminal).
+fn spinner(message: String) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").expect("static template"),
+    );
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
 fn run(args: RunArgs) -> Result<ExitCode> {
     let image = load_image(&args.image)?;
+    let bar = spinner(format!("running {}", args.image));
     let sup = supervisor(
         args.clone_limit,
-        console_lines(args.json, None),
+        console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
     )?;
     let started = Instant::now();
@@ -210,6 +222,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         .launch(&image, args.mem, &args.guest_args.join(" "))
         .context("starting the VM")?;
     let outcome = vm.wait();
+    bar.finish_and_clear();
     let report = RunReport::new(&args.image, &outcome, started.elapsed(), &sup.reports());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -222,15 +235,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 fn demo(args: DemoArgs) -> Result<ExitCode> {
     let image = snowflock_guest::images::by_name("seqsearch")
         .context("the seqsearch example is not embedded in this build")?;
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").expect("static template"),
-    );
-    bar.set_message(format!(
+    let bar = spinner(format!(
         "building a {} MiB reference, then cloning {} workers",
         args.ref_mib, args.clones
     ));
-    bar.enable_steady_tick(Duration::from_millis(100));
     let sup = supervisor(
         args.clones,
         console_lines(args.json, Some(bar.clone())),

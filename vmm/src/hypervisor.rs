@@ -157,21 +157,52 @@ pub enum VmState {
 }
 
 impl VcpuState {
-    /// The general-purpose registers inside the saved state.
-    pub fn regs(&self) -> Regs {
-        match self {
+    /// The parts of the state an operator looks at.
+    pub fn summary(&self) -> VcpuSummary {
+        match *self {
             #[cfg(feature = "kvm")]
-            Self::Kvm(state) => crate::kvm::regs_from_kvm(&state.regs),
+            Self::Kvm(ref state) => state.summary(),
         }
     }
+}
 
-    /// Replaces the general-purpose registers inside the saved state.
-    pub fn set_regs(&mut self, regs: &Regs) {
-        match self {
+impl VmState {
+    /// The parts of the state an operator looks at.
+    pub fn summary(&self) -> VmSummary {
+        match *self {
             #[cfg(feature = "kvm")]
-            Self::Kvm(state) => state.regs = crate::kvm::regs_to_kvm(regs),
+            Self::Kvm(ref state) => state.summary(),
         }
     }
+}
+
+/// A readable digest of a saved vCPU.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Serialize)]
+pub struct VcpuSummary {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub rax: u64,
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub cs_selector: u16,
+    pub cpl: u16,
+    pub xcr0: Option<u64>,
+    pub mp_state: u32,
+    pub msrs: usize,
+    pub cpuid_entries: usize,
+    pub pending_exception: bool,
+}
+
+/// A readable digest of saved VM-level state.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Serialize)]
+pub struct VmSummary {
+    pub clock_ns: u64,
+    pub irqchips: usize,
 }
 
 /// Failure of a hypervisor operation.

@@ -11,7 +11,6 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 use kvm_ioctls::{Cap, Kvm};
 
 pub use state::{KvmVcpuState, KvmVmState};
-pub(crate) use state::{regs_from_kvm, regs_to_kvm};
 
 use crate::hypervisor::{Hypervisor, HypervisorError, Vm};
 

@@ -9,7 +9,7 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
 use super::ioctl;
-use crate::hypervisor::{HypervisorError, Regs, StateError};
+use crate::hypervisor::{HypervisorError, Regs, StateError, VcpuSummary, VmSummary};
 
 /// Largest MSR batch KVM accepts in one `KVM_GET_MSRS`.
 const MSR_BATCH: usize = 255;
@@ -35,6 +35,45 @@ pub struct KvmVcpuState {
 pub struct KvmVmState {
     pub clock: kvm_clock_data,
     pub irqchips: Vec<kvm_irqchip>,
+}
+
+impl KvmVcpuState {
+    pub(crate) fn summary(&self) -> VcpuSummary {
+        let s = &self.sregs;
+        VcpuSummary {
+            rip: self.regs.rip,
+            rsp: self.regs.rsp,
+            rflags: self.regs.rflags,
+            rax: self.regs.rax,
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+            cs_selector: s.cs.selector,
+            cpl: s.cs.selector & 3,
+            xcr0: self
+                .xcrs
+                .xcrs
+                .iter()
+                .take(self.xcrs.nr_xcrs as usize)
+                .find(|x| x.xcr == 0)
+                .map(|x| x.value),
+            mp_state: self.mp_state.mp_state,
+            msrs: self.msrs.len(),
+            cpuid_entries: self.cpuid.len(),
+            pending_exception: self.vcpu_events.exception.pending != 0
+                || self.vcpu_events.exception.injected != 0,
+        }
+    }
+}
+
+impl KvmVmState {
+    pub(crate) fn summary(&self) -> VmSummary {
+        VmSummary {
+            clock_ns: self.clock.clock,
+            irqchips: self.irqchips.len(),
+        }
+    }
 }
 
 pub(super) fn save_vcpu(fd: &VcpuFd, msr_indices: &[u32]) -> Result<KvmVcpuState, StateError> {
@@ -159,7 +198,7 @@ pub(super) fn probe_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<u32>, HypervisorE
     Ok(usable)
 }
 
-pub(crate) fn regs_from_kvm(r: &kvm_regs) -> Regs {
+pub(super) fn regs_from_kvm(r: &kvm_regs) -> Regs {
     Regs {
         rax: r.rax,
         rbx: r.rbx,
@@ -182,7 +221,7 @@ pub(crate) fn regs_from_kvm(r: &kvm_regs) -> Regs {
     }
 }
 
-pub(crate) fn regs_to_kvm(r: &Regs) -> kvm_regs {
+pub(super) fn regs_to_kvm(r: &Regs) -> kvm_regs {
     kvm_regs {
         rax: r.rax,
         rbx: r.rbx,
