@@ -24,6 +24,7 @@
 
 pub mod console;
 pub mod descriptor;
+pub mod size;
 pub mod supervisor;
 
 pub use descriptor::{CaptureKind, Descriptor, DescriptorError};

@@ -1,7 +1,6 @@
 //! `sf`: run flock images, watch them clone, inspect descriptors.
 
 mod report;
-mod size;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,7 +15,7 @@ use snowflock_control::{Descriptor, Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_vmm::KvmHypervisor;
 
 use crate::report::RunReport;
-use crate::size::parse_size;
+use snowflock_control::size::parse_size;
 
 #[derive(Debug, Parser)]
 #[command(

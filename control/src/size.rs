@@ -1,4 +1,4 @@
-//! Memory sizes on the command line: `512M`, `1G`, `1GiB`, `4096` (bytes).
+//! Sizes in configuration and on the command line: `512M`, `1G`, `1GiB`, `4096` (bytes).
 
 /// Parses a size with an optional K/M/G/T suffix (binary units).
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -31,6 +31,7 @@ mod tests {
         assert_eq!(parse_size("512M"), Ok(512 << 20));
         assert_eq!(parse_size("1G"), Ok(1 << 30));
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size(" 256 mb "), Ok(256 << 20));
         assert!(parse_size("1X").is_err());
         assert!(parse_size("G").is_err());
         assert!(parse_size("99999999999T").is_err());

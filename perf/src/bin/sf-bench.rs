@@ -1,0 +1,92 @@
+//! `sf-bench`: runs a snowflock benchmark scenario on this host.
+//!
+//! Results go to stdout as JSON lines (the benchmark output contract in
+//! DESIGN.md); progress and errors go to stderr.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use snowflock_control::size::parse_size;
+use snowflock_perf::clone_local;
+use snowflock_perf::record::JsonLines;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sf-bench",
+    version,
+    about = "snowflock benchmarks (JSON lines on stdout)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Clone a VM with built-up state N times on this host; baseline: boot N
+    /// fresh VMs and build the same state.
+    CloneLocal(CloneLocal),
+}
+
+#[derive(Debug, Args)]
+struct CloneLocal {
+    /// Clone counts to measure (repeatable or comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32])]
+    clones: Vec<u32>,
+    /// Guest memory of every VM (e.g. 512M, 1G).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    mem: u64,
+    /// Memory the parent writes before it clones (whole MiB).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    touch: u64,
+    /// Measured runs per clone count; the figures are their medians.
+    #[arg(long, default_value_t = 5)]
+    runs: u32,
+    /// Unreported runs per clone count before the measured ones.
+    #[arg(long, default_value_t = 1)]
+    warmup: u32,
+    /// Skip the cold-start baseline (and the speedup ratio).
+    #[arg(long)]
+    no_baseline: bool,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line; a backtrace says nothing to a
+            // user who chose bad options or whose guest failed.
+            eprintln!("sf-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    // Warnings of the control plane (e.g. a failed VM) go to stderr with the progress.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let mut out = JsonLines(std::io::stdout().lock());
+    match cli.scenario {
+        Scenario::CloneLocal(args) => {
+            let config = clone_local::Config {
+                clones: args.clones,
+                mem: args.mem,
+                touch: args.touch,
+                runs: args.runs,
+                warmup: args.warmup,
+                baseline: !args.no_baseline,
+            };
+            clone_local::run(&config, &mut out)?;
+        }
+    }
+    out.0.flush().context("writing results")
+}
