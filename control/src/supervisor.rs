@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use snowflock_guest::abi::{ChildStatus, errno};
 use snowflock_vmm::background::{Job, Worker, housekeeper};
-use snowflock_vmm::machine::{MachineConfig, MachineSnapshot, Request, Stop};
+use snowflock_vmm::machine::{MachineConfig, MachineSnapshot, PreparedVm, Request, Stop};
 use snowflock_vmm::memory::MemoryImage;
 use snowflock_vmm::{Hypervisor, Machine, MachineError, VcpuKicker};
 
@@ -27,6 +27,8 @@ use crate::descriptor::{CaptureKind, Descriptor};
 const WAIT_SLICE: Duration = Duration::from_millis(20);
 /// Longest an external capture waits for the VM thread to stop.
 const CAPTURE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most prepared VMs kept per guest memory size.
+const MAX_WARM_VMS: u32 = 64;
 
 /// Settings of a local supervisor.
 #[derive(Clone)]
@@ -104,6 +106,8 @@ pub enum SupervisorError {
 struct Shared {
     hv: Arc<dyn Hypervisor>,
     launcher: Worker,
+    /// VMs prepared ahead of clone points, by guest memory size.
+    warm: Mutex<HashMap<u64, Vec<PreparedVm>>>,
     config: SupervisorConfig,
     slots_in_use: Mutex<u32>,
     next_vm: AtomicU64,
@@ -126,6 +130,55 @@ impl Shared {
 
     fn fresh_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// How many prepared VMs of one size to keep: enough for a full clone of
+    /// the host's slots, within reason (each holds a KVM VM and its slot).
+    fn warm_target(&self) -> usize {
+        self.config.clone_limit.min(MAX_WARM_VMS) as usize
+    }
+
+    /// Up to `n` prepared VMs for `mem_size` bytes of memory.
+    fn take_warm(&self, mem_size: u64, n: usize) -> Vec<PreparedVm> {
+        let mut warm = self.warm.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = warm.entry(mem_size).or_default();
+        let keep = pool.len().saturating_sub(n);
+        pool.split_off(keep)
+    }
+
+    /// Tops up the prepared VMs for `mem_size` on the launcher, preparing
+    /// them in parallel: each waits milliseconds, mostly idle, in KVM.
+    fn warm_up(self: &Arc<Self>, mem_size: u64) {
+        let shared = self.clone();
+        // The job reports nothing; later launcher jobs run after it anyway.
+        let _ = self.launcher.submit(move || {
+            let have = shared
+                .warm
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&mem_size)
+                .map_or(0, Vec::len);
+            let missing = shared.warm_target().saturating_sub(have);
+            let preparing: Vec<_> = (0..missing)
+                .map(|_| {
+                    let hv = shared.hv.clone();
+                    std::thread::spawn(move || PreparedVm::new(hv.as_ref(), mem_size))
+                })
+                .collect();
+            for thread in preparing {
+                match thread.join() {
+                    Ok(Ok(vm)) => shared
+                        .warm
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(mem_size)
+                        .or_default()
+                        .push(vm),
+                    Ok(Err(e)) => tracing::warn!("cannot prepare a VM: {}", error_chain(&e)),
+                    Err(_) => tracing::warn!("preparing a VM panicked"),
+                }
+            }
+        });
     }
 }
 
@@ -208,6 +261,7 @@ impl Supervisor {
             shared: Arc::new(Shared {
                 hv,
                 launcher: Worker::start("sf-launcher", false),
+                warm: Mutex::new(HashMap::new()),
                 config,
                 slots_in_use: Mutex::new(0),
                 next_vm: AtomicU64::new(1),
@@ -233,6 +287,7 @@ impl Supervisor {
         };
         let machine = Machine::boot(self.shared.hv.as_ref(), image, &config)
             .map_err(SupervisorError::Start)?;
+        self.shared.warm_up(mem_size);
         Ok(self.spawn_root(vm, machine, flush, 0))
     }
 
@@ -247,6 +302,7 @@ impl Supervisor {
         let machine =
             Machine::restore(self.shared.hv.as_ref(), &descriptor.machine, image, console)
                 .map_err(SupervisorError::Start)?;
+        self.shared.warm_up(descriptor.machine.mem_size);
         Ok(self.spawn_root(vm, machine, flush, descriptor.generation))
     }
 
@@ -292,6 +348,17 @@ impl Supervisor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// VMs prepared ahead of clone points (all memory sizes).
+    pub fn warm_vms(&self) -> usize {
+        self.shared
+            .warm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 
     /// Clone slots currently reserved.
@@ -750,6 +817,7 @@ impl VmContext {
                 };
                 ChildStart {
                     shared: self.shared.clone(),
+                    prepared: None,
                     cell: Arc::new(ChildCell {
                         id,
                         vm,
@@ -769,16 +837,21 @@ impl VmContext {
             })
             .collect();
         let cells = starts.iter().map(|c| c.cell.clone()).collect();
+        let (shared, mem_size) = (self.shared.clone(), descriptor.machine.mem_size);
         let thread = self.shared.launcher.submit(move || {
-            starts
+            let mut warm = shared.take_warm(mem_size, starts.len());
+            let threads = starts
                 .into_iter()
-                .map(|child| {
+                .map(|mut child| {
+                    child.prepared = warm.pop();
                     std::thread::Builder::new()
                         .name(format!("vm{}", child.cell.vm))
                         .spawn(move || child.run())
                         .expect("spawning a clone thread")
                 })
-                .collect()
+                .collect();
+            shared.warm_up(mem_size);
+            threads
         });
         Launch { cells, thread }
     }
@@ -909,6 +982,8 @@ enum JoinError {
 /// Everything a child thread needs to restore and run its VM.
 struct ChildStart {
     shared: Arc<Shared>,
+    /// A VM prepared ahead of time, if the pool had one.
+    prepared: Option<PreparedVm>,
     cell: Arc<ChildCell>,
     snapshot: Arc<MachineSnapshot>,
     image: Arc<MemoryImage>,
@@ -921,12 +996,13 @@ impl ChildStart {
     fn run(self) {
         let begun = Instant::now();
         let (console, flush) = labelled(self.label.clone(), self.shared.config.lines.clone());
-        let restored = Machine::restore(
-            self.shared.hv.as_ref(),
-            &self.snapshot,
-            &self.image,
-            console,
-        )
+        let hv = self.shared.hv.as_ref();
+        let restored = match self.prepared {
+            Some(prepared) => {
+                Machine::restore_prepared(hv, prepared, &self.snapshot, &self.image, console)
+            }
+            None => Machine::restore(hv, &self.snapshot, &self.image, console),
+        }
         .and_then(|mut m| {
             m.set_return(u64::from(self.cell.id), self.checkpoint)?;
             Ok(m)

@@ -15,7 +15,7 @@ use crate::hypercall::{self, GuestRange, Hypercall, HypercallError};
 use crate::hypervisor::{
     Hypervisor, HypervisorError, StateError, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm, VmState,
 };
-use crate::memory::{GuestMemory, MemoryError, MemoryImage, PageRuns};
+use crate::memory::{GuestMemory, MemoryError, MemoryImage, PageRuns, ReservedMemory};
 
 /// Receives console bytes of a VM.
 pub type ConsoleSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
@@ -174,6 +174,48 @@ enum Pending {
     ChildResult(GuestRange),
 }
 
+/// A VM made ahead of time: vCPU created and its memory slot pointing at
+/// reserved, still empty host memory. Creating the first memory slot of a
+/// fresh KVM VM waits several milliseconds (mostly idle), so clone paths
+/// prepare VMs in advance and only fill in memory and state when cloning.
+pub struct PreparedVm {
+    // Field order is drop order: the VM goes before the memory its slot points at.
+    vm: Box<dyn Vm>,
+    vcpu: Box<dyn Vcpu>,
+    reserved: ReservedMemory,
+}
+
+impl std::fmt::Debug for PreparedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedVm")
+            .field("mem_size", &self.reserved.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreparedVm {
+    /// A VM for `mem_size` bytes of guest memory.
+    pub fn new(hv: &dyn Hypervisor, mem_size: u64) -> Result<Self, MachineError> {
+        GuestLayout::new(mem_size)?;
+        // Started now so that no clone point has to create its thread.
+        crate::background::housekeeper();
+        let reserved = ReservedMemory::new(mem_size)?;
+        let mut vm = hv.create_vm()?;
+        // SAFETY: the reserved range stays mapped at this address for as long
+        // as the VM: it moves into the GuestMemory of the Machine that takes
+        // over this VM, whose fields drop the VM first, and freezing keeps the
+        // address.
+        unsafe { vm.map_memory(MEMORY_SLOT, 0, reserved.host_addr(), mem_size)? };
+        let vcpu = vm.create_vcpu(0)?;
+        Ok(Self { vm, vcpu, reserved })
+    }
+
+    /// Guest memory size this VM was prepared for.
+    pub fn mem_size(&self) -> u64 {
+        self.reserved.size()
+    }
+}
+
 /// One VM with one vCPU.
 pub struct Machine {
     vm: Box<dyn Vm>,
@@ -218,10 +260,16 @@ impl Machine {
         image: &[u8],
         config: &MachineConfig,
     ) -> Result<Self, MachineError> {
-        let layout = GuestLayout::new(config.mem_size)?;
-        let memory = GuestMemory::new(layout.mem_size)?;
+        let prepared = PreparedVm::new(hv, config.mem_size)?;
+        let memory = GuestMemory::new_in(prepared.reserved)?;
         let (entry, _) = boot::setup(&memory, image, &config.cmdline, hv.tsc_khz())?;
-        let mut machine = Self::assemble(hv, memory, config.console.clone())?;
+        let mut machine = Self::assemble(
+            hv,
+            prepared.vm,
+            prepared.vcpu,
+            memory,
+            config.console.clone(),
+        )?;
         machine.vcpu.set_long_mode_entry(&entry)?;
         Ok(machine)
     }
@@ -233,16 +281,29 @@ impl Machine {
         image: &Arc<MemoryImage>,
         console: ConsoleSink,
     ) -> Result<Self, MachineError> {
-        if image.size() != snapshot.mem_size {
+        let prepared = PreparedVm::new(hv, snapshot.mem_size)?;
+        Self::restore_prepared(hv, prepared, snapshot, image, console)
+    }
+
+    /// Like [`Machine::restore`], in a VM prepared ahead of time.
+    pub fn restore_prepared(
+        hv: &dyn Hypervisor,
+        prepared: PreparedVm,
+        snapshot: &MachineSnapshot,
+        image: &Arc<MemoryImage>,
+        console: ConsoleSink,
+    ) -> Result<Self, MachineError> {
+        if image.size() != snapshot.mem_size || prepared.reserved.size() != snapshot.mem_size {
             return Err(StateError::Inconsistent(format!(
-                "descriptor says {:#x} bytes of memory, image has {:#x}",
+                "descriptor says {:#x} bytes of memory, image has {:#x}, prepared VM {:#x}",
                 snapshot.mem_size,
-                image.size()
+                image.size(),
+                prepared.reserved.size()
             ))
             .into());
         }
-        let memory = GuestMemory::from_image(image)?;
-        let mut machine = Self::assemble(hv, memory, console)?;
+        let memory = GuestMemory::from_image_in(image, prepared.reserved)?;
+        let mut machine = Self::assemble(hv, prepared.vm, prepared.vcpu, memory, console)?;
         machine.vm.restore_state(&snapshot.vm)?;
         machine.vcpu.restore_state(&snapshot.vcpu)?;
         Ok(machine)
@@ -250,23 +311,16 @@ impl Machine {
 
     fn assemble(
         hv: &dyn Hypervisor,
+        vm: Box<dyn Vm>,
+        vcpu: Box<dyn Vcpu>,
         memory: GuestMemory,
         console: ConsoleSink,
     ) -> Result<Self, MachineError> {
-        let layout = GuestLayout::new(memory.size())?;
-        // Started now so that no clone point has to create its thread.
-        crate::background::housekeeper();
-        let mut vm = hv.create_vm()?;
-        // SAFETY: the mapping belongs to `memory`, which the Machine owns
-        // alongside `vm`; freezing keeps the mapping's address, and fields
-        // drop in declaration order (vm first).
-        unsafe { vm.map_memory(MEMORY_SLOT, 0, memory.host_addr(), memory.size())? };
-        let vcpu = vm.create_vcpu(0)?;
         Ok(Self {
             vm,
             vcpu,
+            layout: GuestLayout::new(memory.size())?,
             memory,
-            layout,
             console,
             pending: None,
             hypervisor: hv.name(),

@@ -453,14 +453,47 @@ pub struct Frozen {
     pub retired: Mapping,
 }
 
-impl GuestMemory {
-    /// Fresh zeroed memory of `size` bytes.
+/// Host address space set aside for one VM's memory before its contents are
+/// known: inaccessible until a [`GuestMemory`] is built in it. A hypervisor
+/// memory slot can point at it early, so that creating the slot (which waits
+/// several milliseconds on a fresh KVM VM) is off the clone path.
+#[derive(Debug)]
+pub struct ReservedMemory {
+    size: u64,
+    mapping: Mapping,
+}
+
+impl ReservedMemory {
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadSize { size });
         }
+        Ok(Self {
+            size,
+            mapping: Mapping::reserve(size)?,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Host address of guest-physical 0.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.mapping.addr.as_ptr()
+    }
+}
+
+impl GuestMemory {
+    /// Fresh zeroed memory of `size` bytes.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        Self::new_in(ReservedMemory::new(size)?)
+    }
+
+    /// Fresh zeroed memory in `reserved`.
+    pub fn new_in(reserved: ReservedMemory) -> Result<Self, MemoryError> {
+        let ReservedMemory { size, mapping } = reserved;
         let file = memfd(size)?;
-        let mapping = Mapping::reserve(size)?;
         mapping.map_fixed(0, size, libc::MAP_SHARED, file.as_raw_fd())?;
         Ok(Self {
             size,
@@ -471,11 +504,23 @@ impl GuestMemory {
 
     /// A private copy-on-write view of `image`.
     pub fn from_image(image: &Arc<MemoryImage>) -> Result<Self, MemoryError> {
-        let mapping = Mapping::reserve(image.size)?;
-        map_image(image, &mapping)?;
+        Self::from_image_in(image, ReservedMemory::new(image.size)?)
+    }
+
+    /// A private copy-on-write view of `image` in `reserved`.
+    pub fn from_image_in(
+        image: &Arc<MemoryImage>,
+        reserved: ReservedMemory,
+    ) -> Result<Self, MemoryError> {
+        if reserved.size != image.size {
+            return Err(MemoryError::BadSize {
+                size: reserved.size,
+            });
+        }
+        map_image(image, &reserved.mapping)?;
         Ok(Self {
             size: image.size,
-            mapping,
+            mapping: reserved.mapping,
             backing: Backing::Image(image.clone()),
         })
     }
