@@ -466,13 +466,11 @@ impl Machine {
             Hypercall::ConsoleWrite { data } => {
                 let bytes = self.read_range(data)?;
                 (self.console)(&bytes);
-                self.pending = Some(Pending::Reply);
-                self.reply(data.len, 0)?;
+                self.set_return(data.len, 0)?;
                 return Ok(None);
             }
             Hypercall::TimeNs => {
-                self.pending = Some(Pending::Reply);
-                self.reply(monotonic_ns(), 0)?;
+                self.set_return(monotonic_ns(), 0)?;
                 return Ok(None);
             }
             Hypercall::Exit { code } => return Ok(Some(Stop::Exited(code))),
