@@ -180,3 +180,20 @@ fn example_jobs_check_their_answers() {
         );
     }
 }
+
+#[test]
+fn killing_a_parent_ends_its_running_clones_and_frees_their_slots() {
+    let (sup, _) = supervisor(4);
+    // killer's parent clones four spinning children and waits ~100 ms before
+    // it kills them itself; the operator's kill lands first.
+    let vm = sup
+        .launch(common::image("killer"), common::MEM, "")
+        .expect("killer starts");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    vm.kill();
+    assert_eq!(vm.wait(), VmOutcome::Killed);
+    assert_eq!(sup.slots_in_use(), 0);
+    for op in sup.reports() {
+        assert!(op.children.iter().all(|c| c.outcome == VmOutcome::Killed));
+    }
+}
