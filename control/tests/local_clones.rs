@@ -197,3 +197,14 @@ fn killing_a_parent_ends_its_running_clones_and_frees_their_slots() {
         assert!(op.children.iter().all(|c| c.outcome == VmOutcome::Killed));
     }
 }
+
+#[test]
+fn sse_and_avx_work_in_guests_and_survive_a_clone() {
+    let (sup, lines) = supervisor(1);
+    let expected = if std::arch::is_x86_feature_detected!("avx") {
+        VmOutcome::Exited(0)
+    } else {
+        VmOutcome::Exited(3)
+    };
+    assert_eq!(run(&sup, "simd", ""), expected, "{:?}", lines.all());
+}

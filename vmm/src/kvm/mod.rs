@@ -50,11 +50,12 @@ impl KvmHypervisor {
                 return Err(HypervisorError::MissingCapability(name));
             }
         }
-        let cpuid = kvm
+        let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| ioctl("KVM_GET_SUPPORTED_CPUID", e))?
             .as_slice()
             .to_vec();
+        advertise_avx(&mut cpuid);
         // MSR probing and the TSC frequency need a vCPU; a throwaway VM provides one.
         let probe_vm = kvm.create_vm().map_err(|e| ioctl("KVM_CREATE_VM", e))?;
         probe_vm
@@ -87,6 +88,29 @@ impl Hypervisor for KvmHypervisor {
 
     fn tsc_khz(&self) -> Option<u64> {
         self.caps.tsc_khz
+    }
+}
+
+/// CPUID.1:ECX bits for XSAVE and AVX.
+const CPUID_1_ECX_XSAVE: u32 = 1 << 26;
+const CPUID_1_ECX_AVX: u32 = 1 << 28;
+/// XCR0 bit of the AVX (YMM) state component.
+const XCR0_AVX: u32 = 1 << 2;
+
+/// PVM's supported CPUID leaves out XSAVE and AVX although its leaf 0xD
+/// lists the AVX state and AVX code runs natively at CPL3 (PLATFORM.md).
+/// Advertise both when the host CPU has them and KVM manages the AVX state,
+/// so that guests can see AVX and the VMM can enable it through XCR0.
+fn advertise_avx(cpuid: &mut [kvm_cpuid_entry2]) {
+    let avx_state = cpuid
+        .iter()
+        .any(|e| e.function == 0xd && e.index == 0 && e.eax & XCR0_AVX != 0);
+    let host =
+        std::arch::is_x86_feature_detected!("xsave") && std::arch::is_x86_feature_detected!("avx");
+    if avx_state && host {
+        for leaf in cpuid.iter_mut().filter(|e| e.function == 1) {
+            leaf.ecx |= CPUID_1_ECX_XSAVE | CPUID_1_ECX_AVX;
+        }
     }
 }
 
