@@ -9,20 +9,19 @@ use snowflock_vmm::machine::ConsoleSink;
 /// Receives complete console lines (without the newline) and their VM label.
 pub type LineSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
-/// A line sink printing `label| line` to stdout (no prefix for an empty label).
-pub fn stdout_lines() -> LineSink {
-    Arc::new(|label, line| {
-        if label.is_empty() {
-            println!("{line}");
-        } else {
-            println!("[{label}] {line}");
-        }
-    })
+/// How a console line is shown: `[label] line`, or just the line for an
+/// empty label (the VM the user started).
+pub fn line_text(label: &str, line: &str) -> String {
+    if label.is_empty() {
+        line.to_string()
+    } else {
+        format!("[{label}] {line}")
+    }
 }
 
-/// A line sink that drops everything.
-pub fn discard_lines() -> LineSink {
-    Arc::new(|_, _| {})
+/// A line sink printing [`line_text`] to stdout.
+pub fn stdout_lines() -> LineSink {
+    Arc::new(|label, line| println!("{}", line_text(label, line)))
 }
 
 /// A per-VM console that buffers partial lines and forwards whole ones.

@@ -30,4 +30,5 @@ pub mod supervisor;
 pub use descriptor::{CaptureKind, Descriptor, DescriptorError};
 pub use supervisor::{
     ChildReport, CloneReport, Supervisor, SupervisorConfig, SupervisorError, VmHandle, VmOutcome,
+    error_chain,
 };

@@ -450,7 +450,8 @@ struct VmContext {
     checkpoints: HashMap<u64, Checkpoint>,
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+/// An error and its sources, joined with `: `.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(e) = source {

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{MEM, image, supervisor};
-use snowflock_control::{CaptureKind, Descriptor, DescriptorError, VmOutcome};
+use snowflock_control::{CaptureKind, Descriptor, DescriptorError, VmOutcome, error_chain};
 
 /// Starts `spin`, lets it run a little, and captures it from outside.
 fn capture_spin(
@@ -151,17 +151,7 @@ fn malformed_images_are_rejected_with_a_clear_error() {
         ("bad entry", bad_entry, "entry point 0xdead0000"),
     ] {
         let err = sup.launch(&bytes, MEM, "").expect_err(what);
-        let text = format!("{:#}", anyhow_like(&err));
+        let text = error_chain(&err);
         assert!(text.contains(expect), "{what}: {text}");
     }
-}
-
-fn anyhow_like(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text = format!("{text}: {e}");
-        source = e.source();
-    }
-    text
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use snowflock_control::console::LineSink;
+use snowflock_control::console::{self, LineSink};
 use snowflock_control::{Descriptor, Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_vmm::KvmHypervisor;
 
@@ -168,11 +168,7 @@ fn supervisor(
 /// A line sink writing guest lines to stdout or stderr, above the progress bar.
 fn console_lines(to_stderr: bool, bar: Option<ProgressBar>) -> LineSink {
     Arc::new(move |label: &str, line: &str| {
-        let text = if label.is_empty() {
-            line.to_string()
-        } else {
-            format!("[{label}] {line}")
-        };
+        let text = console::line_text(label, line);
         let print = || {
             if to_stderr {
                 eprintln!("{text}");
