@@ -15,6 +15,7 @@
 //!     clone_limit: 8,
 //!     lines: console::stdout_lines(),
 //!     descriptor_dir: None,
+//!     cluster: None,
 //! });
 //! let image = std::fs::read("guest.elf")?;
 //! let vm = supervisor.launch(&image, 512 << 20, "clones=8")?;
@@ -22,13 +23,18 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod config;
 pub mod console;
+pub mod daemon;
 pub mod descriptor;
+pub mod protocol;
+pub mod remote;
 pub mod size;
 pub mod supervisor;
+pub mod wire;
 
 pub use descriptor::{CaptureKind, Descriptor, DescriptorError};
 pub use supervisor::{
-    ChildReport, CloneReport, Supervisor, SupervisorConfig, SupervisorError, VmHandle, VmOutcome,
-    error_chain,
+    ChildReport, CloneReport, Supervisor, SupervisorConfig, SupervisorError, VmController,
+    VmHandle, VmInfo, VmOutcome, VmRole, error_chain,
 };

@@ -13,6 +13,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use serde::{Deserialize, Serialize};
+use snowflock_fault_handler::{AvoidMap, CloneStats, FaultHandler};
 use snowflock_guest::abi::{ChildStatus, errno};
 use snowflock_vmm::background::{Job, Worker, housekeeper};
 use snowflock_vmm::machine::{MachineConfig, MachineSnapshot, PreparedVm, Request, Stop};
@@ -21,6 +23,9 @@ use snowflock_vmm::{Hypervisor, Machine, MachineError, VcpuKicker};
 
 use crate::console::{ConsoleFlush, LineSink, labelled};
 use crate::descriptor::{CaptureKind, Descriptor};
+use crate::remote::{
+    Cluster, HollowStart, Plan, RemoteChild, RemoteGrant, RemoteLaunch, RemoteTarget,
+};
 
 /// How long a waiting VM thread sleeps between checks for kills and control
 /// requests; bounds how late a kill of a joining parent is noticed.
@@ -39,6 +44,8 @@ pub struct SupervisorConfig {
     pub lines: LineSink,
     /// If set, every captured descriptor is also written here.
     pub descriptor_dir: Option<PathBuf>,
+    /// Other hosts that take clones; `None` keeps every clone on this host.
+    pub cluster: Option<Arc<dyn Cluster>>,
 }
 
 impl std::fmt::Debug for SupervisorConfig {
@@ -46,12 +53,13 @@ impl std::fmt::Debug for SupervisorConfig {
         f.debug_struct("SupervisorConfig")
             .field("clone_limit", &self.clone_limit)
             .field("descriptor_dir", &self.descriptor_dir)
+            .field("cluster", &self.cluster.is_some())
             .finish_non_exhaustive()
     }
 }
 
 /// How a VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmOutcome {
     /// The guest called `EXIT` (returned from main) with this code.
     Exited(i32),
@@ -61,13 +69,18 @@ pub enum VmOutcome {
     Failed(String),
     /// Its parent (or the operator) killed it.
     Killed,
+    /// The host it ran on went away, or stopped answering.
+    Lost(String),
 }
 
 /// One child of a clone operation, as the parent's join saw it.
 #[derive(Debug, Clone)]
 pub struct ChildReport {
     pub id: u32,
+    /// The child's VM on this host (0 for a clone on another host).
     pub vm: u64,
+    /// The host it ran on, when not this one.
+    pub host: Option<String>,
     /// Time to restore the child's VM from the descriptor.
     pub restore: Duration,
     /// From the child's first instruction to its end.
@@ -113,6 +126,39 @@ struct Shared {
     next_vm: AtomicU64,
     next_id: AtomicU64,
     reports: Mutex<Vec<CloneReport>>,
+    /// Every VM running on this host.
+    vms: Mutex<HashMap<u64, VmEntry>>,
+}
+
+/// A running VM, as [`Supervisor::vms`] lists it.
+struct VmEntry {
+    label: String,
+    role: VmRole,
+    mem_size: u64,
+    started: Instant,
+    kill: Arc<AtomicBool>,
+    kicker: Arc<dyn VcpuKicker>,
+}
+
+/// How a VM came to run on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmRole {
+    /// Started from an image or a descriptor.
+    Root,
+    /// A clone of a VM on this host, on copy-on-write views of its memory.
+    Clone,
+    /// A clone of a VM on another host, its memory fetched on demand.
+    Hollow,
+}
+
+/// One running VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub vm: u64,
+    pub label: String,
+    pub role: VmRole,
+    pub mem_size: u64,
+    pub uptime: Duration,
 }
 
 impl Shared {
@@ -121,6 +167,11 @@ impl Shared {
         let granted = wanted.min(self.config.clone_limit.saturating_sub(*used));
         *used += granted;
         granted
+    }
+
+    fn free_slots(&self) -> u32 {
+        let used = self.slots_in_use.lock().unwrap_or_else(|p| p.into_inner());
+        self.config.clone_limit.saturating_sub(*used)
     }
 
     fn release(&self, slots: u32) {
@@ -233,6 +284,46 @@ impl VmHandle {
     /// Pauses the running VM, captures its descriptor and freezes its memory,
     /// then lets it continue. Returns the descriptor and the frozen image.
     pub fn capture(&self) -> Result<(Descriptor, Arc<MemoryImage>), SupervisorError> {
+        self.controller().capture()
+    }
+
+    /// Ends the VM (and its clones).
+    pub fn kill(&self) {
+        self.controller().kill();
+    }
+
+    /// A handle for capturing or killing the VM from elsewhere while this
+    /// one waits for it.
+    pub fn controller(&self) -> VmController {
+        VmController {
+            vm: self.vm,
+            control: self.control.clone(),
+            kicker: self.kicker.clone(),
+            kill: self.kill.clone(),
+        }
+    }
+}
+
+/// Captures or kills a running VM; see [`VmHandle::controller`].
+#[derive(Clone)]
+pub struct VmController {
+    vm: u64,
+    control: mpsc::Sender<Control>,
+    kicker: Arc<dyn VcpuKicker>,
+    kill: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for VmController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmController")
+            .field("vm", &self.vm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmController {
+    /// See [`VmHandle::capture`].
+    pub fn capture(&self) -> Result<(Descriptor, Arc<MemoryImage>), SupervisorError> {
         let (tx, rx) = mpsc::channel();
         self.control
             .send(Control::Capture(tx))
@@ -267,6 +358,7 @@ impl Supervisor {
                 next_vm: AtomicU64::new(1),
                 next_id: AtomicU64::new(1),
                 reports: Mutex::new(Vec::new()),
+                vms: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -278,8 +370,21 @@ impl Supervisor {
         mem_size: u64,
         cmdline: &str,
     ) -> Result<VmHandle, SupervisorError> {
+        self.launch_labelled(image, mem_size, cmdline, |_| String::new())
+    }
+
+    /// Like [`Supervisor::launch`], with console lines labelled by
+    /// `label(vm id)`; clones extend the label with their number.
+    pub fn launch_labelled(
+        &self,
+        image: &[u8],
+        mem_size: u64,
+        cmdline: &str,
+        label: impl FnOnce(u64) -> String,
+    ) -> Result<VmHandle, SupervisorError> {
         let vm = self.shared.next_vm.fetch_add(1, Ordering::Relaxed);
-        let (console, flush) = labelled(String::new(), self.shared.config.lines.clone());
+        let label = label(vm);
+        let (console, flush) = labelled(label.clone(), self.shared.config.lines.clone());
         let config = MachineConfig {
             mem_size,
             cmdline: cmdline.to_string(),
@@ -288,7 +393,7 @@ impl Supervisor {
         let machine = Machine::boot(self.shared.hv.as_ref(), image, &config)
             .map_err(SupervisorError::Start)?;
         self.shared.warm_up(mem_size);
-        Ok(self.spawn_root(vm, machine, flush, 0))
+        Ok(self.spawn_root(vm, machine, flush, 0, label))
     }
 
     /// Starts a new VM from `descriptor` on a private view of `image`.
@@ -297,13 +402,24 @@ impl Supervisor {
         descriptor: &Descriptor,
         image: &Arc<MemoryImage>,
     ) -> Result<VmHandle, SupervisorError> {
+        self.resume_labelled(descriptor, image, |vm| format!("vm {vm}"))
+    }
+
+    /// Like [`Supervisor::resume`], with console lines labelled by `label(vm id)`.
+    pub fn resume_labelled(
+        &self,
+        descriptor: &Descriptor,
+        image: &Arc<MemoryImage>,
+        label: impl FnOnce(u64) -> String,
+    ) -> Result<VmHandle, SupervisorError> {
         let vm = self.shared.next_vm.fetch_add(1, Ordering::Relaxed);
-        let (console, flush) = labelled(format!("vm {vm}"), self.shared.config.lines.clone());
+        let label = label(vm);
+        let (console, flush) = labelled(label.clone(), self.shared.config.lines.clone());
         let machine =
             Machine::restore(self.shared.hv.as_ref(), &descriptor.machine, image, console)
                 .map_err(SupervisorError::Start)?;
         self.shared.warm_up(descriptor.machine.mem_size);
-        Ok(self.spawn_root(vm, machine, flush, descriptor.generation))
+        Ok(self.spawn_root(vm, machine, flush, descriptor.generation, label))
     }
 
     fn spawn_root(
@@ -312,6 +428,7 @@ impl Supervisor {
         machine: Machine,
         flush: ConsoleFlush,
         generation: u32,
+        label: String,
     ) -> VmHandle {
         let (control, requests) = mpsc::channel();
         let kill = Arc::new(AtomicBool::new(false));
@@ -319,10 +436,11 @@ impl Supervisor {
         let ctx = VmContext {
             shared: self.shared.clone(),
             vm,
-            label: String::new(),
+            label,
             is_clone: false,
             kill: kill.clone(),
             requests: Some(requests),
+            faults: None,
             flush,
             generation,
             tickets: HashMap::new(),
@@ -361,6 +479,69 @@ impl Supervisor {
             .sum()
     }
 
+    /// The VMs running on this host, by id.
+    pub fn vms(&self) -> Vec<VmInfo> {
+        let mut list: Vec<VmInfo> = self
+            .shared
+            .vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(&vm, e)| VmInfo {
+                vm,
+                label: e.label.clone(),
+                role: e.role,
+                mem_size: e.mem_size,
+                uptime: e.started.elapsed(),
+            })
+            .collect();
+        list.sort_by_key(|v| v.vm);
+        list
+    }
+
+    /// Ends VM `vm` (and its clones); false if no such VM runs.
+    pub fn kill_vm(&self, vm: u64) -> bool {
+        let vms = self.shared.vms.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = vms.get(&vm) else {
+            return false;
+        };
+        entry.kill.store(true, Ordering::Release);
+        entry.kicker.kick();
+        true
+    }
+
+    /// Reserves up to `wanted` clone slots for clones coming from another
+    /// host; returns how many it got.
+    pub fn reserve_slots(&self, wanted: u32) -> u32 {
+        self.shared.reserve(wanted)
+    }
+
+    /// Returns slots reserved with [`Supervisor::reserve_slots`] that will not be used.
+    pub fn release_slots(&self, slots: u32) {
+        self.shared.release(slots);
+    }
+
+    /// Prepares VMs for clones of `mem_size` bytes ahead of their arrival.
+    pub fn prepare(&self, mem_size: u64) {
+        self.shared.warm_up(mem_size);
+    }
+
+    /// Starts a hollow clone in one slot reserved with
+    /// [`Supervisor::reserve_slots`]; the slot returns when it ends. Returns
+    /// the new VM's id; its start and end go to `start.events`.
+    pub fn start_hollow(&self, start: HollowStart) -> u64 {
+        let vm = self.shared.next_vm.fetch_add(1, Ordering::Relaxed);
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vm{vm}"))
+            .spawn(move || run_hollow(shared, vm, start));
+        if let Err(e) = spawned {
+            tracing::error!(vm, "cannot start a thread for a hollow clone: {e}");
+            self.shared.release(1);
+        }
+        vm
+    }
+
     /// Clone slots currently reserved.
     pub fn slots_in_use(&self) -> u32 {
         *self
@@ -372,9 +553,12 @@ impl Supervisor {
 }
 
 /// What a child shares with the parent that spawned it.
-struct ChildCell {
-    id: u32,
+pub(crate) struct ChildCell {
+    pub(crate) id: u32,
     vm: u64,
+    pub(crate) label: String,
+    /// Set for a clone on another host.
+    remote: Option<RemoteTarget>,
     kill: Arc<AtomicBool>,
     kicker: Mutex<Option<Arc<dyn VcpuKicker>>>,
     first_run: Mutex<Option<Instant>>,
@@ -384,22 +568,62 @@ struct ChildCell {
 }
 
 impl ChildCell {
+    fn new(id: u32, vm: u64, label: String, remote: Option<RemoteTarget>) -> Self {
+        Self {
+            id,
+            vm,
+            label,
+            remote,
+            kill: Arc::new(AtomicBool::new(false)),
+            kicker: Mutex::new(None),
+            first_run: Mutex::new(None),
+            restore: Mutex::new(Duration::ZERO),
+            end: Mutex::new(None),
+            done: Condvar::new(),
+        }
+    }
+
     fn kill(&self) -> bool {
-        if self.end.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+        if self.has_ended() {
             return false;
         }
         self.kill.store(true, Ordering::Release);
+        if let Some(remote) = &self.remote {
+            remote.cluster.kill(&remote.host, remote.family, self.id);
+        }
         if let Some(kicker) = &*self.kicker.lock().unwrap_or_else(|p| p.into_inner()) {
             kicker.kick();
         }
         true
     }
+
+    pub(crate) fn mark_started(&self, restore: Duration) {
+        *self.restore.lock().unwrap_or_else(|p| p.into_inner()) = restore;
+        self.first_run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Instant::now);
+    }
+
+    pub(crate) fn finish(&self, outcome: VmOutcome, runtime: Duration) {
+        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        if end.is_none() {
+            *end = Some((outcome, runtime));
+            self.done.notify_all();
+        }
+    }
+
+    pub(crate) fn has_ended(&self) -> bool {
+        self.end.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
 }
 
 struct Ticket {
     granted: u32,
-    /// Slots reserved but not yet handed to running children.
+    /// Slots on this host reserved but not yet handed to running children.
     unused_slots: u32,
+    /// Reservations on other hosts not yet used.
+    remote: Vec<RemoteGrant>,
     spawned: Option<Spawned>,
 }
 
@@ -410,6 +634,8 @@ struct Spawned {
     /// Starting the children on the launcher; yields their threads.
     launcher: Option<Job<Vec<JoinHandle<()>>>>,
     describer: Option<Described>,
+    /// The clone point served to other hosts, retired once joined.
+    served_family: Option<u64>,
     joined: bool,
 }
 
@@ -444,6 +670,8 @@ struct VmContext {
     is_clone: bool,
     kill: Arc<AtomicBool>,
     requests: Option<mpsc::Receiver<Control>>,
+    /// The fault handler filling a hollow clone's memory from another host.
+    faults: Option<Arc<FaultHandler>>,
     flush: ConsoleFlush,
     generation: u32,
     tickets: HashMap<u64, Ticket>,
@@ -510,13 +738,50 @@ fn describe_in_background(
 }
 
 impl VmContext {
+    /// Where the slots of a ticket for `wanted` clones come from.
+    fn plan(&self, wanted: u32, mem_size: u64) -> Plan {
+        match &self.shared.config.cluster {
+            Some(cluster) => cluster.plan(wanted, mem_size, self.shared.free_slots()),
+            None => Plan {
+                local: wanted,
+                remote: Vec::new(),
+            },
+        }
+    }
+
     fn killed(&self) -> bool {
         self.kill.load(Ordering::Acquire)
     }
 
     /// Runs the VM to its end, then ends its clones and releases its slots.
     fn drive(mut self, mut machine: Machine) -> VmOutcome {
+        self.shared
+            .vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                self.vm,
+                VmEntry {
+                    label: self.label.clone(),
+                    role: if self.faults.is_some() {
+                        VmRole::Hollow
+                    } else if self.is_clone {
+                        VmRole::Clone
+                    } else {
+                        VmRole::Root
+                    },
+                    mem_size: machine.memory().size(),
+                    started: Instant::now(),
+                    kill: self.kill.clone(),
+                    kicker: machine.kicker(),
+                },
+            );
         let outcome = self.serve(&mut machine);
+        self.shared
+            .vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.vm);
         self.flush.flush();
         self.end_all_tickets();
         for (_, cp) in self.checkpoints.drain() {
@@ -534,7 +799,13 @@ impl VmContext {
             if self.killed() {
                 return VmOutcome::Killed;
             }
-            let stop = match machine.run() {
+            let run = machine.run();
+            // A hollow clone whose pages stopped coming may have run on
+            // zero-filled pages since: nothing it did after counts.
+            if let Some(failure) = self.faults.as_ref().and_then(|f| f.failure()) {
+                return VmOutcome::Failed(error_chain(&failure));
+            }
+            let stop = match run {
                 Ok(stop) => stop,
                 Err(e) => return VmOutcome::Failed(error_chain(&e)),
             };
@@ -622,14 +893,23 @@ impl VmContext {
         stopped_at: Instant,
     ) -> Result<(), MachineError> {
         match request {
+            Request::RequestTicket { .. } if self.faults.is_some() => {
+                // A hollow clone's memory lives on another host; it cannot
+                // be frozen and served again.
+                machine.reply(errno::encode(errno::EPERM), 0)
+            }
             Request::RequestTicket { clones } => {
-                let granted = self.shared.reserve(clones);
+                let plan = self.plan(clones, machine.memory().size());
+                let local = self.shared.reserve(plan.local);
+                let remote_slots: u32 = plan.remote.iter().map(|g| g.slots).sum();
+                let granted = local + remote_slots;
                 let id = self.shared.fresh_id();
                 self.tickets.insert(
                     id,
                     Ticket {
                         granted,
-                        unused_slots: granted,
+                        unused_slots: local,
+                        remote: plan.remote,
                         spawned: None,
                     },
                 );
@@ -645,10 +925,8 @@ impl VmContext {
                     return machine.reply(0, 0);
                 }
                 let (descriptor, image) = self.capture(machine, CaptureKind::Clone)?;
-                let describer =
-                    Described::Pending(describe_in_background(&self.shared, &descriptor, &image));
                 machine.reply(0, 0)?;
-                let launch = self.spawn_children(&descriptor, image, granted, 0);
+                let (launch, describer) = self.spawn_all(ticket, descriptor, image, 0, None);
                 self.mark_spawned(
                     ticket,
                     stopped_at,
@@ -678,10 +956,9 @@ impl VmContext {
                 if !self.checkpoints.contains_key(&checkpoint) {
                     return machine.reply(errno::encode(errno::ENOENT), 0);
                 }
-                let granted = match self.usable_ticket(ticket) {
-                    Ok(granted) => granted,
-                    Err(code) => return machine.reply(errno::encode(code), 0),
-                };
+                if let Err(code) = self.usable_ticket(ticket) {
+                    return machine.reply(errno::encode(code), 0);
+                }
                 let cp = self
                     .checkpoints
                     .get_mut(&checkpoint)
@@ -695,12 +972,13 @@ impl VmContext {
                     cp.pause,
                     cp.descriptor_bytes,
                 );
-                let launch = self.spawn_children(&descriptor, image, granted, checkpoint);
+                let (launch, describer) =
+                    self.spawn_all(ticket, descriptor, image, checkpoint, Some(bytes));
                 self.mark_spawned(
                     ticket,
                     stopped_at,
                     CaptureKind::Checkpoint,
-                    Some((launch, Described::Done(bytes))),
+                    Some((launch, describer)),
                 );
                 self.set_pause(ticket, pause);
                 machine.reply(0, 0)
@@ -727,6 +1005,9 @@ impl VmContext {
                 }
                 Ok(VmOutcome::Killed) => {
                     machine.reply_child_result(ChildStatus::Killed as u64, b"killed")
+                }
+                Ok(VmOutcome::Lost(reason)) => {
+                    machine.reply_child_result(ChildStatus::Lost as u64, reason.as_bytes())
                 }
                 Err(code) => machine.reply(errno::encode(code), 0),
             },
@@ -762,12 +1043,19 @@ impl VmContext {
             .tickets
             .get_mut(&ticket)
             .expect("ticket checked by caller");
-        let (children, launcher, describer) = match launched {
-            Some((launch, describer)) => (launch.cells, Some(launch.thread), Some(describer)),
-            None => (Vec::new(), None, None),
+        let (children, launcher, describer, served_family) = match launched {
+            Some((launch, describer)) => (
+                launch.cells,
+                Some(launch.thread),
+                Some(describer),
+                launch.served_family,
+            ),
+            None => (Vec::new(), None, None, None),
         };
-        // Each child now owns one slot and returns it when it ends.
-        t.unused_slots -= children.len() as u32;
+        // Each local child now owns one slot and returns it when it ends;
+        // remote reservations were handed to their hosts.
+        let local = children.iter().filter(|c| c.remote.is_none()).count() as u32;
+        t.unused_slots -= local;
         t.spawned = Some(Spawned {
             started,
             report: CloneReport {
@@ -783,6 +1071,7 @@ impl VmContext {
             children,
             launcher,
             describer,
+            served_family,
             joined: false,
         });
     }
@@ -795,6 +1084,112 @@ impl VmContext {
         {
             spawned.report.capture_pause = pause;
         }
+    }
+
+    fn child_label(&self, id: u32) -> String {
+        if self.label.is_empty() {
+            format!("clone {id}")
+        } else {
+            format!("{}.{id}", self.label)
+        }
+    }
+
+    /// Starts every child of `ticket`: the local share on copy-on-write
+    /// views of `image`, the rest on the hosts holding the ticket's remote
+    /// reservations. Remote hosts need the finished descriptor, so it is
+    /// completed and shipped on the launcher, after the local children
+    /// started. `described` is the encoded size when already known.
+    fn spawn_all(
+        &mut self,
+        ticket: u64,
+        descriptor: Descriptor,
+        image: Arc<MemoryImage>,
+        checkpoint: u64,
+        described: Option<usize>,
+    ) -> (Launch, Described) {
+        let t = self
+            .tickets
+            .get_mut(&ticket)
+            .expect("ticket checked by caller");
+        let local = t.unused_slots;
+        let remote = std::mem::take(&mut t.remote);
+        let mut launch = self.spawn_children(&descriptor, image.clone(), local, checkpoint);
+        let cluster = match (&self.shared.config.cluster, remote.is_empty()) {
+            (Some(cluster), false) => cluster.clone(),
+            _ => {
+                let describer = match described {
+                    Some(bytes) => Described::Done(bytes),
+                    None => Described::Pending(describe_in_background(
+                        &self.shared,
+                        &descriptor,
+                        &image,
+                    )),
+                };
+                return (launch, describer);
+            }
+        };
+        let family = descriptor.family;
+        let mut next_id = local + 1;
+        let mut shares = Vec::with_capacity(remote.len());
+        for grant in remote {
+            let children: Vec<RemoteChild> = (0..grant.slots)
+                .map(|_| {
+                    let id = next_id;
+                    next_id += 1;
+                    let target = RemoteTarget {
+                        cluster: cluster.clone(),
+                        host: grant.host.clone(),
+                        family,
+                    };
+                    RemoteChild(Arc::new(ChildCell::new(
+                        id,
+                        0,
+                        self.child_label(id),
+                        Some(target),
+                    )))
+                })
+                .collect();
+            launch.cells.extend(children.iter().map(|c| c.0.clone()));
+            shares.push((grant, children));
+        }
+        launch.served_family = Some(family);
+        cluster.serve_image(family, image.clone());
+        let (shared, parent_label) = (self.shared.clone(), self.label.clone());
+        let shipping =
+            self.shared
+                .launcher
+                .submit(move || match describe(&shared, descriptor, &image) {
+                    Ok((descriptor, bytes)) => {
+                        let descriptor = Arc::new(descriptor);
+                        for (grant, children) in shares {
+                            cluster.launch(
+                                grant,
+                                RemoteLaunch {
+                                    descriptor: descriptor.clone(),
+                                    children,
+                                    checkpoint,
+                                    parent_label: parent_label.clone(),
+                                },
+                            );
+                        }
+                        bytes
+                    }
+                    Err(e) => {
+                        for (grant, children) in shares {
+                            cluster.release(grant);
+                            for child in children {
+                                child.ended(
+                                    VmOutcome::Failed(format!(
+                                        "describing the clone point failed: {e}"
+                                    )),
+                                    Duration::ZERO,
+                                );
+                            }
+                        }
+                        0
+                    }
+                });
+        (launch, Described::Pending(shipping))
     }
 
     /// Starts `count` children from `descriptor`. The supervisor's launcher
@@ -811,24 +1206,11 @@ impl VmContext {
         let starts: Vec<ChildStart> = (1..=count)
             .map(|id| {
                 let vm = self.shared.next_vm.fetch_add(1, Ordering::Relaxed);
-                let label = if self.label.is_empty() {
-                    format!("clone {id}")
-                } else {
-                    format!("{}.{id}", self.label)
-                };
+                let label = self.child_label(id);
                 ChildStart {
                     shared: self.shared.clone(),
                     prepared: None,
-                    cell: Arc::new(ChildCell {
-                        id,
-                        vm,
-                        kill: Arc::new(AtomicBool::new(false)),
-                        kicker: Mutex::new(None),
-                        first_run: Mutex::new(None),
-                        restore: Mutex::new(Duration::ZERO),
-                        end: Mutex::new(None),
-                        done: Condvar::new(),
-                    }),
+                    cell: Arc::new(ChildCell::new(id, vm, label.clone(), None)),
                     snapshot: snapshot.clone(),
                     image: image.clone(),
                     label,
@@ -854,7 +1236,11 @@ impl VmContext {
             shared.warm_up(mem_size);
             threads
         });
-        Launch { cells, thread }
+        Launch {
+            cells,
+            thread,
+            served_family: None,
+        }
     }
 
     /// Waits for every child of `ticket`; returns how many there were.
@@ -888,6 +1274,11 @@ impl VmContext {
             return;
         };
         self.shared.release(std::mem::take(&mut t.unused_slots));
+        if let Some(cluster) = &self.shared.config.cluster {
+            for grant in t.remote.drain(..) {
+                cluster.release(grant);
+            }
+        }
         let Some(spawned) = t.spawned.as_mut() else {
             return;
         };
@@ -917,12 +1308,18 @@ impl VmContext {
             spawned.report.children.push(ChildReport {
                 id: cell.id,
                 vm: cell.vm,
+                host: cell.remote.as_ref().map(|r| r.host.clone()),
                 restore: *cell.restore.lock().unwrap_or_else(|p| p.into_inner()),
                 runtime,
                 outcome,
             });
         }
         spawned.report.all_running = last_start.map(|t| t.duration_since(spawned.started));
+        if let (Some(family), Some(cluster)) =
+            (spawned.served_family.take(), &self.shared.config.cluster)
+        {
+            cluster.retire_image(family);
+        }
         self.shared
             .reports
             .lock()
@@ -972,6 +1369,8 @@ impl VmContext {
 struct Launch {
     cells: Vec<Arc<ChildCell>>,
     thread: Job<Vec<JoinHandle<()>>>,
+    /// The clone point, when it is served to other hosts.
+    served_family: Option<u64>,
 }
 
 enum JoinError {
@@ -1008,7 +1407,7 @@ impl ChildStart {
             m.set_return(u64::from(self.cell.id), self.checkpoint)?;
             Ok(m)
         });
-        *self.cell.restore.lock().unwrap_or_else(|p| p.into_inner()) = begun.elapsed();
+        let restore = begun.elapsed();
         drop(self.image);
         let (outcome, runtime) = match restored {
             Err(e) => (VmOutcome::Failed(error_chain(&e)), Duration::ZERO),
@@ -1016,11 +1415,7 @@ impl ChildStart {
                 *self.cell.kicker.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(machine.kicker());
                 let started = Instant::now();
-                *self
-                    .cell
-                    .first_run
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(started);
+                self.cell.mark_started(restore);
                 let ctx = VmContext {
                     shared: self.shared.clone(),
                     vm: self.cell.vm,
@@ -1028,6 +1423,7 @@ impl ChildStart {
                     is_clone: true,
                     kill: self.cell.kill.clone(),
                     requests: None,
+                    faults: None,
                     flush,
                     generation: self.generation,
                     tickets: HashMap::new(),
@@ -1037,7 +1433,95 @@ impl ChildStart {
             }
         };
         self.shared.release(1);
-        *self.cell.end.lock().unwrap_or_else(|p| p.into_inner()) = Some((outcome, runtime));
-        self.cell.done.notify_all();
+        self.cell.finish(outcome, runtime);
     }
+}
+
+/// Restores and runs one hollow clone; its memory comes from `start.family`.
+fn run_hollow(shared: Arc<Shared>, vm: u64, start: HollowStart) {
+    let begun = Instant::now();
+    let snapshot = &start.descriptor.machine;
+    let mem_size = snapshot.mem_size;
+    let lines = start
+        .lines
+        .clone()
+        .unwrap_or_else(|| shared.config.lines.clone());
+    let (console, flush) = labelled(start.label.clone(), lines);
+    let prepared = shared.take_warm(mem_size, 1).pop();
+    shared.warm_up(mem_size);
+    let kill = Arc::new(AtomicBool::new(false));
+    let restored = (|| -> Result<(Machine, Arc<FaultHandler>), String> {
+        let hv = shared.hv.as_ref();
+        let prepared = match prepared {
+            Some(prepared) => prepared,
+            None => PreparedVm::new(hv, mem_size).map_err(|e| error_chain(&e))?,
+        };
+        let mut machine = Machine::restore_hollow(hv, prepared, snapshot, console)
+            .map_err(|e| error_chain(&e))?;
+        let avoid = if start.avoidance {
+            AvoidMap::new(
+                mem_size / snowflock_vmm::memory::PAGE_SIZE,
+                snapshot.data_pages.runs(),
+                snapshot.free_pages.runs(),
+            )
+        } else {
+            AvoidMap::none(mem_size / snowflock_vmm::memory::PAGE_SIZE)
+        }
+        .map_err(|e| error_chain(&e))?;
+        let kicker = machine.kicker();
+        let on_failure: Arc<dyn Fn(&snowflock_fault_handler::FaultError) + Send + Sync> =
+            Arc::new(move |_| kicker.kick());
+        // SAFETY: hollow memory is a private anonymous mapping nothing has
+        // touched yet (restoring writes only vCPU and VM state); it stays
+        // mapped at this address until `machine` drops, which happens after
+        // the handler below is dropped at the end of this function.
+        let handler = unsafe {
+            FaultHandler::start(
+                start.family.clone(),
+                machine.memory().host_addr(),
+                mem_size,
+                avoid,
+                on_failure,
+            )
+        }
+        .map_err(|e| error_chain(&e))?;
+        let handler = Arc::new(handler);
+        if start.avoidance {
+            let faults = handler.clone();
+            machine.set_fresh_pages_hook(Arc::new(move |runs| faults.mark_fresh(runs)));
+        }
+        machine
+            .set_return(u64::from(start.child), start.checkpoint)
+            .map_err(|e| error_chain(&e))?;
+        Ok((machine, handler))
+    })();
+    let restore = begun.elapsed();
+    let (outcome, runtime, stats) = match restored {
+        Err(reason) => (
+            VmOutcome::Failed(reason),
+            Duration::ZERO,
+            CloneStats::default(),
+        ),
+        Ok((machine, handler)) => {
+            start.events.started(vm, restore, handler.clone());
+            let started = Instant::now();
+            let ctx = VmContext {
+                shared: shared.clone(),
+                vm,
+                label: start.label.clone(),
+                is_clone: true,
+                kill,
+                requests: None,
+                faults: Some(handler.clone()),
+                flush,
+                generation: start.descriptor.generation,
+                tickets: HashMap::new(),
+                checkpoints: HashMap::new(),
+            };
+            let outcome = ctx.drive(machine);
+            (outcome, started.elapsed(), handler.stats())
+        }
+    };
+    shared.release(1);
+    start.events.ended(vm, outcome, runtime, stats);
 }

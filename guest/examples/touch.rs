@@ -1,9 +1,14 @@
 //! touch: dirties `mib` MiB of heap, then clones; children read a few bytes
 //! and exit at once with an empty result. For the clone-local benchmark.
 //!
-//! Args `mib` (default 64), `clones` (default 1). Prints
-//! `touch: mib=.. clones=.. granted=.. clone_ms=.. join_ms=..`; exits 0 iff
-//! every child exited normally.
+//! Args `mib` (default 64), `clones` (default 1), `pages` (default 0),
+//! `interval_ms` (default 0). With `pages` > 0 each child is a slow
+//! faulter instead, for failure tests (e.g. the memory server dies while
+//! children still fault): it reads `pages` pages of the buffer one at a
+//! time, spread evenly over it, checks each, and waits `interval_ms`
+//! between reads; a wrong byte makes it panic. Prints `touch: mib=..
+//! clones=.. granted=.. clone_ms=.. join_ms=..`; exits 0 iff every child
+//! exited normally.
 #![no_std]
 #![no_main]
 
@@ -11,7 +16,7 @@ extern crate alloc;
 
 use core::hint::black_box;
 use snowflock_guest::args::{arg_u32, arg_u64};
-use snowflock_guest::time::{Millis, now_ns};
+use snowflock_guest::time::{Millis, now_ns, spin_ns};
 use snowflock_guest::{Fork, clone, exit, join, println, request_ticket};
 
 snowflock_guest::entry!(main);
@@ -19,15 +24,35 @@ snowflock_guest::entry!(main);
 fn main() -> i32 {
     let mib = arg_u64("mib", 64) as usize;
     let clones = arg_u32("clones", 1);
+    let pages = arg_u64("pages", 0);
+    let interval_ns = arg_u64("interval_ms", 0).saturating_mul(1_000_000);
     let mut buf = alloc::vec![0u8; (mib << 20).max(1)];
     for (i, b) in buf.iter_mut().enumerate() {
-        *b = (i >> 12) as u8 ^ 0x5a;
+        *b = expected(i);
     }
     let ticket = request_ticket(clones).expect("request_ticket");
     let t0 = now_ns();
-    if let Fork::Child(_) = clone(&ticket).expect("clone") {
+    if let Fork::Child(id) = clone(&ticket).expect("clone") {
         let len = buf.len();
         black_box((buf[0], buf[len / 2], buf[len - 1]));
+        let total = len.div_ceil(4096) as u64;
+        for k in 0..pages {
+            if k > 0 {
+                spin_ns(interval_ns);
+            }
+            let page = if pages <= total {
+                k * total / pages
+            } else {
+                k % total
+            };
+            let at = (page as usize * 4096).min(len - 1);
+            let seen = black_box(&buf)[at];
+            assert!(
+                seen == expected(at),
+                "child {id}: byte {at:#x} is {seen:#x}, expected {:#x}",
+                expected(at)
+            );
+        }
         exit(&[]);
     }
     let t1 = now_ns();
@@ -50,4 +75,9 @@ fn main() -> i32 {
         if ok { "ok" } else { "FAILED" }
     );
     if ok { 0 } else { 1 }
+}
+
+/// The byte at offset `i` of the buffer.
+fn expected(i: usize) -> u8 {
+    (i >> 12) as u8 ^ 0x5a
 }

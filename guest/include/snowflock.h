@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 /* ---- ABI constants (must match guest/src/abi.rs) ---- */
-#define SF_ABI_VERSION 1
+#define SF_ABI_VERSION 2
 #define SF_HYPERCALL_PORT 0x5f0
 #define SF_EXCEPTION_PORT 0x5f1
 #define SF_PAGE_SIZE 0x1000
@@ -45,6 +45,12 @@
 #define SF_NR_CHILD_RESULT 10
 #define SF_NR_KILL 11
 #define SF_NR_TIME_NS 12
+#define SF_NR_REPORT_PAGES 13
+
+/* REPORT_PAGES: at most this many runs per call; the kinds of report. */
+#define SF_MAX_REPORT_RUNS 4096
+#define SF_PAGE_REPORT_FREE 0
+#define SF_PAGE_REPORT_FRESH 1
 
 /* CHILD_RESULT status. */
 #define SF_CHILD_EXITED 0
@@ -82,6 +88,14 @@ typedef struct sf_panic_report {
     uint32_t column;
 } sf_panic_report;
 _Static_assert(sizeof(sf_panic_report) == 40, "sf_panic_report layout");
+
+/* One run of whole heap pages for REPORT_PAGES: start page aligned, len a
+ * non-zero multiple of SF_PAGE_SIZE. */
+typedef struct sf_page_run {
+    uint64_t start;
+    uint64_t len;
+} sf_page_run;
+_Static_assert(sizeof(sf_page_run) == 16, "sf_page_run layout");
 
 /* ---- Raw hypercalls ---- */
 
@@ -152,6 +166,15 @@ __attribute__((noreturn)) static inline void sf_panic_at(const char *msg, const 
 static inline uint64_t sf_time_ns(void)
 {
     return sf_hypercall(SF_NR_TIME_NS, 0, 0, 0, 0, NULL);
+}
+
+/* Tells the VMM that these heap pages hold nothing worth copying to a clone:
+ * SF_PAGE_REPORT_FREE (free right now; used by a CLONE or CHECKPOINT that is
+ * the next hypercall) or SF_PAGE_REPORT_FRESH (just handed out in a clone).
+ * 0, or -SF_EINVAL for bad runs, count or kind. */
+static inline int64_t sf_report_pages(const sf_page_run *runs, uint64_t count, uint64_t kind)
+{
+    return sf_result(sf_hypercall(SF_NR_REPORT_PAGES, (uintptr_t)runs, count, kind, 0, NULL));
 }
 
 /* ---- The clone API. Every int64_t result is the value, or -errno. ---- */

@@ -3,7 +3,7 @@
 //! version of this file; both change together, and `ABI_VERSION` with them.
 
 /// Bumped on any incompatible change to this module.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `out dx, eax` to this port with the hypercall number in `eax` is a hypercall.
 pub const HYPERCALL_PORT: u16 = 0x5f0;
@@ -82,6 +82,9 @@ pub mod nr {
     pub const KILL: u32 = 11;
     /// `() -> host monotonic clock in nanoseconds`.
     pub const TIME_NS: u32 = 12;
+    /// `(runs: *const PageRun, count, kind: PageReportKind) -> 0`: tells the
+    /// VMM which heap pages hold nothing worth copying (see [`PageReportKind`]).
+    pub const REPORT_PAGES: u32 = 13;
 }
 
 /// `CHILD_RESULT`'s status in `rax`.
@@ -105,6 +108,45 @@ impl ChildStatus {
             1 => Some(Self::Failed),
             2 => Some(Self::Killed),
             3 => Some(Self::Lost),
+            _ => None,
+        }
+    }
+}
+
+/// One run of whole guest pages in a `REPORT_PAGES` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageRun {
+    /// Guest address of the first page (page aligned).
+    pub start: u64,
+    /// Bytes: a non-zero multiple of [`PAGE_SIZE`].
+    pub len: u64,
+}
+const _: () = assert!(core::mem::size_of::<PageRun>() == 16);
+
+/// Most runs one `REPORT_PAGES` call may carry (a 64 KiB array).
+pub const MAX_REPORT_RUNS: u64 = 4096;
+
+/// What a `REPORT_PAGES` call says about its runs. Every run lies inside the
+/// heap (`BootInfo::heap_start..heap_end`); the pages' contents do not matter
+/// to the guest, so a clone need not receive them (it sees zeros instead).
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageReportKind {
+    /// The heap pages that are free right now. Replaces the VM's previous
+    /// free report; only a `CLONE` or `CHECKPOINT` that is the VM's very next
+    /// hypercall uses it (anything in between discards it).
+    Free = 0,
+    /// Pages a clone's allocator just handed out: whatever the clone point
+    /// left in them will be overwritten, so they need not be fetched.
+    Fresh = 1,
+}
+
+impl PageReportKind {
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Free),
+            1 => Some(Self::Fresh),
             _ => None,
         }
     }

@@ -177,24 +177,53 @@ pub fn request_ticket(n: u32) -> Result<Ticket, Error> {
 /// Clones this VM into `ticket.granted()` children. Returns
 /// [`Fork::Parent`] here and [`Fork::Child`] in each child, which continues
 /// from this point with a copy-on-write view of memory as it is now.
+///
+/// With the runtime (`rt`), the heap's free pages are reported to the VMM
+/// first (children need not receive them), and each child reports the pages
+/// its allocator hands out from then on (it need not receive their old
+/// contents either); see `rt::report_free_pages`.
 pub fn clone(ticket: &Ticket) -> Result<Fork, Error> {
+    before_clone_point();
     Ok(match check(hypercall::clone(ticket.id))? {
         0 => Fork::Parent,
-        id => Fork::Child(child_id(id)?),
+        id => {
+            let id = child_id(id)?;
+            in_child();
+            Fork::Child(id)
+        }
     })
 }
 
 /// Freezes an immutable checkpoint of this VM to clone from later with
 /// [`create_clones`]. Children resume here, seeing memory as it is now.
+/// Page reports as for [`clone()`].
 pub fn checkpoint_parent() -> Result<CheckpointOutcome, Error> {
+    before_clone_point();
     let (rax, rdx) = hypercall::checkpoint();
     Ok(match check(rax)? {
         0 => CheckpointOutcome::Parent(Checkpoint { id: rdx }),
-        id => CheckpointOutcome::Child {
-            id: child_id(id)?,
-            checkpoint: rdx,
-        },
+        id => {
+            let id = child_id(id)?;
+            in_child();
+            CheckpointOutcome::Child {
+                id,
+                checkpoint: rdx,
+            }
+        }
     })
+}
+
+/// Right before `CLONE`/`CHECKPOINT`: nothing may allocate between this and
+/// the hypercall, or the free report would describe another heap.
+fn before_clone_point() {
+    #[cfg(feature = "rt")]
+    crate::rt::report_free_pages();
+}
+
+/// In a child, right after the clone point.
+fn in_child() {
+    #[cfg(feature = "rt")]
+    crate::rt::enter_clone();
 }
 
 /// Starts `ticket.granted()` children from `checkpoint`; this VM goes on.

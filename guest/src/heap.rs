@@ -18,7 +18,28 @@
 //!   (`alloc_zeroed` skips clearing them).
 //!
 //! Every operation is O(1) except splitting/merging bookkeeping, which is too.
+//!
+//! Page reports (the avoidance heuristics, `REPORT_PAGES`):
+//!
+//! - *Free*: [`Heap::free_runs`] lists the free runs and the top (everything
+//!   from `top` up), whose contents are dead. Slab pages are never listed,
+//!   not even empty ones: their free blocks hold the free-list links.
+//! - *Fresh*: once [`Heap::start_fresh_reports`] ran (in a clone), every run
+//!   of pages the allocator hands out is passed to the reporter before the
+//!   caller can write it: whole-page blocks, new slabs, the pages a block
+//!   grows by in place. Only pages without live data are ever reported:
+//!   pages just handed out, and the rest of the free run or top they came
+//!   from (reported along with them, up to [`FRESH_BATCH`] pages, so that
+//!   small allocations do not cost a hypercall each). A bitmap of the pages
+//!   reported so far keeps any page from being reported twice.
+//!
+//! Reused pages may hold anything: the VMM gives a clone zeros or the
+//! parent's old bytes for reported pages. `alloc_zeroed` clears every page
+//! below `fresh` (the high-water mark of pages ever handed out, inherited by
+//! clones), so this never matters; pages from `fresh` up were zero in the
+//! parent at the clone point and so are zero in the clone, fetched or not.
 
+use crate::abi::{MAX_REPORT_RUNS, PageRun};
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::ptr;
@@ -57,6 +78,39 @@ const fn slab_pages() -> [u32; NCLASSES] {
 /// Free-run lists: 32 exact lengths, then one per power of two.
 const NBINS: usize = 64;
 
+/// A fresh report taken from a free run or the top covers at least this many
+/// of its pages (1 MiB), all dead, so that carving slabs or small blocks in a
+/// clone costs one `REPORT_PAGES` per MiB rather than one per allocation.
+pub const FRESH_BATCH: u32 = 256;
+/// Runs per fresh report hypercall (the reporter's buffer is on the stack).
+const FRESH_RUNS: usize = 32;
+
+/// Receives runs of fresh pages in a clone; returns whether the VMM accepted them.
+pub type FreshReporter = fn(&[PageRun]) -> bool;
+
+/// What [`Heap::free_runs`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreeRuns {
+    /// Runs written to the output.
+    pub runs: usize,
+    /// Pages in them.
+    pub pages: u64,
+    /// Free runs that did not fit the output, and their pages.
+    pub omitted_runs: u64,
+    pub omitted_pages: u64,
+}
+
+/// Counters of the fresh reports a heap made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreshStats {
+    /// Reporter calls (`REPORT_PAGES` hypercalls in a guest).
+    pub calls: u64,
+    /// Pages reported.
+    pub pages: u64,
+    /// Calls the reporter said were refused (a bug if ever non-zero).
+    pub refused: u64,
+}
+
 // Page kinds, in the low two bits of a tag.
 /// A page of a slab other than its first; the tag's length field is the
 /// distance back to the first page.
@@ -93,6 +147,13 @@ pub struct Heap {
     bins: [u32; NBINS],
     /// First slab with free blocks, per class.
     partial: [u32; NCLASSES],
+    /// Set by [`Heap::start_fresh_reports`]: where fresh pages are reported.
+    reporter: Option<FreshReporter>,
+    /// One bit per page, set once the page was reported fresh. Lives in a
+    /// run of this heap that is never freed; empty when fresh reports are
+    /// off or the run could not be allocated (then nothing is deduplicated).
+    reported: &'static mut [u64],
+    fresh_stats: FreshStats,
 }
 
 impl Heap {
@@ -106,6 +167,13 @@ impl Heap {
             bin_mask: 0,
             bins: [NIL; NBINS],
             partial: [NIL; NCLASSES],
+            reporter: None,
+            reported: &mut [],
+            fresh_stats: FreshStats {
+                calls: 0,
+                pages: 0,
+                refused: 0,
+            },
         }
     }
 
@@ -338,15 +406,18 @@ impl Heap {
                 self.push_free(p + n, len - n);
             }
             self.set_run(p, n, USED);
+            self.handed_out(p, n, len);
             return Some(p);
         }
-        if (self.meta.len() as u32 - self.top) < n {
+        let room = self.meta.len() as u32 - self.top;
+        if room < n {
             return None;
         }
         let p = self.top;
         self.top += n;
         self.fresh = self.fresh.max(self.top);
         self.set_run(p, n, USED);
+        self.handed_out(p, n, room);
         Some(p)
     }
 
@@ -354,12 +425,14 @@ impl Heap {
     /// are free.
     fn grow_in_place(&mut self, p: u32, n: u32, new_n: u32) -> bool {
         let (end, extra) = (p + n, new_n - n);
-        if end == self.top {
-            if (self.meta.len() as u32 - self.top) < extra {
+        let room = if end == self.top {
+            let room = self.meta.len() as u32 - self.top;
+            if room < extra {
                 return false;
             }
             self.top += extra;
             self.fresh = self.fresh.max(self.top);
+            room
         } else {
             if self.kind(end) != FREE || self.len(end) < extra {
                 return false;
@@ -369,9 +442,137 @@ impl Heap {
             if len > extra {
                 self.push_free(end + extra, len - extra);
             }
-        }
+            len
+        };
         self.set_run(p, new_n, USED);
+        // Only the added pages: the first `n` keep the block's contents.
+        self.handed_out(end, extra, room);
         true
+    }
+
+    /// From now on, reports every run of pages handed out to `reporter`
+    /// (see the module docs). Called once in a clone, right after the clone
+    /// point; later calls change nothing. Allocates the dedup bitmap (1 bit
+    /// per heap page, never freed) and reports its own pages.
+    pub fn start_fresh_reports(&mut self, reporter: FreshReporter) {
+        if self.reporter.is_some() {
+            return;
+        }
+        let words = self.meta.len().div_ceil(64);
+        let n = pages_for(words * size_of::<u64>());
+        let fresh = self.fresh;
+        let bitmap = self.alloc_pages(n);
+        self.reporter = Some(reporter);
+        let Some(p) = bitmap else {
+            return;
+        };
+        // Before the bitmap is written; with no bitmap yet, in full.
+        self.report_fresh(p, n);
+        let dirty = (fresh.saturating_sub(p) as usize * PAGE).min(words * size_of::<u64>());
+        let bits = self.addr(p).cast::<u64>();
+        // SAFETY: the run was just allocated with at least `dirty` bytes.
+        unsafe { ptr::write_bytes(bits.cast::<u8>(), 0, dirty) };
+        // SAFETY: the run holds `words` u64s, is page aligned and is never
+        // freed, so the bitmap owns it for the heap's life; its pages from
+        // `fresh` up were zero already, the rest was cleared above.
+        self.reported = unsafe { core::slice::from_raw_parts_mut(bits, words) };
+        set_bits(self.reported, p, p + n);
+    }
+
+    /// Whether [`Heap::start_fresh_reports`] ran.
+    pub fn reports_fresh(&self) -> bool {
+        self.reporter.is_some()
+    }
+
+    /// Counters of the fresh reports so far.
+    pub fn fresh_stats(&self) -> FreshStats {
+        self.fresh_stats
+    }
+
+    /// `[p, p+n)` was just handed out from a free run or the top whose pages
+    /// `[p, p+avail)` were all free: reports the new pages, and some of the
+    /// rest (see [`FRESH_BATCH`]).
+    fn handed_out(&mut self, p: u32, n: u32, avail: u32) {
+        if self.reporter.is_some() {
+            self.report_fresh(p, avail.min(n.max(FRESH_BATCH)));
+        }
+    }
+
+    /// Reports the pages of `[p, p+len)` not reported before.
+    fn report_fresh(&mut self, p: u32, len: u32) {
+        let Some(report) = self.reporter else {
+            return;
+        };
+        let end = p + len;
+        let mut buf = [PageRun::default(); FRESH_RUNS];
+        let mut k = 0;
+        let mut page = p;
+        while page < end {
+            let (start, stop) = if self.reported.is_empty() {
+                (page, end)
+            } else {
+                let start = next_bit(self.reported, page, end, false);
+                let stop = next_bit(self.reported, start, end, true);
+                set_bits(self.reported, start, stop);
+                (start, stop)
+            };
+            if start < stop {
+                buf[k] = PageRun {
+                    start: self.addr(start) as u64,
+                    len: u64::from(stop - start) * PAGE as u64,
+                };
+                k += 1;
+                if k == FRESH_RUNS {
+                    self.send_fresh(report, &buf);
+                    k = 0;
+                }
+            }
+            page = stop;
+        }
+        if k > 0 {
+            self.send_fresh(report, &buf[..k]);
+        }
+    }
+
+    fn send_fresh(&mut self, report: FreshReporter, runs: &[PageRun]) {
+        self.fresh_stats.calls += 1;
+        self.fresh_stats.pages += runs.iter().map(|r| r.len / PAGE as u64).sum::<u64>();
+        if !report(runs) {
+            self.fresh_stats.refused += 1;
+        }
+    }
+
+    /// Writes the heap's free page runs to `out`: the top first (everything
+    /// from `top` up), then the free runs, longest size class first. If there
+    /// are more runs than `out` holds, the shortest ones are left out (and
+    /// counted). Slab pages and the side table are never listed.
+    pub fn free_runs(&self, out: &mut [PageRun]) -> FreeRuns {
+        let mut found = FreeRuns::default();
+        let mut add = |addr: u64, len: u32| {
+            if found.runs < out.len() {
+                out[found.runs] = PageRun {
+                    start: addr,
+                    len: u64::from(len) * PAGE as u64,
+                };
+                found.runs += 1;
+                found.pages += u64::from(len);
+            } else {
+                found.omitted_runs += 1;
+                found.omitted_pages += u64::from(len);
+            }
+        };
+        let total = self.meta.len() as u32;
+        if self.top < total {
+            add(self.addr(self.top) as u64, total - self.top);
+        }
+        for &head in self.bins.iter().rev() {
+            let mut p = head;
+            while p != NIL {
+                add(self.addr(p) as u64, self.len(p));
+                p = self.meta[p as usize].next;
+            }
+        }
+        found
     }
 
     /// Returns the run `[p, p+n)`, merging it with free neighbours or the top.
@@ -463,6 +664,36 @@ fn list_unlink(meta: &mut [Meta], head: &mut u32, p: u32) {
     }
 }
 
+/// The first bit in `[from, end)` of `bits` equal to `value`, or `end`.
+fn next_bit(bits: &[u64], from: u32, end: u32, value: bool) -> u32 {
+    let mut i = from;
+    while i < end {
+        let raw = bits[i as usize / 64];
+        let word = if value { raw } else { !raw } >> (i % 64);
+        if word != 0 {
+            return (i + word.trailing_zeros()).min(end);
+        }
+        i = (i / 64 + 1) * 64;
+    }
+    end
+}
+
+/// Sets the bits `[from, end)` of `bits`.
+fn set_bits(bits: &mut [u64], from: u32, end: u32) {
+    let mut i = from;
+    while i < end {
+        let bit = i % 64;
+        let span = (64 - bit).min(end - i);
+        let mask = if span == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << span) - 1) << bit
+        };
+        bits[i as usize / 64] |= mask;
+        i += span;
+    }
+}
+
 /// The size class serving `layout`, if it is small. Classes above 16 bytes
 /// that are powers of two sit at multiples of their size in page-aligned
 /// slabs, so a power-of-two size at least the alignment is aligned too.
@@ -541,12 +772,61 @@ impl LockedHeap {
         self.with(|heap| heap.capacity())
     }
 
+    /// Lists the heap's free page runs ([`Heap::free_runs`]) in a static
+    /// buffer of [`MAX_REPORT_RUNS`] runs and passes them to `report`. Does
+    /// not allocate. With more free runs than that, the shortest are left
+    /// out (their pages are then copied to clones like live ones).
+    pub fn report_free_pages<R>(&self, report: impl FnOnce(&[PageRun]) -> R) -> (FreeRuns, R) {
+        FREE_RUNS.with(|buf| {
+            let found = self.with(|heap| heap.free_runs(buf));
+            (found, report(&buf[..found.runs]))
+        })
+    }
+
+    /// [`Heap::start_fresh_reports`] on this heap.
+    pub fn start_fresh_reports(&self, reporter: FreshReporter) {
+        self.with(|heap| heap.start_fresh_reports(reporter));
+    }
+
+    /// [`Heap::fresh_stats`] of this heap.
+    pub fn fresh_stats(&self) -> FreshStats {
+        self.with(|heap| heap.fresh_stats())
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut Heap) -> R) -> R {
         while self.locked.swap(true, Ordering::Acquire) {
             core::hint::spin_loop();
         }
         // SAFETY: holding the lock makes this the only reference to the heap.
         let result = f(unsafe { &mut *self.heap.get() });
+        self.locked.store(false, Ordering::Release);
+        result
+    }
+}
+
+/// The buffer of free runs for `REPORT_PAGES(Free)`: static, so that making
+/// the report allocates nothing (the heap is what it describes), and all
+/// zeros, so that it costs the image nothing but `.bss`.
+struct FreeRunBuffer {
+    locked: AtomicBool,
+    runs: UnsafeCell<[PageRun; MAX_REPORT_RUNS as usize]>,
+}
+
+// SAFETY: the runs are only reached through `with`, which holds the lock.
+unsafe impl Sync for FreeRunBuffer {}
+
+static FREE_RUNS: FreeRunBuffer = FreeRunBuffer {
+    locked: AtomicBool::new(false),
+    runs: UnsafeCell::new([PageRun { start: 0, len: 0 }; MAX_REPORT_RUNS as usize]),
+};
+
+impl FreeRunBuffer {
+    fn with<R>(&self, f: impl FnOnce(&mut [PageRun]) -> R) -> R {
+        while self.locked.swap(true, Ordering::Acquire) {
+            core::hint::spin_loop();
+        }
+        // SAFETY: holding the lock makes this the only reference to the runs.
+        let result = f(unsafe { &mut *self.runs.get() });
         self.locked.store(false, Ordering::Release);
         result
     }
@@ -578,7 +858,40 @@ unsafe impl GlobalAlloc for LockedHeap {
 mod tests {
     use super::*;
     use crate::rand::SplitMix64;
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::vec::Vec;
+
+    std::thread_local! {
+        /// Fresh reports made on this test's thread.
+        static REPORTED: RefCell<Vec<PageRun>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn record(runs: &[PageRun]) -> bool {
+        REPORTED.with(|r| r.borrow_mut().extend_from_slice(runs));
+        true
+    }
+
+    /// Page addresses in the fresh reports since the last call.
+    fn take_reported() -> Vec<u64> {
+        REPORTED.with(|r| {
+            r.borrow_mut()
+                .drain(..)
+                .flat_map(|run| {
+                    assert!(run.len > 0 && run.len % PAGE as u64 == 0, "{run:?}");
+                    assert_eq!(run.start % PAGE as u64, 0, "{run:?}");
+                    (run.start..run.start + run.len).step_by(PAGE)
+                })
+                .collect()
+        })
+    }
+
+    /// Addresses of the pages `[p, p+len)` touches.
+    fn pages_of(p: *mut u8, len: usize) -> impl Iterator<Item = u64> {
+        let first = p as u64 & !(PAGE as u64 - 1);
+        let end = (p as u64 + len.max(1) as u64).next_multiple_of(PAGE as u64);
+        (first..end).step_by(PAGE)
+    }
 
     /// A heap over `mib` MiB of zeroed host memory (leaked: tests are short).
     fn heap(mib: usize) -> Heap {
@@ -723,6 +1036,246 @@ mod tests {
                 .is_null()
         );
         tiny.check();
+    }
+
+    #[test]
+    fn free_runs_list_the_top_and_free_runs_only() {
+        let mut h = heap(16);
+        let l = |pages: usize| Layout::from_size_align(pages * PAGE, 8).unwrap();
+        let small = Layout::from_size_align(100, 8).unwrap();
+        let blocks: Vec<_> = (0..6).map(|i| h.alloc(l(i + 1))).collect();
+        let tiny = h.alloc(small);
+        // SAFETY: allocated above with these layouts.
+        unsafe {
+            h.dealloc(blocks[1], l(2));
+            h.dealloc(blocks[3], l(4));
+        }
+        let mut out = [PageRun::default(); 8];
+        let found = h.free_runs(&mut out);
+        assert_eq!(found.runs, 3);
+        assert_eq!(found.omitted_runs, 0);
+        // The top, then the 4-page run, then the 2-page one.
+        assert_eq!(out[0].start, h.addr(h.top) as u64);
+        assert_eq!(
+            out[0].len,
+            (h.meta.len() as u64 - u64::from(h.top)) * PAGE as u64
+        );
+        assert_eq!(
+            out[1],
+            PageRun {
+                start: blocks[3] as u64,
+                len: 4 * PAGE as u64
+            }
+        );
+        assert_eq!(
+            out[2],
+            PageRun {
+                start: blocks[1] as u64,
+                len: 2 * PAGE as u64
+            }
+        );
+        assert_eq!(
+            found.pages,
+            out[..3].iter().map(|r| r.len / PAGE as u64).sum::<u64>()
+        );
+        let live: BTreeSet<u64> = [(0, 1), (2, 3), (4, 5), (5, 6)]
+            .iter()
+            .flat_map(|&(i, pages)| pages_of(blocks[i], pages * PAGE))
+            .chain(pages_of(tiny, 100))
+            .collect();
+        for run in &out[..3] {
+            for page in (run.start..run.start + run.len).step_by(PAGE) {
+                assert!(
+                    !live.contains(&page),
+                    "free run {run:?} covers live page {page:#x}"
+                );
+            }
+        }
+        // A short buffer keeps the longest runs.
+        let mut short = [PageRun::default(); 2];
+        let found = h.free_runs(&mut short);
+        assert_eq!(
+            (found.runs, found.omitted_runs, found.omitted_pages),
+            (2, 1, 2)
+        );
+        assert_eq!(short[1].len, 4 * PAGE as u64);
+        // An emptied slab that the class keeps is not free: its blocks hold links.
+        // SAFETY: allocated above with `small`.
+        unsafe { h.dealloc(tiny, small) };
+        let found = h.free_runs(&mut out);
+        assert!(
+            out[..found.runs]
+                .iter()
+                .all(|r| !(r.start..r.start + r.len).contains(&(tiny as u64)))
+        );
+        h.check();
+    }
+
+    #[test]
+    fn fresh_reports_cover_new_pages_once_and_never_live_ones() {
+        let mut h = heap(64);
+        take_reported();
+        let l = |pages: usize| Layout::from_size_align(pages * PAGE, 8).unwrap();
+        // Before the clone point nothing is reported.
+        let kept = h.alloc(l(8));
+        let dropped = h.alloc(l(40));
+        // SAFETY: allocated above with l(40).
+        unsafe { h.dealloc(dropped, l(40)) };
+        let grow = h.alloc(l(3));
+        assert!(take_reported().is_empty());
+
+        h.start_fresh_reports(record);
+        assert!(h.reports_fresh());
+        let bitmap: BTreeSet<u64> = take_reported().into_iter().collect();
+        assert!(!bitmap.is_empty(), "the bitmap's own pages are reported");
+        let live: BTreeSet<u64> = pages_of(kept, 8 * PAGE)
+            .chain(pages_of(grow, 3 * PAGE))
+            .collect();
+        assert!(bitmap.is_disjoint(&live));
+
+        // A block from the old free run: its pages are reported, with the
+        // rest of the run (dead too), but not the bitmap's pages again.
+        let a = h.alloc(l(2));
+        let got: BTreeSet<u64> = take_reported().into_iter().collect();
+        assert!(pages_of(a, 2 * PAGE).all(|p| got.contains(&p) || bitmap.contains(&p)));
+        assert!(got.is_disjoint(&live) && got.is_disjoint(&bitmap));
+        let mut seen: BTreeSet<u64> = bitmap.union(&got).copied().collect();
+
+        // Growing in place reports only the added pages.
+        // SAFETY: allocated above with l(3).
+        let grown = unsafe { h.realloc(grow, l(3), 20 * PAGE) };
+        let got = take_reported();
+        if grown == grow {
+            assert!(
+                got.iter()
+                    .all(|p| !pages_of(grow, 3 * PAGE).any(|q| q == *p))
+            );
+        }
+        for p in got {
+            assert!(seen.insert(p), "page {p:#x} reported twice");
+            assert!(!live.contains(&p) || grown != grow);
+        }
+        // Freed and allocated again: nothing new to report.
+        // SAFETY: allocated above with l(2).
+        unsafe { h.dealloc(a, l(2)) };
+        let again = h.alloc(l(2));
+        assert_eq!(again, a);
+        assert!(take_reported().is_empty());
+        let stats = h.fresh_stats();
+        assert_eq!(stats.pages, seen.len() as u64);
+        assert_eq!(stats.refused, 0);
+        assert!(stats.calls <= 4, "{stats:?}");
+        h.check();
+    }
+
+    /// Random operations after the clone point: no report covers a page of
+    /// a block that stays live (other than what was just handed out), no
+    /// page is reported twice, and every page handed out for a page-run
+    /// block since is reported by the time the block is returned.
+    #[test]
+    fn fresh_reports_under_random_churn() {
+        let mut h = heap(64);
+        let mut rng = SplitMix64::new(7);
+        let mut live: Vec<(*mut u8, Layout)> = Vec::new();
+        // Live blocks other than the one handed out this round: start -> end.
+        let mut others: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut reported: BTreeSet<u64> = BTreeSet::new();
+        take_reported();
+        for round in 0..20_000u32 {
+            if round == 2_000 {
+                h.start_fresh_reports(record);
+                reported.extend(take_reported());
+            }
+            let op = rng.below(10);
+            // The block handed out this round, and how many of its bytes it kept.
+            let (q, l, kept) = if op < 5 || live.is_empty() {
+                let size = match rng.below(3) {
+                    0 => 1 + rng.below(2048),
+                    1 => 1 + rng.below(64 << 10),
+                    _ => 1 + rng.below(1 << 20),
+                } as usize;
+                let layout = Layout::from_size_align(size, 1 << rng.below(14)).unwrap();
+                let p = if op == 0 {
+                    h.alloc_zeroed(layout)
+                } else {
+                    h.alloc(layout)
+                };
+                if p.is_null() {
+                    continue;
+                }
+                if op == 0 {
+                    // SAFETY: just allocated with `size` bytes.
+                    let bytes = unsafe { core::slice::from_raw_parts(p, size) };
+                    assert!(bytes.iter().all(|&b| b == 0));
+                }
+                (p, layout, 0)
+            } else {
+                let (p, layout) = live.swap_remove(rng.below(live.len() as u64) as usize);
+                others.remove(&(p as u64));
+                if op < 8 {
+                    // SAFETY: live block with its layout.
+                    unsafe { h.dealloc(p, layout) };
+                    continue;
+                }
+                let new_size = 1 + rng.below(2 * layout.size() as u64 + 4096) as usize;
+                // SAFETY: live block with its layout; sizes are small.
+                let q = unsafe { h.realloc(p, layout, new_size) };
+                if q.is_null() {
+                    live.push((p, layout));
+                    others.insert(p as u64, p as u64 + layout.size() as u64);
+                    continue;
+                }
+                let kept = if q == p {
+                    layout.size().min(new_size)
+                } else {
+                    0
+                };
+                (
+                    q,
+                    Layout::from_size_align(new_size, layout.align()).unwrap(),
+                    kept,
+                )
+            };
+            let got = take_reported();
+            for &page in &got {
+                assert!(
+                    reported.insert(page),
+                    "round {round}: page {page:#x} reported twice"
+                );
+                let overlaps = others
+                    .range(..page + PAGE as u64)
+                    .next_back()
+                    .is_some_and(|(_, &end)| end > page);
+                let in_kept = page < q as u64 + kept as u64 && page + PAGE as u64 > q as u64;
+                assert!(
+                    !overlaps && !in_kept,
+                    "round {round}: live page {page:#x} reported"
+                );
+            }
+            if round >= 2_000 && small_class(l).is_none() {
+                let kept_pages = if kept > 0 {
+                    pages_for(kept) as usize
+                } else {
+                    0
+                };
+                assert!(
+                    pages_of(q, l.size())
+                        .skip(kept_pages)
+                        .all(|p| reported.contains(&p)),
+                    "round {round}: block {q:?} {l:?} not reported"
+                );
+            }
+            // SAFETY: live block of at least this size.
+            unsafe { ptr::write_bytes(q, round as u8, l.size()) };
+            live.push((q, l));
+            others.insert(q as u64, q as u64 + l.size() as u64);
+            if round % 5_000 == 0 {
+                h.check();
+            }
+        }
+        h.check();
+        assert_eq!(h.fresh_stats().refused, 0);
+        assert_eq!(h.fresh_stats().pages, reported.len() as u64);
     }
 
     /// Random allocations, frees and reallocs of all sizes and alignments;

@@ -4,7 +4,9 @@
 //! This is the only place that talks to the VMM. The wrappers return raw
 //! register values; [`mod@crate::clone`] and [`crate::console`] turn them into types.
 
-use crate::abi::{HYPERCALL_PORT, MAX_TRANSFER, PanicReport, nr};
+use crate::abi::{
+    HYPERCALL_PORT, MAX_REPORT_RUNS, MAX_TRANSFER, PageReportKind, PageRun, PanicReport, nr,
+};
 use core::arch::asm;
 
 /// Issues hypercall `nr` and returns `(rax, rdx)`.
@@ -170,4 +172,24 @@ pub fn kill(ticket: u64) -> u64 {
 pub fn time_ns() -> u64 {
     // SAFETY: no pointer arguments.
     unsafe { call(nr::TIME_NS, 0, 0, 0, 0).0 }
+}
+
+/// `REPORT_PAGES(runs, kind)`: 0 or -errno (`EINVAL` for runs outside the
+/// heap, unaligned, empty or overlapping).
+pub fn report_pages(runs: &[PageRun], kind: PageReportKind) -> u64 {
+    assert!(
+        runs.len() as u64 <= MAX_REPORT_RUNS,
+        "page report over MAX_REPORT_RUNS"
+    );
+    // SAFETY: the VMM reads `runs.len()` runs from a valid slice.
+    unsafe {
+        call(
+            nr::REPORT_PAGES,
+            runs.as_ptr() as u64,
+            runs.len() as u64,
+            kind as u64,
+            0,
+        )
+        .0
+    }
 }

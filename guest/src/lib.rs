@@ -71,7 +71,7 @@ pub fn boot_info() -> &'static BootInfo {
 /// include/snowflock.h must say what abi.rs says.
 #[cfg(test)]
 mod header_tests {
-    use crate::abi::{self, ChildStatus, errno, nr};
+    use crate::abi::{self, ChildStatus, PageReportKind, errno, nr};
 
     fn define(name: &str) -> u64 {
         let header = include_str!("../include/snowflock.h");
@@ -118,6 +118,10 @@ mod header_tests {
             ("SF_NR_CHILD_RESULT", u64::from(nr::CHILD_RESULT)),
             ("SF_NR_KILL", u64::from(nr::KILL)),
             ("SF_NR_TIME_NS", u64::from(nr::TIME_NS)),
+            ("SF_NR_REPORT_PAGES", u64::from(nr::REPORT_PAGES)),
+            ("SF_MAX_REPORT_RUNS", abi::MAX_REPORT_RUNS),
+            ("SF_PAGE_REPORT_FREE", PageReportKind::Free as u64),
+            ("SF_PAGE_REPORT_FRESH", PageReportKind::Fresh as u64),
             ("SF_CHILD_EXITED", ChildStatus::Exited as u64),
             ("SF_CHILD_FAILED", ChildStatus::Failed as u64),
             ("SF_CHILD_KILLED", ChildStatus::Killed as u64),

@@ -171,6 +171,7 @@ pub fn run(config: &Config, sink: &mut dyn Sink) -> anyhow::Result<()> {
             clone_limit,
             lines: console.sink(),
             descriptor_dir: None,
+            cluster: None,
         },
     );
     for &n in &config.clones {

@@ -1,5 +1,7 @@
 //! `sf`: run flock images, watch them clone, inspect descriptors.
 
+mod cluster_cli;
+mod daemon_cli;
 mod report;
 
 use std::path::PathBuf;
@@ -41,6 +43,55 @@ enum Command {
     },
     /// List the example images built into this binary.
     Images,
+    /// Run a local test cluster of sfd hosts in network namespaces.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster_cli::ClusterCommand,
+    },
+    /// Start a flock image on the host's sfd.
+    Start {
+        #[command(flatten)]
+        target: daemon_cli::Target,
+        #[command(flatten)]
+        args: daemon_cli::StartArgs,
+    },
+    /// Follow a VM started with `sf start` until it ends.
+    Wait {
+        #[command(flatten)]
+        target: daemon_cli::Target,
+        vm: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clone a running VM from outside.
+    Clone {
+        #[command(flatten)]
+        target: daemon_cli::Target,
+        vm: u64,
+        /// Number of clones.
+        #[arg(long, short = 'n', default_value_t = 1)]
+        clones: u32,
+    },
+    /// List the VMs of every cluster host.
+    Ps {
+        #[command(flatten)]
+        target: daemon_cli::Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a VM: `VM` on this host or `HOST/VM`.
+    Kill {
+        #[command(flatten)]
+        target: daemon_cli::Target,
+        vm: String,
+    },
+    /// Fault counters per hollow clone and per host.
+    Stats {
+        #[command(flatten)]
+        target: daemon_cli::Target,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +163,15 @@ fn main() -> ExitCode {
         Command::Descriptor {
             command: DescriptorCommand::Inspect { file, json },
         } => inspect(&file, json),
+        Command::Start { target, args } => {
+            load_image(&args.image).and_then(|image| daemon_cli::start(&target.socket, args, image))
+        }
+        Command::Cluster { command } => cluster_cli::run(command),
+        Command::Wait { target, vm, json } => daemon_cli::wait(&target.socket, vm, json),
+        Command::Clone { target, vm, clones } => daemon_cli::clone(&target.socket, vm, clones),
+        Command::Ps { target, json } => daemon_cli::ps(&target.socket, json),
+        Command::Kill { target, vm } => daemon_cli::kill(&target.socket, &vm),
+        Command::Stats { target, json } => daemon_cli::stats(&target.socket, json),
         Command::Images => {
             for (name, bytes) in snowflock_guest::images::ALL {
                 println!("{name:<12} {:>8} bytes", bytes.len());
@@ -161,6 +221,7 @@ fn supervisor(
             clone_limit,
             lines,
             descriptor_dir,
+            cluster: None,
         },
     ))
 }

@@ -57,6 +57,9 @@ impl From<&VmOutcome> for Outcome {
                 reason: reason.clone(),
             },
             VmOutcome::Killed => Self::Killed,
+            VmOutcome::Lost(reason) => Self::Failed {
+                reason: format!("lost: {reason}"),
+            },
         }
     }
 }

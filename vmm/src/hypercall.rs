@@ -2,7 +2,11 @@
 //! registers. Every pointer and length is checked against the guest layout
 //! here, before any host code touches guest memory.
 
-use snowflock_guest::abi::{MAX_TRANSFER, PanicReport, nr};
+use std::ops::Range;
+
+use snowflock_guest::abi::{
+    MAX_REPORT_RUNS, MAX_TRANSFER, PAGE_SIZE, PageReportKind, PageRun, PanicReport, nr,
+};
 
 use crate::boot::GuestLayout;
 use crate::hypervisor::Regs;
@@ -52,6 +56,19 @@ pub enum Hypercall {
         ticket: u64,
     },
     TimeNs,
+    /// `REPORT_PAGES`: the run array passed validation as a guest range; the
+    /// runs themselves are checked by [`page_runs`] once read.
+    ReportPages {
+        runs: GuestRange,
+        kind: PageReportKind,
+    },
+    /// Arguments out of range in a way the guest can handle: answered with
+    /// `-EINVAL`, and the VM goes on.
+    Invalid {
+        nr: u32,
+        what: &'static str,
+        value: u64,
+    },
 }
 
 /// A hypercall the VMM refuses; it ends the calling VM.
@@ -130,8 +147,97 @@ pub fn decode(number: u32, regs: &Regs, layout: &GuestLayout) -> Result<Hypercal
         },
         nr::KILL => Hypercall::Kill { ticket: a0 },
         nr::TIME_NS => Hypercall::TimeNs,
+        nr::REPORT_PAGES => report_pages(layout, a0, a1, a2)?,
         nr => return Err(HypercallError::UnknownNumber { nr }),
     })
+}
+
+fn report_pages(
+    layout: &GuestLayout,
+    runs: u64,
+    count: u64,
+    kind: u64,
+) -> Result<Hypercall, HypercallError> {
+    let invalid = |what, value| Hypercall::Invalid {
+        nr: nr::REPORT_PAGES,
+        what,
+        value,
+    };
+    if count > MAX_REPORT_RUNS {
+        return Ok(invalid("page run count", count));
+    }
+    let runs = range(
+        layout,
+        "page run array",
+        runs,
+        count * size_of::<PageRun>() as u64,
+        false,
+    )?;
+    Ok(match PageReportKind::from_raw(kind) {
+        Some(kind) => Hypercall::ReportPages { runs, kind },
+        None => invalid("page report kind", kind),
+    })
+}
+
+/// Why a `REPORT_PAGES` run array was refused (answered with `-EINVAL`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PageRunError {
+    #[error("page run array of {len} bytes is not a whole number of runs")]
+    Truncated { len: usize },
+    #[error("page run {index} ({start:#x}+{len:#x}) is empty or not page aligned")]
+    Unaligned { index: usize, start: u64, len: u64 },
+    #[error("page run {index} ({start:#x}+{len:#x}) is outside the heap {heap:#x?}")]
+    OutsideHeap {
+        index: usize,
+        start: u64,
+        len: u64,
+        heap: Range<u64>,
+    },
+    #[error("page runs overlap at {addr:#x}")]
+    Overlap { addr: u64 },
+}
+
+/// Decodes a `REPORT_PAGES` run array (`count` little-endian [`PageRun`]s, in
+/// any order) into sorted, disjoint `(first page, page count)` runs, adjacent
+/// ones merged. Every run must be non-empty, page aligned and inside `heap`
+/// (`BootInfo::heap_start..heap_end`), and no two may overlap.
+pub fn page_runs(raw: &[u8], heap: Range<u64>) -> Result<Vec<(u64, u64)>, PageRunError> {
+    const RUN: usize = size_of::<PageRun>();
+    if !raw.len().is_multiple_of(RUN) {
+        return Err(PageRunError::Truncated { len: raw.len() });
+    }
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let mut runs = Vec::with_capacity(raw.len() / RUN);
+    for (index, chunk) in raw.chunks_exact(RUN).enumerate() {
+        let (start, len) = (word(&chunk[..8]), word(&chunk[8..]));
+        if len == 0 || !start.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(PageRunError::Unaligned { index, start, len });
+        }
+        let inside = start >= heap.start && start.checked_add(len).is_some_and(|e| e <= heap.end);
+        if !inside {
+            return Err(PageRunError::OutsideHeap {
+                index,
+                start,
+                len,
+                heap,
+            });
+        }
+        runs.push((start / PAGE_SIZE, len / PAGE_SIZE));
+    }
+    runs.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (start, count) in runs {
+        match merged.last_mut() {
+            Some((prev, n)) if *prev + *n > start => {
+                return Err(PageRunError::Overlap {
+                    addr: start * PAGE_SIZE,
+                });
+            }
+            Some((prev, n)) if *prev + *n == start => *n += count,
+            _ => merged.push((start, count)),
+        }
+    }
+    Ok(merged)
 }
 
 /// Decodes a [`PanicReport`]'s raw bytes and validates its two strings.
@@ -225,5 +331,87 @@ mod tests {
         );
         let err = decode(nr::REQUEST_TICKET, &regs(u64::MAX, 0, 0, 0), &l);
         assert!(matches!(err, Err(HypercallError::BadValue { .. })));
+    }
+
+    const HEAP: Range<u64> = 0x40_0000..0x100_0000;
+
+    fn raw_runs(runs: &[(u64, u64)]) -> Vec<u8> {
+        runs.iter()
+            .flat_map(|&(start, len)| [start.to_le_bytes(), len.to_le_bytes()])
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn report_pages_validates_pointer_count_and_kind() {
+        let l = layout();
+        let free = PageReportKind::Free as u64;
+        assert_eq!(
+            decode(nr::REPORT_PAGES, &regs(IMAGE_BASE, 3, free, 0), &l),
+            Ok(Hypercall::ReportPages {
+                runs: GuestRange {
+                    addr: IMAGE_BASE,
+                    len: 48
+                },
+                kind: PageReportKind::Free
+            })
+        );
+        // No runs: any pointer will do.
+        assert!(matches!(
+            decode(nr::REPORT_PAGES, &regs(0, 0, 1, 0), &l),
+            Ok(Hypercall::ReportPages {
+                kind: PageReportKind::Fresh,
+                ..
+            })
+        ));
+        // A bad pointer ends the VM, like for any hypercall.
+        for (addr, count) in [(0, 1), (l.mem_size - 16, 2), (u64::MAX - 8, 1)] {
+            let err = decode(nr::REPORT_PAGES, &regs(addr, count, free, 0), &l).unwrap_err();
+            assert!(matches!(err, HypercallError::BadPointer { .. }), "{err}");
+        }
+        // Too many runs or an unknown kind: -EINVAL, the VM goes on.
+        for (count, kind) in [(MAX_REPORT_RUNS + 1, free), (u64::MAX, free), (1, 2)] {
+            let call = decode(nr::REPORT_PAGES, &regs(IMAGE_BASE, count, kind, 0), &l).unwrap();
+            assert!(matches!(call, Hypercall::Invalid { .. }), "{call:?}");
+        }
+    }
+
+    #[test]
+    fn page_runs_are_sorted_merged_and_turned_into_page_indices() {
+        let raw = raw_runs(&[
+            (0x80_0000, 0x2000),
+            (0x40_0000, 0x1000),
+            (0x80_2000, 0x1000),
+            (0xff_f000, 0x1000),
+        ]);
+        assert_eq!(
+            page_runs(&raw, HEAP),
+            Ok(vec![(0x400, 1), (0x800, 3), (0xfff, 1)])
+        );
+        assert_eq!(page_runs(&[], HEAP), Ok(vec![]));
+    }
+
+    #[test]
+    fn bad_page_runs_are_refused() {
+        for (runs, what) in [
+            (vec![(0x40_0800, 0x1000)], "unaligned start"),
+            (vec![(0x40_0000, 0x800)], "unaligned length"),
+            (vec![(0x40_0000, 0)], "empty"),
+            (vec![(0x3f_f000, 0x2000)], "below the heap"),
+            (vec![(0xff_f000, 0x2000)], "past the heap"),
+            (vec![(u64::MAX - 0xfff, 0x1000)], "past the end of memory"),
+            (vec![(0x40_0000, u64::MAX - 0xfff)], "wrapping"),
+            (
+                vec![(0x80_0000, 0x3000), (0x80_2000, 0x1000)],
+                "overlapping",
+            ),
+            (vec![(0x80_0000, 0x1000), (0x80_0000, 0x1000)], "duplicate"),
+        ] {
+            assert!(page_runs(&raw_runs(&runs), HEAP).is_err(), "{what}");
+        }
+        assert_eq!(
+            page_runs(&[0; 20], HEAP),
+            Err(PageRunError::Truncated { len: 20 })
+        );
     }
 }

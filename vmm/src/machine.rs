@@ -2,13 +2,22 @@
 //! answers itself. Hypercalls that need the control plane (tickets, clones,
 //! join) come back from [`Machine::run`] as a [`Request`]; the caller answers
 //! with [`Machine::reply`] (or [`Machine::reply_child_result`]) and runs again.
+//!
+//! Page reports (`REPORT_PAGES`) are answered here too: the latest *free*
+//! report goes into the snapshot of the capture that follows it
+//! ([`MachineSnapshot::free_pages`]), *fresh* reports go to the hook set with
+//! [`Machine::set_fresh_pages_hook`].
 
 use std::io::Write;
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use snowflock_guest::abi::{EXCEPTION_PORT, HYPERCALL_PORT, PAGE_SIZE, PanicReport};
+use snowflock_guest::abi::{
+    BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, EXCEPTION_PORT, HYPERCALL_PORT, IMAGE_BASE,
+    PAGE_SIZE, PageReportKind, PanicReport, errno, nr,
+};
 
 use crate::boot::{self, BootError, GuestLayout};
 use crate::hypercall::{self, GuestRange, Hypercall, HypercallError};
@@ -19,6 +28,30 @@ use crate::memory::{GuestMemory, MemoryError, MemoryImage, PageRuns, ReservedMem
 
 /// Receives console bytes of a VM.
 pub type ConsoleSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// Receives the runs `(first page, page count)` of a `REPORT_PAGES(Fresh)`:
+/// guest pages whose contents the guest will overwrite, so a hollow clone
+/// need not fetch them. Called on the vCPU thread before the guest resumes.
+pub type FreshPagesHook = Arc<dyn Fn(&[(u64, u64)]) + Send + Sync>;
+
+/// Counters of the `REPORT_PAGES` calls a VM made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageReportStats {
+    /// Free reports accepted.
+    pub free_reports: u64,
+    /// Runs and pages in the free reports accepted, summed.
+    pub free_runs: u64,
+    pub free_pages: u64,
+    /// Free reports that went into a capture's snapshot.
+    pub free_reports_captured: u64,
+    /// Fresh reports accepted, and their pages.
+    pub fresh_reports: u64,
+    pub fresh_pages: u64,
+    /// Fresh pages passed to the hook (the rest were ignored: no hook set).
+    pub fresh_pages_forwarded: u64,
+    /// Reports refused with `-EINVAL` (bad runs, count or kind).
+    pub refused: u64,
+}
 
 const MEMORY_SLOT: u32 = 0;
 
@@ -156,6 +189,11 @@ pub struct MachineSnapshot {
     /// Pages holding data; every other page is zero. Empty until
     /// [`MachineSnapshot::describe_memory`] fills it in.
     pub data_pages: PageRuns,
+    /// Heap pages the guest reported free right before this capture
+    /// (`REPORT_PAGES(Free)`): their contents do not matter, so clones may
+    /// get zeros instead. Sorted, disjoint, inside the heap; empty without
+    /// a report.
+    pub free_pages: PageRuns,
 }
 
 impl MachineSnapshot {
@@ -229,6 +267,13 @@ pub struct Machine {
     /// Unmapping of memory this VM no longer uses, on the housekeeper;
     /// awaited on drop so that a dropped Machine has released everything.
     retiring: Vec<crate::background::Job<()>>,
+    /// The heap range from the boot information (read on first need in
+    /// restored VMs).
+    heap: Option<Range<u64>>,
+    /// The latest free report, while the next capture may use it.
+    free_report: Option<PageRuns>,
+    fresh_hook: Option<FreshPagesHook>,
+    report_stats: PageReportStats,
 }
 
 impl Drop for Machine {
@@ -262,7 +307,7 @@ impl Machine {
     ) -> Result<Self, MachineError> {
         let prepared = PreparedVm::new(hv, config.mem_size)?;
         let memory = GuestMemory::new_in(prepared.reserved)?;
-        let (entry, _) = boot::setup(&memory, image, &config.cmdline, hv.tsc_khz())?;
+        let (entry, loaded) = boot::setup(&memory, image, &config.cmdline, hv.tsc_khz())?;
         let mut machine = Self::assemble(
             hv,
             prepared.vm,
@@ -270,6 +315,7 @@ impl Machine {
             memory,
             config.console.clone(),
         )?;
+        machine.heap = Some(loaded.end..machine.layout.guard_start());
         machine.vcpu.set_long_mode_entry(&entry)?;
         Ok(machine)
     }
@@ -309,6 +355,31 @@ impl Machine {
         Ok(machine)
     }
 
+    /// A VM resuming `snapshot` on hollow memory (see
+    /// [`GuestMemory::hollow_in`]): nothing is read or written in guest
+    /// memory here, so the caller can register it with a userfaultfd handler
+    /// before the vCPU first runs.
+    pub fn restore_hollow(
+        hv: &dyn Hypervisor,
+        prepared: PreparedVm,
+        snapshot: &MachineSnapshot,
+        console: ConsoleSink,
+    ) -> Result<Self, MachineError> {
+        if prepared.reserved.size() != snapshot.mem_size {
+            return Err(StateError::Inconsistent(format!(
+                "descriptor says {:#x} bytes of memory, prepared VM has {:#x}",
+                snapshot.mem_size,
+                prepared.reserved.size()
+            ))
+            .into());
+        }
+        let memory = GuestMemory::hollow_in(prepared.reserved)?;
+        let mut machine = Self::assemble(hv, prepared.vm, prepared.vcpu, memory, console)?;
+        machine.vm.restore_state(&snapshot.vm)?;
+        machine.vcpu.restore_state(&snapshot.vcpu)?;
+        Ok(machine)
+    }
+
     fn assemble(
         hv: &dyn Hypervisor,
         vm: Box<dyn Vm>,
@@ -326,7 +397,23 @@ impl Machine {
             hypervisor: hv.name(),
             tsc_khz: hv.tsc_khz(),
             retiring: Vec::new(),
+            heap: None,
+            free_report: None,
+            fresh_hook: None,
+            report_stats: PageReportStats::default(),
         })
+    }
+
+    /// Sends this VM's fresh page reports to `hook` from now on (the control
+    /// plane forwards them to the fault handler of a hollow clone). Without
+    /// a hook they are counted and ignored.
+    pub fn set_fresh_pages_hook(&mut self, hook: FreshPagesHook) {
+        self.fresh_hook = Some(hook);
+    }
+
+    /// Counters of the page reports this VM made.
+    pub fn page_reports(&self) -> PageReportStats {
+        self.report_stats
     }
 
     /// Guest memory of this VM.
@@ -378,7 +465,10 @@ impl Machine {
     /// memory frozen into an image that this VM also continues on. The vCPU
     /// must be stopped (between runs), e.g. at a request or after a pause.
     /// The snapshot's data page runs are left for
-    /// [`MachineSnapshot::describe_memory`].
+    /// [`MachineSnapshot::describe_memory`]; its free pages are those of the
+    /// guest's free report if the capture follows it at once (the guest's
+    /// next hypercall after the report was this `CLONE` or `CHECKPOINT`),
+    /// and the report is used up.
     pub fn capture(&mut self) -> Result<(MachineSnapshot, Arc<MemoryImage>), MachineError> {
         let started = Instant::now();
         let vcpu = self.vcpu.save_state()?;
@@ -404,6 +494,7 @@ impl Machine {
             vcpu,
             vm,
             data_pages: PageRuns::default(),
+            free_pages: self.take_free_report(),
         };
         Ok((snapshot, frozen.image))
     }
@@ -429,7 +520,12 @@ impl Machine {
                     data,
                     ..
                 } => return Err(self.exception(data as u8)),
-                VcpuExit::Interrupted => return Ok(Stop::Paused),
+                VcpuExit::Interrupted => {
+                    // The guest may go on and reuse free pages before a
+                    // capture of this pause: it cannot use the report.
+                    self.free_report = None;
+                    return Ok(Stop::Paused);
+                }
                 VcpuExit::Shutdown => {
                     return Err(MachineError::TripleFault {
                         rip: self.vcpu.regs()?.rip,
@@ -462,7 +558,28 @@ impl Machine {
                 source,
             }
         })?;
+        // A free report is good only for a capture at the very next hypercall.
+        if !matches!(call, Hypercall::Clone { .. } | Hypercall::Checkpoint) {
+            self.free_report = None;
+        }
         let request = match call {
+            Hypercall::ReportPages { runs, kind } => {
+                let rax = self.report_pages(runs, kind)?;
+                self.set_return(rax, 0)?;
+                return Ok(None);
+            }
+            Hypercall::Invalid {
+                nr: call,
+                what,
+                value,
+            } => {
+                tracing::debug!(call, what, value, "hypercall refused with EINVAL");
+                if call == nr::REPORT_PAGES {
+                    self.report_stats.refused += 1;
+                }
+                self.set_return(errno::encode(errno::EINVAL), 0)?;
+                return Ok(None);
+            }
             Hypercall::ConsoleWrite { data } => {
                 let bytes = self.read_range(data)?;
                 (self.console)(&bytes);
@@ -499,6 +616,85 @@ impl Machine {
         };
         self.pending = Some(Pending::Reply);
         Ok(Some(Stop::Request(request)))
+    }
+
+    /// Serves `REPORT_PAGES`: `rax` is 0 or `-EINVAL`.
+    fn report_pages(
+        &mut self,
+        runs: GuestRange,
+        kind: PageReportKind,
+    ) -> Result<u64, MachineError> {
+        let raw = self.read_range(runs)?;
+        let heap = self.heap_range()?;
+        let runs = match hypercall::page_runs(&raw, heap) {
+            Ok(runs) => runs,
+            Err(error) => {
+                tracing::debug!(%error, ?kind, "page report refused");
+                self.report_stats.refused += 1;
+                return Ok(errno::encode(errno::EINVAL));
+            }
+        };
+        let runs = PageRuns::new(runs);
+        let stats = &mut self.report_stats;
+        match kind {
+            PageReportKind::Free => {
+                stats.free_reports += 1;
+                stats.free_runs += runs.runs().len() as u64;
+                stats.free_pages += runs.pages();
+                self.free_report = Some(runs);
+            }
+            PageReportKind::Fresh => {
+                stats.fresh_reports += 1;
+                stats.fresh_pages += runs.pages();
+                if let Some(hook) = &self.fresh_hook {
+                    stats.fresh_pages_forwarded += runs.pages();
+                    hook(runs.runs());
+                }
+            }
+        }
+        Ok(0)
+    }
+
+    /// The latest free report, if the next capture may use it; used up.
+    fn take_free_report(&mut self) -> PageRuns {
+        match self.free_report.take() {
+            Some(runs) => {
+                self.report_stats.free_reports_captured += 1;
+                runs
+            }
+            None => PageRuns::default(),
+        }
+    }
+
+    /// `BootInfo::heap_start..heap_end`. A restored VM reads it from its boot
+    /// information page, which the guest cannot write.
+    fn heap_range(&mut self) -> Result<Range<u64>, MachineError> {
+        if let Some(heap) = &self.heap {
+            return Ok(heap.clone());
+        }
+        let mut raw = [0u8; size_of::<BootInfo>()];
+        self.memory.read(BOOT_INFO_ADDR, &mut raw)?;
+        let word = |offset: usize| {
+            u64::from_le_bytes(raw[offset..offset + 8].try_into().expect("8 bytes"))
+        };
+        let (magic, start, end) = (
+            word(std::mem::offset_of!(BootInfo, magic)),
+            word(std::mem::offset_of!(BootInfo, heap_start)),
+            word(std::mem::offset_of!(BootInfo, heap_end)),
+        );
+        if magic != BOOT_INFO_MAGIC
+            || start < IMAGE_BASE
+            || start > end
+            || end != self.layout.guard_start()
+            || !start.is_multiple_of(PAGE_SIZE)
+        {
+            return Err(StateError::Inconsistent(format!(
+                "boot information page is corrupt (magic {magic:#x}, heap {start:#x}..{end:#x})"
+            ))
+            .into());
+        }
+        self.heap = Some(start..end);
+        Ok(start..end)
     }
 
     fn read_range(&self, range: GuestRange) -> Result<Vec<u8>, MachineError> {

@@ -52,6 +52,8 @@ pub enum MemoryError {
     CopyLayer(#[source] std::io::Error),
     #[error("finding the data pages of a layer failed")]
     SeekData(#[source] std::io::Error),
+    #[error("hollow memory (filled on demand from another host) cannot be frozen")]
+    FreezeHollow,
 }
 
 /// A sorted list of disjoint page runs `(first_page, count)`; the compact
@@ -69,6 +71,11 @@ impl PageRuns {
             runs.push((start, end - start));
             page = end;
         }
+        Self(runs)
+    }
+
+    /// Runs as given; check them with [`PageRuns::is_valid`] before use.
+    pub fn new(runs: Vec<(u64, u64)>) -> Self {
         Self(runs)
     }
 
@@ -432,6 +439,9 @@ enum Backing {
     Live(File),
     /// A private view of a frozen image.
     Image(Arc<MemoryImage>),
+    /// Private anonymous memory, empty until a userfaultfd handler fills it
+    /// page by page from another host.
+    Hollow,
 }
 
 /// The memory of one VM.
@@ -525,6 +535,24 @@ impl GuestMemory {
         })
     }
 
+    /// Private anonymous memory in `reserved` that nothing has touched yet:
+    /// the memory of a clone whose pages live on another host. The caller
+    /// registers it with a userfaultfd handler before anything reads it.
+    pub fn hollow_in(reserved: ReservedMemory) -> Result<Self, MemoryError> {
+        let ReservedMemory { size, mapping } = reserved;
+        mapping.map_fixed(0, size, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)?;
+        Ok(Self {
+            size,
+            mapping,
+            backing: Backing::Hollow,
+        })
+    }
+
+    /// Whether this memory is filled on demand (see [`GuestMemory::hollow_in`]).
+    pub fn is_hollow(&self) -> bool {
+        matches!(self.backing, Backing::Hollow)
+    }
+
     pub fn size(&self) -> u64 {
         self.size
     }
@@ -538,7 +566,7 @@ impl GuestMemory {
     pub fn image(&self) -> Option<&Arc<MemoryImage>> {
         match &self.backing {
             Backing::Image(image) => Some(image),
-            Backing::Live(_) => None,
+            Backing::Live(_) | Backing::Hollow => None,
         }
     }
 
@@ -599,6 +627,7 @@ impl GuestMemory {
                 }],
             }),
             Backing::Image(base) => Arc::new(self.layer_dirty_pages(base)?),
+            Backing::Hollow => return Err(MemoryError::FreezeHollow),
         };
         let retired = self.mapping.move_pages_out()?;
         map_image(&image, &self.mapping)?;

@@ -47,6 +47,7 @@ pub fn supervisor(clone_limit: u32) -> (Supervisor, Lines) {
             clone_limit,
             lines: lines.sink(),
             descriptor_dir: None,
+            cluster: None,
         },
     );
     (sup, lines)

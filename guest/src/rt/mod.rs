@@ -8,9 +8,13 @@
 mod mem;
 mod panic;
 
-use crate::abi::{ABI_VERSION, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, MAX_CMDLINE, PAGE_SIZE};
-use crate::heap::LockedHeap;
-use core::sync::atomic::Ordering;
+use crate::abi::{
+    ABI_VERSION, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, MAX_CMDLINE, PAGE_SIZE, PageReportKind,
+    PageRun, errno,
+};
+use crate::heap::{FreeRuns, FreshStats, LockedHeap};
+use crate::hypercall;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -81,6 +85,57 @@ extern "C" fn start(boot: *const BootInfo) -> ! {
 /// Bytes of heap the allocator manages.
 pub fn heap_capacity() -> usize {
     HEAP.capacity()
+}
+
+/// `REPORT_PAGES(Free)` calls made, and how many the VMM refused.
+static FREE_REPORTS: AtomicU64 = AtomicU64::new(0);
+static FREE_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// Reports the heap's free pages to the VMM (`REPORT_PAGES(Free)`): the free
+/// page runs and the never-used top, never slab or side-table pages. The
+/// clone API calls it right before `CLONE` and `CHECKPOINT`, which use the
+/// report only when they are the next hypercall: call those next if you call
+/// it yourself. Allocates nothing: the runs go through a static buffer of
+/// `MAX_REPORT_RUNS` (4096) runs; with more free runs than that, the
+/// shortest are left out (the returned [`FreeRuns`] counts them), and their
+/// pages are copied to clones like live ones.
+pub fn report_free_pages() -> FreeRuns {
+    let (found, rax) =
+        HEAP.report_free_pages(|runs| hypercall::report_pages(runs, PageReportKind::Free));
+    FREE_REPORTS.fetch_add(1, Ordering::Relaxed);
+    if errno::decode(rax).is_some() {
+        FREE_REFUSED.fetch_add(1, Ordering::Relaxed);
+    }
+    found
+}
+
+fn report_fresh(runs: &[PageRun]) -> bool {
+    errno::decode(hypercall::report_pages(runs, PageReportKind::Fresh)).is_none()
+}
+
+/// Turns on fresh page reports (`REPORT_PAGES(Fresh)`) for the rest of this
+/// VM's life: the clone API calls it in a child right after the clone point.
+pub(crate) fn enter_clone() {
+    HEAP.start_fresh_reports(report_fresh);
+}
+
+/// What this guest told the VMM about its pages so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageReportStats {
+    /// `REPORT_PAGES(Free)` calls, and how many the VMM refused (a bug if any).
+    pub free_reports: u64,
+    pub free_refused: u64,
+    /// Fresh reports (only in clones).
+    pub fresh: FreshStats,
+}
+
+/// Counters of the page reports this guest made.
+pub fn page_report_stats() -> PageReportStats {
+    PageReportStats {
+        free_reports: FREE_REPORTS.load(Ordering::Relaxed),
+        free_refused: FREE_REFUSED.load(Ordering::Relaxed),
+        fresh: HEAP.fresh_stats(),
+    }
 }
 
 /// Names the guest's `fn main() -> i32`; its return value becomes the VM's

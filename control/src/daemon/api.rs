@@ -1,0 +1,320 @@
+//! The local API: one request per Unix-socket connection from the CLI.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, watch};
+
+use crate::daemon::Daemon;
+use crate::protocol::{
+    ApiRequest, ApiResponse, ChildSummary, CloneSummary, HostRequest, HostResponse, HostStats,
+    HostVms,
+};
+use crate::supervisor::{VmController, VmHandle, error_chain};
+use crate::wire;
+
+/// A VM started through the API.
+#[derive(Debug)]
+pub struct RootVm {
+    label: String,
+    mem_size: u64,
+    controller: VmController,
+    /// `Some(Ended)` once the VM has ended.
+    done: watch::Receiver<Option<ApiResponse>>,
+}
+
+pub async fn serve_client(daemon: Arc<Daemon>, mut stream: UnixStream) {
+    let request: ApiRequest = match wire::receive(&mut stream).await {
+        Ok(r) => r,
+        // A readiness probe connects and closes without a request.
+        Err(wire::WireError::Closed) => return,
+        Err(e) => {
+            tracing::warn!("bad API request: {}", error_chain(&e));
+            let _ = wire::send(
+                &mut stream,
+                &ApiResponse::Error {
+                    message: format!("bad request: {}", error_chain(&e)),
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    let answer = match request {
+        ApiRequest::Wait { vm } => return wait(&daemon, &mut stream, vm).await,
+        ApiRequest::Start {
+            name,
+            image,
+            mem_size,
+            cmdline,
+        } => start(&daemon, name, image, mem_size, cmdline).await,
+        ApiRequest::Clone { vm, clones } => clone(&daemon, vm, clones).await,
+        ApiRequest::Ps => ps(&daemon).await,
+        ApiRequest::Kill { host, vm } => kill(&daemon, host, vm).await,
+        ApiRequest::Stats => stats(&daemon).await,
+    };
+    let _ = wire::send(&mut stream, &answer).await;
+}
+
+fn error(message: impl Into<String>) -> ApiResponse {
+    ApiResponse::Error {
+        message: message.into(),
+    }
+}
+
+async fn start(
+    daemon: &Arc<Daemon>,
+    name: String,
+    image: Vec<u8>,
+    mem_size: u64,
+    cmdline: String,
+) -> ApiResponse {
+    let d = daemon.clone();
+    let started = tokio::task::spawn_blocking(move || {
+        d.supervisor
+            .launch_labelled(&image, mem_size, &cmdline, |vm| format!("vm{vm}"))
+    })
+    .await;
+    let handle = match started {
+        Ok(Ok(handle)) => handle,
+        Ok(Err(e)) => return error(error_chain(&e)),
+        Err(e) => return error(format!("start task failed: {e}")),
+    };
+    let vm = handle.id();
+    tracing::info!(vm, %name, mem_size, "started VM");
+    register_root(daemon, handle, format!("vm{vm}"), mem_size);
+    ApiResponse::Started { vm }
+}
+
+/// Tracks a root VM until it ends.
+fn register_root(daemon: &Arc<Daemon>, handle: VmHandle, label: String, mem_size: u64) {
+    let vm = handle.id();
+    let (done_tx, done) = watch::channel(None);
+    daemon
+        .roots
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            vm,
+            RootVm {
+                label,
+                mem_size,
+                controller: handle.controller(),
+                done,
+            },
+        );
+    let d = Arc::downgrade(daemon);
+    let waiter = std::thread::Builder::new()
+        .name(format!("wait-vm{vm}"))
+        .spawn(move || {
+            let outcome = handle.wait();
+            tracing::info!(vm, ?outcome, "VM ended");
+            let reports = d
+                .upgrade()
+                .map(|d| {
+                    d.supervisor
+                        .reports()
+                        .into_iter()
+                        .filter(|r| r.parent_vm == vm)
+                        .map(|r| CloneSummary {
+                            ticket: r.ticket,
+                            clones: r.clones,
+                            capture_pause: r.capture_pause,
+                            descriptor_bytes: r.descriptor_bytes as u64,
+                            all_running: r.all_running,
+                            children: r
+                                .children
+                                .into_iter()
+                                .map(|c| ChildSummary {
+                                    id: c.id,
+                                    host: c.host,
+                                    runtime: c.runtime,
+                                    outcome: c.outcome,
+                                })
+                                .collect(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let _ = done_tx.send(Some(ApiResponse::Ended { outcome, reports }));
+        });
+    if let Err(e) = waiter {
+        tracing::error!(vm, "cannot start a waiter thread: {e}");
+    }
+}
+
+async fn wait(daemon: &Arc<Daemon>, stream: &mut UnixStream, vm: u64) {
+    let mut lines = daemon.lines.subscribe();
+    let root = {
+        let roots = daemon.roots.lock().unwrap_or_else(|p| p.into_inner());
+        roots.get(&vm).map(|r| (r.label.clone(), r.done.clone()))
+    };
+    let Some((label, mut done)) = root else {
+        let _ = wire::send(stream, &error(format!("no VM {vm} was started here"))).await;
+        return;
+    };
+    let prefix = format!("{label}.");
+    loop {
+        let ended = done.borrow_and_update().clone();
+        if let Some(ended) = ended {
+            // Lines of the last moments may still be queued.
+            while let Ok((l, line)) = lines.try_recv() {
+                if l == label || l.starts_with(&prefix) {
+                    let _ = wire::send(stream, &ApiResponse::Console { label: l, line }).await;
+                }
+            }
+            let _ = wire::send(stream, &ended).await;
+            return;
+        }
+        tokio::select! {
+            line = lines.recv() => match line {
+                Ok((l, line)) if l == label || l.starts_with(&prefix) => {
+                    if wire::send(stream, &ApiResponse::Console { label: l, line }).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let note = format!("({n} console lines dropped)");
+                    if wire::send(stream, &ApiResponse::Console { label: label.clone(), line: note }).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            changed = done.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Clones a running VM from outside: capture, then start the copies as
+/// new VMs of their own on this host.
+async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
+    let root = {
+        let roots = daemon.roots.lock().unwrap_or_else(|p| p.into_inner());
+        roots.get(&vm).map(|r| (r.controller.clone(), r.mem_size))
+    };
+    let Some((controller, mem_size)) = root else {
+        return error(format!("no VM {vm} was started here"));
+    };
+    let d = daemon.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let granted = d.supervisor.reserve_slots(clones);
+        if granted == 0 {
+            return Err("no free clone slots on this host".to_string());
+        }
+        let paused = Instant::now();
+        let captured = controller.capture();
+        let pause = paused.elapsed();
+        let (descriptor, image) = match captured {
+            Ok(c) => c,
+            Err(e) => {
+                d.supervisor.release_slots(granted);
+                return Err(error_chain(&e));
+            }
+        };
+        let bytes = descriptor.encode().map(|b| b.len() as u64).unwrap_or(0);
+        let mut started = Vec::new();
+        for _ in 0..granted {
+            match d
+                .supervisor
+                .resume_labelled(&descriptor, &image, |vm| format!("vm{vm}"))
+            {
+                Ok(handle) => {
+                    let id = handle.id();
+                    register_root(&d, handle, format!("vm{id}"), mem_size);
+                    started.push((d.config.host.name.clone(), id));
+                }
+                Err(e) => tracing::warn!("starting a clone failed: {}", error_chain(&e)),
+            }
+        }
+        // Each clone runs as a VM of its own, outside the slot accounting
+        // of guest clones.
+        d.supervisor.release_slots(granted);
+        Ok((pause, bytes, started))
+    })
+    .await;
+    match result {
+        Ok(Ok((pause, descriptor_bytes, clones))) => ApiResponse::Cloned {
+            pause,
+            descriptor_bytes,
+            clones,
+        },
+        Ok(Err(message)) => error(message),
+        Err(e) => error(format!("clone task failed: {e}")),
+    }
+}
+
+async fn ps(daemon: &Arc<Daemon>) -> ApiResponse {
+    let mut hosts = vec![HostVms {
+        host: daemon.config.host.name.clone(),
+        vms: Ok(daemon.supervisor.vms()),
+    }];
+    let asks = daemon.links.peer_names().into_iter().map(|host| {
+        let d = daemon.clone();
+        async move {
+            let answer = d.links.call(&host, HostRequest::Ps).await;
+            let vms = match answer {
+                Ok(HostResponse::Ps { vms }) => Ok(vms),
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(e) => Err(error_chain(&e)),
+            };
+            HostVms { host, vms }
+        }
+    });
+    hosts.extend(futures::future::join_all(asks).await);
+    ApiResponse::Ps { hosts }
+}
+
+async fn kill(daemon: &Arc<Daemon>, host: Option<String>, vm: u64) -> ApiResponse {
+    match host {
+        Some(host) if host != daemon.config.host.name => {
+            match daemon.links.call(&host, HostRequest::KillVm { vm }).await {
+                Ok(_) => ApiResponse::Killed,
+                Err(e) => error(error_chain(&e)),
+            }
+        }
+        _ => {
+            if daemon.supervisor.kill_vm(vm) {
+                ApiResponse::Killed
+            } else {
+                error(format!("no VM {vm} runs on {}", daemon.config.host.name))
+            }
+        }
+    }
+}
+
+async fn stats(daemon: &Arc<Daemon>) -> ApiResponse {
+    let mut hosts = vec![daemon.local_stats()];
+    let asks = daemon.links.peer_names().into_iter().map(|host| {
+        let d = daemon.clone();
+        async move {
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                d.links.call(&host, HostRequest::Stats),
+            )
+            .await
+            {
+                Ok(Ok(HostResponse::Stats(stats))) => stats,
+                Ok(Ok(other)) => HostStats {
+                    host,
+                    error: Some(format!("unexpected answer {other:?}")),
+                    ..HostStats::default()
+                },
+                Ok(Err(e)) => HostStats {
+                    host,
+                    error: Some(error_chain(&e)),
+                    ..HostStats::default()
+                },
+                Err(_) => HostStats {
+                    host,
+                    error: Some("no answer within 5s".into()),
+                    ..HostStats::default()
+                },
+            }
+        }
+    });
+    hosts.extend(futures::future::join_all(asks).await);
+    ApiResponse::Stats { hosts }
+}

@@ -1,0 +1,326 @@
+//! The clone-host side of the inter-host protocol: a parent host connects,
+//! proves it holds the cluster key, reserves slots and launches hollow
+//! clones here. Everything a connection reserved or started ends with it:
+//! a parent that is gone cannot take its clones' results.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use snowflock_dataplane::auth;
+use snowflock_fault_handler::{CloneStats, FaultHandler, FetchConfig};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::daemon::links::handshake;
+use crate::daemon::memory::FetchLink;
+use crate::daemon::{Daemon, HollowRecord};
+use crate::descriptor::Descriptor;
+use crate::protocol::{CloneOrder, FromHost, HostRequest, HostResponse, ToHost};
+use crate::remote::{HollowEvents, HollowStart};
+use crate::supervisor::{VmOutcome, error_chain};
+use crate::wire::{self, Direction, FrameSealer};
+
+/// What one parent connection holds on this host.
+#[derive(Default)]
+struct Session {
+    /// Reservation id → slots not yet used.
+    reservations: HashMap<u64, u32>,
+    /// (family, child) → VM of clones started by this connection.
+    clones: HashMap<(u64, u32), u64>,
+}
+
+/// Serves one inbound control connection until it closes.
+pub async fn serve_peer(daemon: Arc<Daemon>, stream: TcpStream, peer: std::net::SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (stream, session_key) = match handshake(stream, &daemon.key, auth::Role::Server).await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::warn!(%peer, "refused a control connection: {e:?}");
+            return;
+        }
+    };
+    let (mut reader, mut writer) = stream.into_split();
+    let mut opener = FrameSealer::new(session_key, Direction::FromClient);
+    let mut sealer = FrameSealer::new(session_key, Direction::FromServer);
+    let (out, mut queue) = mpsc::unbounded_channel::<FromHost>();
+    let writer_task = tokio::spawn(async move {
+        while let Some(msg) = queue.recv().await {
+            let Ok(frame) = sealer.seal(&msg) else { break };
+            if writer.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let _ = out.send(FromHost::Hello {
+        host: daemon.config.host.name.clone(),
+    });
+    let session = Arc::new(Mutex::new(Session::default()));
+    let mut parent = peer.to_string();
+    let timeout = daemon.config.limits.peer_timeout();
+    let reason = loop {
+        let msg = match tokio::time::timeout(
+            timeout,
+            wire::receive_sealed::<ToHost>(&mut reader, &mut opener),
+        )
+        .await
+        {
+            Ok(Ok(msg)) => msg,
+            Ok(Err(e)) => break error_chain(&e),
+            Err(_) => break format!("silent for {timeout:?}"),
+        };
+        match msg {
+            ToHost::Hello { host } => parent = host,
+            ToHost::Ping => {
+                let _ = out.send(FromHost::Pong);
+            }
+            ToHost::Request { id, request } => {
+                let (daemon, out, session, parent) =
+                    (daemon.clone(), out.clone(), session.clone(), parent.clone());
+                tokio::spawn(async move {
+                    let response = handle(&daemon, &out, &session, &parent, request).await;
+                    let _ = out.send(FromHost::Response { id, response });
+                });
+            }
+        }
+    };
+    tracing::info!(%parent, %reason, "control connection closed");
+    let ended = std::mem::take(&mut *session.lock().unwrap_or_else(|p| p.into_inner()));
+    let unused: u32 = ended.reservations.values().sum();
+    daemon.supervisor.release_slots(unused);
+    for vm in ended.clones.values() {
+        daemon.supervisor.kill_vm(*vm);
+    }
+    drop(out);
+    let _ = writer_task.await;
+}
+
+async fn handle(
+    daemon: &Arc<Daemon>,
+    out: &mpsc::UnboundedSender<FromHost>,
+    session: &Arc<Mutex<Session>>,
+    parent: &str,
+    request: HostRequest,
+) -> HostResponse {
+    match request {
+        HostRequest::Capacity => HostResponse::Capacity {
+            free: daemon
+                .config
+                .limits
+                .clone_slots
+                .saturating_sub(daemon.supervisor.slots_in_use()),
+            total: daemon.config.limits.clone_slots,
+        },
+        HostRequest::Reserve { slots, mem_size } => {
+            let granted = daemon.supervisor.reserve_slots(slots);
+            if granted > 0 {
+                daemon.supervisor.prepare(mem_size);
+            }
+            let reservation = daemon.fresh_id();
+            session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .reservations
+                .insert(reservation, granted);
+            HostResponse::Reserved {
+                reservation,
+                granted,
+            }
+        }
+        HostRequest::Release { reservation } => {
+            let slots = session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .reservations
+                .remove(&reservation)
+                .unwrap_or(0);
+            daemon.supervisor.release_slots(slots);
+            HostResponse::Done
+        }
+        HostRequest::Launch { reservation, order } => {
+            let daemon = daemon.clone();
+            let (out, session, parent) = (out.clone(), session.clone(), parent.to_string());
+            tokio::task::spawn_blocking(move || {
+                launch(&daemon, &out, &session, &parent, reservation, order)
+            })
+            .await
+            .unwrap_or_else(|e| HostResponse::Error {
+                message: format!("launch task failed: {e}"),
+            })
+        }
+        HostRequest::KillClone { family, child } => {
+            let vm = session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clones
+                .get(&(family, child))
+                .copied();
+            if let Some(vm) = vm {
+                daemon.supervisor.kill_vm(vm);
+            }
+            HostResponse::Done
+        }
+        HostRequest::KillVm { vm } => {
+            if daemon.supervisor.kill_vm(vm) {
+                HostResponse::Done
+            } else {
+                HostResponse::Error {
+                    message: format!("no VM {vm} runs here"),
+                }
+            }
+        }
+        HostRequest::Ps => HostResponse::Ps {
+            vms: daemon.supervisor.vms(),
+        },
+        HostRequest::Stats => HostResponse::Stats(daemon.local_stats()),
+    }
+}
+
+/// Starts the clones of `order` in `reservation`.
+fn launch(
+    daemon: &Arc<Daemon>,
+    out: &mpsc::UnboundedSender<FromHost>,
+    session: &Arc<Mutex<Session>>,
+    parent: &str,
+    reservation: u64,
+    order: CloneOrder,
+) -> HostResponse {
+    let error = |message: String| HostResponse::Error { message };
+    let slots = {
+        let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
+        match s.reservations.remove(&reservation) {
+            Some(slots) => slots,
+            None => return error(format!("no reservation {reservation}")),
+        }
+    };
+    let wanted = order.children.len() as u32;
+    if wanted > slots {
+        daemon.supervisor.release_slots(slots);
+        return error(format!(
+            "{wanted} clones do not fit a reservation of {slots} slots"
+        ));
+    }
+    daemon.supervisor.release_slots(slots - wanted);
+    let descriptor = match Descriptor::decode(&order.descriptor) {
+        Ok(d) if d.family == order.family => Arc::new(d),
+        Ok(d) => {
+            daemon.supervisor.release_slots(wanted);
+            return error(format!(
+                "descriptor is of family {:#x}, the order says {:#x}",
+                d.family, order.family
+            ));
+        }
+        Err(e) => {
+            daemon.supervisor.release_slots(wanted);
+            return error(error_chain(&e));
+        }
+    };
+    let fetch = match daemon.fetch_link(parent, &order, &descriptor) {
+        Ok(link) => link,
+        Err(e) => {
+            daemon.supervisor.release_slots(wanted);
+            return error(e);
+        }
+    };
+    let mut vms = Vec::with_capacity(order.children.len());
+    for (child, label) in order.children {
+        let events = Arc::new(CloneEvents {
+            daemon: Arc::downgrade(daemon),
+            out: out.clone(),
+            session: session.clone(),
+            family: order.family,
+            child,
+            label: label.clone(),
+            _fetch: fetch.clone(),
+        });
+        let lines_out = out.clone();
+        let vm = daemon.supervisor.start_hollow(HollowStart {
+            descriptor: descriptor.clone(),
+            family: fetch.family.clone(),
+            avoidance: daemon.config.limits.avoidance,
+            child,
+            checkpoint: order.checkpoint,
+            label,
+            lines: Some(Arc::new(move |label: &str, line: &str| {
+                let _ = lines_out.send(FromHost::ChildConsole {
+                    label: label.to_string(),
+                    line: line.to_string(),
+                });
+            })),
+            events,
+        });
+        session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clones
+            .insert((order.family, child), vm);
+        vms.push(vm);
+    }
+    HostResponse::Launched { vms }
+}
+
+/// Reports a hollow clone's start and end to its parent's host.
+struct CloneEvents {
+    daemon: std::sync::Weak<Daemon>,
+    out: mpsc::UnboundedSender<FromHost>,
+    session: Arc<Mutex<Session>>,
+    family: u64,
+    child: u32,
+    label: String,
+    /// Keeps the family's page cache and connection while the clone runs.
+    _fetch: Arc<FetchLink>,
+}
+
+impl HollowEvents for CloneEvents {
+    fn started(&self, vm: u64, restore: Duration, faults: Arc<FaultHandler>) {
+        if let Some(daemon) = self.daemon.upgrade() {
+            daemon.hollow_started(vm, &self.label, self.family, faults);
+        }
+        let _ = self.out.send(FromHost::ChildStarted {
+            family: self.family,
+            child: self.child,
+            vm,
+            restore,
+        });
+    }
+
+    fn ended(&self, vm: u64, outcome: VmOutcome, runtime: Duration, stats: CloneStats) {
+        tracing::info!(
+            vm,
+            family = self.family,
+            child = self.child,
+            ?outcome,
+            pages_fetched = stats.pages_fetched,
+            "hollow clone ended"
+        );
+        if let Some(daemon) = self.daemon.upgrade() {
+            daemon.hollow_ended(HollowRecord {
+                vm,
+                label: self.label.clone(),
+                family: self.family,
+                faults: None,
+                final_stats: Some(stats),
+            });
+        }
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clones
+            .remove(&(self.family, self.child));
+        let _ = self.out.send(FromHost::ChildEnded {
+            family: self.family,
+            child: self.child,
+            outcome,
+            runtime,
+        });
+    }
+}
+
+/// Fetch settings from the daemon's limits.
+pub fn fetch_config(limits: &crate::config::Limits) -> FetchConfig {
+    FetchConfig {
+        fetch_timeout: limits.fetch_timeout(),
+        prefetch_pages: limits.prefetch_pages,
+    }
+}

@@ -1,0 +1,639 @@
+//! The parent side of the inter-host protocol: one authenticated connection
+//! to each member this host sends clones to, and the [`Cluster`] the
+//! supervisor uses to plan tickets, ship descriptors and hear back.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use snowflock_dataplane::auth::{self, ClusterKey};
+use snowflock_dataplane::server::MemoryServer;
+use snowflock_vmm::memory::MemoryImage;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{DaemonConfig, Member};
+use crate::daemon::memory::ImageStore;
+use crate::protocol::{CloneOrder, FromHost, HostRequest, HostResponse, ToHost};
+use crate::remote::{Cluster, Plan, RemoteChild, RemoteGrant, RemoteLaunch};
+use crate::supervisor::VmOutcome;
+use crate::wire::{self, Direction, FrameSealer};
+
+/// Protocol context of the cluster-key handshake on control connections.
+pub const CONTROL_CONTEXT: &[u8] = b"control";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A failed exchange with another host.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("no cluster member named {0}")]
+    UnknownHost(String),
+    #[error("connecting to {host} ({addr}) failed")]
+    Connect {
+        host: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("authenticating with {host} failed")]
+    Auth {
+        host: String,
+        #[source]
+        source: auth::AuthError,
+    },
+    #[error("host {host} did not answer within {timeout:?}")]
+    Timeout { host: String, timeout: Duration },
+    #[error("connection to {host} lost: {reason}")]
+    Lost { host: String, reason: String },
+    #[error("host {host}: {message}")]
+    Refused { host: String, message: String },
+}
+
+/// One open connection to a member.
+struct Link {
+    host: String,
+    out: mpsc::UnboundedSender<ToHost>,
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<HostResponse>>>,
+    /// Clones running there for parents on this host.
+    children: Mutex<HashMap<(u64, u32), RemoteChild>>,
+    /// Why the link closed, once it has.
+    closed: Mutex<Option<String>>,
+}
+
+impl Link {
+    async fn call(&self, request: HostRequest) -> Result<HostResponse, LinkError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        if let Some(reason) = self
+            .closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(self.lost(reason));
+        }
+        if self.out.send(ToHost::Request { id, request }).is_err() {
+            return Err(self.lost("connection closed".into()));
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(HostResponse::Error { message })) => Err(LinkError::Refused {
+                host: self.host.clone(),
+                message,
+            }),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(self.lost(
+                self.closed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .unwrap_or_else(|| "connection closed".into()),
+            )),
+            Err(_) => {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                Err(LinkError::Timeout {
+                    host: self.host.clone(),
+                    timeout: REQUEST_TIMEOUT,
+                })
+            }
+        }
+    }
+
+    fn lost(&self, reason: String) -> LinkError {
+        LinkError::Lost {
+            host: self.host.clone(),
+            reason,
+        }
+    }
+
+    /// Marks the link dead: pending calls fail and every clone still
+    /// running there is reported lost.
+    fn close(&self, reason: String) {
+        {
+            let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+            if closed.is_some() {
+                return;
+            }
+            *closed = Some(reason.clone());
+        }
+        tracing::warn!(host = %self.host, %reason, "link to host closed");
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let children: Vec<RemoteChild> = self
+            .children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        for child in children {
+            child.ended(
+                VmOutcome::Lost(format!("host {} lost: {reason}", self.host)),
+                Duration::ZERO,
+            );
+        }
+    }
+
+    fn deliver(&self, msg: FromHost, lines: &crate::console::LineSink) {
+        match msg {
+            FromHost::Response { id, response } => {
+                if let Some(tx) = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id)
+                {
+                    // The caller may have timed out and gone.
+                    let _ = tx.send(response);
+                }
+            }
+            FromHost::ChildStarted {
+                family,
+                child,
+                restore,
+                ..
+            } => {
+                if let Some(c) = self
+                    .children
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&(family, child))
+                {
+                    c.started(restore);
+                }
+            }
+            FromHost::ChildConsole { label, line } => lines(&label, &line),
+            FromHost::ChildEnded {
+                family,
+                child,
+                outcome,
+                runtime,
+            } => {
+                if let Some(c) = self
+                    .children
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(family, child))
+                {
+                    c.ended(outcome, runtime);
+                }
+            }
+            FromHost::Hello { .. } | FromHost::Pong => {}
+        }
+    }
+}
+
+/// Connections to the other members, opened on first use.
+pub struct Links {
+    rt: Handle,
+    me: String,
+    members: Vec<Member>,
+    key: ClusterKey,
+    peer_timeout: Duration,
+    open: Mutex<HashMap<String, Arc<Link>>>,
+    /// Held while connecting, so that two callers do not both connect.
+    connecting: tokio::sync::Mutex<()>,
+    memory: Arc<MemoryServer>,
+    pages_addr: SocketAddr,
+    served: Mutex<HashMap<u64, (usize, Arc<MemoryImage>)>>,
+    lines: crate::console::LineSink,
+}
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("me", &self.me)
+            .field("members", &self.members)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Links {
+    pub fn new(
+        rt: Handle,
+        config: &DaemonConfig,
+        key: ClusterKey,
+        memory: Arc<MemoryServer>,
+        lines: crate::console::LineSink,
+    ) -> Self {
+        Self {
+            rt,
+            me: config.host.name.clone(),
+            members: config.peers().cloned().collect(),
+            key,
+            peer_timeout: config.limits.peer_timeout(),
+            open: Mutex::new(HashMap::new()),
+            connecting: tokio::sync::Mutex::new(()),
+            memory,
+            pages_addr: config.listen.pages,
+            served: Mutex::new(HashMap::new()),
+            lines,
+        }
+    }
+
+    /// Names of the other members.
+    pub fn peer_names(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.name.clone()).collect()
+    }
+
+    /// Families served and their reference counts.
+    pub fn served_families(&self) -> u32 {
+        self.served.lock().unwrap_or_else(|p| p.into_inner()).len() as u32
+    }
+
+    fn live_link(&self, host: &str) -> Option<Arc<Link>> {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(host)
+            .filter(|l| l.closed.lock().unwrap_or_else(|p| p.into_inner()).is_none())
+            .cloned()
+    }
+
+    async fn link(&self, host: &str) -> Result<Arc<Link>, LinkError> {
+        if let Some(link) = self.live_link(host) {
+            return Ok(link);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(link) = self.live_link(host) {
+            return Ok(link);
+        }
+        let member = self
+            .members
+            .iter()
+            .find(|m| m.name == host)
+            .ok_or_else(|| LinkError::UnknownHost(host.to_string()))?;
+        let link = self.connect(member).await?;
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.to_string(), link.clone());
+        Ok(link)
+    }
+
+    async fn connect(&self, member: &Member) -> Result<Arc<Link>, LinkError> {
+        let (host, addr) = (member.name.clone(), member.control);
+        let connect_err = |source| LinkError::Connect {
+            host: host.clone(),
+            addr,
+            source,
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| connect_err(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(connect_err)?;
+        stream.set_nodelay(true).map_err(connect_err)?;
+        let (stream, session) = handshake(stream, &self.key, auth::Role::Client)
+            .await
+            .map_err(|source| match source {
+                HandshakeError::Io(e) => connect_err(e),
+                HandshakeError::Auth(source) => LinkError::Auth {
+                    host: host.clone(),
+                    source,
+                },
+            })?;
+        let (mut reader, mut writer) = stream.into_split();
+        let mut sealer = FrameSealer::new(session, Direction::FromClient);
+        let mut opener = FrameSealer::new(session, Direction::FromServer);
+        let (out, mut queue) = mpsc::unbounded_channel::<ToHost>();
+        let link = Arc::new(Link {
+            host: host.clone(),
+            out: out.clone(),
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            children: Mutex::new(HashMap::new()),
+            closed: Mutex::new(None),
+        });
+        // Hello first; the writer task sends everything else in order.
+        out.send(ToHost::Hello {
+            host: self.me.clone(),
+        })
+        .map_err(|_| connect_err(std::io::ErrorKind::BrokenPipe.into()))?;
+        let writer_link = link.clone();
+        self.rt.spawn(async move {
+            while let Some(msg) = queue.recv().await {
+                let sent = match sealer.seal(&msg) {
+                    Ok(frame) => writer.write_all(&frame).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(reason) = sent {
+                    writer_link.close(format!("sending failed: {reason}"));
+                    break;
+                }
+            }
+        });
+        let reader_link = link.clone();
+        let (lines, peer_timeout) = (self.lines.clone(), self.peer_timeout);
+        self.rt.spawn(async move {
+            loop {
+                match tokio::time::timeout(
+                    peer_timeout,
+                    wire::receive_sealed::<FromHost>(&mut reader, &mut opener),
+                )
+                .await
+                {
+                    Ok(Ok(msg)) => reader_link.deliver(msg, &lines),
+                    Ok(Err(e)) => {
+                        reader_link.close(crate::supervisor::error_chain(&e));
+                        break;
+                    }
+                    Err(_) => {
+                        reader_link.close(format!("silent for {peer_timeout:?}"));
+                        break;
+                    }
+                }
+            }
+        });
+        let pinger = Arc::downgrade(&link);
+        self.rt.spawn(async move {
+            let mut tick = tokio::time::interval(peer_timeout / 4);
+            loop {
+                tick.tick().await;
+                let Some(link) = pinger.upgrade() else { break };
+                if link
+                    .closed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some()
+                    || link.out.send(ToHost::Ping).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        tracing::info!(%host, %addr, "connected to cluster member");
+        Ok(link)
+    }
+
+    /// Sends `request` to `host` and waits for the answer.
+    pub async fn call(&self, host: &str, request: HostRequest) -> Result<HostResponse, LinkError> {
+        self.link(host).await?.call(request).await
+    }
+
+    async fn plan_async(&self, wanted: u32, mem_size: u64, local_free: u32) -> Plan {
+        let asks = self.members.iter().map(|m| async move {
+            let free = match self.call(&m.name, HostRequest::Capacity).await {
+                Ok(HostResponse::Capacity { free, .. }) => free,
+                Ok(other) => {
+                    tracing::warn!(host = %m.name, "unexpected answer to Capacity: {other:?}");
+                    0
+                }
+                Err(e) => {
+                    tracing::warn!(host = %m.name, "no capacity from host: {}", crate::supervisor::error_chain(&e));
+                    0
+                }
+            };
+            (m.name.clone(), free)
+        });
+        let mut hosts: Vec<(String, u32)> = vec![(self.me.clone(), local_free)];
+        hosts.extend(futures::future::join_all(asks).await);
+        let shares = spread(wanted, &hosts);
+        let mut plan = Plan::default();
+        let reserving =
+            shares
+                .iter()
+                .filter(|(h, n)| *h != self.me && *n > 0)
+                .map(|(host, slots)| {
+                    let host = host.clone();
+                    let slots = *slots;
+                    async move {
+                        let answer = self
+                            .call(&host, HostRequest::Reserve { slots, mem_size })
+                            .await;
+                        (host, answer)
+                    }
+                });
+        for (host, answer) in futures::future::join_all(reserving).await {
+            match answer {
+                Ok(HostResponse::Reserved {
+                    reservation,
+                    granted,
+                }) if granted > 0 => plan.remote.push(RemoteGrant {
+                    host,
+                    reservation,
+                    slots: granted,
+                }),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%host, "reserving slots failed: {}", crate::supervisor::error_chain(&e))
+                }
+            }
+        }
+        plan.local = shares
+            .iter()
+            .find(|(h, _)| *h == self.me)
+            .map_or(0, |(_, n)| *n);
+        plan
+    }
+}
+
+/// The spread policy: one slot at a time to the host with the most free
+/// slots left, so clones go wide before they go deep. Ties keep member order
+/// (this host first).
+pub fn spread(wanted: u32, hosts: &[(String, u32)]) -> Vec<(String, u32)> {
+    let mut free: Vec<u32> = hosts.iter().map(|(_, f)| *f).collect();
+    let mut given = vec![0u32; hosts.len()];
+    for _ in 0..wanted {
+        let best = (0..hosts.len())
+            .filter(|&i| free[i] > 0)
+            .max_by_key(|&i| (free[i], std::cmp::Reverse(i)));
+        let Some(i) = best else { break };
+        free[i] -= 1;
+        given[i] += 1;
+    }
+    hosts
+        .iter()
+        .zip(given)
+        .map(|((h, _), n)| (h.clone(), n))
+        .collect()
+}
+
+impl Cluster for Links {
+    fn plan(&self, wanted: u32, mem_size: u64, local_free: u32) -> Plan {
+        self.rt
+            .block_on(self.plan_async(wanted, mem_size, local_free))
+    }
+
+    fn release(&self, grant: RemoteGrant) {
+        let link = self.live_link(&grant.host);
+        self.rt.spawn(async move {
+            if let Some(link) = link
+                && let Err(e) = link
+                    .call(HostRequest::Release {
+                        reservation: grant.reservation,
+                    })
+                    .await
+            {
+                tracing::warn!(host = %grant.host, "releasing a reservation failed: {e}");
+            }
+        });
+    }
+
+    fn serve_image(&self, family: u64, image: Arc<MemoryImage>) {
+        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = served.entry(family).or_insert_with(|| (0, image.clone()));
+        entry.0 += 1;
+        if entry.0 == 1 {
+            self.memory.register(family, Arc::new(ImageStore(image)));
+        }
+    }
+
+    fn retire_image(&self, family: u64) {
+        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = served.get_mut(&family) {
+            entry.0 -= 1;
+            if entry.0 == 0 {
+                served.remove(&family);
+                self.memory.unregister(family);
+            }
+        }
+    }
+
+    fn launch(&self, grant: RemoteGrant, launch: RemoteLaunch) {
+        let link = self.live_link(&grant.host);
+        let pages = self.pages_addr;
+        self.rt.spawn(async move {
+            let fail = |children: &[RemoteChild], reason: String| {
+                for child in children {
+                    child.ended(VmOutcome::Lost(reason.clone()), Duration::ZERO);
+                }
+            };
+            let Some(link) = link else {
+                fail(&launch.children, format!("host {} unreachable", grant.host));
+                return;
+            };
+            let descriptor = match launch.descriptor.encode() {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    fail(&launch.children, crate::supervisor::error_chain(&e));
+                    return;
+                }
+            };
+            let family = launch.descriptor.family;
+            {
+                let mut children = link.children.lock().unwrap_or_else(|p| p.into_inner());
+                for child in &launch.children {
+                    children.insert((family, child.id()), child.clone());
+                }
+            }
+            let order = CloneOrder {
+                family,
+                descriptor,
+                pages,
+                checkpoint: launch.checkpoint,
+                children: launch
+                    .children
+                    .iter()
+                    .map(|c| (c.id(), c.label().to_string()))
+                    .collect(),
+            };
+            let answer = link
+                .call(HostRequest::Launch {
+                    reservation: grant.reservation,
+                    order,
+                })
+                .await;
+            if let Err(e) = answer {
+                let reason = crate::supervisor::error_chain(&e);
+                let mut children = link.children.lock().unwrap_or_else(|p| p.into_inner());
+                for child in &launch.children {
+                    children.remove(&(family, child.id()));
+                    child.ended(
+                        VmOutcome::Failed(format!("launch failed: {reason}")),
+                        Duration::ZERO,
+                    );
+                }
+            }
+        });
+    }
+
+    fn kill(&self, host: &str, family: u64, child: u32) {
+        let link = self.live_link(host);
+        self.rt.spawn(async move {
+            if let Some(link) = link {
+                let _ = link.call(HostRequest::KillClone { family, child }).await;
+            }
+        });
+    }
+}
+
+#[derive(Debug)]
+pub enum HandshakeError {
+    Io(std::io::Error),
+    Auth(auth::AuthError),
+}
+
+/// Runs the cluster-key handshake on a fresh connection (blocking, on the
+/// blocking pool, with a bound on a silent peer) and returns the connection
+/// and the session key.
+pub async fn handshake(
+    stream: TcpStream,
+    key: &ClusterKey,
+    role: auth::Role,
+) -> Result<(TcpStream, [u8; 32]), HandshakeError> {
+    let std_stream = stream.into_std().map_err(HandshakeError::Io)?;
+    let key = key.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut s = std_stream;
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+        s.set_write_timeout(Some(CONNECT_TIMEOUT))?;
+        let session = match role {
+            auth::Role::Client => auth::client_handshake(&mut s, &key, CONTROL_CONTEXT),
+            auth::Role::Server => auth::server_handshake(&mut s, &key, CONTROL_CONTEXT),
+        };
+        s.set_read_timeout(None)?;
+        s.set_write_timeout(None)?;
+        s.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>((s, session))
+    })
+    .await
+    .map_err(|e| HandshakeError::Io(std::io::Error::other(e)))?
+    .map_err(HandshakeError::Io)?;
+    let (s, session) = done;
+    let session = session.map_err(HandshakeError::Auth)?;
+    Ok((TcpStream::from_std(s).map_err(HandshakeError::Io)?, session))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    fn hosts(free: &[u32]) -> Vec<(String, u32)> {
+        free.iter()
+            .enumerate()
+            .map(|(i, &f)| (format!("h{}", i + 1), f))
+            .collect()
+    }
+
+    #[test]
+    fn spread_goes_wide_first_and_respects_capacity() {
+        let shares: Vec<u32> = spread(8, &hosts(&[16, 16, 16]))
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(shares, [3, 3, 2]);
+        let shares: Vec<u32> = spread(8, &hosts(&[1, 16, 0]))
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(shares, [1, 7, 0]);
+        let shares: Vec<u32> = spread(40, &hosts(&[4, 4, 4]))
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(shares, [4, 4, 4]);
+    }
+}

@@ -1,0 +1,171 @@
+//! Glue between memory images, the page transport and the fault handler:
+//! the memory server reads frozen images through [`ImageStore`]; a clone
+//! host fetches a clone point's pages through one [`FetchLink`] per family.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use snowflock_dataplane::auth::ClusterKey;
+use snowflock_dataplane::client::{PageClient, PageSink};
+use snowflock_dataplane::server::PageStore;
+use snowflock_fault_handler::{Family, FetchConfig, PageSource};
+use snowflock_vmm::memory::{MemoryImage, PAGE_SIZE};
+
+/// A frozen image as the memory server reads it.
+#[derive(Debug)]
+pub struct ImageStore(pub Arc<MemoryImage>);
+
+impl PageStore for ImageStore {
+    fn page_count(&self) -> u64 {
+        self.0.size() / PAGE_SIZE
+    }
+
+    fn read_page(&self, page: u64, buf: &mut [u8; 4096]) -> std::io::Result<()> {
+        let addr = page
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(|| std::io::Error::other("page index overflows"))?;
+        self.0.read(addr, buf).map_err(std::io::Error::other)
+    }
+}
+
+/// Requests go to the page client once it is connected; the client needs
+/// the family (its sink) to exist first.
+#[derive(Debug, Default)]
+struct ClientSource(OnceLock<PageClient>);
+
+impl PageSource for ClientSource {
+    fn request(&self, _family: u64, pages: &[u64]) {
+        match self.0.get() {
+            Some(client) => {
+                if let Err(e) = client.request(pages) {
+                    tracing::warn!(
+                        "page request failed: {}",
+                        crate::supervisor::error_chain(&e)
+                    );
+                }
+            }
+            None => tracing::error!("page request before the page client connected"),
+        }
+    }
+}
+
+/// Delivers what the page client receives to the family's clones.
+struct FamilySink(Arc<Family>);
+
+impl PageSink for FamilySink {
+    fn deliver_batch(&self, pages: &[(u64, &[u8])]) {
+        self.0.deliver_batch(pages);
+    }
+
+    fn failed(&self, reason: String) {
+        self.0.fail(reason);
+    }
+}
+
+/// A failure to set up fetching from a parent's memory server.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchLinkError {
+    #[error("creating the host page cache failed")]
+    Cache(#[from] snowflock_fault_handler::CacheError),
+    #[error("starting the local page server thread failed")]
+    Thread(#[source] std::io::Error),
+    #[error("connecting to the memory server at {addr} failed")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: snowflock_dataplane::client::ConnectError,
+    },
+}
+
+/// The pages of one clone point on this host, and the connection that
+/// fetches the missing ones.
+#[derive(Debug)]
+pub struct FetchLink {
+    pub family: Arc<Family>,
+    source: Arc<ClientSource>,
+}
+
+impl FetchLink {
+    pub fn connect(
+        family_id: u64,
+        mem_size: u64,
+        server: SocketAddr,
+        key: &ClusterKey,
+        config: FetchConfig,
+    ) -> Result<Self, FetchLinkError> {
+        let source = Arc::new(ClientSource::default());
+        let family = Family::new(family_id, mem_size, source.clone(), config)?;
+        let client = PageClient::connect(
+            server,
+            key,
+            family_id,
+            Arc::new(FamilySink(family.clone())),
+            Duration::from_secs(3),
+        )
+        .map_err(|source| FetchLinkError::Connect {
+            addr: server,
+            source,
+        })?;
+        // Nothing else sets it: `source` was created above.
+        let _ = source.0.set(client);
+        Ok(Self { family, source })
+    }
+
+    /// Pages received so far over the connection.
+    pub fn received_pages(&self) -> u64 {
+        self.source.0.get().map_or(0, |c| c.stats().pages_received)
+    }
+}
+
+/// Serves a family's page requests from an image on this host, on a thread
+/// of its own: the fault path of a hollow clone without the network, the
+/// baseline the remote fault path is measured against.
+#[derive(Debug)]
+pub struct LocalImageSource {
+    requests: std::sync::mpsc::Sender<Vec<u64>>,
+}
+
+impl LocalImageSource {
+    /// A family whose missing pages come from `image`.
+    pub fn family(
+        image: Arc<MemoryImage>,
+        family_id: u64,
+        config: FetchConfig,
+    ) -> Result<Arc<Family>, FetchLinkError> {
+        let (requests, queue) = std::sync::mpsc::channel::<Vec<u64>>();
+        let source = Arc::new(Self { requests });
+        let family = Family::new(family_id, image.size(), source, config)?;
+        let weak = Arc::downgrade(&family);
+        std::thread::Builder::new()
+            .name("sf-local-pages".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; PAGE_SIZE as usize];
+                while let Ok(pages) = queue.recv() {
+                    let Some(family) = weak.upgrade() else { break };
+                    let mut data = Vec::with_capacity(pages.len());
+                    for &page in &pages {
+                        match image.read(page * PAGE_SIZE, &mut buf) {
+                            Ok(()) => data.push((page, buf.clone())),
+                            Err(e) => {
+                                family.fail(format!("reading page {page:#x} failed: {e}"));
+                                return;
+                            }
+                        }
+                    }
+                    let batch: Vec<(u64, &[u8])> =
+                        data.iter().map(|(p, d)| (*p, d.as_slice())).collect();
+                    family.deliver_batch(&batch);
+                }
+            })
+            .map_err(FetchLinkError::Thread)?;
+        Ok(family)
+    }
+}
+
+impl PageSource for LocalImageSource {
+    fn request(&self, _family: u64, pages: &[u64]) {
+        // The server thread ends only with the family, which owns this source.
+        let _ = self.requests.send(pages.to_vec());
+    }
+}

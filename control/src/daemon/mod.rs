@@ -1,0 +1,360 @@
+//! `sfd`, the per-host daemon: runs VMs for the local API, serves their
+//! frozen memory to other hosts, and runs hollow clones for parents on
+//! other hosts.
+//!
+//! Threads and tasks: a tokio runtime serves the local API (Unix socket),
+//! the inter-host control protocol (TCP, cluster-key authenticated) and the
+//! links to other members; VMs run on their own threads under the
+//! [`Supervisor`]; the memory server and page clients run blocking threads
+//! of their own (see `snowflock-dataplane`), and each hollow clone has a
+//! fault-handling thread (see `snowflock-fault-handler`).
+
+pub mod api;
+pub mod host;
+pub mod links;
+pub mod memory;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use snowflock_dataplane::auth::ClusterKey;
+use snowflock_dataplane::server::MemoryServer;
+use snowflock_fault_handler::{CloneStats, FaultHandler};
+use snowflock_vmm::Hypervisor;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::broadcast;
+
+use crate::config::DaemonConfig;
+use crate::console::LineSink;
+use crate::descriptor::Descriptor;
+use crate::protocol::{CloneOrder, CloneStatsEntry, FamilyEntry, HostStats};
+use crate::supervisor::{Supervisor, SupervisorConfig, error_chain};
+use links::Links;
+use memory::FetchLink;
+
+/// Ended hollow clones kept for `sf stats`.
+const RECENT_CLONES: usize = 256;
+
+/// A failure to start the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("loading the cluster key from {path} failed")]
+    Key {
+        path: std::path::PathBuf,
+        #[source]
+        source: snowflock_dataplane::auth::LoadKeyError,
+    },
+    #[error("creating the state directory {path} failed")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listening on {what} {addr} failed")]
+    Listen {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the memory server failed")]
+    MemoryServer(#[source] snowflock_dataplane::server::BindError),
+    #[error("starting the async runtime failed")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// A clone point's pages on this host: (its memory server, its family).
+type FetchKey = (std::net::SocketAddr, u64);
+
+/// A hollow clone on this host, running or ended.
+#[derive(Debug)]
+pub struct HollowRecord {
+    pub vm: u64,
+    pub label: String,
+    pub family: u64,
+    pub faults: Option<Arc<FaultHandler>>,
+    pub final_stats: Option<CloneStats>,
+}
+
+/// Shared state of a running daemon.
+pub struct Daemon {
+    pub(crate) config: DaemonConfig,
+    pub(crate) key: ClusterKey,
+    pub(crate) supervisor: Supervisor,
+    pub(crate) links: Arc<Links>,
+    memory: Arc<MemoryServer>,
+    next_id: AtomicU64,
+    /// Page caches and connections of clone points, by (memory server, family).
+    fetches: Mutex<HashMap<FetchKey, (String, Weak<FetchLink>)>>,
+    hollow: Mutex<HashMap<u64, HollowRecord>>,
+    recent: Mutex<VecDeque<HollowRecord>>,
+    pub(crate) roots: Mutex<HashMap<u64, api::RootVm>>,
+    pub(crate) lines: broadcast::Sender<(String, String)>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("host", &self.config.host.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    pub(crate) fn fresh_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The page cache and memory-server connection of `order`'s clone
+    /// point, shared by all its clones on this host.
+    pub(crate) fn fetch_link(
+        &self,
+        parent: &str,
+        order: &CloneOrder,
+        descriptor: &Descriptor,
+    ) -> Result<Arc<FetchLink>, String> {
+        let key = (order.pages, order.family);
+        let mut fetches = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(link) = fetches.get(&key).and_then(|(_, w)| w.upgrade()) {
+            return Ok(link);
+        }
+        let link = FetchLink::connect(
+            order.family,
+            descriptor.machine.mem_size,
+            order.pages,
+            &self.key,
+            host::fetch_config(&self.config.limits),
+        )
+        .map_err(|e| error_chain(&e))?;
+        let link = Arc::new(link);
+        fetches.retain(|_, (_, w)| w.strong_count() > 0);
+        fetches.insert(key, (parent.to_string(), Arc::downgrade(&link)));
+        Ok(link)
+    }
+
+    pub(crate) fn hollow_started(
+        &self,
+        vm: u64,
+        label: &str,
+        family: u64,
+        faults: Arc<FaultHandler>,
+    ) {
+        self.hollow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                vm,
+                HollowRecord {
+                    vm,
+                    label: label.to_string(),
+                    family,
+                    faults: Some(faults),
+                    final_stats: None,
+                },
+            );
+    }
+
+    pub(crate) fn hollow_ended(&self, record: HollowRecord) {
+        self.hollow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&record.vm);
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_CLONES {
+            recent.pop_front();
+        }
+        recent.push_back(record);
+    }
+
+    /// Fault counters of this host.
+    pub(crate) fn local_stats(&self) -> HostStats {
+        let mut clones: Vec<CloneStatsEntry> = self
+            .hollow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|r| CloneStatsEntry {
+                vm: r.vm,
+                label: r.label.clone(),
+                family: r.family,
+                running: true,
+                stats: r.faults.as_ref().map(|f| f.stats()).unwrap_or_default(),
+            })
+            .collect();
+        clones.extend(
+            self.recent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|r| CloneStatsEntry {
+                    vm: r.vm,
+                    label: r.label.clone(),
+                    family: r.family,
+                    running: false,
+                    stats: r.final_stats.clone().unwrap_or_default(),
+                }),
+        );
+        clones.sort_by_key(|c| c.vm);
+        let families = self
+            .fetches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(&(_, family), (parent, weak))| {
+                weak.upgrade().map(|link| FamilyEntry {
+                    family,
+                    parent_host: parent.clone(),
+                    stats: link.family.stats(),
+                })
+            })
+            .collect();
+        let served = self.memory.stats();
+        HostStats {
+            host: self.config.host.name.clone(),
+            error: None,
+            clones,
+            families,
+            served_pages: served.pages_served,
+            served_bytes: served.bytes_served,
+            served_families: self.links.served_families(),
+        }
+    }
+}
+
+/// Starts a daemon from `config` and serves until SIGTERM or SIGINT.
+pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonError> {
+    let key = ClusterKey::load(&config.cluster.key_file).map_err(|source| DaemonError::Key {
+        path: config.cluster.key_file.clone(),
+        source,
+    })?;
+    std::fs::create_dir_all(&config.host.state_dir).map_err(|source| DaemonError::StateDir {
+        path: config.host.state_dir.clone(),
+        source,
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sfd-io")
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let memory = Arc::new(
+        MemoryServer::bind(config.listen.pages, key.clone()).map_err(DaemonError::MemoryServer)?,
+    );
+    let (lines_tx, _) = broadcast::channel(4096);
+    let line_sender = lines_tx.clone();
+    let host_name = config.host.name.clone();
+    let lines: LineSink = Arc::new(move |label: &str, line: &str| {
+        tracing::info!(target: "console", host = %host_name, vm = label, "{line}");
+        // Nobody may be waiting; the line is in the log either way.
+        let _ = line_sender.send((label.to_string(), line.to_string()));
+    });
+    let links = Arc::new(Links::new(
+        rt.handle().clone(),
+        &config,
+        key.clone(),
+        memory.clone(),
+        lines.clone(),
+    ));
+    let supervisor = Supervisor::new(
+        hv,
+        SupervisorConfig {
+            clone_limit: config.limits.clone_slots,
+            lines,
+            descriptor_dir: None,
+            cluster: Some(links.clone()),
+        },
+    );
+    let daemon = Arc::new(Daemon {
+        config,
+        key,
+        supervisor,
+        links,
+        memory: memory.clone(),
+        next_id: AtomicU64::new(1),
+        fetches: Mutex::new(HashMap::new()),
+        hollow: Mutex::new(HashMap::new()),
+        recent: Mutex::new(VecDeque::new()),
+        roots: Mutex::new(HashMap::new()),
+        lines: lines_tx,
+    });
+    rt.block_on(serve(daemon.clone()))?;
+    tracing::info!("shutting down: stopping VMs");
+    daemon.stop_all_vms();
+    memory.shutdown();
+    drop(rt);
+    let _ = std::fs::remove_file(daemon.config.socket_path());
+    tracing::info!("stopped");
+    Ok(())
+}
+
+impl Daemon {
+    /// Kills every VM on this host and waits (bounded) for them to end.
+    fn stop_all_vms(&self) {
+        for vm in self.supervisor.vms() {
+            self.supervisor.kill_vm(vm.vm);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !self.supervisor.vms().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let left = self.supervisor.vms().len();
+        if left > 0 {
+            tracing::warn!(left, "VMs still running at shutdown");
+        }
+    }
+}
+
+async fn serve(daemon: Arc<Daemon>) -> Result<(), DaemonError> {
+    let socket = daemon.config.socket_path();
+    // A socket left by a daemon that died; a live one would still own it,
+    // but then binding the TCP ports below fails anyway.
+    let _ = std::fs::remove_file(&socket);
+    let api = UnixListener::bind(&socket).map_err(|source| DaemonError::Listen {
+        what: "local API socket",
+        addr: socket.display().to_string(),
+        source,
+    })?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Only root (the owner) may drive the daemon.
+        let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+    }
+    let control_addr = daemon.config.listen.control;
+    let control = TcpListener::bind(control_addr)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            what: "control address",
+            addr: control_addr.to_string(),
+            source,
+        })?;
+    tracing::info!(
+        host = %daemon.config.host.name,
+        control = %control_addr,
+        pages = %daemon.config.listen.pages,
+        socket = %socket.display(),
+        slots = daemon.config.limits.clone_slots,
+        "sfd ready"
+    );
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| DaemonError::Listen {
+        what: "signal",
+        addr: "SIGTERM".into(),
+        source,
+    })?;
+    loop {
+        tokio::select! {
+            accepted = api.accept() => match accepted {
+                Ok((stream, _)) => { tokio::spawn(api::serve_client(daemon.clone(), stream)); }
+                Err(e) => tracing::warn!("accepting an API connection failed: {e}"),
+            },
+            accepted = control.accept() => match accepted {
+                Ok((stream, peer)) => { tokio::spawn(host::serve_peer(daemon.clone(), stream, peer)); }
+                Err(e) => tracing::warn!("accepting a control connection failed: {e}"),
+            },
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    Ok(())
+}

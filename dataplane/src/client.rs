@@ -1,0 +1,377 @@
+//! The page client: one authenticated connection from a clone host to a memory server, for one
+//! family.
+//!
+//! [`PageClient::request`] may be called from any thread; it writes REQUEST frames under a lock.
+//! A receiver thread reads the replies. Each `read` returns whatever has arrived (up to
+//! [`RECEIVE_BUFFER_LEN`] bytes); the complete PAGE frames in it are handed to
+//! [`PageSink::deliver_batch`] in one call, straight out of the receive buffer (no copy).
+//!
+//! The connection fails, and [`PageSink::failed`] is called exactly once, when the server
+//! closes it, a read fails, a frame is malformed or belongs to another family, or the server
+//! answers with an ERROR frame (a page that cannot be fetched leaves the clone unable to run).
+//! Pages received before the failure are delivered first. Dropping the client closes the
+//! connection without calling `failed`.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crate::auth::{self, AuthError, ClusterKey};
+use crate::server::PAGES_CONTEXT;
+use crate::sync::{Never, lock};
+use crate::wire::{self, Frame, PAGE_FRAME_LEN, WireError};
+
+/// Receive buffer of the receiver thread: the largest batch is this many bytes of PAGE frames
+/// (63 pages).
+pub const RECEIVE_BUFFER_LEN: usize = 256 * 1024;
+/// How long one write of requests may block before [`PageClient::request`] fails.
+pub const REQUEST_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long dropping a client waits for its receiver thread.
+pub const DROP_TIMEOUT: Duration = Duration::from_secs(2);
+
+const _: () = assert!(RECEIVE_BUFFER_LEN >= 2 * PAGE_FRAME_LEN);
+
+/// Where received pages go; implemented by the fault handler.
+///
+/// Called from the client's receiver thread. While a call runs, no more replies are read.
+/// The sink must not own the [`PageClient`] that calls it (that would be a reference cycle).
+pub trait PageSink: Send + Sync {
+    /// Pages received, as `(page number, PAGE_SIZE bytes)`, in arrival order.
+    fn deliver_batch(&self, pages: &[(u64, &[u8])]);
+    /// The connection failed; no more pages will come. Called at most once, never after the
+    /// client was dropped.
+    fn failed(&self, reason: String);
+}
+
+/// Counters of a [`PageClient`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClientStats {
+    /// REQUEST frames sent.
+    pub requests_sent: u64,
+    /// Pages named in them.
+    pub pages_requested: u64,
+    /// PAGE frames received.
+    pub pages_received: u64,
+    /// Bytes received after the handshake (all frames).
+    pub bytes_received: u64,
+    /// Calls to [`PageSink::deliver_batch`].
+    pub batches_delivered: u64,
+}
+
+/// Why [`PageClient::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP connection could not be made.
+    #[error("connecting to memory server {addr}")]
+    Connect {
+        /// The server.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The socket could not be configured.
+    #[error("configuring the connection to memory server {addr}")]
+    Configure {
+        /// The server.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// Authentication failed.
+    #[error("authenticating with memory server {addr}")]
+    Handshake {
+        /// The server.
+        addr: SocketAddr,
+        /// What went wrong.
+        source: AuthError,
+    },
+    /// The receiver thread could not be started.
+    #[error("starting the receiver thread for memory server {addr}")]
+    Spawn {
+        /// The server.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+/// Why [`PageClient::request`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The connection already failed.
+    #[error("the connection to memory server {addr} failed: {reason}")]
+    Failed {
+        /// The server.
+        addr: SocketAddr,
+        /// The reason given to [`PageSink::failed`].
+        reason: String,
+    },
+    /// Writing the request failed.
+    #[error("sending a page request to memory server {addr}")]
+    Send {
+        /// The server.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+struct Shared {
+    addr: SocketAddr,
+    family: u64,
+    writer: Mutex<TcpStream>,
+    /// Set by `Drop`: the connection is being closed on purpose, not failing.
+    closing: AtomicBool,
+    /// Why the connection failed, once it has.
+    failure: Mutex<Option<String>>,
+    requests_sent: AtomicU64,
+    pages_requested: AtomicU64,
+    pages_received: AtomicU64,
+    bytes_received: AtomicU64,
+    batches_delivered: AtomicU64,
+}
+
+/// One authenticated connection to a memory server, for one family.
+pub struct PageClient {
+    shared: Arc<Shared>,
+    /// Used to shut the socket down without taking the writer lock.
+    socket: TcpStream,
+    receiver: Option<JoinHandle<()>>,
+    /// Disconnects when the receiver thread exits. In a `Mutex` only to make the client `Sync`.
+    receiver_exited: Mutex<Receiver<Never>>,
+}
+
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<PageClient>();
+};
+
+impl std::fmt::Debug for PageClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageClient")
+            .field("addr", &self.shared.addr)
+            .field("family", &format_args!("{:#x}", self.shared.family))
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PageClient {
+    /// Connects to the memory server at `addr`, authenticates with `key` and starts receiving
+    /// pages of `family` into `sink`. `connect_timeout` bounds the connection and, separately,
+    /// each read and write of the handshake.
+    pub fn connect(
+        addr: SocketAddr,
+        key: &ClusterKey,
+        family: u64,
+        sink: Arc<dyn PageSink>,
+        connect_timeout: Duration,
+    ) -> Result<PageClient, ConnectError> {
+        let mut stream = TcpStream::connect_timeout(&addr, connect_timeout)
+            .map_err(|source| ConnectError::Connect { addr, source })?;
+        let configure = |source| ConnectError::Configure { addr, source };
+        stream.set_nodelay(true).map_err(configure)?;
+        stream
+            .set_read_timeout(Some(connect_timeout))
+            .map_err(configure)?;
+        stream
+            .set_write_timeout(Some(connect_timeout))
+            .map_err(configure)?;
+        auth::client_handshake(&mut stream, key, PAGES_CONTEXT)
+            .map_err(|source| ConnectError::Handshake { addr, source })?;
+        // Replies come whenever requests are made: no read deadline from here on.
+        stream.set_read_timeout(None).map_err(configure)?;
+        stream
+            .set_write_timeout(Some(REQUEST_WRITE_TIMEOUT))
+            .map_err(configure)?;
+        let reader = stream.try_clone().map_err(configure)?;
+        let socket = stream.try_clone().map_err(configure)?;
+        let shared = Arc::new(Shared {
+            addr,
+            family,
+            writer: Mutex::new(stream),
+            closing: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            requests_sent: AtomicU64::new(0),
+            pages_requested: AtomicU64::new(0),
+            pages_received: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            batches_delivered: AtomicU64::new(0),
+        });
+        let (alive, receiver_exited) = mpsc::channel();
+        let receiver = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name(format!("sf-pages-{family:x}"))
+                .spawn(move || receive(&shared, reader, sink.as_ref(), alive))
+                .map_err(|source| ConnectError::Spawn { addr, source })?
+        };
+        tracing::debug!(%addr, family = format_args!("{family:#x}"), "page client connected");
+        Ok(PageClient {
+            shared,
+            socket,
+            receiver: Some(receiver),
+            receiver_exited: Mutex::new(receiver_exited),
+        })
+    }
+
+    /// Asks for `pages`; their replies go to the sink. Splits them into REQUEST frames of at
+    /// most [`wire::MAX_PAGES_PER_REQUEST`] pages and writes them with one write. Thread-safe.
+    pub fn request(&self, pages: &[u64]) -> Result<(), RequestError> {
+        let shared = &self.shared;
+        if let Some(reason) = lock(&shared.failure).clone() {
+            return Err(RequestError::Failed {
+                addr: shared.addr,
+                reason,
+            });
+        }
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let mut frames = Vec::new();
+        let requests = wire::encode_requests(shared.family, pages, &mut frames);
+        lock(&shared.writer)
+            .write_all(&frames)
+            .map_err(|source| RequestError::Send {
+                addr: shared.addr,
+                source,
+            })?;
+        shared
+            .requests_sent
+            .fetch_add(requests as u64, Ordering::Relaxed);
+        shared
+            .pages_requested
+            .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The server's address.
+    pub fn server_addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// The family this client fetches.
+    pub fn family(&self) -> u64 {
+        self.shared.family
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ClientStats {
+        let shared = &self.shared;
+        ClientStats {
+            requests_sent: shared.requests_sent.load(Ordering::Relaxed),
+            pages_requested: shared.pages_requested.load(Ordering::Relaxed),
+            pages_received: shared.pages_received.load(Ordering::Relaxed),
+            bytes_received: shared.bytes_received.load(Ordering::Relaxed),
+            batches_delivered: shared.batches_delivered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for PageClient {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        // Wakes the receiver thread out of its read; it may already have closed the socket.
+        let _ = self.socket.shutdown(Shutdown::Both);
+        match lock(&self.receiver_exited).recv_timeout(DROP_TIMEOUT) {
+            Ok(never) => match never {},
+            Err(RecvTimeoutError::Disconnected) => {
+                if let Some(receiver) = self.receiver.take()
+                    && receiver.join().is_err()
+                {
+                    tracing::error!(addr = %self.shared.addr, "page receiver thread panicked");
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => tracing::warn!(
+                addr = %self.shared.addr,
+                timeout = ?DROP_TIMEOUT,
+                "page receiver thread still busy in the sink; leaving it to finish"
+            ),
+        }
+    }
+}
+
+/// The receiver thread: reads replies until the connection ends, then reports why.
+fn receive(shared: &Shared, mut stream: TcpStream, sink: &dyn PageSink, _alive: Sender<Never>) {
+    let reason = receive_until_failure(shared, &mut stream, sink);
+    if shared.closing.load(Ordering::SeqCst) {
+        return;
+    }
+    tracing::warn!(
+        addr = %shared.addr,
+        family = format_args!("{:#x}", shared.family),
+        %reason,
+        "page connection failed"
+    );
+    *lock(&shared.failure) = Some(reason.clone());
+    // Later requests fail at once instead of writing into a dead connection.
+    let _ = stream.shutdown(Shutdown::Both);
+    sink.failed(reason);
+}
+
+/// Reads and delivers pages; returns why it stopped.
+fn receive_until_failure(shared: &Shared, stream: &mut TcpStream, sink: &dyn PageSink) -> String {
+    let addr = shared.addr;
+    let mut buf = vec![0u8; RECEIVE_BUFFER_LEN];
+    let mut filled = 0;
+    loop {
+        let read = match stream.read(&mut buf[filled..]) {
+            Ok(0) => return format!("memory server {addr} closed the connection"),
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return format!("reading from memory server {addr}: {error}"),
+        };
+        shared
+            .bytes_received
+            .fetch_add(read as u64, Ordering::Relaxed);
+        filled += read;
+        let mut consumed = 0;
+        let mut batch: Vec<(u64, &[u8])> = Vec::new();
+        let stop = loop {
+            match wire::decode(&buf[consumed..filled]) {
+                Ok((Frame::Page(reply), used)) if reply.family == shared.family => {
+                    consumed += used;
+                    batch.push((reply.page, reply.data));
+                }
+                Ok((Frame::Error(reply), _)) if reply.family == shared.family => {
+                    break Some(format!(
+                        "server error for page {:#x} of family {:#x}: {}: {}",
+                        reply.page, reply.family, reply.code, reply.message
+                    ));
+                }
+                Ok((Frame::Page(wire::PageReply { family, .. }), _))
+                | Ok((Frame::Error(wire::ErrorReply { family, .. }), _)) => {
+                    break Some(format!(
+                        "memory server {addr} sent a reply for family {family:#x}, not {:#x}",
+                        shared.family
+                    ));
+                }
+                Ok((Frame::Request(_), _)) => {
+                    break Some(format!("memory server {addr} sent a REQUEST frame"));
+                }
+                Err(WireError::Incomplete { .. }) => break None,
+                Err(error) => {
+                    break Some(format!(
+                        "malformed frame from memory server {addr}: {error}"
+                    ));
+                }
+            }
+        };
+        if !batch.is_empty() {
+            shared
+                .pages_received
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            shared.batches_delivered.fetch_add(1, Ordering::Relaxed);
+            sink.deliver_batch(&batch);
+        }
+        if let Some(reason) = stop {
+            return reason;
+        }
+        buf.copy_within(consumed..filled, 0);
+        filled -= consumed;
+    }
+}

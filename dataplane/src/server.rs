@@ -1,0 +1,601 @@
+//! The memory server: serves the frozen memory of clone points to clone hosts.
+//!
+//! One acceptor thread accepts connections; each connection gets its own thread, which
+//! authenticates the peer (context `b"pages"`, bounded by [`ServerConfig::handshake_timeout`])
+//! and then answers REQUEST frames until the peer closes. Connections are few (one per clone
+//! host and family), so a thread each is cheap and keeps a slow store read on one connection
+//! from delaying the others.
+//!
+//! For each REQUEST the server reads every page from the family's [`PageStore`] into one reply
+//! buffer, and writes the replies to all the requests received so far with one `write` call
+//! (or one per 256 KiB of replies, so the first pages of a long stream go out early). An
+//! unknown family, a page beyond the end or a failed read is answered with an ERROR frame and
+//! the connection stays open; a malformed frame closes the connection.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crate::auth::{self, ClusterKey};
+use crate::sync::{Never, lock};
+use crate::wire::{self, ErrorCode, Frame, PAGE_SIZE, WireError};
+
+/// Protocol context of the page protocol's handshake.
+pub const PAGES_CONTEXT: &[u8] = b"pages";
+
+/// The frozen memory of one clone point.
+///
+/// Implemented by the control plane over its copy-on-write memory image. Called from the
+/// connection threads, concurrently.
+pub trait PageStore: Send + Sync {
+    /// Number of pages in the image; pages `0..page_count()` can be read.
+    fn page_count(&self) -> u64;
+    /// Copies page `page` (less than [`PageStore::page_count`]) into `buf`.
+    fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> io::Result<()>;
+}
+
+/// Tunables of a [`MemoryServer`].
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// How long a new connection may take to authenticate before it is closed.
+    pub handshake_timeout: Duration,
+    /// How long one write of replies may block (a client that stops reading) before the
+    /// connection is closed.
+    pub write_timeout: Duration,
+    /// Most connections served at once; more are closed at once.
+    pub max_connections: usize,
+    /// How long [`MemoryServer::shutdown`] waits for its threads to finish.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 256,
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters of a [`MemoryServer`], since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Connections open now.
+    pub active_connections: u64,
+    /// PAGE frames sent.
+    pub pages_served: u64,
+    /// Bytes written to authenticated clients (all frames).
+    pub bytes_served: u64,
+    /// ERROR frames sent.
+    pub errors: u64,
+    /// Connections closed after authentication for a malformed frame or an I/O error.
+    pub protocol_errors: u64,
+    /// Connections closed because the handshake failed (wrong key, wrong protocol, garbage,
+    /// timeout).
+    pub auth_failures: u64,
+    /// Connections refused because [`ServerConfig::max_connections`] were open.
+    pub refused: u64,
+}
+
+/// Why [`MemoryServer::bind`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The listening socket could not be bound.
+    #[error("binding the memory server to {addr}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The bound address could not be read back.
+    #[error("reading the memory server's local address")]
+    LocalAddr {
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The acceptor thread could not be started.
+    #[error("starting the memory server's acceptor thread")]
+    Spawn {
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    active_connections: AtomicU64,
+    pages_served: AtomicU64,
+    bytes_served: AtomicU64,
+    errors: AtomicU64,
+    protocol_errors: AtomicU64,
+    auth_failures: AtomicU64,
+    refused: AtomicU64,
+}
+
+struct Shared {
+    key: ClusterKey,
+    config: ServerConfig,
+    listener: TcpListener,
+    families: RwLock<HashMap<u64, Arc<dyn PageStore>>>,
+    /// Handles of the open connections, to close them on shutdown; `None` once shut down.
+    connections: Mutex<Option<HashMap<u64, TcpStream>>>,
+    stopping: AtomicBool,
+    next_connection: AtomicU64,
+    counters: Counters,
+}
+
+/// Serves the frozen memory of any number of clone points (families) at once.
+///
+/// Dropping it shuts it down (see [`MemoryServer::shutdown`]).
+pub struct MemoryServer {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// Disconnects once the acceptor and every connection thread have exited.
+    threads_exited: Mutex<Receiver<Never>>,
+}
+
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<MemoryServer>();
+};
+
+impl std::fmt::Debug for MemoryServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryServer")
+            .field("local_addr", &self.local_addr)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryServer {
+    /// Binds `addr` and starts serving with the default [`ServerConfig`].
+    pub fn bind(addr: SocketAddr, key: ClusterKey) -> Result<MemoryServer, BindError> {
+        MemoryServer::bind_with_config(addr, key, ServerConfig::default())
+    }
+
+    /// Binds `addr` and starts serving.
+    pub fn bind_with_config(
+        addr: SocketAddr,
+        key: ClusterKey,
+        config: ServerConfig,
+    ) -> Result<MemoryServer, BindError> {
+        let listener =
+            TcpListener::bind(addr).map_err(|source| BindError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| BindError::LocalAddr { source })?;
+        let shared = Arc::new(Shared {
+            key,
+            config,
+            listener,
+            families: RwLock::new(HashMap::new()),
+            connections: Mutex::new(Some(HashMap::new())),
+            stopping: AtomicBool::new(false),
+            next_connection: AtomicU64::new(0),
+            counters: Counters::default(),
+        });
+        let (alive, threads_exited) = mpsc::channel();
+        let acceptor = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name("sf-mem-accept".into())
+                .spawn(move || accept_loop(&shared, alive))
+                .map_err(|source| BindError::Spawn { source })?
+        };
+        tracing::info!(%local_addr, key = ?shared.key, "memory server listening");
+        Ok(MemoryServer {
+            shared,
+            local_addr,
+            acceptor: Mutex::new(Some(acceptor)),
+            threads_exited: Mutex::new(threads_exited),
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Starts serving `family` from `store`, replacing any store it had.
+    pub fn register(&self, family: u64, store: Arc<dyn PageStore>) {
+        let pages = store.page_count();
+        let previous = self
+            .shared
+            .families
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(family, store);
+        tracing::info!(
+            family = format_args!("{family:#x}"),
+            pages,
+            replaced = previous.is_some(),
+            "serving family"
+        );
+    }
+
+    /// Stops serving `family`; later requests for it get [`ErrorCode::UnknownFamily`].
+    /// Returns whether it was served.
+    pub fn unregister(&self, family: u64) -> bool {
+        let removed = self
+            .shared
+            .families
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&family)
+            .is_some();
+        tracing::info!(
+            family = format_args!("{family:#x}"),
+            removed,
+            "family withdrawn"
+        );
+        removed
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ServerStats {
+        let c = &self.shared.counters;
+        ServerStats {
+            connections: c.connections.load(Ordering::Relaxed),
+            active_connections: c.active_connections.load(Ordering::Relaxed),
+            pages_served: c.pages_served.load(Ordering::Relaxed),
+            bytes_served: c.bytes_served.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
+            auth_failures: c.auth_failures.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting, closes every connection and waits (at most
+    /// [`ServerConfig::shutdown_timeout`]) for the threads to finish. Threads still busy
+    /// after that (a [`PageStore::read_page`] that does not return) are left to finish on
+    /// their own, and a warning is logged. Calling it again does nothing.
+    pub fn shutdown(&self) {
+        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: the listener's fd stays open for this call: `self.shared` holds the
+        // `TcpListener` that owns it. shutdown(2) does not close the fd, it only wakes the
+        // acceptor's blocked accept(2), which then fails with EINVAL.
+        let rc = unsafe { libc::shutdown(self.shared.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if rc != 0 {
+            tracing::warn!(
+                error = %io::Error::last_os_error(),
+                "could not shut down the memory server's listening socket"
+            );
+        }
+        let connections = lock(&self.shared.connections).take().unwrap_or_default();
+        for stream in connections.values() {
+            // The connection may already be closing; its thread handles the outcome.
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        let all_exited =
+            match lock(&self.threads_exited).recv_timeout(self.shared.config.shutdown_timeout) {
+                Ok(never) => match never {},
+                Err(RecvTimeoutError::Disconnected) => true,
+                Err(RecvTimeoutError::Timeout) => false,
+            };
+        if let Some(acceptor) = lock(&self.acceptor).take() {
+            if acceptor.is_finished() {
+                if acceptor.join().is_err() {
+                    tracing::error!("the memory server's acceptor thread panicked");
+                }
+            } else {
+                tracing::warn!("the memory server's acceptor thread did not stop in time");
+            }
+        }
+        if !all_exited {
+            tracing::warn!(
+                timeout = ?self.shared.config.shutdown_timeout,
+                "memory server connection threads still running after shutdown"
+            );
+        }
+        tracing::info!(
+            local_addr = %self.local_addr,
+            stats = ?self.stats(),
+            "memory server stopped"
+        );
+    }
+}
+
+impl Drop for MemoryServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn accept_loop(shared: &Arc<Shared>, alive: Sender<Never>) {
+    loop {
+        let accepted = shared.listener.accept();
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        match accepted {
+            Ok((stream, peer)) => start_connection(shared, stream, peer, &alive),
+            Err(error) => {
+                tracing::warn!(%error, "memory server accept failed");
+                // Out of fds or memory: back off instead of spinning on the same error.
+                if !matches!(
+                    error.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+                ) {
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+fn start_connection(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    alive: &Sender<Never>,
+) {
+    let counters = &shared.counters;
+    counters.connections.fetch_add(1, Ordering::Relaxed);
+    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    let handle = match stream.try_clone() {
+        Ok(handle) => handle,
+        Err(error) => {
+            tracing::warn!(%peer, %error, "could not track a memory server connection; closing it");
+            return;
+        }
+    };
+    {
+        let mut connections = lock(&shared.connections);
+        let Some(connections) = connections.as_mut() else {
+            return;
+        };
+        if connections.len() >= shared.config.max_connections {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                %peer,
+                max = shared.config.max_connections,
+                "memory server at its connection limit; closing the new connection"
+            );
+            return;
+        }
+        connections.insert(id, handle);
+    }
+    counters.active_connections.fetch_add(1, Ordering::Relaxed);
+    let thread_shared = Arc::clone(shared);
+    let alive = alive.clone();
+    let spawned = thread::Builder::new()
+        .name(format!("sf-mem-conn-{id}"))
+        .spawn(move || {
+            let _alive = alive;
+            serve_connection(&thread_shared, stream, peer);
+            end_connection(&thread_shared, id);
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%peer, %error, "could not start a memory server connection thread");
+        end_connection(shared, id);
+    }
+}
+
+fn end_connection(shared: &Shared, id: u64) {
+    if let Some(connections) = lock(&shared.connections).as_mut() {
+        connections.remove(&id);
+    }
+    shared
+        .counters
+        .active_connections
+        .fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Reads this much at a time; holds many pipelined REQUESTs.
+const READ_BUFFER_LEN: usize = 64 * 1024;
+/// Replies are written once this many bytes are pending, even mid-way through the requests
+/// already received, so the reply buffer stays bounded.
+const MAX_PENDING_REPLY_LEN: usize = 256 * 1024;
+
+/// Why a connection ended; logged once.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("authentication failed")]
+    Auth(#[source] auth::AuthError),
+    #[error("configuring the socket")]
+    Configure(#[source] io::Error),
+    #[error("reading requests")]
+    Read(#[source] io::Error),
+    #[error("writing replies")]
+    Write(#[source] io::Error),
+    #[error("malformed frame")]
+    Malformed(#[source] WireError),
+    #[error("unexpected {kind} frame from a client")]
+    UnexpectedFrame { kind: &'static str },
+}
+
+fn serve_connection(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
+    let span = tracing::debug_span!("memory_connection", %peer);
+    let _entered = span.enter();
+    let result = authenticate(shared, &mut stream).and_then(|()| {
+        tracing::debug!("client authenticated");
+        serve_requests(shared, &mut stream)
+    });
+    let counters = &shared.counters;
+    match result {
+        Ok(()) => tracing::debug!("client closed the connection"),
+        Err(_) if shared.stopping.load(Ordering::SeqCst) => {
+            tracing::debug!("connection closed by shutdown");
+        }
+        Err(ConnectionError::Auth(error)) => {
+            counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "refused a memory client"
+            );
+        }
+        Err(error) => {
+            counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "closing memory connection"
+            );
+        }
+    }
+}
+
+fn authenticate(shared: &Shared, stream: &mut TcpStream) -> Result<(), ConnectionError> {
+    stream
+        .set_nodelay(true)
+        .and_then(|()| stream.set_read_timeout(Some(shared.config.handshake_timeout)))
+        .and_then(|()| stream.set_write_timeout(Some(shared.config.write_timeout)))
+        .map_err(ConnectionError::Configure)?;
+    auth::server_handshake(stream, &shared.key, PAGES_CONTEXT).map_err(ConnectionError::Auth)?;
+    // Authenticated clients ask for pages whenever their guests fault: no read deadline.
+    stream
+        .set_read_timeout(None)
+        .map_err(ConnectionError::Configure)
+}
+
+fn serve_requests(shared: &Shared, stream: &mut TcpStream) -> Result<(), ConnectionError> {
+    let mut input = vec![0u8; READ_BUFFER_LEN];
+    let mut filled = 0;
+    let mut replies = Vec::with_capacity(wire::MAX_REQUEST_LEN);
+    let mut page = [0u8; PAGE_SIZE];
+    loop {
+        let read = stream
+            .read(&mut input[filled..])
+            .map_err(ConnectionError::Read)?;
+        if read == 0 {
+            return if filled == 0 {
+                Ok(())
+            } else {
+                Err(ConnectionError::Read(io::ErrorKind::UnexpectedEof.into()))
+            };
+        }
+        filled += read;
+        let mut consumed = 0;
+        let outcome = loop {
+            match wire::decode(&input[consumed..filled]) {
+                Ok((Frame::Request(request), used)) => {
+                    consumed += used;
+                    answer(shared, &request, &mut page, &mut replies);
+                    if replies.len() >= MAX_PENDING_REPLY_LEN {
+                        send(shared, stream, &mut replies)?;
+                    }
+                }
+                Ok((Frame::Page(_), _)) => {
+                    break Err(ConnectionError::UnexpectedFrame { kind: "PAGE" });
+                }
+                Ok((Frame::Error(_), _)) => {
+                    break Err(ConnectionError::UnexpectedFrame { kind: "ERROR" });
+                }
+                Err(WireError::Incomplete { .. }) => break Ok(()),
+                Err(error) => break Err(ConnectionError::Malformed(error)),
+            }
+        };
+        // Replies to the well-formed requests before a bad frame still go out.
+        send(shared, stream, &mut replies)?;
+        outcome?;
+        input.copy_within(consumed..filled, 0);
+        filled -= consumed;
+    }
+}
+
+/// Appends one reply per requested page to `replies`.
+fn answer(
+    shared: &Shared,
+    request: &wire::Request<'_>,
+    page_buf: &mut [u8; PAGE_SIZE],
+    replies: &mut Vec<u8>,
+) {
+    let family = request.family;
+    let store = shared
+        .families
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&family)
+        .cloned();
+    let counters = &shared.counters;
+    let Some(store) = store else {
+        tracing::debug!(
+            family = format_args!("{family:#x}"),
+            "request for an unknown family"
+        );
+        for page in request.pages() {
+            wire::encode_error(
+                family,
+                page,
+                ErrorCode::UnknownFamily,
+                &format!("family {family:#x} is not served here"),
+                replies,
+            );
+        }
+        counters
+            .errors
+            .fetch_add(request.len() as u64, Ordering::Relaxed);
+        return;
+    };
+    let page_count = store.page_count();
+    for page in request.pages() {
+        if page >= page_count {
+            wire::encode_error(
+                family,
+                page,
+                ErrorCode::OutOfRange,
+                &format!(
+                    "page {page:#x} is beyond the {page_count:#x} pages of family {family:#x}"
+                ),
+                replies,
+            );
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        match store.read_page(page, page_buf) {
+            Ok(()) => {
+                wire::encode_page(family, page, page_buf, replies);
+                counters.pages_served.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                tracing::warn!(
+                    family = format_args!("{family:#x}"),
+                    page = format_args!("{page:#x}"),
+                    %error,
+                    "reading a page of a frozen image failed"
+                );
+                wire::encode_error(
+                    family,
+                    page,
+                    ErrorCode::ReadFailed,
+                    &error.to_string(),
+                    replies,
+                );
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn send(
+    shared: &Shared,
+    stream: &mut TcpStream,
+    replies: &mut Vec<u8>,
+) -> Result<(), ConnectionError> {
+    if replies.is_empty() {
+        return Ok(());
+    }
+    stream.write_all(replies).map_err(ConnectionError::Write)?;
+    shared
+        .counters
+        .bytes_served
+        .fetch_add(replies.len() as u64, Ordering::Relaxed);
+    replies.clear();
+    Ok(())
+}

@@ -1,0 +1,18 @@
+//! Synchronisation helpers shared by the server and the client.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Locks `mutex`, even if a thread panicked while holding it.
+///
+/// Everything this crate keeps behind a mutex (maps of sockets, a socket, an optional string,
+/// a channel end) is valid after any partial update, so a poisoned lock is safe to use.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A type with no values.
+///
+/// Used as the message type of "alive" channels: each worker thread holds a `Sender<Never>`;
+/// no message is ever sent, and the `Receiver` sees a disconnect once every worker has exited,
+/// which gives a join with a timeout.
+pub(crate) enum Never {}

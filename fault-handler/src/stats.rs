@@ -1,0 +1,174 @@
+//! Fault counters of a clone and of a clone point's page cache.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::avoid::AvoidReason;
+
+/// Pages zero-filled instead of fetched, by reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AvoidedPages {
+    pub zero: u64,
+    pub free_heap: u64,
+    pub fresh: u64,
+}
+
+impl AvoidedPages {
+    pub fn total(&self) -> u64 {
+        self.zero + self.free_heap + self.fresh
+    }
+}
+
+/// A latency distribution in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub mean_us: f64,
+    /// `(upper bound in µs, faults)` per power-of-two bucket.
+    pub buckets: Vec<(u64, u64)>,
+}
+
+/// Fault counters of one hollow clone.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CloneStats {
+    /// Missing-page faults the handler served.
+    pub faults: u64,
+    /// Pages installed that came over the network at this clone's request
+    /// (faulted and prefetched).
+    pub pages_fetched: u64,
+    pub bytes_fetched: u64,
+    /// Of those, pages installed ahead of a fault (prefetch).
+    pub prefetched: u64,
+    /// Faults served from the host page cache (fetched for another clone).
+    pub cache_hits: u64,
+    pub avoided: AvoidedPages,
+    /// Every fault, from reading its event to waking the faulting thread.
+    pub latency: LatencySummary,
+    /// Only faults that waited for the network.
+    pub fetch_latency: LatencySummary,
+}
+
+/// Counters of a clone point's page cache on one host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FamilyStats {
+    pub family: u64,
+    /// Pages received from the memory server.
+    pub pages_received: u64,
+    /// Pages held in the host page cache.
+    pub resident_pages: u64,
+    /// Pages requested and not yet delivered.
+    pub outstanding: u64,
+    /// Clones registered on it now.
+    pub clones: u64,
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 2).expect("static histogram bounds are valid")
+}
+
+fn summary(h: &Histogram<u64>) -> LatencySummary {
+    if h.is_empty() {
+        return LatencySummary::default();
+    }
+    LatencySummary {
+        count: h.len(),
+        p50_us: h.value_at_quantile(0.5),
+        p90_us: h.value_at_quantile(0.9),
+        p99_us: h.value_at_quantile(0.99),
+        max_us: h.max(),
+        mean_us: h.mean(),
+        buckets: h
+            .iter_log(1, 2.0)
+            .filter(|v| v.count_since_last_iteration() > 0)
+            .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
+            .collect(),
+    }
+}
+
+/// Live counters, cheap to update from the fault and delivery paths.
+#[derive(Debug)]
+pub(crate) struct LiveStats {
+    faults: AtomicU64,
+    fetched: AtomicU64,
+    prefetched: AtomicU64,
+    cache_hits: AtomicU64,
+    zero: AtomicU64,
+    free_heap: AtomicU64,
+    fresh: AtomicU64,
+    latency: Mutex<(Histogram<u64>, Histogram<u64>)>,
+}
+
+impl LiveStats {
+    pub(crate) fn new() -> Self {
+        Self {
+            faults: AtomicU64::new(0),
+            fetched: AtomicU64::new(0),
+            prefetched: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
+            free_heap: AtomicU64::new(0),
+            fresh: AtomicU64::new(0),
+            latency: Mutex::new((new_histogram(), new_histogram())),
+        }
+    }
+
+    pub(crate) fn fault(&self) {
+        self.faults.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn cache_hit(&self) {
+        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn fetched(&self, pages: u64, prefetched: u64) {
+        self.fetched.fetch_add(pages, Ordering::Relaxed);
+        self.prefetched.fetch_add(prefetched, Ordering::Relaxed);
+    }
+
+    pub(crate) fn avoided(&self, reason: AvoidReason, pages: u64) {
+        let counter = match reason {
+            AvoidReason::Zero => &self.zero,
+            AvoidReason::FreeHeap => &self.free_heap,
+            AvoidReason::Fresh => &self.fresh,
+        };
+        counter.fetch_add(pages, Ordering::Relaxed);
+    }
+
+    /// Records a served fault; `fetched` when it waited for the network.
+    pub(crate) fn latency(&self, took: Duration, fetched: bool) {
+        let us = (took.as_micros() as u64).clamp(1, 60_000_000);
+        let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        // Values are clamped into the histogram's bounds above.
+        let _ = h.0.record(us);
+        if fetched {
+            let _ = h.1.record(us);
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> CloneStats {
+        let fetched = self.fetched.load(Ordering::Relaxed);
+        let h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        CloneStats {
+            faults: self.faults.load(Ordering::Relaxed),
+            pages_fetched: fetched,
+            bytes_fetched: fetched * crate::PAGE_SIZE,
+            prefetched: self.prefetched.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            avoided: AvoidedPages {
+                zero: self.zero.load(Ordering::Relaxed),
+                free_heap: self.free_heap.load(Ordering::Relaxed),
+                fresh: self.fresh.load(Ordering::Relaxed),
+            },
+            latency: summary(&h.0),
+            fetch_latency: summary(&h.1),
+        }
+    }
+}

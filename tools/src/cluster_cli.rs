@@ -1,0 +1,239 @@
+//! `sf cluster up|down|status`: a local test cluster of network-namespace hosts
+//! (see `snowflock_tools::cluster`).
+//!
+//! `up` returns once every daemon accepts connections and leaves the cluster running: the
+//! daemons run in sessions of their own, so they outlive `sf`. `down` reads the state file the
+//! cluster left in its directory and removes everything; `status` only looks.
+//!
+//! Wiring in `main.rs`:
+//!
+//! ```ignore
+//! /// Run a local test cluster of sfd hosts in network namespaces.
+//! Cluster {
+//!     #[command(subcommand)]
+//!     command: cluster_cli::ClusterCommand,
+//! },
+//! // ...
+//! Command::Cluster { command } => cluster_cli::run(command),
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use snowflock_tools::cluster::{
+    self, Cluster, ClusterRecord, ClusterSpec, DEFAULT_CLONE_SLOTS, DEFAULT_FETCH_TIMEOUT_MS,
+    HostInfo,
+};
+
+/// Where `sf cluster` keeps a cluster's state unless told otherwise.
+pub const DEFAULT_DIR: &str = "/run/snowflock/cluster";
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Start N sfd hosts, each in its own network namespace on one bridge (10.77.0.1..N);
+    /// returns once every daemon accepts connections, leaving them running.
+    Up(UpArgs),
+    /// Stop a cluster's daemons and remove its namespaces and runtime files
+    /// (set SF_KEEP_LOGS=1 to keep each host's sfd.log).
+    Down(DownArgs),
+    /// Show which daemons of a cluster are alive; exits 1 unless all are running and accept
+    /// connections.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Number of hosts (1 to 32).
+    #[arg(long)]
+    pub hosts: usize,
+    /// State directory: cluster.json, cluster.key, and h1/, h2/... (config, socket, log).
+    #[arg(long, default_value = DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Namespace and link name prefix, 1 to 8 characters from [a-z0-9]
+    /// (default: sf + 6 random hex digits).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Clone slots per host.
+    #[arg(long, default_value_t = DEFAULT_CLONE_SLOTS)]
+    pub slots: u32,
+    /// Page fetch timeout of every host, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_FETCH_TIMEOUT_MS)]
+    pub fetch_timeout_ms: u64,
+    /// The daemon binary (default: `sfd` next to this `sf`).
+    #[arg(long)]
+    pub sfd: Option<PathBuf>,
+    /// RUST_LOG of the daemons.
+    #[arg(long, default_value = "info")]
+    pub log: String,
+    /// Print the cluster's state (as in cluster.json) as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// State directory of the cluster.
+    #[arg(long, default_value = DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Also delete every namespace named PREFIX-sw / PREFIX-hN, killing the processes in them
+    /// (for a cluster whose state file is lost).
+    #[arg(long)]
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// State directory of the cluster.
+    #[arg(long, default_value = DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs one `sf cluster` subcommand.
+pub fn run(command: ClusterCommand) -> Result<ExitCode> {
+    match command {
+        ClusterCommand::Up(args) => up(args),
+        ClusterCommand::Down(args) => down(args),
+        ClusterCommand::Status(args) => status(args),
+    }
+}
+
+/// `sf cluster up`: builds the cluster, prints its hosts, and leaves it running.
+pub fn up(args: UpArgs) -> Result<ExitCode> {
+    let sfd = match args.sfd {
+        Some(sfd) => sfd,
+        None => default_sfd()?,
+    };
+    let mut spec = ClusterSpec::new(args.hosts, &args.dir, sfd);
+    spec.prefix = args.prefix;
+    spec.clone_slots = args.slots;
+    spec.fetch_timeout_ms = args.fetch_timeout_ms;
+    spec.log_filter = args.log;
+    let cluster = Cluster::up(spec).context("starting the cluster")?;
+    let record = cluster.detach();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&record)?);
+    } else {
+        print_hosts(&record);
+        if let Some(first) = record.hosts.first() {
+            println!();
+            println!(
+                "talk to a host:  SNOWFLOCK_SOCKET={} sf ps",
+                first.socket.display()
+            );
+            println!("run on a host:   ip netns exec {} COMMAND", first.netns);
+            println!(
+                "tear down:       sf cluster down --dir {}",
+                record.dir.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sf cluster down`: stops the daemons, deletes the namespaces, removes the runtime files.
+pub fn down(args: DownArgs) -> Result<ExitCode> {
+    let state = args.dir.join(cluster::STATE_FILE);
+    if state.exists() {
+        let cluster = Cluster::load(&args.dir)?;
+        let prefix = cluster.prefix().to_owned();
+        let hosts = cluster.hosts().len();
+        cluster.down()?;
+        println!("cluster {prefix} ({hosts} hosts) is down");
+    } else if args.prefix.is_none() {
+        anyhow::bail!(
+            "no cluster state at {} (nothing to tear down; --prefix P removes namespaces P-* \
+             left without one)",
+            state.display()
+        );
+    }
+    if let Some(prefix) = args.prefix {
+        let removed = cluster::purge_prefix(&prefix)?;
+        if !removed.is_empty() {
+            println!("deleted namespaces {}", removed.join(" "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sf cluster status`: which daemons are alive and accepting connections.
+pub fn status(args: StatusArgs) -> Result<ExitCode> {
+    let record = ClusterRecord::load(&args.dir)?;
+    let hosts = record.status();
+    let healthy = hosts.iter().all(|h| h.running && h.accepting);
+    if args.json {
+        let report = serde_json::json!({
+            "prefix": record.prefix,
+            "dir": record.dir,
+            "healthy": healthy,
+            "hosts": hosts,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("cluster {} in {}", record.prefix, record.dir.display());
+        println!(
+            "{:<5} {:<14} {:<10} {:>8}  STATE",
+            "HOST", "NETNS", "ADDRESS", "PID"
+        );
+        for (host, info) in hosts.iter().zip(&record.hosts) {
+            let state = match (host.netns_exists, host.running, host.accepting) {
+                (false, _, _) => "namespace missing",
+                (true, true, true) => "ready",
+                (true, true, false) => "running, socket not accepting",
+                (true, false, _) => "not running",
+            };
+            let pid = host.pid.map_or("-".to_owned(), |p| p.to_string());
+            println!(
+                "{:<5} {:<14} {:<10} {:>8}  {state}",
+                host.name,
+                host.netns,
+                info.address.to_string(),
+                pid
+            );
+        }
+    }
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_hosts(record: &ClusterRecord) {
+    println!(
+        "cluster {} up: {} hosts, switch {}",
+        record.prefix,
+        record.hosts.len(),
+        record.switch
+    );
+    println!(
+        "{:<5} {:<14} {:<15} {:<15} {:>8}  SOCKET",
+        "HOST", "NETNS", "CONTROL", "PAGES", "PID"
+    );
+    for host in &record.hosts {
+        print_host(host);
+    }
+}
+
+fn print_host(host: &HostInfo) {
+    let pid = host.pid.map_or("-".to_owned(), |p| p.to_string());
+    println!(
+        "{:<5} {:<14} {:<15} {:<15} {:>8}  {}",
+        host.name,
+        host.netns,
+        host.control.to_string(),
+        host.pages.to_string(),
+        pid,
+        host.socket.display()
+    );
+}
+
+/// `sfd` in the directory of the running executable.
+fn default_sfd() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the sf executable")?;
+    Ok(exe.parent().unwrap_or(Path::new("/")).join("sfd"))
+}

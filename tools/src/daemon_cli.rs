@@ -1,0 +1,273 @@
+//! `sf start|wait|clone|ps|kill|stats`: talk to the host's `sfd` over its
+//! local API socket.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use snowflock_control::console::line_text;
+use snowflock_control::protocol::{ApiRequest, ApiResponse, HostStats};
+use snowflock_control::size::parse_size;
+use snowflock_control::wire;
+use snowflock_control::{VmOutcome, VmRole};
+
+/// Where the daemon's socket is.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The daemon's local API socket.
+    #[arg(
+        long,
+        env = "SNOWFLOCK_SOCKET",
+        default_value = "/run/snowflock/sfd.sock",
+        global = true
+    )]
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Image file, or embedded example name (see `sf images`).
+    pub image: String,
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Stay attached: print the console until the VM ends, exit with its status.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: print the outcome and clone reports as JSON on stdout
+    /// (console lines go to stderr).
+    #[arg(long)]
+    pub json: bool,
+    #[arg(last = true)]
+    pub guest_args: Vec<String>,
+}
+
+fn call(socket: &Path, request: &ApiRequest) -> Result<UnixStream> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to sfd at {} (is it running?)", socket.display()))?;
+    wire::write_frame(&mut stream, request)?;
+    Ok(stream)
+}
+
+fn answer(stream: &mut UnixStream) -> Result<ApiResponse> {
+    match wire::read_frame(stream)? {
+        ApiResponse::Error { message } => bail!("sfd: {message}"),
+        other => Ok(other),
+    }
+}
+
+fn one(socket: &Path, request: &ApiRequest) -> Result<ApiResponse> {
+    let mut stream = call(socket, request)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    answer(&mut stream)
+}
+
+pub fn start(socket: &Path, args: StartArgs, image: Vec<u8>) -> Result<ExitCode> {
+    let request = ApiRequest::Start {
+        name: args.image.clone(),
+        image,
+        mem_size: args.mem,
+        cmdline: args.guest_args.join(" "),
+    };
+    let ApiResponse::Started { vm } = one(socket, &request)? else {
+        bail!("unexpected answer to start");
+    };
+    if !args.wait {
+        println!("{vm}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    wait(socket, vm, args.json)
+}
+
+pub fn wait(socket: &Path, vm: u64, json: bool) -> Result<ExitCode> {
+    let mut stream = call(socket, &ApiRequest::Wait { vm })?;
+    loop {
+        match answer(&mut stream)? {
+            ApiResponse::Console { label, line } => {
+                let text = line_text(&label, &line);
+                if json {
+                    eprintln!("{text}");
+                } else {
+                    println!("{text}");
+                }
+            }
+            ApiResponse::Ended { outcome, reports } => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "vm": vm, "outcome": outcome, "clones": reports,
+                        }))?
+                    );
+                } else {
+                    for r in &reports {
+                        let remote = r.children.iter().filter(|c| c.host.is_some()).count();
+                        eprintln!(
+                            "sf: ticket {}: {} clones ({} on other hosts), paused {:.2} ms, all running after {}",
+                            r.ticket,
+                            r.clones,
+                            remote,
+                            r.capture_pause.as_secs_f64() * 1e3,
+                            r.all_running
+                                .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+                        );
+                    }
+                    eprintln!("sf: vm {vm}: {outcome:?}");
+                }
+                return Ok(match outcome {
+                    VmOutcome::Exited(0) => ExitCode::SUCCESS,
+                    _ => ExitCode::FAILURE,
+                });
+            }
+            other => bail!("unexpected answer while waiting: {other:?}"),
+        }
+    }
+}
+
+pub fn clone(socket: &Path, vm: u64, clones: u32) -> Result<ExitCode> {
+    let ApiResponse::Cloned {
+        pause,
+        descriptor_bytes,
+        clones,
+    } = one(socket, &ApiRequest::Clone { vm, clones })?
+    else {
+        bail!("unexpected answer to clone");
+    };
+    eprintln!(
+        "sf: vm {vm} paused {:.2} ms, descriptor {descriptor_bytes} bytes",
+        pause.as_secs_f64() * 1e3
+    );
+    for (host, id) in clones {
+        println!("{host}/{id}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn ps(socket: &Path, json: bool) -> Result<ExitCode> {
+    let ApiResponse::Ps { hosts } = one(socket, &ApiRequest::Ps)? else {
+        bail!("unexpected answer to ps");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&hosts)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<10} {:>6} {:<8} {:>8} {:>10}  LABEL",
+        "HOST", "VM", "ROLE", "MEM", "UPTIME"
+    );
+    for host in hosts {
+        match host.vms {
+            Err(e) => println!("{:<10} unreachable: {e}", host.host),
+            Ok(vms) => {
+                for v in vms {
+                    let role = match v.role {
+                        VmRole::Root => "root",
+                        VmRole::Clone => "clone",
+                        VmRole::Hollow => "hollow",
+                    };
+                    println!(
+                        "{:<10} {:>6} {:<8} {:>7}M {:>9.1}s  {}",
+                        host.host,
+                        v.vm,
+                        role,
+                        v.mem_size >> 20,
+                        v.uptime.as_secs_f64(),
+                        v.label
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `[HOST/]VM`.
+pub fn parse_vm_ref(text: &str) -> Result<(Option<String>, u64)> {
+    let (host, vm) = match text.split_once('/') {
+        Some((host, vm)) => (Some(host.to_string()), vm),
+        None => (None, text),
+    };
+    let vm = vm
+        .parse()
+        .with_context(|| format!("{text:?} is not a VM id (VM or HOST/VM)"))?;
+    Ok((host, vm))
+}
+
+pub fn kill(socket: &Path, target: &str) -> Result<ExitCode> {
+    let (host, vm) = parse_vm_ref(target)?;
+    one(socket, &ApiRequest::Kill { host, vm })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
+    let ApiResponse::Stats { hosts } = one(socket, &ApiRequest::Stats)? else {
+        bail!("unexpected answer to stats");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&hosts)?);
+    } else {
+        print!("{}", stats_table(&hosts));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stats_table(hosts: &[HostStats]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<8} {:>5} {:<14} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8}",
+        "HOST",
+        "VM",
+        "LABEL",
+        "FAULTS",
+        "FETCHED",
+        "CACHE-HIT",
+        "ZERO",
+        "FREE",
+        "FRESH",
+        "P50(us)",
+        "P99(us)"
+    );
+    for host in hosts {
+        if let Some(e) = &host.error {
+            let _ = writeln!(out, "{:<8} unreachable: {e}", host.host);
+            continue;
+        }
+        for c in &host.clones {
+            let s = &c.stats;
+            let _ = writeln!(
+                out,
+                "{:<8} {:>5} {:<14} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8}",
+                host.host,
+                c.vm,
+                c.label,
+                s.faults,
+                s.pages_fetched,
+                s.cache_hits,
+                s.avoided.zero,
+                s.avoided.free_heap,
+                s.avoided.fresh,
+                s.latency.p50_us,
+                s.latency.p99_us
+            );
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<8} {:>12} {:>14} {:>10} {:>14}",
+        "HOST", "SERVED-PAGES", "SERVED-BYTES", "FAMILIES", "CACHED-PAGES"
+    );
+    for host in hosts.iter().filter(|h| h.error.is_none()) {
+        let cached: u64 = host.families.iter().map(|f| f.stats.resident_pages).sum();
+        let _ = writeln!(
+            out,
+            "{:<8} {:>12} {:>14} {:>10} {:>14}",
+            host.host, host.served_pages, host.served_bytes, host.served_families, cached
+        );
+    }
+    out
+}
