@@ -114,7 +114,7 @@ fn default_fetch_timeout_ms() -> u64 {
     5000
 }
 fn default_prefetch_pages() -> u32 {
-    7
+    3
 }
 fn default_true() -> bool {
     true

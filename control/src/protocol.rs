@@ -74,6 +74,8 @@ pub struct CloneSummary {
     pub clones: u32,
     pub capture_pause: Duration,
     pub descriptor_bytes: u64,
+    /// Pages of the parent's memory holding data at the clone point.
+    pub data_pages: u64,
     /// From the clone call to the last child running guest code.
     pub all_running: Option<Duration>,
     pub children: Vec<ChildSummary>,

@@ -98,6 +98,8 @@ pub struct CloneReport {
     /// How long the parent's vCPU was stopped for the capture.
     pub capture_pause: Duration,
     pub descriptor_bytes: usize,
+    /// Pages of the parent's memory holding data at the clone point.
+    pub data_pages: u64,
     /// From the clone hypercall to the last child executing guest code.
     pub all_running: Option<Duration>,
     pub children: Vec<ChildReport>,
@@ -639,17 +641,26 @@ struct Spawned {
     joined: bool,
 }
 
-/// The encoded size of a clone point's descriptor, or the thread computing it.
+/// What a completed descriptor says about its clone point.
+#[derive(Debug, Clone, Copy, Default)]
+struct Description {
+    /// Encoded size.
+    bytes: usize,
+    /// Pages holding data (the memory the parent had touched).
+    data_pages: u64,
+}
+
+/// A clone point's description, or the thread computing it.
 enum Described {
-    Pending(Job<usize>),
-    Done(usize),
+    Pending(Job<Description>),
+    Done(Description),
 }
 
 impl Described {
-    fn bytes(self) -> usize {
+    fn get(self) -> Description {
         match self {
-            Self::Pending(job) => job.wait().unwrap_or(0),
-            Self::Done(bytes) => bytes,
+            Self::Pending(job) => job.wait().unwrap_or_default(),
+            Self::Done(description) => description,
         }
     }
 }
@@ -658,8 +669,8 @@ struct Checkpoint {
     descriptor: Descriptor,
     image: Arc<MemoryImage>,
     pause: Duration,
-    describer: Option<Job<usize>>,
-    descriptor_bytes: usize,
+    describer: Option<Job<Description>>,
+    description: Description,
 }
 
 /// Per-VM state owned by the VM's thread.
@@ -722,17 +733,24 @@ fn describe(
     Ok((descriptor, encoded.len()))
 }
 
+fn description(descriptor: &Descriptor, bytes: usize) -> Description {
+    Description {
+        bytes,
+        data_pages: descriptor.machine.data_pages.pages(),
+    }
+}
+
 fn describe_in_background(
     shared: &Arc<Shared>,
     descriptor: &Descriptor,
     image: &Arc<MemoryImage>,
-) -> Job<usize> {
+) -> Job<Description> {
     let (shared, descriptor, image) = (shared.clone(), descriptor.clone(), image.clone());
     housekeeper().submit(move || match describe(&shared, descriptor, &image) {
-        Ok((_, bytes)) => bytes,
+        Ok((descriptor, bytes)) => description(&descriptor, bytes),
         Err(e) => {
             tracing::warn!("cannot describe the clone point: {e}");
-            0
+            Description::default()
         }
     })
 }
@@ -947,7 +965,7 @@ impl VmContext {
                         image,
                         pause: stopped_at.elapsed(),
                         describer,
-                        descriptor_bytes: 0,
+                        description: Description::default(),
                     },
                 );
                 machine.reply(0, id)
@@ -963,14 +981,14 @@ impl VmContext {
                     .checkpoints
                     .get_mut(&checkpoint)
                     .expect("checked above");
-                if let Some(bytes) = cp.describer.take().and_then(Job::wait) {
-                    cp.descriptor_bytes = bytes;
+                if let Some(done) = cp.describer.take().and_then(Job::wait) {
+                    cp.description = done;
                 }
                 let (descriptor, image, pause, bytes) = (
                     cp.descriptor.clone(),
                     cp.image.clone(),
                     cp.pause,
-                    cp.descriptor_bytes,
+                    cp.description,
                 );
                 let (launch, describer) =
                     self.spawn_all(ticket, descriptor, image, checkpoint, Some(bytes));
@@ -1065,6 +1083,7 @@ impl VmContext {
                 clones: children.len() as u32,
                 capture_pause: Duration::ZERO,
                 descriptor_bytes: 0,
+                data_pages: 0,
                 all_running: None,
                 children: Vec::new(),
             },
@@ -1105,7 +1124,7 @@ impl VmContext {
         descriptor: Descriptor,
         image: Arc<MemoryImage>,
         checkpoint: u64,
-        described: Option<usize>,
+        described: Option<Description>,
     ) -> (Launch, Described) {
         let t = self
             .tickets
@@ -1160,6 +1179,7 @@ impl VmContext {
                 .launcher
                 .submit(move || match describe(&shared, descriptor, &image) {
                     Ok((descriptor, bytes)) => {
+                        let done = description(&descriptor, bytes);
                         let descriptor = Arc::new(descriptor);
                         for (grant, children) in shares {
                             cluster.launch(
@@ -1172,7 +1192,7 @@ impl VmContext {
                                 },
                             );
                         }
-                        bytes
+                        done
                     }
                     Err(e) => {
                         for (grant, children) in shares {
@@ -1186,7 +1206,7 @@ impl VmContext {
                                 );
                             }
                         }
-                        0
+                        Description::default()
                     }
                 });
         (launch, Described::Pending(shipping))
@@ -1294,7 +1314,12 @@ impl VmContext {
         {
             let _ = thread.join();
         }
-        spawned.report.descriptor_bytes = spawned.describer.take().map_or(0, Described::bytes);
+        let described = spawned
+            .describer
+            .take()
+            .map_or_else(Description::default, Described::get);
+        spawned.report.descriptor_bytes = described.bytes;
+        spawned.report.data_pages = described.data_pages;
         let mut last_start = None;
         for cell in &spawned.children {
             let first_run = *cell.first_run.lock().unwrap_or_else(|p| p.into_inner());

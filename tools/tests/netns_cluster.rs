@@ -776,6 +776,12 @@ fn down_by_prefix_cleans_up_a_cluster_whose_state_file_is_lost() {
     }
 }
 
+/// Opens (and closes) a TCP connection to argv[1]:argv[2] within 2 s.
+const TCP_CONNECT: &str = r#"
+import socket, sys
+socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()
+"#;
+
 #[test]
 fn the_real_sfd_comes_up_on_every_host() {
     let fixture = Fixture::new();
@@ -791,7 +797,36 @@ fn the_real_sfd_comes_up_on_every_host() {
         assert!(in_netns(host.pid.unwrap(), &host.netns));
         UnixStream::connect(&host.socket).unwrap();
     }
+    // Each daemon serves its control and pages ports on its own address, reachable from the
+    // other host.
+    let [h1, h2] = cluster.hosts() else {
+        unreachable!()
+    };
+    for port in [h2.control.port(), h2.pages.port()] {
+        let connected = h1
+            .command(python())
+            .args([
+                "-c",
+                TCP_CONNECT,
+                &h2.address.to_string(),
+                &port.to_string(),
+            ])
+            .status()
+            .unwrap();
+        assert!(
+            connected.success(),
+            "h1 cannot connect to {}:{port}",
+            h2.address
+        );
+    }
+    // The daemons end on SIGTERM, without needing SIGKILL.
+    let started = Instant::now();
     cluster.down().unwrap();
+    assert!(
+        started.elapsed() < cluster::DEFAULT_STOP_TIMEOUT,
+        "{:?}",
+        started.elapsed()
+    );
     assert_nothing_left(&prefix, &pids, &dir);
 }
 

@@ -122,6 +122,7 @@ fn register_root(daemon: &Arc<Daemon>, handle: VmHandle, label: String, mem_size
                             clones: r.clones,
                             capture_pause: r.capture_pause,
                             descriptor_bytes: r.descriptor_bytes as u64,
+                            data_pages: r.data_pages,
                             all_running: r.all_running,
                             children: r
                                 .children

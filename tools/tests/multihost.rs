@@ -1,0 +1,280 @@
+//! Clones across hosts: real `sfd` daemons in network-namespace hosts (the
+//! same cluster code as `sf cluster up`), real KVM clones whose memory is
+//! fetched on demand from the parent's host.
+//!
+//! Every test makes its own cluster with a random prefix; the cluster is
+//! removed when the test ends, also when it fails.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use snowflock_control::protocol::{ApiRequest, ApiResponse, CloneSummary, HostStats};
+use snowflock_control::{VmOutcome, wire};
+use snowflock_dataplane::auth::{self, ClusterKey};
+use snowflock_tools::cluster::{Cluster, ClusterSpec};
+use tempfile::TempDir;
+
+fn cluster(hosts: usize, slots: u32, tune: impl FnOnce(&mut ClusterSpec)) -> (Cluster, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(hosts, dir.path(), env!("CARGO_BIN_EXE_sfd"));
+    spec.clone_slots = slots;
+    spec.log_filter = "info,snowflock_control=debug".into();
+    tune(&mut spec);
+    let cluster = Cluster::up(spec).expect("cluster up");
+    (cluster, dir)
+}
+
+fn request(socket: &Path, request: &ApiRequest) -> UnixStream {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(240)))
+        .unwrap();
+    wire::write_frame(&mut stream, request).unwrap();
+    stream
+}
+
+fn call(socket: &Path, req: &ApiRequest) -> ApiResponse {
+    let mut stream = request(socket, req);
+    wire::read_frame(&mut stream).unwrap()
+}
+
+fn start(socket: &Path, image: &str, mem: u64, args: &str) -> u64 {
+    let image = snowflock_guest::images::by_name(image).unwrap().to_vec();
+    match call(
+        socket,
+        &ApiRequest::Start {
+            name: "test".into(),
+            image,
+            mem_size: mem,
+            cmdline: args.into(),
+        },
+    ) {
+        ApiResponse::Started { vm } => vm,
+        other => panic!("start failed: {other:?}"),
+    }
+}
+
+/// Console lines and the end of a VM.
+struct Ended {
+    lines: Vec<String>,
+    outcome: VmOutcome,
+    reports: Vec<CloneSummary>,
+}
+
+fn wait(socket: &Path, vm: u64) -> Ended {
+    let mut stream = request(socket, &ApiRequest::Wait { vm });
+    let mut lines = Vec::new();
+    loop {
+        match wire::read_frame(&mut stream).expect("waiting for the VM") {
+            ApiResponse::Console { label, line } => lines.push(format!("[{label}] {line}")),
+            ApiResponse::Ended { outcome, reports } => {
+                return Ended {
+                    lines,
+                    outcome,
+                    reports,
+                };
+            }
+            other => panic!("unexpected answer: {other:?}"),
+        }
+    }
+}
+
+fn stats(socket: &Path) -> Vec<HostStats> {
+    match call(socket, &ApiRequest::Stats) {
+        ApiResponse::Stats { hosts } => hosts,
+        other => panic!("stats failed: {other:?}"),
+    }
+}
+
+/// The value of `key=` in the line of `lines` that starts with `prefix`.
+fn field(lines: &[String], prefix: &str, key: &str) -> String {
+    let line = lines
+        .iter()
+        .find(|l| l.contains(prefix) && l.contains(&format!(" {key}=")))
+        .unwrap_or_else(|| panic!("no {prefix} line with {key}= in {lines:#?}"));
+    let start = line.find(&format!(" {key}=")).unwrap() + key.len() + 2;
+    line[start..].split_whitespace().next().unwrap().to_string()
+}
+
+/// The same job run in-process on this host with `sf run`.
+fn local_run(image: &str, mem: &str, args: &str) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_sf"))
+        .args(["run", image, "--mem", mem, "--"])
+        .args(args.split_whitespace())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn eight_clones_on_three_hosts_match_the_local_and_the_serial_run() {
+    let (cluster, _dir) = cluster(3, 4, |_| {});
+    let h1 = cluster.host(0).unwrap().socket.clone();
+    let args = "ref_mib=48 queries=16000 clones=8";
+    let vm = start(&h1, "seqsearch", 512 << 20, args);
+    let ended = wait(&h1, vm);
+    assert_eq!(ended.outcome, VmOutcome::Exited(0), "{:#?}", ended.lines);
+    let report = &ended.reports[0];
+    assert_eq!(report.clones, 8);
+    let remote: Vec<_> = report
+        .children
+        .iter()
+        .filter(|c| c.host.is_some())
+        .collect();
+    assert!(
+        remote.len() >= 4,
+        "spread put too few clones on other hosts: {report:?}"
+    );
+    assert!(
+        report
+            .children
+            .iter()
+            .all(|c| matches!(c.outcome, VmOutcome::Result(_)))
+    );
+    let cluster_hits = field(&ended.lines, "seqsearch: ref_mib", "hits");
+    assert_eq!(field(&ended.lines, "seqsearch: ref_mib", "check"), "ok");
+
+    let local = local_run("seqsearch", "512M", args);
+    let serial = local_run("seqsearch", "512M", "ref_mib=48 queries=16000 clones=0");
+    assert_eq!(field(&local, "seqsearch: ref_mib", "hits"), cluster_hits);
+    assert_eq!(field(&serial, "seqsearch: ref_mib", "hits"), cluster_hits);
+
+    // Each remote child fetched less than the parent had touched.
+    let hosts = stats(&h1);
+    let clones: Vec<_> = hosts.iter().flat_map(|h| h.clones.iter()).collect();
+    assert_eq!(clones.len(), remote.len(), "{hosts:#?}");
+    assert!(report.data_pages > 48 << 8, "{report:?}");
+    for c in &clones {
+        assert!(c.stats.pages_fetched > 0, "{c:?}");
+        assert!(
+            c.stats.pages_fetched < report.data_pages,
+            "{c:?} vs {} data pages",
+            report.data_pages
+        );
+    }
+    let served: u64 = hosts.iter().map(|h| h.served_pages).sum();
+    let fetched: u64 = clones.iter().map(|c| c.stats.pages_fetched).sum();
+    assert!(
+        served > 0 && served <= fetched,
+        "served {served}, fetched {fetched}"
+    );
+    cluster.down().unwrap();
+}
+
+/// Runs `f` on a thread inside network namespace `ns`.
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            // SAFETY: setns on this thread only, with a namespace fd we hold.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+#[test]
+fn a_peer_without_the_cluster_key_gets_nothing() {
+    let (cluster, _dir) = cluster(2, 4, |_| {});
+    let h1 = cluster.host(0).unwrap().clone();
+    let h2 = cluster.host(1).unwrap().clone();
+    let right = ClusterKey::load(cluster.key_file()).unwrap();
+    let wrong = ClusterKey::generate();
+    let (control, pages) = (h2.control, h1.pages);
+    let outcomes = in_netns(&h1.netns, move || {
+        let attempt = |addr, key: &ClusterKey, context: &[u8]| {
+            let mut s =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            auth::client_handshake(&mut s, key, context).map(|_| ())
+        };
+        (
+            attempt(control, &wrong, b"control"),
+            attempt(pages, &wrong, b"pages"),
+            attempt(control, &right, b"control"),
+        )
+    });
+    assert!(
+        outcomes.0.is_err(),
+        "control handshake with a wrong key passed"
+    );
+    assert!(outcomes.1.is_err(), "memory server accepted a wrong key");
+    assert!(
+        outcomes.2.is_ok(),
+        "the right key was refused: {:?}",
+        outcomes.2
+    );
+    // The refused peer changed nothing: the host still runs a full job.
+    let vm = start(&h1.socket, "touch", 128 << 20, "mib=8 clones=4");
+    let ended = wait(&h1.socket, vm);
+    assert_eq!(ended.outcome, VmOutcome::Exited(0), "{:#?}", ended.lines);
+    let log = std::fs::read_to_string(&h2.log).unwrap();
+    assert!(log.contains("refused a control connection"), "{log}");
+    cluster.down().unwrap();
+}
+
+/// Waits (bounded) until `pred` holds for the cluster's stats as seen from `socket`.
+fn wait_for_stats(socket: &Path, what: &str, pred: impl Fn(&[HostStats]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hosts = stats(socket);
+        if pred(&hosts) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {hosts:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn killing_a_child_host_reports_its_clones_lost_and_the_others_finish() {
+    let (mut cluster, _dir) = cluster(3, 2, |s| s.peer_timeout_ms = Some(2000));
+    let h1 = cluster.host(0).unwrap().socket.clone();
+    let h2 = cluster.host(1).unwrap().socket.clone();
+    // 6 clones over 3 hosts with 2 slots each; each runs a few seconds.
+    let vm = start(&h1, "montecarlo", 128 << 20, "paths=6000000 clones=6");
+    wait_for_stats(&h2, "clones running on h3", |hosts| {
+        hosts
+            .iter()
+            .any(|h| h.host == "h3" && h.clones.iter().any(|c| c.running))
+    });
+    let killed_at = Instant::now();
+    cluster.kill_host(2).unwrap();
+    let ended = wait(&h1, vm);
+    assert!(killed_at.elapsed() < Duration::from_secs(120));
+    let report = &ended.reports[0];
+    let lost: Vec<_> = report
+        .children
+        .iter()
+        .filter(|c| matches!(c.outcome, VmOutcome::Lost(_)))
+        .collect();
+    assert_eq!(lost.len(), 2, "{report:#?}");
+    assert!(lost.iter().all(|c| c.host.as_deref() == Some("h3")));
+    let finished = report
+        .children
+        .iter()
+        .filter(|c| matches!(c.outcome, VmOutcome::Result(_)))
+        .count();
+    assert_eq!(finished, 4, "{report:#?}");
+    if let VmOutcome::Lost(reason) = &lost[0].outcome {
+        assert!(reason.contains("h3"), "{reason}");
+    }
+    cluster.down().unwrap();
+}
