@@ -7,6 +7,7 @@ packages=(
   gcc          # C example guest, and the linker driver for guest images
   libc6-dev    # crt objects for host binaries
   iproute2     # network-namespace test hosts
+  python3      # stand-in daemons and probes in the test-cluster tests
 )
 
 missing=()

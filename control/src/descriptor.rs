@@ -183,6 +183,11 @@ impl Descriptor {
                 "data page runs are unsorted, overlapping or beyond guest memory".into(),
             ));
         }
+        if !m.free_pages.is_valid(m.mem_size / PAGE_SIZE) {
+            return Err(DescriptorError::Invalid(
+                "free heap page runs are unsorted, overlapping or beyond guest memory".into(),
+            ));
+        }
         if m.hypervisor.is_empty() || m.hypervisor.len() > 16 {
             return Err(DescriptorError::Invalid(format!(
                 "hypervisor name {:?}",

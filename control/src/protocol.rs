@@ -119,6 +119,8 @@ pub struct CloneStatsEntry {
     pub label: String,
     pub family: u64,
     pub running: bool,
+    /// How it ended; `None` while it runs.
+    pub outcome: Option<VmOutcome>,
     pub stats: CloneStats,
 }
 

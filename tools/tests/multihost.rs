@@ -278,3 +278,50 @@ fn killing_a_child_host_reports_its_clones_lost_and_the_others_finish() {
     }
     cluster.down().unwrap();
 }
+
+#[test]
+fn killing_the_parent_host_fails_its_clones_with_a_clear_error_in_bounded_time() {
+    let (mut cluster, _dir) = cluster(3, 2, |s| {
+        s.peer_timeout_ms = Some(2000);
+        s.fetch_timeout_ms = 2000;
+    });
+    let h1 = cluster.host(0).unwrap().socket.clone();
+    let h2 = cluster.host(1).unwrap().socket.clone();
+    // Children read 4000 pages of the parent's memory, one every 5 ms.
+    let vm = start(
+        &h1,
+        "touch",
+        128 << 20,
+        "mib=32 clones=6 pages=4000 interval_ms=5",
+    );
+    wait_for_stats(&h2, "clones fetching on h2", |hosts| {
+        hosts.iter().any(|h| {
+            h.host == "h2"
+                && h.clones
+                    .iter()
+                    .any(|c| c.running && c.stats.pages_fetched > 0)
+        })
+    });
+    let _ = vm;
+    let killed_at = Instant::now();
+    cluster.kill_host(0).unwrap();
+    // h2 and h3 see their clones fail, with a reason, within the bounds.
+    wait_for_stats(&h2, "clones of the dead parent to end", |hosts| {
+        hosts.iter().filter(|h| h.host != "h1").all(|h| {
+            h.error.is_none() && !h.clones.is_empty() && h.clones.iter().all(|c| !c.running)
+        })
+    });
+    assert!(killed_at.elapsed() < Duration::from_secs(30));
+    for host in stats(&h2).iter().filter(|h| h.host != "h1") {
+        for c in &host.clones {
+            match &c.outcome {
+                Some(VmOutcome::Failed(reason)) => {
+                    eprintln!("{} on {}: {reason}", c.label, host.host);
+                    assert!(reason.contains("lost"), "{reason}");
+                }
+                other => panic!("clone {} on {} ended {other:?}", c.label, host.host),
+            }
+        }
+    }
+    cluster.down().unwrap();
+}

@@ -29,6 +29,8 @@ struct Session {
     reservations: HashMap<u64, u32>,
     /// (family, child) → VM of clones started by this connection.
     clones: HashMap<(u64, u32), u64>,
+    /// Set when the connection to the parent's host is gone: why.
+    lost: Option<String>,
 }
 
 /// Serves one inbound control connection until it closes.
@@ -86,11 +88,16 @@ pub async fn serve_peer(daemon: Arc<Daemon>, stream: TcpStream, peer: std::net::
         }
     };
     tracing::info!(%parent, %reason, "control connection closed");
-    let ended = std::mem::take(&mut *session.lock().unwrap_or_else(|p| p.into_inner()));
-    let unused: u32 = ended.reservations.values().sum();
+    let (unused, orphans) = {
+        let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
+        s.lost = Some(format!("parent host {parent} lost: {reason}"));
+        let unused: u32 = std::mem::take(&mut s.reservations).values().sum();
+        (unused, s.clones.values().copied().collect::<Vec<u64>>())
+    };
     daemon.supervisor.release_slots(unused);
-    for vm in ended.clones.values() {
-        daemon.supervisor.kill_vm(*vm);
+    // Nobody can take their results any more.
+    for vm in orphans {
+        daemon.supervisor.kill_vm(vm);
     }
     drop(out);
     let _ = writer_task.await;
@@ -286,6 +293,14 @@ impl HollowEvents for CloneEvents {
     }
 
     fn ended(&self, vm: u64, outcome: VmOutcome, runtime: Duration, stats: CloneStats) {
+        let outcome = {
+            let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            session.clones.remove(&(self.family, self.child));
+            match (outcome, &session.lost) {
+                (VmOutcome::Killed, Some(lost)) => VmOutcome::Failed(lost.clone()),
+                (outcome, _) => outcome,
+            }
+        };
         tracing::info!(
             vm,
             family = self.family,
@@ -301,13 +316,9 @@ impl HollowEvents for CloneEvents {
                 family: self.family,
                 faults: None,
                 final_stats: Some(stats),
+                outcome: Some(outcome.clone()),
             });
         }
-        self.session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clones
-            .remove(&(self.family, self.child));
         let _ = self.out.send(FromHost::ChildEnded {
             family: self.family,
             child: self.child,

@@ -75,6 +75,8 @@ pub struct HollowRecord {
     pub family: u64,
     pub faults: Option<Arc<FaultHandler>>,
     pub final_stats: Option<CloneStats>,
+    /// How it ended, once it has.
+    pub outcome: Option<crate::supervisor::VmOutcome>,
 }
 
 /// Shared state of a running daemon.
@@ -151,6 +153,7 @@ impl Daemon {
                     family,
                     faults: Some(faults),
                     final_stats: None,
+                    outcome: None,
                 },
             );
     }
@@ -179,6 +182,7 @@ impl Daemon {
                 label: r.label.clone(),
                 family: r.family,
                 running: true,
+                outcome: None,
                 stats: r.faults.as_ref().map(|f| f.stats()).unwrap_or_default(),
             })
             .collect();
@@ -192,6 +196,7 @@ impl Daemon {
                     label: r.label.clone(),
                     family: r.family,
                     running: false,
+                    outcome: r.outcome.clone(),
                     stats: r.final_stats.clone().unwrap_or_default(),
                 }),
         );
