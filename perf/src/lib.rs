@@ -12,4 +12,5 @@
 
 pub mod clone_local;
 pub mod record;
+pub mod remote;
 pub mod stats;

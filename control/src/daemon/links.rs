@@ -440,15 +440,16 @@ impl Links {
 }
 
 /// The spread policy: one slot at a time to the host with the most free
-/// slots left, so clones go wide before they go deep. Ties keep member order
-/// (this host first).
+/// slots left, so clones go wide before they go deep. `hosts[0]` is this
+/// host, which runs the parent: on a tie it comes last; others keep member
+/// order.
 pub fn spread(wanted: u32, hosts: &[(String, u32)]) -> Vec<(String, u32)> {
     let mut free: Vec<u32> = hosts.iter().map(|(_, f)| *f).collect();
     let mut given = vec![0u32; hosts.len()];
     for _ in 0..wanted {
         let best = (0..hosts.len())
             .filter(|&i| free[i] > 0)
-            .max_by_key(|&i| (free[i], std::cmp::Reverse(i)));
+            .max_by_key(|&i| (free[i], i != 0, std::cmp::Reverse(i)));
         let Some(i) = best else { break };
         free[i] -= 1;
         given[i] += 1;
@@ -624,12 +625,12 @@ mod tests {
             .into_iter()
             .map(|(_, n)| n)
             .collect();
-        assert_eq!(shares, [3, 3, 2]);
+        assert_eq!(shares, [2, 3, 3]);
         let shares: Vec<u32> = spread(8, &hosts(&[1, 16, 0]))
             .into_iter()
             .map(|(_, n)| n)
             .collect();
-        assert_eq!(shares, [1, 7, 0]);
+        assert_eq!(shares, [0, 8, 0]);
         let shares: Vec<u32> = spread(40, &hosts(&[4, 4, 4]))
             .into_iter()
             .map(|(_, n)| n)

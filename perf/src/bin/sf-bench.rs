@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use snowflock_control::size::parse_size;
-use snowflock_perf::clone_local;
 use snowflock_perf::record::JsonLines;
+use snowflock_perf::{clone_local, remote};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,6 +28,53 @@ enum Scenario {
     /// Clone a VM with built-up state N times on this host; baseline: boot N
     /// fresh VMs and build the same state.
     CloneLocal(CloneLocal),
+    /// Fault service latency of a clone on another netns host; baseline: the
+    /// same clone's faults served from the frozen image on this host.
+    FaultRemote(FaultRemote),
+    /// Bytes fetched by remote clones with avoidance heuristics on and off.
+    Avoidance(Remote),
+    /// N clones over 4 netns hosts: clone call to all running, and job time
+    /// against the same job on clones whose state is already in memory.
+    CloneRemote(CloneRemote),
+}
+
+/// Options of every multi-host scenario.
+#[derive(Debug, Args)]
+struct Remote {
+    /// The sfd binary (default: next to sf-bench).
+    #[arg(long)]
+    sfd: Option<std::path::PathBuf>,
+    /// Measured runs; the figures are their medians.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+}
+
+#[derive(Debug, Args)]
+struct FaultRemote {
+    #[command(flatten)]
+    remote: Remote,
+    /// Pages the clone reads, one fault each.
+    #[arg(long, default_value_t = 2000)]
+    pages: u32,
+}
+
+#[derive(Debug, Args)]
+struct CloneRemote {
+    #[command(flatten)]
+    remote: Remote,
+    /// Clone counts to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32])]
+    clones: Vec<u32>,
+}
+
+fn setup(remote: &Remote) -> anyhow::Result<remote::Setup> {
+    Ok(remote::Setup {
+        sfd: match &remote.sfd {
+            Some(path) => path.clone(),
+            None => remote::default_sfd()?,
+        },
+        runs: remote.runs,
+    })
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +133,13 @@ fn run() -> anyhow::Result<()> {
                 baseline: !args.no_baseline,
             };
             clone_local::run(&config, &mut out)?;
+        }
+        Scenario::FaultRemote(args) => {
+            remote::fault_remote(&setup(&args.remote)?, args.pages, &mut out)?;
+        }
+        Scenario::Avoidance(args) => remote::avoidance(&setup(&args)?, &mut out)?,
+        Scenario::CloneRemote(args) => {
+            remote::clone_remote(&setup(&args.remote)?, &args.clones, &mut out)?;
         }
     }
     out.0.flush().context("writing results")

@@ -1,0 +1,531 @@
+//! Scenarios with clones on other hosts: real `sfd` daemons in
+//! network-namespace hosts (`snowflock_tools::cluster`), jobs started
+//! through the local API, figures from the daemons' clone reports and fault
+//! counters.
+//!
+//! - `fault-remote`: fault service latency of a clone on another host, next
+//!   to the same clone served by a fault handler whose pages come from the
+//!   frozen image on the same host (the local userfaultfd round trip).
+//! - `avoidance`: bytes the children fetch with the avoidance heuristics on
+//!   and off, for the demo job and for an allocation-heavy guest.
+//! - `clone-remote`: N clones over 4 hosts: clone call to all running, and
+//!   total job time against the same job on clones of the same host, whose
+//!   state is already in memory.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Map, Value, json};
+use snowflock_control::daemon::memory::LocalImageSource;
+use snowflock_control::protocol::{ApiRequest, ApiResponse, CloneSummary, HostStats};
+use snowflock_control::remote::{
+    Cluster as ClusterTrait, HollowEvents, HollowStart, Plan, RemoteChild, RemoteGrant,
+    RemoteLaunch,
+};
+use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome, wire};
+use snowflock_fault_handler::{CloneStats, FaultHandler, FetchConfig};
+use snowflock_tools::cluster::{Cluster, ClusterSpec};
+use snowflock_vmm::KvmHypervisor;
+use snowflock_vmm::memory::MemoryImage;
+
+use crate::record::{Record, Sink};
+use crate::stats::Summary;
+
+/// Where the daemons come from and how often to measure.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub sfd: PathBuf,
+    pub runs: u32,
+}
+
+/// The `sfd` next to this executable.
+pub fn default_sfd() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating sf-bench")?;
+    Ok(exe.with_file_name("sfd"))
+}
+
+fn up(
+    setup: &Setup,
+    hosts: usize,
+    slots: u32,
+    limits: &[(&str, toml::Value)],
+) -> Result<(Cluster, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().context("creating a cluster directory")?;
+    let mut spec = ClusterSpec::new(hosts, dir.path(), &setup.sfd);
+    spec.clone_slots = slots;
+    spec.log_filter = "warn".into();
+    for (key, value) in limits {
+        spec.extra_limits.insert((*key).to_string(), value.clone());
+    }
+    let cluster = Cluster::up(spec).context("starting the test cluster")?;
+    Ok((cluster, dir))
+}
+
+fn call(socket: &Path, request: &ApiRequest) -> Result<UnixStream> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
+    wire::write_frame(&mut stream, request)?;
+    Ok(stream)
+}
+
+/// A job's console lines, outcome and clone reports.
+struct JobEnd {
+    lines: Vec<String>,
+    reports: Vec<CloneSummary>,
+}
+
+fn run_job(socket: &Path, image: &str, mem: u64, args: &str) -> Result<JobEnd> {
+    let bytes = snowflock_guest::images::by_name(image)
+        .with_context(|| format!("no embedded image {image}"))?
+        .to_vec();
+    let mut stream = call(
+        socket,
+        &ApiRequest::Start {
+            name: image.into(),
+            image: bytes,
+            mem_size: mem,
+            cmdline: args.into(),
+        },
+    )?;
+    let vm = match wire::read_frame(&mut stream)? {
+        ApiResponse::Started { vm } => vm,
+        other => bail!("starting {image} failed: {other:?}"),
+    };
+    let mut stream = call(socket, &ApiRequest::Wait { vm })?;
+    let mut lines = Vec::new();
+    loop {
+        match wire::read_frame(&mut stream)? {
+            ApiResponse::Console { line, .. } => lines.push(line),
+            ApiResponse::Ended { outcome, reports } => {
+                if outcome != VmOutcome::Exited(0) {
+                    bail!("{image} {args} ended {outcome:?}:\n{}", lines.join("\n"));
+                }
+                return Ok(JobEnd { lines, reports });
+            }
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+}
+
+fn cluster_stats(socket: &Path) -> Result<Vec<HostStats>> {
+    match wire::read_frame(&mut call(socket, &ApiRequest::Stats)?)? {
+        ApiResponse::Stats { hosts } => Ok(hosts),
+        other => bail!("stats failed: {other:?}"),
+    }
+}
+
+/// Stats of the hollow clones of the last job (all clones seen so far).
+fn clone_stats(socket: &Path) -> Result<Vec<CloneStats>> {
+    Ok(cluster_stats(socket)?
+        .into_iter()
+        .flat_map(|h| h.clones.into_iter().map(|c| c.stats))
+        .collect())
+}
+
+/// `key=value` of the first line with `prefix` holding `key`, as a number.
+fn number(lines: &[String], prefix: &str, key: &str) -> Result<f64> {
+    let pat = format!(" {key}=");
+    let line = lines
+        .iter()
+        .find(|l| l.starts_with(prefix) && l.contains(&pat))
+        .with_context(|| format!("no `{prefix}` line with {key}= in:\n{}", lines.join("\n")))?;
+    let start = line.find(&pat).map(|i| i + pat.len()).unwrap_or(0);
+    let text = line[start..].split_whitespace().next().unwrap_or("");
+    text.parse()
+        .with_context(|| format!("{key}={text} is not a number"))
+}
+
+fn emit(
+    sink: &mut dyn Sink,
+    bench: &str,
+    metric: &str,
+    samples: &[f64],
+    unit: &str,
+    params: &Map<String, Value>,
+) -> Result<f64> {
+    let s = Summary::of(samples).with_context(|| format!("no samples of {metric}"))?;
+    let mut p = params.clone();
+    p.insert("runs".into(), json!(s.count));
+    p.insert("min".into(), json!(s.min));
+    p.insert("max".into(), json!(s.max));
+    sink.emit(Record::new(bench, metric, s.median, unit, &p))?;
+    Ok(s.median)
+}
+
+/// Runs clones as hollow clones on this host: their pages come from the
+/// frozen image through a fault handler, without a network. The baseline of
+/// `fault-remote`.
+struct LoopbackCluster {
+    supervisor: OnceLock<Weak<Supervisor>>,
+    images: Mutex<Vec<(u64, Arc<MemoryImage>)>>,
+    stats: Arc<Mutex<Vec<CloneStats>>>,
+}
+
+struct LoopbackChild {
+    child: RemoteChild,
+    stats: Arc<Mutex<Vec<CloneStats>>>,
+}
+
+impl HollowEvents for LoopbackChild {
+    fn started(&self, _vm: u64, restore: Duration, _faults: Arc<FaultHandler>) {
+        self.child.started(restore);
+    }
+
+    fn ended(&self, _vm: u64, outcome: VmOutcome, runtime: Duration, stats: CloneStats) {
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stats);
+        self.child.ended(outcome, runtime);
+    }
+}
+
+impl ClusterTrait for LoopbackCluster {
+    fn plan(&self, wanted: u32, _mem_size: u64, _local_free: u32) -> Plan {
+        Plan {
+            local: 0,
+            remote: vec![RemoteGrant {
+                host: "loopback".into(),
+                reservation: 0,
+                slots: wanted,
+            }],
+        }
+    }
+
+    fn release(&self, _grant: RemoteGrant) {}
+
+    fn serve_image(&self, family: u64, image: Arc<MemoryImage>) {
+        self.images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((family, image));
+    }
+
+    fn retire_image(&self, family: u64) {
+        self.images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(f, _)| *f != family);
+    }
+
+    fn launch(&self, _grant: RemoteGrant, launch: RemoteLaunch) {
+        let family_id = launch.descriptor.family;
+        let image = self
+            .images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(f, _)| *f == family_id)
+            .map(|(_, i)| i.clone());
+        let supervisor = self.supervisor.get().and_then(Weak::upgrade);
+        let (Some(image), Some(supervisor)) = (image, supervisor) else {
+            for child in launch.children {
+                child.ended(
+                    VmOutcome::Failed("no image or supervisor".into()),
+                    Duration::ZERO,
+                );
+            }
+            return;
+        };
+        let config = FetchConfig {
+            fetch_timeout: Duration::from_secs(10),
+            prefetch_pages: 0,
+        };
+        let family = match LocalImageSource::family(image, family_id, config) {
+            Ok(family) => family,
+            Err(e) => {
+                for child in launch.children {
+                    child.ended(VmOutcome::Failed(e.to_string()), Duration::ZERO);
+                }
+                return;
+            }
+        };
+        for child in launch.children {
+            supervisor.reserve_slots(1);
+            supervisor.start_hollow(HollowStart {
+                descriptor: launch.descriptor.clone(),
+                family: family.clone(),
+                avoidance: true,
+                child: child.id(),
+                checkpoint: launch.checkpoint,
+                label: child.label().to_string(),
+                lines: None,
+                events: Arc::new(LoopbackChild {
+                    child,
+                    stats: self.stats.clone(),
+                }),
+            });
+        }
+    }
+
+    fn kill(&self, _host: &str, _family: u64, _child: u32) {}
+}
+
+/// The touch job whose single clone reads `pages` pages of the parent's
+/// memory one at a time.
+fn touch_args(pages: u32) -> String {
+    format!("mib=64 clones=1 pages={pages} interval_ms=0")
+}
+
+fn local_fault_latency(pages: u32) -> Result<CloneStats> {
+    let hv = Arc::new(KvmHypervisor::open().context("opening KVM")?);
+    let loopback = Arc::new(LoopbackCluster {
+        supervisor: OnceLock::new(),
+        images: Mutex::new(Vec::new()),
+        stats: Arc::new(Mutex::new(Vec::new())),
+    });
+    let supervisor = Arc::new(Supervisor::new(
+        hv,
+        SupervisorConfig {
+            clone_limit: 4,
+            lines: Arc::new(|_, _| {}),
+            descriptor_dir: None,
+            cluster: Some(loopback.clone()),
+        },
+    ));
+    let _ = loopback.supervisor.set(Arc::downgrade(&supervisor));
+    let image = snowflock_guest::images::by_name("touch").context("touch image")?;
+    let vm = supervisor.launch(image, 256 << 20, &touch_args(pages))?;
+    let outcome = vm.wait();
+    if outcome != VmOutcome::Exited(0) {
+        bail!("local touch job ended {outcome:?}");
+    }
+    let stats = loopback
+        .stats
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pop();
+    stats.context("the local hollow clone reported no stats")
+}
+
+/// `fault-remote`.
+pub fn fault_remote(setup: &Setup, pages: u32, sink: &mut dyn Sink) -> Result<()> {
+    let params: Map<String, Value> = [("pages".to_string(), json!(pages))].into_iter().collect();
+    let (cluster, _dir) = up(setup, 2, 4, &[("prefetch_pages", toml::Value::Integer(0))])?;
+    let h1 = cluster.host(0)?.socket.clone();
+    let (mut remote_p50, mut remote_p99, mut local_p50, mut local_p99, mut ratio) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..setup.runs {
+        eprintln!("fault-remote: run {}/{}", run + 1, setup.runs);
+        run_job(&h1, "touch", 256 << 20, &touch_args(pages))?;
+        let remote = clone_stats(&h1)?
+            .pop()
+            .context("no hollow clone stats from the cluster")?
+            .fetch_latency;
+        let local = local_fault_latency(pages)?.fetch_latency;
+        remote_p50.push(remote.p50_us as f64);
+        remote_p99.push(remote.p99_us as f64);
+        local_p50.push(local.p50_us as f64);
+        local_p99.push(local.p99_us as f64);
+        ratio.push(remote.p50_us as f64 / local.p50_us.max(1) as f64);
+    }
+    emit(
+        sink,
+        "fault-remote",
+        "remote_fault_p50",
+        &remote_p50,
+        "us",
+        &params,
+    )?;
+    emit(
+        sink,
+        "fault-remote",
+        "remote_fault_p99",
+        &remote_p99,
+        "us",
+        &params,
+    )?;
+    emit(
+        sink,
+        "fault-remote",
+        "local_fault_p50",
+        &local_p50,
+        "us",
+        &params,
+    )?;
+    emit(
+        sink,
+        "fault-remote",
+        "local_fault_p99",
+        &local_p99,
+        "us",
+        &params,
+    )?;
+    emit(
+        sink,
+        "fault-remote",
+        "remote_to_local_p50_ratio",
+        &ratio,
+        "ratio",
+        &params,
+    )?;
+    cluster.down()?;
+    Ok(())
+}
+
+/// The jobs of `avoidance`: (name, image, memory, arguments).
+const AVOIDANCE_JOBS: [(&str, &str, u64, &str); 2] = [
+    (
+        "seqsearch",
+        "seqsearch",
+        512 << 20,
+        "ref_mib=32 queries=8000 clones=2",
+    ),
+    (
+        "allocheavy",
+        "allocheavy",
+        256 << 20,
+        "clones=2 churn_mib=128 table_mib=8 work_mib=48",
+    ),
+];
+
+fn fetched_bytes(setup: &Setup, avoidance: bool, image: &str, mem: u64, args: &str) -> Result<f64> {
+    let (cluster, _dir) = up(
+        setup,
+        2,
+        4,
+        &[("avoidance", toml::Value::Boolean(avoidance))],
+    )?;
+    let h1 = cluster.host(0)?.socket.clone();
+    run_job(&h1, image, mem, args)?;
+    let bytes: u64 = clone_stats(&h1)?.iter().map(|s| s.bytes_fetched).sum();
+    cluster.down()?;
+    Ok(bytes as f64)
+}
+
+/// `avoidance`.
+pub fn avoidance(setup: &Setup, sink: &mut dyn Sink) -> Result<()> {
+    for (name, image, mem, args) in AVOIDANCE_JOBS {
+        let params: Map<String, Value> = [
+            ("job".to_string(), json!(name)),
+            ("args".to_string(), json!(args)),
+        ]
+        .into_iter()
+        .collect();
+        let (mut on, mut off, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..setup.runs {
+            eprintln!("avoidance: {name} run {}/{}", run + 1, setup.runs);
+            let with = fetched_bytes(setup, true, image, mem, args)?;
+            let without = fetched_bytes(setup, false, image, mem, args)?;
+            on.push(with / (1 << 20) as f64);
+            off.push(without / (1 << 20) as f64);
+            ratio.push(without / with.max(1.0));
+        }
+        emit(
+            sink,
+            "avoidance",
+            "fetched_heuristics_on",
+            &on,
+            "MiB",
+            &params,
+        )?;
+        emit(
+            sink,
+            "avoidance",
+            "fetched_heuristics_off",
+            &off,
+            "MiB",
+            &params,
+        )?;
+        emit(
+            sink,
+            "avoidance",
+            "off_to_on_ratio",
+            &ratio,
+            "ratio",
+            &params,
+        )?;
+    }
+    Ok(())
+}
+
+fn seqsearch_args(clones: u32) -> String {
+    format!("ref_mib=32 queries=32000 clones={clones}")
+}
+
+/// Job time (clone call to joined) of the same job on clones of the
+/// parent's own host, whose memory is already there.
+fn local_job_ms(clones: u32) -> Result<f64> {
+    let hv = Arc::new(KvmHypervisor::open().context("opening KVM")?);
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink_lines = lines.clone();
+    let supervisor = Supervisor::new(
+        hv,
+        SupervisorConfig {
+            clone_limit: clones,
+            lines: Arc::new(move |_, line: &str| {
+                sink_lines
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(line.to_string());
+            }),
+            descriptor_dir: None,
+            cluster: None,
+        },
+    );
+    let image = snowflock_guest::images::by_name("seqsearch").context("seqsearch image")?;
+    let vm = supervisor.launch(image, 512 << 20, &seqsearch_args(clones))?;
+    let outcome = vm.wait();
+    let lines = lines.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if outcome != VmOutcome::Exited(0) {
+        bail!("local seqsearch ended {outcome:?}:\n{}", lines.join("\n"));
+    }
+    Ok(number(&lines, "seqsearch:", "clone_ms")? + number(&lines, "seqsearch:", "join_ms")?)
+}
+
+/// `clone-remote`.
+pub fn clone_remote(setup: &Setup, counts: &[u32], sink: &mut dyn Sink) -> Result<()> {
+    let (cluster, _dir) = up(setup, 4, 8, &[])?;
+    let h1 = cluster.host(0)?.socket.clone();
+    for &n in counts {
+        let params: Map<String, Value> = [
+            ("clones".to_string(), json!(n)),
+            ("hosts".to_string(), json!(4)),
+            ("args".to_string(), json!(seqsearch_args(n))),
+        ]
+        .into_iter()
+        .collect();
+        let (mut running, mut job, mut local, mut ratio) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for run in 0..setup.runs {
+            eprintln!("clone-remote: {n} clones, run {}/{}", run + 1, setup.runs);
+            let end = run_job(&h1, "seqsearch", 512 << 20, &seqsearch_args(n))?;
+            let report = end.reports.first().context("no clone report")?;
+            if report.clones != n {
+                bail!("granted {} of {n} clones", report.clones);
+            }
+            let all = report.all_running.context("children never all ran")?;
+            let job_ms = number(&end.lines, "seqsearch:", "clone_ms")?
+                + number(&end.lines, "seqsearch:", "join_ms")?;
+            let local_ms = local_job_ms(n)?;
+            running.push(all.as_secs_f64() * 1e3);
+            job.push(job_ms);
+            local.push(local_ms);
+            ratio.push(job_ms / local_ms);
+        }
+        emit(sink, "clone-remote", "all_running", &running, "ms", &params)?;
+        emit(sink, "clone-remote", "job_time_remote", &job, "ms", &params)?;
+        emit(
+            sink,
+            "clone-remote",
+            "job_time_state_resident",
+            &local,
+            "ms",
+            &params,
+        )?;
+        emit(
+            sink,
+            "clone-remote",
+            "remote_to_resident_job_ratio",
+            &ratio,
+            "ratio",
+            &params,
+        )?;
+    }
+    cluster.down()?;
+    Ok(())
+}
