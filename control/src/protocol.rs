@@ -52,8 +52,8 @@ pub enum ApiResponse {
         /// How long the VM was paused for the capture.
         pause: Duration,
         descriptor_bytes: u64,
-        /// Where the clones run: (host, vm).
-        clones: Vec<(String, u64)>,
+        /// Where the clones run: (host, console label).
+        clones: Vec<(String, String)>,
     },
     Ps {
         hosts: Vec<HostVms>,
@@ -184,6 +184,8 @@ pub struct CloneOrder {
     /// The parent host's memory server.
     pub pages: SocketAddr,
     pub checkpoint: u64,
+    /// Copies of a VM paused from outside rather than guest clones.
+    pub external: bool,
     /// (child id, console label) of each clone.
     pub children: Vec<(u32, String)>,
 }

@@ -45,6 +45,9 @@ pub struct RemoteLaunch {
     pub checkpoint: u64,
     /// Label of the parent, for the children's console lines.
     pub parent_label: String,
+    /// Copies of a VM paused from outside: they resume as VMs of their own,
+    /// without a return value from `clone`.
+    pub external: bool,
 }
 
 /// Slots and clones on other hosts.
@@ -86,6 +89,22 @@ impl std::fmt::Debug for RemoteChild {
 }
 
 impl RemoteChild {
+    /// A clone `id` to run on `host`, not tied to a ticket.
+    pub fn new_remote(
+        id: u32,
+        label: String,
+        cluster: Arc<dyn Cluster>,
+        host: &str,
+        family: u64,
+    ) -> Self {
+        let target = RemoteTarget {
+            cluster,
+            host: host.to_string(),
+            family,
+        };
+        Self(Arc::new(ChildCell::new(id, 0, label, Some(target))))
+    }
+
     /// The child's number, 1..=m within its ticket.
     pub fn id(&self) -> u32 {
         self.0.id
@@ -133,6 +152,8 @@ pub struct HollowStart {
     pub avoidance: bool,
     pub child: u32,
     pub checkpoint: u64,
+    /// A copy made from outside (see [`RemoteLaunch::external`]).
+    pub external: bool,
     pub label: String,
     /// Where its console lines go, if not to the supervisor's sink.
     pub lines: Option<crate::console::LineSink>,

@@ -570,7 +570,7 @@ pub(crate) struct ChildCell {
 }
 
 impl ChildCell {
-    fn new(id: u32, vm: u64, label: String, remote: Option<RemoteTarget>) -> Self {
+    pub(crate) fn new(id: u32, vm: u64, label: String, remote: Option<RemoteTarget>) -> Self {
         Self {
             id,
             vm,
@@ -1189,6 +1189,7 @@ impl VmContext {
                                     children,
                                     checkpoint,
                                     parent_label: parent_label.clone(),
+                                    external: false,
                                 },
                             );
                         }
@@ -1515,9 +1516,11 @@ fn run_hollow(shared: Arc<Shared>, vm: u64, start: HollowStart) {
             let faults = handler.clone();
             machine.set_fresh_pages_hook(Arc::new(move |runs| faults.mark_fresh(runs)));
         }
-        machine
-            .set_return(u64::from(start.child), start.checkpoint)
-            .map_err(|e| error_chain(&e))?;
+        if !start.external {
+            machine
+                .set_return(u64::from(start.child), start.checkpoint)
+                .map_err(|e| error_chain(&e))?;
+        }
         Ok((machine, handler))
     })();
     let restore = begun.elapsed();
@@ -1534,7 +1537,7 @@ fn run_hollow(shared: Arc<Shared>, vm: u64, start: HollowStart) {
                 shared: shared.clone(),
                 vm,
                 label: start.label.clone(),
-                is_clone: true,
+                is_clone: !start.external,
                 kill,
                 requests: None,
                 faults: Some(handler.clone()),

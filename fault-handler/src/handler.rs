@@ -231,6 +231,8 @@ struct CloneState {
     failure: OnceLock<FaultError>,
     on_failure: Arc<dyn Fn(&FaultError) + Send + Sync>,
     registered: AtomicBool,
+    /// The page of the last fault that went to the network.
+    last_fetch: AtomicU64,
 }
 
 impl CloneState {
@@ -387,7 +389,16 @@ impl CloneState {
                         },
                     );
                     request.push(page);
-                    let last = (page + u64::from(family.config.prefetch_pages)).min(self.pages - 1);
+                    // Prefetch only for a sequential pattern: this fault lies
+                    // just past the previous fetched fault's window.
+                    let window = u64::from(family.config.prefetch_pages);
+                    let previous = self.last_fetch.swap(page, Ordering::Relaxed);
+                    let sequential = page > previous && page - previous <= window + 1;
+                    let last = if sequential {
+                        (page + window).min(self.pages - 1)
+                    } else {
+                        page
+                    };
                     for next in page + 1..=last {
                         if self.avoid.reason(next).is_some()
                             || self.is_installed(next)
@@ -497,6 +508,7 @@ impl FaultHandler {
             failure: OnceLock::new(),
             on_failure,
             registered: AtomicBool::new(true),
+            last_fetch: AtomicU64::new(u64::MAX),
         });
         family.lock().clones.push(Arc::downgrade(&clone));
         if let Some(error) = family.failed.get() {

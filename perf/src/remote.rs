@@ -252,6 +252,7 @@ impl ClusterTrait for LoopbackCluster {
                 avoidance: true,
                 child: child.id(),
                 checkpoint: launch.checkpoint,
+                external: launch.external,
                 label: child.label().to_string(),
                 lines: None,
                 events: Arc::new(LoopbackChild {
@@ -379,7 +380,7 @@ const AVOIDANCE_JOBS: [(&str, &str, u64, &str); 2] = [
         "allocheavy",
         "allocheavy",
         256 << 20,
-        "clones=2 churn_mib=128 table_mib=8 work_mib=48",
+        "clones=2 churn_mib=128 table_mib=4 work_mib=64",
     ),
 ];
 

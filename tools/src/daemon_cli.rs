@@ -139,8 +139,8 @@ pub fn clone(socket: &Path, vm: u64, clones: u32) -> Result<ExitCode> {
         "sf: vm {vm} paused {:.2} ms, descriptor {descriptor_bytes} bytes",
         pause.as_secs_f64() * 1e3
     );
-    for (host, id) in clones {
-        println!("{host}/{id}");
+    for (host, label) in clones {
+        println!("{host} {label}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -325,3 +325,31 @@ fn killing_the_parent_host_fails_its_clones_with_a_clear_error_in_bounded_time()
     }
     cluster.down().unwrap();
 }
+
+#[test]
+fn a_running_vm_is_cloned_from_outside_onto_other_hosts() {
+    let (cluster, _dir) = cluster(3, 4, |_| {});
+    let h1 = cluster.host(0).unwrap().socket.clone();
+    let vm = start(&h1, "spin", 128 << 20, "iters=3000000000");
+    let clones = match call(&h1, &ApiRequest::Clone { vm, clones: 3 }) {
+        ApiResponse::Cloned { clones, .. } => clones,
+        other => panic!("clone failed: {other:?}"),
+    };
+    let hosts: Vec<&str> = clones.iter().map(|(h, _)| h.as_str()).collect();
+    assert_eq!(clones.len(), 3, "{clones:?}");
+    assert!(hosts.contains(&"h2") && hosts.contains(&"h3"), "{clones:?}");
+    // The copies run the same guest from the same point as VMs of their
+    // own and end as it does.
+    wait_for_stats(&h1, "remote copies to end", |hosts| {
+        let copies: Vec<_> = hosts.iter().flat_map(|h| h.clones.iter()).collect();
+        copies.len() == 2 && copies.iter().all(|c| c.outcome.is_some())
+    });
+    for host in stats(&h1) {
+        for c in &host.clones {
+            assert_eq!(c.outcome, Some(VmOutcome::Exited(0)), "{c:?}");
+        }
+    }
+    let ended = wait(&h1, vm);
+    assert_eq!(ended.outcome, VmOutcome::Exited(0));
+    cluster.down().unwrap();
+}

@@ -7,12 +7,15 @@ use tokio::net::UnixStream;
 use tokio::sync::{broadcast, watch};
 
 use crate::daemon::Daemon;
+use crate::descriptor::Descriptor;
 use crate::protocol::{
     ApiRequest, ApiResponse, ChildSummary, CloneSummary, HostRequest, HostResponse, HostStats,
     HostVms,
 };
+use crate::remote::{Cluster, Plan, RemoteChild, RemoteGrant, RemoteLaunch};
 use crate::supervisor::{VmController, VmHandle, error_chain};
 use crate::wire;
+use snowflock_vmm::memory::MemoryImage;
 
 /// A VM started through the API.
 #[derive(Debug)]
@@ -201,9 +204,21 @@ async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
     };
     let d = daemon.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let granted = d.supervisor.reserve_slots(clones);
-        if granted == 0 {
-            return Err("no free clone slots on this host".to_string());
+        let free = d
+            .config
+            .limits
+            .clone_slots
+            .saturating_sub(d.supervisor.slots_in_use());
+        let plan = d.links.plan(clones, mem_size, free);
+        let local = d.supervisor.reserve_slots(plan.local);
+        let release_all = |d: &Daemon, plan: Plan| {
+            d.supervisor.release_slots(local);
+            for grant in plan.remote {
+                d.links.release(grant);
+            }
+        };
+        if local == 0 && plan.remote.is_empty() {
+            return Err("no free clone slots in the cluster".to_string());
         }
         let paused = Instant::now();
         let captured = controller.capture();
@@ -211,13 +226,13 @@ async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
         let (descriptor, image) = match captured {
             Ok(c) => c,
             Err(e) => {
-                d.supervisor.release_slots(granted);
+                release_all(&d, plan);
                 return Err(error_chain(&e));
             }
         };
         let bytes = descriptor.encode().map(|b| b.len() as u64).unwrap_or(0);
         let mut started = Vec::new();
-        for _ in 0..granted {
+        for _ in 0..local {
             match d
                 .supervisor
                 .resume_labelled(&descriptor, &image, |vm| format!("vm{vm}"))
@@ -225,14 +240,24 @@ async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
                 Ok(handle) => {
                     let id = handle.id();
                     register_root(&d, handle, format!("vm{id}"), mem_size);
-                    started.push((d.config.host.name.clone(), id));
+                    started.push((d.config.host.name.clone(), format!("vm{id}")));
                 }
                 Err(e) => tracing::warn!("starting a clone failed: {}", error_chain(&e)),
             }
         }
-        // Each clone runs as a VM of its own, outside the slot accounting
+        // Local copies run as VMs of their own, outside the slot accounting
         // of guest clones.
-        d.supervisor.release_slots(granted);
+        d.supervisor.release_slots(local);
+        if !plan.remote.is_empty() {
+            started.extend(launch_remote_copies(
+                &d,
+                vm,
+                descriptor,
+                image,
+                plan.remote,
+                local,
+            ));
+        }
         Ok((pause, bytes, started))
     })
     .await;
@@ -245,6 +270,58 @@ async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
         Ok(Err(message)) => error(message),
         Err(e) => error(format!("clone task failed: {e}")),
     }
+}
+
+/// Starts copies of VM `vm` on other hosts; they are served from `image`
+/// until every one has ended.
+fn launch_remote_copies(
+    daemon: &Arc<Daemon>,
+    vm: u64,
+    descriptor: Descriptor,
+    image: Arc<MemoryImage>,
+    grants: Vec<RemoteGrant>,
+    first: u32,
+) -> Vec<(String, String)> {
+    let family = descriptor.family;
+    let descriptor = Arc::new(descriptor);
+    let links: Arc<dyn Cluster> = daemon.links.clone();
+    links.serve_image(family, image);
+    let mut started = Vec::new();
+    let mut everyone = Vec::new();
+    let mut id = first;
+    for grant in grants {
+        let children: Vec<RemoteChild> = (0..grant.slots)
+            .map(|_| {
+                id += 1;
+                let label = format!("vm{vm}.copy{id}");
+                started.push((grant.host.clone(), label.clone()));
+                RemoteChild::new_remote(id, label, links.clone(), &grant.host, family)
+            })
+            .collect();
+        everyone.extend(children.iter().cloned());
+        links.launch(
+            grant,
+            RemoteLaunch {
+                descriptor: descriptor.clone(),
+                children,
+                checkpoint: 0,
+                parent_label: format!("vm{vm}"),
+                external: true,
+            },
+        );
+    }
+    let waiter = std::thread::Builder::new()
+        .name(format!("copies-vm{vm}"))
+        .spawn(move || {
+            while !everyone.iter().all(RemoteChild::has_ended) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            links.retire_image(family);
+        });
+    if let Err(e) = waiter {
+        tracing::warn!("cannot watch remote copies; their image stays served: {e}");
+    }
+    started
 }
 
 async fn ps(daemon: &Arc<Daemon>) -> ApiResponse {

@@ -248,6 +248,7 @@ fn launch(
             avoidance: daemon.config.limits.avoidance,
             child,
             checkpoint: order.checkpoint,
+            external: order.external,
             label,
             lines: Some(Arc::new(move |label: &str, line: &str| {
                 let _ = lines_out.send(FromHost::ChildConsole {

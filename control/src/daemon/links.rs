@@ -534,6 +534,7 @@ impl Cluster for Links {
                 descriptor,
                 pages,
                 checkpoint: launch.checkpoint,
+                external: launch.external,
                 children: launch
                     .children
                     .iter()
