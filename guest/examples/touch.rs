@@ -6,7 +6,9 @@
 //! faulter instead, for failure tests (e.g. the memory server dies while
 //! children still fault): it reads `pages` pages of the buffer one at a
 //! time, spread evenly over it, checks each, and waits `interval_ms`
-//! between reads; a wrong byte makes it panic. Prints `touch: mib=..
+//! between reads; a wrong byte makes it panic. It times each read with the
+//! TSC and prints `touch: child N reads=.. read_p50_us=.. read_p99_us=..`
+//! (the page-fault service time the guest sees). Prints `touch: mib=..
 //! clones=.. granted=.. clone_ms=.. join_ms=..`; exits 0 iff every child
 //! exited normally.
 #![no_std]
@@ -14,9 +16,10 @@
 
 extern crate alloc;
 
+use alloc::vec::Vec;
 use core::hint::black_box;
 use snowflock_guest::args::{arg_u32, arg_u64};
-use snowflock_guest::time::{Millis, now_ns, spin_ns};
+use snowflock_guest::time::{Millis, cycles, cycles_to_ns, now_ns, spin_ns};
 use snowflock_guest::{Fork, clone, exit, join, println, request_ticket};
 
 snowflock_guest::entry!(main);
@@ -36,6 +39,7 @@ fn main() -> i32 {
         let len = buf.len();
         black_box((buf[0], buf[len / 2], buf[len - 1]));
         let total = len.div_ceil(4096) as u64;
+        let mut took = Vec::with_capacity(pages as usize);
         for k in 0..pages {
             if k > 0 {
                 spin_ns(interval_ns);
@@ -46,11 +50,26 @@ fn main() -> i32 {
                 k % total
             };
             let at = (page as usize * 4096).min(len - 1);
+            let before = cycles();
             let seen = black_box(&buf)[at];
+            took.push(cycles().wrapping_sub(before));
             assert!(
                 seen == expected(at),
                 "child {id}: byte {at:#x} is {seen:#x}, expected {:#x}",
                 expected(at)
+            );
+        }
+        if !took.is_empty() {
+            took.sort_unstable();
+            let us = |q: usize| {
+                let c = took[(took.len() - 1) * q / 100];
+                cycles_to_ns(c).map_or(0, |ns| ns / 1000)
+            };
+            println!(
+                "touch: child {id} reads={} read_p50_us={} read_p99_us={}",
+                took.len(),
+                us(50),
+                us(99)
             );
         }
         exit(&[]);

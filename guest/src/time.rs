@@ -24,6 +24,21 @@ pub fn spin_ns(ns: u64) {
     }
 }
 
+/// The CPU's time-stamp counter: no VM exit, so it can time single memory
+/// accesses (a clone's page faults). Clones keep their parent's TSC rate.
+pub fn cycles() -> u64 {
+    // SAFETY: `rdtsc` only reads the time-stamp counter; the VMM leaves
+    // CR4.TSD clear, so it is allowed at CPL3.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Converts a [`cycles`] difference to nanoseconds with the TSC rate the
+/// host reported at boot; `None` if it did not report one.
+pub fn cycles_to_ns(cycles: u64) -> Option<u64> {
+    let khz = crate::boot_info().tsc_khz;
+    (khz > 0).then(|| (u128::from(cycles) * 1_000_000 / u128::from(khz)) as u64)
+}
+
 /// Formats nanoseconds as milliseconds with three decimals, e.g. `12.345`.
 #[derive(Clone, Copy, Debug)]
 pub struct Millis(pub u64);
