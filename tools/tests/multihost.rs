@@ -353,3 +353,38 @@ fn a_running_vm_is_cloned_from_outside_onto_other_hosts() {
     assert_eq!(ended.outcome, VmOutcome::Exited(0));
     cluster.down().unwrap();
 }
+
+#[test]
+fn avoidance_skips_free_and_fresh_heap_pages_and_results_stay_right() {
+    let (cluster, _dir) = cluster(2, 4, |_| {});
+    let h1 = cluster.host(0).unwrap().socket.clone();
+    let vm = start(
+        &h1,
+        "allocheavy",
+        256 << 20,
+        "clones=2 churn_mib=64 table_mib=4 work_mib=32",
+    );
+    let ended = wait(&h1, vm);
+    assert_eq!(ended.outcome, VmOutcome::Exited(0), "{:#?}", ended.lines);
+    assert!(
+        ended.lines.iter().any(|l| l.contains("allocheavy: PASS")),
+        "{:#?}",
+        ended.lines
+    );
+    let hosts = stats(&h1);
+    let clones: Vec<_> = hosts.iter().flat_map(|h| h.clones.iter()).collect();
+    assert!(
+        !clones.is_empty(),
+        "no clone ran on another host: {hosts:#?}"
+    );
+    for c in clones {
+        let s = &c.stats;
+        assert!(
+            s.avoided.fresh > 0 && s.avoided.free_heap + s.avoided.zero > 0,
+            "{c:?}"
+        );
+        // The 32 MiB of fresh working memory was never fetched.
+        assert!(s.bytes_fetched < 16 << 20, "{c:?}");
+    }
+    cluster.down().unwrap();
+}
