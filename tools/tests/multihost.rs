@@ -379,11 +379,9 @@ fn avoidance_skips_free_and_fresh_heap_pages_and_results_stay_right() {
     );
     for c in clones {
         let s = &c.stats;
-        assert!(
-            s.avoided.fresh > 0 && s.avoided.free_heap + s.avoided.zero > 0,
-            "{c:?}"
-        );
-        // The 32 MiB of fresh working memory was never fetched.
+        // The children's working memory comes out of heap that was free at
+        // the clone point (or fresh since): zero-filled, never fetched.
+        assert!(s.avoided.free_heap + s.avoided.fresh > 2048, "{c:?}");
         assert!(s.bytes_fetched < 16 << 20, "{c:?}");
     }
     cluster.down().unwrap();
