@@ -386,3 +386,24 @@ fn avoidance_skips_free_and_fresh_heap_pages_and_results_stay_right() {
     }
     cluster.down().unwrap();
 }
+
+#[test]
+fn sigterm_stops_the_daemons_vms_and_the_daemon_exits_cleanly() {
+    let (mut cluster, _dir) = cluster(2, 4, |_| {});
+    let h1 = cluster.host(0).unwrap().clone();
+    start(&h1.socket, "spin", 128 << 20, "iters=100000000000");
+    let vm2 = start(&h1.socket, "spin", 128 << 20, "iters=100000000000");
+    match call(&h1.socket, &ApiRequest::Clone { vm: vm2, clones: 2 }) {
+        ApiResponse::Cloned { clones, .. } => assert_eq!(clones.len(), 2),
+        other => panic!("clone failed: {other:?}"),
+    }
+    let stopping = Instant::now();
+    cluster.stop_host(0).unwrap();
+    assert!(stopping.elapsed() < Duration::from_secs(15));
+    let log = std::fs::read_to_string(&h1.log).unwrap();
+    assert!(log.contains("shutting down: stopping VMs"), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains("VMs still running at shutdown"), "{log}");
+    assert!(!h1.socket.exists(), "the API socket was left behind");
+    cluster.down().unwrap();
+}
