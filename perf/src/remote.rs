@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
+use snowflock_control::console::LineSink;
 use snowflock_control::daemon::memory::LocalImageSource;
 use snowflock_control::protocol::{ApiRequest, ApiResponse, CloneSummary, HostStats};
 use snowflock_control::remote::{
@@ -272,6 +273,18 @@ fn touch_args(pages: u32) -> String {
     format!("mib=64 clones=1 pages={pages} interval_ms=0")
 }
 
+/// A console sink keeping every line, and the lines it kept.
+fn collected_lines() -> (LineSink, Arc<Mutex<Vec<String>>>) {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let kept = lines.clone();
+    let sink: LineSink = Arc::new(move |_, line: &str| {
+        kept.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(line.to_string());
+    });
+    (sink, lines)
+}
+
 /// The guest's own timing of its page reads: (p50, p99) in µs.
 fn guest_read_latency(lines: &[String]) -> Result<(f64, f64)> {
     Ok((
@@ -288,18 +301,12 @@ fn local_fault_latency(pages: u32) -> Result<(CloneStats, Vec<String>)> {
         images: Mutex::new(Vec::new()),
         stats: Arc::new(Mutex::new(Vec::new())),
     });
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink_lines = lines.clone();
+    let (sink, lines) = collected_lines();
     let supervisor = Arc::new(Supervisor::new(
         hv,
         SupervisorConfig {
             clone_limit: 4,
-            lines: Arc::new(move |_, line: &str| {
-                sink_lines
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(line.to_string());
-            }),
+            lines: sink,
             descriptor_dir: None,
             cluster: Some(loopback.clone()),
         },
@@ -462,18 +469,12 @@ fn seqsearch_args(clones: u32) -> String {
 /// parent's own host, whose memory is already there.
 fn local_job_ms(clones: u32) -> Result<f64> {
     let hv = Arc::new(KvmHypervisor::open().context("opening KVM")?);
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink_lines = lines.clone();
+    let (sink, lines) = collected_lines();
     let supervisor = Supervisor::new(
         hv,
         SupervisorConfig {
             clone_limit: clones,
-            lines: Arc::new(move |_, line: &str| {
-                sink_lines
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(line.to_string());
-            }),
+            lines: sink,
             descriptor_dir: None,
             cluster: None,
         },
