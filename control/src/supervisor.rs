@@ -1498,9 +1498,9 @@ fn run_hollow(shared: Arc<Shared>, vm: u64, start: HollowStart) {
         let on_failure: Arc<dyn Fn(&snowflock_fault_handler::FaultError) + Send + Sync> =
             Arc::new(move |_| kicker.kick());
         // SAFETY: hollow memory is a private anonymous mapping nothing has
-        // touched yet (restoring writes only vCPU and VM state); it stays
-        // mapped at this address until `machine` drops, which happens after
-        // the handler below is dropped at the end of this function.
+        // touched yet (restoring writes only vCPU and VM state). The handler
+        // writes to it only through userfaultfd ioctls, so `machine` may
+        // unmap it first when the VM ends (see `FaultHandler::start`).
         let handler = unsafe {
             FaultHandler::start(
                 start.family.clone(),

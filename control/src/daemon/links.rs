@@ -70,20 +70,31 @@ impl Link {
     async fn call(&self, request: HostRequest) -> Result<HostResponse, LinkError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
+        // The entry goes in before the closed check: `close` sets the reason
+        // and then clears the entries, so no call waits on a dead link.
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, tx);
-        if let Some(reason) = self
+        let closed = self
             .closed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
+            .clone();
+        let refused = match closed {
+            Some(reason) => Some(reason),
+            None => self
+                .out
+                .send(ToHost::Request { id, request })
+                .err()
+                .map(|_| "connection closed".to_string()),
+        };
+        if let Some(reason) = refused {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             return Err(self.lost(reason));
-        }
-        if self.out.send(ToHost::Request { id, request }).is_err() {
-            return Err(self.lost("connection closed".into()));
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
             Ok(Ok(HostResponse::Error { message })) => Err(LinkError::Refused {
