@@ -330,7 +330,7 @@ fn killing_the_parent_host_fails_its_clones_with_a_clear_error_in_bounded_time()
 fn a_running_vm_is_cloned_from_outside_onto_other_hosts() {
     let (cluster, _dir) = cluster(3, 4, |_| {});
     let h1 = cluster.host(0).unwrap().socket.clone();
-    let vm = start(&h1, "spin", 128 << 20, "iters=3000000000");
+    let vm = start(&h1, "spin", 128 << 20, "iters=600000000");
     let clones = match call(&h1, &ApiRequest::Clone { vm, clones: 3 }) {
         ApiResponse::Cloned { clones, .. } => clones,
         other => panic!("clone failed: {other:?}"),
