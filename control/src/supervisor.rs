@@ -805,6 +805,11 @@ impl VmContext {
         for (_, cp) in self.checkpoints.drain() {
             cp.describer.and_then(Job::wait);
         }
+        // The fault handler must be done with hollow memory before it is
+        // unmapped: its address may soon hold another clone's memory.
+        if let Some(faults) = &self.faults {
+            faults.close();
+        }
         drop(machine);
         if let VmOutcome::Failed(reason) = &outcome {
             tracing::warn!(vm = self.vm, %reason, "VM failed");
@@ -1498,9 +1503,9 @@ fn run_hollow(shared: Arc<Shared>, vm: u64, start: HollowStart) {
         let on_failure: Arc<dyn Fn(&snowflock_fault_handler::FaultError) + Send + Sync> =
             Arc::new(move |_| kicker.kick());
         // SAFETY: hollow memory is a private anonymous mapping nothing has
-        // touched yet (restoring writes only vCPU and VM state). The handler
-        // writes to it only through userfaultfd ioctls, so `machine` may
-        // unmap it first when the VM ends (see `FaultHandler::start`).
+        // touched yet (restoring writes only vCPU and VM state). It stays
+        // mapped until `machine` drops, and `VmContext::drive` (or the error
+        // path below) closes the handler before the machine drops.
         let handler = unsafe {
             FaultHandler::start(
                 start.family.clone(),
@@ -1516,10 +1521,11 @@ fn run_hollow(shared: Arc<Shared>, vm: u64, start: HollowStart) {
             let faults = handler.clone();
             machine.set_fresh_pages_hook(Arc::new(move |runs| faults.mark_fresh(runs)));
         }
-        if !start.external {
-            machine
-                .set_return(u64::from(start.child), start.checkpoint)
-                .map_err(|e| error_chain(&e))?;
+        if !start.external
+            && let Err(e) = machine.set_return(u64::from(start.child), start.checkpoint)
+        {
+            handler.close();
+            return Err(error_chain(&e));
         }
         Ok((machine, handler))
     })();

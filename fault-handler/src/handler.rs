@@ -1,31 +1,34 @@
-//! The fault loop of a hollow clone and the clone point ([`Family`]) its
-//! pages come from.
+//! The fault loop of a hollow clone ([`FaultHandler`]) and the clone point
+//! ([`Family`]) its pages come from.
 
-use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, opcode, types};
-
+use crate::PAGE_SIZE;
 use crate::avoid::AvoidMap;
-use crate::cache::{CacheError, PageCache};
+use crate::cache::{CacheError, InsertError, PageCache};
+use crate::ring;
 use crate::stats::{CloneStats, FamilyStats, LiveStats};
-use crate::{PAGE_SIZE, sys};
+use crate::sys::{self, Fill, PageFault};
 
-/// How often the fault loop checks request deadlines.
-const DEADLINE_TICK: Duration = Duration::from_millis(50);
-/// Avoided pages are zero-filled in aligned windows of this many pages
-/// around a fault, so that a run of fresh or zero pages costs one fault.
-const ZERO_WINDOW: u64 = 64;
-/// Fault messages read at once.
-const MSGS_PER_READ: usize = 32;
+/// A zero-fill window (one bitmap word) fits the zero copy source.
+const _: () = assert!(sys::ZERO_SOURCE_LEN >= 64 * PAGE_SIZE);
 
-/// Asks the parent's memory server for pages. Answers come back through
-/// [`Family::deliver_batch`] or [`Family::fail`]; `request` must not call
-/// either itself (it runs under no lock, but on the fault thread).
+/// How long closing a handler waits for its fault thread to end.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the parent's memory server for pages of a clone point. Answers
+/// come back through [`Family::deliver_batch`] or [`Family::fail`], from
+/// any thread (usually the transport's receiver thread).
+///
+/// `request` is called on a clone's fault thread with no lock held. It may
+/// answer synchronously (call `deliver_batch` or `fail` before returning);
+/// it should not block for long, because that clone's other faults wait
+/// meanwhile (a lost request is caught by the fetch timeout).
 pub trait PageSource: Send + Sync {
     fn request(&self, family: u64, pages: &[u64]);
 }
@@ -33,25 +36,41 @@ pub trait PageSource: Send + Sync {
 /// Fetch settings of a clone point.
 #[derive(Debug, Clone, Copy)]
 pub struct FetchConfig {
-    /// A page not delivered within this time fails every clone of the family.
+    /// A page not delivered within this time after it was requested fails
+    /// every clone of the family.
     pub fetch_timeout: Duration,
-    /// Data pages requested after a faulting page when missing here.
+    /// At most this many following data pages (not avoided, not here, not
+    /// requested) are requested with a faulting page, when the clone's
+    /// faults look sequential: the fault lies at most `prefetch_pages + 1`
+    /// pages past the previous fault that went to the network. Random
+    /// access gets no prefetch; 0 turns prefetch off.
     pub prefetch_pages: u32,
 }
 
-/// Why a clone's memory can no longer be served. Once set, the clone's
-/// range is unregistered: its faults no longer wait, and the VM must be
-/// discarded (see [`FaultHandler::failure`]).
+/// Why a clone's memory can no longer be served.
+///
+/// Once a clone fails, its `on_failure` callback has run (once), its
+/// region is unregistered from userfaultfd, which wakes every fault
+/// waiting in it, and from then on its missing pages read as zeros (the
+/// kernel fills them; any fault event still queued is zero-filled by the
+/// fault thread). Nothing waits forever, and the VM must be discarded
+/// (see [`FaultHandler::failure`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FaultError {
-    #[error("memory server lost: {0}")]
-    SourceLost(String),
+    #[error("memory server lost after {pages_received} pages: {reason}")]
+    SourceLost { reason: String, pages_received: u64 },
     #[error("page {page:#x} was not delivered within {timeout:?}")]
     Timeout { page: u64, timeout: Duration },
-    #[error("the fault handler thread ended: {0}")]
-    HandlerDied(String),
-    #[error("installing page {page:#x} failed: {reason}")]
-    Install { page: u64, reason: String },
+    #[error("the memory server sent a bad page")]
+    BadDelivery(#[source] InsertError),
+    #[error("{op} at page {page:#x} failed: {}", std::io::Error::from_raw_os_error(*errno))]
+    Install {
+        op: &'static str,
+        page: u64,
+        errno: i32,
+    },
+    #[error("the fault thread died: {reason}")]
+    HandlerDied { reason: String },
 }
 
 /// A failure to start a fault handler.
@@ -67,29 +86,90 @@ pub enum StartError {
     },
     #[error("avoidance map covers {map} pages, the region {region}")]
     AvoidMismatch { map: u64, region: u64 },
+    #[error("the clone point already failed")]
+    FamilyFailed(#[source] FaultError),
     #[error("creating the userfaultfd failed")]
-    Userfaultfd(#[source] std::io::Error),
-    #[error("registering the region with userfaultfd failed")]
-    Register(#[source] std::io::Error),
+    Open(#[source] std::io::Error),
+    #[error("the UFFDIO_API handshake failed")]
+    Api(#[source] std::io::Error),
+    #[error("userfaultfd {what} lacks needed ioctls: offered {offered:#x}, needed {needed:#x}")]
+    MissingIoctls {
+        what: &'static str,
+        offered: u64,
+        needed: u64,
+    },
+    #[error("registering region {addr:#x}+{len:#x} with userfaultfd failed")]
+    Register {
+        addr: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("creating the stop eventfd failed")]
     EventFd(#[source] std::io::Error),
+    #[error("creating the io_uring failed")]
+    Ring(#[source] std::io::Error),
     #[error("starting the fault thread failed")]
     Thread(#[source] std::io::Error),
 }
 
+/// A clone waiting for a requested page: `fault` is when its fault was
+/// read, `None` when it asked for the page as prefetch.
+struct Waiter {
+    clone: Arc<CloneState>,
+    fault: Option<Instant>,
+}
+
+/// Delivered pages for one clone: `(page, when its fault was read)`.
+type Arrivals = Vec<(u64, Option<Instant>)>;
+
+/// A page requested from the source and not delivered yet.
 struct Pending {
     since: Instant,
-    waiters: Vec<Arc<CloneState>>,
+    waiters: Vec<Waiter>,
 }
 
 #[derive(Default)]
 struct FamilyState {
     requested: HashMap<u64, Pending>,
+    /// `(since, page)` of requests in the order they were made; entries
+    /// whose request is gone (delivered, dropped) are skipped lazily.
+    order: VecDeque<(Instant, u64)>,
     clones: Vec<Weak<CloneState>>,
 }
 
+impl FamilyState {
+    fn add_request(&mut self, page: u64, now: Instant, waiter: Waiter) {
+        self.requested.insert(
+            page,
+            Pending {
+                since: now,
+                waiters: vec![waiter],
+            },
+        );
+        self.order.push_back((now, page));
+    }
+
+    /// The oldest outstanding request, dropping stale order entries.
+    fn oldest(&mut self) -> Option<(Instant, u64)> {
+        while let Some(&(since, page)) = self.order.front() {
+            if self.requested.get(&page).is_some_and(|p| p.since == since) {
+                return Some((since, page));
+            }
+            self.order.pop_front();
+        }
+        None
+    }
+}
+
 /// One clone point on this host: its page cache, where missing pages come
-/// from, and which clones wait for which pages.
+/// from, which clones run on it and which of them wait for which pages.
+///
+/// Locking: one mutex guards the request table and the clone list. A
+/// fault checks the cache and registers as a waiter under it; a delivery
+/// stores pages in the cache first and then takes the waiters of stored
+/// pages under it, so a page cannot arrive unseen between the two.
+/// Userfaultfd ioctls, `request` and `on_failure` run without it.
 pub struct Family {
     id: u64,
     cache: PageCache,
@@ -98,6 +178,10 @@ pub struct Family {
     state: Mutex<FamilyState>,
     failed: OnceLock<FaultError>,
     received: AtomicU64,
+    epoch: Instant,
+    /// Nanoseconds after `epoch` before which no deadline check is due
+    /// (every clone's fault thread ticks; one check per tick suffices).
+    next_deadline_check: AtomicU64,
 }
 
 impl std::fmt::Debug for Family {
@@ -105,11 +189,14 @@ impl std::fmt::Debug for Family {
         f.debug_struct("Family")
             .field("id", &format_args!("{:#x}", self.id))
             .field("config", &self.config)
+            .field("failed", &self.failed.get())
             .finish_non_exhaustive()
     }
 }
 
 impl Family {
+    /// A clone point of `mem_size` bytes whose missing pages come from
+    /// `source`.
     pub fn new(
         id: u64,
         mem_size: u64,
@@ -118,12 +205,14 @@ impl Family {
     ) -> Result<Arc<Self>, CacheError> {
         Ok(Arc::new(Self {
             id,
-            cache: PageCache::new(mem_size)?,
+            cache: PageCache::new(id, mem_size)?,
             source,
             config,
             state: Mutex::new(FamilyState::default()),
             failed: OnceLock::new(),
             received: AtomicU64::new(0),
+            epoch: Instant::now(),
+            next_deadline_check: AtomicU64::new(0),
         }))
     }
 
@@ -135,82 +224,142 @@ impl Family {
         &self.cache
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, FamilyState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// Why the family failed, once it did.
+    pub fn failure(&self) -> Option<FaultError> {
+        self.failed.get().cloned()
     }
 
-    /// Pages arrived: each goes into the host cache once, then into every
-    /// clone that asked for it, with `UFFDIO_COPY` and `DONTWAKE`; each
-    /// clone's faulting pages are woken after its whole batch is in.
+    fn lock(&self) -> MutexGuard<'_, FamilyState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Pages arrived (`(page, PAGE_SIZE bytes)`): each goes into the host
+    /// cache once; then every clone that asked for some of them gets its
+    /// pages with `UFFDIO_COPY` + `DONTWAKE` (contiguous pages in one call)
+    /// and one `UFFDIO_WAKE` per contiguous run of its faulting pages.
+    /// Pages nobody asked for stay in the cache. A page of the wrong size
+    /// or outside the memory fails the family. Pages arriving after the
+    /// family failed are dropped.
     pub fn deliver_batch(&self, pages: &[(u64, &[u8])]) {
+        if self.failed.get().is_some() {
+            return;
+        }
         for &(page, data) in pages {
-            if self.cache.insert(page, data) {
-                self.received.fetch_add(1, Ordering::Relaxed);
+            match self.cache.insert(page, data) {
+                Ok(true) => {
+                    self.received.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    self.fail_with(FaultError::BadDelivery(error));
+                    return;
+                }
             }
         }
-        let mut installs: Vec<(Arc<CloneState>, Vec<u64>)> = Vec::new();
+        let mut work: Vec<(Arc<CloneState>, Arrivals)> = Vec::new();
         {
             let mut state = self.lock();
             for &(page, _) in pages {
+                // Claimed by a concurrent delivery that is still writing
+                // it: that delivery takes the waiters once it is stored.
+                if !self.cache.contains(page) {
+                    continue;
+                }
                 let Some(pending) = state.requested.remove(&page) else {
                     continue;
                 };
                 for waiter in pending.waiters {
-                    match installs.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &waiter)) {
-                        Some((_, list)) => list.push(page),
-                        None => installs.push((waiter, vec![page])),
+                    let entry = (page, waiter.fault);
+                    match work.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &waiter.clone)) {
+                        Some((_, list)) => list.push(entry),
+                        None => work.push((waiter.clone, vec![entry])),
                     }
                 }
             }
         }
-        for (clone, list) in installs {
-            clone.install_fetched(&self.cache, &list);
+        for (clone, list) in work {
+            clone.install_delivered(self, list);
         }
     }
 
-    /// The page source is gone: every clone of the family fails.
+    /// The page source is gone for good (`reason` says why): every clone of
+    /// the family fails, and so does every clone started on it later.
     pub fn fail(&self, reason: String) {
-        self.fail_with(FaultError::SourceLost(reason));
+        self.fail_with(FaultError::SourceLost {
+            reason,
+            pages_received: self.received.load(Ordering::Relaxed),
+        });
     }
 
     fn fail_with(&self, error: FaultError) {
-        let _ = self.failed.set(error.clone());
+        let mut first = false;
+        let error = self
+            .failed
+            .get_or_init(|| {
+                first = true;
+                error
+            })
+            .clone();
+        if first {
+            tracing::warn!(family = self.id, "clone point failed: {error}");
+        }
         let clones: Vec<Arc<CloneState>> = {
             let mut state = self.lock();
             state.requested.clear();
+            state.order.clear();
             state.clones.iter().filter_map(Weak::upgrade).collect()
         };
         for clone in clones {
-            clone.fail(error.clone());
+            clone.fail(self, error.clone());
         }
     }
 
-    fn check_deadlines(&self) {
+    /// Fails the family if its oldest request is older than the timeout.
+    fn check_deadlines(&self, now: Instant) {
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let due = self.next_deadline_check.load(Ordering::Relaxed);
+        let next = now_ns + ring::TICK.as_nanos() as u64 / 2;
+        if now_ns < due
+            || self
+                .next_deadline_check
+                .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
         let timeout = self.config.fetch_timeout;
-        let late = {
-            let state = self.lock();
-            state
-                .requested
-                .iter()
-                .find(|(_, p)| p.since.elapsed() > timeout)
-                .map(|(&page, _)| page)
-        };
-        if let Some(page) = late {
-            tracing::warn!(
-                family = self.id,
-                page,
-                ?timeout,
-                "page not delivered in time"
-            );
+        let late = self
+            .lock()
+            .oldest()
+            .filter(|&(since, _)| now.saturating_duration_since(since) > timeout);
+        if let Some((_, page)) = late {
             self.fail_with(FaultError::Timeout { page, timeout });
+        }
+    }
+
+    /// Drops `clone`'s waits (requests only it waited for are forgotten:
+    /// their pages still go into the cache if they come) and, with
+    /// `leave`, the clone itself.
+    fn forget(&self, clone: &Arc<CloneState>, leave: bool) {
+        let mut state = self.lock();
+        state.requested.retain(|_, pending| {
+            pending.waiters.retain(|w| !Arc::ptr_eq(&w.clone, clone));
+            !pending.waiters.is_empty()
+        });
+        if leave {
+            state
+                .clones
+                .retain(|c| c.strong_count() > 0 && !std::ptr::eq(c.as_ptr(), Arc::as_ptr(clone)));
         }
     }
 
     pub fn stats(&self) -> FamilyStats {
         let state = self.lock();
+        let received = self.received.load(Ordering::Relaxed);
         FamilyStats {
             family: self.id,
-            pages_received: self.received.load(Ordering::Relaxed),
+            pages_received: received,
+            bytes_received: received * PAGE_SIZE,
             resident_pages: self.cache.resident_pages(),
             outstanding: state.requested.len() as u64,
             clones: state.clones.iter().filter(|c| c.strong_count() > 0).count() as u64,
@@ -218,20 +367,44 @@ impl Family {
     }
 }
 
-/// Everything about one clone the fault thread and the deliverers share.
+/// Calls `f(first, count)` for each run of consecutive pages in `sorted`.
+fn for_each_run(sorted: impl IntoIterator<Item = u64>, mut f: impl FnMut(u64, u64)) {
+    let mut run: Option<(u64, u64)> = None;
+    for page in sorted {
+        run = match run {
+            Some((first, count)) if first + count == page => Some((first, count + 1)),
+            Some((first, count)) => {
+                f(first, count);
+                Some((page, 1))
+            }
+            None => Some((page, 1)),
+        };
+    }
+    if let Some((first, count)) = run {
+        f(first, count);
+    }
+}
+
+/// Everything about one clone that its fault thread, deliveries and the
+/// handle share.
 struct CloneState {
     uffd: OwnedFd,
     base: u64,
     pages: u64,
-    installed: Vec<AtomicU64>,
+    /// A bit per page, set by whoever installs the page (`fetch_or`, so
+    /// exactly one thread installs each page) just before installing it.
+    installed: Box<[AtomicU64]>,
     avoid: AvoidMap,
-    /// Pages with a fault waiting for the network, and when it was read.
-    faulted: Mutex<HashMap<u64, Instant>>,
     stats: LiveStats,
     failure: OnceLock<FaultError>,
     on_failure: Arc<dyn Fn(&FaultError) + Send + Sync>,
+    /// Whether the region may still be touched: every ioctl on it holds
+    /// this for reading; closing sets it to false under the write lock,
+    /// so no ioctl runs after [`FaultHandler::close`] returns.
+    open: RwLock<bool>,
     registered: AtomicBool,
-    /// The page of the last fault that went to the network.
+    /// The page of the last fault that went to the network (prefetch
+    /// pattern detection).
     last_fetch: AtomicU64,
 }
 
@@ -240,119 +413,94 @@ impl CloneState {
         self.base + page * PAGE_SIZE
     }
 
+    fn page_of(&self, address: u64) -> Option<u64> {
+        let page = address.checked_sub(self.base)? / PAGE_SIZE;
+        (page < self.pages).then_some(page)
+    }
+
     fn is_installed(&self, page: u64) -> bool {
         self.installed[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
     }
 
-    /// Claims `page` for installing; false if someone already did.
-    fn claim(&self, page: u64) -> bool {
-        let bit = 1 << (page % 64);
-        self.installed[(page / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    /// Claims the pages of `mask` in word `word` for installing; returns
+    /// those nobody had claimed.
+    fn claim(&self, word: usize, mask: u64) -> u64 {
+        mask & !self.installed[word].fetch_or(mask, Ordering::AcqRel)
     }
 
-    fn wake(&self, page: u64, count: u64) {
-        if let Err(e) = sys::wake(&self.uffd, self.addr(page), count * PAGE_SIZE) {
-            tracing::debug!(page, "wake failed: {e}");
-        }
+    fn claim_page(&self, page: u64) -> bool {
+        self.claim((page / 64) as usize, 1 << (page % 64)) != 0
     }
 
-    /// Copies a cached page into the clone.
-    fn install_from_cache(&self, cache: &PageCache, page: u64, wake: bool) {
-        if !self.claim(page) {
-            if wake {
-                self.wake(page, 1);
-            }
-            return;
-        }
-        let Some(src) = cache.page_ptr(page) else {
-            return;
-        };
-        // SAFETY: `src` is a present page of the cache, which lives as long
-        // as the family and is never written again.
-        let done = unsafe { sys::copy(&self.uffd, self.addr(page), src, PAGE_SIZE, wake) };
-        if let Err(e) = done {
-            self.fail(FaultError::Install {
-                page,
-                reason: e.to_string(),
-            });
+    /// Runs `op` on the userfaultfd unless the handler was closed.
+    fn ioctl<R>(&self, op: impl FnOnce(&OwnedFd) -> R) -> Option<R> {
+        let open = self.open.read().unwrap_or_else(PoisonError::into_inner);
+        (*open).then(|| op(&self.uffd))
+    }
+
+    fn wake(&self, first: u64, count: u64) {
+        let woken = self.ioctl(|fd| sys::wake(fd, self.addr(first), count * PAGE_SIZE));
+        if let Some(Err(e)) = woken {
+            tracing::debug!(page = first, count, "UFFDIO_WAKE failed: {e}");
         }
     }
 
-    fn install_fetched(&self, cache: &PageCache, pages: &[u64]) {
-        if self.failure.get().is_some() {
-            return;
-        }
-        for &page in pages {
-            self.install_from_cache(cache, page, false);
-        }
-        let woken: Vec<(u64, Instant)> = {
-            let mut faulted = self.faulted.lock().unwrap_or_else(|p| p.into_inner());
-            pages
-                .iter()
-                .filter_map(|p| faulted.remove(p).map(|at| (*p, at)))
-                .collect()
-        };
-        // Counted before waking, so that a woken guest sees its own stats.
-        self.stats
-            .fetched(pages.len() as u64, (pages.len() - woken.len()) as u64);
-        for &(page, at) in &woken {
-            self.stats.latency(at.elapsed(), true);
-            self.wake(page, 1);
-        }
-    }
-
-    /// Zero-fills the avoided, not yet installed pages of `page`'s window
-    /// without waking `page`'s fault.
-    fn zero_fill(&self, page: u64) -> u64 {
-        let start = page / ZERO_WINDOW * ZERO_WINDOW;
-        let end = (start + ZERO_WINDOW).min(self.pages);
-        let mut filled = 0;
-        let mut run: Option<(u64, u64)> = None;
-        let flush = |run: (u64, u64)| {
-            if let Err(e) = sys::zeropage(&self.uffd, self.addr(run.0), run.1 * PAGE_SIZE, false) {
-                tracing::debug!(page = run.0, "zero-fill failed: {e}");
-            }
-        };
-        for p in start..end {
-            let avoided = p == page || self.avoid.reason(p).is_some();
-            if avoided && !self.is_installed(p) && self.claim(p) {
-                filled += 1;
-                run = match run {
-                    Some((s, n)) if s + n == p => Some((s, n + 1)),
-                    Some(r) => {
-                        flush(r);
-                        Some((p, 1))
-                    }
-                    None => Some((p, 1)),
+    /// Fills pages `first..first + count` without waking; false (and the
+    /// clone failed) if the kernel refused, or the handler is closed.
+    fn fill(self: &Arc<Self>, family: &Family, fill: Fill, first: u64, count: u64) -> bool {
+        let filled = self.ioctl(|fd| {
+            // SAFETY: the range lies inside this clone's region (callers
+            // pass pages below `self.pages`), which `start`'s contract
+            // keeps mapped and ours until close; the read lock held here
+            // means close has not happened. A copy source is a run of
+            // present cache pages, readable while `family` lives, or (at
+            // most 64 pages) the process-wide zero source, never unmapped.
+            unsafe { sys::fill_range(fd, fill, self.addr(first), count * PAGE_SIZE, true) }
+        });
+        match filled {
+            None => false,
+            Some(Ok(_)) => true,
+            Some(Err(e)) => {
+                let op = match fill {
+                    Fill::Copy { .. } => "UFFDIO_COPY",
+                    Fill::Zero => "UFFDIO_ZEROPAGE",
                 };
-            } else if let Some(r) = run.take() {
-                flush(r);
+                let errno = e.raw_os_error().unwrap_or(0);
+                self.fail(
+                    family,
+                    FaultError::Install {
+                        op,
+                        page: first,
+                        errno,
+                    },
+                );
+                false
             }
         }
-        if let Some(r) = run {
-            flush(r);
-        }
-        filled
     }
 
-    fn handle_fault(self: &Arc<Self>, family: &Family, addr: u64, read_at: Instant) {
-        let Some(offset) = addr.checked_sub(self.base) else {
+    /// Serves one fault read from the userfaultfd.
+    fn handle_fault(self: &Arc<Self>, family: &Family, fault: PageFault, read_at: Instant) {
+        let Some(page) = self.page_of(fault.address) else {
+            tracing::warn!(
+                address = fault.address,
+                "fault outside the registered region ignored"
+            );
             return;
         };
-        let page = offset / PAGE_SIZE;
-        if page >= self.pages {
-            return;
-        }
         self.stats.fault();
-        if self.is_installed(page) {
-            self.wake(page, 1);
+        if self.failure.get().is_some() {
+            self.zero_after_failure(page);
             return;
         }
-        if let Some(reason) = self.avoid.reason(page) {
-            let filled = self.zero_fill(page);
-            self.stats.avoided(reason, filled);
+        if self.is_installed(page) {
+            // Installed (or being installed) since the fault was raised.
             self.stats.latency(read_at.elapsed(), false);
             self.wake(page, 1);
+            return;
+        }
+        if self.avoid.reason(page).is_some() {
+            self.zero_fill(family, fault, page, read_at);
             return;
         }
         let mut request = Vec::new();
@@ -360,45 +508,41 @@ impl CloneState {
             let mut state = family.lock();
             if family.cache.contains(page) {
                 drop(state);
-                self.stats.cache_hit();
-                self.stats.latency(read_at.elapsed(), false);
-                self.install_from_cache(&family.cache, page, true);
+                self.install_cached(family, page, read_at);
                 return;
             }
             if let Some(error) = family.failed.get() {
+                let error = error.clone();
                 drop(state);
-                self.fail(error.clone());
+                self.fail(family, error);
                 return;
             }
-            self.faulted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(page, read_at);
-            match state.requested.get_mut(&page) {
-                Some(pending) => {
-                    if !pending.waiters.iter().any(|w| Arc::ptr_eq(w, self)) {
-                        pending.waiters.push(self.clone());
+            let now = Instant::now();
+            if let Some(pending) = state.requested.get_mut(&page) {
+                match pending
+                    .waiters
+                    .iter_mut()
+                    .find(|w| Arc::ptr_eq(&w.clone, self))
+                {
+                    Some(waiter) => {
+                        waiter.fault.get_or_insert(read_at);
                     }
+                    None => pending.waiters.push(Waiter {
+                        clone: self.clone(),
+                        fault: Some(read_at),
+                    }),
                 }
-                None => {
-                    state.requested.insert(
-                        page,
-                        Pending {
-                            since: read_at,
-                            waiters: vec![self.clone()],
-                        },
-                    );
-                    request.push(page);
-                    // Prefetch only for a sequential pattern: this fault lies
-                    // just past the previous fetched fault's window.
-                    let window = u64::from(family.config.prefetch_pages);
-                    let previous = self.last_fetch.swap(page, Ordering::Relaxed);
-                    let sequential = page > previous && page - previous <= window + 1;
-                    let last = if sequential {
-                        (page + window).min(self.pages - 1)
-                    } else {
-                        page
-                    };
+            } else {
+                let waiter = Waiter {
+                    clone: self.clone(),
+                    fault: Some(read_at),
+                };
+                state.add_request(page, now, waiter);
+                request.push(page);
+                let window = u64::from(family.config.prefetch_pages);
+                let previous = self.last_fetch.swap(page, Ordering::Relaxed);
+                if page > previous && page - previous <= window + 1 {
+                    let last = page.saturating_add(window).min(self.pages - 1);
                     for next in page + 1..=last {
                         if self.avoid.reason(next).is_some()
                             || self.is_installed(next)
@@ -407,13 +551,11 @@ impl CloneState {
                         {
                             continue;
                         }
-                        state.requested.insert(
-                            next,
-                            Pending {
-                                since: read_at,
-                                waiters: vec![self.clone()],
-                            },
-                        );
+                        let waiter = Waiter {
+                            clone: self.clone(),
+                            fault: None,
+                        };
+                        state.add_request(next, now, waiter);
                         request.push(next);
                     }
                 }
@@ -424,32 +566,173 @@ impl CloneState {
         }
     }
 
-    /// Fails the clone once: reports it, then unregisters the range so no
-    /// fault of this clone waits any longer.
-    fn fail(&self, error: FaultError) {
+    /// A fault on a page of the host cache.
+    fn install_cached(self: &Arc<Self>, family: &Family, page: u64, read_at: Instant) {
+        if self.claim_page(page) {
+            let Some(src) = family.cache.page_ptr(page) else {
+                // Present pages stay present; reaching this is a bug, and
+                // failing the clone releases the claimed page's faults.
+                self.fail(
+                    family,
+                    FaultError::HandlerDied {
+                        reason: format!("cached page {page:#x} vanished"),
+                    },
+                );
+                return;
+            };
+            if !self.fill(family, Fill::Copy { src }, page, 1) {
+                return;
+            }
+        }
+        self.stats.cache_hit();
+        self.stats.latency(read_at.elapsed(), false);
+        self.wake(page, 1);
+    }
+
+    /// A fault on an avoided page: zero-fills the avoided pages of its
+    /// aligned 64-page window (one word of the bitmaps) that are not
+    /// installed, then wakes the fault. Pages the guest is about to write
+    /// (marked fresh, or the page of a write fault) get writable zero pages
+    /// (`UFFDIO_COPY` from a zero source); the others the shared zero page
+    /// (`UFFDIO_ZEROPAGE`), which costs no memory until written.
+    fn zero_fill(self: &Arc<Self>, family: &Family, fault: PageFault, page: u64, read_at: Instant) {
+        let word = (page / 64) as usize;
+        let bit = 1u64 << (page % 64);
+        let avoid = self.avoid.word(word);
+        let claimed = self.claim(word, avoid.any() | bit);
+        let writes = if fault.write { bit } else { 0 };
+        let zeros = sys::zero_source();
+        let copied = match zeros {
+            Some(_) => claimed & (avoid.marked_fresh | writes),
+            None => 0,
+        };
+        let fills = [
+            (copied, zeros.map(|src| Fill::Copy { src })),
+            (claimed & !copied, Some(Fill::Zero)),
+        ];
+        for (mask, fill) in fills {
+            let Some(fill) = fill else { continue };
+            let mut rest = mask;
+            while rest != 0 {
+                let start = rest.trailing_zeros();
+                let len = (rest >> start).trailing_ones();
+                let first = word as u64 * 64 + u64::from(start);
+                if !self.fill(family, fill, first, u64::from(len)) {
+                    return;
+                }
+                rest &= !(u64::MAX >> (64 - len) << start);
+            }
+        }
+        self.stats.avoided(&avoid.count(claimed));
+        self.stats.latency(read_at.elapsed(), false);
+        self.wake(page, 1);
+    }
+
+    /// After a failure the range is normally unregistered and faults no
+    /// longer come here; one that was queued before (or all of them, if
+    /// unregistering failed) gets a zero page.
+    fn zero_after_failure(&self, page: u64) {
+        self.claim_page(page);
+        let filled = self.ioctl(|fd| {
+            // SAFETY: as in `fill`: a page of this clone's region, still
+            // ours (read lock held, so not closed).
+            unsafe { sys::fill_range(fd, Fill::Zero, self.addr(page), PAGE_SIZE, true) }
+        });
+        if let Some(Err(e)) = filled {
+            tracing::debug!(page, "zero-filling after the failure failed: {e}");
+        }
+        self.wake(page, 1);
+    }
+
+    /// Pages this clone asked for arrived (in the cache now): installs the
+    /// ones not installed yet, then wakes its faults among them.
+    fn install_delivered(self: &Arc<Self>, family: &Family, mut list: Arrivals) {
+        if self.failure.get().is_some() {
+            return;
+        }
+        list.sort_unstable_by_key(|&(page, _)| page);
+        let mut installed = 0u64;
+        let mut prefetched = 0u64;
+        let mut claimed = Vec::with_capacity(list.len());
+        for &(page, fault) in &list {
+            if self.claim_page(page) {
+                claimed.push(page);
+                installed += 1;
+                prefetched += u64::from(fault.is_none());
+            }
+        }
+        let mut ok = true;
+        for_each_run(claimed, |first, count| {
+            if !ok {
+                return;
+            }
+            ok = match family.cache.run_ptr(first, count) {
+                Some(src) => self.fill(family, Fill::Copy { src }, first, count),
+                None => {
+                    self.fail(
+                        family,
+                        FaultError::HandlerDied {
+                            reason: format!("delivered pages {first:#x}+{count} not in the cache"),
+                        },
+                    );
+                    false
+                }
+            };
+        });
+        if !ok {
+            return;
+        }
+        self.stats.fetched(installed, prefetched);
+        let now = Instant::now();
+        for &(_, fault) in &list {
+            if let Some(at) = fault {
+                self.stats.latency(now.saturating_duration_since(at), true);
+            }
+        }
+        let faulted = list.iter().filter(|(_, f)| f.is_some()).map(|&(p, _)| p);
+        for_each_run(faulted, |first, count| self.wake(first, count));
+    }
+
+    /// Fails the clone once: reports it, forgets its waits, and releases
+    /// every fault of its region (see [`FaultError`]). Nothing happens
+    /// after the handler was closed.
+    fn fail(self: &Arc<Self>, family: &Family, error: FaultError) {
+        if !*self.open.read().unwrap_or_else(PoisonError::into_inner) {
+            return;
+        }
         if self.failure.set(error.clone()).is_err() {
             return;
         }
-        tracing::warn!("hollow clone memory failed: {error}");
+        tracing::warn!(
+            family = family.id,
+            base = self.base,
+            "hollow clone memory failed: {error}"
+        );
         (self.on_failure)(&error);
-        self.unregister();
-    }
-
-    fn unregister(&self) {
-        if self.registered.swap(false, Ordering::AcqRel)
-            && let Err(e) = sys::unregister(&self.uffd, self.base, self.pages * PAGE_SIZE)
-        {
-            tracing::debug!("unregistering hollow memory failed: {e}");
+        family.forget(self, false);
+        let unregistered = self.ioctl(|fd| {
+            if self.registered.load(Ordering::Acquire) {
+                sys::unregister(fd, self.base, self.pages * PAGE_SIZE)?;
+                self.registered.store(false, Ordering::Release);
+            }
+            Ok::<(), std::io::Error>(())
+        });
+        if let Some(Err(e)) = unregistered {
+            tracing::error!(
+                "unregistering failed hollow memory failed ({e}); waking its faults to zero-fill them"
+            );
+            self.wake(0, self.pages);
         }
     }
 }
 
-/// Serves the missing-page faults of one hollow clone on a thread of its own.
+/// Serves the missing-page faults of one hollow clone on a thread of its
+/// own (see the crate docs for the threading model).
 pub struct FaultHandler {
     clone: Arc<CloneState>,
     family: Arc<Family>,
     stop: OwnedFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for FaultHandler {
@@ -457,6 +740,8 @@ impl std::fmt::Debug for FaultHandler {
         f.debug_struct("FaultHandler")
             .field("family", &self.family)
             .field("base", &format_args!("{:#x}", self.clone.base))
+            .field("pages", &self.clone.pages)
+            .field("failure", &self.clone.failure.get())
             .finish_non_exhaustive()
     }
 }
@@ -464,14 +749,18 @@ impl std::fmt::Debug for FaultHandler {
 impl FaultHandler {
     /// Registers `[region_addr, region_addr + region_len)` with a new
     /// userfaultfd and starts serving its faults from `family`, zero-filling
-    /// the pages `avoid` names. `on_failure` is called once if the clone's
-    /// memory can no longer be served (then the range is unregistered).
+    /// the pages `avoid` names. `on_failure` is called once, from whichever
+    /// thread notices, if the clone's memory can no longer be served; it
+    /// must be quick and must not close or drop this handler.
     ///
     /// # Safety
-    /// The region must be a private anonymous mapping of this process that
-    /// nothing has touched yet. The handler writes to it only through
-    /// userfaultfd ioctls, which the kernel checks, so the region may be
-    /// unmapped before the handler drops (its ioctls then fail harmlessly).
+    /// The region must be a private anonymous mapping of this process
+    /// (`MAP_PRIVATE | MAP_ANONYMOUS`) that nothing has touched yet, and it
+    /// must stay mapped at this address until [`FaultHandler::close`]
+    /// returned or the handler was dropped: until then the handler writes
+    /// into the range through userfaultfd ioctls, and the kernel applies
+    /// those to whatever mapping is registered there at the time, even a
+    /// different one (another clone's memory mapped at the same address).
     pub unsafe fn start(
         family: Arc<Family>,
         region_addr: *mut u8,
@@ -481,7 +770,7 @@ impl FaultHandler {
     ) -> Result<Self, StartError> {
         let base = region_addr as u64;
         let family_len = family.cache.page_count() * PAGE_SIZE;
-        if !base.is_multiple_of(PAGE_SIZE) || region_len != family_len {
+        if base == 0 || !base.is_multiple_of(PAGE_SIZE) || region_len != family_len {
             return Err(StartError::BadRegion {
                 addr: base,
                 len: region_len,
@@ -495,57 +784,70 @@ impl FaultHandler {
                 region: pages,
             });
         }
-        let uffd = sys::open_userfaultfd().map_err(StartError::Userfaultfd)?;
-        sys::register(&uffd, base, region_len).map_err(StartError::Register)?;
+        let uffd = sys::open_userfaultfd().map_err(StartError::Open)?;
+        let offered = sys::api_handshake(&uffd).map_err(StartError::Api)?;
+        check_ioctls("handshake", offered, sys::NEEDED_API_IOCTLS)?;
+        let stop = sys::eventfd().map_err(StartError::EventFd)?;
+        let stop_for_thread = stop.try_clone().map_err(StartError::EventFd)?;
+        let ring = ring::FaultRing::new().map_err(StartError::Ring)?;
+        let offered =
+            sys::register(&uffd, base, region_len).map_err(|source| StartError::Register {
+                addr: base,
+                len: region_len,
+                source,
+            })?;
         let clone = Arc::new(CloneState {
             uffd,
             base,
             pages,
             installed: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             avoid,
-            faulted: Mutex::new(HashMap::new()),
             stats: LiveStats::new(),
             failure: OnceLock::new(),
             on_failure,
+            open: RwLock::new(true),
             registered: AtomicBool::new(true),
             last_fetch: AtomicU64::new(u64::MAX),
         });
-        family.lock().clones.push(Arc::downgrade(&clone));
-        if let Some(error) = family.failed.get() {
-            clone.fail(error.clone());
-        }
-        let stop = sys::eventfd().map_err(StartError::EventFd)?;
-        let stop_for_thread = stop.try_clone().map_err(StartError::EventFd)?;
-        let (c, f) = (clone.clone(), family.clone());
-        let thread = std::thread::Builder::new()
-            .name("sf-faults".into())
-            .spawn(move || {
-                let guard = DeathGuard(c.clone());
-                let result = fault_loop(&c, &f, &stop_for_thread);
-                if let Err(e) = result {
-                    c.fail(FaultError::HandlerDied(e.to_string()));
-                }
-                std::mem::forget(guard);
-            })
-            .map_err(StartError::Thread)?;
-        Ok(Self {
-            clone,
-            family,
+        let handler = Self {
+            clone: clone.clone(),
+            family: family.clone(),
             stop,
-            thread: Some(thread),
-        })
+            thread: Mutex::new(None),
+        };
+        // From here on, dropping `handler` undoes the registration.
+        check_ioctls("range", offered, sys::NEEDED_RANGE_IOCTLS)?;
+        {
+            let mut state = family.lock();
+            if let Some(error) = family.failed.get() {
+                return Err(StartError::FamilyFailed(error.clone()));
+            }
+            state.clones.push(Arc::downgrade(&clone));
+        }
+        let thread = std::thread::Builder::new()
+            .name(format!("sf-faults-{:x}", family.id))
+            .spawn(move || fault_thread(ring, &clone, &family, &stop_for_thread))
+            .map_err(StartError::Thread)?;
+        *handler
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(thread);
+        Ok(handler)
     }
 
-    /// Pages the guest allocator handed out fresh: zero-filled, not fetched.
+    /// Pages the guest allocator handed out fresh since the clone point:
+    /// zero-filled when first touched, never fetched.
     pub fn mark_fresh(&self, runs: &[(u64, u64)]) {
         self.clone.avoid.mark_fresh(runs);
     }
 
+    /// Counters so far; cheap enough to call while faults are served.
     pub fn stats(&self) -> CloneStats {
         self.clone.stats.snapshot()
     }
 
-    /// Why this clone's memory could not be served, once it could not.
+    /// Why this clone's memory could not be served, once it could not:
+    /// then the VM has run on zero-filled pages and must be discarded.
     pub fn failure(&self) -> Option<FaultError> {
         self.clone.failure.get().cloned()
     }
@@ -553,101 +855,112 @@ impl FaultHandler {
     pub fn family(&self) -> &Arc<Family> {
         &self.family
     }
+
+    /// Stops serving faults: unregisters the region (its missing pages
+    /// then read as zeros, any waiting fault is woken), stops the fault
+    /// thread (waiting at most 2 s for it) and leaves the family. After
+    /// this returns, the handler never touches the region again, so it may
+    /// be unmapped. Stats stay readable. Idempotent; `Drop` calls it.
+    pub fn close(&self) {
+        {
+            let mut open = self
+                .clone
+                .open
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !*open {
+                return;
+            }
+            if self.clone.registered.swap(false, Ordering::AcqRel)
+                && let Err(e) = sys::unregister(
+                    &self.clone.uffd,
+                    self.clone.base,
+                    self.clone.pages * PAGE_SIZE,
+                )
+            {
+                tracing::warn!("unregistering hollow memory failed: {e}");
+            }
+            *open = false;
+        }
+        if let Err(e) = sys::signal(&self.stop) {
+            tracing::warn!("signalling the fault thread to stop failed: {e}");
+        }
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if thread.is_finished() {
+                // A panic was reported through the death guard already.
+                let _ = thread.join();
+            } else {
+                tracing::warn!(
+                    timeout = ?STOP_TIMEOUT,
+                    "fault thread did not stop in time; left to end on its own"
+                );
+            }
+        }
+        self.family.forget(&self.clone, true);
+    }
 }
 
 impl Drop for FaultHandler {
     fn drop(&mut self) {
-        sys::signal(&self.stop);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        self.clone.unregister();
-        let mut state = self.family.lock();
-        state.clones.retain(|c| {
-            c.strong_count() > 0 && !std::ptr::eq(c.as_ptr(), Arc::as_ptr(&self.clone))
-        });
-        for pending in state.requested.values_mut() {
-            pending.waiters.retain(|w| !Arc::ptr_eq(w, &self.clone));
-        }
+        self.close();
+    }
+}
+
+fn check_ioctls(what: &'static str, offered: u64, needed: u64) -> Result<(), StartError> {
+    if offered & needed == needed {
+        Ok(())
+    } else {
+        Err(StartError::MissingIoctls {
+            what,
+            offered,
+            needed,
+        })
     }
 }
 
 /// Fails the clone if the fault thread unwinds.
-struct DeathGuard(Arc<CloneState>);
+struct DeathGuard<'a> {
+    clone: &'a Arc<CloneState>,
+    family: &'a Family,
+}
 
-impl Drop for DeathGuard {
+impl Drop for DeathGuard<'_> {
     fn drop(&mut self) {
-        self.0
-            .fail(FaultError::HandlerDied("the fault thread panicked".into()));
+        self.clone.fail(
+            self.family,
+            FaultError::HandlerDied {
+                reason: "the fault thread panicked".into(),
+            },
+        );
     }
 }
 
-const READ_FAULTS: u64 = 1;
-const READ_STOP: u64 = 2;
-const TICK: u64 = 3;
-
-fn fault_loop(clone: &Arc<CloneState>, family: &Family, stop: &OwnedFd) -> std::io::Result<()> {
-    let mut ring = IoUring::new(8)?;
-    let mut msgs = [sys::UffdMsg::default(); MSGS_PER_READ];
-    let mut stop_buf = [0u8; 8];
-    let tick = types::Timespec::from(DEADLINE_TICK);
-    let read_faults = |msgs: &mut [sys::UffdMsg; MSGS_PER_READ]| {
-        opcode::Read::new(
-            types::Fd(clone.uffd.as_raw_fd()),
-            msgs.as_mut_ptr().cast(),
-            (MSGS_PER_READ * sys::MSG_SIZE) as u32,
-        )
-        .build()
-        .user_data(READ_FAULTS)
-    };
-    let entries = [
-        read_faults(&mut msgs),
-        opcode::Read::new(types::Fd(stop.as_raw_fd()), stop_buf.as_mut_ptr(), 8)
-            .build()
-            .user_data(READ_STOP),
-        opcode::Timeout::new(&tick).build().user_data(TICK),
-    ];
-    for entry in &entries {
-        // SAFETY: every buffer and the timespec named by these entries live
-        // on this stack frame until the loop returns, and each is reused
-        // only after its completion was reaped.
-        unsafe { ring.submission().push(entry) }.map_err(std::io::Error::other)?;
-    }
-    loop {
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(e),
+fn fault_thread(ring: ring::FaultRing, clone: &Arc<CloneState>, family: &Family, stop: &OwnedFd) {
+    let guard = DeathGuard { clone, family };
+    let result = ring.run(&clone.uffd, stop, |event| match event {
+        ring::Event::Faults { faults, read_at } => {
+            for &fault in faults {
+                clone.handle_fault(family, fault, read_at);
+            }
         }
-        let done: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (what, result) in done {
-            let next = match what {
-                READ_STOP => return Ok(()),
-                READ_FAULTS => {
-                    if result > 0 {
-                        let read_at = Instant::now();
-                        let count = result as usize / sys::MSG_SIZE;
-                        for msg in &msgs[..count] {
-                            if msg.event == sys::EVENT_PAGEFAULT {
-                                clone.handle_fault(family, msg.address, read_at);
-                            }
-                        }
-                    } else if result != -libc::EAGAIN && result != -libc::EINTR {
-                        return Err(std::io::Error::from_raw_os_error(-result));
-                    }
-                    read_faults(&mut msgs)
-                }
-                _ => {
-                    family.check_deadlines();
-                    opcode::Timeout::new(&tick).build().user_data(TICK)
-                }
-            };
-            // SAFETY: as above; the entry's buffer is free again because its
-            // previous operation completed just now.
-            unsafe { ring.submission().push(&next) }.map_err(std::io::Error::other)?;
-        }
+        ring::Event::Tick => family.check_deadlines(Instant::now()),
+    });
+    std::mem::forget(guard);
+    if let Err(e) = result {
+        clone.fail(
+            family,
+            FaultError::HandlerDied {
+                reason: format!("reading faults failed: {e}"),
+            },
+        );
     }
 }

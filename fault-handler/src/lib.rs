@@ -1,42 +1,110 @@
-//! Memory on demand for hollow clones: a clone on another host than its
-//! parent starts with empty memory registered with userfaultfd; this crate
-//! serves its page faults.
+//! Memory on demand for hollow clones. A clone started on another host than
+//! its parent gets empty memory (a private anonymous mapping) registered
+//! with userfaultfd; this crate serves its page faults: zero-filling pages
+//! whose contents do not matter, copying pages this host already has, and
+//! fetching the rest from the parent's memory server.
 //!
-//! - Each clone has a fault thread running an io_uring loop: `Read`s of the
-//!   non-blocking userfaultfd (messages parsed here, see `sys`), a stop
-//!   eventfd, and a periodic `Timeout` that checks request deadlines.
-//! - A fault on a page the avoidance map names ([`AvoidMap`]: zero at the
-//!   clone point, free in the guest heap, or handed out fresh since) is
-//!   zero-filled locally (`UFFDIO_ZEROPAGE`, a window of pages at once) and
-//!   never fetched.
-//! - Otherwise the page comes from the host page cache of its clone point
-//!   ([`PageCache`], one memfd per [`Family`] and host, each page stored
-//!   once for all clones here) with `UFFDIO_COPY`, or is requested from the
-//!   parent's memory server through a [`PageSource`] together with a few
-//!   following data pages (prefetch). The transport's receiver thread hands
-//!   arrivals to [`Family::deliver_batch`], which copies each page into every
-//!   clone that asked for it with `DONTWAKE` and then wakes each clone's
-//!   faulting pages once.
-//! - Failure: when the source fails ([`Family::fail`]), a request outlives
-//!   the fetch timeout, or a fault thread dies, every affected clone gets
-//!   its `on_failure` callback once and its range is unregistered, which
-//!   wakes every waiting fault; from then on its faults fill with zeros, so
-//!   nothing waits forever, and [`FaultHandler::failure`] tells the VMM to
-//!   discard the VM.
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use snowflock_fault_handler::{
+//!     AvoidMap, Family, FaultError, FaultHandler, FetchConfig, PAGE_SIZE, PageSource,
+//! };
 //!
-//! The cache's presence bits are set with `Release` after a page's bytes
-//! are written and tested with `Acquire` before they are read; a clone's
-//! installed bits are claimed with `fetch_or` so exactly one thread copies
-//! each page into it.
+//! /// Asks the memory server for pages; its receiver thread later calls
+//! /// `Family::deliver_batch` (or `Family::fail` when the connection dies).
+//! struct Server;
+//! impl PageSource for Server {
+//!     fn request(&self, _family: u64, _pages: &[u64]) { /* send a request */ }
+//! }
+//!
+//! let mem_size = 64 << 20;
+//! let config = FetchConfig { fetch_timeout: Duration::from_secs(5), prefetch_pages: 8 };
+//! let family = Family::new(0x42, mem_size, Arc::new(Server), config)?;
+//! // The clone's memory: private, anonymous, untouched.
+//! // SAFETY: a new mapping at an address the kernel picks.
+//! let memory = unsafe {
+//!     libc::mmap(std::ptr::null_mut(), mem_size as usize, libc::PROT_READ | libc::PROT_WRITE,
+//!                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
+//! };
+//! // Pages 0..1000 hold data at the clone point; 500..600 were free heap.
+//! let avoid = AvoidMap::new(mem_size / PAGE_SIZE, &[(0, 1000)], &[(500, 100)])?;
+//! let on_failure = Arc::new(|e: &FaultError| eprintln!("clone failed: {e}"));
+//! // SAFETY: `memory` is a fresh private anonymous mapping that stays mapped
+//! // until the handler is closed below.
+//! let handler = unsafe {
+//!     FaultHandler::start(family, memory.cast(), mem_size, avoid, on_failure)?
+//! };
+//! // ... run the VM on `memory`; forward the guest's fresh-page reports:
+//! handler.mark_fresh(&[(2000, 16)]);
+//! println!("{:?}", handler.stats());
+//! handler.close(); // before unmapping `memory`
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Threading model
+//!
+//! - One [`Family`] per clone point and host (shared through `Arc`): the
+//!   [`PageCache`] (one memfd; each fetched page stored once for every
+//!   clone of the family here), the [`PageSource`], and the table of
+//!   outstanding requests (page → waiting clones, request time).
+//! - One thread per clone ([`FaultHandler`]), running an io_uring loop:
+//!   `Read`s of the clone's non-blocking userfaultfd (messages parsed here),
+//!   a `Read` of a stop eventfd, and a 50 ms `Timeout` that checks request
+//!   deadlines. A fault on a page
+//!   - already installed in this clone is woken;
+//!   - named by the [`AvoidMap`] (zero at the clone point, free in the
+//!     guest heap then, or handed out fresh since) is zero-filled together
+//!     with the other avoided, missing pages of its aligned 64-page window,
+//!     and never fetched: pages the guest is about to write (marked fresh,
+//!     or the page of a write fault) get writable zeroed pages
+//!     (`UFFDIO_COPY` from a zero mapping), the rest the shared zero page
+//!     (`UFFDIO_ZEROPAGE`), which costs no memory until written;
+//!   - in the host cache is copied from it (`UFFDIO_COPY`);
+//!   - otherwise is requested from the source, with up to
+//!     [`FetchConfig::prefetch_pages`] following data pages when the
+//!     clone's faults look sequential.
+//! - The transport's receiver thread calls [`Family::deliver_batch`]: pages
+//!   go into the cache, then into every clone that asked for them
+//!   (`UFFDIO_COPY` with `DONTWAKE`, contiguous pages in one call), then
+//!   each clone's faulting pages get one `UFFDIO_WAKE` per contiguous run.
+//! - A per-clone installed bitmap, claimed with `fetch_or`, makes exactly
+//!   one thread install each page of a clone.
+//!
+//! # Memory ordering of the page cache
+//!
+//! A page is claimed (`fetch_or`, `AcqRel`) by one inserter, which writes
+//! its bytes and then sets its present bit with `Release`; readers test the
+//! present bit with `Acquire` before using the bytes as a copy source.
+//! Present pages are never written again. A fault checks the cache and
+//! registers as a waiter under the family's lock, and a delivery takes the
+//! waiters of stored pages under the same lock after storing them, so no
+//! page can arrive unseen between the check and the registration.
+//!
+//! # Failure
+//!
+//! A clone fails when its family fails ([`Family::fail`]: the transport is
+//! gone; a request older than [`FetchConfig::fetch_timeout`]; a malformed
+//! page), when installing a page fails, or when its fault thread dies (a
+//! drop guard catches panics). Then, once per clone, `on_failure` runs
+//! (the caller kicks the vCPU out of `KVM_RUN`), [`FaultHandler::failure`]
+//! is set, and the region is unregistered, which wakes every waiting fault:
+//! from then on every missing page of the clone reads as zeros, so no
+//! thread (a vCPU stuck in a fault inside the kernel included) waits
+//! forever. The VM has then run on wrong memory and must be discarded.
+//!
+//! Every wait is bounded: requests by the fetch timeout, closing by a 2 s
+//! limit on the fault thread, the ring's shutdown by a 1 s drain.
 
 mod avoid;
 mod cache;
 mod handler;
+mod ring;
 mod stats;
 mod sys;
 
 pub use avoid::{AvoidError, AvoidMap, AvoidReason};
-pub use cache::{CacheError, PageCache};
+pub use cache::{CacheError, InsertError, PageCache};
 pub use handler::{Family, FaultError, FaultHandler, FetchConfig, PageSource, StartError};
 pub use stats::{AvoidedPages, CloneStats, FamilyStats, LatencySummary};
 

@@ -7,8 +7,6 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::avoid::AvoidReason;
-
 /// Pages zero-filled instead of fetched, by reason.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AvoidedPages {
@@ -20,6 +18,14 @@ pub struct AvoidedPages {
 impl AvoidedPages {
     pub fn total(&self) -> u64 {
         self.zero + self.free_heap + self.fresh
+    }
+}
+
+impl std::ops::AddAssign for AvoidedPages {
+    fn add_assign(&mut self, other: Self) {
+        self.zero += other.zero;
+        self.free_heap += other.free_heap;
+        self.fresh += other.fresh;
     }
 }
 
@@ -37,22 +43,31 @@ pub struct LatencySummary {
 }
 
 /// Fault counters of one hollow clone.
+///
+/// Every fault event read is counted in `faults` and resolved exactly one
+/// way: from the host cache (`cache_hits`), over the network (one of the
+/// `pages_fetched - prefetched` pages), by zero-filling (its page is one
+/// of `avoided`, which also counts the window pages filled with it), or,
+/// for a fault on a page installed meanwhile, by a plain wake.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CloneStats {
-    /// Missing-page faults the handler served.
+    /// Missing-page fault events read.
     pub faults: u64,
-    /// Pages installed that came over the network at this clone's request
-    /// (faulted and prefetched).
+    /// Pages installed that came over the network while this clone waited
+    /// for them (its own faults and prefetches, or another clone's request
+    /// it joined).
     pub pages_fetched: u64,
     pub bytes_fetched: u64,
-    /// Of those, pages installed ahead of a fault (prefetch).
+    /// Of those, pages installed with no fault waiting (prefetch).
     pub prefetched: u64,
-    /// Faults served from the host page cache (fetched for another clone).
+    /// Faults served from the host page cache (fetched earlier, for any
+    /// clone of the family).
     pub cache_hits: u64,
+    /// Pages zero-filled instead of fetched, by reason.
     pub avoided: AvoidedPages,
-    /// Every fault, from reading its event to waking the faulting thread.
+    /// Every fault, from reading its event to issuing its wake.
     pub latency: LatencySummary,
-    /// Only faults that waited for the network.
+    /// Only the faults that waited for the network.
     pub fetch_latency: LatencySummary,
 }
 
@@ -60,8 +75,10 @@ pub struct CloneStats {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FamilyStats {
     pub family: u64,
-    /// Pages received from the memory server.
+    /// Pages received from the memory server and stored (duplicates not
+    /// counted).
     pub pages_received: u64,
+    pub bytes_received: u64,
     /// Pages held in the host page cache.
     pub resident_pages: u64,
     /// Pages requested and not yet delivered.
@@ -93,7 +110,10 @@ fn summary(h: &Histogram<u64>) -> LatencySummary {
     }
 }
 
-/// Live counters, cheap to update from the fault and delivery paths.
+/// Live counters, cheap to update from the fault and delivery paths
+/// (relaxed atomics; the histograms behind one mutex, held for a record or
+/// a snapshot only). A snapshot may see a fault counted whose latency is
+/// not recorded yet.
 #[derive(Debug)]
 pub(crate) struct LiveStats {
     faults: AtomicU64,
@@ -133,13 +153,10 @@ impl LiveStats {
         self.prefetched.fetch_add(prefetched, Ordering::Relaxed);
     }
 
-    pub(crate) fn avoided(&self, reason: AvoidReason, pages: u64) {
-        let counter = match reason {
-            AvoidReason::Zero => &self.zero,
-            AvoidReason::FreeHeap => &self.free_heap,
-            AvoidReason::Fresh => &self.fresh,
-        };
-        counter.fetch_add(pages, Ordering::Relaxed);
+    pub(crate) fn avoided(&self, pages: &AvoidedPages) {
+        self.zero.fetch_add(pages.zero, Ordering::Relaxed);
+        self.free_heap.fetch_add(pages.free_heap, Ordering::Relaxed);
+        self.fresh.fetch_add(pages.fresh, Ordering::Relaxed);
     }
 
     /// Records a served fault; `fetched` when it waited for the network.

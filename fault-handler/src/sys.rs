@@ -1,17 +1,36 @@
-//! The userfaultfd kernel ABI (`linux/userfaultfd.h`), written out by hand:
-//! the handful of structures and ioctls this crate uses, checked against the
-//! kernel's sizes at compile time. Every raw system call of the crate is here.
+//! The raw system calls of the crate: the userfaultfd ABI
+//! (`linux/userfaultfd.h`) written out by hand, checked against the kernel's
+//! sizes, offsets and ioctl numbers at compile time, and the few memfd,
+//! mmap and eventfd calls of the page cache and the fault loop.
+//!
+//! Everything above this module works with page ranges and `io::Result`s;
+//! no other module calls `libc` directly.
 
+use std::mem::offset_of;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+use crate::PAGE_SIZE;
 
 const UFFD_API: u64 = 0xaa;
+/// The ioctl type byte of userfaultfd (`UFFDIO`) and of `/dev/userfaultfd`.
 const UFFDIO: u64 = 0xaa;
+
+const IOC_NONE: u64 = 0;
 const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
 
+/// `_IOC(dir, type, nr, size)` of `asm-generic/ioctl.h`.
 const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr
 }
+
+const UFFDIO_REGISTER_NR: u64 = 0x00;
+const UFFDIO_UNREGISTER_NR: u64 = 0x01;
+const UFFDIO_WAKE_NR: u64 = 0x02;
+const UFFDIO_COPY_NR: u64 = 0x03;
+const UFFDIO_ZEROPAGE_NR: u64 = 0x04;
+const UFFDIO_API_NR: u64 = 0x3f;
 
 /// `struct uffdio_api`.
 #[repr(C)]
@@ -47,6 +66,7 @@ struct UffdioCopy {
     src: u64,
     len: u64,
     mode: u64,
+    /// Bytes copied, or a negated errno.
     copy: i64,
 }
 const _: () = assert!(size_of::<UffdioCopy>() == 40);
@@ -56,42 +76,84 @@ const _: () = assert!(size_of::<UffdioCopy>() == 40);
 struct UffdioZeropage {
     range: UffdioRange,
     mode: u64,
+    /// Bytes zero-filled, or a negated errno.
     zeropage: i64,
 }
 const _: () = assert!(size_of::<UffdioZeropage>() == 32);
 
-/// `struct uffd_msg`, page-fault view of its union.
+/// `struct uffd_msg` with the page-fault member of its union (the kernel
+/// declares it packed; this layout has no padding, so it is the same).
+/// Never read from memory directly: [`parse_msg`] decodes it from bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub struct UffdMsg {
-    pub event: u8,
+struct UffdMsg {
+    event: u8,
     reserved1: u8,
     reserved2: u16,
     reserved3: u32,
-    pub flags: u64,
-    pub address: u64,
+    /// `arg.pagefault.flags`.
+    flags: u64,
+    /// `arg.pagefault.address`.
+    address: u64,
+    /// `arg.pagefault.feat.ptid`.
     ptid: u32,
     pad: u32,
 }
+
+/// Size of one message read from a userfaultfd.
 pub const MSG_SIZE: usize = size_of::<UffdMsg>();
 const _: () = assert!(MSG_SIZE == 32);
+const _: () = assert!(offset_of!(UffdMsg, event) == 0);
+const _: () = assert!(offset_of!(UffdMsg, flags) == 8);
+const _: () = assert!(offset_of!(UffdMsg, address) == 16);
+const _: () = assert!(offset_of!(UffdMsg, ptid) == 24);
 
-pub const EVENT_PAGEFAULT: u8 = 0x12;
-const REGISTER_MODE_MISSING: u64 = 1;
-const MODE_DONTWAKE: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// `UFFDIO_COPY_MODE_DONTWAKE` and `UFFDIO_ZEROPAGE_MODE_DONTWAKE`.
+const MODE_DONTWAKE: u64 = 1 << 0;
 
-const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, 0x3f, size_of::<UffdioApi>());
-const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, 0x00, size_of::<UffdioRegister>());
-const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, 0x01, size_of::<UffdioRange>());
-const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
-const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, 0x03, size_of::<UffdioCopy>());
-const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, 0x04, size_of::<UffdioZeropage>());
+const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO_API_NR, size_of::<UffdioApi>());
+const UFFDIO_REGISTER: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO_REGISTER_NR,
+    size_of::<UffdioRegister>(),
+);
+const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO_UNREGISTER_NR, size_of::<UffdioRange>());
+const UFFDIO_WAKE: u64 = ioc(IOC_READ, UFFDIO_WAKE_NR, size_of::<UffdioRange>());
+const UFFDIO_COPY: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO_COPY_NR,
+    size_of::<UffdioCopy>(),
+);
+const UFFDIO_ZEROPAGE: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO_ZEROPAGE_NR,
+    size_of::<UffdioZeropage>(),
+);
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`: `_IO(0xaa, 0)`.
-const USERFAULTFD_IOC_NEW: u64 = UFFDIO << 8;
+const USERFAULTFD_IOC_NEW: u64 = ioc(IOC_NONE, 0x00, 0);
 const _: () = assert!(UFFDIO_API == 0xc018_aa3f);
 const _: () = assert!(UFFDIO_REGISTER == 0xc020_aa00);
-const _: () = assert!(UFFDIO_COPY == 0xc028_aa03);
+const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
 const _: () = assert!(UFFDIO_WAKE == 0x8010_aa02);
+const _: () = assert!(UFFDIO_COPY == 0xc028_aa03);
+const _: () = assert!(UFFDIO_ZEROPAGE == 0xc020_aa04);
+const _: () = assert!(USERFAULTFD_IOC_NEW == 0xaa00);
+
+/// The range ioctls the fault handler needs on a registered range
+/// (`uffdio_register.ioctls` bits).
+pub const NEEDED_RANGE_IOCTLS: u64 =
+    (1 << UFFDIO_WAKE_NR) | (1 << UFFDIO_COPY_NR) | (1 << UFFDIO_ZEROPAGE_NR);
+/// The ioctls the handshake must offer (`uffdio_api.ioctls` bits).
+pub const NEEDED_API_IOCTLS: u64 =
+    (1 << UFFDIO_REGISTER_NR) | (1 << UFFDIO_UNREGISTER_NR) | (1 << UFFDIO_API_NR);
+
+/// How often a fill retries while the kernel reports the address space in
+/// flux (`EAGAIN` with no progress). Only non-cooperative events, which
+/// this crate does not enable, cause that; the bound keeps a kernel
+/// surprise from becoming a busy loop.
+const MAX_NO_PROGRESS_RETRIES: u32 = 64;
 
 fn check(rc: libc::c_int) -> std::io::Result<libc::c_int> {
     if rc < 0 {
@@ -101,23 +163,49 @@ fn check(rc: libc::c_int) -> std::io::Result<libc::c_int> {
     }
 }
 
+/// A page fault read from a userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageFault {
+    /// Faulting address (page aligned: the crate does not ask for
+    /// `UFFD_FEATURE_EXACT_ADDRESS`).
+    pub address: u64,
+    /// The access was a write.
+    pub write: bool,
+}
+
+/// Decodes one message; `None` for events other than page faults (none
+/// are enabled, so none should come).
+pub fn parse_msg(raw: &[u8; MSG_SIZE]) -> Option<PageFault> {
+    let u64_at = |offset: usize| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&raw[offset..offset + 8]);
+        u64::from_ne_bytes(word)
+    };
+    (raw[offset_of!(UffdMsg, event)] == UFFD_EVENT_PAGEFAULT).then(|| PageFault {
+        address: u64_at(offset_of!(UffdMsg, address)),
+        write: u64_at(offset_of!(UffdMsg, flags)) & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+    })
+}
+
 /// A new userfaultfd (non-blocking, close-on-exec) that also reports faults
-/// raised from kernel context, as KVM raises them: created through
-/// `/dev/userfaultfd` (no `UFFD_USER_MODE_ONLY`), or the system call when the
-/// device is missing. API handshake done.
+/// raised from kernel context, as KVM raises them: made through
+/// `/dev/userfaultfd` (without `UFFD_USER_MODE_ONLY`), or with the system
+/// call when the device cannot be used. The handshake is not done yet.
 pub fn open_userfaultfd() -> std::io::Result<OwnedFd> {
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-    let fd = match std::fs::OpenOptions::new()
+    let device = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/userfaultfd")
-    {
-        Ok(dev) => {
-            // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and
-            // returns a new descriptor or -1; `dev` is a valid open fd.
-            check(unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) })?
-        }
-        Err(_) => {
+        .open("/dev/userfaultfd");
+    let from_device = device.and_then(|dev| {
+        // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a
+        // new descriptor or -1; `dev` is an open fd for the call's duration.
+        check(unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) })
+    });
+    let fd = match from_device {
+        Ok(fd) => fd,
+        Err(device_error) => {
+            tracing::debug!(%device_error, "/dev/userfaultfd unusable, using the system call");
             // SAFETY: the userfaultfd system call takes its flags by value
             // and returns a new descriptor or -1.
             let rc = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
@@ -125,112 +213,202 @@ pub fn open_userfaultfd() -> std::io::Result<OwnedFd> {
         }
     };
     // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The `UFFDIO_API` handshake with no optional features; returns the
+/// ioctls the kernel offers (`uffdio_api.ioctls`).
+pub fn api_handshake(uffd: &OwnedFd) -> std::io::Result<u64> {
     let mut api = UffdioApi {
         api: UFFD_API,
         features: 0,
         ioctls: 0,
     };
-    // SAFETY: UFFDIO_API reads and writes one `uffdio_api`, which `api` is.
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) })?;
-    Ok(fd)
+    // SAFETY: UFFDIO_API reads and writes one `uffdio_api`, which `api` is,
+    // live for the call.
+    check(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, &raw mut api) })?;
+    Ok(api.ioctls)
 }
 
-/// Registers `[start, start+len)` for missing-page faults.
-pub fn register(fd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
+/// Registers `[start, start + len)` for missing-page faults; returns the
+/// ioctls the kernel allows on the range (`uffdio_register.ioctls`).
+pub fn register(uffd: &OwnedFd, start: u64, len: u64) -> std::io::Result<u64> {
     let mut reg = UffdioRegister {
         range: UffdioRange { start, len },
-        mode: REGISTER_MODE_MISSING,
+        mode: UFFDIO_REGISTER_MODE_MISSING,
         ioctls: 0,
     };
-    // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`; the
-    // kernel checks that the range is mapped and of a supported kind.
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) })?;
-    Ok(())
+    // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`, live
+    // for the call; the kernel checks that the range is mapped memory of a
+    // kind it supports. Registering changes no memory contents.
+    check(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, &raw mut reg) })?;
+    Ok(reg.ioctls)
 }
 
-/// Unregisters a range; wakes every fault waiting in it.
-pub fn unregister(fd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
+/// Unregisters a range, which wakes every fault waiting in it. The kernel
+/// unregisters whatever userfaultfd the range's mappings belong to, so the
+/// caller must know the range is still its own.
+pub fn unregister(uffd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
     let range = UffdioRange { start, len };
-    // SAFETY: UFFDIO_UNREGISTER reads one `uffdio_range`.
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &range) })?;
+    // SAFETY: UFFDIO_UNREGISTER reads one `uffdio_range`, live for the call.
+    check(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_UNREGISTER as _, &raw const range) })?;
     Ok(())
 }
 
-/// Wakes the faults waiting in a range.
-pub fn wake(fd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
+/// Wakes the faults of this userfaultfd waiting in a range.
+pub fn wake(uffd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
     let range = UffdioRange { start, len };
-    // SAFETY: UFFDIO_WAKE reads one `uffdio_range`.
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_WAKE as _, &range) })?;
+    // SAFETY: UFFDIO_WAKE reads one `uffdio_range`, live for the call; it
+    // only wakes threads waiting on this userfaultfd.
+    check(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_WAKE as _, &raw const range) })?;
     Ok(())
 }
 
-/// Outcome of an install.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Installed {
-    Done,
-    /// The page was already there.
-    Exists,
+/// What a fill puts into the missing pages of a range.
+#[derive(Debug, Clone, Copy)]
+pub enum Fill {
+    /// Bytes copied from `src`, which maps onto the range byte for byte.
+    Copy { src: *const u8 },
+    /// The shared zero page, mapped read-only (a write later gets a private
+    /// page from the kernel without a userfault).
+    Zero,
 }
 
-/// Copies `len` bytes from `src` into the registered range at `dst`.
+/// One `UFFDIO_COPY` or `UFFDIO_ZEROPAGE` call: the bytes done, and the
+/// errno if it stopped short (0 if not).
 ///
 /// # Safety
-/// `src..src+len` must be readable memory of this process for the call.
-pub unsafe fn copy(
-    fd: &OwnedFd,
-    dst: u64,
-    src: *const u8,
-    len: u64,
-    wake: bool,
-) -> std::io::Result<Installed> {
-    let mut done = 0u64;
-    while done < len {
-        let mut op = UffdioCopy {
-            dst: dst + done,
-            src: src as u64 + done,
-            len: len - done,
-            mode: if wake { 0 } else { MODE_DONTWAKE },
-            copy: 0,
-        };
-        // SAFETY: UFFDIO_COPY reads and writes one `uffdio_copy`; the caller
-        // guarantees the source is readable, and the kernel checks the
-        // destination lies in a range registered on `fd`.
-        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_COPY as _, &mut op) };
-        if rc == 0 {
-            return Ok(Installed::Done);
+/// As for [`fill_range`].
+unsafe fn fill_once(uffd: &OwnedFd, fill: Fill, dst: u64, len: u64, dontwake: bool) -> (u64, i32) {
+    let mode = if dontwake { MODE_DONTWAKE } else { 0 };
+    let (rc, done) = match fill {
+        Fill::Copy { src } => {
+            let mut op = UffdioCopy {
+                dst,
+                src: src as u64,
+                len,
+                mode,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY reads and writes one `uffdio_copy`, live
+            // for the call. It reads `len` bytes at `src`, which our caller
+            // guarantees are readable, and writes only missing pages of a
+            // registered range (the kernel checks that), which our caller
+            // guarantees is its own.
+            let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &raw mut op) };
+            (rc, op.copy)
         }
-        let err = std::io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EEXIST) => return Ok(Installed::Exists),
-            Some(libc::EAGAIN) if op.copy > 0 => done += op.copy as u64,
-            _ => return Err(err),
+        Fill::Zero => {
+            let mut op = UffdioZeropage {
+                range: UffdioRange { start: dst, len },
+                mode,
+                zeropage: 0,
+            };
+            // SAFETY: UFFDIO_ZEROPAGE reads and writes one `uffdio_zeropage`,
+            // live for the call; it maps the zero page into missing pages of
+            // a registered range only, which our caller guarantees is its own.
+            let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &raw mut op) };
+            (rc, op.zeropage)
         }
-    }
-    Ok(Installed::Done)
-}
-
-/// Maps the zero page over `[start, start+len)` of the registered range.
-pub fn zeropage(fd: &OwnedFd, start: u64, len: u64, wake: bool) -> std::io::Result<Installed> {
-    let mut op = UffdioZeropage {
-        range: UffdioRange { start, len },
-        mode: if wake { 0 } else { MODE_DONTWAKE },
-        zeropage: 0,
     };
-    // SAFETY: UFFDIO_ZEROPAGE reads and writes one `uffdio_zeropage`; the
-    // kernel checks the range.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut op) };
     if rc == 0 {
-        return Ok(Installed::Done);
+        return (len, 0);
     }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EEXIST) => Ok(Installed::Exists),
-        _ => Err(err),
-    }
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    (u64::try_from(done).unwrap_or(0), errno)
 }
 
-/// A new eventfd used to stop a fault loop.
+/// Fills the missing pages of `[dst, dst + len)` (whole pages), resuming
+/// after partial progress (`EAGAIN`) and skipping pages already present
+/// (`EEXIST`). Returns how many pages were already present. With
+/// `dontwake`, no waiting fault is woken; otherwise the faults in each
+/// filled piece are.
+///
+/// # Safety
+/// For [`Fill::Copy`], `src..src + len` must be readable memory of this
+/// process for the call. The range must belong to a registration of this
+/// process that the caller owns (the kernel fills any registered range of
+/// the process, whichever userfaultfd registered it).
+pub unsafe fn fill_range(
+    uffd: &OwnedFd,
+    fill: Fill,
+    dst: u64,
+    len: u64,
+    dontwake: bool,
+) -> std::io::Result<u64> {
+    let mut offset = 0u64;
+    let mut present = 0u64;
+    let mut stalls = 0u32;
+    while offset < len {
+        let piece = match fill {
+            Fill::Copy { src } => Fill::Copy {
+                src: src.wrapping_add(offset as usize),
+            },
+            Fill::Zero => Fill::Zero,
+        };
+        // SAFETY: `piece` and `dst + offset..dst + len` are the tail of the
+        // source and range our caller vouches for.
+        let (done, errno) = unsafe { fill_once(uffd, piece, dst + offset, len - offset, dontwake) };
+        // Progress is whole pages; round down in case the kernel ever says
+        // otherwise, so the next call starts on a page boundary.
+        let done = done.min(len - offset) / PAGE_SIZE * PAGE_SIZE;
+        offset += done;
+        match errno {
+            0 => {}
+            libc::EAGAIN if done > 0 => stalls = 0,
+            libc::EAGAIN if stalls < MAX_NO_PROGRESS_RETRIES => {
+                stalls += 1;
+                std::thread::yield_now();
+            }
+            libc::EEXIST if done == 0 => {
+                present += 1;
+                offset += PAGE_SIZE;
+            }
+            // A page present after some progress: the next call reports
+            // EEXIST for it with no progress.
+            libc::EEXIST => {}
+            _ => return Err(std::io::Error::from_raw_os_error(errno)),
+        }
+    }
+    Ok(present)
+}
+
+/// Bytes in [`zero_source`].
+pub const ZERO_SOURCE_LEN: u64 = 64 * PAGE_SIZE;
+
+/// A process-wide read-only mapping of [`ZERO_SOURCE_LEN`] zero bytes, to
+/// copy zeros from with `UFFDIO_COPY` (which, unlike `UFFDIO_ZEROPAGE`,
+/// leaves writable pages). Never written, so it stays backed by the
+/// kernel's zero page and costs no memory. `None` if it cannot be mapped.
+pub fn zero_source() -> Option<*const u8> {
+    static ZEROS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let addr = ZEROS.get_or_init(|| {
+        // SAFETY: a new read-only anonymous mapping at an address the
+        // kernel picks; it is never unmapped, so pointers into it stay
+        // valid for the life of the process.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ZERO_SOURCE_LEN as usize,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "mapping a zero source failed; zero-filling with UFFDIO_ZEROPAGE only"
+            );
+            return None;
+        }
+        Some(ptr as usize)
+    });
+    addr.map(|a| a as *const u8)
+}
+
+/// A new non-blocking eventfd, used to stop a fault loop.
 pub fn eventfd() -> std::io::Result<OwnedFd> {
     // SAFETY: eventfd takes its arguments by value and returns a new fd or -1.
     let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
@@ -238,27 +416,36 @@ pub fn eventfd() -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Signals an eventfd.
-pub fn signal(fd: &OwnedFd) {
+/// Adds one to an eventfd's counter.
+pub fn signal(eventfd: &OwnedFd) -> std::io::Result<()> {
     let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-    unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
+    // SAFETY: writes the 8 bytes of a live u64 to an eventfd we own.
+    let rc = unsafe { libc::write(eventfd.as_raw_fd(), (&raw const one).cast(), 8) };
+    if rc == 8 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
-/// A shared read-write mapping of a new memfd of `len` bytes.
-pub fn memfd_mapping(len: u64) -> std::io::Result<(OwnedFd, *mut u8)> {
-    // SAFETY: the name is NUL-terminated; the result is a new fd or -1.
-    let fd =
-        check(unsafe { libc::memfd_create(c"snowflock-page-cache".as_ptr(), libc::MFD_CLOEXEC) })?;
+/// A new memfd of `len` bytes, mapped shared and read-write at an address
+/// the kernel picks.
+pub fn memfd_mapping(name: &std::ffi::CStr, len: u64) -> std::io::Result<(OwnedFd, NonNull<u8>)> {
+    let size = usize::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    let offset =
+        libc::off_t::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: `name` is NUL-terminated; the result is a new fd or -1.
+    let fd = check(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
     // SAFETY: `fd` is new and owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate on our own fd.
-    check(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
-    // SAFETY: a fresh mapping chosen by the kernel (no MAP_FIXED) of our fd.
+    // SAFETY: ftruncate on a memfd we own; nothing maps it yet.
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), offset) })?;
+    // SAFETY: a new shared mapping of our memfd at an address the kernel
+    // picks (no MAP_FIXED), so no existing mapping is affected.
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len as usize,
+            size,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED | libc::MAP_NORESERVE,
             fd.as_raw_fd(),
@@ -268,23 +455,167 @@ pub fn memfd_mapping(len: u64) -> std::io::Result<(OwnedFd, *mut u8)> {
     if ptr == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
-    Ok((fd, ptr.cast()))
+    let ptr = NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::other("mmap returned 0"))?;
+    Ok((fd, ptr))
 }
 
 /// Unmaps a mapping made by [`memfd_mapping`].
 ///
 /// # Safety
-/// `ptr..ptr+len` must be such a mapping, no longer used.
-pub unsafe fn unmap(ptr: *mut u8, len: u64) {
-    // SAFETY: guaranteed by the caller.
-    unsafe { libc::munmap(ptr.cast(), len as usize) };
+/// `ptr..ptr + len` must be such a mapping, which nothing uses any more.
+pub unsafe fn unmap(ptr: NonNull<u8>, len: u64) {
+    // SAFETY: the caller guarantees the range is an unused mapping of ours.
+    let rc = unsafe { libc::munmap(ptr.as_ptr().cast(), len as usize) };
+    if rc != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "unmapping the page cache failed"
+        );
+    }
 }
 
-/// Copies one page into the cache mapping.
+/// Copies `data` to `dst`.
 ///
 /// # Safety
-/// `dst..dst+data.len()` must lie in a live writable mapping of this process.
-pub unsafe fn write_page(dst: *mut u8, data: &[u8]) {
-    // SAFETY: guaranteed by the caller; `data` is a distinct Rust slice.
+/// `dst..dst + data.len()` must be writable memory of this process that no
+/// other thread reads or writes during the call and that `data` does not
+/// overlap.
+pub unsafe fn write_bytes(dst: *mut u8, data: &[u8]) {
+    // SAFETY: guaranteed by the caller.
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four untouched private anonymous pages, unmapped on drop.
+    struct Pages(*mut u8);
+
+    impl Pages {
+        const LEN: u64 = 4 * PAGE_SIZE;
+
+        fn new() -> Self {
+            // SAFETY: a new mapping at an address the kernel picks.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    Self::LEN as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(ptr, libc::MAP_FAILED);
+            Self(ptr.cast())
+        }
+
+        /// The first byte of each page; only call once all are filled.
+        fn first_bytes(&self) -> Vec<u8> {
+            (0..4)
+                .map(|p| {
+                    // SAFETY: inside the mapping, and filled (no fault).
+                    unsafe {
+                        self.0
+                            .wrapping_add((p * PAGE_SIZE) as usize)
+                            .read_volatile()
+                    }
+                })
+                .collect()
+        }
+    }
+
+    impl Drop for Pages {
+        fn drop(&mut self) {
+            // SAFETY: our own mapping, no longer used.
+            unsafe { libc::munmap(self.0.cast(), Self::LEN as usize) };
+        }
+    }
+
+    #[test]
+    fn fills_resume_after_partial_progress_and_skip_present_pages() {
+        let pages = Pages::new();
+        let base = pages.0 as u64;
+        let uffd = open_userfaultfd().unwrap();
+        assert_eq!(
+            api_handshake(&uffd).unwrap() & NEEDED_API_IOCTLS,
+            NEEDED_API_IOCTLS
+        );
+        let offered = register(&uffd, base, Pages::LEN).unwrap();
+        assert_eq!(offered & NEEDED_RANGE_IOCTLS, NEEDED_RANGE_IOCTLS);
+        let first = vec![1u8; PAGE_SIZE as usize];
+        let second = vec![2u8; Pages::LEN as usize];
+        // SAFETY: the sources are live buffers of the copied lengths; the
+        // range is our own registration.
+        let present = unsafe {
+            fill_range(
+                &uffd,
+                Fill::Copy {
+                    src: first.as_ptr(),
+                },
+                base + PAGE_SIZE,
+                PAGE_SIZE,
+                true,
+            )
+        };
+        assert_eq!(present.unwrap(), 0);
+        // Page 0 is copied, page 1 is there (EAGAIN after one page, then
+        // EEXIST), pages 2 and 3 are copied.
+        // SAFETY: as above.
+        let present = unsafe {
+            fill_range(
+                &uffd,
+                Fill::Copy {
+                    src: second.as_ptr(),
+                },
+                base,
+                Pages::LEN,
+                true,
+            )
+        };
+        assert_eq!(present.unwrap(), 1);
+        assert_eq!(pages.first_bytes(), [2, 1, 2, 2]);
+        // SAFETY: as above.
+        let present = unsafe { fill_range(&uffd, Fill::Zero, base, Pages::LEN, false) };
+        assert_eq!(present.unwrap(), 4);
+        wake(&uffd, base, Pages::LEN).unwrap();
+        unregister(&uffd, base, Pages::LEN).unwrap();
+        // Outside any registration the kernel refuses.
+        // SAFETY: as above.
+        let refused = unsafe { fill_range(&uffd, Fill::Zero, base, PAGE_SIZE, true) };
+        assert!(refused.is_err());
+    }
+
+    #[test]
+    fn the_zero_source_reads_as_zeros() {
+        let src = zero_source().expect("mapping a zero source");
+        // SAFETY: the zero source is ZERO_SOURCE_LEN readable bytes, never
+        // unmapped.
+        let bytes = unsafe { std::slice::from_raw_parts(src, ZERO_SOURCE_LEN as usize) };
+        assert!(bytes.iter().all(|&b| b == 0));
+        assert_eq!(zero_source(), Some(src));
+    }
+
+    #[test]
+    fn page_fault_messages_are_decoded_and_others_skipped() {
+        let mut raw = [0u8; MSG_SIZE];
+        raw[0] = UFFD_EVENT_PAGEFAULT;
+        raw[8..16].copy_from_slice(&UFFD_PAGEFAULT_FLAG_WRITE.to_ne_bytes());
+        raw[16..24].copy_from_slice(&0x7f00_1234_5000u64.to_ne_bytes());
+        assert_eq!(
+            parse_msg(&raw),
+            Some(PageFault {
+                address: 0x7f00_1234_5000,
+                write: true
+            })
+        );
+        raw[8..16].fill(0);
+        assert_eq!(parse_msg(&raw).map(|f| f.write), Some(false));
+        // UFFD_EVENT_UNMAP and a garbage event byte.
+        for event in [0x16, 0xff] {
+            raw[0] = event;
+            assert_eq!(parse_msg(&raw), None);
+        }
+    }
 }
