@@ -243,19 +243,32 @@ fn hollow_clone(
     (clone, handler, failures)
 }
 
-#[test]
-fn hollow_kvm_clones_fault_in_their_memory() {
-    let hv = KvmHypervisor::open().expect("KVM must be available for this test");
+/// Boots the test program and runs it to its clone call; returns the
+/// stopped parent, its described snapshot and its frozen memory.
+fn parent_at_clone_point(
+    hv: &KvmHypervisor,
+) -> (
+    Machine,
+    snowflock_vmm::machine::MachineSnapshot,
+    Arc<MemoryImage>,
+) {
     let config = MachineConfig {
         mem_size: MEM,
         cmdline: String::new(),
         console: Arc::new(|_: &[u8]| {}),
     };
-    let parent = Machine::boot(&hv, &elf(&Code::program()), &config).expect("boot");
+    let parent = Machine::boot(hv, &elf(&Code::program()), &config).expect("boot");
     let (mut parent, stop) = run_bounded(parent);
     assert_eq!(stop.unwrap(), Stop::Request(Request::Clone { ticket: 1 }));
     let (mut snapshot, image) = parent.capture().expect("capture");
     snapshot.describe_memory(&image).unwrap();
+    (parent, snapshot, image)
+}
+
+#[test]
+fn hollow_kvm_clones_fault_in_their_memory() {
+    let hv = KvmHypervisor::open().expect("KVM must be available for this test");
+    let (mut parent, snapshot, image) = parent_at_clone_point(&hv);
     let data_pages: u64 = snapshot.data_pages.runs().iter().map(|r| r.1).sum();
     parent.reply(0, 0).unwrap();
     let (_parent, stop) = run_bounded(parent);
@@ -326,16 +339,7 @@ fn a_kvm_clone_whose_pages_stop_coming_is_released() {
         fn request(&self, _family: u64, _pages: &[u64]) {}
     }
     let hv = KvmHypervisor::open().expect("KVM must be available for this test");
-    let config = MachineConfig {
-        mem_size: MEM,
-        cmdline: String::new(),
-        console: Arc::new(|_: &[u8]| {}),
-    };
-    let parent = Machine::boot(&hv, &elf(&Code::program()), &config).expect("boot");
-    let (mut parent, stop) = run_bounded(parent);
-    assert_eq!(stop.unwrap(), Stop::Request(Request::Clone { ticket: 1 }));
-    let (mut snapshot, image) = parent.capture().expect("capture");
-    snapshot.describe_memory(&image).unwrap();
+    let (_parent, snapshot, _image) = parent_at_clone_point(&hv);
     let family = Family::new(
         0x4c,
         MEM,

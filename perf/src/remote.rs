@@ -12,21 +12,21 @@
 //!   total job time against the same job on clones of the same host, whose
 //!   state is already in memory.
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
+use snowflock_control::client::ApiClient;
 use snowflock_control::console::LineSink;
 use snowflock_control::daemon::memory::LocalImageSource;
-use snowflock_control::protocol::{ApiRequest, ApiResponse, CloneSummary, HostStats};
+use snowflock_control::protocol::CloneSummary;
 use snowflock_control::remote::{
     Cluster as ClusterTrait, HollowEvents, HollowStart, Plan, RemoteChild, RemoteGrant,
     RemoteLaunch,
 };
-use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome, wire};
+use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_fault_handler::{CloneStats, FaultHandler, FetchConfig};
 use snowflock_tools::cluster::{Cluster, ClusterSpec};
 use snowflock_vmm::KvmHypervisor;
@@ -65,12 +65,9 @@ fn up(
     Ok((cluster, dir))
 }
 
-fn call(socket: &Path, request: &ApiRequest) -> Result<UnixStream> {
-    let mut stream = UnixStream::connect(socket)
-        .with_context(|| format!("connecting to {}", socket.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
-    wire::write_frame(&mut stream, request)?;
-    Ok(stream)
+/// Every answer, a whole job included, comes within this bound.
+fn client(socket: &Path) -> ApiClient {
+    ApiClient::new(socket, Some(Duration::from_secs(600)))
 }
 
 /// A job's console lines, outcome and clone reports.
@@ -83,45 +80,27 @@ fn run_job(socket: &Path, image: &str, mem: u64, args: &str) -> Result<JobEnd> {
     let bytes = snowflock_guest::images::by_name(image)
         .with_context(|| format!("no embedded image {image}"))?
         .to_vec();
-    let mut stream = call(
-        socket,
-        &ApiRequest::Start {
-            name: image.into(),
-            image: bytes,
-            mem_size: mem,
-            cmdline: args.into(),
-        },
-    )?;
-    let vm = match wire::read_frame(&mut stream)? {
-        ApiResponse::Started { vm } => vm,
-        other => bail!("starting {image} failed: {other:?}"),
-    };
-    let mut stream = call(socket, &ApiRequest::Wait { vm })?;
+    let api = client(socket);
+    let vm = api.start(image, bytes, mem, args)?;
     let mut lines = Vec::new();
-    loop {
-        match wire::read_frame(&mut stream)? {
-            ApiResponse::Console { line, .. } => lines.push(line),
-            ApiResponse::Ended { outcome, reports } => {
-                if outcome != VmOutcome::Exited(0) {
-                    bail!("{image} {args} ended {outcome:?}:\n{}", lines.join("\n"));
-                }
-                return Ok(JobEnd { lines, reports });
-            }
-            other => bail!("unexpected answer {other:?}"),
-        }
+    let end = api.wait(vm, |_, line| lines.push(line.to_string()))?;
+    if end.outcome != VmOutcome::Exited(0) {
+        bail!(
+            "{image} {args} ended {:?}:\n{}",
+            end.outcome,
+            lines.join("\n")
+        );
     }
-}
-
-fn cluster_stats(socket: &Path) -> Result<Vec<HostStats>> {
-    match wire::read_frame(&mut call(socket, &ApiRequest::Stats)?)? {
-        ApiResponse::Stats { hosts } => Ok(hosts),
-        other => bail!("stats failed: {other:?}"),
-    }
+    Ok(JobEnd {
+        lines,
+        reports: end.reports,
+    })
 }
 
 /// Stats of the hollow clones of the last job (all clones seen so far).
 fn clone_stats(socket: &Path) -> Result<Vec<CloneStats>> {
-    Ok(cluster_stats(socket)?
+    Ok(client(socket)
+        .stats()?
         .into_iter()
         .flat_map(|h| h.clones.into_iter().map(|c| c.stats))
         .collect())

@@ -1,17 +1,16 @@
 //! `sf start|wait|clone|ps|kill|stats`: talk to the host's `sfd` over its
 //! local API socket.
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use snowflock_control::client::{ApiClient, VmEnd};
 use snowflock_control::console::line_text;
 use snowflock_control::protocol::{ApiRequest, ApiResponse, HostStats};
 use snowflock_control::size::parse_size;
-use snowflock_control::wire;
 use snowflock_control::{VmOutcome, VmRole};
 
 /// Where the daemon's socket is.
@@ -44,36 +43,20 @@ pub struct StartArgs {
     pub guest_args: Vec<String>,
 }
 
-fn call(socket: &Path, request: &ApiRequest) -> Result<UnixStream> {
-    let mut stream = UnixStream::connect(socket)
-        .with_context(|| format!("connecting to sfd at {} (is it running?)", socket.display()))?;
-    wire::write_frame(&mut stream, request)?;
-    Ok(stream)
-}
-
-fn answer(stream: &mut UnixStream) -> Result<ApiResponse> {
-    match wire::read_frame(stream)? {
-        ApiResponse::Error { message } => bail!("sfd: {message}"),
-        other => Ok(other),
-    }
-}
+/// Answers to single requests come within a minute.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn one(socket: &Path, request: &ApiRequest) -> Result<ApiResponse> {
-    let mut stream = call(socket, request)?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    answer(&mut stream)
+    Ok(ApiClient::new(socket, Some(CALL_TIMEOUT)).call(request)?)
 }
 
 pub fn start(socket: &Path, args: StartArgs, image: Vec<u8>) -> Result<ExitCode> {
-    let request = ApiRequest::Start {
-        name: args.image.clone(),
+    let vm = ApiClient::new(socket, Some(CALL_TIMEOUT)).start(
+        &args.image,
         image,
-        mem_size: args.mem,
-        cmdline: args.guest_args.join(" "),
-    };
-    let ApiResponse::Started { vm } = one(socket, &request)? else {
-        bail!("unexpected answer to start");
-    };
+        args.mem,
+        &args.guest_args.join(" "),
+    )?;
     if !args.wait {
         println!("{vm}");
         return Ok(ExitCode::SUCCESS);
@@ -82,48 +65,41 @@ pub fn start(socket: &Path, args: StartArgs, image: Vec<u8>) -> Result<ExitCode>
 }
 
 pub fn wait(socket: &Path, vm: u64, json: bool) -> Result<ExitCode> {
-    let mut stream = call(socket, &ApiRequest::Wait { vm })?;
-    loop {
-        match answer(&mut stream)? {
-            ApiResponse::Console { label, line } => {
-                let text = line_text(&label, &line);
-                if json {
-                    eprintln!("{text}");
-                } else {
-                    println!("{text}");
-                }
-            }
-            ApiResponse::Ended { outcome, reports } => {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&serde_json::json!({
-                            "vm": vm, "outcome": outcome, "clones": reports,
-                        }))?
-                    );
-                } else {
-                    for r in &reports {
-                        let remote = r.children.iter().filter(|c| c.host.is_some()).count();
-                        eprintln!(
-                            "sf: ticket {}: {} clones ({} on other hosts), paused {:.2} ms, all running after {}",
-                            r.ticket,
-                            r.clones,
-                            remote,
-                            r.capture_pause.as_secs_f64() * 1e3,
-                            r.all_running
-                                .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
-                        );
-                    }
-                    eprintln!("sf: vm {vm}: {outcome:?}");
-                }
-                return Ok(match outcome {
-                    VmOutcome::Exited(0) => ExitCode::SUCCESS,
-                    _ => ExitCode::FAILURE,
-                });
-            }
-            other => bail!("unexpected answer while waiting: {other:?}"),
+    // A job runs as long as it runs: no read timeout.
+    let VmEnd { outcome, reports } = ApiClient::new(socket, None).wait(vm, |label, line| {
+        let text = line_text(label, line);
+        if json {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
         }
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "vm": vm, "outcome": outcome, "clones": reports,
+            }))?
+        );
+    } else {
+        for r in &reports {
+            let remote = r.children.iter().filter(|c| c.host.is_some()).count();
+            eprintln!(
+                "sf: ticket {}: {} clones ({} on other hosts), paused {:.2} ms, all running after {}",
+                r.ticket,
+                r.clones,
+                remote,
+                r.capture_pause.as_secs_f64() * 1e3,
+                r.all_running
+                    .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+            );
+        }
+        eprintln!("sf: vm {vm}: {outcome:?}");
     }
+    Ok(match outcome {
+        VmOutcome::Exited(0) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
 }
 
 pub fn clone(socket: &Path, vm: u64, clones: u32) -> Result<ExitCode> {
@@ -202,9 +178,7 @@ pub fn kill(socket: &Path, target: &str) -> Result<ExitCode> {
 }
 
 pub fn stats(socket: &Path, json: bool) -> Result<ExitCode> {
-    let ApiResponse::Stats { hosts } = one(socket, &ApiRequest::Stats)? else {
-        bail!("unexpected answer to stats");
-    };
+    let hosts = ApiClient::new(socket, Some(CALL_TIMEOUT)).stats()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&hosts)?);
     } else {

@@ -6,13 +6,13 @@
 //! removed when the test ends, also when it fails.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use snowflock_control::VmOutcome;
+use snowflock_control::client::ApiClient;
 use snowflock_control::protocol::{ApiRequest, ApiResponse, CloneSummary, HostStats};
-use snowflock_control::{VmOutcome, wire};
 use snowflock_dataplane::auth::{self, ClusterKey};
 use snowflock_tools::cluster::{Cluster, ClusterSpec};
 use tempfile::TempDir;
@@ -27,34 +27,18 @@ fn cluster(hosts: usize, slots: u32, tune: impl FnOnce(&mut ClusterSpec)) -> (Cl
     (cluster, dir)
 }
 
-fn request(socket: &Path, request: &ApiRequest) -> UnixStream {
-    let mut stream = UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(240)))
-        .unwrap();
-    wire::write_frame(&mut stream, request).unwrap();
-    stream
+/// Every answer, a whole job included, comes within this bound.
+fn client(socket: &Path) -> ApiClient {
+    ApiClient::new(socket, Some(Duration::from_secs(240)))
 }
 
 fn call(socket: &Path, req: &ApiRequest) -> ApiResponse {
-    let mut stream = request(socket, req);
-    wire::read_frame(&mut stream).unwrap()
+    client(socket).call(req).unwrap()
 }
 
 fn start(socket: &Path, image: &str, mem: u64, args: &str) -> u64 {
     let image = snowflock_guest::images::by_name(image).unwrap().to_vec();
-    match call(
-        socket,
-        &ApiRequest::Start {
-            name: "test".into(),
-            image,
-            mem_size: mem,
-            cmdline: args.into(),
-        },
-    ) {
-        ApiResponse::Started { vm } => vm,
-        other => panic!("start failed: {other:?}"),
-    }
+    client(socket).start("test", image, mem, args).unwrap()
 }
 
 /// Console lines and the end of a VM.
@@ -65,28 +49,19 @@ struct Ended {
 }
 
 fn wait(socket: &Path, vm: u64) -> Ended {
-    let mut stream = request(socket, &ApiRequest::Wait { vm });
     let mut lines = Vec::new();
-    loop {
-        match wire::read_frame(&mut stream).expect("waiting for the VM") {
-            ApiResponse::Console { label, line } => lines.push(format!("[{label}] {line}")),
-            ApiResponse::Ended { outcome, reports } => {
-                return Ended {
-                    lines,
-                    outcome,
-                    reports,
-                };
-            }
-            other => panic!("unexpected answer: {other:?}"),
-        }
+    let end = client(socket)
+        .wait(vm, |label, line| lines.push(format!("[{label}] {line}")))
+        .expect("waiting for the VM");
+    Ended {
+        lines,
+        outcome: end.outcome,
+        reports: end.reports,
     }
 }
 
 fn stats(socket: &Path) -> Vec<HostStats> {
-    match call(socket, &ApiRequest::Stats) {
-        ApiResponse::Stats { hosts } => hosts,
-        other => panic!("stats failed: {other:?}"),
-    }
+    client(socket).stats().unwrap()
 }
 
 /// The value of `key=` in the line of `lines` that starts with `prefix`.
