@@ -8,6 +8,9 @@ packages=(
   libc6-dev    # crt objects for host binaries
   iproute2     # network-namespace test hosts
   python3      # stand-in daemons and probes in the test-cluster tests
+  clang-19     # compiles the XDP program in ebpf/
+  libbpf-dev   # bpf_helpers.h and friends for the XDP program
+  ethtool      # NIC queue and ring inspection in `sf net` tests
 )
 
 missing=()

@@ -14,6 +14,11 @@
 //! [limits]
 //! clone_slots = 16
 //! fetch_timeout_ms = 5000
+//! [mcdist]                            # multicast page distribution (docs/mcdist.md)
+//! distribution = "mcdist"             # or "unicast": every clone host fetches over TCP
+//! port = 7073                         # UDP, on the pages address
+//! rx_path = "auto"                    # "sockets", "xdp", or "auto" (xdp, else sockets)
+//! xdp_mode = "native"                 # or "generic"
 //! ```
 
 use std::net::SocketAddr;
@@ -50,6 +55,8 @@ pub struct DaemonConfig {
     pub cluster: ClusterSection,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub mcdist: McdistSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,6 +142,184 @@ impl Default for Limits {
     }
 }
 
+/// How clone hosts get a clone point's pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Distribution {
+    /// Answers go to the family's multicast group: every clone host gets every page once.
+    Mcdist,
+    /// Each clone host fetches its own pages over its TCP connection (the baseline).
+    Unicast,
+}
+
+/// Which receive path takes mcdist datagrams off the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RxPath {
+    /// Kernel UDP sockets driven by io_uring; always available.
+    Sockets,
+    /// An XDP program steering fragments to AF_XDP sockets; refuses to start without it.
+    Xdp,
+    /// AF_XDP when the program attaches and the sockets bind, else kernel sockets (logged).
+    Auto,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpAttachMode {
+    /// In the driver (veth supports it).
+    Native,
+    /// In the generic network stack, for drivers without XDP support.
+    Generic,
+}
+
+/// Multicast page distribution and its receive paths.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McdistSection {
+    #[serde(default = "default_distribution")]
+    pub distribution: Distribution,
+    /// UDP port of every host's mcdist endpoint, on the pages address.
+    #[serde(default = "default_mcdist_port")]
+    pub port: u16,
+    /// First address of the /16 that families' multicast groups are drawn from.
+    #[serde(default = "default_group_base")]
+    pub group_base: std::net::Ipv4Addr,
+    /// Path MTU that fragments are sized for; 0 = the interface's MTU.
+    #[serde(default)]
+    pub mtu: u32,
+    /// A page is sent at most once per this window; requests within it share the send.
+    #[serde(default = "default_suppression_ms")]
+    pub suppression_ms: u64,
+    /// Send rate (pages/s) of a family before its receivers report theirs, and the most
+    /// any report may ask for.
+    #[serde(default = "default_initial_rate")]
+    pub initial_rate: u32,
+    #[serde(default = "default_max_rate")]
+    pub max_rate: u32,
+    /// Send a late-joining host the pages its siblings already faulted.
+    #[serde(default = "default_true")]
+    pub push: bool,
+    #[serde(default = "default_rx_path")]
+    pub rx_path: RxPath,
+    /// Interface to attach XDP to; empty = the one holding the pages address.
+    #[serde(default)]
+    pub interface: String,
+    #[serde(default = "default_xdp_mode")]
+    pub xdp_mode: XdpAttachMode,
+    /// RX queues that get an AF_XDP socket; empty = all of the interface's queues.
+    #[serde(default)]
+    pub queues: Vec<u32>,
+    /// UMEM frames per AF_XDP socket, and the fill and RX ring sizes (powers of two).
+    #[serde(default = "default_umem_frames")]
+    pub umem_frames: u32,
+    #[serde(default = "default_ring_size")]
+    pub fill_ring: u32,
+    #[serde(default = "default_ring_size")]
+    pub rx_ring: u32,
+    /// Busy-poll budget of the AF_XDP sockets in microseconds; 0 = off.
+    #[serde(default)]
+    pub busy_poll_us: u32,
+}
+
+fn default_distribution() -> Distribution {
+    Distribution::Mcdist
+}
+fn default_mcdist_port() -> u16 {
+    7073
+}
+fn default_group_base() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(239, 255, 0, 0)
+}
+fn default_suppression_ms() -> u64 {
+    5
+}
+fn default_initial_rate() -> u32 {
+    50_000
+}
+fn default_max_rate() -> u32 {
+    400_000
+}
+fn default_rx_path() -> RxPath {
+    RxPath::Auto
+}
+fn default_xdp_mode() -> XdpAttachMode {
+    XdpAttachMode::Native
+}
+fn default_umem_frames() -> u32 {
+    4096
+}
+fn default_ring_size() -> u32 {
+    2048
+}
+
+impl Default for McdistSection {
+    fn default() -> Self {
+        Self {
+            distribution: default_distribution(),
+            port: default_mcdist_port(),
+            group_base: default_group_base(),
+            mtu: 0,
+            suppression_ms: default_suppression_ms(),
+            initial_rate: default_initial_rate(),
+            max_rate: default_max_rate(),
+            push: true,
+            rx_path: default_rx_path(),
+            interface: String::new(),
+            xdp_mode: default_xdp_mode(),
+            queues: Vec::new(),
+            umem_frames: default_umem_frames(),
+            fill_ring: default_ring_size(),
+            rx_ring: default_ring_size(),
+            busy_poll_us: 0,
+        }
+    }
+}
+
+impl McdistSection {
+    /// The multicast group of a family: spread over the /16 at `group_base`, never its
+    /// first or last address.
+    pub fn group_of(&self, family: u64) -> std::net::Ipv4Addr {
+        let base = u32::from(self.group_base) & 0xffff_0000;
+        let index = (family % 0xfffe) as u32 + 1;
+        std::net::Ipv4Addr::from(base | index)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !self.group_base.is_multicast() {
+            return Err(format!(
+                "mcdist group_base {} is not a multicast address",
+                self.group_base
+            ));
+        }
+        if self.port == 0 {
+            return Err("mcdist port must be non-zero".into());
+        }
+        if self.mtu != 0 && self.mtu < 576 {
+            return Err(format!("mcdist mtu {} is below 576", self.mtu));
+        }
+        if self.initial_rate == 0 || self.max_rate < self.initial_rate {
+            return Err("mcdist rates need 0 < initial_rate <= max_rate".into());
+        }
+        self.check_receive()
+    }
+
+    /// Checks the receive path settings (`sf net tune` changes them at run time).
+    pub fn check_receive(&self) -> Result<(), String> {
+        for (name, size) in [
+            ("umem_frames", self.umem_frames),
+            ("fill_ring", self.fill_ring),
+            ("rx_ring", self.rx_ring),
+        ] {
+            if !size.is_power_of_two() || size < 64 {
+                return Err(format!("mcdist {name} {size} must be a power of two >= 64"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Limits {
     pub fn fetch_timeout(&self) -> Duration {
         Duration::from_millis(self.fetch_timeout_ms)
@@ -195,7 +380,7 @@ impl DaemonConfig {
         if self.limits.fetch_timeout_ms == 0 || self.limits.peer_timeout_ms == 0 {
             return Err("timeouts must be positive".into());
         }
-        Ok(())
+        self.mcdist.check()
     }
 
     /// The local API socket.

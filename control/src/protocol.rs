@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use snowflock_fault_handler::{CloneStats, FamilyStats};
 
+use crate::config::{Distribution, RxPath, XdpAttachMode};
 use crate::supervisor::{VmInfo, VmOutcome};
 
 /// A request from the CLI to its host's daemon. One per connection.
@@ -30,6 +31,10 @@ pub enum ApiRequest {
     Kill { host: Option<String>, vm: u64 },
     /// Fault counters of every hollow clone and host of the cluster.
     Stats,
+    /// This host's page transport: receive path, XDP program, queues, rings, counters.
+    NetShow,
+    /// Change this host's receive path settings and NIC queues or rings.
+    NetTune(NetTune),
 }
 
 /// The daemon's answers.
@@ -62,6 +67,7 @@ pub enum ApiResponse {
     Stats {
         hosts: Vec<HostStats>,
     },
+    Net(Box<NetStatus>),
     Error {
         message: String,
     },
@@ -183,11 +189,25 @@ pub struct CloneOrder {
     pub descriptor: Vec<u8>,
     /// The parent host's memory server.
     pub pages: SocketAddr,
+    /// Where the clone point's pages are multicast; `None` when the parent host
+    /// distributes by unicast only.
+    pub mcdist: Option<McastOrder>,
     pub checkpoint: u64,
     /// Copies of a VM paused from outside rather than guest clones.
     pub external: bool,
     /// (child id, console label) of each clone.
     pub children: Vec<(u32, String)>,
+}
+
+/// The multicast side of a clone point (see `docs/mcdist.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McastOrder {
+    /// The parent host's mcdist endpoint: requests go here.
+    pub server: std::net::SocketAddrV4,
+    /// The family's group; fragments arrive on it at the server's port.
+    pub group: std::net::Ipv4Addr,
+    /// The server's generation of the family.
+    pub generation: u32,
 }
 
 /// What a host tells the parent host whose clones it runs.
@@ -228,4 +248,114 @@ pub enum HostResponse {
     Ps { vms: Vec<VmInfo> },
     Stats(HostStats),
     Error { message: String },
+}
+
+/// Settings `sf net tune` changes; `None` leaves one as it is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NetTune {
+    pub rx_path: Option<RxPath>,
+    pub xdp_mode: Option<XdpAttachMode>,
+    /// RX queues that get an AF_XDP socket; empty = all.
+    pub queues: Option<Vec<u32>>,
+    pub umem_frames: Option<u32>,
+    pub fill_ring: Option<u32>,
+    pub rx_ring: Option<u32>,
+    pub busy_poll_us: Option<u32>,
+    /// The NIC's own RX/TX descriptor rings (ethtool -G).
+    pub nic_rx_ring: Option<u32>,
+    pub nic_tx_ring: Option<u32>,
+    /// The NIC's combined channels (ethtool -L).
+    pub nic_channels: Option<u32>,
+}
+
+/// A host's page transport, as `sf net show` prints it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetStatus {
+    pub host: String,
+    pub distribution: Distribution,
+    /// The interface the pages address is on.
+    pub interface: String,
+    pub device: Option<NetDevice>,
+    /// The receive path in use: "xdp" or "sockets".
+    pub rx_path: String,
+    /// Why AF_XDP is not in use, when it was asked for.
+    pub fallback: Option<String>,
+    pub xdp: Option<XdpStatus>,
+    pub rx: RxCounters,
+    pub tx: TxCounters,
+    /// Families this host receives pages of, and serves.
+    pub families_receiving: u32,
+    pub families_serving: u32,
+}
+
+/// The interface, as netlink and ethtool report it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetDevice {
+    pub ifindex: u32,
+    pub mtu: u32,
+    pub rx_queues: u32,
+    pub tx_queues: u32,
+    /// (current, max) combined channels, when the driver reports them.
+    pub channels: Option<(u32, u32)>,
+    /// (rx, tx, rx max, tx max) ring sizes, when the driver reports them.
+    pub rings: Option<(u32, u32, u32, u32)>,
+    /// What XDP program is attached and how ("none", "driver 42", ...).
+    pub xdp: String,
+}
+
+/// The AF_XDP receive path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct XdpStatus {
+    pub mode: XdpAttachMode,
+    pub program_id: u32,
+    pub queues: Vec<u32>,
+    pub zero_copy: bool,
+    pub umem_frames: u32,
+    pub frame_size: u32,
+    pub fill_ring: u32,
+    pub rx_ring: u32,
+    pub busy_poll_us: u32,
+    /// From the program's counter map.
+    pub received: u64,
+    pub redirected: u64,
+    pub duplicate_dropped: u64,
+    pub passed: u64,
+    pub malformed: u64,
+    /// From the sockets' XDP_STATISTICS, summed.
+    pub socket_dropped: u64,
+    pub rx_ring_full: u64,
+    pub fill_ring_empty: u64,
+}
+
+/// What this host's mcdist receiver saw.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RxCounters {
+    pub datagrams: u64,
+    pub fragments: u64,
+    pub pages_completed: u64,
+    /// Pages that arrived before this host asked for them.
+    pub early_pages: u64,
+    pub duplicate_fragments: u64,
+    pub mac_failed: u64,
+    pub malformed: u64,
+    pub not_ours: u64,
+    pub re_requests: u64,
+    pub unicast_requests: u64,
+    pub rejects: u64,
+}
+
+/// What this host's mcdist sender did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TxCounters {
+    pub requests: u64,
+    pub pages_requested: u64,
+    pub duplicates_suppressed: u64,
+    pub pages_sent: u64,
+    pub fragments_sent: u64,
+    pub bytes_sent: u64,
+    pub unicast_pages: u64,
+    pub pushed_pages: u64,
+    pub rejects_sent: u64,
+    pub mac_failed: u64,
+    pub malformed: u64,
 }

@@ -299,6 +299,14 @@ impl ClusterKey {
             })
     }
 
+    /// A key for one purpose, derived from this key and `label`: knowing it reveals neither
+    /// the cluster key nor the key of any other label.
+    pub fn derive(&self, label: &[u8]) -> [u8; KEY_LEN] {
+        let mut mac = self.mac();
+        mac.update(label);
+        mac.finalize().into_bytes().into()
+    }
+
     fn mac(&self) -> HmacSha256 {
         // HMAC zero-pads a key shorter than the hash block (RFC 2104, section 2), so the
         // 32-byte key padded to SHA-256's 64-byte block is the same HMAC key; the fixed-size

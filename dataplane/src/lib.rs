@@ -98,9 +98,12 @@
 
 pub mod auth;
 pub mod client;
+pub mod mcast;
+pub mod netdev;
 pub mod server;
 mod sync;
 pub mod wire;
+pub mod xdp;
 
 pub use auth::{AuthError, ClusterKey};
 pub use client::{ClientStats, ConnectError, PageClient, PageSink, RequestError};

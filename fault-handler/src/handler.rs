@@ -18,6 +18,10 @@ use crate::sys::{self, Fill, PageFault};
 /// A zero-fill window (one bitmap word) fits the zero copy source.
 const _: () = assert!(sys::ZERO_SOURCE_LEN >= 64 * PAGE_SIZE);
 
+/// Pages per `PageSource::request` call of a prefetch (every transport
+/// takes this many in one request).
+const PREFETCH_REQUEST_PAGES: usize = 128;
+
 /// How long closing a handler waits for its fault thread to end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -839,6 +843,59 @@ impl FaultHandler {
     /// zero-filled when first touched, never fetched.
     pub fn mark_fresh(&self, runs: &[(u64, u64)]) {
         self.clone.avoid.mark_fresh(runs);
+    }
+
+    /// Installs `pages` ahead of any fault (push): pages in the host cache
+    /// are installed now; the others are requested, or added to a request
+    /// in flight, and installed when they arrive, without waking anything.
+    /// Avoided, installed and out-of-range pages are skipped. Returns how
+    /// many pages went to the source.
+    pub fn prefetch(&self, pages: &[u64]) -> usize {
+        let clone = &self.clone;
+        let family = &self.family;
+        if clone.failure.get().is_some() || family.failed.get().is_some() {
+            return 0;
+        }
+        let mut request = Vec::new();
+        let mut cached: Arrivals = Vec::new();
+        {
+            let mut state = family.lock();
+            let now = Instant::now();
+            for &page in pages {
+                if page >= clone.pages
+                    || clone.avoid.reason(page).is_some()
+                    || clone.is_installed(page)
+                {
+                    continue;
+                }
+                if family.cache.contains(page) {
+                    cached.push((page, None));
+                    continue;
+                }
+                let waiter = Waiter {
+                    clone: clone.clone(),
+                    fault: None,
+                };
+                match state.requested.get_mut(&page) {
+                    Some(pending) => {
+                        if !pending.waiters.iter().any(|w| Arc::ptr_eq(&w.clone, clone)) {
+                            pending.waiters.push(waiter);
+                        }
+                    }
+                    None => {
+                        state.add_request(page, now, waiter);
+                        request.push(page);
+                    }
+                }
+            }
+        }
+        if !cached.is_empty() {
+            clone.install_delivered(family, cached);
+        }
+        for chunk in request.chunks(PREFETCH_REQUEST_PAGES) {
+            family.source.request(family.id, chunk);
+        }
+        request.len()
     }
 
     /// Counters so far; cheap enough to call while faults are served.

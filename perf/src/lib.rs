@@ -11,6 +11,8 @@
 //! scenarios, their metrics and targets.
 
 pub mod clone_local;
+pub mod mcast;
 pub mod record;
 pub mod remote;
+pub mod rx_path;
 pub mod stats;

@@ -48,11 +48,12 @@ pub fn default_sfd() -> Result<PathBuf> {
     Ok(exe.with_file_name("sfd"))
 }
 
-fn up(
+pub(crate) fn up(
     setup: &Setup,
     hosts: usize,
     slots: u32,
     limits: &[(&str, toml::Value)],
+    mcdist: &[(&str, toml::Value)],
 ) -> Result<(Cluster, tempfile::TempDir)> {
     let dir = tempfile::tempdir().context("creating a cluster directory")?;
     let mut spec = ClusterSpec::new(hosts, dir.path(), &setup.sfd);
@@ -60,6 +61,9 @@ fn up(
     spec.log_filter = "warn".into();
     for (key, value) in limits {
         spec.extra_limits.insert((*key).to_string(), value.clone());
+    }
+    for (key, value) in mcdist {
+        spec.mcdist.insert((*key).to_string(), value.clone());
     }
     let cluster = Cluster::up(spec).context("starting the test cluster")?;
     Ok((cluster, dir))
@@ -71,12 +75,12 @@ fn client(socket: &Path) -> ApiClient {
 }
 
 /// A job's console lines, outcome and clone reports.
-struct JobEnd {
-    lines: Vec<String>,
-    reports: Vec<CloneSummary>,
+pub(crate) struct JobEnd {
+    pub(crate) lines: Vec<String>,
+    pub(crate) reports: Vec<CloneSummary>,
 }
 
-fn run_job(socket: &Path, image: &str, mem: u64, args: &str) -> Result<JobEnd> {
+pub(crate) fn run_job(socket: &Path, image: &str, mem: u64, args: &str) -> Result<JobEnd> {
     let bytes = snowflock_guest::images::by_name(image)
         .with_context(|| format!("no embedded image {image}"))?
         .to_vec();
@@ -107,7 +111,7 @@ fn clone_stats(socket: &Path) -> Result<Vec<CloneStats>> {
 }
 
 /// `key=value` of the first line with `prefix` holding `key`, as a number.
-fn number(lines: &[String], prefix: &str, key: &str) -> Result<f64> {
+pub(crate) fn number(lines: &[String], prefix: &str, key: &str) -> Result<f64> {
     let pat = format!(" {key}=");
     let line = lines
         .iter()
@@ -119,7 +123,7 @@ fn number(lines: &[String], prefix: &str, key: &str) -> Result<f64> {
         .with_context(|| format!("{key}={text} is not a number"))
 }
 
-fn emit(
+pub(crate) fn emit(
     sink: &mut dyn Sink,
     bench: &str,
     metric: &str,
@@ -312,7 +316,13 @@ fn local_fault_latency(pages: u32) -> Result<(CloneStats, Vec<String>)> {
 /// `fault-remote`.
 pub fn fault_remote(setup: &Setup, pages: u32, sink: &mut dyn Sink) -> Result<()> {
     let params: Map<String, Value> = [("pages".to_string(), json!(pages))].into_iter().collect();
-    let (cluster, _dir) = up(setup, 2, 4, &[("prefetch_pages", toml::Value::Integer(0))])?;
+    let (cluster, _dir) = up(
+        setup,
+        2,
+        4,
+        &[("prefetch_pages", toml::Value::Integer(0))],
+        &[],
+    )?;
     let h1 = cluster.host(0)?.socket.clone();
     // Guest-side: each read timed with the TSC in the guest, i.e. the whole
     // fault as the VM sees it. Handler-side: from reading the fault event to
@@ -386,6 +396,7 @@ fn fetched_bytes(setup: &Setup, avoidance: bool, image: &str, mem: u64, args: &s
         2,
         4,
         &[("avoidance", toml::Value::Boolean(avoidance))],
+        &[],
     )?;
     let h1 = cluster.host(0)?.socket.clone();
     run_job(&h1, image, mem, args)?;
@@ -440,7 +451,7 @@ pub fn avoidance(setup: &Setup, sink: &mut dyn Sink) -> Result<()> {
     Ok(())
 }
 
-fn seqsearch_args(clones: u32) -> String {
+pub(crate) fn seqsearch_args(clones: u32) -> String {
     format!("ref_mib=32 queries=32000 clones={clones}")
 }
 
@@ -470,7 +481,7 @@ fn local_job_ms(clones: u32) -> Result<f64> {
 
 /// `clone-remote`.
 pub fn clone_remote(setup: &Setup, counts: &[u32], sink: &mut dyn Sink) -> Result<()> {
-    let (cluster, _dir) = up(setup, 4, 8, &[])?;
+    let (cluster, _dir) = up(setup, 4, 8, &[], &[])?;
     let h1 = cluster.host(0)?.socket.clone();
     for &n in counts {
         let params: Map<String, Value> = [

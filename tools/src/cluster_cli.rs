@@ -22,6 +22,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use snowflock_control::config::{Distribution, RxPath};
 use snowflock_tools::cluster::{
     self, Cluster, ClusterRecord, ClusterSpec, DEFAULT_CLONE_SLOTS, DEFAULT_FETCH_TIMEOUT_MS,
     HostInfo,
@@ -67,6 +68,12 @@ pub struct UpArgs {
     /// RUST_LOG of the daemons.
     #[arg(long, default_value = "info")]
     pub log: String,
+    /// How clone hosts get pages: mcdist (multicast) or unicast.
+    #[arg(long, value_enum, default_value = "mcdist")]
+    pub distribution: Distribution,
+    /// mcdist receive path of every host: sockets, xdp, or auto.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub rx_path: RxPath,
     /// Print the cluster's state (as in cluster.json) as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -102,6 +109,23 @@ pub fn run(command: ClusterCommand) -> Result<ExitCode> {
     }
 }
 
+/// The `[mcdist]` keys of every host.
+fn mcdist_table(distribution: Distribution, rx_path: RxPath) -> toml::Table {
+    fn name<T: clap::ValueEnum>(value: &T) -> String {
+        value
+            .to_possible_value()
+            .map(|p| p.get_name().to_owned())
+            .unwrap_or_default()
+    }
+    let mut table = toml::Table::new();
+    table.insert(
+        "distribution".into(),
+        toml::Value::String(name(&distribution)),
+    );
+    table.insert("rx_path".into(), toml::Value::String(name(&rx_path)));
+    table
+}
+
 /// `sf cluster up`: builds the cluster, prints its hosts, and leaves it running.
 pub fn up(args: UpArgs) -> Result<ExitCode> {
     let sfd = match args.sfd {
@@ -113,6 +137,7 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     spec.clone_slots = args.slots;
     spec.fetch_timeout_ms = args.fetch_timeout_ms;
     spec.log_filter = args.log;
+    spec.mcdist = mcdist_table(args.distribution, args.rx_path);
     let cluster = Cluster::up(spec).context("starting the cluster")?;
     let record = cluster.detach();
     if args.json {

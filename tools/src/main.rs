@@ -2,6 +2,7 @@
 
 mod cluster_cli;
 mod daemon_cli;
+mod net_cli;
 mod report;
 
 use std::path::PathBuf;
@@ -92,6 +93,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The host's page transport: show it, or tune queues, rings and the receive path.
+    Net {
+        #[command(subcommand)]
+        command: net_cli::NetCommand,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +178,7 @@ fn main() -> ExitCode {
         Command::Ps { target, json } => daemon_cli::ps(&target.socket, json),
         Command::Kill { target, vm } => daemon_cli::kill(&target.socket, &vm),
         Command::Stats { target, json } => daemon_cli::stats(&target.socket, json),
+        Command::Net { command } => net_cli::run(command),
         Command::Images => {
             for (name, bytes) in snowflock_guest::images::ALL {
                 println!("{name:<12} {:>8} bytes", bytes.len());

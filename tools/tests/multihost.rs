@@ -5,92 +5,14 @@
 //! Every test makes its own cluster with a random prefix; the cluster is
 //! removed when the test ends, also when it fails.
 
-use std::os::fd::AsRawFd;
-use std::path::Path;
-use std::process::Command;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::*;
 use snowflock_control::VmOutcome;
-use snowflock_control::client::ApiClient;
-use snowflock_control::protocol::{ApiRequest, ApiResponse, CloneSummary, HostStats};
+use snowflock_control::protocol::{ApiRequest, ApiResponse};
 use snowflock_dataplane::auth::{self, ClusterKey};
-use snowflock_tools::cluster::{Cluster, ClusterSpec};
-use tempfile::TempDir;
-
-fn cluster(hosts: usize, slots: u32, tune: impl FnOnce(&mut ClusterSpec)) -> (Cluster, TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut spec = ClusterSpec::new(hosts, dir.path(), env!("CARGO_BIN_EXE_sfd"));
-    spec.clone_slots = slots;
-    spec.log_filter = "info,snowflock_control=debug".into();
-    tune(&mut spec);
-    let cluster = Cluster::up(spec).expect("cluster up");
-    (cluster, dir)
-}
-
-/// Every answer, a whole job included, comes within this bound.
-fn client(socket: &Path) -> ApiClient {
-    ApiClient::new(socket, Some(Duration::from_secs(240)))
-}
-
-fn call(socket: &Path, req: &ApiRequest) -> ApiResponse {
-    client(socket).call(req).unwrap()
-}
-
-fn start(socket: &Path, image: &str, mem: u64, args: &str) -> u64 {
-    let image = snowflock_guest::images::by_name(image).unwrap().to_vec();
-    client(socket).start("test", image, mem, args).unwrap()
-}
-
-/// Console lines and the end of a VM.
-struct Ended {
-    lines: Vec<String>,
-    outcome: VmOutcome,
-    reports: Vec<CloneSummary>,
-}
-
-fn wait(socket: &Path, vm: u64) -> Ended {
-    let mut lines = Vec::new();
-    let end = client(socket)
-        .wait(vm, |label, line| lines.push(format!("[{label}] {line}")))
-        .expect("waiting for the VM");
-    Ended {
-        lines,
-        outcome: end.outcome,
-        reports: end.reports,
-    }
-}
-
-fn stats(socket: &Path) -> Vec<HostStats> {
-    client(socket).stats().unwrap()
-}
-
-/// The value of `key=` in the line of `lines` that starts with `prefix`.
-fn field(lines: &[String], prefix: &str, key: &str) -> String {
-    let line = lines
-        .iter()
-        .find(|l| l.contains(prefix) && l.contains(&format!(" {key}=")))
-        .unwrap_or_else(|| panic!("no {prefix} line with {key}= in {lines:#?}"));
-    let start = line.find(&format!(" {key}=")).unwrap() + key.len() + 2;
-    line[start..].split_whitespace().next().unwrap().to_string()
-}
-
-/// The same job run in-process on this host with `sf run`.
-fn local_run(image: &str, mem: &str, args: &str) -> Vec<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_sf"))
-        .args(["run", image, "--mem", mem, "--"])
-        .args(args.split_whitespace())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
 
 #[test]
 fn eight_clones_on_three_hosts_match_the_local_and_the_serial_run() {
@@ -147,21 +69,6 @@ fn eight_clones_on_three_hosts_match_the_local_and_the_serial_run() {
     cluster.down().unwrap();
 }
 
-/// Runs `f` on a thread inside network namespace `ns`.
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            // SAFETY: setns on this thread only, with a namespace fd we hold.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 #[test]
 fn a_peer_without_the_cluster_key_gets_nothing() {
     let (cluster, _dir) = cluster(2, 4, |_| {});
@@ -200,22 +107,6 @@ fn a_peer_without_the_cluster_key_gets_nothing() {
     let log = std::fs::read_to_string(&h2.log).unwrap();
     assert!(log.contains("refused a control connection"), "{log}");
     cluster.down().unwrap();
-}
-
-/// Waits (bounded) until `pred` holds for the cluster's stats as seen from `socket`.
-fn wait_for_stats(socket: &Path, what: &str, pred: impl Fn(&[HostStats]) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let hosts = stats(socket);
-        if pred(&hosts) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {hosts:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

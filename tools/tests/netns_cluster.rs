@@ -710,6 +710,8 @@ fn the_cli_brings_a_cluster_up_reports_it_and_takes_it_down() {
         fetch_timeout_ms: 2500,
         sfd: Some(stand_in(fixture.tmp.path(), StandIn::Listens)),
         log: "debug".into(),
+        distribution: snowflock_control::config::Distribution::Unicast,
+        rx_path: snowflock_control::config::RxPath::Sockets,
         json: false,
     };
     assert_eq!(cluster_cli::up(up).unwrap(), ExitCode::SUCCESS);
@@ -720,6 +722,10 @@ fn the_cli_brings_a_cluster_up_reports_it_and_takes_it_down() {
     let pids: Vec<u32> = record.hosts.iter().map(|h| h.pid.unwrap()).collect();
     assert!(pids.iter().all(|&p| alive(p)));
     let config = DaemonConfig::load(&record.hosts[0].config).unwrap();
+    assert_eq!(
+        config.mcdist.distribution,
+        snowflock_control::config::Distribution::Unicast
+    );
     assert_eq!(
         (config.limits.clone_slots, config.limits.fetch_timeout_ms),
         (4, 2500)

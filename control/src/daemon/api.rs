@@ -56,6 +56,8 @@ pub async fn serve_client(daemon: Arc<Daemon>, mut stream: UnixStream) {
         ApiRequest::Ps => ps(&daemon).await,
         ApiRequest::Kill { host, vm } => kill(&daemon, host, vm).await,
         ApiRequest::Stats => stats(&daemon).await,
+        ApiRequest::NetShow => net_status(&daemon).await,
+        ApiRequest::NetTune(tune) => net_tune(&daemon, tune).await,
     };
     let _ = wire::send(&mut stream, &answer).await;
 }
@@ -395,4 +397,36 @@ async fn stats(daemon: &Arc<Daemon>) -> ApiResponse {
     });
     hosts.extend(futures::future::join_all(asks).await);
     ApiResponse::Stats { hosts }
+}
+
+async fn net_status(daemon: &Arc<Daemon>) -> ApiResponse {
+    let daemon = daemon.clone();
+    match tokio::task::spawn_blocking(move || daemon.net.status(daemon.links.served_families()))
+        .await
+    {
+        Ok(status) => ApiResponse::Net(Box::new(status)),
+        Err(e) => ApiResponse::Error {
+            message: format!("reading the network status failed: {e}"),
+        },
+    }
+}
+
+async fn net_tune(daemon: &Arc<Daemon>, tune: crate::protocol::NetTune) -> ApiResponse {
+    let daemon = daemon.clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        daemon
+            .net
+            .tune(&tune)
+            .map(|()| daemon.net.status(daemon.links.served_families()))
+    })
+    .await;
+    match applied {
+        Ok(Ok(status)) => ApiResponse::Net(Box::new(status)),
+        Ok(Err(e)) => ApiResponse::Error {
+            message: crate::supervisor::error_chain(&e),
+        },
+        Err(e) => ApiResponse::Error {
+            message: format!("tuning the network failed: {e}"),
+        },
+    }
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use snowflock_dataplane::auth::{self, ClusterKey};
+use snowflock_dataplane::mcast::McastServer;
 use snowflock_dataplane::server::MemoryServer;
 use snowflock_vmm::memory::MemoryImage;
 use tokio::io::AsyncWriteExt;
@@ -16,9 +17,9 @@ use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{DaemonConfig, Member};
+use crate::config::{DaemonConfig, McdistSection, Member};
 use crate::daemon::memory::ImageStore;
-use crate::protocol::{CloneOrder, FromHost, HostRequest, HostResponse, ToHost};
+use crate::protocol::{CloneOrder, FromHost, HostRequest, HostResponse, McastOrder, ToHost};
 use crate::remote::{Cluster, Plan, RemoteChild, RemoteGrant, RemoteLaunch};
 use crate::supervisor::VmOutcome;
 use crate::wire::{self, Direction, FrameSealer};
@@ -220,8 +221,18 @@ pub struct Links {
     connecting: tokio::sync::Mutex<()>,
     memory: Arc<MemoryServer>,
     pages_addr: SocketAddr,
-    served: Mutex<HashMap<u64, (usize, Arc<MemoryImage>)>>,
+    /// The multicast sender, when this host distributes by mcdist.
+    mcast: Option<Arc<McastServer>>,
+    mcdist: McdistSection,
+    served: Mutex<HashMap<u64, ServedImage>>,
     lines: crate::console::LineSink,
+}
+
+/// A frozen image this host serves, with the clones that still need it.
+struct ServedImage {
+    users: usize,
+    /// Where its pages are multicast.
+    mcast: Option<McastOrder>,
 }
 
 impl std::fmt::Debug for Links {
@@ -239,6 +250,7 @@ impl Links {
         config: &DaemonConfig,
         key: ClusterKey,
         memory: Arc<MemoryServer>,
+        mcast: Option<Arc<McastServer>>,
         lines: crate::console::LineSink,
     ) -> Self {
         Self {
@@ -251,6 +263,8 @@ impl Links {
             connecting: tokio::sync::Mutex::new(()),
             memory,
             pages_addr: config.listen.pages,
+            mcast,
+            mcdist: config.mcdist.clone(),
             served: Mutex::new(HashMap::new()),
             lines,
         }
@@ -495,20 +509,33 @@ impl Cluster for Links {
 
     fn serve_image(&self, family: u64, image: Arc<MemoryImage>) {
         let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = served.entry(family).or_insert_with(|| (0, image.clone()));
-        entry.0 += 1;
-        if entry.0 == 1 {
-            self.memory.register(family, Arc::new(ImageStore(image)));
-        }
+        let entry = served.entry(family).or_insert_with(|| {
+            let store: Arc<ImageStore> = Arc::new(ImageStore(image));
+            self.memory.register(family, store.clone());
+            let mcast = self.mcast.as_ref().map(|server| {
+                let group = self.mcdist.group_of(family);
+                let generation = server.register(family, group, store);
+                McastOrder {
+                    server: server.local_addr(),
+                    group,
+                    generation,
+                }
+            });
+            ServedImage { users: 0, mcast }
+        });
+        entry.users += 1;
     }
 
     fn retire_image(&self, family: u64) {
         let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = served.get_mut(&family) {
-            entry.0 -= 1;
-            if entry.0 == 0 {
+            entry.users -= 1;
+            if entry.users == 0 {
                 served.remove(&family);
                 self.memory.unregister(family);
+                if let Some(server) = &self.mcast {
+                    server.unregister(family);
+                }
             }
         }
     }
@@ -516,6 +543,12 @@ impl Cluster for Links {
     fn launch(&self, grant: RemoteGrant, launch: RemoteLaunch) {
         let link = self.live_link(&grant.host);
         let pages = self.pages_addr;
+        let mcdist = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&launch.descriptor.family)
+            .and_then(|served| served.mcast);
         self.rt.spawn(async move {
             let fail = |children: &[RemoteChild], reason: String| {
                 for child in children {
@@ -544,6 +577,7 @@ impl Cluster for Links {
                 family,
                 descriptor,
                 pages,
+                mcdist,
                 checkpoint: launch.checkpoint,
                 external: launch.external,
                 children: launch

@@ -3,14 +3,17 @@
 //! host fetches a clone point's pages through one [`FetchLink`] per family.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use snowflock_dataplane::auth::ClusterKey;
 use snowflock_dataplane::client::{PageClient, PageSink};
+use snowflock_dataplane::mcast::{FamilyJoin, McastReceiver};
 use snowflock_dataplane::server::PageStore;
 use snowflock_fault_handler::{Family, FetchConfig, PageSource};
 use snowflock_vmm::memory::{MemoryImage, PAGE_SIZE};
+
+use crate::protocol::McastOrder;
 
 /// A frozen image as the memory server reads it.
 #[derive(Debug)]
@@ -70,6 +73,8 @@ pub enum FetchLinkError {
     Cache(#[from] snowflock_fault_handler::CacheError),
     #[error("starting the local page server thread failed")]
     Thread(#[source] std::io::Error),
+    #[error("joining the family's multicast group failed")]
+    Join(#[source] snowflock_dataplane::mcast::JoinError),
     #[error("connecting to the memory server at {addr} failed")]
     Connect {
         addr: SocketAddr,
@@ -78,43 +83,96 @@ pub enum FetchLinkError {
     },
 }
 
+/// Requests go to the host's mcdist receiver; answers reach the family
+/// through the sink it joined with.
+#[derive(Debug)]
+struct McastSource(Weak<McastReceiver>);
+
+impl PageSource for McastSource {
+    fn request(&self, family: u64, pages: &[u64]) {
+        if let Some(receiver) = self.0.upgrade() {
+            receiver.request(family, pages);
+        }
+    }
+}
+
 /// The pages of one clone point on this host, and the connection that
 /// fetches the missing ones.
+///
+/// By unicast, pages come over the TCP connection to the parent's memory
+/// server. By mcdist, requests and pages go through the host's receiver,
+/// and the TCP connection only tells that the parent's host is alive:
+/// when it closes, the family fails at once instead of at its fetch
+/// timeout.
 #[derive(Debug)]
 pub struct FetchLink {
     pub family: Arc<Family>,
     source: Arc<ClientSource>,
+    mcast: Option<Arc<McastReceiver>>,
 }
 
 impl FetchLink {
+    /// Fetches `family_id` from the memory server at `server`: by mcdist
+    /// through `mcast` when given, else over the TCP connection.
     pub fn connect(
         family_id: u64,
         mem_size: u64,
         server: SocketAddr,
         key: &ClusterKey,
         config: FetchConfig,
+        mcast: Option<(&Arc<McastReceiver>, McastOrder)>,
     ) -> Result<Self, FetchLinkError> {
-        let source = Arc::new(ClientSource::default());
-        let family = Family::new(family_id, mem_size, source.clone(), config)?;
-        let client = PageClient::connect(
-            server,
-            key,
-            family_id,
-            Arc::new(FamilySink(family.clone())),
-            Duration::from_secs(3),
-        )
-        .map_err(|source| FetchLinkError::Connect {
-            addr: server,
-            source,
-        })?;
-        // Nothing else sets it: `source` was created above.
-        let _ = source.0.set(client);
-        Ok(Self { family, source })
+        let client_source = Arc::new(ClientSource::default());
+        let source: Arc<dyn PageSource> = match &mcast {
+            Some((receiver, _)) => Arc::new(McastSource(Arc::downgrade(receiver))),
+            None => client_source.clone(),
+        };
+        let family = Family::new(family_id, mem_size, source, config)?;
+        let sink = Arc::new(FamilySink(family.clone()));
+        let client =
+            PageClient::connect(server, key, family_id, sink.clone(), Duration::from_secs(3))
+                .map_err(|source| FetchLinkError::Connect {
+                    addr: server,
+                    source,
+                })?;
+        // Nothing else sets it: `client_source` was created above.
+        let _ = client_source.0.set(client);
+        let mcast = match mcast {
+            Some((receiver, order)) => {
+                receiver
+                    .join(
+                        FamilyJoin {
+                            family: family_id,
+                            generation: order.generation,
+                            group: order.group,
+                            server: order.server,
+                            pages: mem_size / PAGE_SIZE,
+                        },
+                        sink,
+                    )
+                    .map_err(FetchLinkError::Join)?;
+                Some(receiver.clone())
+            }
+            None => None,
+        };
+        Ok(Self {
+            family,
+            source: client_source,
+            mcast,
+        })
     }
 
-    /// Pages received so far over the connection.
+    /// Pages received so far over the TCP connection.
     pub fn received_pages(&self) -> u64 {
         self.source.0.get().map_or(0, |c| c.stats().pages_received)
+    }
+}
+
+impl Drop for FetchLink {
+    fn drop(&mut self) {
+        if let Some(receiver) = &self.mcast {
+            receiver.leave(self.family.id());
+        }
     }
 }
 

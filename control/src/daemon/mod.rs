@@ -13,6 +13,7 @@ pub mod api;
 pub mod host;
 pub mod links;
 pub mod memory;
+pub mod net;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +61,8 @@ pub enum DaemonError {
     },
     #[error("starting the memory server failed")]
     MemoryServer(#[source] snowflock_dataplane::server::BindError),
+    #[error("starting multicast page distribution failed")]
+    Net(#[source] net::NetError),
     #[error("starting the async runtime failed")]
     Runtime(#[source] std::io::Error),
 }
@@ -86,6 +89,7 @@ pub struct Daemon {
     pub(crate) supervisor: Supervisor,
     pub(crate) links: Arc<Links>,
     memory: Arc<MemoryServer>,
+    pub(crate) net: Arc<net::NetPlane>,
     next_id: AtomicU64,
     /// Page caches and connections of clone points, by (memory server, family).
     fetches: Mutex<HashMap<FetchKey, (String, Weak<FetchLink>)>>,
@@ -121,12 +125,15 @@ impl Daemon {
         if let Some(link) = fetches.get(&key).and_then(|(_, w)| w.upgrade()) {
             return Ok(link);
         }
+        let receiver = self.net.receiver();
+        let mcast = receiver.as_ref().zip(order.mcdist);
         let link = FetchLink::connect(
             order.family,
             descriptor.machine.mem_size,
             order.pages,
             &self.key,
             host::fetch_config(&self.config.limits),
+            mcast,
         )
         .map_err(|e| error_chain(&e))?;
         let link = Arc::new(link);
@@ -215,13 +222,14 @@ impl Daemon {
             })
             .collect();
         let served = self.memory.stats();
+        let multicast = self.net.server().map(|s| s.stats());
         HostStats {
             host: self.config.host.name.clone(),
             error: None,
             clones,
             families,
-            served_pages: served.pages_served,
-            served_bytes: served.bytes_served,
+            served_pages: served.pages_served + multicast.as_ref().map_or(0, |m| m.pages_sent),
+            served_bytes: served.bytes_served + multicast.as_ref().map_or(0, |m| m.bytes_sent),
             served_families: self.links.served_families(),
         }
     }
@@ -246,6 +254,7 @@ pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonEr
     let memory = Arc::new(
         MemoryServer::bind(config.listen.pages, key.clone()).map_err(DaemonError::MemoryServer)?,
     );
+    let net = Arc::new(net::NetPlane::start(&config, &key).map_err(DaemonError::Net)?);
     let (lines_tx, _) = broadcast::channel(4096);
     let line_sender = lines_tx.clone();
     let host_name = config.host.name.clone();
@@ -259,6 +268,7 @@ pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonEr
         &config,
         key.clone(),
         memory.clone(),
+        net.server().cloned(),
         lines.clone(),
     ));
     let supervisor = Supervisor::new(
@@ -276,6 +286,7 @@ pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonEr
         supervisor,
         links,
         memory: memory.clone(),
+        net: net.clone(),
         next_id: AtomicU64::new(1),
         fetches: Mutex::new(HashMap::new()),
         hollow: Mutex::new(HashMap::new()),
@@ -286,6 +297,7 @@ pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonEr
     rt.block_on(serve(daemon.clone()))?;
     tracing::info!("shutting down: stopping VMs");
     daemon.stop_all_vms();
+    net.shutdown();
     memory.shutdown();
     drop(rt);
     let _ = std::fs::remove_file(daemon.config.socket_path());

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use snowflock_control::size::parse_size;
 use snowflock_perf::record::JsonLines;
-use snowflock_perf::{clone_local, remote};
+use snowflock_perf::{clone_local, mcast, remote, rx_path};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +36,12 @@ enum Scenario {
     /// N clones over 4 netns hosts: clone call to all running, and job time
     /// against the same job on clones whose state is already in memory.
     CloneRemote(CloneRemote),
+    /// N clones of example (a) over 4 netns hosts: bytes the parent's host
+    /// sends and job time, by mcdist and by unicast in the same run.
+    McastScale(McastScale),
+    /// Pages per second received and installed into guest memory on one host:
+    /// AF_XDP against kernel sockets, and the bulk UFFDIO_COPY ceiling.
+    RxPath(RxPathArgs),
 }
 
 /// Options of every multi-host scenario.
@@ -65,6 +71,28 @@ struct CloneRemote {
     /// Clone counts to measure (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32])]
     clones: Vec<u32>,
+}
+
+#[derive(Debug, Args)]
+struct McastScale {
+    #[command(flatten)]
+    remote: Remote,
+    /// Clone counts to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16, 32])]
+    clones: Vec<u32>,
+    /// mcdist receive path of the hosts: sockets, xdp or auto.
+    #[arg(long, default_value = "auto")]
+    rx_path: String,
+}
+
+#[derive(Debug, Args)]
+struct RxPathArgs {
+    /// Measured runs; the figures are their medians.
+    #[arg(long, default_value_t = 5)]
+    runs: u32,
+    /// Pages sent per run.
+    #[arg(long, default_value_t = 65536)]
+    pages: u32,
 }
 
 fn setup(remote: &Remote) -> anyhow::Result<remote::Setup> {
@@ -141,6 +169,10 @@ fn run() -> anyhow::Result<()> {
         Scenario::CloneRemote(args) => {
             remote::clone_remote(&setup(&args.remote)?, &args.clones, &mut out)?;
         }
+        Scenario::McastScale(args) => {
+            mcast::mcast_scale(&setup(&args.remote)?, &args.clones, &args.rx_path, &mut out)?;
+        }
+        Scenario::RxPath(args) => rx_path::run(args.runs, args.pages, &mut out)?,
     }
     out.0.flush().context("writing results")
 }

@@ -23,6 +23,7 @@ pub(super) fn render(
     members: &[HostInfo],
     key_file: &Path,
     limits: &Limits,
+    mcdist: &toml::Table,
 ) -> String {
     let mut text = String::new();
     // Writing to a String cannot fail.
@@ -52,6 +53,12 @@ pub(super) fn render(
     }
     for (key, value) in limits.extra {
         let _ = writeln!(text, "{} = {}", string(key), value);
+    }
+    if !mcdist.is_empty() {
+        let _ = writeln!(text, "[mcdist]");
+        for (key, value) in mcdist {
+            let _ = writeln!(text, "{} = {}", string(key), value);
+        }
     }
     text
 }

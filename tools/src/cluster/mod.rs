@@ -93,7 +93,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use snowflock_dataplane::auth::{ClusterKey, SaveKeyError};
 
-pub use netns::{CommandError, IP_TIMEOUT};
+pub use netns::{CommandError, IP_TIMEOUT, enter as enter_netns};
 use process::Daemon;
 
 /// Most hosts a cluster may have (addresses `10.77.0.1..=32`).
@@ -185,6 +185,8 @@ pub struct ClusterSpec {
     /// Further `[limits]` keys, written as given (scalars and arrays only). The daemon rejects
     /// keys it does not know.
     pub extra_limits: toml::Table,
+    /// Keys of the `[mcdist]` section, written as given (scalars and arrays only).
+    pub mcdist: toml::Table,
     /// `RUST_LOG` of the daemons.
     pub log_filter: String,
     /// One deadline for every daemon's socket to accept a connection.
@@ -207,6 +209,7 @@ impl ClusterSpec {
             fetch_timeout_ms: DEFAULT_FETCH_TIMEOUT_MS,
             peer_timeout_ms: None,
             extra_limits: toml::Table::new(),
+            mcdist: toml::Table::new(),
             log_filter: "info".to_owned(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
@@ -646,6 +649,11 @@ impl Cluster {
                 )));
             }
         }
+        if let Some((key, _)) = spec.mcdist.iter().find(|(_, v)| v.is_table()) {
+            return Err(invalid(format!(
+                "mcdist key {key:?} must be a scalar or array"
+            )));
+        }
         let prefix = match spec.prefix {
             Some(prefix) => prefix,
             None => random_prefix()?,
@@ -709,7 +717,7 @@ impl Cluster {
             peer_timeout_ms: spec.peer_timeout_ms,
             extra: &spec.extra_limits,
         };
-        cluster.write_files(&limits)?;
+        cluster.write_files(&limits, &spec.mcdist)?;
         cluster.build_network()?;
         for i in 0..cluster.record.hosts.len() {
             cluster.spawn(i)?;
@@ -855,7 +863,11 @@ impl Cluster {
         self.record.clone()
     }
 
-    fn write_files(&mut self, limits: &config::Limits) -> Result<(), ClusterError> {
+    fn write_files(
+        &mut self,
+        limits: &config::Limits,
+        mcdist: &toml::Table,
+    ) -> Result<(), ClusterError> {
         for host in &self.record.hosts {
             fs::create_dir_all(&host.state_dir).map_err(|source| ClusterError::CreateDir {
                 path: host.state_dir.clone(),
@@ -868,7 +880,13 @@ impl Cluster {
             .save(&self.record.key_file)
             .map_err(|source| ClusterError::Key { source })?;
         for host in &self.record.hosts {
-            let text = config::render(host, &self.record.hosts, &self.record.key_file, limits);
+            let text = config::render(
+                host,
+                &self.record.hosts,
+                &self.record.key_file,
+                limits,
+                mcdist,
+            );
             fs::write(&host.config, text).map_err(|source| ClusterError::WriteFile {
                 path: host.config.clone(),
                 source,
@@ -1259,7 +1277,15 @@ mod tests {
             peer_timeout_ms: Some(700),
             extra: &extra,
         };
-        let text = config::render(&record.hosts[1], &record.hosts, &record.key_file, &limits);
+        let mut mcdist = toml::Table::new();
+        mcdist.insert("rx_path".into(), toml::Value::String("sockets".into()));
+        let text = config::render(
+            &record.hosts[1],
+            &record.hosts,
+            &record.key_file,
+            &limits,
+            &mcdist,
+        );
         let doc: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(doc["host"]["name"].as_str(), Some("h2"));
         assert_eq!(doc["host"]["state_dir"].as_str(), Some("/run/c/h2"));
@@ -1277,6 +1303,7 @@ mod tests {
         assert_eq!(doc["limits"]["fetch_timeout_ms"].as_integer(), Some(5000));
         assert_eq!(doc["limits"]["peer_timeout_ms"].as_integer(), Some(700));
         assert_eq!(doc["limits"]["prefetch_pages"].as_integer(), Some(3));
+        assert_eq!(doc["mcdist"]["rx_path"].as_str(), Some("sockets"));
     }
 
     #[test]

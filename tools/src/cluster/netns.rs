@@ -21,6 +21,22 @@ use super::process;
 /// Where `ip netns add` keeps its namespace handles (bind mounts of nsfs inodes).
 pub(super) const NETNS_DIR: &str = "/run/netns";
 
+/// Moves the calling thread (only it) into network namespace `name`: its
+/// sockets, XDP attachments and interface lookups from then on are that
+/// namespace's. Run it on a thread of its own.
+pub fn enter(name: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let handle = fs::File::open(Path::new(NETNS_DIR).join(name))?;
+    // SAFETY: setns only changes the calling thread's network namespace; the
+    // descriptor is an open nsfs handle we own for the duration of the call.
+    let rc = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Longest time one `ip` command may take before it is killed and reported as failed.
 pub const IP_TIMEOUT: Duration = Duration::from_secs(10);
 

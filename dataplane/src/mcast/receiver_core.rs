@@ -1,0 +1,1170 @@
+//! The receive side of mcdist without its transport: what a clone host does with datagrams,
+//! page requests and time, whichever path (kernel UDP socket or AF_XDP) brings the datagrams.
+//!
+//! A transport drives a [`ReceiverCore`]:
+//!
+//! - it hands over received UDP payloads with [`ReceiverCore::on_datagrams`] (a batch at a
+//!   time; each call delivers the pages it completed to their families' sinks, one
+//!   [`PageSink::deliver_batch`] per family and call);
+//! - it calls [`ReceiverCore::tick`] no later than the instant the previous call returned, and
+//!   whenever the core asks through [`RequestTransport::wake`];
+//! - it sends the REQUEST datagrams the core gives it ([`RequestTransport::send`]), from the
+//!   address the server's unicast answers should come back to.
+//!
+//! Fault threads call [`ReceiverCore::request`] directly; it sends at once.
+//!
+//! # What the core does
+//!
+//! - Checks every datagram ([`wire::decode`]: shape, tag, fields) and drops, with a counter,
+//!   anything forged, corrupted, of a family it has not joined or of another generation.
+//! - Reassembles pages from fragments (a bounded number of partial pages, each with a
+//!   timeout) and delivers each complete page once: pages already held are dropped. Pages
+//!   nobody on this host asked for (early pages) are delivered too.
+//! - Keeps the pages it requested and has not received in a table with a retransmission
+//!   timeout adapted to the measured request-to-page time (like TCP's: smoothed RTT plus four
+//!   deviations, within `rto_min..=rto_max`, doubling per retry), plus the time the server
+//!   needs at the reported rate for the requested pages ahead of it. Expired pages are
+//!   requested again with the `RETRY` flag; after `unicast_after` retries also with
+//!   `UNICAST_REPLY`.
+//! - Estimates the rate it can take (AIMD: grows while nothing is lost, halves when a page has
+//!   to be re-requested) and reports it in every REQUEST and in a report every
+//!   `report_interval` (which also keeps it in the server's set of active receivers).
+//! - Turns a REJECT into one [`PageSink::failed`] call for the family; the family then stops
+//!   requesting and reporting.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::auth::ClusterKey;
+use crate::client::PageSink;
+use crate::mcast::rate::AimdRate;
+use crate::mcast::reassembly::{Outcome, PageBuf, Reassembly};
+use crate::mcast::wire::{
+    self, Datagram, DecodeError, FRAGMENT_PUSH, FRAGMENT_UNICAST, Header, MAX_REQUEST_PAGES,
+    McastKey, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_RETRY, REQUEST_UNICAST_REPLY,
+};
+use crate::sync::lock;
+
+/// The mcdist UDP port of every host unless configured otherwise.
+pub const DEFAULT_PORT: u16 = 7073;
+
+/// How long [`ReceiverCore::tick`] lets the transport sleep when nothing is pending.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// Tunables of a receiver (both paths).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiverConfig {
+    /// The address of the interface on the cluster network: group memberships are made on it.
+    pub local_addr: Ipv4Addr,
+    /// The mcdist UDP port (the same on every host).
+    pub port: u16,
+    /// Smallest retransmission timeout.
+    pub rto_min: Duration,
+    /// Largest retransmission timeout (also the cap of the per-retry doubling).
+    pub rto_max: Duration,
+    /// Re-requests of a page after which it is requested with `UNICAST_REPLY`.
+    pub unicast_after: u32,
+    /// Rate reported (pages/s) before anything was measured.
+    pub initial_rate: u32,
+    /// The rate never drops below this (pages/s): halving on random, non-congestion loss
+    /// must not starve the family.
+    pub min_rate: u32,
+    /// The rate never grows above this (pages/s).
+    pub max_rate: u32,
+    /// How often each family's rate is reported (and grown when nothing was lost). Keep it
+    /// well below the server's `receiver_idle`.
+    pub report_interval: Duration,
+    /// Most pages partly received at once (each holds a 4 KiB buffer).
+    pub max_partial_pages: usize,
+    /// A page partly received for this long is dropped.
+    pub partial_timeout: Duration,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> ReceiverConfig {
+        ReceiverConfig {
+            local_addr: Ipv4Addr::UNSPECIFIED,
+            port: DEFAULT_PORT,
+            rto_min: Duration::from_millis(10),
+            rto_max: Duration::from_millis(500),
+            unicast_after: 3,
+            initial_rate: 20_000,
+            min_rate: 500,
+            max_rate: 200_000,
+            report_interval: Duration::from_millis(100),
+            max_partial_pages: 1024,
+            partial_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A family (clone point) this host runs clones of, as the launch order describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FamilyJoin {
+    /// The clone point's id.
+    pub family: u64,
+    /// The serving daemon's generation of it.
+    pub generation: u32,
+    /// Its multicast group.
+    pub group: Ipv4Addr,
+    /// Where its server takes REQUESTs.
+    pub server: SocketAddrV4,
+    /// Pages in its memory; fragments of pages beyond are dropped as malformed.
+    pub pages: u64,
+}
+
+/// Learns each page the host now holds (the AF_XDP path sets its presence bitmap with it).
+///
+/// Called after the page was delivered to the family's sink, from the thread that delivered
+/// it.
+pub trait HeldPages: Send + Sync {
+    /// `page` of `family` is now held.
+    fn held(&self, family: u64, page: u64);
+}
+
+/// How a [`ReceiverCore`] sends and asks to be ticked; implemented by the transport.
+pub trait RequestTransport: Send + Sync {
+    /// Sends one REQUEST datagram to `server`. Must not block long (called from fault
+    /// threads); a lost request is re-sent when its timeout expires.
+    fn send(&self, server: SocketAddrV4, datagram: &[u8]) -> io::Result<()>;
+    /// The core's next deadline moved before the one the last [`ReceiverCore::tick`]
+    /// returned: call `tick` soon.
+    fn wake(&self);
+}
+
+/// Counters of a receiver (all families) or of one family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReceiverStats {
+    /// Datagrams handed to the core (family stats: those that decoded as this family's).
+    pub datagrams: u64,
+    /// Authenticated fragments of a joined family and generation.
+    pub fragments: u64,
+    /// Pages completed and delivered.
+    pub pages_completed: u64,
+    /// Of those, pages this host had not requested (arrived for a sibling, or pushed).
+    pub early_pages: u64,
+    /// Fragments dropped because their page was already held or the fragment had arrived.
+    pub duplicate_fragments: u64,
+    /// Datagrams with a wrong tag (forged or corrupted).
+    pub mac_failed: u64,
+    /// Datagrams that were short, of another version, kind or shape, inconsistent with the
+    /// other fragments of their page, for a page past the family's end, or not meant for a
+    /// receiver.
+    pub malformed: u64,
+    /// Authenticated datagrams of a family this host has not joined, or of another generation.
+    pub not_ours: u64,
+    /// Partial pages dropped (timed out or evicted by newer ones).
+    pub partials_dropped: u64,
+    /// REQUEST datagrams sent (page requests, re-requests, reports, JOIN, LEAVE).
+    pub requests_sent: u64,
+    /// Pages requested for the first time.
+    pub pages_requested: u64,
+    /// Pages requested again after their timeout.
+    pub re_requests: u64,
+    /// REQUEST datagrams sent with `UNICAST_REPLY`.
+    pub unicast_requests: u64,
+    /// Report-only REQUESTs sent (no pages).
+    pub reports_sent: u64,
+    /// REQUESTs the transport failed to send.
+    pub send_errors: u64,
+    /// REJECTs received for a joined family.
+    pub rejects: u64,
+    /// Fragments that came with the `UNICAST` flag.
+    pub unicast_fragments: u64,
+    /// Fragments that came with the `PUSH` flag.
+    pub pushed_fragments: u64,
+    /// Times the rate was halved.
+    pub rate_cuts: u64,
+    /// The current rate estimate, pages/s (receiver stats: the lowest of its families; 0
+    /// without families).
+    pub rate: u32,
+    /// Pages requested and not yet received.
+    pub outstanding: u64,
+    /// Pages partly received now (receiver stats only).
+    pub partial_pages: u64,
+    /// Datagrams longer than any mcdist datagram (socket path).
+    pub truncated: u64,
+    /// Failed receives (socket path).
+    pub receive_errors: u64,
+    /// Times the receive buffers ran out before the loop returned them (socket path).
+    pub buffers_exhausted: u64,
+}
+
+/// Why joining a family failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The family is joined already.
+    #[error("family {family:#x} is already joined")]
+    AlreadyJoined {
+        /// The family.
+        family: u64,
+    },
+    /// The multicast group could not be joined.
+    #[error("joining multicast group {group} on {interface}")]
+    Membership {
+        /// The group.
+        group: Ipv4Addr,
+        /// The interface address.
+        interface: Ipv4Addr,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The receiver was shut down.
+    #[error("the mcdist receiver is shut down")]
+    Stopped,
+    /// The XDP program could not take the family.
+    #[error("registering family {family:#x} with the XDP program")]
+    Xdp {
+        /// The family.
+        family: u64,
+        /// What failed.
+        source: snowflock_ebpf::FamilyError,
+    },
+}
+
+/// Request-to-page time estimate (RFC 6298's smoothing), for the retransmission timeout.
+#[derive(Debug, Default)]
+struct RttEstimate {
+    smoothed: Option<Duration>,
+    variation: Duration,
+}
+
+impl RttEstimate {
+    fn sample(&mut self, rtt: Duration) {
+        match self.smoothed {
+            None => {
+                self.smoothed = Some(rtt);
+                self.variation = rtt / 2;
+            }
+            Some(smoothed) => {
+                self.variation = (self.variation * 3 + smoothed.abs_diff(rtt)) / 4;
+                self.smoothed = Some((smoothed * 7 + rtt) / 8);
+            }
+        }
+    }
+
+    fn rto(&self, min: Duration, max: Duration) -> Duration {
+        let rto = match self.smoothed {
+            Some(smoothed) => smoothed + self.variation * 4,
+            // Before any sample: a quarter of the maximum, so a first loss costs little but a
+            // server still queueing at its initial rate is not flooded with retries.
+            None => max / 4,
+        };
+        rto.clamp(min, max.max(min))
+    }
+}
+
+#[derive(Debug)]
+struct Outstanding {
+    first_sent: Instant,
+    /// The part of its wait that is its place in the server's queue (see [`queueing`]).
+    queued_for: Duration,
+    retry_at: Instant,
+    retries: u32,
+}
+
+/// How long the server takes to send `pages` pages to a receiver that reported `rate`: it
+/// never sends the family faster, so a page with `pages - 1` requested pages ahead of it
+/// cannot arrive sooner. Added to its timeout, so that a long request is not re-requested
+/// while it is still being served, and taken off its request-to-page time, so that the
+/// timeout stays a measure of the network.
+fn queueing(pages: usize, rate: u32) -> Duration {
+    Duration::from_secs_f64(pages as f64 / f64::from(rate.max(1)))
+}
+
+/// Pages held, one bit each.
+#[derive(Debug)]
+struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    fn new(bits: u64) -> Bitmap {
+        Bitmap(vec![0; bits.div_ceil(64) as usize])
+    }
+
+    fn get(&self, bit: u64) -> bool {
+        self.0
+            .get((bit / 64) as usize)
+            .is_some_and(|word| word & (1 << (bit % 64)) != 0)
+    }
+
+    fn set(&mut self, bit: u64) {
+        if let Some(word) = self.0.get_mut((bit / 64) as usize) {
+            *word |= 1 << (bit % 64);
+        }
+    }
+}
+
+struct Family {
+    join: FamilyJoin,
+    sink: Arc<dyn PageSink>,
+    hook: Option<Arc<dyn HeldPages>>,
+    held: Bitmap,
+    outstanding: HashMap<u64, Outstanding>,
+    /// (retry_at, page) of every outstanding page.
+    retry_order: BTreeSet<(Instant, u64)>,
+    rtt: RttEstimate,
+    rate: AimdRate,
+    next_report: Instant,
+    failed: bool,
+    stats: ReceiverStats,
+}
+
+/// Where a family's completed pages go: its sink and its held-pages hook.
+type Destination = (Arc<dyn PageSink>, Option<Arc<dyn HeldPages>>);
+
+/// A completed page on its way to a sink.
+struct Ready {
+    family: u64,
+    page: u64,
+    data: PageBuf,
+}
+
+struct State {
+    families: HashMap<u64, Family>,
+    reassembly: Reassembly,
+    stats: ReceiverStats,
+    /// The deadline the last `tick` gave the transport.
+    armed: Option<Instant>,
+    /// Scratch for encoding REQUESTs.
+    scratch: Vec<u8>,
+}
+
+/// The path-independent receiver: see the module documentation.
+pub struct ReceiverCore {
+    key: McastKey,
+    /// This receiver's id in its REQUESTs (random, fixed for its life).
+    id: u32,
+    config: ReceiverConfig,
+    transport: Arc<dyn RequestTransport>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for ReceiverCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiverCore")
+            .field("id", &format_args!("{:#x}", self.id))
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Adds to both the receiver's and the family's counters.
+fn count(global: &mut ReceiverStats, family: &mut ReceiverStats, add: impl Fn(&mut ReceiverStats)) {
+    add(global);
+    add(family);
+}
+
+/// What one REQUEST send needs, gathered under the lock.
+struct Outgoing<'a> {
+    key: &'a McastKey,
+    transport: &'a dyn RequestTransport,
+    id: u32,
+}
+
+impl Outgoing<'_> {
+    /// Encodes and sends REQUESTs for `pages` (any number, split by [`MAX_REQUEST_PAGES`]; at
+    /// least one datagram even without pages), counting them.
+    fn send(
+        &self,
+        scratch: &mut Vec<u8>,
+        family: &mut Family,
+        global: &mut ReceiverStats,
+        flags: u16,
+        pages: &[u64],
+    ) {
+        let header = Header {
+            flags,
+            family: family.join.family,
+            generation: family.join.generation,
+            sender: self.id,
+        };
+        let rate = family.rate.rate();
+        let chunks: Vec<&[u64]> = if pages.is_empty() {
+            vec![&[]]
+        } else {
+            pages.chunks(MAX_REQUEST_PAGES).collect()
+        };
+        for chunk in chunks {
+            if let Err(error) = wire::encode_request(self.key, scratch, &header, rate, chunk) {
+                // Unreachable: the flags are defined ones and chunks are small enough.
+                tracing::error!(%error, "could not encode an mcdist request");
+                continue;
+            }
+            let sent = self.transport.send(family.join.server, scratch);
+            count(global, &mut family.stats, |s| {
+                s.requests_sent += 1;
+                if chunk.is_empty() {
+                    s.reports_sent += 1;
+                }
+                if flags & REQUEST_UNICAST_REPLY != 0 {
+                    s.unicast_requests += 1;
+                }
+            });
+            if let Err(error) = sent {
+                count(global, &mut family.stats, |s| s.send_errors += 1);
+                tracing::debug!(
+                    server = %family.join.server,
+                    family = format_args!("{:#x}", family.join.family),
+                    %error,
+                    "sending an mcdist request failed"
+                );
+            }
+        }
+    }
+}
+
+impl ReceiverCore {
+    /// A core with no families, sending through `transport`.
+    pub fn new(
+        config: ReceiverConfig,
+        key: &ClusterKey,
+        transport: Arc<dyn RequestTransport>,
+    ) -> ReceiverCore {
+        let id = getrandom::u32().unwrap_or_else(|_| {
+            // Only needs to differ between the receivers of one family; the time does that.
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |t| t.subsec_nanos() ^ std::process::id())
+        });
+        ReceiverCore {
+            key: McastKey::new(key),
+            id,
+            state: Mutex::new(State {
+                families: HashMap::new(),
+                reassembly: Reassembly::new(config.max_partial_pages, config.partial_timeout),
+                stats: ReceiverStats::default(),
+                armed: None,
+                scratch: Vec::new(),
+            }),
+            config,
+            transport,
+        }
+    }
+
+    /// This receiver's id, the `sender` of its REQUESTs.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ReceiverConfig {
+        &self.config
+    }
+
+    fn outgoing(&self) -> Outgoing<'_> {
+        Outgoing {
+            key: &self.key,
+            transport: self.transport.as_ref(),
+            id: self.id,
+        }
+    }
+
+    /// Asks the transport for a tick if `deadline` comes before the one it has.
+    fn wake_for(&self, state: &mut State, deadline: Instant) {
+        if state.armed.is_none_or(|armed| deadline < armed) {
+            state.armed = Some(deadline);
+            self.transport.wake();
+        }
+    }
+
+    /// Starts receiving `join.family`: its pages go to `sink`, and each page held is also
+    /// announced to `hook`. Sends a JOIN report to the family's server. The transport must
+    /// already receive the family's group.
+    pub fn join(
+        &self,
+        join: FamilyJoin,
+        sink: Arc<dyn PageSink>,
+        hook: Option<Arc<dyn HeldPages>>,
+    ) -> Result<(), JoinError> {
+        let now = Instant::now();
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        if state.families.contains_key(&join.family) {
+            return Err(JoinError::AlreadyJoined {
+                family: join.family,
+            });
+        }
+        let next_report = now + self.config.report_interval;
+        let family = state.families.entry(join.family).or_insert(Family {
+            join,
+            sink,
+            hook,
+            held: Bitmap::new(join.pages),
+            outstanding: HashMap::new(),
+            retry_order: BTreeSet::new(),
+            rtt: RttEstimate::default(),
+            rate: AimdRate::new(
+                self.config.initial_rate,
+                self.config.min_rate,
+                self.config.max_rate,
+            ),
+            next_report,
+            failed: false,
+            stats: ReceiverStats::default(),
+        });
+        self.outgoing().send(
+            &mut state.scratch,
+            family,
+            &mut state.stats,
+            REQUEST_JOIN,
+            &[],
+        );
+        tracing::debug!(
+            family = format_args!("{:#x}", join.family),
+            generation = join.generation,
+            group = %join.group,
+            server = %join.server,
+            "joined mcdist family"
+        );
+        self.wake_for(state, next_report);
+        Ok(())
+    }
+
+    /// Stops receiving `family`: sends LEAVE and forgets its state (partial pages, requests).
+    /// Returns whether it was joined. A delivery already under way may still reach its sink.
+    pub fn leave(&self, family: u64) -> bool {
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        let Some(mut left) = state.families.remove(&family) else {
+            return false;
+        };
+        state.reassembly.forget_family(family);
+        self.outgoing().send(
+            &mut state.scratch,
+            &mut left,
+            &mut state.stats,
+            REQUEST_LEAVE,
+            &[],
+        );
+        tracing::debug!(family = format_args!("{family:#x}"), "left mcdist family");
+        true
+    }
+
+    /// Leaves every family (see [`ReceiverCore::leave`]).
+    pub fn leave_all(&self) {
+        let families: Vec<u64> = lock(&self.state).families.keys().copied().collect();
+        for family in families {
+            self.leave(family);
+        }
+    }
+
+    /// The families joined now.
+    pub fn families(&self) -> Vec<FamilyJoin> {
+        lock(&self.state)
+            .families
+            .values()
+            .map(|f| f.join)
+            .collect()
+    }
+
+    /// Requests `pages` of `family` now (from any thread). Pages already held (delivered) or
+    /// already requested and not yet received are skipped; the rest get a timeout and are
+    /// re-requested until they arrive. Does nothing for a family not joined or failed.
+    pub fn request(&self, family: u64, pages: &[u64]) {
+        let now = Instant::now();
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        let Some(fam) = state.families.get_mut(&family) else {
+            tracing::debug!(
+                family = format_args!("{family:#x}"),
+                "request for a family not joined"
+            );
+            return;
+        };
+        if fam.failed {
+            return;
+        }
+        let rto = fam.rtt.rto(self.config.rto_min, self.config.rto_max);
+        let rate = fam.rate.rate();
+        let mut wanted = Vec::with_capacity(pages.len());
+        let mut earliest = None;
+        for &page in pages {
+            if fam.held.get(page) || fam.outstanding.contains_key(&page) {
+                continue;
+            }
+            let queued_for = queueing(fam.outstanding.len() + 1, rate);
+            let retry_at = now + rto + queued_for;
+            earliest.get_or_insert(retry_at);
+            fam.outstanding.insert(
+                page,
+                Outstanding {
+                    first_sent: now,
+                    queued_for,
+                    retry_at,
+                    retries: 0,
+                },
+            );
+            fam.retry_order.insert((retry_at, page));
+            wanted.push(page);
+        }
+        let Some(earliest) = earliest else {
+            return;
+        };
+        let requested = wanted.len() as u64;
+        count(&mut state.stats, &mut fam.stats, |s| {
+            s.pages_requested += requested;
+        });
+        self.outgoing()
+            .send(&mut state.scratch, fam, &mut state.stats, 0, &wanted);
+        self.wake_for(state, earliest);
+    }
+
+    /// Processes received UDP payloads (each one mcdist datagram) and delivers the pages they
+    /// complete. May be called from several threads at once.
+    pub fn on_datagrams<'a>(&self, datagrams: impl IntoIterator<Item = &'a [u8]>) {
+        // The tag check is the expensive part: done before taking the lock.
+        let decoded: Vec<Result<Datagram<'a>, DecodeError>> = datagrams
+            .into_iter()
+            .map(|bytes| wire::decode(&self.key, bytes))
+            .collect();
+        if decoded.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut ready: Vec<Ready> = Vec::new();
+        let mut failures: Vec<(Arc<dyn PageSink>, String)> = Vec::new();
+        let mut sinks: HashMap<u64, Destination> = HashMap::new();
+        {
+            let mut guard = lock(&self.state);
+            let state = &mut *guard;
+            for datagram in decoded {
+                state.stats.datagrams += 1;
+                match datagram {
+                    Err(DecodeError::BadTag) => state.stats.mac_failed += 1,
+                    Err(error) => {
+                        state.stats.malformed += 1;
+                        tracing::trace!(%error, "dropped a malformed mcdist datagram");
+                    }
+                    Ok(Datagram::Fragment(header, fragment)) => {
+                        let Some(family) = state.families.get_mut(&header.family) else {
+                            state.stats.not_ours += 1;
+                            continue;
+                        };
+                        family.stats.datagrams += 1;
+                        if header.generation != family.join.generation || family.failed {
+                            count(&mut state.stats, &mut family.stats, |s| s.not_ours += 1);
+                            continue;
+                        }
+                        if fragment.page >= family.join.pages {
+                            count(&mut state.stats, &mut family.stats, |s| s.malformed += 1);
+                            continue;
+                        }
+                        count(&mut state.stats, &mut family.stats, |s| {
+                            s.fragments += 1;
+                            if header.flags & FRAGMENT_PUSH != 0 {
+                                s.pushed_fragments += 1;
+                            }
+                            if header.flags & FRAGMENT_UNICAST != 0 {
+                                s.unicast_fragments += 1;
+                            }
+                        });
+                        if family.held.get(fragment.page) {
+                            count(&mut state.stats, &mut family.stats, |s| {
+                                s.duplicate_fragments += 1;
+                            });
+                            continue;
+                        }
+                        let (outcome, evicted) =
+                            state.reassembly.insert(header.family, &fragment, now);
+                        state.stats.partials_dropped += evicted;
+                        match outcome {
+                            Outcome::Partial => {}
+                            Outcome::Duplicate => count(&mut state.stats, &mut family.stats, |s| {
+                                s.duplicate_fragments += 1;
+                            }),
+                            Outcome::Inconsistent => {
+                                count(&mut state.stats, &mut family.stats, |s| s.malformed += 1);
+                            }
+                            Outcome::Complete(data) => {
+                                family.held.set(fragment.page);
+                                let early = match family.outstanding.remove(&fragment.page) {
+                                    Some(request) => {
+                                        family
+                                            .retry_order
+                                            .remove(&(request.retry_at, fragment.page));
+                                        // Karn: only pages never re-requested give a clean
+                                        // sample.
+                                        if request.retries == 0 {
+                                            family.rtt.sample(
+                                                now.saturating_duration_since(request.first_sent)
+                                                    .saturating_sub(request.queued_for),
+                                            );
+                                        }
+                                        false
+                                    }
+                                    None => true,
+                                };
+                                count(&mut state.stats, &mut family.stats, |s| {
+                                    s.pages_completed += 1;
+                                    if early {
+                                        s.early_pages += 1;
+                                    }
+                                });
+                                sinks.entry(header.family).or_insert_with(|| {
+                                    (Arc::clone(&family.sink), family.hook.clone())
+                                });
+                                ready.push(Ready {
+                                    family: header.family,
+                                    page: fragment.page,
+                                    data,
+                                });
+                            }
+                        }
+                    }
+                    Ok(Datagram::Reject(header, reject)) => {
+                        let Some(family) = state.families.get_mut(&header.family) else {
+                            state.stats.not_ours += 1;
+                            continue;
+                        };
+                        family.stats.datagrams += 1;
+                        if header.generation != family.join.generation {
+                            count(&mut state.stats, &mut family.stats, |s| s.not_ours += 1);
+                            continue;
+                        }
+                        count(&mut state.stats, &mut family.stats, |s| s.rejects += 1);
+                        if family.failed {
+                            continue;
+                        }
+                        family.failed = true;
+                        family.outstanding.clear();
+                        family.retry_order.clear();
+                        let reason = format!(
+                            "mcdist server {} rejected page {:#x} of family {:#x} \
+                             (generation {:#x}): {}",
+                            family.join.server,
+                            reject.page,
+                            header.family,
+                            header.generation,
+                            reject.code
+                        );
+                        tracing::warn!(%reason, "mcdist family failed");
+                        failures.push((Arc::clone(&family.sink), reason));
+                    }
+                    Ok(Datagram::Request(..)) => state.stats.malformed += 1,
+                }
+            }
+        }
+        self.deliver(&ready, &sinks);
+        for (sink, reason) in failures {
+            sink.failed(reason);
+        }
+        if !ready.is_empty() {
+            let mut state = lock(&self.state);
+            for page in ready {
+                state.reassembly.recycle(page.data);
+            }
+        }
+    }
+
+    /// Hands completed pages to their sinks, one batch per family, then to the hooks.
+    fn deliver(&self, ready: &[Ready], sinks: &HashMap<u64, Destination>) {
+        for (&family, (sink, hook)) in sinks {
+            let batch: Vec<(u64, &[u8])> = ready
+                .iter()
+                .filter(|r| r.family == family)
+                .map(|r| (r.page, &r.data[..]))
+                .collect();
+            sink.deliver_batch(&batch);
+            if let Some(hook) = hook {
+                for (page, _) in &batch {
+                    hook.held(family, *page);
+                }
+            }
+        }
+    }
+
+    /// Runs the timers: re-requests pages whose timeout expired (halving the rate), sends
+    /// rate reports, drops timed-out partial pages. Returns when it wants to run next.
+    pub fn tick(&self) -> Instant {
+        let now = Instant::now();
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        state.stats.partials_dropped += state.reassembly.expire(now);
+        let mut next = now + IDLE_TICK;
+        let outgoing = self.outgoing();
+        for family in state.families.values_mut() {
+            // A failed family waits to be left: it neither requests nor reports.
+            if family.failed {
+                continue;
+            }
+            self.retry_due(&outgoing, &mut state.scratch, &mut state.stats, family, now);
+            if now >= family.next_report {
+                family.rate.on_interval();
+                outgoing.send(&mut state.scratch, family, &mut state.stats, 0, &[]);
+                family.next_report = now + self.config.report_interval;
+            }
+            next = next.min(family.next_report);
+            if let Some(&(retry_at, _)) = family.retry_order.first() {
+                next = next.min(retry_at);
+            }
+        }
+        if let Some(expiry) = state.reassembly.next_expiry() {
+            next = next.min(expiry);
+        }
+        state.armed = Some(next);
+        next
+    }
+
+    /// Re-requests the pages of `family` whose timeout expired by `now`.
+    fn retry_due(
+        &self,
+        outgoing: &Outgoing<'_>,
+        scratch: &mut Vec<u8>,
+        global: &mut ReceiverStats,
+        family: &mut Family,
+        now: Instant,
+    ) {
+        let mut due = Vec::new();
+        while let Some(&(retry_at, page)) = family.retry_order.first() {
+            if retry_at > now {
+                break;
+            }
+            family.retry_order.pop_first();
+            due.push(page);
+        }
+        if due.is_empty() {
+            return;
+        }
+        let rto = family.rtt.rto(self.config.rto_min, self.config.rto_max);
+        if family
+            .rate
+            .on_loss(now, rto.max(self.config.report_interval))
+        {
+            count(global, &mut family.stats, |s| s.rate_cuts += 1);
+        }
+        let mut multicast = Vec::new();
+        let mut unicast = Vec::new();
+        let rate = family.rate.rate();
+        // The pages still awaited in time are served before these.
+        let mut ahead = family.outstanding.len().saturating_sub(due.len());
+        for page in due {
+            let Some(request) = family.outstanding.get_mut(&page) else {
+                continue;
+            };
+            request.retries += 1;
+            ahead += 1;
+            let backoff = rto
+                .saturating_mul(1 << request.retries.min(16))
+                .min(self.config.rto_max.max(rto));
+            request.retry_at = now + backoff + queueing(ahead, rate);
+            family.retry_order.insert((request.retry_at, page));
+            if request.retries >= self.config.unicast_after {
+                unicast.push(page);
+            } else {
+                multicast.push(page);
+            }
+        }
+        let retried = (multicast.len() + unicast.len()) as u64;
+        count(global, &mut family.stats, |s| s.re_requests += retried);
+        if !multicast.is_empty() {
+            outgoing.send(scratch, family, global, REQUEST_RETRY, &multicast);
+        }
+        if !unicast.is_empty() {
+            outgoing.send(
+                scratch,
+                family,
+                global,
+                REQUEST_RETRY | REQUEST_UNICAST_REPLY,
+                &unicast,
+            );
+        }
+    }
+
+    /// Counters of all families, plus what could not be attributed to one.
+    pub fn stats(&self) -> ReceiverStats {
+        let state = lock(&self.state);
+        let mut stats = state.stats;
+        stats.rate = state
+            .families
+            .values()
+            .map(|f| f.rate.rate())
+            .min()
+            .unwrap_or(0);
+        stats.outstanding = state
+            .families
+            .values()
+            .map(|f| f.outstanding.len() as u64)
+            .sum();
+        stats.partial_pages = state.reassembly.partial_pages() as u64;
+        stats
+    }
+
+    /// Counters of one joined family.
+    pub fn family_stats(&self, family: u64) -> Option<ReceiverStats> {
+        let state = lock(&self.state);
+        state.families.get(&family).map(|f| ReceiverStats {
+            rate: f.rate.rate(),
+            outstanding: f.outstanding.len() as u64,
+            ..f.stats
+        })
+    }
+
+    /// Whether `page` of `family` is held (was delivered).
+    pub fn holds(&self, family: u64, page: u64) -> bool {
+        lock(&self.state)
+            .families
+            .get(&family)
+            .is_some_and(|f| f.held.get(page))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mcast::wire::{Fragment, Fragmentation, Reject, RejectCode};
+    use crate::wire::PAGE_SIZE;
+    use std::sync::Mutex;
+
+    /// Records the requests a core sends (the transport is the unit under test's boundary;
+    /// the real sockets are exercised in tests/mcast.rs).
+    #[derive(Default)]
+    struct Recorder {
+        sent: Mutex<Vec<Vec<u8>>>,
+        wakes: Mutex<u32>,
+    }
+
+    impl RequestTransport for Recorder {
+        fn send(&self, _server: SocketAddrV4, datagram: &[u8]) -> io::Result<()> {
+            self.sent.lock().unwrap().push(datagram.to_vec());
+            Ok(())
+        }
+        fn wake(&self) {
+            *self.wakes.lock().unwrap() += 1;
+        }
+    }
+
+    #[derive(Default)]
+    struct Collect {
+        pages: Mutex<Vec<(u64, Vec<u8>)>>,
+        failures: Mutex<Vec<String>>,
+        held: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl PageSink for Collect {
+        fn deliver_batch(&self, pages: &[(u64, &[u8])]) {
+            let mut all = self.pages.lock().unwrap();
+            all.extend(pages.iter().map(|(p, d)| (*p, d.to_vec())));
+        }
+        fn failed(&self, reason: String) {
+            self.failures.lock().unwrap().push(reason);
+        }
+    }
+
+    impl HeldPages for Collect {
+        fn held(&self, family: u64, page: u64) {
+            self.held.lock().unwrap().push((family, page));
+        }
+    }
+
+    const FAMILY: u64 = 0xf00d;
+    const GENERATION: u32 = 77;
+
+    fn key() -> ClusterKey {
+        ClusterKey::from_bytes([3; 32])
+    }
+
+    fn config() -> ReceiverConfig {
+        ReceiverConfig {
+            rto_min: Duration::from_millis(1),
+            rto_max: Duration::from_millis(4),
+            unicast_after: 2,
+            report_interval: Duration::from_secs(3600),
+            ..ReceiverConfig::default()
+        }
+    }
+
+    fn join() -> FamilyJoin {
+        FamilyJoin {
+            family: FAMILY,
+            generation: GENERATION,
+            group: Ipv4Addr::new(239, 255, 0, 1),
+            server: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), DEFAULT_PORT),
+            pages: 16,
+        }
+    }
+
+    fn setup() -> (ReceiverCore, Arc<Recorder>, Arc<Collect>) {
+        let recorder = Arc::new(Recorder::default());
+        let core = ReceiverCore::new(config(), &key(), recorder.clone());
+        let sink = Arc::new(Collect::default());
+        core.join(join(), sink.clone(), Some(sink.clone())).unwrap();
+        (core, recorder, sink)
+    }
+
+    fn fragments(family: u64, generation: u32, page: u64, fill: u8) -> Vec<Vec<u8>> {
+        let mkey = McastKey::new(&key());
+        let data = [fill; PAGE_SIZE];
+        let cut = Fragmentation::for_mtu(1500);
+        cut.pieces()
+            .map(|(index, offset, len)| {
+                let mut out = Vec::new();
+                let fragment = Fragment {
+                    page,
+                    index,
+                    count: cut.count,
+                    offset,
+                    data: &data[usize::from(offset)..usize::from(offset + len)],
+                };
+                let header = Header {
+                    flags: 0,
+                    family,
+                    generation,
+                    sender: 0,
+                };
+                wire::encode_fragment(&mkey, &mut out, &header, &fragment).unwrap();
+                out
+            })
+            .collect()
+    }
+
+    fn decode_request(bytes: &[u8]) -> (u16, Vec<u64>) {
+        match wire::decode(&McastKey::new(&key()), bytes).unwrap() {
+            Datagram::Request(h, r) => (h.flags, r.pages().collect()),
+            other => panic!("not a request: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pages_are_delivered_once_and_announced_as_held() {
+        let (core, recorder, sink) = setup();
+        assert_eq!(
+            decode_request(&recorder.sent.lock().unwrap()[0]).0,
+            REQUEST_JOIN
+        );
+        core.request(FAMILY, &[3, 4, 3]);
+        let sent = recorder.sent.lock().unwrap().clone();
+        assert_eq!(decode_request(&sent[1]), (0, vec![3, 4]));
+        let page3 = fragments(FAMILY, GENERATION, 3, 0x33);
+        let page5 = fragments(FAMILY, GENERATION, 5, 0x55);
+        // Interleaved and repeated.
+        let order = [
+            &page3[2], &page5[0], &page3[0], &page3[2], &page5[1], &page3[1],
+        ];
+        core.on_datagrams(order.iter().map(|d| d.as_slice()));
+        core.on_datagrams(page5[2..].iter().map(|d| d.as_slice()));
+        core.on_datagrams(page3.iter().map(|d| d.as_slice()));
+        let pages = sink.pages.lock().unwrap().clone();
+        assert_eq!(pages.len(), 2);
+        assert_eq!(pages[0], (3, vec![0x33; PAGE_SIZE]));
+        assert_eq!(pages[1], (5, vec![0x55; PAGE_SIZE]));
+        assert_eq!(*sink.held.lock().unwrap(), vec![(FAMILY, 3), (FAMILY, 5)]);
+        let stats = core.family_stats(FAMILY).unwrap();
+        assert_eq!(stats.pages_completed, 2);
+        assert_eq!(stats.early_pages, 1, "page 5 was never requested");
+        assert_eq!(stats.duplicate_fragments, 4);
+        assert_eq!(stats.outstanding, 1, "page 4 is still awaited");
+        assert!(core.holds(FAMILY, 5));
+        // A held page is not requested again.
+        core.request(FAMILY, &[3]);
+        assert_eq!(recorder.sent.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn forged_and_foreign_datagrams_are_counted_and_dropped() {
+        let (core, _, sink) = setup();
+        let mut forged = fragments(FAMILY, GENERATION, 1, 9);
+        let last = forged[0].len() - 1;
+        forged[0][last] ^= 1;
+        let other_key = {
+            let mkey = McastKey::new(&ClusterKey::from_bytes([4; 32]));
+            let mut out = Vec::new();
+            let header = Header {
+                flags: 0,
+                family: FAMILY,
+                generation: GENERATION,
+                sender: 0,
+            };
+            let data = [1u8; PAGE_SIZE];
+            let fragment = Fragment {
+                page: 1,
+                index: 0,
+                count: 1,
+                offset: 0,
+                data: &data,
+            };
+            wire::encode_fragment(&mkey, &mut out, &header, &fragment).unwrap();
+            out
+        };
+        let stale = fragments(FAMILY, GENERATION + 1, 1, 9);
+        let foreign = fragments(FAMILY + 1, GENERATION, 1, 9);
+        let beyond = fragments(FAMILY, GENERATION, 16, 9);
+        let all: Vec<&[u8]> = [&forged[0], &other_key, &stale[0], &foreign[0], &beyond[0]]
+            .into_iter()
+            .map(|d| d.as_slice())
+            .chain([&b"junk"[..]])
+            .collect();
+        core.on_datagrams(all);
+        let stats = core.stats();
+        assert_eq!(stats.datagrams, 6);
+        assert_eq!(stats.mac_failed, 2);
+        assert_eq!(stats.not_ours, 2);
+        assert_eq!(stats.malformed, 2);
+        assert_eq!(stats.fragments, 0);
+        assert!(sink.pages.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn expired_requests_are_retried_then_asked_unicast_and_the_rate_halves() {
+        let (core, recorder, _) = setup();
+        let initial = core.stats().rate;
+        core.request(FAMILY, &[1, 2]);
+        let mut flags_seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while flags_seen.len() < 2 && Instant::now() < deadline {
+            let next = core.tick();
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            let sent = recorder.sent.lock().unwrap().clone();
+            for datagram in &sent[2..] {
+                let (flags, pages) = decode_request(datagram);
+                assert_eq!(pages, vec![1, 2]);
+                if !flags_seen.contains(&flags) {
+                    flags_seen.push(flags);
+                }
+            }
+        }
+        assert_eq!(
+            flags_seen,
+            vec![REQUEST_RETRY, REQUEST_RETRY | REQUEST_UNICAST_REPLY]
+        );
+        let stats = core.stats();
+        assert!(stats.re_requests >= 4);
+        assert!(stats.unicast_requests >= 1);
+        assert!(stats.rate_cuts >= 1);
+        assert!(stats.rate < initial);
+    }
+
+    #[test]
+    fn a_reject_fails_the_family_once() {
+        let (core, recorder, sink) = setup();
+        core.request(FAMILY, &[2]);
+        let mkey = McastKey::new(&key());
+        let mut out = Vec::new();
+        let header = Header {
+            flags: 0,
+            family: FAMILY,
+            generation: GENERATION,
+            sender: 0,
+        };
+        let reject = Reject {
+            page: 2,
+            code: RejectCode::OutOfRange,
+        };
+        wire::encode_reject(&mkey, &mut out, &header, &reject);
+        core.on_datagrams([out.as_slice(), out.as_slice()]);
+        let failures = sink.failures.lock().unwrap().clone();
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].contains("page out of range"), "{}", failures[0]);
+        assert_eq!(core.stats().rejects, 2);
+        assert_eq!(core.stats().outstanding, 0);
+        let before = recorder.sent.lock().unwrap().len();
+        core.request(FAMILY, &[3]);
+        assert_eq!(recorder.sent.lock().unwrap().len(), before);
+        assert!(core.leave(FAMILY));
+        let sent = recorder.sent.lock().unwrap().clone();
+        assert_eq!(decode_request(sent.last().unwrap()).0, REQUEST_LEAVE);
+        assert!(core.family_stats(FAMILY).is_none());
+    }
+}

@@ -1,0 +1,167 @@
+//! The few system calls mcdist needs that std and socket2 do not offer: an eventfd, waiting for
+//! either of two fds to become readable, and sending many datagrams with one `sendmmsg`.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::mem::size_of;
+use std::net::{SocketAddrV4, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// A non-blocking eventfd: a counter another thread can make readable.
+#[derive(Debug)]
+pub(crate) struct EventFd(File);
+
+impl EventFd {
+    /// A new eventfd with counter 0.
+    pub(crate) fn new() -> io::Result<EventFd> {
+        // SAFETY: eventfd(2) takes no pointers; the flags are valid.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd(2), is open and owned by nothing else.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(EventFd(File::from(owned)))
+    }
+
+    /// Adds 1 to the counter, making the fd readable. A counter already near overflow (it
+    /// cannot be, with 1 per call) would make the write fail; the fd is readable then anyway.
+    pub(crate) fn signal(&self) {
+        let _ = (&self.0).write(&1u64.to_ne_bytes());
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// Blocks until `first` or `second` is readable (or has an error or hangup pending); returns
+/// which of them are.
+pub(crate) fn wait_readable(
+    first: BorrowedFd<'_>,
+    second: BorrowedFd<'_>,
+) -> io::Result<(bool, bool)> {
+    let mut fds = [first, second].map(|fd| libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd structs that outlives the call, and
+        // both fds stay open for it (they are borrowed).
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ready >= 0 {
+            return Ok((fds[0].revents != 0, fds[1].revents != 0));
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
+/// How far [`send_batch`] got.
+#[derive(Debug)]
+pub(crate) struct BatchSent {
+    /// Datagrams sent, from the start of the batch.
+    pub(crate) sent: usize,
+    /// Why the rest was not sent.
+    pub(crate) error: Option<io::Error>,
+}
+
+fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Sends each `(destination, payload)` as one datagram from `socket`, with as few `sendmmsg`
+/// calls as the kernel allows. Stops at the first error.
+pub(crate) fn send_batch(socket: &UdpSocket, datagrams: &[(SocketAddrV4, &[u8])]) -> BatchSent {
+    let mut names: Vec<libc::sockaddr_in> = datagrams.iter().map(|(to, _)| sockaddr(*to)).collect();
+    let mut iovecs: Vec<libc::iovec> = datagrams
+        .iter()
+        .map(|(_, payload)| libc::iovec {
+            iov_base: payload.as_ptr().cast_mut().cast(),
+            iov_len: payload.len(),
+        })
+        .collect();
+    let mut headers: Vec<libc::mmsghdr> = Vec::with_capacity(datagrams.len());
+    for (name, iovec) in names.iter_mut().zip(iovecs.iter_mut()) {
+        // SAFETY: msghdr is plain old data (integers and pointers); all zeroes is a valid value
+        // (no name, no iovecs, no control data).
+        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+        header.msg_name = (name as *mut libc::sockaddr_in).cast();
+        header.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        header.msg_iov = iovec;
+        header.msg_iovlen = 1;
+        headers.push(libc::mmsghdr {
+            msg_hdr: header,
+            msg_len: 0,
+        });
+    }
+    let mut sent = 0;
+    while sent < headers.len() {
+        let rest = &mut headers[sent..];
+        let count = rest.len().min(libc::c_uint::MAX as usize) as libc::c_uint;
+        // SAFETY: `rest` points to `count` initialised mmsghdr structs whose name, iovec and
+        // payload pointers refer to `names`, `iovecs` and `datagrams`, all alive and unmoved
+        // for the whole call; the socket fd is open (borrowed from `socket`).
+        let done = unsafe { libc::sendmmsg(socket.as_raw_fd(), rest.as_mut_ptr(), count, 0) };
+        if done < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return BatchSent {
+                sent,
+                error: Some(error),
+            };
+        }
+        sent += done as usize;
+    }
+    BatchSent { sent, error: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    #[test]
+    fn eventfd_wakes_a_wait_and_batches_arrive_in_order() {
+        let receiver = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let std::net::SocketAddr::V4(to) = receiver.local_addr().unwrap() else {
+            panic!("bound an IPv4 address");
+        };
+        let wake = EventFd::new().unwrap();
+        wake.signal();
+        assert_eq!(
+            wait_readable(receiver.as_fd(), wake.as_fd()).unwrap(),
+            (false, true)
+        );
+        let sender = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
+        let batch: Vec<(SocketAddrV4, &[u8])> =
+            payloads.iter().map(|p| (to, p.as_slice())).collect();
+        let outcome = send_batch(&sender, &batch);
+        assert_eq!(outcome.sent, 5);
+        assert!(outcome.error.is_none());
+        let mut buf = [0u8; 256];
+        for payload in &payloads {
+            let (len, _) = receiver.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..len], payload.as_slice());
+        }
+    }
+}

@@ -1,0 +1,743 @@
+//! Datagrams of mcdist, version 1 (layout in `docs/mcdist.md`).
+//!
+//! Every datagram ends with a 16-byte tag, the truncated HMAC-SHA256 of everything before it
+//! under the [`McastKey`]. [`decode`] checks the header's shape first (cheap, rejects junk
+//! before any MAC work), then the tag, then the body; nothing of a datagram whose tag is wrong
+//! is returned. Decoding borrows from the input.
+
+use hmac::digest::KeyInit;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::auth::ClusterKey;
+use crate::wire::PAGE_SIZE;
+
+/// First bytes of every datagram.
+pub const MAGIC: [u8; 4] = *b"SFMC";
+/// The wire format version this module speaks.
+pub const VERSION: u8 = 1;
+/// Bytes of the common header.
+pub const HEADER_LEN: usize = 24;
+/// Bytes of the trailing tag.
+pub const TAG_LEN: usize = 16;
+/// Header plus the FRAGMENT fields before its payload.
+pub const FRAGMENT_HEADER_LEN: usize = HEADER_LEN + 16;
+/// Most fragments one page may be split into.
+pub const MAX_FRAGMENTS: u8 = 16;
+/// Most pages one REQUEST may name.
+pub const MAX_REQUEST_PAGES: usize = 128;
+/// Header plus the REQUEST fields before its page list.
+pub const REQUEST_HEADER_LEN: usize = HEADER_LEN + 8;
+/// A REJECT datagram (fixed size).
+pub const REJECT_LEN: usize = HEADER_LEN + 16 + TAG_LEN;
+/// The largest datagram: a page in one fragment.
+pub const MAX_DATAGRAM_LEN: usize = FRAGMENT_HEADER_LEN + PAGE_SIZE + TAG_LEN;
+/// IPv4 and UDP headers, which the path MTU must also carry.
+pub const IP_UDP_HEADER_LEN: usize = 20 + 8;
+/// The label the mcdist key is derived from the cluster key with.
+pub const KEY_LABEL: &[u8] = b"snowflock mcdist v1";
+
+const _: () = assert!(REQUEST_HEADER_LEN + 8 * MAX_REQUEST_PAGES + TAG_LEN <= 1472);
+const _: () = assert!(PAGE_SIZE <= u16::MAX as usize);
+
+/// FRAGMENT flag: sent without a request (push).
+pub const FRAGMENT_PUSH: u16 = 1 << 0;
+/// FRAGMENT flag: sent to one receiver only (end game).
+pub const FRAGMENT_UNICAST: u16 = 1 << 1;
+const FRAGMENT_FLAGS: u16 = FRAGMENT_PUSH | FRAGMENT_UNICAST;
+
+/// REQUEST flag: answer the sender only (end game).
+pub const REQUEST_UNICAST_REPLY: u16 = 1 << 0;
+/// REQUEST flag: a new receiver of the family.
+pub const REQUEST_JOIN: u16 = 1 << 1;
+/// REQUEST flag: the pages were requested before.
+pub const REQUEST_RETRY: u16 = 1 << 2;
+/// REQUEST flag: the receiver is done with the family.
+pub const REQUEST_LEAVE: u16 = 1 << 3;
+const REQUEST_FLAGS: u16 = REQUEST_UNICAST_REPLY | REQUEST_JOIN | REQUEST_RETRY | REQUEST_LEAVE;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The key that tags mcdist datagrams, derived from the cluster key.
+#[derive(Clone)]
+pub struct McastKey {
+    /// The keyed HMAC state, cloned for every datagram (cheaper than keying anew).
+    keyed: HmacSha256,
+}
+
+impl std::fmt::Debug for McastKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("McastKey(..)")
+    }
+}
+
+impl McastKey {
+    /// The mcdist key of a cluster.
+    pub fn new(cluster: &ClusterKey) -> McastKey {
+        let derived = cluster.derive(KEY_LABEL);
+        McastKey {
+            keyed: <HmacSha256 as KeyInit>::new_from_slice(&derived)
+                .expect("HMAC takes keys of any length"),
+        }
+    }
+
+    fn tag(&self, bytes: &[u8]) -> [u8; TAG_LEN] {
+        let mut mac = self.keyed.clone();
+        mac.update(bytes);
+        let full: [u8; 32] = mac.finalize().into_bytes().into();
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&full[..TAG_LEN]);
+        tag
+    }
+
+    fn verify(&self, bytes: &[u8], tag: &[u8]) -> bool {
+        let mut mac = self.keyed.clone();
+        mac.update(bytes);
+        mac.verify_truncated_left(tag).is_ok()
+    }
+}
+
+/// What a datagram is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// A piece of a page.
+    Fragment = 1,
+    /// Pages wanted, and a rate report.
+    Request = 2,
+    /// A page the server cannot send.
+    Reject = 3,
+}
+
+impl Kind {
+    fn from_byte(byte: u8) -> Option<Kind> {
+        match byte {
+            1 => Some(Kind::Fragment),
+            2 => Some(Kind::Request),
+            3 => Some(Kind::Reject),
+            _ => None,
+        }
+    }
+}
+
+/// The common header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Kind-specific flags.
+    pub flags: u16,
+    /// The clone point.
+    pub family: u64,
+    /// The serving daemon's generation of the family.
+    pub generation: u32,
+    /// A REQUEST's receiver id; 0 otherwise.
+    pub sender: u32,
+}
+
+/// A piece of a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fragment<'a> {
+    /// Page number in the clone point's memory.
+    pub page: u64,
+    /// This fragment's index, `< count`.
+    pub index: u8,
+    /// Fragments of the page.
+    pub count: u8,
+    /// Where `data` goes in the page.
+    pub offset: u16,
+    /// The payload; `offset + data.len() <= PAGE_SIZE`.
+    pub data: &'a [u8],
+}
+
+/// Pages a receiver wants, with its rate report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// Pages per second the receiver can take now; 0 = no report.
+    pub rate: u32,
+    /// The page numbers, 8 bytes little-endian each.
+    page_bytes: &'a [u8],
+}
+
+impl<'a> Request<'a> {
+    /// The requested pages.
+    pub fn pages(&self) -> impl ExactSizeIterator<Item = u64> + 'a {
+        self.page_bytes
+            .as_chunks::<8>()
+            .0
+            .iter()
+            .map(|b| u64::from_le_bytes(*b))
+    }
+
+    /// How many pages are requested.
+    pub fn page_count(&self) -> usize {
+        self.page_bytes.len() / 8
+    }
+}
+
+/// Why the server cannot send a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[repr(u8)]
+pub enum RejectCode {
+    /// The server serves no such family.
+    #[error("unknown family")]
+    UnknownFamily = 1,
+    /// The family's generation on the server differs.
+    #[error("stale generation")]
+    StaleGeneration = 2,
+    /// The page lies past the family's memory.
+    #[error("page out of range")]
+    OutOfRange = 3,
+    /// Reading the page from the image failed.
+    #[error("reading the page failed")]
+    ReadFailed = 4,
+}
+
+impl RejectCode {
+    fn from_byte(byte: u8) -> Option<RejectCode> {
+        match byte {
+            1 => Some(RejectCode::UnknownFamily),
+            2 => Some(RejectCode::StaleGeneration),
+            3 => Some(RejectCode::OutOfRange),
+            4 => Some(RejectCode::ReadFailed),
+            _ => None,
+        }
+    }
+}
+
+/// A page the server cannot send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reject {
+    /// The page.
+    pub page: u64,
+    /// Why.
+    pub code: RejectCode,
+}
+
+/// A decoded, authenticated datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    /// A piece of a page.
+    Fragment(Header, Fragment<'a>),
+    /// Pages wanted.
+    Request(Header, Request<'a>),
+    /// A page that cannot be sent.
+    Reject(Header, Reject),
+}
+
+impl Datagram<'_> {
+    /// The common header.
+    pub fn header(&self) -> &Header {
+        match self {
+            Datagram::Fragment(h, _) | Datagram::Request(h, _) | Datagram::Reject(h, _) => h,
+        }
+    }
+}
+
+/// Why a datagram was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Shorter than its kind's fixed part, or than header plus tag.
+    #[error("datagram of {len} bytes is too short")]
+    Short {
+        /// Its length.
+        len: usize,
+    },
+    /// Not an mcdist datagram.
+    #[error("bad magic")]
+    Magic,
+    /// Another wire format version.
+    #[error("unsupported version {0}")]
+    Version(u8),
+    /// Unknown kind byte.
+    #[error("unknown kind {0}")]
+    Kind(u8),
+    /// Flags this version does not define, or non-zero reserved bytes.
+    #[error("undefined flags {flags:#06x} or reserved bytes set for a {kind:?}")]
+    Reserved {
+        /// The datagram's kind.
+        kind: Kind,
+        /// Its flags.
+        flags: u16,
+    },
+    /// Body lengths that disagree with the datagram's length.
+    #[error("{kind:?} body is inconsistent with its {len}-byte datagram")]
+    Length {
+        /// The datagram's kind.
+        kind: Kind,
+        /// Its length.
+        len: usize,
+    },
+    /// Fragment fields out of range.
+    #[error("fragment {index}/{count} at offset {offset} of {len} bytes does not fit a page")]
+    Fragment {
+        /// Index.
+        index: u8,
+        /// Count.
+        count: u8,
+        /// Offset.
+        offset: u16,
+        /// Payload length.
+        len: u16,
+    },
+    /// Unknown REJECT code.
+    #[error("unknown reject code {0}")]
+    RejectCode(u8),
+    /// The tag does not match: forged or corrupted.
+    #[error("wrong tag: forged or corrupted")]
+    BadTag,
+}
+
+fn u16_at(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([bytes[at], bytes[at + 1]])
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// The family a datagram claims to belong to, read without checking anything else: for
+/// routing a datagram to its family's receiver before decoding it.
+pub fn peek_family(bytes: &[u8]) -> Option<u64> {
+    (bytes.len() >= HEADER_LEN && bytes[..4] == MAGIC).then(|| u64_at(bytes, 8))
+}
+
+/// Checks and decodes one datagram.
+pub fn decode<'a>(key: &McastKey, bytes: &'a [u8]) -> Result<Datagram<'a>, DecodeError> {
+    let len = bytes.len();
+    if len < HEADER_LEN + TAG_LEN {
+        return Err(DecodeError::Short { len });
+    }
+    if bytes[..4] != MAGIC {
+        return Err(DecodeError::Magic);
+    }
+    if bytes[4] != VERSION {
+        return Err(DecodeError::Version(bytes[4]));
+    }
+    let kind = Kind::from_byte(bytes[5]).ok_or(DecodeError::Kind(bytes[5]))?;
+    let header = Header {
+        flags: u16_at(bytes, 6),
+        family: u64_at(bytes, 8),
+        generation: u32_at(bytes, 16),
+        sender: u32_at(bytes, 20),
+    };
+    let allowed = match kind {
+        Kind::Fragment => FRAGMENT_FLAGS,
+        Kind::Request => REQUEST_FLAGS,
+        Kind::Reject => 0,
+    };
+    if header.flags & !allowed != 0 {
+        return Err(DecodeError::Reserved {
+            kind,
+            flags: header.flags,
+        });
+    }
+    let body_end = len - TAG_LEN;
+    let fixed = match kind {
+        Kind::Fragment => FRAGMENT_HEADER_LEN,
+        Kind::Request => REQUEST_HEADER_LEN,
+        Kind::Reject => REJECT_LEN - TAG_LEN,
+    };
+    if body_end < fixed {
+        return Err(DecodeError::Short { len });
+    }
+    let (signed, tag) = bytes.split_at(body_end);
+    if !key.verify(signed, tag) {
+        return Err(DecodeError::BadTag);
+    }
+    let reserved_error = DecodeError::Reserved {
+        kind,
+        flags: header.flags,
+    };
+    match kind {
+        Kind::Fragment => {
+            let page = u64_at(bytes, 24);
+            let index = bytes[32];
+            let count = bytes[33];
+            let data_len = u16_at(bytes, 34);
+            let offset = u16_at(bytes, 36);
+            if u16_at(bytes, 38) != 0 {
+                return Err(reserved_error);
+            }
+            if FRAGMENT_HEADER_LEN + usize::from(data_len) != body_end {
+                return Err(DecodeError::Length { kind, len });
+            }
+            if count == 0
+                || count > MAX_FRAGMENTS
+                || index >= count
+                || data_len == 0
+                || usize::from(offset) + usize::from(data_len) > PAGE_SIZE
+            {
+                return Err(DecodeError::Fragment {
+                    index,
+                    count,
+                    offset,
+                    len: data_len,
+                });
+            }
+            Ok(Datagram::Fragment(
+                header,
+                Fragment {
+                    page,
+                    index,
+                    count,
+                    offset,
+                    data: &bytes[FRAGMENT_HEADER_LEN..body_end],
+                },
+            ))
+        }
+        Kind::Request => {
+            let rate = u32_at(bytes, 24);
+            let count = usize::from(u16_at(bytes, 28));
+            if u16_at(bytes, 30) != 0 {
+                return Err(reserved_error);
+            }
+            if count > MAX_REQUEST_PAGES || REQUEST_HEADER_LEN + 8 * count != body_end {
+                return Err(DecodeError::Length { kind, len });
+            }
+            Ok(Datagram::Request(
+                header,
+                Request {
+                    rate,
+                    page_bytes: &bytes[REQUEST_HEADER_LEN..body_end],
+                },
+            ))
+        }
+        Kind::Reject => {
+            if len != REJECT_LEN {
+                return Err(DecodeError::Length { kind, len });
+            }
+            let page = u64_at(bytes, 24);
+            let code =
+                RejectCode::from_byte(bytes[32]).ok_or(DecodeError::RejectCode(bytes[32]))?;
+            if bytes[33..40].iter().any(|&b| b != 0) {
+                return Err(reserved_error);
+            }
+            Ok(Datagram::Reject(header, Reject { page, code }))
+        }
+    }
+}
+
+/// Why a datagram could not be encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// More pages than one REQUEST may name.
+    #[error("{0} pages do not fit one request (at most {MAX_REQUEST_PAGES})")]
+    TooManyPages(usize),
+    /// Fragment fields out of range.
+    #[error("fragment {index}/{count} at offset {offset} of {len} bytes does not fit a page")]
+    Fragment {
+        /// Index.
+        index: u8,
+        /// Count.
+        count: u8,
+        /// Offset.
+        offset: usize,
+        /// Payload length.
+        len: usize,
+    },
+    /// Flags this version does not define for the kind.
+    #[error("undefined flags {0:#06x}")]
+    Flags(u16),
+}
+
+fn put_header(out: &mut Vec<u8>, kind: Kind, header: &Header) {
+    out.clear();
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(kind as u8);
+    out.extend_from_slice(&header.flags.to_le_bytes());
+    out.extend_from_slice(&header.family.to_le_bytes());
+    out.extend_from_slice(&header.generation.to_le_bytes());
+    out.extend_from_slice(&header.sender.to_le_bytes());
+}
+
+fn seal(key: &McastKey, out: &mut Vec<u8>) {
+    let tag = key.tag(out);
+    out.extend_from_slice(&tag);
+}
+
+/// Writes a FRAGMENT datagram into `out` (replacing its contents).
+pub fn encode_fragment(
+    key: &McastKey,
+    out: &mut Vec<u8>,
+    header: &Header,
+    fragment: &Fragment<'_>,
+) -> Result<(), EncodeError> {
+    if header.flags & !FRAGMENT_FLAGS != 0 {
+        return Err(EncodeError::Flags(header.flags));
+    }
+    let Fragment {
+        page,
+        index,
+        count,
+        offset,
+        data,
+    } = *fragment;
+    if count == 0
+        || count > MAX_FRAGMENTS
+        || index >= count
+        || data.is_empty()
+        || usize::from(offset) + data.len() > PAGE_SIZE
+    {
+        return Err(EncodeError::Fragment {
+            index,
+            count,
+            offset: usize::from(offset),
+            len: data.len(),
+        });
+    }
+    put_header(out, Kind::Fragment, header);
+    out.extend_from_slice(&page.to_le_bytes());
+    out.push(index);
+    out.push(count);
+    out.extend_from_slice(&(data.len() as u16).to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(data);
+    seal(key, out);
+    Ok(())
+}
+
+/// Writes a REQUEST datagram into `out` (replacing its contents).
+pub fn encode_request(
+    key: &McastKey,
+    out: &mut Vec<u8>,
+    header: &Header,
+    rate: u32,
+    pages: &[u64],
+) -> Result<(), EncodeError> {
+    if header.flags & !REQUEST_FLAGS != 0 {
+        return Err(EncodeError::Flags(header.flags));
+    }
+    if pages.len() > MAX_REQUEST_PAGES {
+        return Err(EncodeError::TooManyPages(pages.len()));
+    }
+    put_header(out, Kind::Request, header);
+    out.extend_from_slice(&rate.to_le_bytes());
+    out.extend_from_slice(&(pages.len() as u16).to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    for page in pages {
+        out.extend_from_slice(&page.to_le_bytes());
+    }
+    seal(key, out);
+    Ok(())
+}
+
+/// Writes a REJECT datagram into `out` (replacing its contents).
+pub fn encode_reject(key: &McastKey, out: &mut Vec<u8>, header: &Header, reject: &Reject) {
+    let header = Header {
+        flags: 0,
+        ..*header
+    };
+    put_header(out, Kind::Reject, &header);
+    out.extend_from_slice(&reject.page.to_le_bytes());
+    out.push(reject.code as u8);
+    out.extend_from_slice(&[0u8; 7]);
+    seal(key, out);
+}
+
+/// How a page is cut into fragments for a path MTU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fragmentation {
+    /// Fragments per page.
+    pub count: u8,
+    /// Payload bytes of every fragment but possibly the last.
+    pub payload: u16,
+}
+
+impl Fragmentation {
+    /// The fewest equal fragments (multiples of 8 bytes) whose datagrams fit `mtu`.
+    ///
+    /// MTUs too small for a page in [`MAX_FRAGMENTS`] pieces are raised to the smallest that
+    /// fits (IPv4 requires 576 anyway).
+    pub fn for_mtu(mtu: u32) -> Fragmentation {
+        let overhead = IP_UDP_HEADER_LEN + FRAGMENT_HEADER_LEN + TAG_LEN;
+        let room = (mtu as usize).saturating_sub(overhead).min(PAGE_SIZE);
+        let min_room = PAGE_SIZE.div_ceil(usize::from(MAX_FRAGMENTS));
+        let room = room.max(min_room);
+        let count = PAGE_SIZE.div_ceil(room);
+        let payload = PAGE_SIZE
+            .div_ceil(count)
+            .next_multiple_of(8)
+            .min(room.max(8));
+        let count = PAGE_SIZE.div_ceil(payload);
+        Fragmentation {
+            count: count as u8,
+            payload: payload as u16,
+        }
+    }
+
+    /// `(index, offset, len)` of each fragment.
+    pub fn pieces(&self) -> impl Iterator<Item = (u8, u16, u16)> + use<> {
+        let payload = usize::from(self.payload);
+        (0..self.count).map(move |index| {
+            let offset = usize::from(index) * payload;
+            let len = payload.min(PAGE_SIZE - offset);
+            (index, offset as u16, len as u16)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> McastKey {
+        McastKey::new(&ClusterKey::from_bytes([7; 32]))
+    }
+
+    fn header(flags: u16) -> Header {
+        Header {
+            flags,
+            family: 0x1122_3344_5566_7788,
+            generation: 9,
+            sender: 42,
+        }
+    }
+
+    #[test]
+    fn fragment_round_trips_and_layout_matches_the_document() {
+        let key = key();
+        let data = [0xabu8; 1000];
+        let mut out = Vec::new();
+        let fragment = Fragment {
+            page: 77,
+            index: 1,
+            count: 3,
+            offset: 1368,
+            data: &data,
+        };
+        encode_fragment(&key, &mut out, &header(FRAGMENT_PUSH), &fragment).unwrap();
+        assert_eq!(out.len(), FRAGMENT_HEADER_LEN + 1000 + TAG_LEN);
+        assert_eq!(&out[..4], b"SFMC");
+        assert_eq!(out[4], 1);
+        assert_eq!(out[5], 1);
+        assert_eq!(u64_at(&out, 8), 0x1122_3344_5566_7788);
+        assert_eq!(u64_at(&out, 24), 77);
+        assert_eq!(peek_family(&out), Some(0x1122_3344_5566_7788));
+        match decode(&key, &out).unwrap() {
+            Datagram::Fragment(h, f) => {
+                assert_eq!(h, header(FRAGMENT_PUSH));
+                assert_eq!(f, fragment);
+            }
+            other => panic!("decoded {other:?}"),
+        }
+    }
+
+    #[test]
+    fn request_and_reject_round_trip() {
+        let key = key();
+        let mut out = Vec::new();
+        let pages: Vec<u64> = (0..MAX_REQUEST_PAGES as u64).map(|p| p * 3).collect();
+        encode_request(&key, &mut out, &header(REQUEST_RETRY), 5000, &pages).unwrap();
+        match decode(&key, &out).unwrap() {
+            Datagram::Request(h, r) => {
+                assert_eq!(h.flags, REQUEST_RETRY);
+                assert_eq!(r.rate, 5000);
+                assert_eq!(r.pages().collect::<Vec<_>>(), pages);
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        let reject = Reject {
+            page: 5,
+            code: RejectCode::OutOfRange,
+        };
+        encode_reject(&key, &mut out, &header(0), &reject);
+        assert_eq!(out.len(), REJECT_LEN);
+        assert_eq!(
+            decode(&key, &out).unwrap(),
+            Datagram::Reject(header(0), reject)
+        );
+        assert_eq!(
+            encode_request(&key, &mut out, &header(0), 0, &[0; MAX_REQUEST_PAGES + 1]),
+            Err(EncodeError::TooManyPages(MAX_REQUEST_PAGES + 1))
+        );
+    }
+
+    #[test]
+    fn every_flipped_bit_and_the_wrong_key_are_refused() {
+        let key = key();
+        let mut out = Vec::new();
+        let data = [1u8; 64];
+        let fragment = Fragment {
+            page: 1,
+            index: 0,
+            count: 1,
+            offset: 0,
+            data: &data,
+        };
+        encode_fragment(&key, &mut out, &header(0), &fragment).unwrap();
+        for bit in 0..out.len() * 8 {
+            let mut bad = out.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode(&key, &bad).is_err(),
+                "bit {bit} flipped was accepted"
+            );
+        }
+        let other = McastKey::new(&ClusterKey::from_bytes([8; 32]));
+        assert_eq!(decode(&other, &out), Err(DecodeError::BadTag));
+        for len in 0..out.len() {
+            assert!(decode(&key, &out[..len]).is_err());
+        }
+    }
+
+    #[test]
+    fn fragment_fields_are_checked_even_under_a_valid_tag() {
+        let key = key();
+        let mut out = Vec::new();
+        let data = [1u8; 64];
+        let fragment = Fragment {
+            page: 1,
+            index: 0,
+            count: 1,
+            offset: 0,
+            data: &data,
+        };
+        encode_fragment(&key, &mut out, &header(0), &fragment).unwrap();
+        // A sender with the key but bad arithmetic: offset past the page.
+        out[36..38].copy_from_slice(&4090u16.to_le_bytes());
+        out.truncate(out.len() - TAG_LEN);
+        let tag = key.tag(&out);
+        out.extend_from_slice(&tag);
+        assert!(matches!(
+            decode(&key, &out),
+            Err(DecodeError::Fragment { offset: 4090, .. })
+        ));
+        let bad = Fragment {
+            index: 2,
+            count: 2,
+            ..fragment
+        };
+        assert!(encode_fragment(&key, &mut out, &header(0), &bad).is_err());
+    }
+
+    #[test]
+    fn fragmentation_fits_the_mtu_and_covers_the_page() {
+        for mtu in [576u32, 1280, 1500, 4000, 9000, 65535] {
+            let f = Fragmentation::for_mtu(mtu);
+            let pieces: Vec<_> = f.pieces().collect();
+            assert_eq!(pieces.len(), usize::from(f.count));
+            let mut next = 0usize;
+            for (index, offset, len) in pieces {
+                assert_eq!(usize::from(offset), next, "mtu {mtu} fragment {index}");
+                assert!(
+                    IP_UDP_HEADER_LEN + FRAGMENT_HEADER_LEN + usize::from(len) + TAG_LEN
+                        <= mtu as usize,
+                    "mtu {mtu}: fragment of {len} bytes too big"
+                );
+                next += usize::from(len);
+            }
+            assert_eq!(next, PAGE_SIZE, "mtu {mtu}");
+        }
+        assert_eq!(Fragmentation::for_mtu(1500).count, 3);
+        assert_eq!(Fragmentation::for_mtu(9000).count, 1);
+    }
+}

@@ -1,0 +1,56 @@
+//! Compiles the XDP program (`src/mcdist.bpf.c`) with clang into `OUT_DIR/mcdist.bpf.o`, which
+//! the crate embeds.
+
+use std::env;
+use std::io::ErrorKind;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+/// The compiler: Debian's versioned clang, the one the project is tested with.
+const CLANG: &str = "clang-19";
+const SOURCE: &str = "src/mcdist.bpf.c";
+const HEADER: &str = "include/mcdist.h";
+
+fn main() -> ExitCode {
+    println!("cargo:rerun-if-changed={SOURCE}");
+    println!("cargo:rerun-if-changed={HEADER}");
+    match compile() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn compile() -> Result<(), String> {
+    let out_dir = env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?;
+    let object = PathBuf::from(out_dir).join("mcdist.bpf.o");
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").map_err(|e| format!("target arch: {e}"))?;
+    // `<linux/...>` headers include `<asm/types.h>`, which Debian keeps in the multiarch
+    // directory of the host.
+    let multiarch_include = format!("-I/usr/include/{arch}-linux-gnu");
+    let output = Command::new(CLANG)
+        // `-g` emits BTF, without which aya refuses the object.
+        .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
+        .arg(multiarch_include)
+        .args(["-c", SOURCE, "-o"])
+        .arg(&object)
+        .output()
+        .map_err(|e| match e.kind() {
+            ErrorKind::NotFound => format!(
+                "`{CLANG}` was not found; the XDP program needs the Debian packages clang-19 and \
+                 libbpf-dev (scripts/deps.sh installs them)"
+            ),
+            _ => format!("could not run `{CLANG}`: {e}"),
+        })?;
+    if !output.status.success() {
+        return Err(format!(
+            "`{CLANG}` failed to compile {SOURCE} ({}); if bpf/bpf_helpers.h is missing, install \
+             the Debian package libbpf-dev (scripts/deps.sh installs it):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,416 @@
+//! `rx-path`: pages per second received and installed into guest memory
+//! on one host, through each mcdist receive path, against the ceiling of the
+//! install path itself, all in the same run.
+//!
+//! Two network-namespace hosts (a cluster whose daemons distribute by
+//! unicast, so the mcdist port and the interface's XDP hook are free): an
+//! mcdist sender on h1 serves a family of `pages` pages from memory; on h2 a
+//! fault handler's region (a hollow clone's memory, without a vCPU) asks for
+//! every page at once ([`FaultHandler::prefetch`]) and each arriving page is
+//! installed with `UFFDIO_COPY`. The rate is pages installed over the time
+//! from the request to the last install.
+//!
+//! - `ceiling`: the same fault handler and install path, its pages delivered
+//!   from memory on the requesting thread: bulk `UFFDIO_COPY` of contiguous
+//!   runs plus the host-cache copy, no network.
+//! - `sockets`: kernel UDP sockets driven by io_uring.
+//! - `xdp`: the XDP program and AF_XDP sockets (copy mode on veth).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::mpsc;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Map, Value, json};
+use snowflock_dataplane::auth::ClusterKey;
+use snowflock_dataplane::client::PageSink;
+use snowflock_dataplane::mcast::{
+    FamilyJoin, McastReceiver, McastServer, McastServerConfig, ReceiverConfig, XdpReceiveConfig,
+};
+use snowflock_dataplane::server::PageStore;
+use snowflock_dataplane::xdp::XskConfig;
+use snowflock_ebpf::XdpMode;
+use snowflock_fault_handler::{AvoidMap, Family, FaultHandler, FetchConfig, PageSource};
+use snowflock_tools::cluster::{Cluster, ClusterSpec, enter_netns};
+
+use crate::record::Sink;
+use crate::remote::{default_sfd, emit};
+
+const PORT: u16 = 7173;
+const GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 1);
+const FAMILY: u64 = 0x5f_7278;
+/// Every install finishes well within this, or the run failed.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Page `n` of the served image: its number in every 8 bytes.
+struct PatternImage(u64);
+
+impl PageStore for PatternImage {
+    fn page_count(&self) -> u64 {
+        self.0
+    }
+
+    fn read_page(&self, page: u64, buf: &mut [u8; 4096]) -> std::io::Result<()> {
+        for word in buf.as_chunks_mut::<8>().0 {
+            *word = page.to_le_bytes();
+        }
+        Ok(())
+    }
+}
+
+/// Hands requests to the receiver.
+struct ReceiverSource(Weak<McastReceiver>);
+
+impl PageSource for ReceiverSource {
+    fn request(&self, family: u64, pages: &[u64]) {
+        if let Some(receiver) = self.0.upgrade() {
+            receiver.request(family, pages);
+        }
+    }
+}
+
+/// Delivers from memory on the requesting thread: the install path alone.
+struct MemorySource {
+    family: std::sync::OnceLock<Weak<Family>>,
+    image: PatternImage,
+}
+
+impl PageSource for MemorySource {
+    fn request(&self, _family: u64, pages: &[u64]) {
+        let Some(family) = self.family.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let mut data = vec![[0u8; 4096]; pages.len()];
+        for (page, buf) in pages.iter().zip(&mut data) {
+            let _ = self.image.read_page(*page, buf);
+        }
+        let batch: Vec<(u64, &[u8])> = pages
+            .iter()
+            .zip(&data)
+            .map(|(p, d)| (*p, d.as_slice()))
+            .collect();
+        family.deliver_batch(&batch);
+    }
+}
+
+struct FamilySink(Arc<Family>);
+
+impl PageSink for FamilySink {
+    fn deliver_batch(&self, pages: &[(u64, &[u8])]) {
+        self.0.deliver_batch(pages);
+    }
+
+    fn failed(&self, reason: String) {
+        self.0.fail(reason);
+    }
+}
+
+/// An anonymous mapping standing in for a hollow clone's guest memory.
+struct Region {
+    addr: *mut u8,
+    len: usize,
+}
+
+impl Region {
+    fn new(len: usize) -> Result<Region> {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            bail!("mmap: {}", std::io::Error::last_os_error());
+        }
+        Ok(Region {
+            addr: addr.cast(),
+            len,
+        })
+    }
+
+    /// The first word of `page` (installed pages only: reading a missing one would fault).
+    fn word(&self, page: u64) -> u64 {
+        let offset = (page * 4096) as usize;
+        assert!(offset + 8 <= self.len);
+        let word = self.addr.wrapping_add(offset).cast::<u64>();
+        // SAFETY: in bounds of the mapping (checked), aligned (a page start), and the page
+        // is installed, so the read does not wait on the userfaultfd.
+        unsafe { word.read_volatile() }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`, after its handler was closed.
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
+}
+
+/// Installs every page of `family` into a fresh region; returns pages/s.
+fn install_all(family: Arc<Family>, pages: u64) -> Result<f64> {
+    let region = Region::new((pages * 4096) as usize)?;
+    let failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let noted = failure.clone();
+    // SAFETY: `region` is a private anonymous mapping nothing has touched, and it outlives
+    // the handler: the handler is closed below before `region` is dropped.
+    let handler = unsafe {
+        FaultHandler::start(
+            family,
+            region.addr,
+            pages * 4096,
+            AvoidMap::none(pages).context("an empty avoidance map")?,
+            Arc::new(move |e| {
+                *noted.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }),
+        )
+    }
+    .context("starting the fault handler")?;
+    let all: Vec<u64> = (0..pages).collect();
+    let start = Instant::now();
+    handler.prefetch(&all);
+    let mut spins = 0u64;
+    let elapsed = loop {
+        if handler.stats().pages_fetched >= pages {
+            break start.elapsed();
+        }
+        if let Some(why) = failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            handler.close();
+            bail!("installing failed: {why}");
+        }
+        if start.elapsed() > RUN_TIMEOUT {
+            handler.close();
+            bail!(
+                "{} of {pages} pages installed after {RUN_TIMEOUT:?}",
+                handler.stats().pages_fetched
+            );
+        }
+        spins += 1;
+        if spins > 1000 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    };
+    for page in (0..pages).step_by(97) {
+        let word = region.word(page);
+        if word != page {
+            handler.close();
+            bail!("page {page} holds {word:#x}");
+        }
+    }
+    handler.close();
+    drop(region);
+    Ok(pages as f64 / elapsed.as_secs_f64())
+}
+
+fn fetch_config() -> FetchConfig {
+    FetchConfig {
+        fetch_timeout: Duration::from_secs(60),
+        prefetch_pages: 0,
+    }
+}
+
+fn ceiling(pages: u64) -> Result<f64> {
+    let source = Arc::new(MemorySource {
+        family: std::sync::OnceLock::new(),
+        image: PatternImage(pages),
+    });
+    let family = Family::new(FAMILY, pages * 4096, source.clone(), fetch_config())?;
+    let _ = source.family.set(Arc::downgrade(&family));
+    install_all(family, pages)
+}
+
+fn receiver_config(local: Ipv4Addr) -> ReceiverConfig {
+    ReceiverConfig {
+        local_addr: local,
+        port: PORT,
+        rto_min: Duration::from_millis(10),
+        rto_max: Duration::from_millis(500),
+        unicast_after: 3,
+        initial_rate: 200_000,
+        max_rate: 2_000_000,
+        report_interval: Duration::from_millis(50),
+        ..ReceiverConfig::default()
+    }
+}
+
+fn over_network(
+    receiver: &Arc<McastReceiver>,
+    server: SocketAddrV4,
+    generation: u32,
+    pages: u64,
+) -> Result<f64> {
+    let source = Arc::new(ReceiverSource(Arc::downgrade(receiver)));
+    let family = Family::new(FAMILY, pages * 4096, source, fetch_config())?;
+    receiver
+        .join(
+            FamilyJoin {
+                family: FAMILY,
+                generation,
+                group: GROUP,
+                server,
+                pages,
+            },
+            Arc::new(FamilySink(family.clone())),
+        )
+        .context("joining the family")?;
+    let rate = install_all(family, pages);
+    receiver.leave(FAMILY);
+    rate
+}
+
+/// What the sender thread is asked to do.
+enum ToServer {
+    /// Register the family anew; answer its generation.
+    Register(mpsc::Sender<u32>),
+    Stop,
+}
+
+/// `rx-path`.
+pub fn run(runs: u32, pages: u32, sink: &mut dyn Sink) -> Result<()> {
+    let pages = u64::from(pages);
+    let dir = tempfile::tempdir().context("creating a cluster directory")?;
+    let mut spec = ClusterSpec::new(2, dir.path(), default_sfd()?);
+    spec.log_filter = "warn".into();
+    spec.mcdist
+        .insert("distribution".into(), toml::Value::String("unicast".into()));
+    let cluster = Cluster::up(spec).context("starting two netns hosts")?;
+    let h1 = cluster.host(0)?.clone();
+    let h2 = cluster.host(1)?.clone();
+    let key = ClusterKey::generate();
+    let server_addr = SocketAddrV4::new(h1.address, PORT);
+
+    let (to_server, orders) = mpsc::channel::<ToServer>();
+    let (ready_tx, ready) = mpsc::channel::<Result<(), String>>();
+    let server_key = key.clone();
+    let server_ns = h1.netns.clone();
+    let server_thread = std::thread::spawn(move || {
+        let bound = enter_netns(&server_ns)
+            .map_err(|e| format!("entering {server_ns}: {e}"))
+            .and_then(|()| {
+                McastServer::bind(
+                    McastServerConfig {
+                        bind: server_addr,
+                        mtu: 1500,
+                        suppression: Duration::from_millis(5),
+                        initial_rate: 200_000,
+                        max_rate: 2_000_000,
+                        receiver_idle: Duration::from_millis(200),
+                        push: false,
+                    },
+                    &server_key,
+                )
+                .map_err(|e| format!("binding the sender: {e}"))
+            });
+        let server = match bound {
+            Ok(server) => {
+                let _ = ready_tx.send(Ok(()));
+                server
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        while let Ok(order) = orders.recv() {
+            match order {
+                ToServer::Register(reply) => {
+                    server.unregister(FAMILY);
+                    let generation = server.register(FAMILY, GROUP, Arc::new(PatternImage(pages)));
+                    let _ = reply.send(generation);
+                }
+                ToServer::Stop => break,
+            }
+        }
+        server.shutdown();
+    });
+    ready
+        .recv_timeout(Duration::from_secs(30))
+        .context("the sender thread did not start")?
+        .map_err(anyhow::Error::msg)?;
+
+    let register = || -> Result<u32> {
+        let (tx, rx) = mpsc::channel();
+        to_server
+            .send(ToServer::Register(tx))
+            .context("the sender thread ended")?;
+        rx.recv_timeout(Duration::from_secs(10))
+            .context("no generation from the sender")
+    };
+
+    let params: Map<String, Value> = [
+        ("pages".to_string(), json!(pages)),
+        ("mtu".to_string(), json!(1500)),
+    ]
+    .into_iter()
+    .collect();
+    let key_for_receiver = key.clone();
+    let local = h2.address;
+    let netns = h2.netns.clone();
+    let measured = std::thread::scope(|s| {
+        s.spawn(|| -> Result<[Vec<f64>; 3]> {
+            enter_netns(&netns).with_context(|| format!("entering {netns}"))?;
+            let mut rates: [Vec<f64>; 3] = Default::default();
+            for run in 0..runs {
+                eprintln!("rx-path: run {}/{runs}", run + 1);
+                rates[0].push(ceiling(pages)?);
+                let sockets = Arc::new(McastReceiver::start(
+                    receiver_config(local),
+                    &key_for_receiver,
+                )?);
+                rates[1].push(over_network(&sockets, server_addr, register()?, pages)?);
+                sockets.shutdown();
+                let xdp = Arc::new(
+                    McastReceiver::start_xdp(
+                        receiver_config(local),
+                        &key_for_receiver,
+                        &XdpReceiveConfig {
+                            ifname: "eth0".into(),
+                            mode: XdpMode::Native,
+                            queues: Vec::new(),
+                            socket: XskConfig::default(),
+                        },
+                    )
+                    .context("starting the AF_XDP receive path")?,
+                );
+                rates[2].push(over_network(&xdp, server_addr, register()?, pages)?);
+                xdp.shutdown();
+            }
+            Ok(rates)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiving thread panicked"))?
+    });
+    let _ = to_server.send(ToServer::Stop);
+    let _ = server_thread.join();
+    cluster.down()?;
+    let [ceiling_rates, sockets, xdp] = measured?;
+    emit(
+        sink,
+        "rx-path",
+        "install_ceiling",
+        &ceiling_rates,
+        "pages/s",
+        &params,
+    )?;
+    emit(sink, "rx-path", "sockets", &sockets, "pages/s", &params)?;
+    emit(sink, "rx-path", "af_xdp", &xdp, "pages/s", &params)?;
+    let per_run = |a: &[f64], b: &[f64]| -> Vec<f64> {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| x / y.max(f64::MIN_POSITIVE))
+            .collect()
+    };
+    for (metric, ratios) in [
+        ("af_xdp_to_sockets", per_run(&xdp, &sockets)),
+        ("af_xdp_to_ceiling", per_run(&xdp, &ceiling_rates)),
+        ("sockets_to_ceiling", per_run(&sockets, &ceiling_rates)),
+    ] {
+        emit(sink, "rx-path", metric, &ratios, "ratio", &params)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! Multicast page distribution between real `sfd` daemons in
+//! network-namespace hosts: correct results under loss and reordering on
+//! both receive paths, forged datagrams never installed, and the XDP
+//! program and sockets gone when a daemon stops or crashes.
+//!
+//! Every test makes its own cluster with a random prefix; the cluster (and
+//! with it every qdisc on its links) is removed when the test ends, also
+//! when it fails.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use snowflock_control::VmOutcome;
+use snowflock_control::config::McdistSection;
+use snowflock_control::protocol::{ApiRequest, ApiResponse, NetStatus, NetTune};
+use snowflock_dataplane::auth::ClusterKey;
+use snowflock_dataplane::mcast::wire::{self, Fragment, Header, McastKey};
+use snowflock_tools::cluster::{Cluster, ClusterSpec};
+
+const MCDIST_PORT: u16 = 7073;
+
+fn rx_path(path: &str) -> impl FnOnce(&mut ClusterSpec) {
+    move |spec| {
+        spec.mcdist
+            .insert("rx_path".into(), toml::Value::String(path.into()));
+    }
+}
+
+fn net_show(socket: &Path) -> NetStatus {
+    match call(socket, &ApiRequest::NetShow) {
+        ApiResponse::Net(status) => *status,
+        other => panic!("sf net show answered {other:?}"),
+    }
+}
+
+/// Runs `tc` in the cluster's switch namespace.
+fn tc(cluster: &Cluster, args: &[&str]) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", cluster.switch_netns(), "tc"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Loss and reordering on every bridge port (what each host receives).
+fn impair(cluster: &Cluster, loss_percent: u32) {
+    for i in 1..=cluster.hosts().len() {
+        let port = format!("{}-h{i}", cluster.prefix());
+        let loss = format!("{loss_percent}%");
+        tc(
+            cluster,
+            &[
+                "qdisc", "replace", "dev", &port, "root", "netem", "delay", "1ms", "loss", &loss,
+                "reorder", "25%", "50%",
+            ],
+        );
+    }
+}
+
+const JOB: &str = "ref_mib=32 queries=8000 clones=6";
+
+fn serial_hits() -> String {
+    let serial = local_run("seqsearch", "512M", "ref_mib=32 queries=8000 clones=0");
+    field(&serial, "seqsearch: ref_mib", "hits")
+}
+
+/// Runs the job from h1 and checks it against the serial run.
+fn run_and_check(socket: &Path, expected_hits: &str) {
+    let vm = start(socket, "seqsearch", 512 << 20, JOB);
+    let ended = wait(socket, vm);
+    assert_eq!(ended.outcome, VmOutcome::Exited(0), "{:#?}", ended.lines);
+    let report = &ended.reports[0];
+    assert_eq!(report.clones, 6, "{report:?}");
+    assert!(
+        report.children.iter().filter(|c| c.host.is_some()).count() >= 4,
+        "too few clones on other hosts: {report:?}"
+    );
+    assert!(
+        report
+            .children
+            .iter()
+            .all(|c| matches!(c.outcome, VmOutcome::Result(_))),
+        "{report:?}"
+    );
+    assert_eq!(field(&ended.lines, "seqsearch: ref_mib", "check"), "ok");
+    assert_eq!(
+        field(&ended.lines, "seqsearch: ref_mib", "hits"),
+        expected_hits
+    );
+}
+
+fn lossy_runs_stay_correct(path: &str) {
+    let expected = serial_hits();
+    let (cluster, _dir) = cluster(4, 2, rx_path(path));
+    let h1 = cluster.host(0).unwrap().socket.clone();
+    for loss in [5, 20] {
+        impair(&cluster, loss);
+        run_and_check(&h1, &expected);
+    }
+    let parent = net_show(&h1);
+    assert!(parent.tx.pages_sent > 0, "{parent:#?}");
+    let mut re_requests = 0;
+    for host in &cluster.hosts()[1..] {
+        let status = net_show(&host.socket);
+        assert_eq!(status.rx_path, path, "{status:#?}");
+        assert_eq!(status.rx.mac_failed, 0, "{status:#?}");
+        if path == "xdp" {
+            let xdp = status.xdp.as_ref().expect("xdp status");
+            assert!(xdp.redirected > 0, "{status:#?}");
+        }
+        re_requests += status.rx.re_requests;
+    }
+    assert!(
+        re_requests > 0,
+        "20% loss caused no re-request at all: {parent:#?}"
+    );
+    cluster.down().unwrap();
+}
+
+#[test]
+fn clones_stay_correct_under_loss_and_reordering_on_kernel_sockets() {
+    lossy_runs_stay_correct("sockets");
+}
+
+#[test]
+fn clones_stay_correct_under_loss_and_reordering_on_af_xdp() {
+    lossy_runs_stay_correct("xdp");
+}
+
+/// A forger that holds a wrong key: every fragment of every family it sees
+/// on `watch`, filled with 0xEE, to the family's group and to each host.
+fn forge_until(stop: &AtomicBool, watch: &Path, targets: &[Ipv4Addr], local: Ipv4Addr) -> u64 {
+    let key = McastKey::new(&ClusterKey::generate());
+    let socket = UdpSocket::bind(SocketAddrV4::new(local, 0)).unwrap();
+    socket.set_multicast_ttl_v4(1).unwrap();
+    let groups = McdistSection::default();
+    let garbage = [0xeeu8; 1400];
+    let mut out = Vec::new();
+    let mut sent = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let families: Vec<u64> = stats(watch)
+            .iter()
+            .flat_map(|h| h.families.iter().map(|f| f.family))
+            .collect();
+        for family in families {
+            let group = groups.group_of(family);
+            for page in 0..2048u64 {
+                for (index, offset) in [(0u8, 0u16), (1, 1368), (2, 2736)] {
+                    let len = if index == 2 { 1360 } else { 1368 };
+                    let header = Header {
+                        flags: 0,
+                        family,
+                        generation: 0,
+                        sender: 0,
+                    };
+                    let fragment = Fragment {
+                        page,
+                        index,
+                        count: 3,
+                        offset,
+                        data: &garbage[..len],
+                    };
+                    wire::encode_fragment(&key, &mut out, &header, &fragment).unwrap();
+                    let _ = socket.send_to(&out, SocketAddrV4::new(group, MCDIST_PORT));
+                    for target in targets {
+                        let _ = socket.send_to(&out, SocketAddrV4::new(*target, MCDIST_PORT));
+                    }
+                    sent += 1;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sent
+}
+
+#[test]
+fn forged_datagrams_are_counted_and_never_installed() {
+    let expected = serial_hits();
+    let (cluster, _dir) = cluster(4, 3, rx_path("xdp"));
+    let h1 = cluster.host(0).unwrap().socket.clone();
+    let h2 = cluster.host(1).unwrap().socket.clone();
+    // One host on each receive path.
+    let tuned = call(
+        &cluster.host(2).unwrap().socket,
+        &ApiRequest::NetTune(NetTune {
+            rx_path: Some(snowflock_control::config::RxPath::Sockets),
+            ..NetTune::default()
+        }),
+    );
+    match tuned {
+        ApiResponse::Net(status) => assert_eq!(status.rx_path, "sockets", "{status:#?}"),
+        other => panic!("sf net tune answered {other:?}"),
+    }
+    let forger = cluster.host(3).unwrap().clone();
+    let targets = [
+        cluster.host(1).unwrap().address,
+        cluster.host(2).unwrap().address,
+    ];
+    let stop = AtomicBool::new(false);
+    let sent = std::thread::scope(|s| {
+        let forging = s.spawn(|| {
+            in_netns(&forger.netns, || {
+                forge_until(&stop, &h2, &targets, forger.address)
+            })
+        });
+        run_and_check(&h1, &expected);
+        stop.store(true, Ordering::Relaxed);
+        forging.join().unwrap()
+    });
+    assert!(sent > 0, "the forger never saw a family");
+    let mut mac_failed = 0;
+    for host in &cluster.hosts()[1..3] {
+        let status = net_show(&host.socket);
+        mac_failed += status.rx.mac_failed;
+    }
+    assert!(mac_failed > 0, "no forged datagram was counted");
+    cluster.down().unwrap();
+}
+
+/// Whether `eth0` of `netns` has an XDP program and whether a socket holds the mcdist port.
+fn xdp_and_socket(netns: &str) -> (bool, bool) {
+    let link = Command::new("ip")
+        .args(["-n", netns, "-d", "link", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout).to_string();
+    let sockets = Command::new("ip")
+        .args(["netns", "exec", netns, "ss", "-uanH"])
+        .output()
+        .unwrap();
+    let sockets = String::from_utf8_lossy(&sockets.stdout).to_string();
+    (
+        link.contains("prog/xdp"),
+        sockets.contains(&format!(":{MCDIST_PORT} ")),
+    )
+}
+
+fn wait_until_released(netns: &str, how: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = xdp_and_socket(netns);
+        if state == (false, false) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {how}, {netns} still has (xdp, socket) = {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_xdp_program_and_sockets_go_when_sfd_stops_or_crashes() {
+    let (mut cluster, _dir) = cluster(2, 2, rx_path("xdp"));
+    let netns = cluster.host(1).unwrap().netns.clone();
+    assert_eq!(xdp_and_socket(&netns), (true, true));
+    cluster.stop_host(1).unwrap();
+    wait_until_released(&netns, "SIGTERM");
+    cluster.start_host(1).unwrap();
+    assert_eq!(xdp_and_socket(&netns), (true, true));
+    cluster.kill_host(1).unwrap();
+    wait_until_released(&netns, "SIGKILL");
+    cluster.down().unwrap();
+}
