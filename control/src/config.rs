@@ -16,7 +16,8 @@
 //! fetch_timeout_ms = 5000
 //! [mcdist]                            # multicast page distribution (docs/mcdist.md)
 //! distribution = "mcdist"             # or "unicast": every clone host fetches over TCP
-//! port = 7073                         # UDP, on the pages address
+//! port = 7073                         # UDP: requests to this host's server
+//! rx_port = 7074                      # UDP: fragments to this host's receiver
 //! rx_path = "auto"                    # "sockets", "xdp", or "auto" (xdp, else sockets)
 //! xdp_mode = "native"                 # or "generic"
 //! ```
@@ -180,9 +181,13 @@ pub enum XdpAttachMode {
 pub struct McdistSection {
     #[serde(default = "default_distribution")]
     pub distribution: Distribution,
-    /// UDP port of every host's mcdist endpoint, on the pages address.
+    /// UDP port where this host's mcdist server takes requests, on the pages address.
     #[serde(default = "default_mcdist_port")]
     pub port: u16,
+    /// UDP port where this host's receiver takes fragments (group and unicast); the same on
+    /// every host, and not `port` (unicast reaches only the more specific bound socket).
+    #[serde(default = "default_rx_port")]
+    pub rx_port: u16,
     /// First address of the /16 that families' multicast groups are drawn from.
     #[serde(default = "default_group_base")]
     pub group_base: std::net::Ipv4Addr,
@@ -229,6 +234,9 @@ fn default_distribution() -> Distribution {
 fn default_mcdist_port() -> u16 {
     7073
 }
+fn default_rx_port() -> u16 {
+    7074
+}
 fn default_group_base() -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::new(239, 255, 0, 0)
 }
@@ -259,6 +267,7 @@ impl Default for McdistSection {
         Self {
             distribution: default_distribution(),
             port: default_mcdist_port(),
+            rx_port: default_rx_port(),
             group_base: default_group_base(),
             mtu: 0,
             suppression_ms: default_suppression_ms(),
@@ -293,8 +302,8 @@ impl McdistSection {
                 self.group_base
             ));
         }
-        if self.port == 0 {
-            return Err("mcdist port must be non-zero".into());
+        if self.port == 0 || self.rx_port == 0 || self.port == self.rx_port {
+            return Err("mcdist port and rx_port must be non-zero and differ".into());
         }
         if self.mtu != 0 && self.mtu < 576 {
             return Err(format!("mcdist mtu {} is below 576", self.mtu));

@@ -295,7 +295,7 @@ pub struct NetDevice {
     pub mtu: u32,
     pub rx_queues: u32,
     pub tx_queues: u32,
-    /// (current, max) combined channels, when the driver reports them.
+    /// (current, max) RX channels (dedicated plus combined), when the driver reports them.
     pub channels: Option<(u32, u32)>,
     /// (rx, tx, rx max, tx max) ring sizes, when the driver reports them.
     pub rings: Option<(u32, u32, u32, u32)>,

@@ -295,6 +295,7 @@ pub fn run(runs: u32, pages: u32, sink: &mut dyn Sink) -> Result<()> {
                 McastServer::bind(
                     McastServerConfig {
                         bind: server_addr,
+                        group_port: PORT,
                         mtu: 1500,
                         suppression: Duration::from_millis(5),
                         initial_rate: 200_000,

@@ -42,6 +42,8 @@ pub enum ClusterCommand {
     /// Show which daemons of a cluster are alive; exits 1 unless all are running and accept
     /// connections.
     Status(StatusArgs),
+    /// Make the switch lose and reorder UDP datagrams on their way to every host (0 0 removes it).
+    Impair(ImpairArgs),
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +93,19 @@ pub struct DownArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ImpairArgs {
+    /// State directory of the cluster.
+    #[arg(long, default_value = DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Percent of packets lost.
+    #[arg(long, default_value_t = 0)]
+    pub loss: u32,
+    /// Percent of packets held back behind later ones.
+    #[arg(long, default_value_t = 0)]
+    pub reorder: u32,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     /// State directory of the cluster.
     #[arg(long, default_value = DEFAULT_DIR)]
@@ -106,7 +121,20 @@ pub fn run(command: ClusterCommand) -> Result<ExitCode> {
         ClusterCommand::Up(args) => up(args),
         ClusterCommand::Down(args) => down(args),
         ClusterCommand::Status(args) => status(args),
+        ClusterCommand::Impair(args) => impair(args),
     }
+}
+
+/// `sf cluster impair`: loss and reordering on the switch ports; the cluster keeps running.
+pub fn impair(args: ImpairArgs) -> Result<ExitCode> {
+    if args.loss + args.reorder > 100 {
+        anyhow::bail!("loss and reorder add up to more than 100%");
+    }
+    let cluster = Cluster::load(&args.dir).context("loading the cluster")?;
+    let result = cluster.impair(args.loss, args.reorder);
+    cluster.detach();
+    result.context("impairing the switch ports")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The `[mcdist]` keys of every host.

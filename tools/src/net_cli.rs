@@ -142,7 +142,7 @@ fn status_text(s: &NetStatus) -> String {
             d.ifindex, d.mtu, d.rx_queues, d.tx_queues
         );
         if let Some((current, max)) = d.channels {
-            let _ = write!(out, ", channels {current}/{max}");
+            let _ = write!(out, ", rx channels {current}/{max}");
         }
         if let Some((rx, tx, rx_max, tx_max)) = d.rings {
             let _ = write!(out, ", rings rx {rx}/{rx_max} tx {tx}/{tx_max}");

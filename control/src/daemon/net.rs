@@ -119,6 +119,7 @@ impl NetPlane {
         let server = McastServer::bind(
             McastServerConfig {
                 bind: SocketAddrV4::new(local, settings.port),
+                group_port: settings.rx_port,
                 mtu,
                 suppression: Duration::from_millis(settings.suppression_ms),
                 initial_rate: settings.initial_rate,
@@ -136,6 +137,7 @@ impl NetPlane {
             interface = %plane.interface,
             mtu,
             port = settings.port,
+            rx_port = settings.rx_port,
             rx_path = plane.rx_path_name(),
             "mcdist ready"
         );
@@ -145,9 +147,10 @@ impl NetPlane {
     fn receiver_config(&self, settings: &McdistSection) -> ReceiverConfig {
         ReceiverConfig {
             local_addr: self.local,
-            port: settings.port,
-            rto_min: Duration::from_millis(10),
-            rto_max: Duration::from_millis(500),
+            port: settings.rx_port,
+            // Above the suppression window, so a re-request is not taken for a duplicate.
+            rto_min: Duration::from_millis(settings.suppression_ms + 3),
+            rto_max: Duration::from_millis(200),
             unicast_after: 3,
             initial_rate: settings.initial_rate,
             max_rate: settings.max_rate,
@@ -278,7 +281,9 @@ impl NetPlane {
                 mtu: d.mtu,
                 rx_queues: d.rx_queues,
                 tx_queues: d.tx_queues,
-                channels: d.channels.map(|c| (c.combined, c.max_combined)),
+                channels: d
+                    .channels
+                    .map(|c| (c.rx + c.combined, c.max_rx.max(c.max_combined))),
                 rings: d.rings.map(|r| (r.rx, r.tx, r.rx_max, r.tx_max)),
                 xdp: match d.xdp {
                     netdev::XdpAttachment::None => "none".into(),

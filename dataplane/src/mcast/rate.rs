@@ -63,20 +63,33 @@ impl TokenBucket {
     }
 }
 
-/// A receiver's estimate of the rate it can take: additive increase while nothing is lost,
-/// multiplicative (halving) decrease on loss.
+/// A receiver's estimate of the rate it can take, updated once per report interval from the
+/// share of its requested pages that had to be re-requested (lost).
+///
+/// A loss share well above its running average means the receiver (or the path to it) is
+/// overrun: the rate drops to 70%. A steady share, however high (random loss on a lossy
+/// link), cuts nothing: lowering the rate would not lower it, and would starve the clones;
+/// then the rate grows additively, as it does without loss.
 #[derive(Debug)]
 pub(crate) struct AimdRate {
     rate: u32,
     min: u32,
     max: u32,
     step: u32,
-    lost_this_interval: bool,
-    last_cut: Option<Instant>,
+    completed: u32,
+    lost: u32,
+    /// Running average of the loss share; starts at 0 (a path is assumed clean until seen).
+    average_loss: f64,
 }
 
-/// The rate grows from `min` to `max` in this many loss-free report intervals.
+/// The rate grows from `min` to `max` in this many report intervals without rising loss.
 const INCREASE_STEPS: u32 = 32;
+/// A loss share this much above twice its running average is taken for overload.
+const LOSS_MARGIN: f64 = 0.05;
+/// What an overloaded interval leaves of the rate.
+const CUT: f64 = 0.7;
+/// Weight of the newest interval in the running average.
+const AVERAGE_WEIGHT: f64 = 0.25;
 
 impl AimdRate {
     /// Starts at `initial`, kept within `min..=max` (`min` at least 1).
@@ -88,8 +101,9 @@ impl AimdRate {
             min,
             max,
             step: ((max - min) / INCREASE_STEPS).max(1),
-            lost_this_interval: false,
-            last_cut: None,
+            completed: 0,
+            lost: 0,
+            average_loss: 0.0,
         }
     }
 
@@ -98,29 +112,40 @@ impl AimdRate {
         self.rate
     }
 
-    /// A page had to be re-requested. Halves the rate unless it was already halved less than
-    /// `holdoff` ago (one loss event often costs several pages). Returns whether it halved.
-    pub(crate) fn on_loss(&mut self, now: Instant, holdoff: Duration) -> bool {
-        self.lost_this_interval = true;
-        if self
-            .last_cut
-            .is_some_and(|cut| now.saturating_duration_since(cut) < holdoff)
-        {
-            return false;
-        }
-        self.last_cut = Some(now);
-        let halved = (self.rate / 2).max(self.min);
-        let cut = halved < self.rate;
-        self.rate = halved;
-        cut
+    /// A requested page arrived.
+    pub(crate) fn on_completed(&mut self) {
+        self.completed = self.completed.saturating_add(1);
     }
 
-    /// A report interval ended: grows the rate if nothing was lost in it.
-    pub(crate) fn on_interval(&mut self) {
-        if !self.lost_this_interval {
-            self.rate = self.rate.saturating_add(self.step).min(self.max);
+    /// `pages` requested pages had to be re-requested.
+    pub(crate) fn on_loss(&mut self, pages: u32) {
+        self.lost = self.lost.saturating_add(pages);
+    }
+
+    /// A report interval ended: cuts the rate if its loss share rose well above the usual,
+    /// grows it otherwise. Returns whether it cut.
+    pub(crate) fn on_interval(&mut self) -> bool {
+        let total = self.completed + self.lost;
+        let share = if total == 0 {
+            0.0
+        } else {
+            f64::from(self.lost) / f64::from(total)
+        };
+        self.completed = 0;
+        self.lost = 0;
+        let overloaded = share > LOSS_MARGIN + 2.0 * self.average_loss;
+        if total > 0 {
+            self.average_loss += AVERAGE_WEIGHT * (share - self.average_loss);
         }
-        self.lost_this_interval = false;
+        if overloaded {
+            let cut = ((f64::from(self.rate) * CUT) as u32).max(self.min);
+            let changed = cut < self.rate;
+            self.rate = cut;
+            changed
+        } else {
+            self.rate = self.rate.saturating_add(self.step).min(self.max);
+            false
+        }
     }
 }
 
@@ -154,28 +179,38 @@ mod tests {
     }
 
     #[test]
-    fn aimd_halves_on_loss_once_per_holdoff_and_grows_without_loss() {
-        let start = Instant::now();
-        let holdoff = Duration::from_millis(50);
+    fn rising_loss_cuts_the_rate_and_steady_loss_does_not() {
         let mut rate = AimdRate::new(32_000, 1000, 33_000);
-        assert!(rate.on_loss(start, holdoff));
-        assert_eq!(rate.rate(), 16_000);
-        assert!(!rate.on_loss(start + Duration::from_millis(10), holdoff));
-        assert_eq!(rate.rate(), 16_000);
-        rate.on_interval();
-        assert_eq!(rate.rate(), 16_000, "no growth in an interval with loss");
-        rate.on_interval();
-        assert_eq!(rate.rate(), 17_000);
-        assert!(rate.on_loss(start + Duration::from_millis(60), holdoff));
-        assert_eq!(rate.rate(), 8_500);
-        for _ in 0..100 {
-            rate.on_loss(start + Duration::from_secs(100), Duration::ZERO);
-        }
-        assert_eq!(rate.rate(), 1000, "never below the minimum");
-        for _ in 0..100 {
-            rate.on_interval();
+        // Clean intervals grow it.
+        for _ in 0..3 {
+            rate.on_completed();
+            assert!(!rate.on_interval());
         }
         assert_eq!(rate.rate(), 33_000, "never above the maximum");
+        // Loss appears: overload.
+        for _ in 0..10 {
+            rate.on_completed();
+        }
+        rate.on_loss(10);
+        assert!(rate.on_interval());
+        assert_eq!(rate.rate(), 23_100);
+        // The same share again and again becomes the usual one: no more cuts, growth again.
+        let mut cuts = 0;
+        for _ in 0..40 {
+            for _ in 0..10 {
+                rate.on_completed();
+            }
+            rate.on_loss(10);
+            cuts += u32::from(rate.on_interval());
+        }
+        assert!(cuts <= 4, "{cuts} cuts for a steady loss share");
+        assert_eq!(rate.rate(), 33_000);
+        // A jump above the usual share cuts again, never below the minimum.
+        for _ in 0..100 {
+            rate.on_loss(1000);
+            rate.on_interval();
+        }
+        assert!(rate.rate() >= 1000);
         assert_eq!(AimdRate::new(5, 100, 50).rate(), 100);
     }
 }

@@ -22,7 +22,7 @@
 //!   nobody on this host asked for (early pages) are delivered too.
 //! - Keeps the pages it requested and has not received in a table with a retransmission
 //!   timeout adapted to the measured request-to-page time (like TCP's: smoothed RTT plus four
-//!   deviations, within `rto_min..=rto_max`, doubling per retry), plus the time the server
+//!   deviations, within `rto_min..=rto_max`, growing linearly per retry), plus the time the server
 //!   needs at the reported rate for the requested pages ahead of it. Expired pages are
 //!   requested again with the `RETRY` flag; after `unicast_after` retries also with
 //!   `UNICAST_REPLY`.
@@ -63,7 +63,7 @@ pub struct ReceiverConfig {
     pub port: u16,
     /// Smallest retransmission timeout.
     pub rto_min: Duration,
-    /// Largest retransmission timeout (also the cap of the per-retry doubling).
+    /// Largest retransmission timeout (also the cap of the per-retry growth).
     pub rto_max: Duration,
     /// Re-requests of a page after which it is requested with `UNICAST_REPLY`.
     pub unicast_after: u32,
@@ -92,7 +92,7 @@ impl Default for ReceiverConfig {
             rto_max: Duration::from_millis(500),
             unicast_after: 3,
             initial_rate: 20_000,
-            min_rate: 500,
+            min_rate: 2_000,
             max_rate: 200_000,
             report_interval: Duration::from_millis(100),
             max_partial_pages: 1024,
@@ -697,6 +697,9 @@ impl ReceiverCore {
                                     }
                                     None => true,
                                 };
+                                if !early {
+                                    family.rate.on_completed();
+                                }
                                 count(&mut state.stats, &mut family.stats, |s| {
                                     s.pages_completed += 1;
                                     if early {
@@ -792,7 +795,9 @@ impl ReceiverCore {
             }
             self.retry_due(&outgoing, &mut state.scratch, &mut state.stats, family, now);
             if now >= family.next_report {
-                family.rate.on_interval();
+                if family.rate.on_interval() {
+                    count(&mut state.stats, &mut family.stats, |s| s.rate_cuts += 1);
+                }
                 outgoing.send(&mut state.scratch, family, &mut state.stats, 0, &[]);
                 family.next_report = now + self.config.report_interval;
             }
@@ -829,12 +834,9 @@ impl ReceiverCore {
             return;
         }
         let rto = family.rtt.rto(self.config.rto_min, self.config.rto_max);
-        if family
+        family
             .rate
-            .on_loss(now, rto.max(self.config.report_interval))
-        {
-            count(global, &mut family.stats, |s| s.rate_cuts += 1);
-        }
+            .on_loss(u32::try_from(due.len()).unwrap_or(u32::MAX));
         let mut multicast = Vec::new();
         let mut unicast = Vec::new();
         let rate = family.rate.rate();
@@ -846,8 +848,10 @@ impl ReceiverCore {
             };
             request.retries += 1;
             ahead += 1;
+            // Linear, not exponential: losses here are mostly random, and a page someone
+            // faults on should not wait out a long backoff; overload is what the rate is for.
             let backoff = rto
-                .saturating_mul(1 << request.retries.min(16))
+                .saturating_mul(1 + request.retries.min(64))
                 .min(self.config.rto_max.max(rto));
             request.retry_at = now + backoff + queueing(ahead, rate);
             family.retry_order.insert((request.retry_at, page));
@@ -1107,8 +1111,15 @@ mod tests {
     }
 
     #[test]
-    fn expired_requests_are_retried_then_asked_unicast_and_the_rate_halves() {
-        let (core, recorder, _) = setup();
+    fn expired_requests_are_retried_then_asked_unicast_and_the_rate_drops() {
+        let recorder = Arc::new(Recorder::default());
+        let reporting = ReceiverConfig {
+            report_interval: Duration::from_millis(20),
+            ..config()
+        };
+        let core = ReceiverCore::new(reporting, &key(), recorder.clone());
+        let sink = Arc::new(Collect::default());
+        core.join(join(), sink.clone(), Some(sink)).unwrap();
         let initial = core.stats().rate;
         core.request(FAMILY, &[1, 2]);
         let mut flags_seen = Vec::new();
@@ -1119,6 +1130,10 @@ mod tests {
             let sent = recorder.sent.lock().unwrap().clone();
             for datagram in &sent[2..] {
                 let (flags, pages) = decode_request(datagram);
+                if pages.is_empty() {
+                    // A rate report.
+                    continue;
+                }
                 assert_eq!(pages, vec![1, 2]);
                 if !flags_seen.contains(&flags) {
                     flags_seen.push(flags);
@@ -1129,6 +1144,11 @@ mod tests {
             flags_seen,
             vec![REQUEST_RETRY, REQUEST_RETRY | REQUEST_UNICAST_REPLY]
         );
+        // The cut comes with the next report interval.
+        while core.stats().rate_cuts == 0 && Instant::now() < deadline {
+            let next = core.tick();
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
         let stats = core.stats();
         assert!(stats.re_requests >= 4);
         assert!(stats.unicast_requests >= 1);

@@ -77,9 +77,12 @@ const SOCKET_SEND_BUFFER: usize = 4 << 20;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct McastServerConfig {
     /// Unicast address and port: REQUESTs arrive here, and multicast leaves from this
-    /// interface (`IP_MULTICAST_IF` = this address, TTL 1, loopback off). Fragments go to the
-    /// groups at the same port.
+    /// interface (`IP_MULTICAST_IF` = this address, TTL 1, loopback off).
     pub bind: SocketAddrV4,
+    /// The receivers' port: fragments go to the groups at this port. A host running a
+    /// server and a receiver needs two ports, because unicast datagrams reach only the
+    /// socket bound to the more specific address.
+    pub group_port: u16,
     /// Path MTU: fragments are sized so their IP packets fit it.
     pub mtu: u32,
     /// A page is sent at most once per this window and destination; requests for it in the
@@ -96,11 +99,13 @@ pub struct McastServerConfig {
 }
 
 impl McastServerConfig {
-    /// The defaults for serving at `bind`: 1500-byte MTU, 5 ms suppression, 20 000 pages/s
+    /// The defaults for serving at `bind` to receivers at the same port (on other hosts):
+    /// 1500-byte MTU, 5 ms suppression, 20 000 pages/s
     /// before reports, at most 200 000 pages/s, receivers idle after 1 s, push on.
     pub fn new(bind: SocketAddrV4) -> McastServerConfig {
         McastServerConfig {
             bind,
+            group_port: bind.port(),
             mtu: 1500,
             suppression: Duration::from_millis(5),
             initial_rate: 20_000,
@@ -501,7 +506,7 @@ impl McastServer {
         self.shared.local_addr
     }
 
-    /// Serves `store` as `family` to `group` (at the server's port), replacing what the
+    /// Serves `store` as `family` to `group` (at the receivers' port), replacing what the
     /// family had. Returns the family's new generation: random, non-zero, never the previous
     /// one, so requests and fragments of an earlier registration are told apart.
     pub fn register(&self, family: u64, group: Ipv4Addr, store: Arc<dyn PageStore>) -> u32 {
@@ -514,7 +519,7 @@ impl McastServer {
             family,
             FamilyState {
                 generation,
-                group: SocketAddrV4::new(group, self.shared.local_addr.port()),
+                group: SocketAddrV4::new(group, self.shared.config.group_port),
                 store,
                 pages,
                 receivers: HashMap::new(),

@@ -263,7 +263,14 @@ impl XdpPath {
                 ifname: config.ifname.clone(),
                 source,
             })?;
-            (0..device.rx_queues.max(1)).collect()
+            // The channels in use, not the queues allocated (veth allocates one per CPU
+            // but runs one).
+            let active = device
+                .channels
+                .map(|c| c.rx + c.combined)
+                .filter(|&n| n > 0)
+                .unwrap_or(device.rx_queues);
+            (0..active.max(1)).collect()
         } else {
             config.queues.clone()
         };

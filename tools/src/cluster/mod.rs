@@ -493,6 +493,12 @@ pub enum ClusterError {
         #[source]
         source: CommandError,
     },
+    #[error("impairing the switch port of {host}")]
+    Impair {
+        host: String,
+        #[source]
+        source: CommandError,
+    },
     #[error("creating the bridge in {netns}")]
     CreateBridge {
         netns: String,
@@ -847,6 +853,80 @@ impl Cluster {
         self.spawn(index)?;
         self.record.save()?;
         self.wait_ready(&[index], self.ready_timeout)
+    }
+
+    /// Makes the switch lose `loss_percent`% of the UDP datagrams (mcdist's traffic) it
+    /// forwards to each host and hold back another `reorder_percent`% behind the rest (a
+    /// 20 Mbit/s class with a one-packet burst, so later packets overtake them), replacing
+    /// any earlier impairment; 0 and 0 removes it. TCP (the control protocol, the memory
+    /// server) is left alone. Built from an HTB root and a classic-BPF classifier drawing a
+    /// random number per packet, because kernels without netem (`CONFIG_NET_SCH_NETEM`) are
+    /// common; it needs only `tc` and the HTB and BPF classifier built in.
+    pub fn impair(&self, loss_percent: u32, reorder_percent: u32) -> Result<(), ClusterError> {
+        let switch = self.record.switch.clone();
+        let threshold = |percent: u32| {
+            (u64::from(percent.min(100)) * (1u64 << 32) / 100).min(u64::from(u32::MAX))
+        };
+        let drop_below = threshold(loss_percent);
+        let hold_below = threshold(loss_percent + reorder_percent);
+        // Not UDP (IPv4 protocol byte, after the Ethernet header on this egress port) → 1:1;
+        // A = random; A < drop_below → class 1:3 (a zero-length FIFO: dropped);
+        // A < hold_below → 1:2 (slow: overtaken); else 1:1.
+        let program = format!(
+            "9,48 0 0 23,21 1 0 17,6 0 0 65537,32 0 0 4294963256,53 1 0 {drop_below},6 0 0 65539,53 1 0 {hold_below},6 0 0 65538,6 0 0 65537"
+        );
+        for host in &self.record.hosts {
+            let port = host.netns.as_str();
+            let fail = |source| ClusterError::Impair {
+                host: host.name.clone(),
+                source,
+            };
+            // Nothing to delete the first time.
+            let _ = netns::tc(&switch, &["qdisc", "del", "dev", port, "root"]);
+            if loss_percent == 0 && reorder_percent == 0 {
+                continue;
+            }
+            let fast = ["htb", "rate", "10gbit", "burst", "256k", "cburst", "256k"];
+            let steps: Vec<Vec<&str>> = vec![
+                vec![
+                    "qdisc", "add", "dev", port, "root", "handle", "1:", "htb", "default", "1",
+                ],
+                [
+                    &[
+                        "class", "add", "dev", port, "parent", "1:", "classid", "1:1",
+                    ][..],
+                    &fast,
+                ]
+                .concat(),
+                [
+                    &[
+                        "class", "add", "dev", port, "parent", "1:", "classid", "1:3",
+                    ][..],
+                    &fast,
+                ]
+                .concat(),
+                vec![
+                    "class", "add", "dev", port, "parent", "1:", "classid", "1:2", "htb", "rate",
+                    "20mbit", "burst", "1600", "cburst", "1600",
+                ],
+                vec![
+                    "qdisc", "add", "dev", port, "parent", "1:3", "handle", "30:", "pfifo",
+                    "limit", "0",
+                ],
+                vec![
+                    "qdisc", "add", "dev", port, "parent", "1:2", "handle", "20:", "pfifo",
+                    "limit", "64",
+                ],
+                vec![
+                    "filter", "add", "dev", port, "parent", "1:", "protocol", "ip", "prio", "1",
+                    "bpf", "bytecode", &program,
+                ],
+            ];
+            for step in steps {
+                netns::tc(&switch, &step).map_err(fail)?;
+            }
+        }
+        Ok(())
     }
 
     /// Stops everything and removes what `up` created, as described in the

@@ -84,6 +84,18 @@ pub(super) fn ip<S: AsRef<OsStr>>(args: &[S]) -> Result<String, CommandError> {
     run_bounded(&mut command, IP_TIMEOUT)
 }
 
+/// Runs `tc -n NETNS ARGS...`, bounded by [`IP_TIMEOUT`]; returns its stdout.
+pub(super) fn tc<S: AsRef<OsStr>>(netns: &str, args: &[S]) -> Result<String, CommandError> {
+    let tc = ip_program().with_file_name("tc");
+    let mut command = Command::new(if tc.is_file() {
+        tc
+    } else {
+        PathBuf::from("tc")
+    });
+    command.args(["-n", netns]).args(args);
+    run_bounded(&mut command, IP_TIMEOUT)
+}
+
 /// Runs `command` to completion with piped output, killing it after `timeout`.
 fn run_bounded(command: &mut Command, timeout: Duration) -> Result<String, CommandError> {
     let line = render(command);
