@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use snowflock_dataplane::mcast::{McastServerStats, ReceiverStats};
 use snowflock_fault_handler::{CloneStats, FamilyStats};
 
 use crate::config::{Distribution, RxPath, XdpAttachMode};
@@ -281,8 +282,10 @@ pub struct NetStatus {
     /// Why AF_XDP is not in use, when it was asked for.
     pub fallback: Option<String>,
     pub xdp: Option<XdpStatus>,
-    pub rx: RxCounters,
-    pub tx: TxCounters,
+    /// What this host's receiver saw (all families since it started).
+    pub rx: ReceiverStats,
+    /// What this host's server did.
+    pub tx: McastServerStats,
     /// Families this host receives pages of, and serves.
     pub families_receiving: u32,
     pub families_serving: u32,
@@ -325,37 +328,4 @@ pub struct XdpStatus {
     pub socket_dropped: u64,
     pub rx_ring_full: u64,
     pub fill_ring_empty: u64,
-}
-
-/// What this host's mcdist receiver saw.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RxCounters {
-    pub datagrams: u64,
-    pub fragments: u64,
-    pub pages_completed: u64,
-    /// Pages that arrived before this host asked for them.
-    pub early_pages: u64,
-    pub duplicate_fragments: u64,
-    pub mac_failed: u64,
-    pub malformed: u64,
-    pub not_ours: u64,
-    pub re_requests: u64,
-    pub unicast_requests: u64,
-    pub rejects: u64,
-}
-
-/// What this host's mcdist sender did.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct TxCounters {
-    pub requests: u64,
-    pub pages_requested: u64,
-    pub duplicates_suppressed: u64,
-    pub pages_sent: u64,
-    pub fragments_sent: u64,
-    pub bytes_sent: u64,
-    pub unicast_pages: u64,
-    pub pushed_pages: u64,
-    pub rejects_sent: u64,
-    pub mac_failed: u64,
-    pub malformed: u64,
 }

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
+use snowflock_control::daemon::memory::FamilySink;
 use snowflock_dataplane::auth::ClusterKey;
-use snowflock_dataplane::client::PageSink;
 use snowflock_dataplane::mcast::{
     FamilyJoin, McastReceiver, McastServer, McastServerConfig, ReceiverConfig, XdpReceiveConfig,
 };
@@ -91,18 +91,6 @@ impl PageSource for MemorySource {
             .map(|(p, d)| (*p, d.as_slice()))
             .collect();
         family.deliver_batch(&batch);
-    }
-}
-
-struct FamilySink(Arc<Family>);
-
-impl PageSink for FamilySink {
-    fn deliver_batch(&self, pages: &[(u64, &[u8])]) {
-        self.0.deliver_batch(pages);
-    }
-
-    fn failed(&self, reason: String) {
-        self.0.fail(reason);
     }
 }
 

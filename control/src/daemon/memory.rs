@@ -53,8 +53,9 @@ impl PageSource for ClientSource {
     }
 }
 
-/// Delivers what the page client receives to the family's clones.
-struct FamilySink(Arc<Family>);
+/// Delivers what a transport receives to the family's clones.
+#[derive(Debug)]
+pub struct FamilySink(pub Arc<Family>);
 
 impl PageSink for FamilySink {
     fn deliver_batch(&self, pages: &[(u64, &[u8])]) {

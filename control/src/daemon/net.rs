@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use snowflock_dataplane::auth::ClusterKey;
 use snowflock_dataplane::mcast::{
-    McastReceiver, McastServer, McastServerConfig, ReceiverConfig, XdpReceiveConfig,
+    McastReceiver, McastServer, McastServerConfig, ReceiverConfig, ReceiverStats, XdpReceiveConfig,
 };
 use snowflock_dataplane::netdev;
 use snowflock_dataplane::xdp::{BusyPoll, XskConfig, ZeroCopy};
 use snowflock_ebpf::XdpMode;
 
 use crate::config::{DaemonConfig, Distribution, McdistSection, RxPath, XdpAttachMode};
-use crate::protocol::{NetDevice, NetStatus, NetTune, RxCounters, TxCounters, XdpStatus};
+use crate::protocol::{NetDevice, NetStatus, NetTune, XdpStatus};
 use crate::supervisor::error_chain;
 
 /// A failure to start the host's page transport.
@@ -303,20 +303,7 @@ impl NetPlane {
         let guard = self.receiver.read().unwrap_or_else(|p| p.into_inner());
         let (rx, xdp, fallback, receiving) = match guard.as_ref() {
             Some(active) => {
-                let s = active.receiver.stats();
-                let rx = RxCounters {
-                    datagrams: s.datagrams,
-                    fragments: s.fragments,
-                    pages_completed: s.pages_completed,
-                    duplicate_fragments: s.duplicate_fragments,
-                    early_pages: s.early_pages,
-                    mac_failed: s.mac_failed,
-                    malformed: s.malformed,
-                    not_ours: s.not_ours,
-                    re_requests: s.re_requests,
-                    unicast_requests: s.unicast_requests,
-                    rejects: s.rejects,
-                };
+                let rx = active.receiver.stats();
                 let xdp = active.receiver.xdp_status().map(|x| XdpStatus {
                     mode: settings.xdp_mode,
                     program_id: x.program_id,
@@ -343,28 +330,13 @@ impl NetPlane {
                     active.receiver.family_count() as u32,
                 )
             }
-            None => (RxCounters::default(), None, None, 0),
+            None => (ReceiverStats::default(), None, None, 0),
         };
         drop(guard);
         let tx = self
             .server
             .as_ref()
-            .map(|server| {
-                let s = server.stats();
-                TxCounters {
-                    requests: s.requests,
-                    pages_requested: s.pages_requested,
-                    duplicates_suppressed: s.duplicates_suppressed,
-                    pages_sent: s.pages_sent,
-                    fragments_sent: s.fragments_sent,
-                    bytes_sent: s.bytes_sent,
-                    unicast_pages: s.unicast_pages,
-                    pushed_pages: s.pushed_pages,
-                    rejects_sent: s.rejects_sent,
-                    mac_failed: s.mac_failed,
-                    malformed: s.malformed,
-                }
-            })
+            .map(|server| server.stats())
             .unwrap_or_default();
         NetStatus {
             host: self.host.clone(),

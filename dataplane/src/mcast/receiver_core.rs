@@ -136,7 +136,7 @@ pub trait RequestTransport: Send + Sync {
 }
 
 /// Counters of a receiver (all families) or of one family.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReceiverStats {
     /// Datagrams handed to the core (family stats: those that decoded as this family's).
     pub datagrams: u64,

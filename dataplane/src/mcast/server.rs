@@ -148,7 +148,7 @@ pub enum McastBindError {
 }
 
 /// One family's view in [`McastServerStats`].
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FamilyServerStats {
     /// The family.
     pub family: u64,
@@ -167,7 +167,7 @@ pub struct FamilyServerStats {
 }
 
 /// Counters of a [`McastServer`], since it started.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct McastServerStats {
     /// Valid REQUEST datagrams received (reports, JOIN and LEAVE included).
     pub requests: u64,
