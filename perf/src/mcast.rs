@@ -36,20 +36,15 @@ fn tx_bytes(host: &HostInfo) -> Result<u64> {
         .context("parsing tx_bytes")
 }
 
-/// Medians of one distribution, by clone count.
-struct Medians {
-    bytes: Vec<(u32, f64)>,
-}
-
 fn measure(
     setup: &Setup,
     cluster: &Cluster,
     distribution: &str,
     counts: &[u32],
     sink: &mut dyn Sink,
-) -> Result<Medians> {
+) -> Result<Vec<(u32, f64)>> {
     let parent = cluster.host(0)?;
-    let mut medians = Medians { bytes: Vec::new() };
+    let mut medians = Vec::new();
     for &n in counts {
         let params: Map<String, Value> = [
             ("distribution".to_string(), json!(distribution)),
@@ -88,7 +83,7 @@ fn measure(
             &params,
         )?;
         emit(sink, "mcast-scale", "job_time", &job, "ms", &params)?;
-        medians.bytes.push((n, median));
+        medians.push((n, median));
     }
     Ok(medians)
 }
@@ -122,7 +117,7 @@ pub fn mcast_scale(
     let first = counts[0];
     let last = counts[counts.len() - 1];
     for (distribution, medians) in &results {
-        let at = |n: u32| medians.bytes.iter().find(|(c, _)| *c == n).map(|(_, b)| *b);
+        let at = |n: u32| medians.iter().find(|(c, _)| *c == n).map(|(_, b)| *b);
         if let (Some(one), Some(many)) = (at(first), at(last)) {
             let params: Map<String, Value> = [
                 ("distribution".to_string(), json!(distribution)),
@@ -141,7 +136,7 @@ pub fn mcast_scale(
         }
     }
     let (mcdist, unicast) = (&results[0].1, &results[1].1);
-    for (&(n, m), &(_, u)) in mcdist.bytes.iter().zip(&unicast.bytes) {
+    for (&(n, m), &(_, u)) in mcdist.iter().zip(unicast) {
         let params: Map<String, Value> = [("clones".to_string(), json!(n))].into_iter().collect();
         sink.emit(crate::record::Record::new(
             "mcast-scale",

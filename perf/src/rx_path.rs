@@ -247,6 +247,22 @@ fn over_network(
         )
         .context("joining the family")?;
     let rate = install_all(family, pages);
+    if let Some(stats) = receiver.family_stats(FAMILY) {
+        eprintln!(
+            "rx-path: {}: {} fragments, {} duplicate, {} re-requests, {} rate cuts, {} partial pages dropped, rate {} pages/s",
+            if receiver.uses_xdp() {
+                "af_xdp"
+            } else {
+                "sockets"
+            },
+            stats.fragments,
+            stats.duplicate_fragments,
+            stats.re_requests,
+            stats.rate_cuts,
+            stats.partials_dropped,
+            stats.rate
+        );
+    }
     receiver.leave(FAMILY);
     rate
 }

@@ -108,7 +108,8 @@ impl PageSource for McastSource {
 #[derive(Debug)]
 pub struct FetchLink {
     pub family: Arc<Family>,
-    source: Arc<ClientSource>,
+    /// Holds the TCP connection (its only owner by mcdist).
+    _connection: Arc<ClientSource>,
     mcast: Option<Arc<McastReceiver>>,
 }
 
@@ -158,14 +159,9 @@ impl FetchLink {
         };
         Ok(Self {
             family,
-            source: client_source,
+            _connection: client_source,
             mcast,
         })
-    }
-
-    /// Pages received so far over the TCP connection.
-    pub fn received_pages(&self) -> u64 {
-        self.source.0.get().map_or(0, |c| c.stats().pages_received)
     }
 }
 

@@ -57,6 +57,15 @@ pub enum TuneError {
     Start(#[from] NetError),
 }
 
+/// "xdp", "sockets" or "none": the receive path of `active`.
+fn path_name(active: Option<&ActiveReceiver>) -> &'static str {
+    match active {
+        Some(active) if active.receiver.uses_xdp() => "xdp",
+        Some(_) => "sockets",
+        None => "none",
+    }
+}
+
 /// The receiver in use and how it came to be.
 struct ActiveReceiver {
     receiver: Arc<McastReceiver>,
@@ -239,16 +248,12 @@ impl NetPlane {
     }
 
     fn rx_path_name(&self) -> &'static str {
-        match self
-            .receiver
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            Some(active) if active.receiver.xdp_status().is_some() => "xdp",
-            Some(_) => "sockets",
-            None => "none",
-        }
+        path_name(
+            self.receiver
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref(),
+        )
     }
 
     /// Stops receiving: detaches the XDP program and closes the sockets.
@@ -301,11 +306,15 @@ impl NetPlane {
                 },
             });
         let guard = self.receiver.read().unwrap_or_else(|p| p.into_inner());
+        let rx_path = path_name(guard.as_ref());
         let (rx, xdp, fallback, receiving) = match guard.as_ref() {
             Some(active) => {
                 let rx = active.receiver.stats();
                 let xdp = active.receiver.xdp_status().map(|x| XdpStatus {
-                    mode: settings.xdp_mode,
+                    mode: match x.mode {
+                        XdpMode::Native => XdpAttachMode::Native,
+                        XdpMode::Generic => XdpAttachMode::Generic,
+                    },
                     program_id: x.program_id,
                     queues: x.queues.clone(),
                     zero_copy: x.zero_copy,
@@ -343,7 +352,7 @@ impl NetPlane {
             distribution: settings.distribution,
             interface: self.interface.clone(),
             device,
-            rx_path: self.rx_path_name().into(),
+            rx_path: rx_path.into(),
             fallback,
             xdp,
             rx,

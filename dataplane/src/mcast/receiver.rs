@@ -230,6 +230,11 @@ impl McastReceiver {
         Ok(receiver)
     }
 
+    /// Whether fragments arrive through the AF_XDP path.
+    pub fn uses_xdp(&self) -> bool {
+        self.xdp.is_some()
+    }
+
     /// The AF_XDP path's program, queues and counters; `None` on the socket path.
     pub fn xdp_status(&self) -> Option<XdpReceiveStatus> {
         self.xdp.as_ref().and_then(XdpPath::status)
@@ -353,15 +358,7 @@ impl McastReceiver {
     pub fn core(&self) -> &Arc<ReceiverCore> {
         &self.core
     }
-}
 
-impl Drop for McastReceiver {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-impl McastReceiver {
     /// Stops receiving: leaves every family (sending LEAVE), detaches the XDP program and
     /// closes the AF_XDP sockets, and stops the loop thread (waiting at most
     /// [`STOP_TIMEOUT`]). The socket closes when the receiver is dropped. Idempotent.
@@ -386,5 +383,11 @@ impl McastReceiver {
                 "mcdist receive thread still busy (in a sink?); leaving it to finish"
             ),
         }
+    }
+}
+
+impl Drop for McastReceiver {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }

@@ -11,7 +11,9 @@
 //! - it sends the REQUEST datagrams the core gives it ([`RequestTransport::send`]), from the
 //!   address the server's unicast answers should come back to.
 //!
-//! Fault threads call [`ReceiverCore::request`] directly; it sends at once.
+//! Fault threads call [`ReceiverCore::request`] directly; it sends at once while fewer than
+//! `max_in_flight` pages of the family are awaited, and queues the rest here, sending them
+//! as earlier pages arrive.
 //!
 //! # What the core does
 //!
@@ -23,7 +25,8 @@
 //! - Keeps the pages it requested and has not received in a table with a retransmission
 //!   timeout adapted to the measured request-to-page time (like TCP's: smoothed RTT plus four
 //!   deviations, within `rto_min..=rto_max`, growing linearly per retry), plus the time the server
-//!   needs at the reported rate for the requested pages ahead of it. Expired pages are
+//!   needs for the requested pages ahead of it, at the lower of the reported rate and the rate
+//!   pages were measured to arrive at while requests were in flight. Expired pages are
 //!   requested again with the `RETRY` flag; after `unicast_after` retries also with
 //!   `UNICAST_REPLY`.
 //! - Estimates the rate it can take (AIMD: grows while nothing is lost, halves when a page has
@@ -32,7 +35,7 @@
 //! - Turns a REJECT into one [`PageSink::failed`] call for the family; the family then stops
 //!   requesting and reporting.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
@@ -81,6 +84,11 @@ pub struct ReceiverConfig {
     pub max_partial_pages: usize,
     /// A page partly received for this long is dropped.
     pub partial_timeout: Duration,
+    /// Most pages of a family requested and awaited at once; further requested pages wait
+    /// here, in order, and are sent as earlier ones arrive. Bounds the server's queue for this
+    /// receiver, so a timeout measures the network, not a deep queue, and a fault asked for
+    /// after a large prefetch waits behind at most this many pages.
+    pub max_in_flight: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -97,6 +105,7 @@ impl Default for ReceiverConfig {
             report_interval: Duration::from_millis(100),
             max_partial_pages: 1024,
             partial_timeout: Duration::from_secs(2),
+            max_in_flight: 512,
         }
     }
 }
@@ -183,6 +192,9 @@ pub struct ReceiverStats {
     pub rate: u32,
     /// Pages requested and not yet received.
     pub outstanding: u64,
+    /// Of those, pages waiting to be sent to the server (beyond `max_in_flight`).
+    #[serde(default)]
+    pub queued: u64,
     /// Pages partly received now (receiver stats only).
     pub partial_pages: u64,
     /// Datagrams longer than any mcdist datagram (socket path).
@@ -295,6 +307,12 @@ impl Bitmap {
             *word |= 1 << (bit % 64);
         }
     }
+
+    fn clear(&mut self, bit: u64) {
+        if let Some(word) = self.0.get_mut((bit / 64) as usize) {
+            *word &= !(1 << (bit % 64));
+        }
+    }
 }
 
 struct Family {
@@ -302,14 +320,60 @@ struct Family {
     sink: Arc<dyn PageSink>,
     hook: Option<Arc<dyn HeldPages>>,
     held: Bitmap,
+    /// Pages sent to the server and awaited.
     outstanding: HashMap<u64, Outstanding>,
     /// (retry_at, page) of every outstanding page.
     retry_order: BTreeSet<(Instant, u64)>,
+    /// Pages requested beyond `max_in_flight`, in request order, and their bits.
+    waiting: VecDeque<u64>,
+    queued: Bitmap,
+    /// Pages per second measured to arrive while requests were in flight (smoothed).
+    goodput: Option<f64>,
+    /// Requested pages completed since the last report, and whether requests were in flight
+    /// when that interval began.
+    completed_in_interval: u32,
+    busy_since_report: bool,
+    last_report: Instant,
     rtt: RttEstimate,
     rate: AimdRate,
     next_report: Instant,
     failed: bool,
     stats: ReceiverStats,
+}
+
+/// Weight of the newest interval in the smoothed goodput.
+const GOODPUT_WEIGHT: f64 = 0.5;
+
+impl Family {
+    /// The rate the server is expected to serve this family at: the reported rate, or the
+    /// measured one when that is lower (the server or the path cannot keep up).
+    fn pace(&self) -> u32 {
+        let rate = self.rate.rate();
+        match self.goodput {
+            Some(measured) => rate.min(measured.max(1.0) as u32),
+            None => rate,
+        }
+    }
+
+    /// At a report: if requests were in flight the whole interval, its completions per
+    /// second are a sample of what the server delivers.
+    fn sample_goodput(&mut self, now: Instant) {
+        let interval = now
+            .saturating_duration_since(self.last_report)
+            .as_secs_f64();
+        if self.busy_since_report && !self.outstanding.is_empty() && interval > 0.0 {
+            let sample = f64::from(self.completed_in_interval) / interval;
+            if sample > 0.0 {
+                self.goodput = Some(match self.goodput {
+                    Some(old) => old + GOODPUT_WEIGHT * (sample - old),
+                    None => sample,
+                });
+            }
+        }
+        self.completed_in_interval = 0;
+        self.busy_since_report = !self.outstanding.is_empty();
+        self.last_report = now;
+    }
 }
 
 /// Where a family's completed pages go: its sink and its held-pages hook.
@@ -495,6 +559,12 @@ impl ReceiverCore {
             held: Bitmap::new(join.pages),
             outstanding: HashMap::new(),
             retry_order: BTreeSet::new(),
+            waiting: VecDeque::new(),
+            queued: Bitmap::new(join.pages),
+            goodput: None,
+            completed_in_interval: 0,
+            busy_since_report: false,
+            last_report: now,
             rtt: RttEstimate::default(),
             rate: AimdRate::new(
                 self.config.initial_rate,
@@ -577,15 +647,65 @@ impl ReceiverCore {
         if fam.failed {
             return;
         }
-        let rto = fam.rtt.rto(self.config.rto_min, self.config.rto_max);
-        let rate = fam.rate.rate();
-        let mut wanted = Vec::with_capacity(pages.len());
-        let mut earliest = None;
+        let mut fresh = Vec::with_capacity(pages.len());
         for &page in pages {
-            if fam.held.get(page) || fam.outstanding.contains_key(&page) {
+            if page >= fam.join.pages
+                || fam.held.get(page)
+                || fam.queued.get(page)
+                || fam.outstanding.contains_key(&page)
+            {
                 continue;
             }
-            let queued_for = queueing(fam.outstanding.len() + 1, rate);
+            fam.queued.set(page);
+            fresh.push(page);
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let requested = fresh.len() as u64;
+        count(&mut state.stats, &mut fam.stats, |s| {
+            s.pages_requested += requested;
+        });
+        fam.waiting.extend(fresh);
+        let outgoing = self.outgoing();
+        if let Some(earliest) =
+            self.admit(&outgoing, &mut state.scratch, &mut state.stats, fam, now)
+        {
+            self.wake_for(state, earliest);
+        }
+    }
+
+    /// Sends waiting pages of `family` while fewer than `max_in_flight` are awaited; returns
+    /// the earliest retry time it set.
+    fn admit(
+        &self,
+        outgoing: &Outgoing<'_>,
+        scratch: &mut Vec<u8>,
+        global: &mut ReceiverStats,
+        fam: &mut Family,
+        now: Instant,
+    ) -> Option<Instant> {
+        let room = self
+            .config
+            .max_in_flight
+            .max(1)
+            .saturating_sub(fam.outstanding.len());
+        if room == 0 || fam.waiting.is_empty() {
+            return None;
+        }
+        let rto = fam.rtt.rto(self.config.rto_min, self.config.rto_max);
+        let pace = fam.pace();
+        let mut wanted = Vec::with_capacity(room.min(fam.waiting.len()));
+        let mut earliest = None;
+        while wanted.len() < room {
+            let Some(page) = fam.waiting.pop_front() else {
+                break;
+            };
+            fam.queued.clear(page);
+            if fam.held.get(page) {
+                continue;
+            }
+            let queued_for = queueing(fam.outstanding.len() + 1, pace);
             let retry_at = now + rto + queued_for;
             earliest.get_or_insert(retry_at);
             fam.outstanding.insert(
@@ -600,16 +720,10 @@ impl ReceiverCore {
             fam.retry_order.insert((retry_at, page));
             wanted.push(page);
         }
-        let Some(earliest) = earliest else {
-            return;
-        };
-        let requested = wanted.len() as u64;
-        count(&mut state.stats, &mut fam.stats, |s| {
-            s.pages_requested += requested;
-        });
-        self.outgoing()
-            .send(&mut state.scratch, fam, &mut state.stats, 0, &wanted);
-        self.wake_for(state, earliest);
+        if !wanted.is_empty() {
+            outgoing.send(scratch, fam, global, 0, &wanted);
+        }
+        earliest
     }
 
     /// Processes received UDP payloads (each one mcdist datagram) and delivers the pages they
@@ -627,6 +741,8 @@ impl ReceiverCore {
         let mut ready: Vec<Ready> = Vec::new();
         let mut failures: Vec<(Arc<dyn PageSink>, String)> = Vec::new();
         let mut sinks: HashMap<u64, Destination> = HashMap::new();
+        // Families whose completed requests made room for waiting pages.
+        let mut refill: Vec<u64> = Vec::new();
         {
             let mut guard = lock(&self.state);
             let state = &mut *guard;
@@ -699,6 +815,13 @@ impl ReceiverCore {
                                 };
                                 if !early {
                                     family.rate.on_completed();
+                                    family.completed_in_interval =
+                                        family.completed_in_interval.saturating_add(1);
+                                    if !family.waiting.is_empty()
+                                        && !refill.contains(&header.family)
+                                    {
+                                        refill.push(header.family);
+                                    }
                                 }
                                 count(&mut state.stats, &mut family.stats, |s| {
                                     s.pages_completed += 1;
@@ -734,6 +857,8 @@ impl ReceiverCore {
                         family.failed = true;
                         family.outstanding.clear();
                         family.retry_order.clear();
+                        family.waiting.clear();
+                        family.queued = Bitmap::new(family.join.pages);
                         let reason = format!(
                             "mcdist server {} rejected page {:#x} of family {:#x} \
                              (generation {:#x}): {}",
@@ -748,6 +873,24 @@ impl ReceiverCore {
                     }
                     Ok(Datagram::Request(..)) => state.stats.malformed += 1,
                 }
+            }
+            let outgoing = self.outgoing();
+            let mut earliest: Option<Instant> = None;
+            for id in refill {
+                let Some(family) = state.families.get_mut(&id) else {
+                    continue;
+                };
+                if family.failed {
+                    continue;
+                }
+                if let Some(at) =
+                    self.admit(&outgoing, &mut state.scratch, &mut state.stats, family, now)
+                {
+                    earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                }
+            }
+            if let Some(earliest) = earliest {
+                self.wake_for(state, earliest);
             }
         }
         self.deliver(&ready, &sinks);
@@ -794,7 +937,9 @@ impl ReceiverCore {
                 continue;
             }
             self.retry_due(&outgoing, &mut state.scratch, &mut state.stats, family, now);
+            self.admit(&outgoing, &mut state.scratch, &mut state.stats, family, now);
             if now >= family.next_report {
+                family.sample_goodput(now);
                 if family.rate.on_interval() {
                     count(&mut state.stats, &mut family.stats, |s| s.rate_cuts += 1);
                 }
@@ -839,7 +984,7 @@ impl ReceiverCore {
             .on_loss(u32::try_from(due.len()).unwrap_or(u32::MAX));
         let mut multicast = Vec::new();
         let mut unicast = Vec::new();
-        let rate = family.rate.rate();
+        let rate = family.pace();
         // The pages still awaited in time are served before these.
         let mut ahead = family.outstanding.len().saturating_sub(due.len());
         for page in due {
@@ -890,7 +1035,12 @@ impl ReceiverCore {
         stats.outstanding = state
             .families
             .values()
-            .map(|f| f.outstanding.len() as u64)
+            .map(|f| (f.outstanding.len() + f.waiting.len()) as u64)
+            .sum();
+        stats.queued = state
+            .families
+            .values()
+            .map(|f| f.waiting.len() as u64)
             .sum();
         stats.partial_pages = state.reassembly.partial_pages() as u64;
         stats
@@ -901,7 +1051,8 @@ impl ReceiverCore {
         let state = lock(&self.state);
         state.families.get(&family).map(|f| ReceiverStats {
             rate: f.rate.rate(),
-            outstanding: f.outstanding.len() as u64,
+            outstanding: (f.outstanding.len() + f.waiting.len()) as u64,
+            queued: f.waiting.len() as u64,
             ..f.stats
         })
     }
@@ -1064,6 +1215,51 @@ mod tests {
         // A held page is not requested again.
         core.request(FAMILY, &[3]);
         assert_eq!(recorder.sent.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn requests_beyond_the_window_wait_and_go_out_as_pages_arrive() {
+        let recorder = Arc::new(Recorder::default());
+        let windowed = ReceiverConfig {
+            max_in_flight: 3,
+            ..config()
+        };
+        let core = ReceiverCore::new(windowed, &key(), recorder.clone());
+        let sink = Arc::new(Collect::default());
+        core.join(join(), sink.clone(), None).unwrap();
+        core.request(FAMILY, &[1, 2, 3, 4, 5, 6, 16]);
+        let requested = |from: usize| -> Vec<Vec<u64>> {
+            recorder.sent.lock().unwrap()[from..]
+                .iter()
+                .map(|d| decode_request(d).1)
+                .collect()
+        };
+        assert_eq!(requested(1), vec![vec![1, 2, 3]], "page 16 is out of range");
+        let stats = core.family_stats(FAMILY).unwrap();
+        assert_eq!((stats.outstanding, stats.queued), (6, 3));
+        // Page 5 arrives early (a sibling asked): it is not requested when its turn comes.
+        for page in [5, 1] {
+            core.on_datagrams(
+                fragments(FAMILY, GENERATION, page, 1)
+                    .iter()
+                    .map(|d| d.as_slice()),
+            );
+        }
+        assert_eq!(requested(2), vec![vec![4]], "one arrival, one more request");
+        core.on_datagrams(
+            fragments(FAMILY, GENERATION, 2, 2)
+                .iter()
+                .map(|d| d.as_slice()),
+        );
+        assert_eq!(
+            requested(3),
+            vec![vec![6]],
+            "page 5 is held, so page 6 goes"
+        );
+        let stats = core.family_stats(FAMILY).unwrap();
+        assert_eq!((stats.outstanding, stats.queued), (3, 0));
+        core.request(FAMILY, &[4, 5, 6]);
+        assert_eq!(recorder.sent.lock().unwrap().len(), 4, "awaited or held");
     }
 
     #[test]

@@ -197,13 +197,10 @@ fn queue_thread(
 ) {
     let mut last_stats = Instant::now();
     while !stopping.load(Ordering::Relaxed) {
-        match socket.wait(POLL_TIMEOUT) {
-            Ok(true) => {}
-            Ok(false) => {}
-            Err(error) => {
-                tracing::warn!(%error, queue = socket.queue_id(), "waiting on the AF_XDP socket failed");
-                std::thread::sleep(POLL_TIMEOUT);
-            }
+        // Ready or timed out, the receive below finds out.
+        if let Err(error) = socket.wait(POLL_TIMEOUT) {
+            tracing::warn!(%error, queue = socket.queue_id(), "waiting on the AF_XDP socket failed");
+            std::thread::sleep(POLL_TIMEOUT);
         }
         loop {
             let mut not_udp = 0u64;
