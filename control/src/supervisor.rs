@@ -1487,8 +1487,14 @@ fn run_hollow(shared: Arc<Shared>, vm: u64, start: HollowStart) {
             Some(prepared) => prepared,
             None => PreparedVm::new(hv, mem_size).map_err(|e| error_chain(&e))?,
         };
-        let mut machine = Machine::restore_hollow(hv, prepared, snapshot, console)
-            .map_err(|e| error_chain(&e))?;
+        let mut machine = Machine::restore_hollow(
+            hv,
+            prepared,
+            snapshot,
+            start.family.cache().memfd(),
+            console,
+        )
+        .map_err(|e| error_chain(&e))?;
         let avoid = if start.avoidance {
             AvoidMap::new(
                 mem_size / snowflock_vmm::memory::PAGE_SIZE,
@@ -1502,8 +1508,9 @@ fn run_hollow(shared: Arc<Shared>, vm: u64, start: HollowStart) {
         let kicker = machine.kicker();
         let on_failure: Arc<dyn Fn(&snowflock_fault_handler::FaultError) + Send + Sync> =
             Arc::new(move |_| kicker.kick());
-        // SAFETY: hollow memory is a private anonymous mapping nothing has
-        // touched yet (restoring writes only vCPU and VM state). It stays
+        // SAFETY: hollow memory is a private mapping of the whole of this
+        // family's cache memfd that nothing has touched yet (restoring
+        // writes only vCPU and VM state). It stays
         // mapped until `machine` drops, and `VmContext::drive` (or the error
         // path below) closes the handler before the machine drops.
         let handler = unsafe {

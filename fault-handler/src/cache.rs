@@ -1,8 +1,10 @@
 //! The host page cache of one clone point: each page fetched from the
 //! parent's memory server is stored once per host, for all its clones here.
+//! The cache is a memfd, and every hollow clone of the clone point on this
+//! host maps it privately as its guest memory: a stored page *is* the
+//! clones' memory until one of them writes it (copy-on-write).
 
-use std::os::fd::OwnedFd;
-use std::ptr::NonNull;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{PAGE_SIZE, sys};
@@ -14,7 +16,7 @@ pub enum CacheError {
         "family {family:#x}: memory size {mem_size:#x} is not a positive multiple of the page size"
     )]
     BadSize { family: u64, mem_size: u64 },
-    #[error("family {family:#x}: creating and mapping a {mem_size:#x}-byte memfd failed")]
+    #[error("family {family:#x}: creating a {mem_size:#x}-byte memfd failed")]
     Memfd {
         family: u64,
         mem_size: u64,
@@ -30,42 +32,45 @@ pub enum InsertError {
     OutOfRange { page: u64, pages: u64 },
     #[error("page {page:#x} has {len} bytes, not {PAGE_SIZE}")]
     BadLength { page: u64, len: usize },
+    #[error("writing page {page:#x} into the cache failed: {reason}")]
+    Write { page: u64, reason: String },
 }
 
-/// Pages of one clone point on this host: a memfd mapped shared and
-/// read-write here, and two bits per page.
+/// Pages of one clone point on this host: a memfd whose holes are the pages
+/// not here yet, and two bits per page.
+///
+/// **Why pages are written with `pwritev`.** Clones map the memfd
+/// `MAP_PRIVATE`, so the kernel maps a page that is in the memfd into a
+/// clone on its first touch, without asking the fault handler; a page must
+/// therefore never be visible half written. `pwritev` of a whole page at a
+/// page-aligned offset allocates the page locked and not up to date, copies
+/// all of it, then marks it up to date and unlocks it; a concurrent fault
+/// waits on the page lock and sees the complete page. (A short copy, which
+/// could expose a partly zero page, happens only if a source page is not
+/// resident; sources are UMEM frames, receive buffers and heap buffers,
+/// resident by construction.) A page is written as one `pwritev` of its
+/// parts, so the parts may be the fragments of a page as they arrived: the
+/// kernel copies each byte once, from the receive buffer into the page.
 ///
 /// Memory ordering: an inserter first *claims* the page (`fetch_or` on the
 /// claim bit, `AcqRel`); only the thread that set the bit writes the page,
-/// so no two threads ever write the same bytes concurrently. After writing
-/// it sets the *present* bit with `Release`. Readers test the present bit
-/// with `Acquire` ([`PageCache::contains`], [`PageCache::page_ptr`]) before
-/// reading the bytes (as the source of `UFFDIO_COPY`), so they see the
-/// whole page. Present pages are never written again.
-///
-/// A second inserter of a page that is claimed but not present yet gets
-/// `false` at once, without waiting: it must not assume the page is
-/// readable until `contains` says so.
+/// so no two threads write it. After writing it sets the *present* bit with
+/// `Release`; [`PageCache::contains`] tests it with `Acquire`. Present pages
+/// are never written again. A second inserter of a page that is claimed but
+/// not present yet gets `false` at once, without waiting.
 #[derive(Debug)]
 pub struct PageCache {
     family: u64,
-    /// Keeps the memory alive (the mapping would too; this also names it in
-    /// `/proc/self/fd` for inspection).
-    _memfd: OwnedFd,
-    base: NonNull<u8>,
+    memfd: OwnedFd,
     pages: u64,
     claimed: Box<[AtomicU64]>,
     present: Box<[AtomicU64]>,
     resident: AtomicU64,
 }
 
-// SAFETY: the mapping is plain shared memory owned by this value. Its bytes
-// are written only by the thread that claimed a page, before the page is
-// published with `Release`, and read only after an `Acquire` of that bit
-// (see the type's docs); nothing in it is tied to a thread.
-unsafe impl Send for PageCache {}
-// SAFETY: as above; every method takes `&self` and follows that protocol.
-unsafe impl Sync for PageCache {}
+/// Most parts one `pwritev` of [`PageCache::insert_batch`] takes (the
+/// kernel's `IOV_MAX`).
+pub const MAX_RUN_IOVECS: usize = 1024;
 
 fn bit(page: u64) -> (usize, u64) {
     ((page / 64) as usize, 1 << (page % 64))
@@ -77,20 +82,17 @@ impl PageCache {
         if mem_size == 0 || !mem_size.is_multiple_of(PAGE_SIZE) {
             return Err(CacheError::BadSize { family, mem_size });
         }
-        let (memfd, base) =
-            sys::memfd_mapping(c"snowflock-page-cache", mem_size).map_err(|source| {
-                CacheError::Memfd {
-                    family,
-                    mem_size,
-                    source,
-                }
+        let memfd =
+            sys::memfd(c"snowflock-page-cache", mem_size).map_err(|source| CacheError::Memfd {
+                family,
+                mem_size,
+                source,
             })?;
         let pages = mem_size / PAGE_SIZE;
         let words = || (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         Ok(Self {
             family,
-            _memfd: memfd,
-            base,
+            memfd,
             pages,
             claimed: words(),
             present: words(),
@@ -102,12 +104,18 @@ impl PageCache {
         self.family
     }
 
+    /// The memfd that clones map `MAP_PRIVATE` (whole, from offset 0) as
+    /// their guest memory. Nobody may write it but this cache.
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+
     /// Pages of the clone point (present or not).
     pub fn page_count(&self) -> u64 {
         self.pages
     }
 
-    /// Whether page `page` is stored and readable.
+    /// Whether page `page` is stored.
     pub fn contains(&self, page: u64) -> bool {
         if page >= self.pages {
             return false;
@@ -116,70 +124,100 @@ impl PageCache {
         self.present[word].load(Ordering::Acquire) & mask != 0
     }
 
-    /// Stores `data` (exactly one page) as page `page`. `Ok(false)` if the
-    /// page was already stored, or another thread is storing it right now
-    /// (see the type's docs).
+    /// Stores `data` (exactly one page) as page `page`; see
+    /// [`PageCache::insert_parts`].
     pub fn insert(&self, page: u64, data: &[u8]) -> Result<bool, InsertError> {
-        if page >= self.pages {
-            return Err(InsertError::OutOfRange {
-                page,
-                pages: self.pages,
-            });
-        }
-        if data.len() != PAGE_SIZE as usize {
-            return Err(InsertError::BadLength {
-                page,
-                len: data.len(),
-            });
-        }
-        let (word, mask) = bit(page);
-        if self.claimed[word].fetch_or(mask, Ordering::AcqRel) & mask != 0 {
-            return Ok(false);
-        }
-        let dst = self.base.as_ptr().wrapping_add((page * PAGE_SIZE) as usize);
-        // SAFETY: the page lies inside the mapping (checked above); this
-        // thread set its claim bit, so no other thread writes it, and its
-        // present bit is clear, so no reader reads it; `data` is a Rust
-        // slice, which cannot overlap the mapping we own.
-        unsafe { sys::write_bytes(dst, data) };
-        self.present[word].fetch_or(mask, Ordering::Release);
-        self.resident.fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        self.insert_parts(page, &[data])
     }
 
-    /// Where present page `page` lies in this process; its `PAGE_SIZE`
-    /// bytes stay readable and unchanged as long as the cache lives.
-    pub fn page_ptr(&self, page: u64) -> Option<*const u8> {
-        self.contains(page).then(|| {
-            self.base
-                .as_ptr()
-                .wrapping_add((page * PAGE_SIZE) as usize)
-                .cast_const()
-        })
+    /// Stores the concatenation of `parts` (exactly one page) as page
+    /// `page`, in one `pwritev`. `Ok(false)` if the page was already
+    /// stored, or another thread is storing it right now (see the type's
+    /// docs).
+    pub fn insert_parts(&self, page: u64, parts: &[&[u8]]) -> Result<bool, InsertError> {
+        Ok(self.insert_batch(&[(page, parts)])? == 1)
     }
 
-    /// Where `count` present pages from `first` lie in this process, if
-    /// they all are present.
-    pub(crate) fn run_ptr(&self, first: u64, count: u64) -> Option<*const u8> {
-        let end = first.checked_add(count)?;
-        (first..end)
-            .all(|p| self.contains(p))
-            .then(|| self.page_ptr(first))
-            .flatten()
+    /// Stores several pages, each the concatenation of its parts (exactly
+    /// one page): the pages this call claims are written in runs of
+    /// consecutive pages, one `pwritev` per run (at most [`MAX_RUN_IOVECS`]
+    /// parts), so a batch of neighbouring pages costs one system call. Each
+    /// page is still written whole by the kernel before anyone can map it
+    /// (see the type's docs). Returns how many pages this call stored; on
+    /// an error, no page of the failing run is stored.
+    pub fn insert_batch(&self, pages: &[(u64, &[&[u8]])]) -> Result<u64, InsertError> {
+        for &(page, parts) in pages {
+            if page >= self.pages {
+                return Err(InsertError::OutOfRange {
+                    page,
+                    pages: self.pages,
+                });
+            }
+            let len: usize = parts.iter().map(|p| p.len()).sum();
+            if len != PAGE_SIZE as usize {
+                return Err(InsertError::BadLength { page, len });
+            }
+        }
+        let mut claimed: Vec<(u64, &[&[u8]])> = pages
+            .iter()
+            .filter(|&&(page, _)| {
+                let (word, mask) = bit(page);
+                self.claimed[word].fetch_or(mask, Ordering::AcqRel) & mask == 0
+            })
+            .copied()
+            .collect();
+        claimed.sort_unstable_by_key(|&(page, _)| page);
+        let mut stored = 0u64;
+        let mut rest = &claimed[..];
+        while let Some(&(first, _)) = rest.first() {
+            let mut end = 1;
+            let mut iovecs = rest[0].1.len();
+            while end < rest.len()
+                && rest[end].0 == first + end as u64
+                && iovecs + rest[end].1.len() <= MAX_RUN_IOVECS
+            {
+                iovecs += rest[end].1.len();
+                end += 1;
+            }
+            let (run, tail) = rest.split_at(end);
+            rest = tail;
+            let parts: Vec<&[u8]> = run
+                .iter()
+                .flat_map(|&(_, parts)| parts.iter().copied())
+                .collect();
+            if let Err(error) = sys::write_parts_at(&self.memfd, &parts, first * PAGE_SIZE) {
+                for &(page, _) in run.iter().chain(rest) {
+                    let (word, mask) = bit(page);
+                    self.claimed[word].fetch_and(!mask, Ordering::AcqRel);
+                }
+                return Err(InsertError::Write {
+                    page: first,
+                    reason: error.to_string(),
+                });
+            }
+            for &(page, _) in run {
+                let (word, mask) = bit(page);
+                self.present[word].fetch_or(mask, Ordering::Release);
+            }
+            stored += run.len() as u64;
+        }
+        self.resident.fetch_add(stored, Ordering::Relaxed);
+        Ok(stored)
+    }
+
+    /// A copy of present page `page`, or `None` if it is not stored.
+    pub fn read_page(&self, page: u64) -> Option<Vec<u8>> {
+        if !self.contains(page) {
+            return None;
+        }
+        let mut data = vec![0u8; PAGE_SIZE as usize];
+        sys::read_exact_at(&self.memfd, &mut data, page * PAGE_SIZE).ok()?;
+        Some(data)
     }
 
     /// Pages stored.
     pub fn resident_pages(&self) -> u64 {
         self.resident.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for PageCache {
-    fn drop(&mut self) {
-        // SAFETY: `base` is this cache's own mapping of `pages` pages; with
-        // `&mut self` no reader or writer remains, and pointers handed out
-        // by `page_ptr` are documented to be valid only while it lives.
-        unsafe { sys::unmap(self.base, self.pages * PAGE_SIZE) };
     }
 }
 
@@ -189,22 +227,15 @@ mod tests {
 
     use super::*;
 
-    fn read(cache: &PageCache, page: u64) -> Vec<u8> {
-        let ptr = cache.page_ptr(page).expect("present");
-        // SAFETY: a present page stays readable and unchanged while the
-        // cache lives, which it does for this borrow.
-        unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE as usize) }.to_vec()
-    }
-
     #[test]
     fn pages_are_stored_once_and_bad_pages_refused() {
         let cache = PageCache::new(9, 16 * PAGE_SIZE).unwrap();
         let page = vec![7u8; PAGE_SIZE as usize];
         assert!(!cache.contains(3));
-        assert!(cache.page_ptr(3).is_none());
+        assert!(cache.read_page(3).is_none());
         assert_eq!(cache.insert(3, &page), Ok(true));
         assert_eq!(cache.insert(3, &[1u8; PAGE_SIZE as usize]), Ok(false));
-        assert_eq!(read(&cache, 3), page);
+        assert_eq!(cache.read_page(3).unwrap(), page);
         assert_eq!(
             cache.insert(16, &page),
             Err(InsertError::OutOfRange {
@@ -219,9 +250,50 @@ mod tests {
         assert!(!cache.contains(u64::MAX));
         assert_eq!(cache.resident_pages(), 1);
         assert_eq!(cache.family(), 9);
-        assert!(cache.run_ptr(3, 1).is_some());
-        assert!(cache.run_ptr(3, 2).is_none());
-        assert!(cache.run_ptr(u64::MAX, 2).is_none());
+    }
+
+    #[test]
+    fn a_page_is_stored_from_its_parts() {
+        let cache = PageCache::new(1, 4 * PAGE_SIZE).unwrap();
+        let first = vec![1u8; 1416];
+        let second = vec![2u8; 1416];
+        let third = vec![3u8; PAGE_SIZE as usize - 2 * 1416];
+        assert_eq!(cache.insert_parts(2, &[&first, &second, &third]), Ok(true));
+        let expected = [first, second, third].concat();
+        assert_eq!(cache.read_page(2).unwrap(), expected);
+        assert_eq!(
+            cache.insert_parts(1, &[&expected[..100], &expected[..100]]),
+            Err(InsertError::BadLength { page: 1, len: 200 })
+        );
+        assert!(!cache.contains(1));
+    }
+
+    #[test]
+    fn a_batch_is_written_in_runs_and_each_page_once() {
+        let cache = PageCache::new(1, 16 * PAGE_SIZE).unwrap();
+        let data: Vec<Vec<u8>> = (0..16u8).map(|p| vec![p; PAGE_SIZE as usize]).collect();
+        let halves = |p: usize| -> Vec<&[u8]> {
+            let (a, b) = data[p].split_at(1000);
+            vec![a, b]
+        };
+        assert_eq!(cache.insert(5, &data[5]), Ok(true));
+        let parts: Vec<(u64, Vec<&[u8]>)> = [9, 4, 5, 6, 12, 7]
+            .iter()
+            .map(|&p| (p, halves(p as usize)))
+            .collect();
+        let batch: Vec<(u64, &[&[u8]])> = parts.iter().map(|(p, v)| (*p, &v[..])).collect();
+        assert_eq!(cache.insert_batch(&batch), Ok(5), "page 5 was there");
+        for p in [4, 5, 6, 7, 9, 12] {
+            assert_eq!(cache.read_page(p).unwrap(), data[p as usize], "page {p}");
+        }
+        assert!(!cache.contains(8));
+        assert_eq!(cache.resident_pages(), 6);
+        let bad: Vec<(u64, &[&[u8]])> = vec![(2, &batch[0].1[..1])];
+        assert!(matches!(
+            cache.insert_batch(&bad),
+            Err(InsertError::BadLength { page: 2, .. })
+        ));
+        assert!(!cache.contains(2));
     }
 
     #[test]
@@ -259,7 +331,10 @@ mod tests {
         assert_eq!(stored, PAGES);
         assert_eq!(cache.resident_pages(), PAGES);
         for p in 0..PAGES {
-            assert_eq!(read(&cache, p), vec![p as u8; PAGE_SIZE as usize]);
+            assert_eq!(
+                cache.read_page(p).unwrap(),
+                vec![p as u8; PAGE_SIZE as usize]
+            );
         }
     }
 }

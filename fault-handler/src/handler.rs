@@ -237,27 +237,38 @@ impl Family {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Pages arrived (`(page, PAGE_SIZE bytes)`): each goes into the host
-    /// cache once; then every clone that asked for some of them gets its
-    /// pages with `UFFDIO_COPY` + `DONTWAKE` (contiguous pages in one call)
-    /// and one `UFFDIO_WAKE` per contiguous run of its faulting pages.
-    /// Pages nobody asked for stay in the cache. A page of the wrong size
-    /// or outside the memory fails the family. Pages arriving after the
-    /// family failed are dropped.
+    /// Pages arrived (`(page, PAGE_SIZE bytes)`); see
+    /// [`Family::deliver_parts`].
     pub fn deliver_batch(&self, pages: &[(u64, &[u8])]) {
+        let parts: Vec<[&[u8]; 1]> = pages.iter().map(|&(_, data)| [data]).collect();
+        let list: Vec<(u64, &[&[u8]])> = pages
+            .iter()
+            .zip(&parts)
+            .map(|(&(page, _), parts)| (page, &parts[..]))
+            .collect();
+        self.deliver_parts(&list);
+    }
+
+    /// Pages arrived, each as the parts that make it up (the fragments it
+    /// came in, say): each goes into the host cache once, in one write
+    /// straight from the parts, which makes it part of every clone's
+    /// memory; then each clone's faults on them get one `UFFDIO_WAKE` per
+    /// contiguous run, and the kernel maps the pages as the faults retry.
+    /// Pages nobody asked for stay in the cache, and the first touch of
+    /// one never reaches the fault handler. A page of the wrong size or
+    /// outside the memory fails the family. Pages arriving after the
+    /// family failed are dropped.
+    pub fn deliver_parts(&self, pages: &[(u64, &[&[u8]])]) {
         if self.failed.get().is_some() {
             return;
         }
-        for &(page, data) in pages {
-            match self.cache.insert(page, data) {
-                Ok(true) => {
-                    self.received.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(false) => {}
-                Err(error) => {
-                    self.fail_with(FaultError::BadDelivery(error));
-                    return;
-                }
+        match self.cache.insert_batch(pages) {
+            Ok(stored) => {
+                self.received.fetch_add(stored, Ordering::Relaxed);
+            }
+            Err(error) => {
+                self.fail_with(FaultError::BadDelivery(error));
+                return;
             }
         }
         let mut work: Vec<(Arc<CloneState>, Arrivals)> = Vec::new();
@@ -282,7 +293,7 @@ impl Family {
             }
         }
         for (clone, list) in work {
-            clone.install_delivered(self, list);
+            clone.install_delivered(list);
         }
     }
 
@@ -470,14 +481,11 @@ impl CloneState {
                     Fill::Zero => "UFFDIO_ZEROPAGE",
                 };
                 let errno = e.raw_os_error().unwrap_or(0);
-                self.fail(
-                    family,
-                    FaultError::Install {
-                        op,
-                        page: first,
-                        errno,
-                    },
-                );
+                family.fail_with(FaultError::Install {
+                    op,
+                    page: first,
+                    errno,
+                });
                 false
             }
         }
@@ -512,7 +520,7 @@ impl CloneState {
             let mut state = family.lock();
             if family.cache.contains(page) {
                 drop(state);
-                self.install_cached(family, page, read_at);
+                self.install_cached(page, read_at);
                 return;
             }
             if let Some(error) = family.failed.get() {
@@ -570,24 +578,10 @@ impl CloneState {
         }
     }
 
-    /// A fault on a page of the host cache.
-    fn install_cached(self: &Arc<Self>, family: &Family, page: u64, read_at: Instant) {
-        if self.claim_page(page) {
-            let Some(src) = family.cache.page_ptr(page) else {
-                // Present pages stay present; reaching this is a bug, and
-                // failing the clone releases the claimed page's faults.
-                self.fail(
-                    family,
-                    FaultError::HandlerDied {
-                        reason: format!("cached page {page:#x} vanished"),
-                    },
-                );
-                return;
-            };
-            if !self.fill(family, Fill::Copy { src }, page, 1) {
-                return;
-            }
-        }
+    /// A fault on a page that reached the host cache after the fault was
+    /// raised: the retried fault maps it.
+    fn install_cached(self: &Arc<Self>, page: u64, read_at: Instant) {
+        self.claim_page(page);
         self.stats.cache_hit();
         self.stats.latency(read_at.elapsed(), false);
         self.wake(page, 1);
@@ -648,43 +642,21 @@ impl CloneState {
         self.wake(page, 1);
     }
 
-    /// Pages this clone asked for arrived (in the cache now): installs the
-    /// ones not installed yet, then wakes its faults among them.
-    fn install_delivered(self: &Arc<Self>, family: &Family, mut list: Arrivals) {
+    /// Pages this clone asked for arrived: they are in the cache, which is
+    /// this clone's memory, so nothing is copied; its faults among them are
+    /// woken and map them as they retry.
+    fn install_delivered(self: &Arc<Self>, mut list: Arrivals) {
         if self.failure.get().is_some() {
             return;
         }
         list.sort_unstable_by_key(|&(page, _)| page);
         let mut installed = 0u64;
         let mut prefetched = 0u64;
-        let mut claimed = Vec::with_capacity(list.len());
         for &(page, fault) in &list {
             if self.claim_page(page) {
-                claimed.push(page);
                 installed += 1;
                 prefetched += u64::from(fault.is_none());
             }
-        }
-        let mut ok = true;
-        for_each_run(claimed, |first, count| {
-            if !ok {
-                return;
-            }
-            ok = match family.cache.run_ptr(first, count) {
-                Some(src) => self.fill(family, Fill::Copy { src }, first, count),
-                None => {
-                    self.fail(
-                        family,
-                        FaultError::HandlerDied {
-                            reason: format!("delivered pages {first:#x}+{count} not in the cache"),
-                        },
-                    );
-                    false
-                }
-            };
-        });
-        if !ok {
-            return;
         }
         self.stats.fetched(installed, prefetched);
         let now = Instant::now();
@@ -758,10 +730,12 @@ impl FaultHandler {
     /// must be quick and must not close or drop this handler.
     ///
     /// # Safety
-    /// The region must be a private anonymous mapping of this process
-    /// (`MAP_PRIVATE | MAP_ANONYMOUS`) that nothing has touched yet, and it
-    /// must stay mapped at this address until [`FaultHandler::close`]
-    /// returned or the handler was dropped: until then the handler writes
+    /// The region must be a private mapping (`MAP_PRIVATE`) of the whole of
+    /// `family.cache().memfd()`, from offset 0, that nothing has touched yet,
+    /// into which no Rust reference points, and it must stay mapped at this
+    /// address until [`FaultHandler::close`] returned or the handler was
+    /// dropped; `close` replaces it with anonymous memory of the same size,
+    /// which the caller then unmaps. Until then the handler writes
     /// into the range through userfaultfd ioctls, and the kernel applies
     /// those to whatever mapping is registered there at the time, even a
     /// different one (another clone's memory mapped at the same address).
@@ -845,11 +819,12 @@ impl FaultHandler {
         self.clone.avoid.mark_fresh(runs);
     }
 
-    /// Installs `pages` ahead of any fault (push): pages in the host cache
-    /// are installed now; the others are requested, or added to a request
-    /// in flight, and installed when they arrive, without waking anything.
-    /// Avoided, installed and out-of-range pages are skipped. Returns how
-    /// many pages went to the source.
+    /// Brings `pages` here ahead of any fault (push): pages not in the host
+    /// cache are requested, or added to a request in flight, and stored in
+    /// the cache when they arrive, where the clone's first touch finds
+    /// them without a userfault. Avoided, cached, installed and
+    /// out-of-range pages are skipped. Returns how many pages went to the
+    /// source.
     pub fn prefetch(&self, pages: &[u64]) -> usize {
         let clone = &self.clone;
         let family = &self.family;
@@ -857,7 +832,6 @@ impl FaultHandler {
             return 0;
         }
         let mut request = Vec::new();
-        let mut cached: Arrivals = Vec::new();
         {
             let mut state = family.lock();
             let now = Instant::now();
@@ -868,8 +842,8 @@ impl FaultHandler {
                 {
                     continue;
                 }
+                // Mapped by the kernel on first touch.
                 if family.cache.contains(page) {
-                    cached.push((page, None));
                     continue;
                 }
                 let waiter = Waiter {
@@ -888,9 +862,6 @@ impl FaultHandler {
                     }
                 }
             }
-        }
-        if !cached.is_empty() {
-            clone.install_delivered(family, cached);
         }
         for chunk in request.chunks(PREFETCH_REQUEST_PAGES) {
             family.source.request(family.id, chunk);
@@ -913,9 +884,13 @@ impl FaultHandler {
         &self.family
     }
 
-    /// Stops serving faults: unregisters the region (its missing pages
-    /// then read as zeros, any waiting fault is woken), stops the fault
-    /// thread (waiting at most 2 s for it) and leaves the family. After
+    /// Stops serving faults: replaces the region with private anonymous
+    /// zero memory in one step (`MAP_FIXED`; a fault waiting in it retries
+    /// there and reads zeros) and so ends its registration, stops the fault
+    /// thread (waiting at most 2 s for it) and leaves the family. Replacing
+    /// rather than unregistering keeps the family's cache out of reach: a
+    /// fault on a hole of an unregistered view would make the kernel put a
+    /// zero page into the cache, where every sibling would map it. After
     /// this returns, the handler never touches the region again, so it may
     /// be unmapped. Stats stay readable. Idempotent; `Drop` calls it.
     pub fn close(&self) {
@@ -928,14 +903,26 @@ impl FaultHandler {
             if !*open {
                 return;
             }
-            if self.clone.registered.swap(false, Ordering::AcqRel)
-                && let Err(e) = sys::unregister(
-                    &self.clone.uffd,
-                    self.clone.base,
-                    self.clone.pages * PAGE_SIZE,
-                )
-            {
-                tracing::warn!("unregistering hollow memory failed: {e}");
+            self.clone.registered.store(false, Ordering::Release);
+            let len = self.clone.pages * PAGE_SIZE;
+            // SAFETY: the region is this clone's memory, which `start`'s
+            // contract keeps mapped and ours until this call; the open lock
+            // held for writing means no ioctl of ours runs on it meanwhile.
+            match unsafe { sys::replace_with_anonymous(self.clone.base, len) } {
+                // Waiting faults are not woken by the mapping going away.
+                Ok(()) => {
+                    if let Err(e) = sys::wake(&self.clone.uffd, self.clone.base, len) {
+                        tracing::warn!("waking the faults of replaced hollow memory failed: {e}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "replacing hollow memory failed ({e}); unregistering it instead"
+                    );
+                    if let Err(e) = sys::unregister(&self.clone.uffd, self.clone.base, len) {
+                        tracing::warn!("unregistering hollow memory failed: {e}");
+                    }
+                }
             }
             *open = false;
         }
@@ -992,6 +979,10 @@ struct DeathGuard<'a> {
 
 impl Drop for DeathGuard<'_> {
     fn drop(&mut self) {
+        self.family.fail_with(FaultError::HandlerDied {
+            reason: "the fault thread panicked".into(),
+        });
+        // In case the clone had already left the family.
         self.clone.fail(
             self.family,
             FaultError::HandlerDied {
@@ -1013,11 +1004,10 @@ fn fault_thread(ring: ring::FaultRing, clone: &Arc<CloneState>, family: &Family,
     });
     std::mem::forget(guard);
     if let Err(e) = result {
-        clone.fail(
-            family,
-            FaultError::HandlerDied {
-                reason: format!("reading faults failed: {e}"),
-            },
-        );
+        let error = FaultError::HandlerDied {
+            reason: format!("reading faults failed: {e}"),
+        };
+        family.fail_with(error.clone());
+        clone.fail(family, error);
     }
 }

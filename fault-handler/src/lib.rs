@@ -1,8 +1,11 @@
 //! Memory on demand for hollow clones. A clone started on another host than
-//! its parent gets empty memory (a private anonymous mapping) registered
-//! with userfaultfd; this crate serves its page faults: zero-filling pages
-//! whose contents do not matter, copying pages this host already has, and
-//! fetching the rest from the parent's memory server.
+//! its parent gets as its memory a private mapping of its clone point's
+//! host page cache (a memfd, empty at first) registered with userfaultfd
+//! for missing pages; this crate serves its page faults: zero-filling pages
+//! whose contents do not matter and fetching the rest from the parent's
+//! memory server into the cache. A page in the cache is mapped by the
+//! kernel on a clone's first touch without any userfault, and all clones on
+//! a host share one copy of it until they write it.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -21,17 +24,18 @@
 //! let mem_size = 64 << 20;
 //! let config = FetchConfig { fetch_timeout: Duration::from_secs(5), prefetch_pages: 8 };
 //! let family = Family::new(0x42, mem_size, Arc::new(Server), config)?;
-//! // The clone's memory: private, anonymous, untouched.
+//! // The clone's memory: a private view of the family's page cache, untouched.
+//! use std::os::fd::AsRawFd;
 //! // SAFETY: a new mapping at an address the kernel picks.
 //! let memory = unsafe {
 //!     libc::mmap(std::ptr::null_mut(), mem_size as usize, libc::PROT_READ | libc::PROT_WRITE,
-//!                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
+//!                libc::MAP_PRIVATE | libc::MAP_NORESERVE, family.cache().memfd().as_raw_fd(), 0)
 //! };
 //! // Pages 0..1000 hold data at the clone point; 500..600 were free heap.
 //! let avoid = AvoidMap::new(mem_size / PAGE_SIZE, &[(0, 1000)], &[(500, 100)])?;
 //! let on_failure = Arc::new(|e: &FaultError| eprintln!("clone failed: {e}"));
-//! // SAFETY: `memory` is a fresh private anonymous mapping that stays mapped
-//! // until the handler is closed below.
+//! // SAFETY: `memory` is a fresh private mapping of the whole cache memfd that
+//! // stays mapped until the handler is closed below.
 //! let handler = unsafe {
 //!     FaultHandler::start(family, memory.cast(), mem_size, avoid, on_failure)?
 //! };
@@ -60,23 +64,26 @@
 //!     or the page of a write fault) get writable zeroed pages
 //!     (`UFFDIO_COPY` from a zero mapping), the rest the shared zero page
 //!     (`UFFDIO_ZEROPAGE`), which costs no memory until written;
-//!   - in the host cache is copied from it (`UFFDIO_COPY`);
+//!   - in the host cache (it arrived after the fault was raised) is woken:
+//!     the retried fault maps it;
 //!   - otherwise is requested from the source, with up to
 //!     [`FetchConfig::prefetch_pages`] following data pages when the
 //!     clone's faults look sequential.
-//! - The transport's receiver thread calls [`Family::deliver_batch`]: pages
-//!   go into the cache, then into every clone that asked for them
-//!   (`UFFDIO_COPY` with `DONTWAKE`, contiguous pages in one call), then
-//!   each clone's faulting pages get one `UFFDIO_WAKE` per contiguous run.
-//! - A per-clone installed bitmap, claimed with `fetch_or`, makes exactly
-//!   one thread install each page of a clone.
+//! - The transport's receiver thread calls [`Family::deliver_parts`] (or
+//!   [`Family::deliver_batch`]): each page is written into the cache once,
+//!   in one `pwritev` straight from the buffers it arrived in (the one copy
+//!   of its bytes on this host), then each clone's faulting pages get one
+//!   `UFFDIO_WAKE` per contiguous run. Nothing is copied per clone.
+//! - A per-clone bitmap, claimed with `fetch_or`, makes exactly one thread
+//!   zero-fill each avoided page of a clone, and counts each fetched page
+//!   once.
 //!
 //! # Memory ordering of the page cache
 //!
 //! A page is claimed (`fetch_or`, `AcqRel`) by one inserter, which writes
-//! its bytes and then sets its present bit with `Release`; readers test the
-//! present bit with `Acquire` before using the bytes as a copy source.
-//! Present pages are never written again. A fault checks the cache and
+//! it with one `pwritev` and then sets its present bit with `Release`.
+//! Present pages are never written again. The kernel never maps a page
+//! half written (see [`PageCache`]). A fault checks the cache and
 //! registers as a waiter under the family's lock, and a delivery takes the
 //! waiters of stored pages under the same lock after storing them, so no
 //! page can arrive unseen between the check and the registration.
@@ -85,8 +92,11 @@
 //!
 //! A clone fails when its family fails ([`Family::fail`]: the transport is
 //! gone; a request older than [`FetchConfig::fetch_timeout`]; a malformed
-//! page), when installing a page fails, or when its fault thread dies (a
-//! drop guard catches panics). Then, once per clone, `on_failure` runs
+//! page). Zero-filling failing or a fault thread dying (a drop guard catches
+//! panics) fails the whole family on this host too: its clones share the
+//! cache, and once a region is unregistered the kernel fills its holes with
+//! zero pages *in the cache*, where every sibling would see them. Then,
+//! once per clone, `on_failure` runs
 //! (the caller kicks the vCPU out of `KVM_RUN`), [`FaultHandler::failure`]
 //! is set, and the region is unregistered, which wakes every waiting fault:
 //! from then on every missing page of the clone reads as zeros, so no

@@ -8,7 +8,6 @@
 
 use std::mem::offset_of;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::ptr::NonNull;
 
 use crate::PAGE_SIZE;
 
@@ -255,6 +254,35 @@ pub fn unregister(uffd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Replaces the mapping at `[start, start + len)` with fresh private
+/// anonymous memory in one step (`MAP_FIXED`), so nothing reaches the file
+/// mapped there before through this range any more; the new mapping is not
+/// registered with any userfaultfd, and faults waiting in the old one retry
+/// on it (reading zeros).
+///
+/// # Safety
+/// The range must be a mapping of this process that its owner has handed
+/// over for this: no Rust reference points into it, and its owner only
+/// unmaps it afterwards.
+pub unsafe fn replace_with_anonymous(start: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: MAP_FIXED over the range our caller vouches for; no other
+    // mapping is affected.
+    let ptr = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Wakes the faults of this userfaultfd waiting in a range.
 pub fn wake(uffd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
     let range = UffdioRange { start, len };
@@ -428,61 +456,67 @@ pub fn signal(eventfd: &OwnedFd) -> std::io::Result<()> {
     }
 }
 
-/// A new memfd of `len` bytes, mapped shared and read-write at an address
-/// the kernel picks.
-pub fn memfd_mapping(name: &std::ffi::CStr, len: u64) -> std::io::Result<(OwnedFd, NonNull<u8>)> {
-    let size = usize::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
-    let offset =
+/// A new memfd of `len` bytes (all holes), closed on exec.
+pub fn memfd(name: &std::ffi::CStr, len: u64) -> std::io::Result<OwnedFd> {
+    let size =
         libc::off_t::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: `name` is NUL-terminated; the result is a new fd or -1.
     let fd = check(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
     // SAFETY: `fd` is new and owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ftruncate on a memfd we own; nothing maps it yet.
-    check(unsafe { libc::ftruncate(fd.as_raw_fd(), offset) })?;
-    // SAFETY: a new shared mapping of our memfd at an address the kernel
-    // picks (no MAP_FIXED), so no existing mapping is affected.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    let ptr = NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::other("mmap returned 0"))?;
-    Ok((fd, ptr))
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), size) })?;
+    Ok(fd)
 }
 
-/// Unmaps a mapping made by [`memfd_mapping`].
-///
-/// # Safety
-/// `ptr..ptr + len` must be such a mapping, which nothing uses any more.
-pub unsafe fn unmap(ptr: NonNull<u8>, len: u64) {
-    // SAFETY: the caller guarantees the range is an unused mapping of ours.
-    let rc = unsafe { libc::munmap(ptr.as_ptr().cast(), len as usize) };
-    if rc != 0 {
-        tracing::warn!(
-            error = %std::io::Error::last_os_error(),
-            "unmapping the page cache failed"
-        );
+/// Writes `parts`, back to back, at `offset` of `fd` with `pwritev`,
+/// until all is written. The kernel copies straight from the parts.
+pub fn write_parts_at(fd: &OwnedFd, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        let mut skip = done;
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .filter_map(|part| {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    return None;
+                }
+                let rest = &part[skip..];
+                skip = 0;
+                Some(libc::iovec {
+                    iov_base: rest.as_ptr().cast_mut().cast(),
+                    iov_len: rest.len(),
+                })
+            })
+            .collect();
+        let at = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+        let count = libc::c_int::try_from(iov.len())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: every iovec points into a live borrowed slice (the kernel
+        // only reads them); `fd` is an open file we own.
+        let written = unsafe { libc::pwritev(fd.as_raw_fd(), iov.as_ptr(), count, at) };
+        match written {
+            n if n > 0 => done += n as usize,
+            0 => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+            _ => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
     }
+    Ok(())
 }
 
-/// Copies `data` to `dst`.
-///
-/// # Safety
-/// `dst..dst + data.len()` must be writable memory of this process that no
-/// other thread reads or writes during the call and that `data` does not
-/// overlap.
-pub unsafe fn write_bytes(dst: *mut u8, data: &[u8]) {
-    // SAFETY: guaranteed by the caller.
-    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+/// Reads `buf.len()` bytes at `offset` of `fd` (holes read as zeros).
+pub fn read_exact_at(fd: &OwnedFd, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(fd.try_clone()?);
+    file.read_exact_at(buf, offset)
 }
 
 #[cfg(test)]

@@ -94,22 +94,25 @@ impl PageSource for MemorySource {
     }
 }
 
-/// An anonymous mapping standing in for a hollow clone's guest memory.
+/// A private view of the family's page cache standing in for a hollow clone's guest memory.
 struct Region {
     addr: *mut u8,
     len: usize,
 }
 
 impl Region {
-    fn new(len: usize) -> Result<Region> {
-        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+    fn of(family: &Family) -> Result<Region> {
+        use std::os::fd::AsRawFd;
+        let len = (family.cache().page_count() * 4096) as usize;
+        // SAFETY: a fresh private mapping of the cache memfd where the kernel picks; no
+        // existing memory is affected.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                family.cache().memfd().as_raw_fd(),
                 0,
             )
         };
@@ -142,11 +145,12 @@ impl Drop for Region {
 
 /// Installs every page of `family` into a fresh region; returns pages/s.
 fn install_all(family: Arc<Family>, pages: u64) -> Result<f64> {
-    let region = Region::new((pages * 4096) as usize)?;
+    let region = Region::of(&family)?;
     let failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let noted = failure.clone();
-    // SAFETY: `region` is a private anonymous mapping nothing has touched, and it outlives
-    // the handler: the handler is closed below before `region` is dropped.
+    // SAFETY: `region` is a private view of the family's whole cache that nothing has
+    // touched, and it outlives the handler: the handler is closed below before `region` is
+    // dropped.
     let handler = unsafe {
         FaultHandler::start(
             family,

@@ -355,14 +355,15 @@ impl Machine {
         Ok(machine)
     }
 
-    /// A VM resuming `snapshot` on hollow memory (see
-    /// [`GuestMemory::hollow_in`]): nothing is read or written in guest
-    /// memory here, so the caller can register it with a userfaultfd handler
-    /// before the vCPU first runs.
+    /// A VM resuming `snapshot` on hollow memory, a private view of the
+    /// host page cache `cache` (see [`GuestMemory::hollow_in`]): nothing is
+    /// read or written in guest memory here, so the caller can register it
+    /// with a userfaultfd handler before the vCPU first runs.
     pub fn restore_hollow(
         hv: &dyn Hypervisor,
         prepared: PreparedVm,
         snapshot: &MachineSnapshot,
+        cache: std::os::fd::BorrowedFd<'_>,
         console: ConsoleSink,
     ) -> Result<Self, MachineError> {
         if prepared.reserved.size() != snapshot.mem_size {
@@ -373,7 +374,7 @@ impl Machine {
             ))
             .into());
         }
-        let memory = GuestMemory::hollow_in(prepared.reserved)?;
+        let memory = GuestMemory::hollow_in(prepared.reserved, cache)?;
         let mut machine = Self::assemble(hv, prepared.vm, prepared.vcpu, memory, console)?;
         machine.vm.restore_state(&snapshot.vm)?;
         machine.vcpu.restore_state(&snapshot.vcpu)?;

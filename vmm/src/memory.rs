@@ -54,6 +54,10 @@ pub enum MemoryError {
     SeekData(#[source] std::io::Error),
     #[error("hollow memory (filled on demand from another host) cannot be frozen")]
     FreezeHollow,
+    #[error("the host page cache of hollow memory is {cache:#x} bytes, the memory {size:#x}")]
+    CacheSize { cache: u64, size: u64 },
+    #[error("inspecting the host page cache of hollow memory failed")]
+    Cache(#[source] std::io::Error),
 }
 
 /// A sorted list of disjoint page runs `(first_page, count)`; the compact
@@ -535,12 +539,26 @@ impl GuestMemory {
         })
     }
 
-    /// Private anonymous memory in `reserved` that nothing has touched yet:
-    /// the memory of a clone whose pages live on another host. The caller
-    /// registers it with a userfaultfd handler before anything reads it.
-    pub fn hollow_in(reserved: ReservedMemory) -> Result<Self, MemoryError> {
+    /// A private view of `cache` (a file of exactly the reserved size, most
+    /// of it holes) in `reserved`, that nothing has touched yet: the memory
+    /// of a clone whose pages live on another host. Pages already in
+    /// `cache` are the clone's (copy-on-write); the caller registers the
+    /// range with a userfaultfd handler for the missing ones before
+    /// anything reads it.
+    pub fn hollow_in(
+        reserved: ReservedMemory,
+        cache: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Self, MemoryError> {
         let ReservedMemory { size, mapping } = reserved;
-        mapping.map_fixed(0, size, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)?;
+        let file = File::from(cache.try_clone_to_owned().map_err(MemoryError::Cache)?);
+        let cache_size = file.metadata().map_err(MemoryError::Cache)?.len();
+        if cache_size != size {
+            return Err(MemoryError::CacheSize {
+                cache: cache_size,
+                size,
+            });
+        }
+        mapping.map_fixed(0, size, libc::MAP_PRIVATE, file.as_raw_fd())?;
         Ok(Self {
             size,
             mapping,

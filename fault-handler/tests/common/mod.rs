@@ -3,6 +3,7 @@
 //! regions, and bounded touching of their pages from other threads.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -213,7 +214,8 @@ pub fn in_thread_family(id: u64, image: &Arc<Image>, config: FetchConfig) -> Arc
     family
 }
 
-/// A private anonymous region nothing has touched.
+/// A clone's memory: a private view of its family's cache memfd that
+/// nothing has touched.
 pub struct Region {
     ptr: *mut u8,
     pub pages: u64,
@@ -224,50 +226,45 @@ unsafe impl Send for Region {}
 // SAFETY: as above.
 unsafe impl Sync for Region {}
 
+/// `mmap` of the whole cache of `family` at `at` (`MAP_FIXED` unless null).
+fn map_cache(family: &Family, at: *mut u8) -> *mut u8 {
+    let len = (family.cache().page_count() * PAGE_SIZE) as usize;
+    let fixed = if at.is_null() { 0 } else { libc::MAP_FIXED };
+    // SAFETY: a private mapping of the cache memfd, either where the kernel
+    // picks or (MAP_FIXED) over a mapping of the caller's that nothing uses.
+    let ptr = unsafe {
+        libc::mmap(
+            at.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE | fixed,
+            family.cache().memfd().as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(ptr, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    ptr.cast()
+}
+
 impl Region {
-    pub fn new(pages: u64) -> Self {
-        // SAFETY: a new mapping at an address the kernel picks.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                (pages * PAGE_SIZE) as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    pub fn of(family: &Family) -> Self {
         Self {
-            ptr: ptr.cast(),
-            pages,
+            ptr: map_cache(family, std::ptr::null_mut()),
+            pages: family.cache().page_count(),
         }
     }
 
-    /// Fresh, untouched memory at the same address: the old mapping is
-    /// replaced in one step, so no other thread's mapping can land there
-    /// in between (as if another clone's memory were mapped after this
-    /// one was unmapped).
-    pub fn replace(self) -> Self {
-        // SAFETY: MAP_FIXED over our own mapping, which `self` owned and
-        // nothing uses any more; ownership passes to the returned value.
-        let ptr = unsafe {
-            libc::mmap(
-                self.ptr.cast(),
-                self.len() as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        assert_eq!(ptr.cast(), self.ptr, "{}", std::io::Error::last_os_error());
+    /// Untouched memory of `family` at the same address: the old mapping
+    /// is replaced in one step, so no other thread's mapping can land there
+    /// in between (as if another clone's memory were mapped after this one
+    /// was unmapped).
+    pub fn replace(self, family: &Family) -> Self {
+        assert_eq!(family.cache().page_count(), self.pages);
+        let ptr = map_cache(family, self.ptr);
+        assert_eq!(ptr, self.ptr);
         let pages = self.pages;
         std::mem::forget(self);
-        Self {
-            ptr: ptr.cast(),
-            pages,
-        }
+        Self { ptr, pages }
     }
 
     pub fn addr(&self) -> *mut u8 {
@@ -344,11 +341,12 @@ pub struct Clone {
 impl Clone {
     pub fn start(family: &Arc<Family>, avoid: AvoidMap) -> Self {
         let pages = family.cache().page_count();
-        let region = Arc::new(Region::new(pages));
+        let region = Arc::new(Region::of(family));
+        assert_eq!(region.pages, pages);
         let failures = Arc::new(Mutex::new(Vec::new()));
         let sink = failures.clone();
-        // SAFETY: the region is a fresh private anonymous mapping that
-        // outlives the handler (field order drops the handler first).
+        // SAFETY: the region is a fresh private view of the family's cache
+        // that outlives the handler (field order drops the handler first).
         let handler = unsafe {
             FaultHandler::start(
                 family.clone(),
