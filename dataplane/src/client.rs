@@ -42,6 +42,21 @@ const _: () = assert!(RECEIVE_BUFFER_LEN >= 2 * PAGE_FRAME_LEN);
 pub trait PageSink: Send + Sync {
     /// Pages received, as `(page number, PAGE_SIZE bytes)`, in arrival order.
     fn deliver_batch(&self, pages: &[(u64, &[u8])]);
+    /// Pages received, each as the parts (in order) that make up its `PAGE_SIZE` bytes: the
+    /// fragments it arrived in, still in the receive buffers. A sink that can store a page
+    /// from its parts saves a copy; by default they are joined and passed to
+    /// [`PageSink::deliver_batch`].
+    fn deliver_parts(&self, pages: &[(u64, &[&[u8]])]) {
+        let joined: Vec<(u64, Vec<u8>)> = pages
+            .iter()
+            .map(|(page, parts)| (*page, parts.concat()))
+            .collect();
+        let batch: Vec<(u64, &[u8])> = joined
+            .iter()
+            .map(|(page, data)| (*page, &data[..]))
+            .collect();
+        self.deliver_batch(&batch);
+    }
     /// The connection failed; no more pages will come. Called at most once, never after the
     /// client was dropped.
     fn failed(&self, reason: String);

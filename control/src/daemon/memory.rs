@@ -62,6 +62,10 @@ impl PageSink for FamilySink {
         self.0.deliver_batch(pages);
     }
 
+    fn deliver_parts(&self, pages: &[(u64, &[&[u8]])]) {
+        self.0.deliver_parts(pages);
+    }
+
     fn failed(&self, reason: String) {
         self.0.fail(reason);
     }

@@ -17,13 +17,13 @@ pub(crate) type PageBuf = Box<[u8; PAGE_SIZE]>;
 /// Spare page buffers kept for reuse.
 const MAX_SPARE_BUFFERS: usize = 256;
 
-/// What one fragment did.
+/// What one fragment did; `P` is how a complete page is held.
 #[derive(Debug)]
-pub(crate) enum Outcome {
+pub(crate) enum Outcome<P = PageBuf> {
     /// The page is still missing fragments.
     Partial,
     /// The page is complete.
-    Complete(PageBuf),
+    Complete(P),
     /// This fragment had already arrived.
     Duplicate,
     /// The fragment contradicts the ones before it (another fragment count, or lengths that
@@ -40,6 +40,18 @@ struct Partial {
     bytes: usize,
     /// Key into `Reassembly::age`.
     seq: u64,
+}
+
+impl<P> Outcome<P> {
+    /// The same outcome with the complete page converted by `f`.
+    pub(crate) fn map<Q>(self, f: impl FnOnce(P) -> Q) -> Outcome<Q> {
+        match self {
+            Outcome::Partial => Outcome::Partial,
+            Outcome::Complete(page) => Outcome::Complete(f(page)),
+            Outcome::Duplicate => Outcome::Duplicate,
+            Outcome::Inconsistent => Outcome::Inconsistent,
+        }
+    }
 }
 
 /// Pages being reassembled.
@@ -73,6 +85,11 @@ impl Reassembly {
 
     fn buffer(&mut self) -> PageBuf {
         self.spare.pop().unwrap_or_else(new_page)
+    }
+
+    /// Whether `page` of `family` is partly received.
+    pub(crate) fn is_partial(&self, family: u64, page: u64) -> bool {
+        self.partials.contains_key(&(family, page))
     }
 
     /// Gives a completed page's buffer back for reuse.

@@ -35,7 +35,7 @@
 //! - Turns a REJECT into one [`PageSink::failed`] call for the family; the family then stops
 //!   requesting and reporting.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
@@ -46,10 +46,11 @@ use crate::client::PageSink;
 use crate::mcast::rate::AimdRate;
 use crate::mcast::reassembly::{Outcome, PageBuf, Reassembly};
 use crate::mcast::wire::{
-    self, Datagram, DecodeError, FRAGMENT_PUSH, FRAGMENT_UNICAST, Header, MAX_REQUEST_PAGES,
-    McastKey, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_RETRY, REQUEST_UNICAST_REPLY,
+    self, Datagram, DecodeError, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, Header,
+    MAX_REQUEST_PAGES, McastKey, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_RETRY, REQUEST_UNICAST_REPLY,
 };
 use crate::sync::lock;
+use crate::wire::PAGE_SIZE;
 
 /// The mcdist UDP port of every host unless configured otherwise.
 pub const DEFAULT_PORT: u16 = 7073;
@@ -329,8 +330,8 @@ struct Family {
     queued: Bitmap,
     /// Pages per second measured to arrive while requests were in flight (smoothed).
     goodput: Option<f64>,
-    /// Requested pages completed since the last report, and whether requests were in flight
-    /// when that interval began.
+    /// Requested pages completed since the last report, and whether pages waited for room in
+    /// the window when that interval began.
     completed_in_interval: u32,
     busy_since_report: bool,
     last_report: Instant,
@@ -355,13 +356,16 @@ impl Family {
         }
     }
 
-    /// At a report: if requests were in flight the whole interval, its completions per
-    /// second are a sample of what the server delivers.
+    /// At a report: if pages waited for room in the window at both ends of the interval
+    /// (the window was full: more was wanted than the server delivered), its completions per
+    /// second are a sample of what the server delivers. Otherwise they measure the demand
+    /// (clones faulting a page at a time), which says nothing about the server.
     fn sample_goodput(&mut self, now: Instant) {
         let interval = now
             .saturating_duration_since(self.last_report)
             .as_secs_f64();
-        if self.busy_since_report && !self.outstanding.is_empty() && interval > 0.0 {
+        let backlogged = !self.waiting.is_empty();
+        if self.busy_since_report && backlogged && interval > 0.0 {
             let sample = f64::from(self.completed_in_interval) / interval;
             if sample > 0.0 {
                 self.goodput = Some(match self.goodput {
@@ -371,7 +375,7 @@ impl Family {
             }
         }
         self.completed_in_interval = 0;
-        self.busy_since_report = !self.outstanding.is_empty();
+        self.busy_since_report = backlogged;
         self.last_report = now;
     }
 }
@@ -379,11 +383,58 @@ impl Family {
 /// Where a family's completed pages go: its sink and its held-pages hook.
 type Destination = (Arc<dyn PageSink>, Option<Arc<dyn HeldPages>>);
 
+/// A completed page's bytes: reassembled, or the payloads of its fragments in the receive
+/// buffers, in page order.
+enum PageData<'a> {
+    Buffer(PageBuf),
+    Parts(Vec<&'a [u8]>),
+}
+
 /// A completed page on its way to a sink.
-struct Ready {
+struct Ready<'a> {
     family: u64,
     page: u64,
-    data: PageBuf,
+    data: PageData<'a>,
+}
+
+/// The pages of `decoded` all of whose fragments it holds, consistently (one count, distinct
+/// indices, payloads that tile the page): their payloads in page order. Tags are checked
+/// already; family, generation and range are checked by the caller as for any fragment.
+fn whole_pages<'a>(
+    decoded: &[Result<Datagram<'a>, DecodeError>],
+) -> HashMap<(u64, u64), Vec<&'a [u8]>> {
+    let mut groups: HashMap<(u64, u64), Vec<Fragment<'a>>> = HashMap::new();
+    for datagram in decoded {
+        if let Ok(Datagram::Fragment(header, fragment)) = datagram
+            && fragment.count > 1
+        {
+            groups
+                .entry((header.family, fragment.page))
+                .or_default()
+                .push(*fragment);
+        }
+    }
+    groups
+        .into_iter()
+        .filter_map(|(key, mut fragments)| {
+            let count = usize::from(fragments[0].count);
+            if fragments.len() != count || fragments.iter().any(|f| usize::from(f.count) != count) {
+                return None;
+            }
+            fragments.sort_unstable_by_key(|f| f.offset);
+            let mut next = 0usize;
+            let mut indices = 0u32;
+            for fragment in &fragments {
+                if usize::from(fragment.offset) != next {
+                    return None;
+                }
+                next += fragment.data.len();
+                indices |= 1 << fragment.index;
+            }
+            (next == PAGE_SIZE && indices.count_ones() as usize == count)
+                .then(|| (key, fragments.iter().map(|f| f.data).collect()))
+        })
+        .collect()
 }
 
 struct State {
@@ -737,6 +788,10 @@ impl ReceiverCore {
         if decoded.is_empty() {
             return;
         }
+        // Pages all of whose fragments are in this batch complete from the receive buffers,
+        // without a reassembly copy.
+        let mut whole = whole_pages(&decoded);
+        let mut taken: HashSet<(u64, u64)> = HashSet::new();
         let now = Instant::now();
         let mut ready: Vec<Ready> = Vec::new();
         let mut failures: Vec<(Arc<dyn PageSink>, String)> = Vec::new();
@@ -777,14 +832,31 @@ impl ReceiverCore {
                                 s.unicast_fragments += 1;
                             }
                         });
+                        let key = (header.family, fragment.page);
+                        // The rest of a page completed from this batch's buffers.
+                        if taken.contains(&key) {
+                            continue;
+                        }
                         if family.held.get(fragment.page) {
                             count(&mut state.stats, &mut family.stats, |s| {
                                 s.duplicate_fragments += 1;
                             });
                             continue;
                         }
-                        let (outcome, evicted) =
-                            state.reassembly.insert(header.family, &fragment, now);
+                        let whole = whole
+                            .remove(&key)
+                            .filter(|_| !state.reassembly.is_partial(key.0, key.1));
+                        let (outcome, evicted) = match whole {
+                            Some(parts) => {
+                                taken.insert(key);
+                                (Outcome::Complete(PageData::Parts(parts)), 0)
+                            }
+                            None => {
+                                let (outcome, evicted) =
+                                    state.reassembly.insert(header.family, &fragment, now);
+                                (outcome.map(PageData::Buffer), evicted)
+                            }
+                        };
                         state.stats.partials_dropped += evicted;
                         match outcome {
                             Outcome::Partial => {}
@@ -900,20 +972,26 @@ impl ReceiverCore {
         if !ready.is_empty() {
             let mut state = lock(&self.state);
             for page in ready {
-                state.reassembly.recycle(page.data);
+                if let PageData::Buffer(buf) = page.data {
+                    state.reassembly.recycle(buf);
+                }
             }
         }
     }
 
     /// Hands completed pages to their sinks, one batch per family, then to the hooks.
-    fn deliver(&self, ready: &[Ready], sinks: &HashMap<u64, Destination>) {
+    fn deliver(&self, ready: &[Ready<'_>], sinks: &HashMap<u64, Destination>) {
         for (&family, (sink, hook)) in sinks {
-            let batch: Vec<(u64, &[u8])> = ready
+            let parts: Vec<(u64, Vec<&[u8]>)> = ready
                 .iter()
                 .filter(|r| r.family == family)
-                .map(|r| (r.page, &r.data[..]))
+                .map(|r| match &r.data {
+                    PageData::Buffer(buf) => (r.page, vec![&buf[..]]),
+                    PageData::Parts(parts) => (r.page, parts.clone()),
+                })
                 .collect();
-            sink.deliver_batch(&batch);
+            let batch: Vec<(u64, &[&[u8]])> = parts.iter().map(|(p, v)| (*p, &v[..])).collect();
+            sink.deliver_parts(&batch);
             if let Some(hook) = hook {
                 for (page, _) in &batch {
                     hook.held(family, *page);
@@ -1094,6 +1172,8 @@ mod tests {
     #[derive(Default)]
     struct Collect {
         pages: Mutex<Vec<(u64, Vec<u8>)>>,
+        /// How many parts each delivered page came in.
+        parts: Mutex<Vec<usize>>,
         failures: Mutex<Vec<String>>,
         held: Mutex<Vec<(u64, u64)>>,
     }
@@ -1102,6 +1182,12 @@ mod tests {
         fn deliver_batch(&self, pages: &[(u64, &[u8])]) {
             let mut all = self.pages.lock().unwrap();
             all.extend(pages.iter().map(|(p, d)| (*p, d.to_vec())));
+        }
+        fn deliver_parts(&self, pages: &[(u64, &[&[u8]])]) {
+            let mut all = self.pages.lock().unwrap();
+            all.extend(pages.iter().map(|(p, parts)| (*p, parts.concat())));
+            let mut counts = self.parts.lock().unwrap();
+            counts.extend(pages.iter().map(|(_, parts)| parts.len()));
         }
         fn failed(&self, reason: String) {
             self.failures.lock().unwrap().push(reason);
@@ -1215,6 +1301,41 @@ mod tests {
         // A held page is not requested again.
         core.request(FAMILY, &[3]);
         assert_eq!(recorder.sent.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_page_whose_fragments_share_a_batch_is_delivered_from_them() {
+        let (core, _, sink) = setup();
+        let mut page7 = fragments(FAMILY, GENERATION, 7, 0x77);
+        page7.reverse();
+        let page8 = fragments(FAMILY, GENERATION, 8, 0x88);
+        // Page 7 whole and out of order, page 8 split over two batches.
+        let first: Vec<&[u8]> = page7
+            .iter()
+            .chain(&page8[..1])
+            .map(|d| d.as_slice())
+            .collect();
+        core.on_datagrams(first);
+        core.on_datagrams(page8[1..].iter().map(|d| d.as_slice()));
+        let pages = sink.pages.lock().unwrap().clone();
+        assert_eq!(
+            pages,
+            vec![(7, vec![0x77; PAGE_SIZE]), (8, vec![0x88; PAGE_SIZE])]
+        );
+        assert_eq!(
+            *sink.parts.lock().unwrap(),
+            vec![3, 1],
+            "7 from the buffers, 8 reassembled"
+        );
+        // A whole page again, and a page whose fragments contradict each other.
+        core.on_datagrams(page7.iter().map(|d| d.as_slice()));
+        let mut forged_count = fragments(FAMILY, GENERATION, 9, 0x99);
+        forged_count.push(forged_count[0].clone());
+        core.on_datagrams(forged_count.iter().map(|d| d.as_slice()));
+        let stats = core.family_stats(FAMILY).unwrap();
+        assert_eq!(stats.duplicate_fragments, 3 + 1, "{stats:?}");
+        assert_eq!(stats.pages_completed, 3, "{stats:?}");
+        assert_eq!(sink.pages.lock().unwrap()[2], (9, vec![0x99; PAGE_SIZE]));
     }
 
     #[test]
