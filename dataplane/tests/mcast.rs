@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -25,8 +25,10 @@ use snowflock_dataplane::mcast::wire::{
     self, Datagram, Fragment, Fragmentation, Header, McastKey, RejectCode,
 };
 use snowflock_dataplane::mcast::{
-    FamilyJoin, McastReceiver, McastServer, McastServerConfig, ReceiverConfig,
+    FamilyJoin, McastReceiver, McastServer, McastServerConfig, ReceiverConfig, ReceiverError,
+    XdpPathError, XdpReceiveConfig,
 };
+use snowflock_dataplane::xdp::XskConfig;
 use snowflock_dataplane::{ClusterKey, PAGE_SIZE, PageSink, PageStore};
 
 /// The mcdist port inside the test namespaces.
@@ -795,6 +797,53 @@ fn forged_datagrams_are_counted_and_never_delivered() {
 }
 
 #[test]
+fn af_xdp_frames_too_small_for_the_mtu_are_refused_before_anything_attaches() {
+    let _serial = serial();
+    let net = Net::new(1);
+    net.ip(&["-n", &net.host(1), "link", "set", "eth0", "mtu", "3000"]);
+    let xdp = XdpReceiveConfig {
+        ifname: "eth0".into(),
+        mode: snowflock_ebpf::XdpMode::Generic,
+        queues: Vec::new(),
+        socket: XskConfig {
+            frame_size: 2048,
+            ..XskConfig::default()
+        },
+    };
+    let started = net.in_host(1, || {
+        McastReceiver::start_xdp(receiver_config(1), &key(), &xdp)
+    });
+    match started {
+        Err(ReceiverError::Xdp(error)) => {
+            assert!(
+                matches!(
+                    *error,
+                    XdpPathError::FrameTooSmall {
+                        frame_size: 2048,
+                        mtu: 3000,
+                        ..
+                    }
+                ),
+                "{error}"
+            );
+            assert!(
+                error.to_string().contains("use 4096-byte frames"),
+                "{error}"
+            );
+        }
+        Err(other) => panic!("another error: {other}"),
+        Ok(_) => panic!("2048-byte frames accepted for a 3000-byte MTU"),
+    }
+    let link = Command::new("ip")
+        .args(["-n", &net.host(1), "link", "show", "dev", "eth0"])
+        .output()
+        .expect("running ip");
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("mtu 3000"), "{link}");
+    assert!(!link.contains("xdp"), "a program stayed attached: {link}");
+}
+
+#[test]
 fn rejected_pages_fail_the_sink_with_the_reason() {
     let _serial = serial();
     let net = Net::new(2);
@@ -872,69 +921,4 @@ fn shutdown_leaves_no_threads_or_fds() {
                 && count_entries("/proc/self/task") == tasks_before
         },
     );
-}
-
-/// A sink that only counts (for the throughput probe).
-#[derive(Default)]
-struct Counter(AtomicU64);
-
-impl PageSink for Counter {
-    fn deliver_batch(&self, pages: &[(u64, &[u8])]) {
-        self.0.fetch_add(pages.len() as u64, Ordering::Relaxed);
-    }
-
-    fn failed(&self, reason: String) {
-        eprintln!("probe family failed: {reason}");
-    }
-}
-
-#[test]
-#[ignore = "throughput probe: run with --ignored --nocapture"]
-fn probe_socket_path_throughput() {
-    let _serial = serial();
-    let net = Net::new(2);
-    let config = McastServerConfig {
-        initial_rate: 1_000_000,
-        max_rate: 1_000_000,
-        ..server_config()
-    };
-    let server = start_server(&net, config);
-    const FAMILY: u64 = 0x59;
-    const PAGES: u64 = 65_536;
-    const WINDOW: u64 = 4096;
-    let family = serve(&server, FAMILY, Ipv4Addr::new(239, 255, 1, 10), PAGES);
-    let receiver = net.in_host(2, || {
-        let config = ReceiverConfig {
-            initial_rate: 1_000_000,
-            max_rate: 1_000_000,
-            min_rate: 10_000,
-            ..receiver_config(2)
-        };
-        McastReceiver::start(config, &key()).unwrap()
-    });
-    let counter = Arc::new(Counter::default());
-    receiver.join(family, counter.clone()).unwrap();
-    wait_active(&server, FAMILY, 1);
-    let started = Instant::now();
-    let mut next = 0;
-    let deadline = started + Duration::from_secs(120);
-    while counter.0.load(Ordering::Relaxed) < PAGES {
-        assert!(Instant::now() < deadline, "probe timed out");
-        let held = counter.0.load(Ordering::Relaxed);
-        if next < PAGES && next - held < WINDOW {
-            let end = (held + WINDOW).min(PAGES);
-            receiver.request(FAMILY, &(next..end).collect::<Vec<_>>());
-            next = end;
-        } else {
-            thread::sleep(Duration::from_micros(200));
-        }
-    }
-    let elapsed = started.elapsed();
-    let rate = PAGES as f64 / elapsed.as_secs_f64();
-    println!(
-        "mcdist socket path: {PAGES} pages in {elapsed:?}: {rate:.0} pages/s, {:.1} MiB/s",
-        rate * PAGE_SIZE as f64 / (1 << 20) as f64
-    );
-    println!("receiver: {:?}", receiver.stats());
-    println!("server: {:?}", server.stats());
 }

@@ -108,6 +108,7 @@
 
 mod avoid;
 mod cache;
+pub mod ceiling;
 mod handler;
 mod ring;
 mod stats;

@@ -1,20 +1,23 @@
 //! `rx-path`: pages per second received and installed into guest memory
-//! on one host, through each mcdist receive path, against the ceiling of the
-//! install path itself, all in the same run.
+//! on one host, through each mcdist receive path, against two ceilings
+//! measured in the same run.
 //!
 //! Two network-namespace hosts (a cluster whose daemons distribute by
 //! unicast, so the mcdist port and the interface's XDP hook are free): an
 //! mcdist sender on h1 serves a family of `pages` pages from memory; on h2 a
-//! fault handler's region (a hollow clone's memory, without a vCPU) asks for
-//! every page at once ([`FaultHandler::prefetch`]) and each arriving page is
-//! installed with `UFFDIO_COPY`. The rate is pages installed over the time
-//! from the request to the last install.
+//! fault handler's region (a hollow clone's memory, a private view of the
+//! family's host cache, without a vCPU) asks for every page at once
+//! ([`FaultHandler::prefetch`]) and each arriving page is written into the
+//! cache, which is the clone's memory. The rate is pages installed over the
+//! time from the request to the last install.
 //!
-//! - `ceiling`: the same fault handler and install path, its pages delivered
-//!   from memory on the requesting thread: bulk `UFFDIO_COPY` of contiguous
-//!   runs plus the host-cache copy, no network.
+//! - `install_ceiling`: the same fault handler and install path, its pages
+//!   delivered from memory on the requesting thread (one `pwritev` per
+//!   request's run of pages), no network.
+//! - `uffdio_copy_ceiling`: the kernel's bulk install rate, `UFFDIO_COPY` of
+//!   256 KiB chunks from resident memory into a fresh registered region.
 //! - `sockets`: kernel UDP sockets driven by io_uring.
-//! - `xdp`: the XDP program and AF_XDP sockets (copy mode on veth).
+//! - `af_xdp`: the XDP program and AF_XDP sockets (copy mode on veth).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::mpsc;
@@ -31,7 +34,7 @@ use snowflock_dataplane::mcast::{
 use snowflock_dataplane::server::PageStore;
 use snowflock_dataplane::xdp::XskConfig;
 use snowflock_ebpf::XdpMode;
-use snowflock_fault_handler::{AvoidMap, Family, FaultHandler, FetchConfig, PageSource};
+use snowflock_fault_handler::{AvoidMap, Family, FaultHandler, FetchConfig, PageSource, ceiling};
 use snowflock_tools::cluster::{Cluster, ClusterSpec, enter_netns};
 
 use crate::record::Sink;
@@ -206,6 +209,16 @@ fn fetch_config() -> FetchConfig {
     }
 }
 
+/// Pages per `UFFDIO_COPY` of the bulk ceiling (256 KiB).
+const BULK_CHUNK_PAGES: u64 = 64;
+
+/// The kernel's bulk install rate: `UFFDIO_COPY` of 256 KiB chunks into a fresh region.
+fn bulk_copy_rate(pages: u64) -> Result<f64> {
+    let took =
+        ceiling::bulk_copy(pages, BULK_CHUNK_PAGES).context("the bulk UFFDIO_COPY ceiling")?;
+    Ok(pages as f64 / took.as_secs_f64())
+}
+
 fn ceiling(pages: u64) -> Result<f64> {
     let source = Arc::new(MemorySource {
         family: std::sync::OnceLock::new(),
@@ -279,14 +292,20 @@ enum ToServer {
 }
 
 /// `rx-path`.
-pub fn run(runs: u32, pages: u32, sink: &mut dyn Sink) -> Result<()> {
+pub fn run(runs: u32, pages: u32, mtu: u32, sink: &mut dyn Sink) -> Result<()> {
     let pages = u64::from(pages);
+    if !pages.is_multiple_of(BULK_CHUNK_PAGES) {
+        bail!("--pages must be a multiple of {BULK_CHUNK_PAGES}");
+    }
     let dir = tempfile::tempdir().context("creating a cluster directory")?;
     let mut spec = ClusterSpec::new(2, dir.path(), default_sfd()?);
     spec.log_filter = "warn".into();
     spec.mcdist
         .insert("distribution".into(), toml::Value::String("unicast".into()));
     let cluster = Cluster::up(spec).context("starting two netns hosts")?;
+    if mtu != 1500 {
+        cluster.set_mtu(mtu).context("setting the MTU")?;
+    }
     let h1 = cluster.host(0)?.clone();
     let h2 = cluster.host(1)?.clone();
     let key = ClusterKey::generate();
@@ -304,7 +323,7 @@ pub fn run(runs: u32, pages: u32, sink: &mut dyn Sink) -> Result<()> {
                     McastServerConfig {
                         bind: server_addr,
                         group_port: PORT,
-                        mtu: 1500,
+                        mtu,
                         suppression: Duration::from_millis(5),
                         initial_rate: 200_000,
                         max_rate: 2_000_000,
@@ -353,7 +372,7 @@ pub fn run(runs: u32, pages: u32, sink: &mut dyn Sink) -> Result<()> {
 
     let params: Map<String, Value> = [
         ("pages".to_string(), json!(pages)),
-        ("mtu".to_string(), json!(1500)),
+        ("mtu".to_string(), json!(mtu)),
     ]
     .into_iter()
     .collect();
@@ -361,12 +380,13 @@ pub fn run(runs: u32, pages: u32, sink: &mut dyn Sink) -> Result<()> {
     let local = h2.address;
     let netns = h2.netns.clone();
     let measured = std::thread::scope(|s| {
-        s.spawn(|| -> Result<[Vec<f64>; 3]> {
+        s.spawn(|| -> Result<[Vec<f64>; 4]> {
             enter_netns(&netns).with_context(|| format!("entering {netns}"))?;
-            let mut rates: [Vec<f64>; 3] = Default::default();
+            let mut rates: [Vec<f64>; 4] = Default::default();
             for run in 0..runs {
                 eprintln!("rx-path: run {}/{runs}", run + 1);
                 rates[0].push(ceiling(pages)?);
+                rates[3].push(bulk_copy_rate(pages)?);
                 let sockets = Arc::new(McastReceiver::start(
                     receiver_config(local),
                     &key_for_receiver,
@@ -397,7 +417,15 @@ pub fn run(runs: u32, pages: u32, sink: &mut dyn Sink) -> Result<()> {
     let _ = to_server.send(ToServer::Stop);
     let _ = server_thread.join();
     cluster.down()?;
-    let [ceiling_rates, sockets, xdp] = measured?;
+    let [ceiling_rates, sockets, xdp, bulk] = measured?;
+    emit(
+        sink,
+        "rx-path",
+        "uffdio_copy_ceiling",
+        &bulk,
+        "pages/s",
+        &params,
+    )?;
     emit(
         sink,
         "rx-path",
@@ -418,6 +446,8 @@ pub fn run(runs: u32, pages: u32, sink: &mut dyn Sink) -> Result<()> {
         ("af_xdp_to_sockets", per_run(&xdp, &sockets)),
         ("af_xdp_to_ceiling", per_run(&xdp, &ceiling_rates)),
         ("sockets_to_ceiling", per_run(&sockets, &ceiling_rates)),
+        ("af_xdp_to_uffdio_copy", per_run(&xdp, &bulk)),
+        ("sockets_to_uffdio_copy", per_run(&sockets, &bulk)),
     ] {
         emit(sink, "rx-path", metric, &ratios, "ratio", &params)?;
     }

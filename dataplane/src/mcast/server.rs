@@ -83,7 +83,8 @@ pub struct McastServerConfig {
     /// server and a receiver needs two ports, because unicast datagrams reach only the
     /// socket bound to the more specific address.
     pub group_port: u16,
-    /// Path MTU: fragments are sized so their IP packets fit it.
+    /// Path MTU: fragments are sized so their IP packets fit it, or
+    /// [`MAX_FRAGMENT_MTU`](crate::mcast::wire::MAX_FRAGMENT_MTU) if that is smaller.
     pub mtu: u32,
     /// A page is sent at most once per this window and destination; requests for it in the
     /// window are answered by that send.
@@ -389,6 +390,8 @@ struct Shared {
     /// Signalled when work is queued or the server stops.
     work: Condvar,
     counters: Counters,
+    /// Whether pages go out as UDP GSO messages (until the kernel refuses one).
+    segmentation: AtomicBool,
 }
 
 /// Serves the frozen memory of clone points to their clone hosts by multicast.
@@ -464,7 +467,7 @@ impl McastServer {
         let stop = EventFd::new().map_err(|source| McastBindError::EventFd { source })?;
         let shared = Arc::new(Shared {
             key: McastKey::new(key),
-            fragmentation: Fragmentation::for_mtu(config.mtu),
+            fragmentation: Fragmentation::for_mtu(config.mtu.min(wire::MAX_FRAGMENT_MTU)),
             config,
             local_addr,
             socket,
@@ -473,6 +476,7 @@ impl McastServer {
             state: Mutex::new(ServerState::default()),
             work: Condvar::new(),
             counters: Counters::default(),
+            segmentation: AtomicBool::new(true),
         });
         let (alive, threads_exited) = mpsc::channel();
         let server = McastServer {
@@ -943,6 +947,48 @@ fn send_loop(shared: &Shared, _alive: Sender<Never>) {
     }
 }
 
+/// Sends `list`, each page's fragments (`pages`: where each page's datagrams end) as one
+/// UDP GSO message while the kernel takes those, else datagram by datagram.
+fn send_list(
+    shared: &Shared,
+    list: &[(SocketAddrV4, &[u8])],
+    pages: &[(usize, &Outgoing)],
+) -> sys::BatchSent {
+    if !shared.segmentation.load(Ordering::Relaxed) {
+        return sys::send_batch(&shared.socket, list);
+    }
+    let datagrams: Vec<&[u8]> = list.iter().map(|(_, d)| *d).collect();
+    let mut messages: Vec<(SocketAddrV4, &[&[u8]])> = Vec::with_capacity(pages.len());
+    let mut start = 0;
+    for &(end, outgoing) in pages {
+        if end > start {
+            messages.push((outgoing.to, &datagrams[start..end]));
+        }
+        start = end;
+    }
+    let outcome = sys::send_segmented(&shared.socket, &messages);
+    let refused = outcome
+        .error
+        .as_ref()
+        .and_then(io::Error::raw_os_error)
+        .is_some_and(|errno| {
+            [libc::EIO, libc::EINVAL, libc::EOPNOTSUPP, libc::ENOPROTOOPT].contains(&errno)
+        });
+    if !refused {
+        return outcome;
+    }
+    shared.segmentation.store(false, Ordering::Relaxed);
+    tracing::info!(
+        error = ?outcome.error,
+        "mcdist server: the kernel refuses UDP segmentation offload; sending datagram by datagram"
+    );
+    let rest = sys::send_batch(&shared.socket, &list[outcome.sent..]);
+    sys::BatchSent {
+        sent: outcome.sent + rest.sent,
+        error: rest.error,
+    }
+}
+
 /// Reads, fragments and sends the pages of `batch` (emptying it).
 fn send_pages(
     shared: &Shared,
@@ -1014,7 +1060,7 @@ fn send_pages(
         .zip(datagrams.iter())
         .map(|(to, datagram)| (*to, datagram.as_slice()))
         .collect();
-    let outcome = sys::send_batch(&shared.socket, &list);
+    let outcome = send_list(shared, &list, &sent_pages);
     if let Some(error) = &outcome.error {
         bump(&counters.send_errors, (list.len() - outcome.sent) as u64);
         tracing::debug!(%error, unsent = list.len() - outcome.sent, "mcdist server: send failed");

@@ -130,6 +130,108 @@ pub(crate) fn send_batch(socket: &UdpSocket, datagrams: &[(SocketAddrV4, &[u8])]
     BatchSent { sent, error: None }
 }
 
+/// One `UDP_SEGMENT` control message: a `cmsghdr` and the segment size, padded as
+/// `CMSG_SPACE(2)`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SegmentControl {
+    header: libc::cmsghdr,
+    segment: u16,
+    _pad: [u8; 6],
+}
+
+// The kernel's layout: the data follows the header at CMSG_ALIGN(sizeof(cmsghdr)) = 16.
+const _: () = assert!(size_of::<libc::cmsghdr>() == 16);
+const _: () = assert!(size_of::<SegmentControl>() == 24);
+const _: () = assert!(std::mem::offset_of!(SegmentControl, segment) == 16);
+
+/// Sends each `(destination, datagrams)` as one UDP GSO message (`UDP_SEGMENT`): the kernel
+/// cuts it into the datagrams after one pass through the stack. All datagrams of a message
+/// but the last must have the first one's length (as a page's fragments do); a message of
+/// one datagram is sent plainly. Stops at the first error; `sent` counts datagrams of
+/// messages sent whole.
+pub(crate) fn send_segmented(
+    socket: &UdpSocket,
+    messages: &[(SocketAddrV4, &[&[u8]])],
+) -> BatchSent {
+    let mut names: Vec<libc::sockaddr_in> = messages.iter().map(|(to, _)| sockaddr(*to)).collect();
+    let mut iovecs: Vec<Vec<libc::iovec>> = messages
+        .iter()
+        .map(|(_, datagrams)| {
+            datagrams
+                .iter()
+                .map(|d| libc::iovec {
+                    iov_base: d.as_ptr().cast_mut().cast(),
+                    iov_len: d.len(),
+                })
+                .collect()
+        })
+        .collect();
+    let mut controls: Vec<SegmentControl> = messages
+        .iter()
+        .map(|(_, datagrams)| SegmentControl {
+            header: libc::cmsghdr {
+                cmsg_len: 16 + size_of::<u16>(),
+                cmsg_level: libc::SOL_UDP,
+                cmsg_type: libc::UDP_SEGMENT,
+            },
+            segment: datagrams
+                .first()
+                .map_or(0, |d| u16::try_from(d.len()).unwrap_or(u16::MAX)),
+            _pad: [0; 6],
+        })
+        .collect();
+    let mut headers: Vec<libc::mmsghdr> = Vec::with_capacity(messages.len());
+    for (((name, iovec), control), (_, datagrams)) in names
+        .iter_mut()
+        .zip(iovecs.iter_mut())
+        .zip(controls.iter_mut())
+        .zip(messages)
+    {
+        // SAFETY: msghdr is plain old data; all zeroes is a valid value.
+        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+        header.msg_name = (name as *mut libc::sockaddr_in).cast();
+        header.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        header.msg_iov = iovec.as_mut_ptr();
+        header.msg_iovlen = iovec.len();
+        if datagrams.len() > 1 {
+            header.msg_control = (control as *mut SegmentControl).cast();
+            header.msg_controllen = size_of::<SegmentControl>();
+        }
+        headers.push(libc::mmsghdr {
+            msg_hdr: header,
+            msg_len: 0,
+        });
+    }
+    let mut done_messages = 0;
+    let mut sent = 0;
+    while done_messages < headers.len() {
+        let rest = &mut headers[done_messages..];
+        let count = rest.len().min(libc::c_uint::MAX as usize) as libc::c_uint;
+        // SAFETY: `rest` points to `count` initialised mmsghdr structs whose name, iovec,
+        // control and payload pointers refer to `names`, `iovecs`, `controls` and `messages`,
+        // all alive and unmoved for the whole call; the socket fd is open.
+        let done = unsafe { libc::sendmmsg(socket.as_raw_fd(), rest.as_mut_ptr(), count, 0) };
+        if done < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return BatchSent {
+                sent,
+                error: Some(error),
+            };
+        }
+        let done = done as usize;
+        sent += messages[done_messages..done_messages + done]
+            .iter()
+            .map(|(_, d)| d.len())
+            .sum::<usize>();
+        done_messages += done;
+    }
+    BatchSent { sent, error: None }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +264,33 @@ mod tests {
         for payload in &payloads {
             let (len, _) = receiver.recv_from(&mut buf).unwrap();
             assert_eq!(&buf[..len], payload.as_slice());
+        }
+    }
+
+    #[test]
+    fn segmented_messages_arrive_as_their_datagrams() {
+        let receiver = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let std::net::SocketAddr::V4(to) = receiver.local_addr().unwrap() else {
+            panic!("bound an IPv4 address");
+        };
+        let sender = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let page: Vec<Vec<u8>> = [(1u8, 1424), (2, 1424), (3, 1416)]
+            .iter()
+            .map(|&(fill, len)| vec![fill; len])
+            .collect();
+        let single = vec![vec![9u8; 700]];
+        let first: Vec<&[u8]> = page.iter().map(Vec::as_slice).collect();
+        let second: Vec<&[u8]> = single.iter().map(Vec::as_slice).collect();
+        let outcome = send_segmented(&sender, &[(to, &first), (to, &second)]);
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        assert_eq!(outcome.sent, 4);
+        let mut buf = [0u8; 4096];
+        for expected in page.iter().chain(&single) {
+            let (len, _) = receiver.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..len], expected.as_slice());
         }
     }
 }

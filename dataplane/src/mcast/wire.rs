@@ -34,6 +34,13 @@ pub const REJECT_LEN: usize = HEADER_LEN + 16 + TAG_LEN;
 pub const MAX_DATAGRAM_LEN: usize = FRAGMENT_HEADER_LEN + PAGE_SIZE + TAG_LEN;
 /// IPv4 and UDP headers, which the path MTU must also carry.
 pub const IP_UDP_HEADER_LEN: usize = 20 + 8;
+/// Bytes a copy-mode AF_XDP frame keeps before the packet (`XDP_PACKET_HEADROOM`).
+pub const XDP_COPY_HEADROOM: u32 = 256;
+/// The largest path MTU fragments are sized for: the Ethernet frame of such a fragment
+/// (MTU + 14) fits the 3840 bytes a 4 KiB copy-mode AF_XDP frame holds after its headroom,
+/// so every host can take a family on either receive path. On a larger MTU (jumbo frames) a
+/// page still goes in 2 fragments.
+pub const MAX_FRAGMENT_MTU: u32 = 4096 - XDP_COPY_HEADROOM - 14;
 /// The label the mcdist key is derived from the cluster key with.
 pub const KEY_LABEL: &[u8] = b"snowflock mcdist v1";
 
@@ -717,6 +724,15 @@ mod tests {
             ..fragment
         };
         assert!(encode_fragment(&key, &mut out, &header(0), &bad).is_err());
+    }
+
+    #[test]
+    fn the_largest_fragment_fits_a_copy_mode_xdp_frame() {
+        let cut = Fragmentation::for_mtu(MAX_FRAGMENT_MTU);
+        assert_eq!(cut.count, 2);
+        let frame =
+            14 + IP_UDP_HEADER_LEN + FRAGMENT_HEADER_LEN + usize::from(cut.payload) + TAG_LEN;
+        assert!(frame <= (4096 - XDP_COPY_HEADROOM) as usize, "{frame}");
     }
 
     #[test]

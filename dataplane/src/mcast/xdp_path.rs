@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use snowflock_ebpf::{AttachConfig, FamilyBits, McdistXdp, XdpCounters, XdpMode};
 
 use crate::mcast::receiver_core::{FamilyJoin, HeldPages, JoinError, ReceiverCore};
+use crate::mcast::wire::{MAX_FRAGMENT_MTU, XDP_COPY_HEADROOM};
 use crate::netdev;
 use crate::sync::lock;
 use crate::xdp::{XskConfig, XskError, XskMode, XskSocket};
@@ -45,6 +46,19 @@ pub struct XdpReceiveConfig {
 /// Why the AF_XDP path could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum XdpPathError {
+    /// The UMEM frames cannot hold the fragments the interface's MTU brings.
+    #[error(
+        "{frame_size}-byte AF_XDP frames on {ifname} cannot hold fragments sized for MTU {mtu} \
+         (use 4096-byte frames)"
+    )]
+    FrameTooSmall {
+        /// The interface.
+        ifname: String,
+        /// The configured frame size.
+        frame_size: u32,
+        /// The MTU fragments are sized for.
+        mtu: u32,
+    },
     /// The program could not be loaded or attached.
     #[error("attaching the XDP program to {ifname}")]
     Attach {
@@ -245,6 +259,20 @@ impl XdpPath {
         port: u16,
         config: &XdpReceiveConfig,
     ) -> Result<XdpPath, XdpPathError> {
+        let device = netdev::query(&config.ifname).map_err(|source| XdpPathError::Queues {
+            ifname: config.ifname.clone(),
+            source,
+        })?;
+        // Fragments are sized for the path MTU (at most MAX_FRAGMENT_MTU); a frame that
+        // cannot hold one would drop every page.
+        let frame_mtu = device.mtu.min(MAX_FRAGMENT_MTU);
+        if config.socket.frame_size < frame_mtu + 14 + XDP_COPY_HEADROOM {
+            return Err(XdpPathError::FrameTooSmall {
+                ifname: config.ifname.clone(),
+                frame_size: config.socket.frame_size,
+                mtu: frame_mtu,
+            });
+        }
         let program = McdistXdp::attach(&AttachConfig {
             ifname: config.ifname.clone(),
             mode: config.mode,
@@ -256,10 +284,6 @@ impl XdpPath {
         })?;
         let info = program.info();
         let queues = if config.queues.is_empty() {
-            let device = netdev::query(&config.ifname).map_err(|source| XdpPathError::Queues {
-                ifname: config.ifname.clone(),
-                source,
-            })?;
             // The channels in use, not the queues allocated (veth allocates one per CPU
             // but runs one).
             let active = device

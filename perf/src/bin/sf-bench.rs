@@ -90,9 +90,12 @@ struct RxPathArgs {
     /// Measured runs; the figures are their medians.
     #[arg(long, default_value_t = 5)]
     runs: u32,
-    /// Pages sent per run.
+    /// Pages sent per run (a multiple of 64).
     #[arg(long, default_value_t = 65536)]
     pages: u32,
+    /// MTU of the two hosts' links (up to 9000: jumbo frames); fragments are sized for it.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u32,
 }
 
 fn setup(remote: &Remote) -> anyhow::Result<remote::Setup> {
@@ -172,7 +175,7 @@ fn run() -> anyhow::Result<()> {
         Scenario::McastScale(args) => {
             mcast::mcast_scale(&setup(&args.remote)?, &args.clones, &args.rx_path, &mut out)?;
         }
-        Scenario::RxPath(args) => rx_path::run(args.runs, args.pages, &mut out)?,
+        Scenario::RxPath(args) => rx_path::run(args.runs, args.pages, args.mtu, &mut out)?,
     }
     out.0.flush().context("writing results")
 }

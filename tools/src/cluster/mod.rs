@@ -493,6 +493,12 @@ pub enum ClusterError {
         #[source]
         source: CommandError,
     },
+    #[error("setting the MTU of {host}")]
+    Mtu {
+        host: String,
+        #[source]
+        source: CommandError,
+    },
     #[error("impairing the switch port of {host}")]
     Impair {
         host: String,
@@ -926,6 +932,29 @@ impl Cluster {
                 netns::tc(&switch, &step).map_err(fail)?;
             }
         }
+        Ok(())
+    }
+
+    /// Sets the MTU of every host's `eth0`, its switch port and the bridge (jumbo frames:
+    /// up to 9000 on veth). Daemons keep the MTU they started with; set it before starting
+    /// traffic that should use it.
+    pub fn set_mtu(&self, mtu: u32) -> Result<(), ClusterError> {
+        let switch = self.record.switch.clone();
+        let mtu = mtu.to_string();
+        for host in &self.record.hosts {
+            let fail = |source| ClusterError::Mtu {
+                host: host.name.clone(),
+                source,
+            };
+            netns::ip(&["-n", &host.netns, "link", "set", "eth0", "mtu", &mtu]).map_err(fail)?;
+            netns::ip(&["-n", &switch, "link", "set", &host.netns, "mtu", &mtu]).map_err(fail)?;
+        }
+        netns::ip(&["-n", &switch, "link", "set", "br0", "mtu", &mtu]).map_err(|source| {
+            ClusterError::Mtu {
+                host: "br0".into(),
+                source,
+            }
+        })?;
         Ok(())
     }
 
