@@ -290,7 +290,8 @@ impl MemoryServer {
                 Err(RecvTimeoutError::Timeout) => false,
             };
         if let Some(acceptor) = lock(&self.acceptor).take() {
-            if acceptor.is_finished() {
+            // Every thread has dropped its `_alive` sender: the acceptor is returning.
+            if all_exited || acceptor.is_finished() {
                 if acceptor.join().is_err() {
                     tracing::error!("the memory server's acceptor thread panicked");
                 }

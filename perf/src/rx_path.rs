@@ -404,7 +404,7 @@ pub fn run(runs: u32, pages: u32, mtu: u32, sink: &mut dyn Sink) -> Result<()> {
                             socket: XskConfig::default(),
                         },
                     )
-                    .context("starting the AF_XDP receive path")?,
+                    .context("on the receiving host")?,
                 );
                 rates[2].push(over_network(&xdp, server_addr, register()?, pages)?);
                 xdp.shutdown();

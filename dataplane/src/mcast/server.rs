@@ -616,7 +616,9 @@ impl McastServer {
             Err(RecvTimeoutError::Timeout) => false,
         };
         for handle in lock(&self.threads).drain(..) {
-            if handle.is_finished() {
+            // Once every thread has dropped its `_alive` sender it is returning: joining
+            // waits only for that.
+            if all_exited || handle.is_finished() {
                 if handle.join().is_err() {
                     tracing::error!("an mcdist server thread panicked");
                 }
