@@ -206,6 +206,10 @@ pub struct McdistSection {
     /// Send a late-joining host the pages its siblings already faulted.
     #[serde(default = "default_true")]
     pub push: bool,
+    /// Most pages of a family this host's receiver awaits at once; further requested pages
+    /// wait here and go out as pages arrive.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
     #[serde(default = "default_rx_path")]
     pub rx_path: RxPath,
     /// Interface to attach XDP to; empty = the one holding the pages address.
@@ -249,6 +253,9 @@ fn default_initial_rate() -> u32 {
 fn default_max_rate() -> u32 {
     400_000
 }
+fn default_max_in_flight() -> u32 {
+    512
+}
 fn default_rx_path() -> RxPath {
     RxPath::Auto
 }
@@ -274,6 +281,7 @@ impl Default for McdistSection {
             initial_rate: default_initial_rate(),
             max_rate: default_max_rate(),
             push: true,
+            max_in_flight: default_max_in_flight(),
             rx_path: default_rx_path(),
             interface: String::new(),
             xdp_mode: default_xdp_mode(),
@@ -310,6 +318,9 @@ impl McdistSection {
         }
         if self.initial_rate == 0 || self.max_rate < self.initial_rate {
             return Err("mcdist rates need 0 < initial_rate <= max_rate".into());
+        }
+        if self.max_in_flight == 0 {
+            return Err("mcdist max_in_flight must be at least 1".into());
         }
         self.check_receive()
     }
@@ -437,6 +448,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses_and_checks() {
+        let config: DaemonConfig = toml::from_str(include_str!("../../dist/sfd.toml")).unwrap();
+        config.check().unwrap();
+        assert_eq!(config.mcdist.max_in_flight, 512);
+    }
+
+    #[test]
     fn rejects_unknown_keys_and_duplicate_members() {
         let base = r#"
             [host]
@@ -454,5 +472,8 @@ mod tests {
         );
         let config: DaemonConfig = toml::from_str(&dup).unwrap();
         assert!(config.check().unwrap_err().contains("unique"));
+        let config: DaemonConfig =
+            toml::from_str(&format!("{base}\n[mcdist]\nmax_in_flight = 0")).unwrap();
+        assert!(config.check().unwrap_err().contains("max_in_flight"));
     }
 }

@@ -164,6 +164,7 @@ impl NetPlane {
             initial_rate: settings.initial_rate,
             max_rate: settings.max_rate,
             report_interval: Duration::from_millis(50),
+            max_in_flight: settings.max_in_flight as usize,
             ..ReceiverConfig::default()
         }
     }
