@@ -196,8 +196,8 @@ fn status_text(s: &NetStatus) -> String {
     );
     let _ = writeln!(
         out,
-        "requests out {} re-requests, {} unicast end-game requests, {} rejects",
-        r.re_requests, r.unicast_requests, r.rejects
+        "requests out {} re-requests, {} unicast end-game requests, {} rejects; {} pages awaited ({} waiting for the window), rate {} pages/s",
+        r.re_requests, r.unicast_requests, r.rejects, r.outstanding, r.queued, r.rate
     );
     let t = &s.tx;
     let _ = writeln!(
