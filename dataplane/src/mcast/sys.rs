@@ -85,49 +85,13 @@ fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
 /// Sends each `(destination, payload)` as one datagram from `socket`, with as few `sendmmsg`
 /// calls as the kernel allows. Stops at the first error.
 pub(crate) fn send_batch(socket: &UdpSocket, datagrams: &[(SocketAddrV4, &[u8])]) -> BatchSent {
-    let mut names: Vec<libc::sockaddr_in> = datagrams.iter().map(|(to, _)| sockaddr(*to)).collect();
-    let mut iovecs: Vec<libc::iovec> = datagrams
+    let single: Vec<[&[u8]; 1]> = datagrams.iter().map(|&(_, payload)| [payload]).collect();
+    let messages: Vec<(SocketAddrV4, &[&[u8]])> = datagrams
         .iter()
-        .map(|(_, payload)| libc::iovec {
-            iov_base: payload.as_ptr().cast_mut().cast(),
-            iov_len: payload.len(),
-        })
+        .zip(&single)
+        .map(|(&(to, _), payload)| (to, &payload[..]))
         .collect();
-    let mut headers: Vec<libc::mmsghdr> = Vec::with_capacity(datagrams.len());
-    for (name, iovec) in names.iter_mut().zip(iovecs.iter_mut()) {
-        // SAFETY: msghdr is plain old data (integers and pointers); all zeroes is a valid value
-        // (no name, no iovecs, no control data).
-        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-        header.msg_name = (name as *mut libc::sockaddr_in).cast();
-        header.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        header.msg_iov = iovec;
-        header.msg_iovlen = 1;
-        headers.push(libc::mmsghdr {
-            msg_hdr: header,
-            msg_len: 0,
-        });
-    }
-    let mut sent = 0;
-    while sent < headers.len() {
-        let rest = &mut headers[sent..];
-        let count = rest.len().min(libc::c_uint::MAX as usize) as libc::c_uint;
-        // SAFETY: `rest` points to `count` initialised mmsghdr structs whose name, iovec and
-        // payload pointers refer to `names`, `iovecs` and `datagrams`, all alive and unmoved
-        // for the whole call; the socket fd is open (borrowed from `socket`).
-        let done = unsafe { libc::sendmmsg(socket.as_raw_fd(), rest.as_mut_ptr(), count, 0) };
-        if done < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return BatchSent {
-                sent,
-                error: Some(error),
-            };
-        }
-        sent += done as usize;
-    }
-    BatchSent { sent, error: None }
+    send_segmented(socket, &messages)
 }
 
 /// One `UDP_SEGMENT` control message: a `cmsghdr` and the segment size, padded as
