@@ -642,7 +642,7 @@ impl Drop for McastServer {
 /// The request thread: receives until the server stops.
 fn request_loop(shared: &Shared, _alive: Sender<Never>) {
     let mut buf = vec![0u8; MAX_DATAGRAM_LEN + 1];
-    let mut reply = Vec::new();
+    let mut scratch = SendScratch::default();
     loop {
         match sys::wait_readable(shared.socket.as_fd(), shared.stop.as_fd()) {
             Ok((_, true)) => return,
@@ -658,7 +658,7 @@ fn request_loop(shared: &Shared, _alive: Sender<Never>) {
         }
         match shared.socket.recv_from(&mut buf) {
             Ok((len, SocketAddr::V4(from))) => {
-                handle_datagram(shared, &buf[..len], from, &mut reply);
+                handle_datagram(shared, &buf[..len], from, &mut scratch);
             }
             Ok((_, SocketAddr::V6(_))) => bump(&shared.counters.malformed, 1),
             Err(error) => tracing::debug!(%error, "mcdist server receive failed"),
@@ -666,13 +666,16 @@ fn request_loop(shared: &Shared, _alive: Sender<Never>) {
     }
 }
 
-fn handle_datagram(shared: &Shared, bytes: &[u8], from: SocketAddrV4, reply: &mut Vec<u8>) {
+fn handle_datagram(shared: &Shared, bytes: &[u8], from: SocketAddrV4, scratch: &mut SendScratch) {
     match wire::decode(&shared.key, bytes) {
         Ok(Datagram::Request(header, request)) => {
             bump(&shared.counters.requests, 1);
-            let rejects = handle_request(shared, &header, &request, from);
+            let (rejects, queued) = handle_request(shared, &header, &request, from);
             for reject in rejects {
-                send_reject(shared, &header, reject, from, reply);
+                send_reject(shared, &header, reject, from, &mut scratch.reply);
+            }
+            if queued {
+                send_inline(shared, scratch);
             }
         }
         Ok(_) => bump(&shared.counters.malformed, 1),
@@ -709,13 +712,14 @@ fn send_reject(
     }
 }
 
-/// Applies one REQUEST; returns the REJECTs to send to its sender.
+/// Applies one REQUEST; returns the REJECTs to send to its sender, and whether it queued
+/// pages (or pushes) to send.
 fn handle_request(
     shared: &Shared,
     header: &Header,
     request: &Request<'_>,
     from: SocketAddrV4,
-) -> Vec<Reject> {
+) -> (Vec<Reject>, bool) {
     let config = &shared.config;
     let counters = &shared.counters;
     let now = Instant::now();
@@ -724,7 +728,7 @@ fn handle_request(
     let first_page = request.pages().next().unwrap_or(0);
     let Some(family) = state.families.get_mut(&header.family) else {
         bump(&counters.stale, 1);
-        return if leaving {
+        let rejects = if leaving {
             Vec::new()
         } else {
             vec![Reject {
@@ -732,10 +736,11 @@ fn handle_request(
                 code: RejectCode::UnknownFamily,
             }]
         };
+        return (rejects, false);
     };
     if header.generation != family.generation {
         bump(&counters.stale, 1);
-        return if leaving {
+        let rejects = if leaving {
             Vec::new()
         } else {
             vec![Reject {
@@ -743,12 +748,13 @@ fn handle_request(
                 code: RejectCode::StaleGeneration,
             }]
         };
+        return (rejects, false);
     }
     let receiver: ReceiverId = (from, header.sender);
     if leaving {
         family.receivers.remove(&receiver);
         family.pushes.retain(|p| p.receiver != receiver);
-        return Vec::new();
+        return (Vec::new(), false);
     }
     let known = family
         .receivers
@@ -814,10 +820,41 @@ fn handle_request(
     }
     let pushing = !family.pushes.is_empty();
     drop(state);
-    if queued_any || pushing {
+    (rejects, queued_any || pushing)
+}
+
+/// Buffers for reading, fragmenting and sending pages.
+#[derive(Default)]
+struct SendScratch {
+    batch: Vec<Outgoing>,
+    datagrams: Vec<Vec<u8>>,
+    page: Option<Box<[u8; PAGE_SIZE]>>,
+    reply: Vec<u8>,
+}
+
+/// Right after a REQUEST queued work: sends one batch from the request thread if tokens
+/// allow (a fault's page leaves without waking the send thread), and hands whatever is left
+/// (more pages, pacing, pushes) to the send thread.
+fn send_inline(shared: &Shared, scratch: &mut SendScratch) {
+    let more = {
+        let mut state = lock(&shared.state);
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let taken = take_batch(
+            &mut state,
+            &shared.config,
+            Instant::now(),
+            &mut scratch.batch,
+        );
+        matches!(taken, Next::Wait(_)) || state.families.values().any(FamilyState::has_work)
+    };
+    if more {
         shared.work.notify_one();
     }
-    rejects
+    if !scratch.batch.is_empty() {
+        send_pages(shared, scratch);
+    }
 }
 
 /// What the send thread should do next.
@@ -919,10 +956,7 @@ fn wait_on<'a>(
 
 /// The send thread: sends queued pages, paced, until the server stops.
 fn send_loop(shared: &Shared, _alive: Sender<Never>) {
-    let mut batch: Vec<Outgoing> = Vec::new();
-    let mut datagrams: Vec<Vec<u8>> = Vec::new();
-    let mut reply = Vec::new();
-    let mut page = Box::new([0u8; PAGE_SIZE]);
+    let mut scratch = SendScratch::default();
     let mut next_housekeeping = Instant::now() + HOUSEKEEPING_INTERVAL;
     loop {
         {
@@ -936,7 +970,7 @@ fn send_loop(shared: &Shared, _alive: Sender<Never>) {
                     housekeeping(&mut state, &shared.config, now);
                     next_housekeeping = now + HOUSEKEEPING_INTERVAL;
                 }
-                match take_batch(&mut state, &shared.config, now, &mut batch) {
+                match take_batch(&mut state, &shared.config, now, &mut scratch.batch) {
                     Next::Send => break,
                     Next::Wait(wait) => {
                         let until_housekeeping = next_housekeeping.saturating_duration_since(now);
@@ -945,7 +979,7 @@ fn send_loop(shared: &Shared, _alive: Sender<Never>) {
                 }
             }
         }
-        send_pages(shared, &mut batch, &mut datagrams, &mut page, &mut reply);
+        send_pages(shared, &mut scratch);
     }
 }
 
@@ -992,13 +1026,14 @@ fn send_list(
 }
 
 /// Reads, fragments and sends the pages of `batch` (emptying it).
-fn send_pages(
-    shared: &Shared,
-    batch: &mut Vec<Outgoing>,
-    datagrams: &mut Vec<Vec<u8>>,
-    page: &mut [u8; PAGE_SIZE],
-    reply: &mut Vec<u8>,
-) {
+fn send_pages(shared: &Shared, scratch: &mut SendScratch) {
+    let SendScratch {
+        batch,
+        datagrams,
+        page,
+        reply,
+    } = scratch;
+    let page: &mut [u8; PAGE_SIZE] = page.get_or_insert_with(|| Box::new([0u8; PAGE_SIZE]));
     let counters = &shared.counters;
     let cut = shared.fragmentation;
     let mut used = 0;
