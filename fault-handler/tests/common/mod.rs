@@ -1,10 +1,10 @@
 //! Test fixtures: a frozen image in a memfd, a page server on its own
-//! thread (as the network transport would be), untouched private anonymous
-//! regions, and bounded touching of their pages from other threads.
+//! thread (as the network transport would be), untouched private views of a
+//! family's page cache as clone memory, and bounded touching of their pages
+//! from other threads.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
