@@ -159,6 +159,10 @@ pub struct FamilyServerStats {
     pub group: Ipv4Addr,
     /// The rate it is sent at now, pages/s.
     pub rate: u32,
+    /// The lowest rate its receivers' reports have set since it was registered, pages/s;
+    /// 0 before any report.
+    #[serde(default)]
+    pub lowest_rate: u32,
     /// Receivers heard from within `receiver_idle`.
     pub active_receivers: usize,
     /// Pages waiting to be sent (requested and pushed).
@@ -275,6 +279,8 @@ struct FamilyState {
     pushes: VecDeque<PushCursor>,
     bucket: TokenBucket,
     pages_sent: u64,
+    /// The lowest `rate` any report has produced; 0 before any.
+    lowest_rate: u32,
 }
 
 impl FamilyState {
@@ -536,6 +542,7 @@ impl McastServer {
                 pushes: VecDeque::new(),
                 bucket: TokenBucket::new(self.shared.config.initial_rate, now),
                 pages_sent: 0,
+                lowest_rate: 0,
             },
         );
         tracing::info!(
@@ -573,6 +580,7 @@ impl McastServer {
                 generation: f.generation,
                 group: *f.group.ip(),
                 rate: f.rate(now, config),
+                lowest_rate: f.lowest_rate,
                 active_receivers: f.active_receivers(now, config.receiver_idle),
                 queued_pages: f.queue.len()
                     + f.pushes.iter().map(|p| p.end - p.next).sum::<usize>(),
@@ -767,6 +775,10 @@ fn handle_request(
     info.last_heard = now;
     if request.rate != 0 {
         info.rate = request.rate;
+        let rate = family.rate(now, config);
+        if family.lowest_rate == 0 || rate < family.lowest_rate {
+            family.lowest_rate = rate;
+        }
     }
     if !known
         && header.flags & REQUEST_JOIN != 0
