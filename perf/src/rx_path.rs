@@ -280,6 +280,12 @@ fn over_network(
             stats.rate
         );
     }
+    if let Some(xdp) = receiver.xdp_status() {
+        eprintln!(
+            "rx-path: af_xdp sockets: {} dropped ({} with the RX ring full), fill ring empty {} times; program: {:?}",
+            xdp.socket_dropped, xdp.rx_ring_full, xdp.fill_ring_empty, xdp.counters
+        );
+    }
     receiver.leave(FAMILY);
     rate
 }
