@@ -124,27 +124,15 @@ impl PageCache {
         self.present[word].load(Ordering::Acquire) & mask != 0
     }
 
-    /// Stores `data` (exactly one page) as page `page`; see
-    /// [`PageCache::insert_parts`].
-    pub fn insert(&self, page: u64, data: &[u8]) -> Result<bool, InsertError> {
-        self.insert_parts(page, &[data])
-    }
-
-    /// Stores the concatenation of `parts` (exactly one page) as page
-    /// `page`, in one `pwritev`. `Ok(false)` if the page was already
-    /// stored, or another thread is storing it right now (see the type's
-    /// docs).
-    pub fn insert_parts(&self, page: u64, parts: &[&[u8]]) -> Result<bool, InsertError> {
-        Ok(self.insert_batch(&[(page, parts)])? == 1)
-    }
-
     /// Stores several pages, each the concatenation of its parts (exactly
     /// one page): the pages this call claims are written in runs of
     /// consecutive pages, one `pwritev` per run (at most [`MAX_RUN_IOVECS`]
     /// parts), so a batch of neighbouring pages costs one system call. Each
     /// page is still written whole by the kernel before anyone can map it
-    /// (see the type's docs). Returns how many pages this call stored; on
-    /// an error, no page of the failing run is stored.
+    /// (see the type's docs). Returns how many pages this call stored: a
+    /// page already stored, or being stored by another thread right now, is
+    /// skipped without waiting. On an error, no page of the failing run is
+    /// stored.
     pub fn insert_batch(&self, pages: &[(u64, &[&[u8]])]) -> Result<u64, InsertError> {
         for &(page, parts) in pages {
             if page >= self.pages {
@@ -227,24 +215,29 @@ mod tests {
 
     use super::*;
 
+    /// Stores one page from its parts; whether this call stored it.
+    fn store(cache: &PageCache, page: u64, parts: &[&[u8]]) -> Result<bool, InsertError> {
+        Ok(cache.insert_batch(&[(page, parts)])? == 1)
+    }
+
     #[test]
     fn pages_are_stored_once_and_bad_pages_refused() {
         let cache = PageCache::new(9, 16 * PAGE_SIZE).unwrap();
         let page = vec![7u8; PAGE_SIZE as usize];
         assert!(!cache.contains(3));
         assert!(cache.read_page(3).is_none());
-        assert_eq!(cache.insert(3, &page), Ok(true));
-        assert_eq!(cache.insert(3, &[1u8; PAGE_SIZE as usize]), Ok(false));
+        assert_eq!(store(&cache, 3, &[&page]), Ok(true));
+        assert_eq!(store(&cache, 3, &[&[1u8; PAGE_SIZE as usize]]), Ok(false));
         assert_eq!(cache.read_page(3).unwrap(), page);
         assert_eq!(
-            cache.insert(16, &page),
+            store(&cache, 16, &[&page]),
             Err(InsertError::OutOfRange {
                 page: 16,
                 pages: 16
             })
         );
         assert_eq!(
-            cache.insert(4, &page[..10]),
+            store(&cache, 4, &[&page[..10]]),
             Err(InsertError::BadLength { page: 4, len: 10 })
         );
         assert!(!cache.contains(u64::MAX));
@@ -258,11 +251,11 @@ mod tests {
         let first = vec![1u8; 1416];
         let second = vec![2u8; 1416];
         let third = vec![3u8; PAGE_SIZE as usize - 2 * 1416];
-        assert_eq!(cache.insert_parts(2, &[&first, &second, &third]), Ok(true));
+        assert_eq!(store(&cache, 2, &[&first, &second, &third]), Ok(true));
         let expected = [first, second, third].concat();
         assert_eq!(cache.read_page(2).unwrap(), expected);
         assert_eq!(
-            cache.insert_parts(1, &[&expected[..100], &expected[..100]]),
+            store(&cache, 1, &[&expected[..100], &expected[..100]]),
             Err(InsertError::BadLength { page: 1, len: 200 })
         );
         assert!(!cache.contains(1));
@@ -276,7 +269,7 @@ mod tests {
             let (a, b) = data[p].split_at(1000);
             vec![a, b]
         };
-        assert_eq!(cache.insert(5, &data[5]), Ok(true));
+        assert_eq!(store(&cache, 5, &[&data[5]]), Ok(true));
         let parts: Vec<(u64, Vec<&[u8]>)> = [9, 4, 5, 6, 12, 7]
             .iter()
             .map(|&p| (p, halves(p as usize)))
@@ -320,7 +313,7 @@ mod tests {
                         (0..PAGES)
                             .filter(|&p| {
                                 let data = vec![p as u8; PAGE_SIZE as usize];
-                                cache.insert(p, &data).unwrap()
+                                store(&cache, p, &[&data]).unwrap()
                             })
                             .count() as u64
                     })

@@ -669,6 +669,13 @@ impl CloneState {
         for_each_run(faulted, |first, count| self.wake(first, count));
     }
 
+    /// Fails the family with `error` (its clones share the cache, see the
+    /// crate docs), and this clone too in case it already left the family.
+    fn fail_with_family(self: &Arc<Self>, family: &Family, error: FaultError) {
+        family.fail_with(error.clone());
+        self.fail(family, error);
+    }
+
     /// Fails the clone once: reports it, forgets its waits, and releases
     /// every fault of its region (see [`FaultError`]). Nothing happens
     /// after the handler was closed.
@@ -979,11 +986,7 @@ struct DeathGuard<'a> {
 
 impl Drop for DeathGuard<'_> {
     fn drop(&mut self) {
-        self.family.fail_with(FaultError::HandlerDied {
-            reason: "the fault thread panicked".into(),
-        });
-        // In case the clone had already left the family.
-        self.clone.fail(
+        self.clone.fail_with_family(
             self.family,
             FaultError::HandlerDied {
                 reason: "the fault thread panicked".into(),
@@ -1004,10 +1007,11 @@ fn fault_thread(ring: ring::FaultRing, clone: &Arc<CloneState>, family: &Family,
     });
     std::mem::forget(guard);
     if let Err(e) = result {
-        let error = FaultError::HandlerDied {
-            reason: format!("reading faults failed: {e}"),
-        };
-        family.fail_with(error.clone());
-        clone.fail(family, error);
+        clone.fail_with_family(
+            family,
+            FaultError::HandlerDied {
+                reason: format!("reading faults failed: {e}"),
+            },
+        );
     }
 }

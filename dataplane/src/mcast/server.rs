@@ -836,12 +836,22 @@ fn handle_request(
 }
 
 /// Buffers for reading, fragmenting and sending pages.
-#[derive(Default)]
 struct SendScratch {
     batch: Vec<Outgoing>,
     datagrams: Vec<Vec<u8>>,
-    page: Option<Box<[u8; PAGE_SIZE]>>,
+    page: Box<[u8; PAGE_SIZE]>,
     reply: Vec<u8>,
+}
+
+impl Default for SendScratch {
+    fn default() -> Self {
+        Self {
+            batch: Vec::new(),
+            datagrams: Vec::new(),
+            page: Box::new([0u8; PAGE_SIZE]),
+            reply: Vec::new(),
+        }
+    }
 }
 
 /// Right after a REQUEST queued work: sends one batch from the request thread if tokens
@@ -1045,7 +1055,7 @@ fn send_pages(shared: &Shared, scratch: &mut SendScratch) {
         page,
         reply,
     } = scratch;
-    let page: &mut [u8; PAGE_SIZE] = page.get_or_insert_with(|| Box::new([0u8; PAGE_SIZE]));
+    let page: &mut [u8; PAGE_SIZE] = page;
     let counters = &shared.counters;
     let cut = shared.fragmentation;
     let mut used = 0;

@@ -135,7 +135,7 @@ pub(crate) fn send_segmented(
         .iter()
         .map(|(_, datagrams)| SegmentControl {
             header: libc::cmsghdr {
-                cmsg_len: 16 + size_of::<u16>(),
+                cmsg_len: size_of::<libc::cmsghdr>() + size_of::<u16>(),
                 cmsg_level: libc::SOL_UDP,
                 cmsg_type: libc::UDP_SEGMENT,
             },
@@ -202,8 +202,8 @@ mod tests {
     use std::net::Ipv4Addr;
     use std::time::Duration;
 
-    #[test]
-    fn eventfd_wakes_a_wait_and_batches_arrive_in_order() {
+    /// A UDP socket on loopback that gives up reading after 5 s, and its address.
+    fn loopback_receiver() -> (UdpSocket, SocketAddrV4) {
         let receiver = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         receiver
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -211,6 +211,12 @@ mod tests {
         let std::net::SocketAddr::V4(to) = receiver.local_addr().unwrap() else {
             panic!("bound an IPv4 address");
         };
+        (receiver, to)
+    }
+
+    #[test]
+    fn eventfd_wakes_a_wait_and_batches_arrive_in_order() {
+        let (receiver, to) = loopback_receiver();
         let wake = EventFd::new().unwrap();
         wake.signal();
         assert_eq!(
@@ -233,13 +239,7 @@ mod tests {
 
     #[test]
     fn segmented_messages_arrive_as_their_datagrams() {
-        let receiver = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        receiver
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let std::net::SocketAddr::V4(to) = receiver.local_addr().unwrap() else {
-            panic!("bound an IPv4 address");
-        };
+        let (receiver, to) = loopback_receiver();
         let sender = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let page: Vec<Vec<u8>> = [(1u8, 1424), (2, 1424), (3, 1416)]
             .iter()
