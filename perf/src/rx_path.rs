@@ -16,6 +16,12 @@
 //!   request's run of pages), no network.
 //! - `uffdio_copy_ceiling`: the kernel's bulk install rate, `UFFDIO_COPY` of
 //!   256 KiB chunks from resident memory into a fresh registered region.
+//! - `delivery_ceiling`: how fast the sender's pages reach the receiving host when that host
+//!   does no receive work at all: the XDP program drops every fragment at the interface (the
+//!   family's presence bits are all set) and counts it, and a requester keeps a deep window
+//!   of requests open (`DELIVERY_WINDOW` pages). No receive path can install pages faster
+//!   than they arrive, so this bounds both paths, and `delivery_to_sockets` bounds what
+//!   AF_XDP (or any receive path) can gain over kernel sockets on these hosts.
 //! - `sockets`: kernel UDP sockets driven by io_uring.
 //! - `af_xdp`: the XDP program and AF_XDP sockets (copy mode on veth).
 
@@ -28,12 +34,15 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 use snowflock_control::daemon::memory::FamilySink;
 use snowflock_dataplane::auth::ClusterKey;
+use snowflock_dataplane::mcast::wire::{
+    self, Fragmentation, Header, MAX_REQUEST_PAGES, McastKey, REQUEST_JOIN, REQUEST_LEAVE,
+};
 use snowflock_dataplane::mcast::{
     FamilyJoin, McastReceiver, McastServer, McastServerConfig, ReceiverConfig, XdpReceiveConfig,
 };
 use snowflock_dataplane::server::PageStore;
 use snowflock_dataplane::xdp::XskConfig;
-use snowflock_ebpf::XdpMode;
+use snowflock_ebpf::{AttachConfig, McdistXdp, XdpMode};
 use snowflock_fault_handler::{AvoidMap, Family, FaultHandler, FetchConfig, PageSource, ceiling};
 use snowflock_tools::cluster::{Cluster, ClusterSpec, enter_netns};
 
@@ -207,6 +216,108 @@ fn fetch_config() -> FetchConfig {
         fetch_timeout: Duration::from_secs(60),
         prefetch_pages: 0,
     }
+}
+
+/// Pages the delivery-ceiling requester keeps requested and not yet arrived: deep enough that
+/// the sender never waits for requests.
+const DELIVERY_WINDOW: u64 = 4096;
+/// The rate the delivery-ceiling requester reports (the sender's `max_rate` caps it).
+const DELIVERY_REPORTED_RATE: u32 = 2_000_000;
+/// With everything requested, arrivals that stop for this long mean the rest was lost.
+const DELIVERY_SETTLE: Duration = Duration::from_millis(200);
+/// Without an arrival for this long, the requester sends more anyway (the window's pages
+/// were lost: the sender's queue or the bridge dropped them).
+const DELIVERY_STALL: Duration = Duration::from_millis(20);
+/// The receiver id of the delivery-ceiling requester.
+const DELIVERY_REQUESTER: u32 = 0xce11;
+
+/// Pages per second that reach the receiving host's interface when it does no receive work:
+/// the XDP program counts and drops every fragment of the family (all its presence bits are
+/// set), while a requester on the same host asks for every page with a deep window. Pages
+/// whose fragments did not all arrive are not counted; the time runs to the last arrival.
+fn delivery_ceiling(
+    key: &ClusterKey,
+    local: Ipv4Addr,
+    server: SocketAddrV4,
+    generation: u32,
+    pages: u64,
+    mtu: u32,
+) -> Result<f64> {
+    let xdp = McdistXdp::attach(&AttachConfig {
+        ifname: "eth0".into(),
+        mode: XdpMode::Native,
+        udp_port: PORT,
+    })
+    .context("attaching the XDP program")?;
+    let bits = xdp
+        .add_family(FAMILY, generation, pages)
+        .context("registering the family with the XDP program")?;
+    for page in 0..pages {
+        bits.mark(page);
+    }
+    let socket = std::net::UdpSocket::bind(SocketAddrV4::new(local, PORT))
+        .context("binding the requester")?;
+    let key = McastKey::new(key);
+    let per_page = u64::from(Fragmentation::for_mtu(mtu).count);
+    let arrived = |xdp: &McdistXdp| xdp.counters().duplicate_dropped / per_page;
+    let mut datagram = Vec::new();
+    let mut send = |flags: u16, list: &[u64]| -> Result<()> {
+        let header = Header {
+            flags,
+            family: FAMILY,
+            generation,
+            sender: DELIVERY_REQUESTER,
+        };
+        wire::encode_request(&key, &mut datagram, &header, DELIVERY_REPORTED_RATE, list)
+            .context("encoding a request")?;
+        socket
+            .send_to(&datagram, server)
+            .context("sending a request")?;
+        Ok(())
+    };
+    let start = Instant::now();
+    send(REQUEST_JOIN, &[])?;
+    let mut requested = 0u64;
+    let mut last_count = 0u64;
+    let mut last_arrival = start;
+    loop {
+        let now = Instant::now();
+        let count = arrived(&xdp);
+        if count != last_count {
+            last_count = count;
+            last_arrival = now;
+        }
+        if count >= pages || (requested == pages && now - last_arrival >= DELIVERY_SETTLE) {
+            break;
+        }
+        if now - start > RUN_TIMEOUT {
+            bail!("{count} of {pages} pages arrived after {RUN_TIMEOUT:?}");
+        }
+        let stalled = now - last_arrival >= DELIVERY_STALL;
+        let mut in_flight = requested.saturating_sub(count);
+        while requested < pages && (in_flight < DELIVERY_WINDOW || stalled) {
+            let chunk = (pages - requested).min(MAX_REQUEST_PAGES as u64);
+            let list: Vec<u64> = (requested..requested + chunk).collect();
+            send(0, &list)?;
+            requested += chunk;
+            in_flight += chunk;
+            if stalled {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let count = arrived(&xdp);
+    send(REQUEST_LEAVE, &[])?;
+    if count == 0 {
+        bail!("no page reached the receiving host");
+    }
+    let took = last_arrival.saturating_duration_since(start);
+    eprintln!(
+        "rx-path: delivery: {count} of {pages} pages whole at the interface in {took:?}; program: {:?}",
+        xdp.counters()
+    );
+    Ok(count as f64 / took.as_secs_f64().max(f64::MIN_POSITIVE))
 }
 
 /// Pages per `UFFDIO_COPY` of the bulk ceiling (256 KiB).
@@ -386,13 +497,21 @@ pub fn run(runs: u32, pages: u32, mtu: u32, sink: &mut dyn Sink) -> Result<()> {
     let local = h2.address;
     let netns = h2.netns.clone();
     let measured = std::thread::scope(|s| {
-        s.spawn(|| -> Result<[Vec<f64>; 4]> {
+        s.spawn(|| -> Result<[Vec<f64>; 5]> {
             enter_netns(&netns).with_context(|| format!("entering {netns}"))?;
-            let mut rates: [Vec<f64>; 4] = Default::default();
+            let mut rates: [Vec<f64>; 5] = Default::default();
             for run in 0..runs {
                 eprintln!("rx-path: run {}/{runs}", run + 1);
                 rates[0].push(ceiling(pages)?);
                 rates[3].push(bulk_copy_rate(pages)?);
+                rates[4].push(delivery_ceiling(
+                    &key_for_receiver,
+                    local,
+                    server_addr,
+                    register()?,
+                    pages,
+                    mtu,
+                )?);
                 let sockets = Arc::new(McastReceiver::start(
                     receiver_config(local),
                     &key_for_receiver,
@@ -423,7 +542,7 @@ pub fn run(runs: u32, pages: u32, mtu: u32, sink: &mut dyn Sink) -> Result<()> {
     let _ = to_server.send(ToServer::Stop);
     let _ = server_thread.join();
     cluster.down()?;
-    let [ceiling_rates, sockets, xdp, bulk] = measured?;
+    let [ceiling_rates, sockets, xdp, bulk, delivery] = measured?;
     emit(
         sink,
         "rx-path",
@@ -437,6 +556,14 @@ pub fn run(runs: u32, pages: u32, mtu: u32, sink: &mut dyn Sink) -> Result<()> {
         "rx-path",
         "install_ceiling",
         &ceiling_rates,
+        "pages/s",
+        &params,
+    )?;
+    emit(
+        sink,
+        "rx-path",
+        "delivery_ceiling",
+        &delivery,
         "pages/s",
         &params,
     )?;
@@ -454,6 +581,10 @@ pub fn run(runs: u32, pages: u32, mtu: u32, sink: &mut dyn Sink) -> Result<()> {
         ("sockets_to_ceiling", per_run(&sockets, &ceiling_rates)),
         ("af_xdp_to_uffdio_copy", per_run(&xdp, &bulk)),
         ("sockets_to_uffdio_copy", per_run(&sockets, &bulk)),
+        ("delivery_to_sockets", per_run(&delivery, &sockets)),
+        ("delivery_to_uffdio_copy", per_run(&delivery, &bulk)),
+        ("af_xdp_to_delivery", per_run(&xdp, &delivery)),
+        ("sockets_to_delivery", per_run(&sockets, &delivery)),
     ] {
         emit(sink, "rx-path", metric, &ratios, "ratio", &params)?;
     }

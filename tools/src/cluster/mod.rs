@@ -21,7 +21,8 @@
 //! directory, for a cluster of `N` hosts (`i` = 1..=N):
 //!
 //! - namespace `P-sw`, holding bridge `br0` (up, no address, STP off, forward delay 0,
-//!   multicast snooping off so that IP multicast floods to every port);
+//!   multicast snooping off so that IP multicast floods to every port), a plain L2 switch:
+//!   where `br_netfilter` is loaded, its firewall hooks are turned off in `P-sw`;
 //! - namespace `P-h{i}` with `lo` up and `eth0` up at `10.77.0.{i}/24` with a route
 //!   `224.0.0.0/4 dev eth0` and no default route. `eth0` is a veth whose peer `P-h{i}` is a
 //!   port of `br0` in `P-sw`. The pair is created from inside `P-h{i}` with the peer placed
@@ -510,6 +511,12 @@ pub enum ClusterError {
         netns: String,
         #[source]
         source: CommandError,
+    },
+    #[error("turning off the host firewall's bridge hooks in {netns}")]
+    BridgeFirewall {
+        netns: String,
+        #[source]
+        source: io::Error,
     },
     #[error("linking {host} to the switch")]
     CreateLink {
@@ -1027,6 +1034,10 @@ impl Cluster {
             netns: switch.clone(),
             source,
         })?;
+        plain_switch(&switch).map_err(|source| ClusterError::BridgeFirewall {
+            netns: switch.clone(),
+            source,
+        })?;
         for i in 0..self.record.hosts.len() {
             let host = self.record.hosts[i].clone();
             self.add_namespace(&host.netns)?;
@@ -1269,6 +1280,35 @@ impl Drop for Cluster {
             eprintln!("snowflock cluster {}: {}", self.record.prefix, chain(&e));
         }
     }
+}
+
+/// Where `br_netfilter` (loaded by container runtimes, among others) keeps its switches: on,
+/// every frame the bridge forwards runs the host's IPv4, IPv6 and ARP firewall hooks.
+const BRIDGE_FIREWALL_SYSCTLS: [&str; 3] = [
+    "/proc/sys/net/bridge/bridge-nf-call-iptables",
+    "/proc/sys/net/bridge/bridge-nf-call-ip6tables",
+    "/proc/sys/net/bridge/bridge-nf-call-arptables",
+];
+
+/// Makes the bridges of namespace `switch` plain L2 switches: turns off `br_netfilter`'s
+/// firewall hooks there (the switches are per namespace; other namespaces keep theirs), which
+/// would otherwise cost every forwarded frame a pass through the firewall. Without
+/// `br_netfilter` there is nothing to turn off.
+fn plain_switch(switch: &str) -> io::Result<()> {
+    let switch = switch.to_owned();
+    // /proc/sys/net belongs to the namespace of the thread that opens it.
+    thread::spawn(move || -> io::Result<()> {
+        netns::enter(&switch)?;
+        for path in BRIDGE_FIREWALL_SYSCTLS {
+            match fs::write(path, "0") {
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| io::Error::other("the namespace thread panicked"))?
 }
 
 /// Deletes every namespace a cluster with `prefix` would have (`{prefix}-sw`, `{prefix}-h{N}`),
