@@ -1,6 +1,7 @@
 //! `rx-path`: pages per second received and installed into guest memory
-//! on one host, through each mcdist receive path, against two ceilings
-//! measured in the same run.
+//! on one host, through each mcdist receive path, against three ceilings
+//! measured in the same run (`--measure` picks some of the five, e.g. one
+//! path alone to profile it).
 //!
 //! Two network-namespace hosts (a cluster whose daemons distribute by
 //! unicast, so the mcdist port and the interface's XDP hook are free): an
@@ -20,8 +21,8 @@
 //!   does no receive work at all: the XDP program drops every fragment at the interface (the
 //!   family's presence bits are all set) and counts it, and a requester keeps a deep window
 //!   of requests open (`DELIVERY_WINDOW` pages). No receive path can install pages faster
-//!   than they arrive, so this bounds both paths, and `delivery_to_sockets` bounds what
-//!   AF_XDP (or any receive path) can gain over kernel sockets on these hosts.
+//!   than this sender delivers them, so this bounds both paths, and `delivery_to_sockets`
+//!   bounds what AF_XDP (or any receive path) can gain over kernel sockets on these hosts.
 //! - `sockets`: kernel UDP sockets driven by io_uring.
 //! - `af_xdp`: the XDP program and AF_XDP sockets (copy mode on veth).
 
@@ -401,6 +402,45 @@ fn over_network(
     rate
 }
 
+/// One rate `rx-path` measures; each run measures the chosen ones in this order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Measure {
+    /// `uffdio_copy_ceiling`.
+    UffdioCopy,
+    /// `install_ceiling`.
+    Install,
+    /// `delivery_ceiling`.
+    Delivery,
+    /// `sockets`.
+    Sockets,
+    /// `af_xdp`.
+    AfXdp,
+}
+
+impl Measure {
+    /// Every measure, in run order.
+    pub const ALL: [Measure; 5] = [
+        Measure::UffdioCopy,
+        Measure::Install,
+        Measure::Delivery,
+        Measure::Sockets,
+        Measure::AfXdp,
+    ];
+
+    fn metric(self) -> &'static str {
+        match self {
+            Measure::UffdioCopy => "uffdio_copy_ceiling",
+            Measure::Install => "install_ceiling",
+            Measure::Delivery => "delivery_ceiling",
+            Measure::Sockets => "sockets",
+            Measure::AfXdp => "af_xdp",
+        }
+    }
+}
+
+/// Each measure's rate per run.
+type Rates = std::collections::BTreeMap<Measure, Vec<f64>>;
+
 /// What the sender thread is asked to do.
 enum ToServer {
     /// Register the family anew; answer its generation.
@@ -409,7 +449,19 @@ enum ToServer {
 }
 
 /// `rx-path`.
-pub fn run(runs: u32, pages: u32, mtu: u32, sink: &mut dyn Sink) -> Result<()> {
+pub fn run(
+    runs: u32,
+    pages: u32,
+    mtu: u32,
+    measures: &[Measure],
+    sink: &mut dyn Sink,
+) -> Result<()> {
+    let mut measures = measures.to_vec();
+    measures.sort_unstable();
+    measures.dedup();
+    if measures.is_empty() {
+        bail!("nothing to measure");
+    }
     let pages = u64::from(pages);
     if !pages.is_multiple_of(BULK_CHUNK_PAGES) {
         bail!("--pages must be a multiple of {BULK_CHUNK_PAGES}");
@@ -497,42 +549,53 @@ pub fn run(runs: u32, pages: u32, mtu: u32, sink: &mut dyn Sink) -> Result<()> {
     let local = h2.address;
     let netns = h2.netns.clone();
     let measured = std::thread::scope(|s| {
-        s.spawn(|| -> Result<[Vec<f64>; 5]> {
+        s.spawn(|| -> Result<Rates> {
             enter_netns(&netns).with_context(|| format!("entering {netns}"))?;
-            let mut rates: [Vec<f64>; 5] = Default::default();
+            let mut rates = Rates::default();
             for run in 0..runs {
                 eprintln!("rx-path: run {}/{runs}", run + 1);
-                rates[0].push(ceiling(pages)?);
-                rates[3].push(bulk_copy_rate(pages)?);
-                rates[4].push(delivery_ceiling(
-                    &key_for_receiver,
-                    local,
-                    server_addr,
-                    register()?,
-                    pages,
-                    mtu,
-                )?);
-                let sockets = Arc::new(McastReceiver::start(
-                    receiver_config(local),
-                    &key_for_receiver,
-                )?);
-                rates[1].push(over_network(&sockets, server_addr, register()?, pages)?);
-                sockets.shutdown();
-                let xdp = Arc::new(
-                    McastReceiver::start_xdp(
-                        receiver_config(local),
-                        &key_for_receiver,
-                        &XdpReceiveConfig {
-                            ifname: "eth0".into(),
-                            mode: XdpMode::Native,
-                            queues: Vec::new(),
-                            socket: XskConfig::default(),
-                        },
-                    )
-                    .context("on the receiving host")?,
-                );
-                rates[2].push(over_network(&xdp, server_addr, register()?, pages)?);
-                xdp.shutdown();
+                for &measure in &measures {
+                    let rate = match measure {
+                        Measure::UffdioCopy => bulk_copy_rate(pages)?,
+                        Measure::Install => ceiling(pages)?,
+                        Measure::Delivery => delivery_ceiling(
+                            &key_for_receiver,
+                            local,
+                            server_addr,
+                            register()?,
+                            pages,
+                            mtu,
+                        )?,
+                        Measure::Sockets => {
+                            let sockets = Arc::new(McastReceiver::start(
+                                receiver_config(local),
+                                &key_for_receiver,
+                            )?);
+                            let rate = over_network(&sockets, server_addr, register()?, pages);
+                            sockets.shutdown();
+                            rate?
+                        }
+                        Measure::AfXdp => {
+                            let xdp = Arc::new(
+                                McastReceiver::start_xdp(
+                                    receiver_config(local),
+                                    &key_for_receiver,
+                                    &XdpReceiveConfig {
+                                        ifname: "eth0".into(),
+                                        mode: XdpMode::Native,
+                                        queues: Vec::new(),
+                                        socket: XskConfig::default(),
+                                    },
+                                )
+                                .context("on the receiving host")?,
+                            );
+                            let rate = over_network(&xdp, server_addr, register()?, pages);
+                            xdp.shutdown();
+                            rate?
+                        }
+                    };
+                    rates.entry(measure).or_default().push(rate);
+                }
             }
             Ok(rates)
         })
@@ -542,51 +605,31 @@ pub fn run(runs: u32, pages: u32, mtu: u32, sink: &mut dyn Sink) -> Result<()> {
     let _ = to_server.send(ToServer::Stop);
     let _ = server_thread.join();
     cluster.down()?;
-    let [ceiling_rates, sockets, xdp, bulk, delivery] = measured?;
-    emit(
-        sink,
-        "rx-path",
-        "uffdio_copy_ceiling",
-        &bulk,
-        "pages/s",
-        &params,
-    )?;
-    emit(
-        sink,
-        "rx-path",
-        "install_ceiling",
-        &ceiling_rates,
-        "pages/s",
-        &params,
-    )?;
-    emit(
-        sink,
-        "rx-path",
-        "delivery_ceiling",
-        &delivery,
-        "pages/s",
-        &params,
-    )?;
-    emit(sink, "rx-path", "sockets", &sockets, "pages/s", &params)?;
-    emit(sink, "rx-path", "af_xdp", &xdp, "pages/s", &params)?;
+    let rates = measured?;
+    for (measure, list) in &rates {
+        emit(sink, "rx-path", measure.metric(), list, "pages/s", &params)?;
+    }
     let per_run = |a: &[f64], b: &[f64]| -> Vec<f64> {
         a.iter()
             .zip(b)
             .map(|(x, y)| x / y.max(f64::MIN_POSITIVE))
             .collect()
     };
-    for (metric, ratios) in [
-        ("af_xdp_to_sockets", per_run(&xdp, &sockets)),
-        ("af_xdp_to_ceiling", per_run(&xdp, &ceiling_rates)),
-        ("sockets_to_ceiling", per_run(&sockets, &ceiling_rates)),
-        ("af_xdp_to_uffdio_copy", per_run(&xdp, &bulk)),
-        ("sockets_to_uffdio_copy", per_run(&sockets, &bulk)),
-        ("delivery_to_sockets", per_run(&delivery, &sockets)),
-        ("delivery_to_uffdio_copy", per_run(&delivery, &bulk)),
-        ("af_xdp_to_delivery", per_run(&xdp, &delivery)),
-        ("sockets_to_delivery", per_run(&sockets, &delivery)),
+    use Measure::{AfXdp, Delivery, Install, Sockets, UffdioCopy};
+    for (metric, of, to) in [
+        ("af_xdp_to_sockets", AfXdp, Sockets),
+        ("af_xdp_to_ceiling", AfXdp, Install),
+        ("sockets_to_ceiling", Sockets, Install),
+        ("af_xdp_to_uffdio_copy", AfXdp, UffdioCopy),
+        ("sockets_to_uffdio_copy", Sockets, UffdioCopy),
+        ("delivery_to_sockets", Delivery, Sockets),
+        ("delivery_to_uffdio_copy", Delivery, UffdioCopy),
+        ("af_xdp_to_delivery", AfXdp, Delivery),
+        ("sockets_to_delivery", Sockets, Delivery),
     ] {
-        emit(sink, "rx-path", metric, &ratios, "ratio", &params)?;
+        if let (Some(a), Some(b)) = (rates.get(&of), rates.get(&to)) {
+            emit(sink, "rx-path", metric, &per_run(a, b), "ratio", &params)?;
+        }
     }
     Ok(())
 }

@@ -96,6 +96,10 @@ struct RxPathArgs {
     /// MTU of the two hosts' links (up to 9000: jumbo frames); fragments are sized for it.
     #[arg(long, default_value_t = 1500)]
     mtu: u32,
+    /// What to measure (comma-separated; all by default), e.g. `--measure sockets` to
+    /// profile one receive path alone.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = rx_path::Measure::ALL)]
+    measure: Vec<rx_path::Measure>,
 }
 
 fn setup(remote: &Remote) -> anyhow::Result<remote::Setup> {
@@ -175,7 +179,9 @@ fn run() -> anyhow::Result<()> {
         Scenario::McastScale(args) => {
             mcast::mcast_scale(&setup(&args.remote)?, &args.clones, &args.rx_path, &mut out)?;
         }
-        Scenario::RxPath(args) => rx_path::run(args.runs, args.pages, args.mtu, &mut out)?,
+        Scenario::RxPath(args) => {
+            rx_path::run(args.runs, args.pages, args.mtu, &args.measure, &mut out)?
+        }
     }
     out.0.flush().context("writing results")
 }
