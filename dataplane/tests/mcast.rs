@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use snowflock_dataplane::mcast::wire::{
-    self, Datagram, Fragment, Fragmentation, Header, McastKey, RejectCode,
+    self, Datagram, Fragment, FragmentSealer, Fragmentation, Header, McastKey, RejectCode,
 };
 use snowflock_dataplane::mcast::{
     FamilyJoin, McastReceiver, McastServer, McastServerConfig, ReceiverConfig, ReceiverError,
@@ -710,6 +710,7 @@ fn forged_datagrams_are_counted_and_never_delivered() {
     let bogus = [0xeeu8; PAGE_SIZE];
     let fragments = |key: &McastKey, family: u64, generation: u32, page: u64| -> Vec<Vec<u8>> {
         let cut = Fragmentation::for_mtu(1500);
+        let sealer = FragmentSealer::new(key.fragment_key(family, generation));
         cut.pieces()
             .map(|(index, offset, len)| {
                 let mut out = Vec::new();
@@ -726,7 +727,7 @@ fn forged_datagrams_are_counted_and_never_delivered() {
                     offset,
                     data: &bogus[usize::from(offset)..usize::from(offset + len)],
                 };
-                wire::encode_fragment(key, &mut out, &header, &fragment).unwrap();
+                wire::encode_fragment(&sealer, &mut out, &header, &fragment).unwrap();
                 out
             })
             .collect()
@@ -743,7 +744,8 @@ fn forged_datagrams_are_counted_and_never_delivered() {
     // ...and one in its header.
     flipped[2][24] ^= 0x01;
     forged.push(flipped[2].clone());
-    // Valid tags, but another generation and another family: 6 not ours.
+    // Sealed with the real key for another generation and for another family, which these
+    // receivers hold no key for: 6 not ours.
     forged.extend(fragments(&real_key, FAMILY, family.generation ^ 1, 7));
     forged.extend(fragments(&real_key, FAMILY + 1, family.generation, 7));
     // Junk, and a valid REQUEST (receivers take none): 2 malformed.
@@ -798,7 +800,7 @@ fn forged_datagrams_are_counted_and_never_delivered() {
     let mut buf = [0u8; 256];
     let (len, from) = forger.recv_from(&mut buf).expect("a REJECT");
     assert_eq!(from, std::net::SocketAddr::V4(family.server));
-    match wire::decode(&real_key, &buf[..len]).unwrap() {
+    match wire::decode(&real_key, &mut buf[..len], |_, _| None).unwrap() {
         Datagram::Reject(header, reject) => {
             assert_eq!(header.family, FAMILY);
             assert_eq!(reject.code, RejectCode::StaleGeneration);

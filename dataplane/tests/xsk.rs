@@ -269,13 +269,13 @@ fn payload_len(n: u64) -> usize {
 }
 
 /// An mcdist FRAGMENT datagram (docs/mcdist.md) of `family`/`generation` for `page`, carrying
-/// `payload_len(seed)` bytes that depend on `seed`, and a made-up tag (the XDP program does
-/// not check tags).
+/// a made-up nonce, `payload_len(seed)` bytes that depend on `seed`, and a made-up tag (the
+/// XDP program does not check tags).
 fn fragment(family: u64, generation: u32, page: u64, seed: u64) -> Vec<u8> {
     let len = payload_len(seed);
-    let mut datagram = Vec::with_capacity(40 + len + 16);
+    let mut datagram = Vec::with_capacity(52 + len + 16);
     datagram.extend_from_slice(b"SFMC");
-    datagram.push(1); // version
+    datagram.push(2); // version
     datagram.push(1); // kind FRAGMENT
     datagram.extend_from_slice(&0u16.to_le_bytes()); // flags
     datagram.extend_from_slice(&family.to_le_bytes());
@@ -287,6 +287,8 @@ fn fragment(family: u64, generation: u32, page: u64, seed: u64) -> Vec<u8> {
     datagram.extend_from_slice(&(len as u16).to_le_bytes());
     datagram.extend_from_slice(&0u16.to_le_bytes()); // offset
     datagram.extend_from_slice(&0u16.to_le_bytes()); // reserved
+    datagram.extend_from_slice(&seed.to_le_bytes()); // nonce
+    datagram.extend_from_slice(&0u32.to_le_bytes());
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     for _ in 0..len + 16 {
         state ^= state << 13;
@@ -352,7 +354,7 @@ struct SenderReport {
 /// returns its number.
 fn check_frame(frame: &[u8], fragments: &[Vec<u8>]) -> Result<u64, String> {
     let too_short = || format!("{}-byte frame", frame.len());
-    if frame.len() < 14 + 20 + 8 + 40 {
+    if frame.len() < 14 + 20 + 8 + 52 {
         return Err(too_short());
     }
     if frame[0..6] != RECEIVER_MAC || frame[6..12] != SENDER_MAC || frame[12..14] != [8, 0] {

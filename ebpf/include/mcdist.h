@@ -12,7 +12,7 @@
 
 /* "SFMC" read as a little-endian u32. */
 #define MCDIST_MAGIC 0x434d4653
-#define MCDIST_VERSION 1
+#define MCDIST_VERSION 2
 #define MCDIST_KIND_FRAGMENT 1
 
 /* Byte offsets in the UDP payload. */
@@ -22,12 +22,12 @@
 #define MCDIST_OFFSET_FAMILY 8
 #define MCDIST_OFFSET_GENERATION 16
 #define MCDIST_OFFSET_PAGE 24
-#define MCDIST_FRAGMENT_OFFSET_PAYLOAD 40
+#define MCDIST_FRAGMENT_OFFSET_PAYLOAD 52
 #define MCDIST_TAG_LEN 16
 /* Common header through kind: enough to tell a FRAGMENT from other kinds. */
 #define MCDIST_KIND_END 6
 /* Fixed FRAGMENT header, at least one payload byte, and the tag. */
-#define MCDIST_FRAGMENT_MIN_LEN 57
+#define MCDIST_FRAGMENT_MIN_LEN 69
 
 /* Indices into the `counters` map. */
 #define COUNTER_RECEIVED 0

@@ -7,7 +7,7 @@
 /// `"SFMC"` read as a little-endian `u32`.
 pub const MCDIST_MAGIC: u32 = u32::from_le_bytes(*b"SFMC");
 /// The mcdist wire format version the program matches.
-pub const MCDIST_VERSION: u8 = 1;
+pub const MCDIST_VERSION: u8 = 2;
 /// The `kind` of a FRAGMENT datagram.
 pub const MCDIST_KIND_FRAGMENT: u8 = 1;
 
@@ -23,8 +23,8 @@ pub const MCDIST_OFFSET_FAMILY: usize = 8;
 pub const MCDIST_OFFSET_GENERATION: usize = 16;
 /// Offset of a FRAGMENT's page number (`u64`, little-endian).
 pub const MCDIST_OFFSET_PAGE: usize = 24;
-/// Offset of a FRAGMENT's payload.
-pub const MCDIST_FRAGMENT_OFFSET_PAYLOAD: usize = 40;
+/// Offset of a FRAGMENT's payload (after its fields and its 12-byte nonce).
+pub const MCDIST_FRAGMENT_OFFSET_PAYLOAD: usize = 52;
 /// Length of the tag that ends every datagram.
 pub const MCDIST_TAG_LEN: usize = 16;
 /// Bytes the program needs to tell a FRAGMENT from the other kinds.

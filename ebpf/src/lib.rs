@@ -6,7 +6,7 @@
 //! `src/mcdist.bpf.c`, compiled with clang by the build script and embedded in this crate,
 //! looks at every frame received on one interface. An IPv4 UDP datagram (IP options honoured,
 //! IP fragments left alone) to the mcdist port whose payload starts with the mcdist magic,
-//! version 1 and kind FRAGMENT is matched against the registered families:
+//! version 2 and kind FRAGMENT is matched against the registered families:
 //!
 //! - family registered, same generation, page in range, page's bit set in the presence bitmap:
 //!   the host already holds the page, the frame is dropped;

@@ -2,7 +2,7 @@
 /*
  * snowflock mcdist XDP program.
  *
- * Steers IPv4 UDP datagrams to the mcdist port that carry version-1 FRAGMENTs
+ * Steers IPv4 UDP datagrams to the mcdist port that carry version-2 FRAGMENTs
  * of a registered family and generation: fragments of pages the host already
  * holds (a bit in `presence`) are dropped, the rest go to the AF_XDP socket of
  * their RX queue (`xsks`), or to the kernel when that queue has none.
@@ -42,6 +42,7 @@ struct mcdist_fragment_header {
 	__u16 len;
 	__u16 offset;
 	__u16 reserved;
+	__u8 nonce[12];
 } __attribute__((packed));
 
 _Static_assert(__builtin_offsetof(struct mcdist_fragment_header, magic) == MCDIST_OFFSET_MAGIC, "magic");

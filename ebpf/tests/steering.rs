@@ -98,7 +98,7 @@ fn steers_fragments_and_passes_everything_else(mode: XdpMode) {
     let short =
         datagrams.fragment(FAMILY, GENERATION, 1)[..abi::MCDIST_FRAGMENT_MIN_LEN - 1].to_vec();
     let mut bad_version = datagrams.fragment(FAMILY, GENERATION, 1);
-    bad_version[abi::MCDIST_OFFSET_VERSION] = 2;
+    bad_version[abi::MCDIST_OFFSET_VERSION] = abi::MCDIST_VERSION - 1;
     let tiny = b"SFM".to_vec();
     for datagram in [&request, &unknown_family, &short, &bad_version, &tiny] {
         net.send(MCDIST_PORT, datagram);

@@ -12,9 +12,12 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -23,7 +26,7 @@ use snowflock_control::VmOutcome;
 use snowflock_control::config::McdistSection;
 use snowflock_control::protocol::{ApiRequest, ApiResponse, NetStatus, NetTune};
 use snowflock_dataplane::auth::ClusterKey;
-use snowflock_dataplane::mcast::wire::{self, Fragment, Header, McastKey};
+use snowflock_dataplane::mcast::wire::{self, Fragment, FragmentSealer, Header, McastKey};
 use snowflock_tools::cluster::ClusterSpec;
 
 /// The receivers' port (`[mcdist] rx_port`): forged fragments go there.
@@ -122,31 +125,127 @@ fn clones_stay_correct_under_loss_and_reordering_on_af_xdp() {
     lossy_runs_stay_correct("xdp");
 }
 
-/// A forger that holds a wrong key: every fragment of every family it sees
-/// on `watch`, filled with 0xEE, to the family's group and to each host.
-fn forge_until(stop: &AtomicBool, watch: &Path, targets: &[Ipv4Addr], local: Ipv4Addr) -> u64 {
-    let key = McastKey::new(&ClusterKey::generate());
+/// Real FRAGMENTs seen on the wire, by family: the latest one of each.
+type Seen = Mutex<HashMap<u64, Vec<u8>>>;
+
+/// Records the mcdist FRAGMENTs that the switch forwards out of port `port` (a switch port
+/// of the switch namespace, where no XDP program runs) into `seen`, until `stop`. Runs in
+/// the calling thread's network namespace.
+fn sniff_until(stop: &AtomicBool, port: &str, seen: &Seen) {
+    let protocol = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2); the result is checked and owned at once.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(port).unwrap();
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(ifindex > 0, "no interface {port}");
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = protocol;
+    address.sll_ifindex = ifindex as i32;
+    // SAFETY: `address` is a valid sockaddr_ll of the length given.
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&raw const address).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: `timeout` is a valid timeval of the length given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as u32,
+        )
+    };
+    assert_eq!(set, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+    let mut frame = vec![0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        // SAFETY: `frame` is writable for its whole length.
+        let len = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                frame.as_mut_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        };
+        let Ok(len) = usize::try_from(len) else {
+            continue;
+        };
+        // Ethernet, IPv4 without options (what the hosts send), UDP to the receivers' port.
+        let frame = &frame[..len];
+        if len < 14 + 20 + 8 || frame[12..14] != [0x08, 0x00] || frame[14] != 0x45 {
+            continue;
+        }
+        if frame[23] != 17 || u16::from_be_bytes([frame[36], frame[37]]) != RX_PORT {
+            continue;
+        }
+        let datagram = &frame[42..];
+        if datagram.len() > wire::FRAGMENT_HEADER_LEN + wire::TAG_LEN
+            && datagram[5] == wire::Kind::Fragment as u8
+            && let Some(family) = wire::peek_family(datagram)
+        {
+            seen.lock().unwrap().insert(family, datagram.to_vec());
+        }
+    }
+}
+
+/// A forger on the network: for every family whose FRAGMENTs it saw, sends to the family's
+/// group and to each host FRAGMENTs of the right family and generation sealed with a wrong
+/// key (filled with 0xEE), and copies of a real FRAGMENT with one payload bit flipped.
+/// Returns how many it sent.
+fn forge_until(stop: &AtomicBool, seen: &Seen, targets: &[Ipv4Addr], local: Ipv4Addr) -> u64 {
+    let wrong_key = McastKey::new(&ClusterKey::generate());
     let socket = UdpSocket::bind(SocketAddrV4::new(local, 0)).unwrap();
     socket.set_multicast_ttl_v4(1).unwrap();
     let groups = McdistSection::default();
     let garbage = [0xeeu8; 1400];
     let mut out = Vec::new();
     let mut sent = 0u64;
+    let mut send = |datagram: &[u8], group: Ipv4Addr| {
+        let _ = socket.send_to(datagram, SocketAddrV4::new(group, RX_PORT));
+        for target in targets {
+            let _ = socket.send_to(datagram, SocketAddrV4::new(*target, RX_PORT));
+        }
+        sent += 1;
+    };
     let deadline = Instant::now() + Duration::from_secs(240);
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        let families: Vec<u64> = stats(watch)
+        let real: Vec<(u64, Vec<u8>)> = seen
+            .lock()
+            .unwrap()
             .iter()
-            .flat_map(|h| h.families.iter().map(|f| f.family))
+            .map(|(family, datagram)| (*family, datagram.clone()))
             .collect();
-        for family in families {
+        for (family, datagram) in real {
             let group = groups.group_of(family);
-            for page in 0..2048u64 {
+            let generation = u32::from_le_bytes(datagram[16..20].try_into().unwrap());
+            let sealer = FragmentSealer::new(wrong_key.fragment_key(family, generation));
+            for page in 0..512u64 {
                 for (index, offset) in [(0u8, 0u16), (1, 1368), (2, 2736)] {
                     let len = if index == 2 { 1360 } else { 1368 };
                     let header = Header {
                         flags: 0,
                         family,
-                        generation: 0,
+                        generation,
                         sender: 0,
                     };
                     let fragment = Fragment {
@@ -156,13 +255,14 @@ fn forge_until(stop: &AtomicBool, watch: &Path, targets: &[Ipv4Addr], local: Ipv
                         offset,
                         data: &garbage[..len],
                     };
-                    wire::encode_fragment(&key, &mut out, &header, &fragment).unwrap();
-                    let _ = socket.send_to(&out, SocketAddrV4::new(group, RX_PORT));
-                    for target in targets {
-                        let _ = socket.send_to(&out, SocketAddrV4::new(*target, RX_PORT));
-                    }
-                    sent += 1;
+                    wire::encode_fragment(&sealer, &mut out, &header, &fragment).unwrap();
+                    send(&out, group);
                 }
+            }
+            for bit in 0..64 {
+                let mut corrupted = datagram.clone();
+                corrupted[wire::FRAGMENT_HEADER_LEN + bit] ^= 1;
+                send(&corrupted, group);
             }
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -175,7 +275,6 @@ fn forged_datagrams_are_counted_and_never_installed() {
     let expected = serial_hits(16);
     let (cluster, _dir) = cluster(4, 3, rx_path("xdp"));
     let h1 = cluster.host(0).unwrap().socket.clone();
-    let h2 = cluster.host(1).unwrap().socket.clone();
     // One host on each receive path.
     let tuned = call(
         &cluster.host(2).unwrap().socket,
@@ -193,18 +292,24 @@ fn forged_datagrams_are_counted_and_never_installed() {
         cluster.host(1).unwrap().address,
         cluster.host(2).unwrap().address,
     ];
+    let switch = cluster.switch_netns().to_owned();
+    // The switch port towards h2: h2 receives the family's fragments.
+    let port = cluster.host(1).unwrap().netns.clone();
     let stop = AtomicBool::new(false);
+    let seen = Seen::default();
     let sent = std::thread::scope(|s| {
+        let sniffing = s.spawn(|| in_netns(&switch, || sniff_until(&stop, &port, &seen)));
         let forging = s.spawn(|| {
             in_netns(&forger.netns, || {
-                forge_until(&stop, &h2, &targets, forger.address)
+                forge_until(&stop, &seen, &targets, forger.address)
             })
         });
         run_and_check(&h1, 16, &expected);
         stop.store(true, Ordering::Relaxed);
+        sniffing.join().unwrap();
         forging.join().unwrap()
     });
-    assert!(sent > 0, "the forger never saw a family");
+    assert!(sent > 0, "the forger never saw a family's fragments");
     let mut mac_failed = 0;
     for host in &cluster.hosts()[1..3] {
         let status = net_show(&host.socket);

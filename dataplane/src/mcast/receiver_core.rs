@@ -38,7 +38,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::auth::ClusterKey;
@@ -46,10 +46,10 @@ use crate::client::PageSink;
 use crate::mcast::rate::AimdRate;
 use crate::mcast::reassembly::{Outcome, PageBuf, Reassembly};
 use crate::mcast::wire::{
-    self, Datagram, DecodeError, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, Header,
+    self, Datagram, DecodeError, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, FragmentKey, Header,
     MAX_REQUEST_PAGES, McastKey, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_RETRY, REQUEST_UNICAST_REPLY,
 };
-use crate::sync::lock;
+use crate::sync::{lock, read, write};
 use crate::wire::PAGE_SIZE;
 
 /// The mcdist UDP port of every host unless configured otherwise.
@@ -450,6 +450,9 @@ struct State {
 /// The path-independent receiver: see the module documentation.
 pub struct ReceiverCore {
     key: McastKey,
+    /// The FRAGMENT key of each joined family, with its generation: apart from the state so
+    /// that datagrams are opened outside the state lock.
+    fragment_keys: RwLock<HashMap<u64, (u32, FragmentKey)>>,
     /// This receiver's id in its REQUESTs (random, fixed for its life).
     id: u32,
     config: ReceiverConfig,
@@ -546,6 +549,7 @@ impl ReceiverCore {
         });
         ReceiverCore {
             key: McastKey::new(key),
+            fragment_keys: RwLock::new(HashMap::new()),
             id,
             state: Mutex::new(State {
                 families: HashMap::new(),
@@ -603,6 +607,13 @@ impl ReceiverCore {
             });
         }
         let next_report = now + self.config.report_interval;
+        write(&self.fragment_keys).insert(
+            join.family,
+            (
+                join.generation,
+                self.key.fragment_key(join.family, join.generation),
+            ),
+        );
         let family = state.families.entry(join.family).or_insert(Family {
             join,
             sink,
@@ -652,6 +663,7 @@ impl ReceiverCore {
         let Some(mut left) = state.families.remove(&family) else {
             return false;
         };
+        write(&self.fragment_keys).remove(&family);
         state.reassembly.forget_family(family);
         self.outgoing().send(
             &mut state.scratch,
@@ -779,12 +791,22 @@ impl ReceiverCore {
 
     /// Processes received UDP payloads (each one mcdist datagram) and delivers the pages they
     /// complete. May be called from several threads at once.
-    pub fn on_datagrams<'a>(&self, datagrams: impl IntoIterator<Item = &'a [u8]>) {
-        // The tag check is the expensive part: done before taking the lock.
-        let decoded: Vec<Result<Datagram<'a>, DecodeError>> = datagrams
-            .into_iter()
-            .map(|bytes| wire::decode(&self.key, bytes))
-            .collect();
+    pub fn on_datagrams<'a>(&self, datagrams: impl IntoIterator<Item = &'a mut [u8]>) {
+        // Opening (tag check and decryption) is the expensive part: done before taking the
+        // state lock.
+        let decoded: Vec<Result<Datagram<'a>, DecodeError>> = {
+            let keys = read(&self.fragment_keys);
+            datagrams
+                .into_iter()
+                .map(|bytes| {
+                    wire::decode(&self.key, bytes, |family, generation| {
+                        keys.get(&family)
+                            .filter(|(joined, _)| *joined == generation)
+                            .map(|(_, key)| key)
+                    })
+                })
+                .collect()
+        };
         if decoded.is_empty() {
             return;
         }
@@ -805,6 +827,14 @@ impl ReceiverCore {
                 state.stats.datagrams += 1;
                 match datagram {
                     Err(DecodeError::BadTag) => state.stats.mac_failed += 1,
+                    Err(DecodeError::NoKey { family, .. }) => match state.families.get_mut(&family)
+                    {
+                        Some(family) => {
+                            family.stats.datagrams += 1;
+                            count(&mut state.stats, &mut family.stats, |s| s.not_ours += 1);
+                        }
+                        None => state.stats.not_ours += 1,
+                    },
                     Err(error) => {
                         state.stats.malformed += 1;
                         tracing::trace!(%error, "dropped a malformed mcdist datagram");
@@ -1147,7 +1177,7 @@ impl ReceiverCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mcast::wire::{Fragment, Fragmentation, Reject, RejectCode};
+    use crate::mcast::wire::{Fragment, FragmentSealer, Fragmentation, Reject, RejectCode};
     use crate::wire::PAGE_SIZE;
     use std::sync::Mutex;
 
@@ -1235,8 +1265,14 @@ mod tests {
         (core, recorder, sink)
     }
 
+    /// Hands copies of `datagrams` to `core` as one batch (opening decrypts in place).
+    fn feed<'d>(core: &ReceiverCore, datagrams: impl IntoIterator<Item = &'d [u8]>) {
+        let mut copies: Vec<Vec<u8>> = datagrams.into_iter().map(<[u8]>::to_vec).collect();
+        core.on_datagrams(copies.iter_mut().map(Vec::as_mut_slice));
+    }
+
     fn fragments(family: u64, generation: u32, page: u64, fill: u8) -> Vec<Vec<u8>> {
-        let mkey = McastKey::new(&key());
+        let sealer = FragmentSealer::new(McastKey::new(&key()).fragment_key(family, generation));
         let data = [fill; PAGE_SIZE];
         let cut = Fragmentation::for_mtu(1500);
         cut.pieces()
@@ -1255,14 +1291,15 @@ mod tests {
                     generation,
                     sender: 0,
                 };
-                wire::encode_fragment(&mkey, &mut out, &header, &fragment).unwrap();
+                wire::encode_fragment(&sealer, &mut out, &header, &fragment).unwrap();
                 out
             })
             .collect()
     }
 
     fn decode_request(bytes: &[u8]) -> (u16, Vec<u64>) {
-        match wire::decode(&McastKey::new(&key()), bytes).unwrap() {
+        let mut bytes = bytes.to_vec();
+        match wire::decode(&McastKey::new(&key()), &mut bytes, |_, _| None).unwrap() {
             Datagram::Request(h, r) => (h.flags, r.pages().collect()),
             other => panic!("not a request: {other:?}"),
         }
@@ -1284,9 +1321,9 @@ mod tests {
         let order = [
             &page3[2], &page5[0], &page3[0], &page3[2], &page5[1], &page3[1],
         ];
-        core.on_datagrams(order.iter().map(|d| d.as_slice()));
-        core.on_datagrams(page5[2..].iter().map(|d| d.as_slice()));
-        core.on_datagrams(page3.iter().map(|d| d.as_slice()));
+        feed(&core, order.iter().map(|d| d.as_slice()));
+        feed(&core, page5[2..].iter().map(|d| d.as_slice()));
+        feed(&core, page3.iter().map(|d| d.as_slice()));
         let pages = sink.pages.lock().unwrap().clone();
         assert_eq!(pages.len(), 2);
         assert_eq!(pages[0], (3, vec![0x33; PAGE_SIZE]));
@@ -1315,8 +1352,8 @@ mod tests {
             .chain(&page8[..1])
             .map(|d| d.as_slice())
             .collect();
-        core.on_datagrams(first);
-        core.on_datagrams(page8[1..].iter().map(|d| d.as_slice()));
+        feed(&core, first);
+        feed(&core, page8[1..].iter().map(|d| d.as_slice()));
         let pages = sink.pages.lock().unwrap().clone();
         assert_eq!(
             pages,
@@ -1328,10 +1365,10 @@ mod tests {
             "7 from the buffers, 8 reassembled"
         );
         // A whole page again, and a page whose fragments contradict each other.
-        core.on_datagrams(page7.iter().map(|d| d.as_slice()));
+        feed(&core, page7.iter().map(|d| d.as_slice()));
         let mut forged_count = fragments(FAMILY, GENERATION, 9, 0x99);
         forged_count.push(forged_count[0].clone());
-        core.on_datagrams(forged_count.iter().map(|d| d.as_slice()));
+        feed(&core, forged_count.iter().map(|d| d.as_slice()));
         let stats = core.family_stats(FAMILY).unwrap();
         assert_eq!(stats.duplicate_fragments, 3 + 1, "{stats:?}");
         assert_eq!(stats.pages_completed, 3, "{stats:?}");
@@ -1360,14 +1397,16 @@ mod tests {
         assert_eq!((stats.outstanding, stats.queued), (6, 3));
         // Page 5 arrives early (a sibling asked): it is not requested when its turn comes.
         for page in [5, 1] {
-            core.on_datagrams(
+            feed(
+                &core,
                 fragments(FAMILY, GENERATION, page, 1)
                     .iter()
                     .map(|d| d.as_slice()),
             );
         }
         assert_eq!(requested(2), vec![vec![4]], "one arrival, one more request");
-        core.on_datagrams(
+        feed(
+            &core,
             fragments(FAMILY, GENERATION, 2, 2)
                 .iter()
                 .map(|d| d.as_slice()),
@@ -1390,7 +1429,9 @@ mod tests {
         let last = forged[0].len() - 1;
         forged[0][last] ^= 1;
         let other_key = {
-            let mkey = McastKey::new(&ClusterKey::from_bytes([4; 32]));
+            let sealer = FragmentSealer::new(
+                McastKey::new(&ClusterKey::from_bytes([4; 32])).fragment_key(FAMILY, GENERATION),
+            );
             let mut out = Vec::new();
             let header = Header {
                 flags: 0,
@@ -1406,7 +1447,7 @@ mod tests {
                 offset: 0,
                 data: &data,
             };
-            wire::encode_fragment(&mkey, &mut out, &header, &fragment).unwrap();
+            wire::encode_fragment(&sealer, &mut out, &header, &fragment).unwrap();
             out
         };
         let stale = fragments(FAMILY, GENERATION + 1, 1, 9);
@@ -1417,7 +1458,7 @@ mod tests {
             .map(|d| d.as_slice())
             .chain([&b"junk"[..]])
             .collect();
-        core.on_datagrams(all);
+        feed(&core, all);
         let stats = core.stats();
         assert_eq!(stats.datagrams, 6);
         assert_eq!(stats.mac_failed, 2);
@@ -1490,7 +1531,7 @@ mod tests {
             code: RejectCode::OutOfRange,
         };
         wire::encode_reject(&mkey, &mut out, &header, &reject);
-        core.on_datagrams([out.as_slice(), out.as_slice()]);
+        feed(&core, [out.as_slice(), out.as_slice()]);
         let failures = sink.failures.lock().unwrap().clone();
         assert_eq!(failures.len(), 1);
         assert!(failures[0].contains("page out of range"), "{}", failures[0]);

@@ -58,9 +58,9 @@ use crate::auth::ClusterKey;
 use crate::mcast::rate::TokenBucket;
 use crate::mcast::sys::{self, EventFd};
 use crate::mcast::wire::{
-    self, Datagram, DecodeError, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, Fragmentation, Header,
-    MAX_DATAGRAM_LEN, McastKey, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_UNICAST_REPLY, Reject,
-    RejectCode, Request,
+    self, Datagram, DecodeError, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, FragmentSealer,
+    Fragmentation, Header, MAX_DATAGRAM_LEN, McastKey, REQUEST_JOIN, REQUEST_LEAVE,
+    REQUEST_UNICAST_REPLY, Reject, RejectCode, Request,
 };
 use crate::server::PageStore;
 use crate::sync::{Never, lock};
@@ -273,6 +273,8 @@ struct PushCursor {
 
 struct FamilyState {
     generation: u32,
+    /// Seals the family's FRAGMENTs (its key follows the generation).
+    sealer: Arc<FragmentSealer>,
     group: SocketAddrV4,
     store: Arc<dyn PageStore>,
     pages: u64,
@@ -387,6 +389,7 @@ struct Outgoing {
     family: u64,
     generation: u32,
     store: Arc<dyn PageStore>,
+    sealer: Arc<FragmentSealer>,
     to: SocketAddrV4,
     flags: u16,
     job: Job,
@@ -537,6 +540,9 @@ impl McastServer {
             family,
             FamilyState {
                 generation,
+                sealer: Arc::new(FragmentSealer::new(
+                    self.shared.key.fragment_key(family, generation),
+                )),
                 group: SocketAddrV4::new(group, self.shared.config.group_port),
                 store,
                 pages,
@@ -674,7 +680,7 @@ fn request_loop(shared: &Shared, _alive: Sender<Never>) {
         }
         match shared.socket.recv_from(&mut buf) {
             Ok((len, SocketAddr::V4(from))) => {
-                handle_datagram(shared, &buf[..len], from, &mut scratch);
+                handle_datagram(shared, &mut buf[..len], from, &mut scratch);
             }
             Ok((_, SocketAddr::V6(_))) => bump(&shared.counters.malformed, 1),
             Err(error) => tracing::debug!(%error, "mcdist server receive failed"),
@@ -682,8 +688,14 @@ fn request_loop(shared: &Shared, _alive: Sender<Never>) {
     }
 }
 
-fn handle_datagram(shared: &Shared, bytes: &[u8], from: SocketAddrV4, scratch: &mut SendScratch) {
-    match wire::decode(&shared.key, bytes) {
+fn handle_datagram(
+    shared: &Shared,
+    bytes: &mut [u8],
+    from: SocketAddrV4,
+    scratch: &mut SendScratch,
+) {
+    // The server opens no FRAGMENTs: receivers do not send them.
+    match wire::decode(&shared.key, bytes, |_, _| None) {
         Ok(Datagram::Request(header, request)) => {
             bump(&shared.counters.requests, 1);
             let (rejects, queued) = handle_request(shared, &header, &request, from);
@@ -947,6 +959,7 @@ fn take_batch(
                 family: id,
                 generation: family.generation,
                 store: Arc::clone(&family.store),
+                sealer: Arc::clone(&family.sealer),
                 to,
                 flags,
                 job,
@@ -1119,7 +1132,7 @@ fn send_pages(shared: &Shared, scratch: &mut SendScratch) {
                 data: &page[start..start + usize::from(len)],
             };
             if let Err(error) =
-                wire::encode_fragment(&shared.key, &mut datagrams[used], &header, &fragment)
+                wire::encode_fragment(&outgoing.sealer, &mut datagrams[used], &header, &fragment)
             {
                 // Unreachable: the fragmentation covers the page with valid pieces.
                 tracing::error!(%error, "mcdist server: encoding a fragment failed");

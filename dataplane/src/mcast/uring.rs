@@ -156,15 +156,28 @@ impl BufferRing {
         tail.store(self.tail, Ordering::Release);
     }
 
-    /// The `len` bytes the kernel received into buffer `bid`.
-    fn datagram(&self, bid: u16, len: usize) -> &[u8] {
-        let bid = usize::from(bid % BUFFER_COUNT);
-        let start = self.buffers.as_ptr().wrapping_add(bid * BUFFER_LEN);
-        // SAFETY: the buffer lies inside the buffers allocation (`bid < BUFFER_COUNT`,
-        // `len <= BUFFER_LEN`); the kernel completed a receive into it and writes it again only
-        // after it is provided anew, which happens after the returned slice is dropped (the
-        // borrow of `self` prevents `provide` meanwhile).
-        unsafe { std::slice::from_raw_parts(start, len.min(BUFFER_LEN)) }
+    /// The bytes the kernel received into each buffer of `received` (`(bid, len)`),
+    /// writable: FRAGMENTs are decrypted where they lie. A buffer listed twice is handed out
+    /// once.
+    fn datagrams(&mut self, received: &[(u16, usize)]) -> Vec<&mut [u8]> {
+        let mut seen = [0u64; BUFFER_COUNT.div_ceil(64) as usize];
+        let mut datagrams = Vec::with_capacity(received.len());
+        for &(bid, len) in received {
+            let bid = usize::from(bid % BUFFER_COUNT);
+            let (word, bit) = (bid / 64, 1u64 << (bid % 64));
+            if seen[word] & bit != 0 {
+                continue;
+            }
+            seen[word] |= bit;
+            let start = self.buffers.as_ptr().wrapping_add(bid * BUFFER_LEN);
+            // SAFETY: the buffer lies inside the buffers allocation (`bid < BUFFER_COUNT`,
+            // `len <= BUFFER_LEN`) and no other slice handed out here covers it (`seen`); the
+            // kernel completed a receive into it and writes it again only after it is
+            // provided anew, which needs `&mut self` and so waits until the returned slices,
+            // which borrow `self` mutably, are dropped.
+            datagrams.push(unsafe { std::slice::from_raw_parts_mut(start, len.min(BUFFER_LEN)) });
+        }
+        datagrams
     }
 
     fn register(&self, ring: &IoUring) -> io::Result<()> {
@@ -337,11 +350,7 @@ fn run(mut ring: IoUring, mut buffers: BufferRing, parts: &SocketLoop) {
             }
         }
         if !received.is_empty() {
-            parts.core.on_datagrams(
-                received
-                    .iter()
-                    .map(|&(bid, len)| buffers.datagram(bid, len)),
-            );
+            parts.core.on_datagrams(buffers.datagrams(&received));
             returned.extend(received.drain(..).map(|(bid, _)| bid));
         }
         if !returned.is_empty() {

@@ -10,6 +10,7 @@
 //! the kernel drops later fragments of it before they cost a copy.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -170,15 +171,16 @@ impl std::fmt::Debug for XdpPath {
     }
 }
 
-/// The UDP payload of an Ethernet frame carrying IPv4/UDP, or `None`.
-fn udp_payload(frame: &[u8]) -> Option<&[u8]> {
+/// Where the UDP payload of an Ethernet frame carrying IPv4/UDP lies, or `None`.
+fn udp_payload(frame: &[u8]) -> Option<Range<usize>> {
     const ETHERTYPE_IPV4: u16 = 0x0800;
+    const ETHERNET_HEADER_LEN: usize = 14;
     const UDP: u8 = 17;
     let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
     if ethertype != ETHERTYPE_IPV4 {
         return None;
     }
-    let ip = frame.get(14..)?;
+    let ip = frame.get(ETHERNET_HEADER_LEN..)?;
     let header_len = usize::from(ip.first()? & 0x0f) * 4;
     if ip.first()? >> 4 != 4 || header_len < 20 || *ip.get(9)? != UDP {
         return None;
@@ -186,7 +188,9 @@ fn udp_payload(frame: &[u8]) -> Option<&[u8]> {
     let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
     let udp = ip.get(header_len..total.min(ip.len()))?;
     let udp_len = usize::from(u16::from_be_bytes([*udp.get(4)?, *udp.get(5)?]));
-    udp.get(8..udp_len.min(udp.len()))
+    let payload_len = udp_len.min(udp.len()).checked_sub(8)?;
+    let start = ETHERNET_HEADER_LEN + header_len + 8;
+    Some(start..start + payload_len)
 }
 
 fn bind_with_retry(ifindex: u32, queue: u32, config: &XskConfig) -> Result<XskSocket, XskError> {
@@ -219,8 +223,8 @@ fn queue_thread(
         loop {
             let mut not_udp = 0u64;
             let received = socket.receive_batch(BATCH, |frames| {
-                let payloads = frames.iter().filter_map(|frame| {
-                    let payload = udp_payload(frame);
+                let payloads = frames.iter_mut().filter_map(|frame| {
+                    let payload = udp_payload(frame).map(|range| &mut frame[range]);
                     not_udp += u64::from(payload.is_none());
                     payload
                 });
@@ -417,7 +421,10 @@ impl Drop for XdpPath {
 
 #[cfg(test)]
 mod tests {
-    use super::udp_payload;
+    /// The payload [`super::udp_payload`] finds in `frame`.
+    fn udp_payload(frame: &[u8]) -> Option<&[u8]> {
+        super::udp_payload(frame).map(|range| &frame[range])
+    }
 
     fn frame(payload: &[u8], ihl: u8, protocol: u8) -> Vec<u8> {
         let mut f = vec![0u8; 12];

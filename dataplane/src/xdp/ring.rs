@@ -221,7 +221,8 @@ impl FillRing {
 pub(super) struct Consumed {
     /// Descriptors taken from the ring.
     pub(super) descriptors: u32,
-    /// Descriptors outside the UMEM or across chunks: not handed to the callback.
+    /// Descriptors outside the UMEM, across chunks, or naming a chunk already given back:
+    /// not handed to the callback.
     pub(super) invalid: u32,
     /// Chunks not given back for reuse: descriptors outside the UMEM, or duplicates of a
     /// chunk already free.
@@ -276,14 +277,16 @@ impl RxRing {
     }
 
     /// Consumes up to `max` descriptors: gives every chunk that lies inside the UMEM back to
-    /// `free`, hands all valid packets to `batch` in one call, then publishes the consumer
-    /// position. The chunks reach the kernel again only through `FillRing::produce`, after
-    /// this returns, so the packets stay intact for the whole call.
+    /// `free`, hands all valid packets to `batch` in one call, writable (FRAGMENTs are
+    /// decrypted where they lie), then publishes the consumer position. The chunks reach the
+    /// kernel again only through `FillRing::produce`, after this returns, so the packets stay
+    /// intact for the whole call. A chunk that two descriptors of one call name (which only a
+    /// broken producer does) is handed out once.
     pub(super) fn consume(
         &mut self,
         max: u32,
         free: &mut FreeFrames,
-        batch: impl FnOnce(&[&[u8]]),
+        batch: impl FnOnce(&mut [&mut [u8]]),
     ) -> Consumed {
         let producer = self.ring.producer().load(Ordering::Acquire);
         let count = ready_entries(self.ring.size, producer, self.consumer).min(max);
@@ -291,7 +294,8 @@ impl RxRing {
             descriptors: count,
             ..Consumed::default()
         };
-        let mut packets: Vec<&[u8]> = Vec::with_capacity(count as usize);
+        let mut packets: Vec<&mut [u8]> = Vec::with_capacity(count as usize);
+        let mut chunks: Vec<u64> = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let slot = self.ring.slot(self.consumer);
             // SAFETY: `slot` is inside the ring, aligned for xdp_desc, and published: the
@@ -302,18 +306,30 @@ impl RxRing {
             // Step past the descriptor before using it: if `batch` panics, the chunks are
             // lost but no descriptor is handled twice and no chunk is given back twice.
             self.consumer = self.consumer.wrapping_add(1);
+            let Some(chunk) = self.layout.chunk_of(desc.addr) else {
+                consumed.invalid += 1;
+                consumed.not_returned += 1;
+                continue;
+            };
+            if chunks.contains(&chunk) || !free.put(chunk) {
+                consumed.invalid += 1;
+                consumed.not_returned += 1;
+                continue;
+            }
+            chunks.push(chunk);
             match self.layout.packet_range(desc.addr, desc.len) {
                 Ok(range) => {
                     let start = self.umem.as_ptr().wrapping_add(range.start);
                     // SAFETY: `range` lies inside the UMEM mapping (checked by
                     // `packet_range` against the layout, which `new` checked fits the
-                    // mapping). The kernel wrote the packet before publishing the
+                    // mapping) and inside chunk `chunk`, which no other slice of this call
+                    // covers (`chunks`). The kernel wrote the packet before publishing the
                     // descriptor (ordered by the Acquire above) and writes the chunk again
                     // only after it went back through the fill ring, which needs
                     // `FillRing::produce` and so cannot happen before this function
                     // returns: the slices live in `packets`, dropped at its end, and
                     // `batch` gets them for the call only.
-                    let packet = unsafe { std::slice::from_raw_parts(start, range.len()) };
+                    let packet = unsafe { std::slice::from_raw_parts_mut(start, range.len()) };
                     packets.push(packet);
                 }
                 Err(error) => {
@@ -326,16 +342,9 @@ impl RxRing {
                     consumed.invalid += 1;
                 }
             }
-            let returned = self
-                .layout
-                .chunk_of(desc.addr)
-                .is_some_and(|chunk| free.put(chunk));
-            if !returned {
-                consumed.not_returned += 1;
-            }
         }
         if !packets.is_empty() {
-            batch(&packets);
+            batch(&mut packets);
         }
         if count > 0 {
             self.ring.consumer().store(self.consumer, Ordering::Release);

@@ -228,8 +228,9 @@ impl XskSocket {
         })
     }
 
-    /// [`XskSocket::receive`], handing all packets of the call to `f` at once.
-    pub fn receive_batch(&mut self, max: usize, f: impl FnOnce(&[&[u8]])) -> usize {
+    /// [`XskSocket::receive`], handing all packets of the call to `f` at once, writable (the
+    /// frames are this side's until they go back to the fill ring).
+    pub fn receive_batch(&mut self, max: usize, f: impl FnOnce(&mut [&mut [u8]])) -> usize {
         let max = u32::try_from(max).unwrap_or(u32::MAX);
         let consumed = self.rx.consume(max, &mut self.free, f);
         if consumed.invalid > 0 || consumed.not_returned > 0 {
