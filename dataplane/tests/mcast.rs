@@ -816,6 +816,60 @@ fn forged_datagrams_are_counted_and_never_delivered() {
     assert_eq!(stats.stale, 1, "{stats:?}");
 }
 
+/// A family received on the AF_XDP path in `mode` from a server that sends each page as one
+/// UDP GSO message: every page arrives intact, in native mode through the AF_XDP socket; in
+/// generic mode, which sees a GSO message on a veth whole, through the kernel's UDP stack.
+fn af_xdp_receives_a_gso_sender(mode: snowflock_ebpf::XdpMode) {
+    let _serial = serial();
+    let net = Net::new(2);
+    let server = start_server(&net, server_config());
+    const FAMILY: u64 = 0x58;
+    const PAGES: u64 = 200;
+    let family = serve(&server, FAMILY, Ipv4Addr::new(239, 255, 1, 8), PAGES);
+    let xdp = XdpReceiveConfig {
+        ifname: "eth0".into(),
+        mode,
+        queues: Vec::new(),
+        socket: XskConfig::default(),
+    };
+    let receiver = net.in_host(2, || {
+        McastReceiver::start_xdp(receiver_config(2), &key(), &xdp).expect("starting AF_XDP")
+    });
+    let sink = join(&receiver, family);
+    receiver.request(FAMILY, &(0..PAGES).collect::<Vec<_>>());
+    sink.wait_pages(PAGES as usize, WAIT);
+    sink.assert_complete(FAMILY, PAGES);
+    let stats = receiver.family_stats(FAMILY).unwrap();
+    assert_eq!(
+        stats.mac_failed + stats.malformed + stats.not_ours,
+        0,
+        "{stats:?}"
+    );
+    let counters = receiver.xdp_status().expect("the AF_XDP path").counters;
+    let messages = server.stats().pages_sent;
+    match mode {
+        snowflock_ebpf::XdpMode::Native => {
+            assert!(counters.redirected >= 3 * PAGES, "{counters:?}");
+            assert_eq!(counters.passed, 0, "{counters:?}");
+        }
+        snowflock_ebpf::XdpMode::Generic => {
+            assert_eq!(counters.redirected, 0, "{counters:?}");
+            assert_eq!(counters.passed, messages, "{counters:?}");
+        }
+    }
+    receiver.shutdown();
+}
+
+#[test]
+fn native_af_xdp_receives_a_gso_sender_through_its_sockets() {
+    af_xdp_receives_a_gso_sender(snowflock_ebpf::XdpMode::Native);
+}
+
+#[test]
+fn generic_af_xdp_leaves_gso_messages_to_the_kernel() {
+    af_xdp_receives_a_gso_sender(snowflock_ebpf::XdpMode::Generic);
+}
+
 #[test]
 fn af_xdp_frames_too_small_for_the_mtu_are_refused_before_anything_attaches() {
     let _serial = serial();

@@ -112,8 +112,9 @@ pub struct XdpCounters {
     pub redirected: u64,
     /// Fragments of pages whose presence bit was set, dropped.
     pub duplicate_dropped: u64,
-    /// Fragments of a registered family passed to the kernel because their RX queue has no
-    /// AF_XDP socket.
+    /// Fragments of a registered family passed to the kernel: their RX queue has no AF_XDP
+    /// socket, or the datagram holds more than one fragment (a UDP GSO batch, which generic
+    /// XDP on a virtual link sees whole and the kernel's UDP stack cuts).
     pub passed: u64,
     /// mcdist datagrams passed to the kernel untouched: other kinds than FRAGMENT, and
     /// fragments of an unregistered family, another generation or a page out of range.

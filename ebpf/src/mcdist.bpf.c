@@ -137,6 +137,16 @@ static __always_inline int steer_datagram(struct xdp_md *ctx, void *payload, voi
 		return XDP_PASS;
 	}
 
+	/*
+	 * One fragment per datagram, or the kernel's UDP stack cuts it: generic XDP on a
+	 * virtual link sees a UDP GSO batch of several fragments as one datagram, too big for
+	 * a UMEM frame. Its UDP length covers more than the first fragment.
+	 */
+	if (udp_len != sizeof(struct udphdr) + MCDIST_FRAGMENT_OFFSET_PAYLOAD + header->len + MCDIST_TAG_LEN) {
+		count(COUNTER_PASSED);
+		return XDP_PASS;
+	}
+
 	__u64 bit = entry->base_bit + page;
 
 	if (bit >= (__u64)PRESENCE_WORDS * 64) {
