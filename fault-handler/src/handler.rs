@@ -1,12 +1,14 @@
 //! The fault loop of a hollow clone ([`FaultHandler`]) and the clone point
 //! ([`Family`]) its pages come from.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use foldhash::HashMap;
 
 use crate::PAGE_SIZE;
 use crate::avoid::AvoidMap;

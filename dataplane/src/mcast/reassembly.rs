@@ -5,7 +5,9 @@
 //! were lost; the page comes again when someone re-requests it). Completed pages are handed
 //! out in their own buffers, which the caller gives back with [`Reassembly::recycle`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt};
 use std::time::{Duration, Instant};
 
 use crate::mcast::wire::Fragment;

@@ -35,7 +35,9 @@
 //! - Turns a REJECT into one [`PageSink::failed`] call for the family; the family then stops
 //!   requesting and reporting.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex, RwLock};
