@@ -769,16 +769,6 @@ mod tests {
         FragmentSealer::new(key.fragment_key(FAMILY, GENERATION))
     }
 
-    /// Decodes a copy of `bytes`, FRAGMENTs with `fragment_key` for their family.
-    fn decode_copy(
-        key: &McastKey,
-        bytes: &[u8],
-        fragment_key: Option<&FragmentKey>,
-    ) -> Result<Datagram<'static>, DecodeError> {
-        let copy: &'static mut [u8] = Box::leak(bytes.to_vec().into_boxed_slice());
-        decode(key, copy, |_, _| fragment_key)
-    }
-
     #[test]
     fn fragment_round_trips_and_layout_matches_the_document() {
         let key = key();
@@ -810,7 +800,7 @@ mod tests {
                 .all(|w| w != [0xab; 8])
         );
         let family_key = key.fragment_key(FAMILY, GENERATION);
-        match decode_copy(&key, &out, Some(&family_key)).unwrap() {
+        match decode(&key, &mut out.to_vec(), |_, _| Some(&family_key)).unwrap() {
             Datagram::Fragment(h, f) => {
                 assert_eq!(h, header(FRAGMENT_PUSH));
                 assert_eq!(f, fragment);
@@ -862,7 +852,7 @@ mod tests {
         let mut out = Vec::new();
         let pages: Vec<u64> = (0..MAX_REQUEST_PAGES as u64).map(|p| p * 3).collect();
         encode_request(&key, &mut out, &header(REQUEST_RETRY), 5000, &pages).unwrap();
-        match decode_copy(&key, &out, None).unwrap() {
+        match decode(&key, &mut out.to_vec(), |_, _| None).unwrap() {
             Datagram::Request(h, r) => {
                 assert_eq!(h.flags, REQUEST_RETRY);
                 assert_eq!(r.rate, 5000);
@@ -877,7 +867,7 @@ mod tests {
         encode_reject(&key, &mut out, &header(0), &reject);
         assert_eq!(out.len(), REJECT_LEN);
         assert_eq!(
-            decode_copy(&key, &out, None).unwrap(),
+            decode(&key, &mut out.to_vec(), |_, _| None).unwrap(),
             Datagram::Reject(header(0), reject)
         );
         assert_eq!(
@@ -904,35 +894,35 @@ mod tests {
             let mut bad = out.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
             assert!(
-                decode_copy(&key, &bad, Some(&family_key)).is_err(),
+                decode(&key, &mut bad.to_vec(), |_, _| Some(&family_key)).is_err(),
                 "bit {bit} flipped was accepted"
             );
         }
         let other = McastKey::new(&ClusterKey::from_bytes([8; 32]));
         let other_family_key = other.fragment_key(FAMILY, GENERATION);
         assert_eq!(
-            decode_copy(&other, &out, Some(&other_family_key)),
+            decode(&other, &mut out.to_vec(), |_, _| Some(&other_family_key)),
             Err(DecodeError::BadTag)
         );
         let other_generation = key.fragment_key(FAMILY, GENERATION + 1);
         assert_eq!(
-            decode_copy(&key, &out, Some(&other_generation)),
+            decode(&key, &mut out.to_vec(), |_, _| Some(&other_generation)),
             Err(DecodeError::BadTag)
         );
         assert_eq!(
-            decode_copy(&key, &out, None),
+            decode(&key, &mut out.to_vec(), |_, _| None),
             Err(DecodeError::NoKey {
                 family: FAMILY,
                 generation: GENERATION
             })
         );
         for len in 0..out.len() {
-            assert!(decode_copy(&key, &out[..len], Some(&family_key)).is_err());
+            assert!(decode(&key, &mut out[..len].to_vec(), |_, _| Some(&family_key)).is_err());
         }
         let mut request = Vec::new();
         encode_request(&key, &mut request, &header(0), 0, &[1]).unwrap();
         assert_eq!(
-            decode_copy(&other, &request, None),
+            decode(&other, &mut request.to_vec(), |_, _| None),
             Err(DecodeError::BadTag)
         );
     }
@@ -971,7 +961,7 @@ mod tests {
             .unwrap();
         bad.extend_from_slice(tag.as_ref());
         assert!(matches!(
-            decode_copy(&key, &bad, Some(&family_key)),
+            decode(&key, &mut bad.to_vec(), |_, _| Some(&family_key)),
             Err(DecodeError::Fragment { offset: 4090, .. })
         ));
         let bad = Fragment {
