@@ -210,6 +210,9 @@ pub struct McdistSection {
     /// wait here and go out as pages arrive.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u32,
+    /// Threads of this host's mcdist server that send queued pages.
+    #[serde(default = "default_send_threads")]
+    pub send_threads: u32,
     #[serde(default = "default_rx_path")]
     pub rx_path: RxPath,
     /// Interface to attach XDP to; empty = the one holding the pages address.
@@ -256,6 +259,12 @@ fn default_max_rate() -> u32 {
 fn default_max_in_flight() -> u32 {
     512
 }
+/// Most send threads `[mcdist] send_threads` may ask for.
+pub const MAX_SEND_THREADS: u32 = 64;
+
+fn default_send_threads() -> u32 {
+    2
+}
 fn default_rx_path() -> RxPath {
     RxPath::Auto
 }
@@ -282,6 +291,7 @@ impl Default for McdistSection {
             max_rate: default_max_rate(),
             push: true,
             max_in_flight: default_max_in_flight(),
+            send_threads: default_send_threads(),
             rx_path: default_rx_path(),
             interface: String::new(),
             xdp_mode: default_xdp_mode(),
@@ -321,6 +331,11 @@ impl McdistSection {
         }
         if self.max_in_flight == 0 {
             return Err("mcdist max_in_flight must be at least 1".into());
+        }
+        if !(1..=MAX_SEND_THREADS).contains(&self.send_threads) {
+            return Err(format!(
+                "mcdist send_threads must be 1 to {MAX_SEND_THREADS}"
+            ));
         }
         self.check_receive()
     }
@@ -452,6 +467,7 @@ mod tests {
         let config: DaemonConfig = toml::from_str(include_str!("../../dist/sfd.toml")).unwrap();
         config.check().unwrap();
         assert_eq!(config.mcdist.max_in_flight, 512);
+        assert_eq!(config.mcdist.send_threads, 2);
     }
 
     #[test]
@@ -475,5 +491,10 @@ mod tests {
         let config: DaemonConfig =
             toml::from_str(&format!("{base}\n[mcdist]\nmax_in_flight = 0")).unwrap();
         assert!(config.check().unwrap_err().contains("max_in_flight"));
+        for threads in [0, MAX_SEND_THREADS + 1] {
+            let config: DaemonConfig =
+                toml::from_str(&format!("{base}\n[mcdist]\nsend_threads = {threads}")).unwrap();
+            assert!(config.check().unwrap_err().contains("send_threads"));
+        }
     }
 }

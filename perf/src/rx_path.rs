@@ -453,6 +453,7 @@ pub fn run(
     runs: u32,
     pages: u32,
     mtu: u32,
+    send_threads: usize,
     measures: &[Measure],
     sink: &mut dyn Sink,
 ) -> Result<()> {
@@ -498,6 +499,7 @@ pub fn run(
                         max_rate: 2_000_000,
                         receiver_idle: Duration::from_millis(200),
                         push: false,
+                        send_threads,
                     },
                     &server_key,
                 )
@@ -542,6 +544,7 @@ pub fn run(
     let params: Map<String, Value> = [
         ("pages".to_string(), json!(pages)),
         ("mtu".to_string(), json!(mtu)),
+        ("send_threads".to_string(), json!(send_threads)),
     ]
     .into_iter()
     .collect();

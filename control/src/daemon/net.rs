@@ -135,6 +135,7 @@ impl NetPlane {
                 max_rate: settings.max_rate,
                 receiver_idle: Duration::from_millis(200),
                 push: settings.push,
+                send_threads: settings.send_threads as usize,
             },
             key,
         )

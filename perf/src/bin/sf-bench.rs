@@ -96,6 +96,9 @@ struct RxPathArgs {
     /// MTU of the two hosts' links (up to 9000: jumbo frames); fragments are sized for it.
     #[arg(long, default_value_t = 1500)]
     mtu: u32,
+    /// Send threads of the mcdist server.
+    #[arg(long, default_value_t = 2)]
+    send_threads: usize,
     /// What to measure (comma-separated; all by default), e.g. `--measure sockets` to
     /// profile one receive path alone.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = rx_path::Measure::ALL)]
@@ -179,9 +182,14 @@ fn run() -> anyhow::Result<()> {
         Scenario::McastScale(args) => {
             mcast::mcast_scale(&setup(&args.remote)?, &args.clones, &args.rx_path, &mut out)?;
         }
-        Scenario::RxPath(args) => {
-            rx_path::run(args.runs, args.pages, args.mtu, &args.measure, &mut out)?
-        }
+        Scenario::RxPath(args) => rx_path::run(
+            args.runs,
+            args.pages,
+            args.mtu,
+            args.send_threads,
+            &args.measure,
+            &mut out,
+        )?,
     }
     out.0.flush().context("writing results")
 }
