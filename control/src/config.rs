@@ -210,7 +210,8 @@ pub struct McdistSection {
     /// wait here and go out as pages arrive.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u32,
-    /// Threads of this host's mcdist server that send queued pages.
+    /// Threads of this host's mcdist server that send queued pages: more than one helps a
+    /// parent host with cores to spare.
     #[serde(default = "default_send_threads")]
     pub send_threads: u32,
     #[serde(default = "default_rx_path")]
@@ -263,7 +264,7 @@ fn default_max_in_flight() -> u32 {
 pub const MAX_SEND_THREADS: u32 = 64;
 
 fn default_send_threads() -> u32 {
-    2
+    1
 }
 fn default_rx_path() -> RxPath {
     RxPath::Auto
@@ -467,7 +468,7 @@ mod tests {
         let config: DaemonConfig = toml::from_str(include_str!("../../dist/sfd.toml")).unwrap();
         config.check().unwrap();
         assert_eq!(config.mcdist.max_in_flight, 512);
-        assert_eq!(config.mcdist.send_threads, 2);
+        assert_eq!(config.mcdist.send_threads, 1);
     }
 
     #[test]

@@ -110,17 +110,19 @@ pub struct McastServerConfig {
     pub receiver_idle: Duration,
     /// Send late JOINers the pages their siblings already requested.
     pub push: bool,
-    /// Threads that take queued pages and send them (at least 1). One thread sends about
-    /// 120 000 pages/s here; more let a busy server use more cores. The request thread
-    /// sends each REQUEST's first page itself whatever this is.
+    /// Threads that take queued pages and send them (at least 1). One thread sent about
+    /// 135 000 pages/s to a host that dropped them (`rx-path`'s delivery ceiling), two about
+    /// 220 000 with a second core free; where the receivers share the cores (one machine),
+    /// a second thread only competes with them. The request thread sends each REQUEST's
+    /// first page itself whatever this is.
     pub send_threads: usize,
 }
 
 impl McastServerConfig {
     /// The defaults for serving at `bind` to receivers at the same port (on other hosts):
     /// 1500-byte MTU, 5 ms suppression, 20 000 pages/s
-    /// before reports, at most 200 000 pages/s, receivers idle after 1 s, push on, two send
-    /// threads.
+    /// before reports, at most 200 000 pages/s, receivers idle after 1 s, push on, one send
+    /// thread.
     pub fn new(bind: SocketAddrV4) -> McastServerConfig {
         McastServerConfig {
             bind,
@@ -131,7 +133,7 @@ impl McastServerConfig {
             max_rate: 200_000,
             receiver_idle: Duration::from_secs(1),
             push: true,
-            send_threads: 2,
+            send_threads: 1,
         }
     }
 }

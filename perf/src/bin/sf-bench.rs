@@ -97,7 +97,7 @@ struct RxPathArgs {
     #[arg(long, default_value_t = 1500)]
     mtu: u32,
     /// Send threads of the mcdist server.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     send_threads: usize,
     /// What to measure (comma-separated; all by default), e.g. `--measure sockets` to
     /// profile one receive path alone.
