@@ -21,8 +21,9 @@
 //!   does no receive work at all: the XDP program drops every fragment at the interface (the
 //!   family's presence bits are all set) and counts it, and a requester keeps a deep window
 //!   of requests open (`DELIVERY_WINDOW` pages). No receive path can install pages faster
-//!   than this sender delivers them, so this bounds both paths, and `delivery_to_sockets`
-//!   bounds what AF_XDP (or any receive path) can gain over kernel sockets on these hosts.
+//!   than this sender (with its `--send-threads`) delivers them, so this bounds both paths,
+//!   and `delivery_to_sockets` bounds what AF_XDP (or any receive path) can gain over kernel
+//!   sockets with it.
 //! - `sockets`: kernel UDP sockets driven by io_uring.
 //! - `af_xdp`: the XDP program and AF_XDP sockets (copy mode on veth).
 
