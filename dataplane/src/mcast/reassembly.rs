@@ -6,9 +6,9 @@
 //! out in their own buffers, which the caller gives back with [`Reassembly::recycle`].
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashMapExt};
-use std::time::{Duration, Instant};
 
 use crate::mcast::wire::Fragment;
 use crate::wire::PAGE_SIZE;

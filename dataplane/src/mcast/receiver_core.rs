@@ -36,12 +36,12 @@
 //!   requesting and reporting.
 
 use std::collections::{BTreeSet, VecDeque};
-
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use crate::auth::ClusterKey;
 use crate::client::PageSink;

@@ -46,8 +46,6 @@
 //! ```
 
 use std::collections::VecDeque;
-
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsFd;
@@ -57,6 +55,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::auth::ClusterKey;
@@ -76,7 +75,7 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most pages the send thread takes from the queues at once.
 const MAX_BATCH_PAGES: u32 = 16;
 /// Pages the request thread sends itself right after a REQUEST (the first one queued: a
-/// fault's page leads its request); the send thread takes the rest. Sending a page also runs
+/// fault's page leads its request); the send threads take the rest. Sending a page also runs
 /// its receiving host's receive path when both share a machine (veth), so under load two
 /// sending threads keep both cores busy: with the request thread sending up to a whole batch
 /// instead, the AF_XDP path received ~25% fewer pages per second in `rx-path`.

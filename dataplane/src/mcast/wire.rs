@@ -461,21 +461,16 @@ pub fn decode<'a, 'k>(
         kind,
         flags: header.flags,
     };
-    if kind == Kind::Fragment {
-        let key = fragment_key(header.family, header.generation).ok_or(DecodeError::NoKey {
-            family: header.family,
-            generation: header.generation,
-        })?;
-        return open_fragment(key, header, bytes, reserved_error);
-    }
-    let bytes: &'a [u8] = bytes;
-    let (signed, tag) = bytes.split_at(body_end);
-    if !key.verify(signed, tag) {
-        return Err(DecodeError::BadTag);
-    }
     match kind {
-        Kind::Fragment => unreachable!("FRAGMENTs are opened above"),
+        Kind::Fragment => {
+            let key = fragment_key(header.family, header.generation).ok_or(DecodeError::NoKey {
+                family: header.family,
+                generation: header.generation,
+            })?;
+            open_fragment(key, header, bytes, reserved_error)
+        }
         Kind::Request => {
+            let bytes = verified(key, bytes)?;
             let rate = u32_at(bytes, 24);
             let count = usize::from(u16_at(bytes, 28));
             if u16_at(bytes, 30) != 0 {
@@ -493,6 +488,7 @@ pub fn decode<'a, 'k>(
             ))
         }
         Kind::Reject => {
+            let bytes = verified(key, bytes)?;
             if len != REJECT_LEN {
                 return Err(DecodeError::Length { kind, len });
             }
@@ -504,6 +500,16 @@ pub fn decode<'a, 'k>(
             }
             Ok(Datagram::Reject(header, Reject { page, code }))
         }
+    }
+}
+
+/// `bytes` if its HMAC tag (the last [`TAG_LEN`] bytes) is right under `key`.
+fn verified<'a>(key: &McastKey, bytes: &'a [u8]) -> Result<&'a [u8], DecodeError> {
+    let (signed, tag) = bytes.split_at(bytes.len() - TAG_LEN);
+    if key.verify(signed, tag) {
+        Ok(bytes)
+    } else {
+        Err(DecodeError::BadTag)
     }
 }
 
@@ -765,6 +771,17 @@ mod tests {
     const FAMILY: u64 = 0x1122_3344_5566_7788;
     const GENERATION: u32 = 9;
 
+    /// A fragment of `page` that is its only one, at offset 0.
+    fn single(page: u64, data: &[u8]) -> Fragment<'_> {
+        Fragment {
+            page,
+            index: 0,
+            count: 1,
+            offset: 0,
+            data,
+        }
+    }
+
     fn sealer(key: &McastKey) -> FragmentSealer {
         FragmentSealer::new(key.fragment_key(FAMILY, GENERATION))
     }
@@ -824,13 +841,7 @@ mod tests {
         let key = key();
         let sealer = sealer(&key);
         let data = [5u8; 64];
-        let fragment = Fragment {
-            page: 3,
-            index: 0,
-            count: 1,
-            offset: 0,
-            data: &data,
-        };
+        let fragment = single(3, &data);
         let mut nonces = std::collections::HashSet::new();
         let mut out = Vec::new();
         for _ in 0..100 {
@@ -882,13 +893,7 @@ mod tests {
         let family_key = key.fragment_key(FAMILY, GENERATION);
         let mut out = Vec::new();
         let data = [1u8; 64];
-        let fragment = Fragment {
-            page: 1,
-            index: 0,
-            count: 1,
-            offset: 0,
-            data: &data,
-        };
+        let fragment = single(1, &data);
         encode_fragment(&sealer(&key), &mut out, &header(0), &fragment).unwrap();
         for bit in 0..out.len() * 8 {
             let mut bad = out.clone();
@@ -933,13 +938,7 @@ mod tests {
         let family_key = key.fragment_key(FAMILY, GENERATION);
         let mut out = Vec::new();
         let data = [1u8; 64];
-        let fragment = Fragment {
-            page: 1,
-            index: 0,
-            count: 1,
-            offset: 0,
-            data: &data,
-        };
+        let fragment = single(1, &data);
         // A sender with the key but bad arithmetic: offset past the page, sealed.
         let mut bad = Vec::new();
         put_header(&mut bad, Kind::Fragment, &header(0));
