@@ -14,8 +14,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
+use snowflock_abi::{ChildStatus, errno};
 use snowflock_fault_handler::{AvoidMap, CloneStats, FaultHandler};
-use snowflock_guest::abi::{ChildStatus, errno};
 use snowflock_vmm::background::{Job, Worker, housekeeper};
 use snowflock_vmm::machine::{MachineConfig, MachineSnapshot, PreparedVm, Request, Stop};
 use snowflock_vmm::memory::MemoryImage;

@@ -13,10 +13,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use snowflock_abi::{HYPERCALL_PORT, IMAGE_BASE, nr};
 use snowflock_fault_handler::{
     AvoidMap, Family, FaultError, FaultHandler, FetchConfig, PAGE_SIZE, PageSource,
 };
-use snowflock_guest::abi::{HYPERCALL_PORT, IMAGE_BASE, nr};
 use snowflock_vmm::machine::{MachineConfig, PreparedVm, Request};
 use snowflock_vmm::memory::MemoryImage;
 use snowflock_vmm::{KvmHypervisor, Machine, MachineError, Stop, VcpuKicker};

@@ -324,7 +324,10 @@ impl Heap {
         for i in 0..blocks {
             let next = if i + 1 < blocks { i as u32 + 2 } else { 0 };
             // SAFETY: block `i` lies inside the slab's pages, which we own.
-            unsafe { first.add(i * size).cast::<u32>().write(next) };
+            let block = unsafe { first.add(i * size) };
+            // SAFETY: `block` is in bounds (above) and 4-byte aligned: the slab starts on a page
+            // and every class size is a multiple of 8.
+            unsafe { block.cast::<u32>().write(next) };
         }
         self.meta[s as usize].slab = 1;
         list_push(self.meta, &mut self.partial[class], s);
@@ -1011,12 +1014,11 @@ mod tests {
         let grown = unsafe { h.realloc(blocks[0], l(3), 12 * PAGE) };
         assert_eq!(grown, blocks[0]);
         h.check();
-        // SAFETY: live blocks with their layouts.
-        unsafe {
-            h.dealloc(grown, l(12));
-            for &i in &[4, 5, 6, 7] {
-                h.dealloc(blocks[i], l(3));
-            }
+        // SAFETY: grown above to 12 pages.
+        unsafe { h.dealloc(grown, l(12)) };
+        for &i in &[4, 5, 6, 7] {
+            // SAFETY: allocated above with l(3), not freed yet.
+            unsafe { h.dealloc(blocks[i], l(3)) };
         }
         h.check();
         assert_eq!(h.top, 0);
@@ -1045,11 +1047,10 @@ mod tests {
         let small = Layout::from_size_align(100, 8).unwrap();
         let blocks: Vec<_> = (0..6).map(|i| h.alloc(l(i + 1))).collect();
         let tiny = h.alloc(small);
-        // SAFETY: allocated above with these layouts.
-        unsafe {
-            h.dealloc(blocks[1], l(2));
-            h.dealloc(blocks[3], l(4));
-        }
+        // SAFETY: allocated above with l(2).
+        unsafe { h.dealloc(blocks[1], l(2)) };
+        // SAFETY: allocated above with l(4).
+        unsafe { h.dealloc(blocks[3], l(4)) };
         let mut out = [PageRun::default(); 8];
         let found = h.free_runs(&mut out);
         assert_eq!(found.runs, 3);

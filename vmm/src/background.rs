@@ -9,6 +9,8 @@
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 
+use crate::sync::lock;
+
 type Task = Box<dyn FnOnce() + Send>;
 
 /// A thread that runs submitted tasks in order.
@@ -67,7 +69,7 @@ impl Worker {
         let task: Task = Box::new(move || {
             let _ = done.send(work());
         });
-        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let tasks = lock(&self.tasks);
         if let Err(mpsc::SendError(task)) = tasks.send(task) {
             // The worker thread is gone (it only ends with the process); run here.
             task();

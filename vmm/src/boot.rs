@@ -5,7 +5,7 @@
 //! Low memory (below `IMAGE_BASE`) belongs to the VMM and is not user-accessible,
 //! except the read-only boot information page.
 
-use snowflock_guest::abi::{
+use snowflock_abi::{
     ABI_VERSION, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, EXCEPTION_PORT, HYPERCALL_PORT,
     IMAGE_BASE, MAX_CMDLINE, MIN_MEM_SIZE, PAGE_SIZE, STACK_GUARD_SIZE, STACK_SIZE,
 };

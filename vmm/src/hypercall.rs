@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use snowflock_guest::abi::{
+use snowflock_abi::{
     MAX_REPORT_RUNS, MAX_TRANSFER, PAGE_SIZE, PageReportKind, PageRun, PanicReport, nr,
 };
 
@@ -258,7 +258,7 @@ pub fn panic_strings(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use snowflock_guest::abi::IMAGE_BASE;
+    use snowflock_abi::IMAGE_BASE;
 
     fn layout() -> GuestLayout {
         GuestLayout::new(64 << 20).unwrap()
@@ -309,7 +309,7 @@ mod tests {
 
     #[test]
     fn boot_info_page_is_readable_but_not_writable() {
-        use snowflock_guest::abi::BOOT_INFO_ADDR;
+        use snowflock_abi::BOOT_INFO_ADDR;
         let l = layout();
         assert!(decode(nr::CONSOLE_WRITE, &regs(BOOT_INFO_ADDR, 8, 0, 0), &l).is_ok());
         let err = decode(nr::CHILD_RESULT, &regs(1, 1, BOOT_INFO_ADDR, 8), &l).unwrap_err();

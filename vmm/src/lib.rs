@@ -26,6 +26,7 @@ pub mod kvm;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+mod sync;
 
 pub use hypervisor::{
     Hypervisor, Regs, StateError, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm, VmState,

@@ -5,7 +5,7 @@
 //! entry point. A bad image is an error naming what is wrong, never a panic.
 
 use goblin::elf::{Elf, header, program_header};
-use snowflock_guest::abi::{IMAGE_BASE, PAGE_SIZE};
+use snowflock_abi::{IMAGE_BASE, PAGE_SIZE};
 
 use crate::memory::GuestMemory;
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use snowflock_guest::abi::{
+use snowflock_abi::{
     BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, EXCEPTION_PORT, HYPERCALL_PORT, IMAGE_BASE,
     PAGE_SIZE, PageReportKind, PanicReport, errno, nr,
 };

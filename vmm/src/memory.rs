@@ -18,7 +18,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 /// Guest page size.
-pub const PAGE_SIZE: u64 = snowflock_guest::abi::PAGE_SIZE;
+pub const PAGE_SIZE: u64 = snowflock_abi::PAGE_SIZE;
 /// More mapped runs than this across an image's layers and the next freeze
 /// flattens the image into one layer, to stay far below `vm.max_map_count`.
 const MAX_LAYER_RUNS: usize = 4096;

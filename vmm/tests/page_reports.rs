@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use snowflock_guest::abi::{IMAGE_BASE, PAGE_SIZE, PageReportKind, errno, nr};
+use snowflock_abi::{IMAGE_BASE, PAGE_SIZE, PageReportKind, errno, nr};
 use snowflock_vmm::hypercall::HypercallError;
 use snowflock_vmm::machine::{MachineConfig, PageReportStats, Request};
 use snowflock_vmm::{KvmHypervisor, Machine, MachineError, Stop};

@@ -32,16 +32,20 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
         return unsafe { memcpy(dest, src, n) };
     }
     // dest overlaps the end of src: copy backwards, then restore DF.
-    // SAFETY: the caller guarantees both ranges; n > 0 here because the
-    // difference above was below n.
+    // SAFETY: n > 0 here because the difference above was below n, and the
+    // caller guarantees dest is valid for n bytes.
+    let dest_last = unsafe { dest.add(n - 1) };
+    // SAFETY: as above, for src.
+    let src_last = unsafe { src.add(n - 1) };
+    // SAFETY: the caller guarantees both ranges; the copy runs from their last bytes down.
     unsafe {
         asm!(
             "std",
             "rep movsb",
             "cld",
             inout("rcx") n => _,
-            inout("rdi") dest.add(n - 1) => _,
-            inout("rsi") src.add(n - 1) => _,
+            inout("rdi") dest_last => _,
+            inout("rsi") src_last => _,
             options(nostack),
         );
     }
@@ -84,9 +88,16 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
             options(nostack, readonly),
         );
     }
-    // SAFETY: at least one pair was compared, so the bytes before the end
-    // pointers lie in the ranges; equal ranges make them equal too.
-    let (x, y) = unsafe { (*a_end.sub(1), *b_end.sub(1)) };
+    // SAFETY: at least one pair was compared, so the byte before each end
+    // pointer lies in its range: the last pair compared (equal ranges make
+    // them equal too).
+    let a_last = unsafe { a_end.sub(1) };
+    // SAFETY: as for `a_last`.
+    let b_last = unsafe { b_end.sub(1) };
+    // SAFETY: `a_last` is in `a`'s range (above).
+    let x = unsafe { *a_last };
+    // SAFETY: `b_last` is in `b`'s range (above).
+    let y = unsafe { *b_last };
     i32::from(x) - i32::from(y)
 }
 

@@ -13,6 +13,7 @@ use std::sync::{Mutex, Once};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::hypervisor::VcpuKicker;
+use crate::sync::lock;
 
 thread_local! {
     /// The `immediate_exit` byte of the vCPU running on this thread, or null.
@@ -67,10 +68,7 @@ impl KickState {
         IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
-        *self
-            .running_thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(me);
+        *lock(&self.running_thread) = Some(me);
         RunGuard { state: self }
     }
 }
@@ -82,11 +80,7 @@ pub(super) struct RunGuard<'a> {
 
 impl Drop for RunGuard<'_> {
     fn drop(&mut self) {
-        *self
-            .state
-            .running_thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
+        *lock(&self.state.running_thread) = None;
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
     }
 }
@@ -94,10 +88,7 @@ impl Drop for RunGuard<'_> {
 impl VcpuKicker for KickState {
     fn kick(&self) {
         self.pending.store(true, Ordering::Release);
-        let running = self
-            .running_thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let running = lock(&self.running_thread);
         if let Some(thread) = *running {
             // SAFETY: `thread` is alive: it is cleared under this lock before
             // the run (and so the thread's use of the vCPU) ends; the signal

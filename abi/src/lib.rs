@@ -1,8 +1,11 @@
 //! The guest/VMM binary interface: ports, hypercall numbers, memory map and
 //! the structures the two sides exchange. `docs/hypercalls.md` is the prose
 //! version of this file; both change together, and `ABI_VERSION` with them.
+//! The guest SDK (`snowflock-guest`, a `no_std` workspace of its own) and the
+//! host crates (`vmm`, `control`) depend on this crate alone for the ABI.
+#![cfg_attr(not(test), no_std)]
 
-/// Bumped on any incompatible change to this module.
+/// Bumped on any incompatible change to this crate.
 pub const ABI_VERSION: u32 = 2;
 
 /// `out dx, eax` to this port with the hypercall number in `eax` is a hypercall.
@@ -195,3 +198,74 @@ const _: () = assert!(core::mem::size_of::<PanicReport>() == 40);
 
 /// Longest console write, panic message or child result the VMM accepts.
 pub const MAX_TRANSFER: u64 = 16 << 20;
+
+/// The SDK's C header (`guest/include/snowflock.h`) must say what this crate says.
+#[cfg(test)]
+mod header_tests {
+    use crate as abi;
+    use crate::{ChildStatus, PageReportKind, errno, nr};
+
+    fn define(name: &str) -> u64 {
+        let header = include_str!("../../guest/include/snowflock.h");
+        let line = header
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq(["#define", name]))
+            .unwrap_or_else(|| panic!("{name} not in snowflock.h"));
+        let value = line
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .trim_end_matches(['U', 'L']);
+        match value.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => value.parse(),
+        }
+        .unwrap_or_else(|_| panic!("{name}: cannot parse {value}"))
+    }
+
+    #[test]
+    fn header_matches_abi() {
+        let expect = [
+            ("SF_ABI_VERSION", u64::from(abi::ABI_VERSION)),
+            ("SF_HYPERCALL_PORT", u64::from(abi::HYPERCALL_PORT)),
+            ("SF_EXCEPTION_PORT", u64::from(abi::EXCEPTION_PORT)),
+            ("SF_PAGE_SIZE", abi::PAGE_SIZE),
+            ("SF_IMAGE_BASE", abi::IMAGE_BASE),
+            ("SF_BOOT_INFO_ADDR", abi::BOOT_INFO_ADDR),
+            ("SF_STACK_SIZE", abi::STACK_SIZE),
+            ("SF_STACK_GUARD_SIZE", abi::STACK_GUARD_SIZE),
+            ("SF_MIN_MEM_SIZE", abi::MIN_MEM_SIZE),
+            ("SF_BOOT_INFO_MAGIC", abi::BOOT_INFO_MAGIC),
+            ("SF_MAX_CMDLINE", abi::MAX_CMDLINE),
+            ("SF_MAX_TRANSFER", abi::MAX_TRANSFER),
+            ("SF_NR_CONSOLE_WRITE", u64::from(nr::CONSOLE_WRITE)),
+            ("SF_NR_EXIT", u64::from(nr::EXIT)),
+            ("SF_NR_PANIC", u64::from(nr::PANIC)),
+            ("SF_NR_REQUEST_TICKET", u64::from(nr::REQUEST_TICKET)),
+            ("SF_NR_CLONE", u64::from(nr::CLONE)),
+            ("SF_NR_CHECKPOINT", u64::from(nr::CHECKPOINT)),
+            ("SF_NR_CREATE_CLONES", u64::from(nr::CREATE_CLONES)),
+            ("SF_NR_CHILD_EXIT", u64::from(nr::CHILD_EXIT)),
+            ("SF_NR_JOIN", u64::from(nr::JOIN)),
+            ("SF_NR_CHILD_RESULT", u64::from(nr::CHILD_RESULT)),
+            ("SF_NR_KILL", u64::from(nr::KILL)),
+            ("SF_NR_TIME_NS", u64::from(nr::TIME_NS)),
+            ("SF_NR_REPORT_PAGES", u64::from(nr::REPORT_PAGES)),
+            ("SF_MAX_REPORT_RUNS", abi::MAX_REPORT_RUNS),
+            ("SF_PAGE_REPORT_FREE", PageReportKind::Free as u64),
+            ("SF_PAGE_REPORT_FRESH", PageReportKind::Fresh as u64),
+            ("SF_CHILD_EXITED", ChildStatus::Exited as u64),
+            ("SF_CHILD_FAILED", ChildStatus::Failed as u64),
+            ("SF_CHILD_KILLED", ChildStatus::Killed as u64),
+            ("SF_CHILD_LOST", ChildStatus::Lost as u64),
+            ("SF_EPERM", errno::EPERM),
+            ("SF_ENOENT", errno::ENOENT),
+            ("SF_EAGAIN", errno::EAGAIN),
+            ("SF_EBUSY", errno::EBUSY),
+            ("SF_EINVAL", errno::EINVAL),
+        ];
+        for (name, value) in expect {
+            assert_eq!(define(name), value, "{name}");
+        }
+    }
+}
