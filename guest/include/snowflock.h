@@ -1,7 +1,7 @@
 /*
  * snowflock.h: the guest SDK for flock images written in C.
  *
- * The same ABI as guest/src/abi.rs (docs/hypercalls.md is the prose): constants,
+ * The same ABI as the abi/ crate (docs/hypercalls.md is the prose): constants,
  * the boot information and panic report layouts, one inline wrapper per
  * hypercall, SnowFlock's clone API, argument parsing and a small printf.
  *
@@ -18,7 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* ---- ABI constants (must match guest/src/abi.rs) ---- */
+/* ---- ABI constants (must match the abi/ crate) ---- */
 #define SF_ABI_VERSION 2
 #define SF_HYPERCALL_PORT 0x5f0
 #define SF_EXCEPTION_PORT 0x5f1
