@@ -112,6 +112,7 @@ pub mod ceiling;
 mod handler;
 mod ring;
 mod stats;
+mod sync;
 mod sys;
 
 pub use avoid::{AvoidError, AvoidMap, AvoidReason};

@@ -7,6 +7,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::sync;
+
 /// Pages zero-filled instead of fetched, by reason.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AvoidedPages {
@@ -162,7 +164,7 @@ impl LiveStats {
     /// Records a served fault; `fetched` when it waited for the network.
     pub(crate) fn latency(&self, took: Duration, fetched: bool) {
         let us = (took.as_micros() as u64).clamp(1, 60_000_000);
-        let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = sync::lock(&self.latency);
         // Values are clamped into the histogram's bounds above.
         let _ = h.0.record(us);
         if fetched {
@@ -172,7 +174,7 @@ impl LiveStats {
 
     pub(crate) fn snapshot(&self) -> CloneStats {
         let fetched = self.fetched.load(Ordering::Relaxed);
-        let h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let h = sync::lock(&self.latency);
         CloneStats {
             faults: self.faults.load(Ordering::Relaxed),
             pages_fetched: fetched,

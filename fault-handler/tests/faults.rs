@@ -8,7 +8,9 @@
 mod common;
 
 use std::sync::mpsc;
-use std::sync::{Arc, Barrier, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    Arc, Barrier, LockResult, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -23,11 +25,16 @@ use snowflock_fault_handler::{
 static SERIAL: RwLock<()> = RwLock::new(());
 
 fn shared() -> RwLockReadGuard<'static, ()> {
-    SERIAL.read().unwrap_or_else(|p| p.into_inner())
+    unpoisoned(SERIAL.read())
 }
 
 fn exclusive() -> RwLockWriteGuard<'static, ()> {
-    SERIAL.write().unwrap_or_else(|p| p.into_inner())
+    unpoisoned(SERIAL.write())
+}
+
+/// A failed test poisons [`SERIAL`]; the others still run.
+fn unpoisoned<G>(result: LockResult<G>) -> G {
+    result.unwrap_or_else(PoisonError::into_inner)
 }
 
 const ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
