@@ -29,8 +29,10 @@ use tokio::sync::broadcast;
 use crate::config::DaemonConfig;
 use crate::console::LineSink;
 use crate::descriptor::Descriptor;
+use crate::error_chain;
 use crate::protocol::{CloneOrder, CloneStatsEntry, FamilyEntry, HostStats};
-use crate::supervisor::{Supervisor, SupervisorConfig, error_chain};
+use crate::supervisor::{Supervisor, SupervisorConfig};
+use crate::sync::lock;
 use links::Links;
 use memory::FetchLink;
 
@@ -79,7 +81,7 @@ pub struct HollowRecord {
     pub faults: Option<Arc<FaultHandler>>,
     pub final_stats: Option<CloneStats>,
     /// How it ended, once it has.
-    pub outcome: Option<crate::supervisor::VmOutcome>,
+    pub outcome: Option<crate::outcome::VmOutcome>,
 }
 
 /// Shared state of a running daemon.
@@ -121,7 +123,7 @@ impl Daemon {
         descriptor: &Descriptor,
     ) -> Result<Arc<FetchLink>, String> {
         let key = (order.pages, order.family);
-        let mut fetches = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fetches = lock(&self.fetches);
         if let Some(link) = fetches.get(&key).and_then(|(_, w)| w.upgrade()) {
             return Ok(link);
         }
@@ -149,28 +151,22 @@ impl Daemon {
         family: u64,
         faults: Arc<FaultHandler>,
     ) {
-        self.hollow
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
+        lock(&self.hollow).insert(
+            vm,
+            HollowRecord {
                 vm,
-                HollowRecord {
-                    vm,
-                    label: label.to_string(),
-                    family,
-                    faults: Some(faults),
-                    final_stats: None,
-                    outcome: None,
-                },
-            );
+                label: label.to_string(),
+                family,
+                faults: Some(faults),
+                final_stats: None,
+                outcome: None,
+            },
+        );
     }
 
     pub(crate) fn hollow_ended(&self, record: HollowRecord) {
-        self.hollow
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&record.vm);
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        lock(&self.hollow).remove(&record.vm);
+        let mut recent = lock(&self.recent);
         if recent.len() == RECENT_CLONES {
             recent.pop_front();
         }
@@ -179,10 +175,7 @@ impl Daemon {
 
     /// Fault counters of this host.
     pub(crate) fn local_stats(&self) -> HostStats {
-        let mut clones: Vec<CloneStatsEntry> = self
-            .hollow
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut clones: Vec<CloneStatsEntry> = lock(&self.hollow)
             .values()
             .map(|r| CloneStatsEntry {
                 vm: r.vm,
@@ -193,25 +186,16 @@ impl Daemon {
                 stats: r.faults.as_ref().map(|f| f.stats()).unwrap_or_default(),
             })
             .collect();
-        clones.extend(
-            self.recent
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .map(|r| CloneStatsEntry {
-                    vm: r.vm,
-                    label: r.label.clone(),
-                    family: r.family,
-                    running: false,
-                    outcome: r.outcome.clone(),
-                    stats: r.final_stats.clone().unwrap_or_default(),
-                }),
-        );
+        clones.extend(lock(&self.recent).iter().map(|r| CloneStatsEntry {
+            vm: r.vm,
+            label: r.label.clone(),
+            family: r.family,
+            running: false,
+            outcome: r.outcome.clone(),
+            stats: r.final_stats.clone().unwrap_or_default(),
+        }));
         clones.sort_by_key(|c| c.vm);
-        let families = self
-            .fetches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let families = lock(&self.fetches)
             .iter()
             .filter_map(|(&(_, family), (parent, weak))| {
                 weak.upgrade().map(|link| FamilyEntry {
