@@ -14,7 +14,7 @@ use crate::protocol::{
     HostVms,
 };
 use crate::remote::{Cluster, Plan, RemoteChild, RemoteGrant, RemoteLaunch};
-use crate::supervisor::{VmController, VmHandle};
+use crate::supervisor::{SupervisorError, VmController, VmHandle};
 use crate::sync::lock;
 use crate::wire;
 use snowflock_vmm::memory::MemoryImage;
@@ -192,6 +192,16 @@ async fn wait(daemon: &Arc<Daemon>, stream: &mut UnixStream, vm: u64) {
     }
 }
 
+/// Failure of cloning a running VM from outside. The capture's failure reads
+/// as it always has, so it is transparent.
+#[derive(Debug, thiserror::Error)]
+enum CloneVmError {
+    #[error("no free clone slots in the cluster")]
+    NoSlots,
+    #[error(transparent)]
+    Capture(SupervisorError),
+}
+
 /// Clones a running VM from outside: capture, then start the copies as
 /// new VMs of their own on this host.
 async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
@@ -218,7 +228,7 @@ async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
             }
         };
         if local == 0 && plan.remote.is_empty() {
-            return Err("no free clone slots in the cluster".to_string());
+            return Err(CloneVmError::NoSlots);
         }
         let paused = Instant::now();
         let captured = controller.capture();
@@ -227,7 +237,7 @@ async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
             Ok(c) => c,
             Err(e) => {
                 release_all(&d, plan);
-                return Err(error_chain(&e));
+                return Err(CloneVmError::Capture(e));
             }
         };
         let bytes = descriptor.encode().map(|b| b.len() as u64).unwrap_or(0);
@@ -267,7 +277,7 @@ async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
             descriptor_bytes,
             clones,
         },
-        Ok(Err(message)) => error(message),
+        Ok(Err(e)) => error(error_chain(&e)),
         Err(e) => error(format!("clone task failed: {e}")),
     }
 }

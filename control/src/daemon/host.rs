@@ -134,10 +134,7 @@ async fn handle(
             }
         }
         HostRequest::Release { reservation } => {
-            let slots = lock(session)
-                .reservations
-                .remove(&reservation)
-                .unwrap_or(0);
+            let slots = lock(session).reservations.remove(&reservation).unwrap_or(0);
             daemon.supervisor.release_slots(slots);
             HostResponse::Done
         }
@@ -218,7 +215,7 @@ fn launch(
         Ok(link) => link,
         Err(e) => {
             daemon.supervisor.release_slots(wanted);
-            return error(e);
+            return error(error_chain(&e));
         }
     };
     let mut vms = Vec::with_capacity(order.children.len());

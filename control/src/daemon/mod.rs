@@ -29,12 +29,11 @@ use tokio::sync::broadcast;
 use crate::config::DaemonConfig;
 use crate::console::LineSink;
 use crate::descriptor::Descriptor;
-use crate::error_chain;
 use crate::protocol::{CloneOrder, CloneStatsEntry, FamilyEntry, HostStats};
 use crate::supervisor::{Supervisor, SupervisorConfig};
 use crate::sync::lock;
 use links::Links;
-use memory::FetchLink;
+use memory::{FetchLink, FetchLinkError};
 
 /// Ended hollow clones kept for `sf stats`.
 const RECENT_CLONES: usize = 256;
@@ -121,7 +120,7 @@ impl Daemon {
         parent: &str,
         order: &CloneOrder,
         descriptor: &Descriptor,
-    ) -> Result<Arc<FetchLink>, String> {
+    ) -> Result<Arc<FetchLink>, FetchLinkError> {
         let key = (order.pages, order.family);
         let mut fetches = lock(&self.fetches);
         if let Some(link) = fetches.get(&key).and_then(|(_, w)| w.upgrade()) {
@@ -136,8 +135,7 @@ impl Daemon {
             &self.key,
             host::fetch_config(&self.config.limits),
             mcast,
-        )
-        .map_err(|e| error_chain(&e))?;
+        )?;
         let link = Arc::new(link);
         fetches.retain(|_, (_, w)| w.strong_count() > 0);
         fetches.insert(key, (parent.to_string(), Arc::downgrade(&link)));

@@ -15,7 +15,9 @@ use snowflock_dataplane::netdev;
 use snowflock_dataplane::xdp::{BusyPoll, XskConfig, ZeroCopy};
 use snowflock_ebpf::XdpMode;
 
-use crate::config::{DaemonConfig, Distribution, McdistSection, RxPath, XdpAttachMode};
+use crate::config::{
+    ConfigProblem, DaemonConfig, Distribution, McdistSection, RxPath, XdpAttachMode,
+};
 use crate::error_chain;
 use crate::protocol::{NetDevice, NetStatus, NetTune, XdpStatus};
 use crate::sync::{lock, read, write};
@@ -47,7 +49,7 @@ pub enum TuneError {
     #[error("{0} families are receiving pages; receive path settings change only while none is")]
     Busy(usize),
     #[error("invalid setting: {0}")]
-    Invalid(String),
+    Invalid(ConfigProblem),
     #[error("changing the NIC's {what} failed")]
     Nic {
         what: &'static str,
