@@ -5,9 +5,11 @@
 //! parent keeps running.
 //!
 //! This module is the front end: [`Supervisor`] starts VMs and answers
-//! questions about this host. A VM's thread ([`vm`]) serves its hypercalls
-//! ([`hypercalls`]), holds its tickets ([`tickets`]) and starts its clones
-//! ([`spawn`]); [`hollow`] runs clones whose memory lives on another host.
+//! questions about this host. A VM's thread (`vm`) serves its hypercalls
+//! (`hypercalls`), holds its tickets (`tickets`) and starts its clones
+//! (`spawn`); `hollow` runs clones whose memory lives on another host. What
+//! they all share is the host's state (`host`): slots and prepared VMs
+//! (`slots`), the running VMs and the clone reports.
 
 mod describe;
 mod error;
