@@ -5,8 +5,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::outcome::VmOutcome;
 use crate::protocol::{ApiRequest, ApiResponse, CloneSummary, HostStats};
-use crate::supervisor::VmOutcome;
 use crate::wire::{self, WireError};
 
 /// A failed API exchange.

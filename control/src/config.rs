@@ -44,7 +44,41 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     #[error("{path}: {problem}")]
-    Invalid { path: PathBuf, problem: String },
+    Invalid {
+        path: PathBuf,
+        problem: ConfigProblem,
+    },
+}
+
+/// A setting that is out of range or inconsistent with another.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigProblem {
+    #[error("host name {0:?} must be non-empty without '/' or spaces")]
+    HostName(String),
+    #[error("cluster member names must be unique")]
+    DuplicateMembers,
+    #[error("member {member} lists control address {listed} but this host listens on {listening}")]
+    ControlAddress {
+        member: String,
+        listed: SocketAddr,
+        listening: SocketAddr,
+    },
+    #[error("timeouts must be positive")]
+    Timeouts,
+    #[error("mcdist group_base {0} is not a multicast address")]
+    GroupBase(std::net::Ipv4Addr),
+    #[error("mcdist port and rx_port must be non-zero and differ")]
+    Ports,
+    #[error("mcdist mtu {0} is below 576")]
+    Mtu(u32),
+    #[error("mcdist rates need 0 < initial_rate <= max_rate")]
+    Rates,
+    #[error("mcdist max_in_flight must be at least 1")]
+    MaxInFlight,
+    #[error("mcdist send_threads must be 1 to {MAX_SEND_THREADS}")]
+    SendThreads,
+    #[error("mcdist {name} {size} must be a power of two >= 64")]
+    RingSize { name: &'static str, size: u32 },
 }
 
 /// Everything `sfd` reads from its configuration file.
@@ -314,42 +348,37 @@ impl McdistSection {
         std::net::Ipv4Addr::from(base | index)
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), ConfigProblem> {
         if !self.group_base.is_multicast() {
-            return Err(format!(
-                "mcdist group_base {} is not a multicast address",
-                self.group_base
-            ));
+            return Err(ConfigProblem::GroupBase(self.group_base));
         }
         if self.port == 0 || self.rx_port == 0 || self.port == self.rx_port {
-            return Err("mcdist port and rx_port must be non-zero and differ".into());
+            return Err(ConfigProblem::Ports);
         }
         if self.mtu != 0 && self.mtu < 576 {
-            return Err(format!("mcdist mtu {} is below 576", self.mtu));
+            return Err(ConfigProblem::Mtu(self.mtu));
         }
         if self.initial_rate == 0 || self.max_rate < self.initial_rate {
-            return Err("mcdist rates need 0 < initial_rate <= max_rate".into());
+            return Err(ConfigProblem::Rates);
         }
         if self.max_in_flight == 0 {
-            return Err("mcdist max_in_flight must be at least 1".into());
+            return Err(ConfigProblem::MaxInFlight);
         }
         if !(1..=MAX_SEND_THREADS).contains(&self.send_threads) {
-            return Err(format!(
-                "mcdist send_threads must be 1 to {MAX_SEND_THREADS}"
-            ));
+            return Err(ConfigProblem::SendThreads);
         }
         self.check_receive()
     }
 
     /// Checks the receive path settings (`sf net tune` changes them at run time).
-    pub fn check_receive(&self) -> Result<(), String> {
+    pub fn check_receive(&self) -> Result<(), ConfigProblem> {
         for (name, size) in [
             ("umem_frames", self.umem_frames),
             ("fill_ring", self.fill_ring),
             ("rx_ring", self.rx_ring),
         ] {
             if !size.is_power_of_two() || size < 64 {
-                return Err(format!("mcdist {name} {size} must be a power of two >= 64"));
+                return Err(ConfigProblem::RingSize { name, size });
             }
         }
         Ok(())
@@ -384,12 +413,9 @@ impl DaemonConfig {
         Ok(config)
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), ConfigProblem> {
         if self.host.name.is_empty() || self.host.name.contains(['/', ' ']) {
-            return Err(format!(
-                "host name {:?} must be non-empty without '/' or spaces",
-                self.host.name
-            ));
+            return Err(ConfigProblem::HostName(self.host.name.clone()));
         }
         let mut names: Vec<&str> = self
             .cluster
@@ -399,7 +425,7 @@ impl DaemonConfig {
             .collect();
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
-            return Err("cluster member names must be unique".into());
+            return Err(ConfigProblem::DuplicateMembers);
         }
         if let Some(me) = self
             .cluster
@@ -408,13 +434,14 @@ impl DaemonConfig {
             .find(|m| m.name == self.host.name)
             && me.control != self.listen.control
         {
-            return Err(format!(
-                "member {} lists control address {} but this host listens on {}",
-                me.name, me.control, self.listen.control
-            ));
+            return Err(ConfigProblem::ControlAddress {
+                member: me.name.clone(),
+                listed: me.control,
+                listening: self.listen.control,
+            });
         }
         if self.limits.fetch_timeout_ms == 0 || self.limits.peer_timeout_ms == 0 {
-            return Err("timeouts must be positive".into());
+            return Err(ConfigProblem::Timeouts);
         }
         self.mcdist.check()
     }
@@ -488,14 +515,26 @@ mod tests {
             "{base}members = [{{ name = \"a\", control = \"127.0.0.1:3\" }}, {{ name = \"a\", control = \"127.0.0.1:4\" }}]"
         );
         let config: DaemonConfig = toml::from_str(&dup).unwrap();
-        assert!(config.check().unwrap_err().contains("unique"));
+        assert!(config.check().unwrap_err().to_string().contains("unique"));
         let config: DaemonConfig =
             toml::from_str(&format!("{base}\n[mcdist]\nmax_in_flight = 0")).unwrap();
-        assert!(config.check().unwrap_err().contains("max_in_flight"));
+        assert!(
+            config
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("max_in_flight")
+        );
         for threads in [0, MAX_SEND_THREADS + 1] {
             let config: DaemonConfig =
                 toml::from_str(&format!("{base}\n[mcdist]\nsend_threads = {threads}")).unwrap();
-            assert!(config.check().unwrap_err().contains("send_threads"));
+            assert!(
+                config
+                    .check()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("send_threads")
+            );
         }
     }
 }

@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use snowflock_vmm::machine::ConsoleSink;
 
+use crate::sync::lock;
+
 /// Receives complete console lines (without the newline) and their VM label.
 pub type LineSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
@@ -33,7 +35,7 @@ pub fn labelled(label: String, sink: LineSink) -> (ConsoleSink, ConsoleFlush) {
         partial: partial.clone(),
     };
     let console: ConsoleSink = Arc::new(move |bytes: &[u8]| {
-        let mut buf = partial.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buf = lock(&partial);
         buf.extend_from_slice(bytes);
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
@@ -64,7 +66,7 @@ impl std::fmt::Debug for ConsoleFlush {
 
 impl ConsoleFlush {
     pub fn flush(&self) {
-        let mut buf = self.partial.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buf = lock(&self.partial);
         if !buf.is_empty() {
             (self.sink)(&self.label, &String::from_utf8_lossy(&buf));
             buf.clear();

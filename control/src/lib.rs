@@ -23,19 +23,25 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod child;
 pub mod client;
 pub mod config;
 pub mod console;
 pub mod daemon;
 pub mod descriptor;
+mod error_chain;
+pub mod outcome;
 pub mod protocol;
 pub mod remote;
 pub mod size;
 pub mod supervisor;
+mod sync;
 pub mod wire;
 
 pub use descriptor::{CaptureKind, Descriptor, DescriptorError};
+pub use error_chain::error_chain;
+pub use outcome::{ChildReport, CloneReport, VmOutcome};
 pub use supervisor::{
-    ChildReport, CloneReport, Supervisor, SupervisorConfig, SupervisorError, VmController,
-    VmHandle, VmInfo, VmOutcome, VmRole, error_chain,
+    CaptureError, DescribeError, Supervisor, SupervisorConfig, SupervisorError, VmController,
+    VmHandle, VmInfo, VmRole,
 };

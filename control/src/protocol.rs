@@ -10,7 +10,8 @@ use snowflock_dataplane::mcast::{McastServerStats, ReceiverStats};
 use snowflock_fault_handler::{CloneStats, FamilyStats};
 
 use crate::config::{Distribution, RxPath, XdpAttachMode};
-use crate::supervisor::{VmInfo, VmOutcome};
+use crate::outcome::VmOutcome;
+use crate::supervisor::VmInfo;
 
 /// A request from the CLI to its host's daemon. One per connection.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use snowflock_fault_handler::{CloneStats, Family};
 use snowflock_vmm::memory::MemoryImage;
 
+use crate::child::{ChildCell, RemoteTarget};
 use crate::descriptor::Descriptor;
-use crate::supervisor::{ChildCell, VmOutcome};
+use crate::outcome::VmOutcome;
 
 /// Clone slots reserved on another host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,13 +70,6 @@ pub trait Cluster: Send + Sync {
     fn kill(&self, host: &str, family: u64, child: u32);
 }
 
-/// Which remote clone a child cell stands for.
-pub(crate) struct RemoteTarget {
-    pub cluster: Arc<dyn Cluster>,
-    pub host: String,
-    pub family: u64,
-}
-
 /// The parent's view of one clone running on another host.
 #[derive(Clone)]
 pub struct RemoteChild(pub(crate) Arc<ChildCell>);
@@ -98,9 +92,11 @@ impl RemoteChild {
         family: u64,
     ) -> Self {
         let target = RemoteTarget {
-            cluster,
             host: host.to_string(),
-            family,
+            kill: Box::new({
+                let host = host.to_string();
+                move || cluster.kill(&host, family, id)
+            }),
         };
         Self(Arc::new(ChildCell::new(id, 0, label, Some(target))))
     }

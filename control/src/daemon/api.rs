@@ -8,12 +8,14 @@ use tokio::sync::{broadcast, watch};
 
 use crate::daemon::Daemon;
 use crate::descriptor::Descriptor;
+use crate::error_chain;
 use crate::protocol::{
     ApiRequest, ApiResponse, ChildSummary, CloneSummary, HostRequest, HostResponse, HostStats,
     HostVms,
 };
 use crate::remote::{Cluster, Plan, RemoteChild, RemoteGrant, RemoteLaunch};
-use crate::supervisor::{VmController, VmHandle, error_chain};
+use crate::supervisor::{SupervisorError, VmController, VmHandle};
+use crate::sync::lock;
 use crate::wire;
 use snowflock_vmm::memory::MemoryImage;
 
@@ -96,19 +98,15 @@ async fn start(
 fn register_root(daemon: &Arc<Daemon>, handle: VmHandle, label: String, mem_size: u64) {
     let vm = handle.id();
     let (done_tx, done) = watch::channel(None);
-    daemon
-        .roots
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            vm,
-            RootVm {
-                label,
-                mem_size,
-                controller: handle.controller(),
-                done,
-            },
-        );
+    lock(&daemon.roots).insert(
+        vm,
+        RootVm {
+            label,
+            mem_size,
+            controller: handle.controller(),
+            done,
+        },
+    );
     let d = Arc::downgrade(daemon);
     let waiter = std::thread::Builder::new()
         .name(format!("wait-vm{vm}"))
@@ -153,7 +151,7 @@ fn register_root(daemon: &Arc<Daemon>, handle: VmHandle, label: String, mem_size
 async fn wait(daemon: &Arc<Daemon>, stream: &mut UnixStream, vm: u64) {
     let mut lines = daemon.lines.subscribe();
     let root = {
-        let roots = daemon.roots.lock().unwrap_or_else(|p| p.into_inner());
+        let roots = lock(&daemon.roots);
         roots.get(&vm).map(|r| (r.label.clone(), r.done.clone()))
     };
     let Some((label, mut done)) = root else {
@@ -194,11 +192,21 @@ async fn wait(daemon: &Arc<Daemon>, stream: &mut UnixStream, vm: u64) {
     }
 }
 
+/// Failure of cloning a running VM from outside. The capture's failure reads
+/// as it always has, so it is transparent.
+#[derive(Debug, thiserror::Error)]
+enum CloneVmError {
+    #[error("no free clone slots in the cluster")]
+    NoSlots,
+    #[error(transparent)]
+    Capture(SupervisorError),
+}
+
 /// Clones a running VM from outside: capture, then start the copies as
 /// new VMs of their own on this host.
 async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
     let root = {
-        let roots = daemon.roots.lock().unwrap_or_else(|p| p.into_inner());
+        let roots = lock(&daemon.roots);
         roots.get(&vm).map(|r| (r.controller.clone(), r.mem_size))
     };
     let Some((controller, mem_size)) = root else {
@@ -220,7 +228,7 @@ async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
             }
         };
         if local == 0 && plan.remote.is_empty() {
-            return Err("no free clone slots in the cluster".to_string());
+            return Err(CloneVmError::NoSlots);
         }
         let paused = Instant::now();
         let captured = controller.capture();
@@ -229,7 +237,7 @@ async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
             Ok(c) => c,
             Err(e) => {
                 release_all(&d, plan);
-                return Err(error_chain(&e));
+                return Err(CloneVmError::Capture(e));
             }
         };
         let bytes = descriptor.encode().map(|b| b.len() as u64).unwrap_or(0);
@@ -269,7 +277,7 @@ async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
             descriptor_bytes,
             clones,
         },
-        Ok(Err(message)) => error(message),
+        Ok(Err(e)) => error(error_chain(&e)),
         Err(e) => error(format!("clone task failed: {e}")),
     }
 }
@@ -423,7 +431,7 @@ async fn net_tune(daemon: &Arc<Daemon>, tune: crate::protocol::NetTune) -> ApiRe
     match applied {
         Ok(Ok(status)) => ApiResponse::Net(Box::new(status)),
         Ok(Err(e)) => ApiResponse::Error {
-            message: crate::supervisor::error_chain(&e),
+            message: crate::error_chain(&e),
         },
         Err(e) => ApiResponse::Error {
             message: format!("tuning the network failed: {e}"),

@@ -17,9 +17,11 @@ use crate::daemon::links::handshake;
 use crate::daemon::memory::FetchLink;
 use crate::daemon::{Daemon, HollowRecord};
 use crate::descriptor::Descriptor;
+use crate::error_chain;
+use crate::outcome::VmOutcome;
 use crate::protocol::{CloneOrder, FromHost, HostRequest, HostResponse, ToHost};
 use crate::remote::{HollowEvents, HollowStart};
-use crate::supervisor::{VmOutcome, error_chain};
+use crate::sync::lock;
 use crate::wire::{self, Direction, FrameSealer};
 
 /// What one parent connection holds on this host.
@@ -89,7 +91,7 @@ pub async fn serve_peer(daemon: Arc<Daemon>, stream: TcpStream, peer: std::net::
     };
     tracing::info!(%parent, %reason, "control connection closed");
     let (unused, orphans) = {
-        let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&session);
         s.lost = Some(format!("parent host {parent} lost: {reason}"));
         let unused: u32 = std::mem::take(&mut s.reservations).values().sum();
         (unused, s.clones.values().copied().collect::<Vec<u64>>())
@@ -125,23 +127,14 @@ async fn handle(
                 daemon.supervisor.prepare(mem_size);
             }
             let reservation = daemon.fresh_id();
-            session
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .reservations
-                .insert(reservation, granted);
+            lock(session).reservations.insert(reservation, granted);
             HostResponse::Reserved {
                 reservation,
                 granted,
             }
         }
         HostRequest::Release { reservation } => {
-            let slots = session
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .reservations
-                .remove(&reservation)
-                .unwrap_or(0);
+            let slots = lock(session).reservations.remove(&reservation).unwrap_or(0);
             daemon.supervisor.release_slots(slots);
             HostResponse::Done
         }
@@ -157,12 +150,7 @@ async fn handle(
             })
         }
         HostRequest::KillClone { family, child } => {
-            let vm = session
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clones
-                .get(&(family, child))
-                .copied();
+            let vm = lock(session).clones.get(&(family, child)).copied();
             if let Some(vm) = vm {
                 daemon.supervisor.kill_vm(vm);
             }
@@ -195,7 +183,7 @@ fn launch(
 ) -> HostResponse {
     let error = |message: String| HostResponse::Error { message };
     let slots = {
-        let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(session);
         match s.reservations.remove(&reservation) {
             Some(slots) => slots,
             None => return error(format!("no reservation {reservation}")),
@@ -227,7 +215,7 @@ fn launch(
         Ok(link) => link,
         Err(e) => {
             daemon.supervisor.release_slots(wanted);
-            return error(e);
+            return error(error_chain(&e));
         }
     };
     let mut vms = Vec::with_capacity(order.children.len());
@@ -258,11 +246,7 @@ fn launch(
             })),
             events,
         });
-        session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clones
-            .insert((order.family, child), vm);
+        lock(session).clones.insert((order.family, child), vm);
         vms.push(vm);
     }
     HostResponse::Launched { vms }
@@ -295,7 +279,7 @@ impl HollowEvents for CloneEvents {
 
     fn ended(&self, vm: u64, outcome: VmOutcome, runtime: Duration, stats: CloneStats) {
         let outcome = {
-            let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            let mut session = lock(&self.session);
             session.clones.remove(&(self.family, self.child));
             match (outcome, &session.lost) {
                 (VmOutcome::Killed, Some(lost)) => VmOutcome::Failed(lost.clone()),

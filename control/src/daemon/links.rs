@@ -19,9 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{DaemonConfig, McdistSection, Member};
 use crate::daemon::memory::ImageStore;
+use crate::outcome::VmOutcome;
 use crate::protocol::{CloneOrder, FromHost, HostRequest, HostResponse, McastOrder, ToHost};
 use crate::remote::{Cluster, Plan, RemoteChild, RemoteGrant, RemoteLaunch};
-use crate::supervisor::VmOutcome;
+use crate::sync::lock;
 use crate::wire::{self, Direction, FrameSealer};
 
 /// Protocol context of the cluster-key handshake on control connections.
@@ -73,15 +74,8 @@ impl Link {
         let (tx, rx) = oneshot::channel();
         // The entry goes in before the closed check: `close` sets the reason
         // and then clears the entries, so no call waits on a dead link.
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
-        let closed = self
-            .closed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        lock(&self.pending).insert(id, tx);
+        let closed = lock(&self.closed).clone();
         let refused = match closed {
             Some(reason) => Some(reason),
             None => self
@@ -91,10 +85,7 @@ impl Link {
                 .map(|_| "connection closed".to_string()),
         };
         if let Some(reason) = refused {
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            lock(&self.pending).remove(&id);
             return Err(self.lost(reason));
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
@@ -104,17 +95,12 @@ impl Link {
             }),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(_)) => Err(self.lost(
-                self.closed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                lock(&self.closed)
                     .clone()
                     .unwrap_or_else(|| "connection closed".into()),
             )),
             Err(_) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                lock(&self.pending).remove(&id);
                 Err(LinkError::Timeout {
                     host: self.host.clone(),
                     timeout: REQUEST_TIMEOUT,
@@ -134,24 +120,15 @@ impl Link {
     /// running there is reported lost.
     fn close(&self, reason: String) {
         {
-            let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut closed = lock(&self.closed);
             if closed.is_some() {
                 return;
             }
             *closed = Some(reason.clone());
         }
         tracing::warn!(host = %self.host, %reason, "link to host closed");
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        let children: Vec<RemoteChild> = self
-            .children
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, c)| c)
-            .collect();
+        lock(&self.pending).clear();
+        let children: Vec<RemoteChild> = lock(&self.children).drain().map(|(_, c)| c).collect();
         for child in children {
             child.ended(
                 VmOutcome::Lost(format!("host {} lost: {reason}", self.host)),
@@ -163,12 +140,7 @@ impl Link {
     fn deliver(&self, msg: FromHost, lines: &crate::console::LineSink) {
         match msg {
             FromHost::Response { id, response } => {
-                if let Some(tx) = self
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id)
-                {
+                if let Some(tx) = lock(&self.pending).remove(&id) {
                     // The caller may have timed out and gone.
                     let _ = tx.send(response);
                 }
@@ -179,12 +151,7 @@ impl Link {
                 restore,
                 ..
             } => {
-                if let Some(c) = self
-                    .children
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&(family, child))
-                {
+                if let Some(c) = lock(&self.children).get(&(family, child)) {
                     c.started(restore);
                 }
             }
@@ -195,12 +162,7 @@ impl Link {
                 outcome,
                 runtime,
             } => {
-                if let Some(c) = self
-                    .children
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&(family, child))
-                {
+                if let Some(c) = lock(&self.children).remove(&(family, child)) {
                     c.ended(outcome, runtime);
                 }
             }
@@ -277,13 +239,13 @@ impl Links {
 
     /// Families served and their reference counts.
     pub fn served_families(&self) -> u32 {
-        self.served.lock().unwrap_or_else(|p| p.into_inner()).len() as u32
+        lock(&self.served).len() as u32
     }
 
     fn live_link(&self, host: &str) -> Option<Arc<Link>> {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let open = lock(&self.open);
         open.get(host)
-            .filter(|l| l.closed.lock().unwrap_or_else(|p| p.into_inner()).is_none())
+            .filter(|l| lock(&l.closed).is_none())
             .cloned()
     }
 
@@ -301,10 +263,7 @@ impl Links {
             .find(|m| m.name == host)
             .ok_or_else(|| LinkError::UnknownHost(host.to_string()))?;
         let link = self.connect(member).await?;
-        self.open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(host.to_string(), link.clone());
+        lock(&self.open).insert(host.to_string(), link.clone());
         Ok(link)
     }
 
@@ -371,7 +330,7 @@ impl Links {
                 {
                     Ok(Ok(msg)) => reader_link.deliver(msg, &lines),
                     Ok(Err(e)) => {
-                        reader_link.close(crate::supervisor::error_chain(&e));
+                        reader_link.close(crate::error_chain(&e));
                         break;
                     }
                     Err(_) => {
@@ -387,13 +346,7 @@ impl Links {
             loop {
                 tick.tick().await;
                 let Some(link) = pinger.upgrade() else { break };
-                if link
-                    .closed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_some()
-                    || link.out.send(ToHost::Ping).is_err()
-                {
+                if lock(&link.closed).is_some() || link.out.send(ToHost::Ping).is_err() {
                     break;
                 }
             }
@@ -416,7 +369,7 @@ impl Links {
                     0
                 }
                 Err(e) => {
-                    tracing::warn!(host = %m.name, "no capacity from host: {}", crate::supervisor::error_chain(&e));
+                    tracing::warn!(host = %m.name, "no capacity from host: {}", crate::error_chain(&e));
                     0
                 }
             };
@@ -452,7 +405,7 @@ impl Links {
                 }),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(%host, "reserving slots failed: {}", crate::supervisor::error_chain(&e))
+                    tracing::warn!(%host, "reserving slots failed: {}", crate::error_chain(&e))
                 }
             }
         }
@@ -508,7 +461,7 @@ impl Cluster for Links {
     }
 
     fn serve_image(&self, family: u64, image: Arc<MemoryImage>) {
-        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        let mut served = lock(&self.served);
         let entry = served.entry(family).or_insert_with(|| {
             let store: Arc<ImageStore> = Arc::new(ImageStore(image));
             self.memory.register(family, store.clone());
@@ -527,7 +480,7 @@ impl Cluster for Links {
     }
 
     fn retire_image(&self, family: u64) {
-        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        let mut served = lock(&self.served);
         if let Some(entry) = served.get_mut(&family) {
             entry.users -= 1;
             if entry.users == 0 {
@@ -543,10 +496,7 @@ impl Cluster for Links {
     fn launch(&self, grant: RemoteGrant, launch: RemoteLaunch) {
         let link = self.live_link(&grant.host);
         let pages = self.pages_addr;
-        let mcdist = self
-            .served
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let mcdist = lock(&self.served)
             .get(&launch.descriptor.family)
             .and_then(|served| served.mcast);
         self.rt.spawn(async move {
@@ -562,13 +512,13 @@ impl Cluster for Links {
             let descriptor = match launch.descriptor.encode() {
                 Ok(bytes) => bytes,
                 Err(e) => {
-                    fail(&launch.children, crate::supervisor::error_chain(&e));
+                    fail(&launch.children, crate::error_chain(&e));
                     return;
                 }
             };
             let family = launch.descriptor.family;
             {
-                let mut children = link.children.lock().unwrap_or_else(|p| p.into_inner());
+                let mut children = lock(&link.children);
                 for child in &launch.children {
                     children.insert((family, child.id()), child.clone());
                 }
@@ -593,8 +543,8 @@ impl Cluster for Links {
                 })
                 .await;
             if let Err(e) = answer {
-                let reason = crate::supervisor::error_chain(&e);
-                let mut children = link.children.lock().unwrap_or_else(|p| p.into_inner());
+                let reason = crate::error_chain(&e);
+                let mut children = lock(&link.children);
                 for child in &launch.children {
                     children.remove(&(family, child.id()));
                     child.ended(

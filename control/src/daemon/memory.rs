@@ -42,10 +42,7 @@ impl PageSource for ClientSource {
         match self.0.get() {
             Some(client) => {
                 if let Err(e) = client.request(pages) {
-                    tracing::warn!(
-                        "page request failed: {}",
-                        crate::supervisor::error_chain(&e)
-                    );
+                    tracing::warn!("page request failed: {}", crate::error_chain(&e));
                 }
             }
             None => tracing::error!("page request before the page client connected"),

@@ -30,9 +30,10 @@ use crate::config::DaemonConfig;
 use crate::console::LineSink;
 use crate::descriptor::Descriptor;
 use crate::protocol::{CloneOrder, CloneStatsEntry, FamilyEntry, HostStats};
-use crate::supervisor::{Supervisor, SupervisorConfig, error_chain};
+use crate::supervisor::{Supervisor, SupervisorConfig};
+use crate::sync::lock;
 use links::Links;
-use memory::FetchLink;
+use memory::{FetchLink, FetchLinkError};
 
 /// Ended hollow clones kept for `sf stats`.
 const RECENT_CLONES: usize = 256;
@@ -79,7 +80,7 @@ pub struct HollowRecord {
     pub faults: Option<Arc<FaultHandler>>,
     pub final_stats: Option<CloneStats>,
     /// How it ended, once it has.
-    pub outcome: Option<crate::supervisor::VmOutcome>,
+    pub outcome: Option<crate::outcome::VmOutcome>,
 }
 
 /// Shared state of a running daemon.
@@ -119,9 +120,9 @@ impl Daemon {
         parent: &str,
         order: &CloneOrder,
         descriptor: &Descriptor,
-    ) -> Result<Arc<FetchLink>, String> {
+    ) -> Result<Arc<FetchLink>, FetchLinkError> {
         let key = (order.pages, order.family);
-        let mut fetches = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fetches = lock(&self.fetches);
         if let Some(link) = fetches.get(&key).and_then(|(_, w)| w.upgrade()) {
             return Ok(link);
         }
@@ -134,8 +135,7 @@ impl Daemon {
             &self.key,
             host::fetch_config(&self.config.limits),
             mcast,
-        )
-        .map_err(|e| error_chain(&e))?;
+        )?;
         let link = Arc::new(link);
         fetches.retain(|_, (_, w)| w.strong_count() > 0);
         fetches.insert(key, (parent.to_string(), Arc::downgrade(&link)));
@@ -149,28 +149,22 @@ impl Daemon {
         family: u64,
         faults: Arc<FaultHandler>,
     ) {
-        self.hollow
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
+        lock(&self.hollow).insert(
+            vm,
+            HollowRecord {
                 vm,
-                HollowRecord {
-                    vm,
-                    label: label.to_string(),
-                    family,
-                    faults: Some(faults),
-                    final_stats: None,
-                    outcome: None,
-                },
-            );
+                label: label.to_string(),
+                family,
+                faults: Some(faults),
+                final_stats: None,
+                outcome: None,
+            },
+        );
     }
 
     pub(crate) fn hollow_ended(&self, record: HollowRecord) {
-        self.hollow
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&record.vm);
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        lock(&self.hollow).remove(&record.vm);
+        let mut recent = lock(&self.recent);
         if recent.len() == RECENT_CLONES {
             recent.pop_front();
         }
@@ -179,10 +173,7 @@ impl Daemon {
 
     /// Fault counters of this host.
     pub(crate) fn local_stats(&self) -> HostStats {
-        let mut clones: Vec<CloneStatsEntry> = self
-            .hollow
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut clones: Vec<CloneStatsEntry> = lock(&self.hollow)
             .values()
             .map(|r| CloneStatsEntry {
                 vm: r.vm,
@@ -193,25 +184,16 @@ impl Daemon {
                 stats: r.faults.as_ref().map(|f| f.stats()).unwrap_or_default(),
             })
             .collect();
-        clones.extend(
-            self.recent
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .map(|r| CloneStatsEntry {
-                    vm: r.vm,
-                    label: r.label.clone(),
-                    family: r.family,
-                    running: false,
-                    outcome: r.outcome.clone(),
-                    stats: r.final_stats.clone().unwrap_or_default(),
-                }),
-        );
+        clones.extend(lock(&self.recent).iter().map(|r| CloneStatsEntry {
+            vm: r.vm,
+            label: r.label.clone(),
+            family: r.family,
+            running: false,
+            outcome: r.outcome.clone(),
+            stats: r.final_stats.clone().unwrap_or_default(),
+        }));
         clones.sort_by_key(|c| c.vm);
-        let families = self
-            .fetches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let families = lock(&self.fetches)
             .iter()
             .filter_map(|(&(_, family), (parent, weak))| {
                 weak.upgrade().map(|link| FamilyEntry {

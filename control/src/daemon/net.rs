@@ -15,9 +15,12 @@ use snowflock_dataplane::netdev;
 use snowflock_dataplane::xdp::{BusyPoll, XskConfig, ZeroCopy};
 use snowflock_ebpf::XdpMode;
 
-use crate::config::{DaemonConfig, Distribution, McdistSection, RxPath, XdpAttachMode};
+use crate::config::{
+    ConfigProblem, DaemonConfig, Distribution, McdistSection, RxPath, XdpAttachMode,
+};
+use crate::error_chain;
 use crate::protocol::{NetDevice, NetStatus, NetTune, XdpStatus};
-use crate::supervisor::error_chain;
+use crate::sync::{lock, read, write};
 
 /// A failure to start the host's page transport.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +49,7 @@ pub enum TuneError {
     #[error("{0} families are receiving pages; receive path settings change only while none is")]
     Busy(usize),
     #[error("invalid setting: {0}")]
-    Invalid(String),
+    Invalid(ConfigProblem),
     #[error("changing the NIC's {what} failed")]
     Nic {
         what: &'static str,
@@ -142,7 +145,7 @@ impl NetPlane {
         .map_err(NetError::Server)?;
         plane.server = Some(Arc::new(server));
         let active = plane.start_receiver(&settings)?;
-        *plane.receiver.write().unwrap_or_else(|p| p.into_inner()) = Some(active);
+        *write(&plane.receiver) = Some(active);
         tracing::info!(
             interface = %plane.interface,
             mtu,
@@ -242,30 +245,16 @@ impl NetPlane {
 
     /// The receiver new families join, when this host distributes by mcdist.
     pub fn receiver(&self) -> Option<Arc<McastReceiver>> {
-        self.receiver
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|a| a.receiver.clone())
+        read(&self.receiver).as_ref().map(|a| a.receiver.clone())
     }
 
     fn rx_path_name(&self) -> &'static str {
-        path_name(
-            self.receiver
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref(),
-        )
+        path_name(read(&self.receiver).as_ref())
     }
 
     /// Stops receiving: detaches the XDP program and closes the sockets.
     pub fn shutdown(&self) {
-        if let Some(active) = self
-            .receiver
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(active) = write(&self.receiver).take() {
             active.receiver.shutdown();
         }
         if let Some(server) = &self.server {
@@ -275,11 +264,7 @@ impl NetPlane {
 
     /// What `sf net show` prints.
     pub fn status(&self, families_serving: u32) -> NetStatus {
-        let settings = self
-            .settings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let settings = lock(&self.settings).clone();
         let device = (!self.interface.is_empty())
             .then(|| netdev::query(&self.interface).ok())
             .flatten()
@@ -307,7 +292,7 @@ impl NetPlane {
                     netdev::XdpAttachment::Unrecognized => "attached, mode unknown".into(),
                 },
             });
-        let guard = self.receiver.read().unwrap_or_else(|p| p.into_inner());
+        let guard = read(&self.receiver);
         let rx_path = path_name(guard.as_ref());
         let (rx, xdp, fallback, receiving) = match guard.as_ref() {
             Some(active) => {
@@ -368,7 +353,7 @@ impl NetPlane {
     /// settings restart the receiver, which only happens while no family is
     /// receiving (their clones hold the current one).
     pub fn tune(&self, tune: &NetTune) -> Result<(), TuneError> {
-        let mut settings = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut settings = lock(&self.settings);
         if settings.distribution == Distribution::Unicast {
             return Err(TuneError::Unicast);
         }
@@ -423,7 +408,7 @@ impl NetPlane {
             return Ok(());
         }
         next.check_receive().map_err(TuneError::Invalid)?;
-        let mut slot = self.receiver.write().unwrap_or_else(|p| p.into_inner());
+        let mut slot = write(&self.receiver);
         if let Some(active) = slot.as_ref() {
             let families = active.receiver.family_count();
             if families > 0 {

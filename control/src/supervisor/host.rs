@@ -1,0 +1,81 @@
+//! The state of this host that the supervisor's front end and every VM
+//! thread share: the hypervisor, the launcher thread, clone slots and
+//! prepared VMs, the registry of running VMs and the clone reports.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use snowflock_vmm::background::Worker;
+use snowflock_vmm::machine::PreparedVm;
+use snowflock_vmm::{Hypervisor, VcpuKicker};
+
+use super::slots::{Slots, WarmPool};
+use super::{SupervisorConfig, VmRole};
+use crate::outcome::CloneReport;
+
+pub(super) struct HostState {
+    pub(super) hv: Arc<dyn Hypervisor>,
+    /// Starts clones' threads and prepares VMs off the parents' vCPU threads.
+    pub(super) launcher: Worker,
+    warm: Arc<WarmPool>,
+    pub(super) config: SupervisorConfig,
+    pub(super) slots: Slots,
+    next_vm: AtomicU64,
+    next_id: AtomicU64,
+    pub(super) reports: Mutex<Vec<CloneReport>>,
+    /// Every VM running on this host.
+    pub(super) vms: Mutex<HashMap<u64, VmEntry>>,
+}
+
+/// A running VM, as [`super::Supervisor::vms`] lists it.
+pub(super) struct VmEntry {
+    pub(super) label: String,
+    pub(super) role: VmRole,
+    pub(super) mem_size: u64,
+    pub(super) started: Instant,
+    pub(super) kill: Arc<AtomicBool>,
+    pub(super) kicker: Arc<dyn VcpuKicker>,
+}
+
+impl HostState {
+    pub(super) fn new(hv: Arc<dyn Hypervisor>, config: SupervisorConfig) -> Self {
+        Self {
+            warm: Arc::new(WarmPool::new(hv.clone(), config.clone_limit)),
+            slots: Slots::new(config.clone_limit),
+            hv,
+            launcher: Worker::start("sf-launcher", false),
+            config,
+            next_vm: AtomicU64::new(1),
+            next_id: AtomicU64::new(1),
+            reports: Mutex::new(Vec::new()),
+            vms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A new VM id, unique on this host.
+    pub(super) fn fresh_vm(&self) -> u64 {
+        self.next_vm.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A new ticket or checkpoint id, unique on this host.
+    pub(super) fn fresh_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Up to `n` prepared VMs for `mem_size` bytes of memory.
+    pub(super) fn take_warm(&self, mem_size: u64, n: usize) -> Vec<PreparedVm> {
+        self.warm.take(mem_size, n)
+    }
+
+    /// Tops up the prepared VMs for `mem_size` on the launcher.
+    pub(super) fn warm_up(&self, mem_size: u64) {
+        self.warm.top_up(&self.launcher, mem_size);
+    }
+
+    /// Prepared VMs of all memory sizes.
+    pub(super) fn warm_vms(&self) -> usize {
+        self.warm.len()
+    }
+}

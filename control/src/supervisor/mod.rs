@@ -1,0 +1,259 @@
+//! Local clone orchestration: every VM runs on its own thread; the VM's
+//! control-plane hypercalls (tickets, clone, checkpoint, join, kill) are
+//! served here. Children are restored from the parent's descriptor onto
+//! copy-on-write views of its frozen memory, each on its own thread, while the
+//! parent keeps running.
+//!
+//! This module is the front end: [`Supervisor`] starts VMs and answers
+//! questions about this host. A VM's thread (`vm`) serves its hypercalls
+//! (`hypercalls`), holds its tickets (`tickets`) and starts its clones
+//! (`spawn`); `hollow` runs clones whose memory lives on another host. What
+//! they all share is the host's state (`host`): slots and prepared VMs
+//! (`slots`), the running VMs and the clone reports.
+
+mod describe;
+mod error;
+mod handle;
+mod hollow;
+mod host;
+mod hypercalls;
+mod slots;
+mod spawn;
+mod tickets;
+mod vm;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use snowflock_vmm::{Hypervisor, Machine, MachineConfig};
+
+pub use self::error::{CaptureError, DescribeError, SupervisorError};
+pub use self::handle::{VmController, VmHandle};
+use self::host::HostState;
+use self::vm::VmContext;
+use crate::console::{ConsoleFlush, LineSink, labelled};
+use crate::descriptor::Descriptor;
+use crate::outcome::CloneReport;
+use crate::remote::Cluster;
+use crate::sync::lock;
+use snowflock_vmm::memory::MemoryImage;
+
+/// Settings of a local supervisor.
+#[derive(Clone)]
+pub struct SupervisorConfig {
+    /// Clone slots on this host: at most this many clones run at once.
+    pub clone_limit: u32,
+    /// Where VM console lines go.
+    pub lines: LineSink,
+    /// If set, every captured descriptor is also written here.
+    pub descriptor_dir: Option<PathBuf>,
+    /// Other hosts that take clones; `None` keeps every clone on this host.
+    pub cluster: Option<Arc<dyn Cluster>>,
+}
+
+impl std::fmt::Debug for SupervisorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorConfig")
+            .field("clone_limit", &self.clone_limit)
+            .field("descriptor_dir", &self.descriptor_dir)
+            .field("cluster", &self.cluster.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a VM came to run on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmRole {
+    /// Started from an image or a descriptor.
+    Root,
+    /// A clone of a VM on this host, on copy-on-write views of its memory.
+    Clone,
+    /// A clone of a VM on another host, its memory fetched on demand.
+    Hollow,
+}
+
+/// One running VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub vm: u64,
+    pub label: String,
+    pub role: VmRole,
+    pub mem_size: u64,
+    pub uptime: Duration,
+}
+
+/// Runs VMs on this host and serves their clone requests.
+#[derive(Clone)]
+pub struct Supervisor {
+    host: Arc<HostState>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("config", &self.host.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Supervisor {
+    pub fn new(hv: Arc<dyn Hypervisor>, config: SupervisorConfig) -> Self {
+        Self {
+            host: Arc::new(HostState::new(hv, config)),
+        }
+    }
+
+    /// Boots `image` and runs it on a new thread.
+    pub fn launch(
+        &self,
+        image: &[u8],
+        mem_size: u64,
+        cmdline: &str,
+    ) -> Result<VmHandle, SupervisorError> {
+        self.launch_labelled(image, mem_size, cmdline, |_| String::new())
+    }
+
+    /// Like [`Supervisor::launch`], with console lines labelled by
+    /// `label(vm id)`; clones extend the label with their number.
+    pub fn launch_labelled(
+        &self,
+        image: &[u8],
+        mem_size: u64,
+        cmdline: &str,
+        label: impl FnOnce(u64) -> String,
+    ) -> Result<VmHandle, SupervisorError> {
+        let vm = self.host.fresh_vm();
+        let label = label(vm);
+        let (console, flush) = labelled(label.clone(), self.host.config.lines.clone());
+        let config = MachineConfig {
+            mem_size,
+            cmdline: cmdline.to_string(),
+            console,
+        };
+        let machine =
+            Machine::boot(self.host.hv.as_ref(), image, &config).map_err(SupervisorError::Start)?;
+        self.host.warm_up(mem_size);
+        Ok(self.spawn_root(vm, machine, flush, 0, label))
+    }
+
+    /// Starts a new VM from `descriptor` on a private view of `image`.
+    pub fn resume(
+        &self,
+        descriptor: &Descriptor,
+        image: &Arc<MemoryImage>,
+    ) -> Result<VmHandle, SupervisorError> {
+        self.resume_labelled(descriptor, image, |vm| format!("vm {vm}"))
+    }
+
+    /// Like [`Supervisor::resume`], with console lines labelled by `label(vm id)`.
+    pub fn resume_labelled(
+        &self,
+        descriptor: &Descriptor,
+        image: &Arc<MemoryImage>,
+        label: impl FnOnce(u64) -> String,
+    ) -> Result<VmHandle, SupervisorError> {
+        let vm = self.host.fresh_vm();
+        let label = label(vm);
+        let (console, flush) = labelled(label.clone(), self.host.config.lines.clone());
+        let machine = Machine::restore(self.host.hv.as_ref(), &descriptor.machine, image, console)
+            .map_err(SupervisorError::Start)?;
+        self.host.warm_up(descriptor.machine.mem_size);
+        Ok(self.spawn_root(vm, machine, flush, descriptor.generation, label))
+    }
+
+    fn spawn_root(
+        &self,
+        vm: u64,
+        machine: Machine,
+        flush: ConsoleFlush,
+        generation: u32,
+        label: String,
+    ) -> VmHandle {
+        let (control, requests) = mpsc::channel();
+        let kill = Arc::new(AtomicBool::new(false));
+        let kicker = machine.kicker();
+        let ctx = VmContext::new(
+            self.host.clone(),
+            vm,
+            label,
+            false,
+            kill.clone(),
+            flush,
+            generation,
+        )
+        .with_requests(requests);
+        let thread = std::thread::Builder::new()
+            .name(format!("vm{vm}"))
+            .spawn(move || ctx.drive(machine))
+            .expect("spawning a VM thread");
+        VmHandle {
+            vm,
+            thread,
+            control,
+            kicker,
+            kill,
+        }
+    }
+
+    /// Clone operations so far, oldest first (each complete once joined).
+    pub fn reports(&self) -> Vec<CloneReport> {
+        lock(&self.host.reports).clone()
+    }
+
+    /// VMs prepared ahead of clone points (all memory sizes).
+    pub fn warm_vms(&self) -> usize {
+        self.host.warm_vms()
+    }
+
+    /// The VMs running on this host, by id.
+    pub fn vms(&self) -> Vec<VmInfo> {
+        let mut list: Vec<VmInfo> = lock(&self.host.vms)
+            .iter()
+            .map(|(&vm, e)| VmInfo {
+                vm,
+                label: e.label.clone(),
+                role: e.role,
+                mem_size: e.mem_size,
+                uptime: e.started.elapsed(),
+            })
+            .collect();
+        list.sort_by_key(|v| v.vm);
+        list
+    }
+
+    /// Ends VM `vm` (and its clones); false if no such VM runs.
+    pub fn kill_vm(&self, vm: u64) -> bool {
+        let vms = lock(&self.host.vms);
+        let Some(entry) = vms.get(&vm) else {
+            return false;
+        };
+        entry.kill.store(true, Ordering::Release);
+        entry.kicker.kick();
+        true
+    }
+
+    /// Reserves up to `wanted` clone slots for clones coming from another
+    /// host; returns how many it got.
+    pub fn reserve_slots(&self, wanted: u32) -> u32 {
+        self.host.slots.reserve(wanted)
+    }
+
+    /// Returns slots reserved with [`Supervisor::reserve_slots`] that will not be used.
+    pub fn release_slots(&self, slots: u32) {
+        self.host.slots.release(slots);
+    }
+
+    /// Prepares VMs for clones of `mem_size` bytes ahead of their arrival.
+    pub fn prepare(&self, mem_size: u64) {
+        self.host.warm_up(mem_size);
+    }
+
+    /// Clone slots currently reserved.
+    pub fn slots_in_use(&self) -> u32 {
+        self.host.slots.in_use()
+    }
+}
