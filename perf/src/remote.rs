@@ -1,5 +1,5 @@
 //! Scenarios with clones on other hosts: real `sfd` daemons in
-//! network-namespace hosts (`snowflock_tools::cluster`), jobs started
+//! network-namespace hosts (`snowflock_testkit`), jobs started
 //! through the local API, figures from the daemons' clone reports and fault
 //! counters.
 //!
@@ -23,12 +23,11 @@ use snowflock_control::console::LineSink;
 use snowflock_control::daemon::memory::LocalImageSource;
 use snowflock_control::protocol::CloneSummary;
 use snowflock_control::remote::{
-    Cluster as ClusterTrait, HollowEvents, HollowStart, Plan, RemoteChild, RemoteGrant,
-    RemoteLaunch,
+    Cluster, HollowEvents, HollowStart, Plan, RemoteChild, RemoteGrant, RemoteLaunch,
 };
 use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_fault_handler::{CloneStats, FaultHandler, FetchConfig};
-use snowflock_tools::cluster::{Cluster, ClusterSpec};
+use snowflock_testkit::{ClusterSpec, NetnsCluster};
 use snowflock_vmm::KvmHypervisor;
 use snowflock_vmm::memory::MemoryImage;
 
@@ -54,7 +53,7 @@ pub(crate) fn up(
     slots: u32,
     limits: &[(&str, toml::Value)],
     mcdist: &[(&str, toml::Value)],
-) -> Result<(Cluster, tempfile::TempDir)> {
+) -> Result<(NetnsCluster, tempfile::TempDir)> {
     let dir = tempfile::tempdir().context("creating a cluster directory")?;
     let mut spec = ClusterSpec::new(hosts, dir.path(), &setup.sfd);
     spec.clone_slots = slots;
@@ -65,7 +64,7 @@ pub(crate) fn up(
     for (key, value) in mcdist {
         spec.mcdist.insert((*key).to_string(), value.clone());
     }
-    let cluster = Cluster::up(spec).context("starting the test cluster")?;
+    let cluster = NetnsCluster::up(spec).context("starting the test cluster")?;
     Ok((cluster, dir))
 }
 
@@ -168,7 +167,7 @@ impl HollowEvents for LoopbackChild {
     }
 }
 
-impl ClusterTrait for LoopbackCluster {
+impl Cluster for LoopbackCluster {
     fn plan(&self, wanted: u32, _mem_size: u64, _local_free: u32) -> Plan {
         Plan {
             local: 0,

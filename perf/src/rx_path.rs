@@ -46,7 +46,7 @@ use snowflock_dataplane::server::PageStore;
 use snowflock_dataplane::xdp::XskConfig;
 use snowflock_ebpf::{AttachConfig, McdistXdp, XdpMode};
 use snowflock_fault_handler::{AvoidMap, Family, FaultHandler, FetchConfig, PageSource, ceiling};
-use snowflock_tools::cluster::{Cluster, ClusterSpec, enter_netns};
+use snowflock_testkit::{ClusterSpec, NetnsCluster, enter_netns};
 
 use crate::record::Sink;
 use crate::remote::{default_sfd, emit};
@@ -473,7 +473,7 @@ pub fn run(
     spec.log_filter = "warn".into();
     spec.mcdist
         .insert("distribution".into(), toml::Value::String("unicast".into()));
-    let cluster = Cluster::up(spec).context("starting two netns hosts")?;
+    let cluster = NetnsCluster::up(spec).context("starting two netns hosts")?;
     if mtu != 1500 {
         cluster.set_mtu(mtu).context("setting the MTU")?;
     }
