@@ -33,6 +33,7 @@ use snowflock_vmm::memory::MemoryImage;
 
 use crate::record::{Record, Sink};
 use crate::stats::Summary;
+use crate::sync::lock;
 
 /// Where the daemons come from and how often to measure.
 #[derive(Debug, Clone)]
@@ -159,10 +160,7 @@ impl HollowEvents for LoopbackChild {
     }
 
     fn ended(&self, _vm: u64, outcome: VmOutcome, runtime: Duration, stats: CloneStats) {
-        self.stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(stats);
+        lock(&self.stats).push(stats);
         self.child.ended(outcome, runtime);
     }
 }
@@ -182,25 +180,16 @@ impl Cluster for LoopbackCluster {
     fn release(&self, _grant: RemoteGrant) {}
 
     fn serve_image(&self, family: u64, image: Arc<MemoryImage>) {
-        self.images
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((family, image));
+        lock(&self.images).push((family, image));
     }
 
     fn retire_image(&self, family: u64) {
-        self.images
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(f, _)| *f != family);
+        lock(&self.images).retain(|(f, _)| *f != family);
     }
 
     fn launch(&self, _grant: RemoteGrant, launch: RemoteLaunch) {
         let family_id = launch.descriptor.family;
-        let image = self
-            .images
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let image = lock(&self.images)
             .iter()
             .find(|(f, _)| *f == family_id)
             .map(|(_, i)| i.clone());
@@ -260,9 +249,7 @@ fn collected_lines() -> (LineSink, Arc<Mutex<Vec<String>>>) {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let kept = lines.clone();
     let sink: LineSink = Arc::new(move |_, line: &str| {
-        kept.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(line.to_string());
+        lock(&kept).push(line.to_string());
     });
     (sink, lines)
 }
@@ -300,12 +287,8 @@ fn local_fault_latency(pages: u32) -> Result<(CloneStats, Vec<String>)> {
     if outcome != VmOutcome::Exited(0) {
         bail!("local touch job ended {outcome:?}");
     }
-    let stats = loopback
-        .stats
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .pop();
-    let lines = lines.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let stats = lock(&loopback.stats).pop();
+    let lines = lock(&lines).clone();
     Ok((
         stats.context("the local hollow clone reported no stats")?,
         lines,
@@ -471,7 +454,7 @@ fn local_job_ms(clones: u32) -> Result<f64> {
     let image = snowflock_guest::images::by_name("seqsearch").context("seqsearch image")?;
     let vm = supervisor.launch(image, 512 << 20, &seqsearch_args(clones))?;
     let outcome = vm.wait();
-    let lines = lines.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let lines = lock(&lines).clone();
     if outcome != VmOutcome::Exited(0) {
         bail!("local seqsearch ended {outcome:?}:\n{}", lines.join("\n"));
     }

@@ -50,6 +50,7 @@ use snowflock_testkit::{ClusterSpec, NetnsCluster, enter_netns};
 
 use crate::record::Sink;
 use crate::remote::{default_sfd, emit};
+use crate::sync::lock;
 
 const PORT: u16 = 7173;
 const GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 1);
@@ -172,7 +173,7 @@ fn install_all(family: Arc<Family>, pages: u64) -> Result<f64> {
             pages * 4096,
             AvoidMap::none(pages).context("an empty avoidance map")?,
             Arc::new(move |e| {
-                *noted.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                *lock(&noted) = Some(e.to_string());
             }),
         )
     }
@@ -185,7 +186,7 @@ fn install_all(family: Arc<Family>, pages: u64) -> Result<f64> {
         if handler.stats().pages_fetched >= pages {
             break start.elapsed();
         }
-        if let Some(why) = failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(why) = lock(&failure).clone() {
             handler.close();
             bail!("installing failed: {why}");
         }
