@@ -24,9 +24,9 @@ const LOG_TAIL_LINES: usize = 20;
 
 /// A running cluster, owned by this process.
 ///
-/// Dropping it tears it down like [`NetnsCluster::down`] (printing failures to stderr) unless it was
-/// [detached](NetnsCluster::detach). Host indices in this API are positions in [`NetnsCluster::hosts`]:
-/// index 0 is `h1`.
+/// Dropping it tears it down like [`NetnsCluster::down`] (printing failures to stderr) unless it
+/// was [detached](NetnsCluster::detach). Host indices in this API are positions in
+/// [`NetnsCluster::hosts`]: index 0 is `h1`.
 #[derive(Debug)]
 pub struct NetnsCluster {
     record: ClusterRecord,

@@ -54,9 +54,10 @@
 //!    anything but empty or `0`, each `DIR/h{i}/sfd.log` is kept. `DIR` itself is removed if
 //!    that leaves it empty; nothing else in `DIR` is touched.
 //!
-//! `down` carries on past failures and reports them all at the end. Dropping a [`NetnsCluster`]
-//! without calling `down` (an early return, a panicking test) runs the same teardown and
-//! prints failures to stderr; [`NetnsCluster::detach`] is the only way to leave a cluster running.
+//! `down` carries on past failures and reports them all at the end. Dropping a
+//! [`NetnsCluster`] without calling `down` (an early return, a panicking test) runs the same
+//! teardown and prints failures to stderr; [`NetnsCluster::detach`] is the only way to leave a
+//! cluster running.
 //! A process killed outright (SIGKILL, Ctrl-C on a test run) runs no destructor: run
 //! `sf cluster down --dir DIR` (it reads `cluster.json`), or `sf cluster down --prefix P`.
 //!

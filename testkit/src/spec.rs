@@ -13,7 +13,8 @@ use crate::record::{ClusterRecord, MAX_HOSTS};
 pub const DEFAULT_CLONE_SLOTS: u32 = 16;
 /// Default page fetch timeout written to each host's `[limits]`.
 pub const DEFAULT_FETCH_TIMEOUT_MS: u64 = 5000;
-/// Default bound on waiting for all daemons' sockets in [`NetnsCluster::up`](crate::NetnsCluster::up).
+/// Default bound on waiting for all daemons' sockets in
+/// [`NetnsCluster::up`](crate::NetnsCluster::up).
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default bound on waiting for daemons to exit after SIGTERM.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,7 +22,8 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// `sockaddr_un.sun_path` holds 108 bytes, the terminating NUL included.
 const MAX_SOCKET_PATH_LEN: usize = 107;
 
-/// What [`NetnsCluster::up`](crate::NetnsCluster::up) builds. Construct with [`ClusterSpec::new`], then adjust fields.
+/// What [`NetnsCluster::up`](crate::NetnsCluster::up) builds. Construct with
+/// [`ClusterSpec::new`], then adjust fields.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
     /// Number of hosts, 1..=[`MAX_HOSTS`].
