@@ -67,8 +67,6 @@ pub enum StartDaemonError {
         #[source]
         source: io::Error,
     },
-    #[error(transparent)]
-    SaveRecord(#[from] SaveRecordError),
     #[error("watching sfd of {host}")]
     Watch {
         host: String,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::process;
 
 /// Where `ip netns add` keeps its namespace handles (bind mounts of nsfs inodes).
-pub(crate) const NETNS_DIR: &str = "/run/netns";
+const NETNS_DIR: &str = "/run/netns";
 
 /// Moves the calling thread (only it) into network namespace `name`: its
 /// sockets, XDP attachments and interface lookups from then on are that
@@ -34,7 +34,7 @@ pub fn enter(name: &str) -> io::Result<()> {
 
 /// Whether `name` is one of the namespaces a cluster with `prefix` creates:
 /// `{prefix}-sw` or `{prefix}-h{N}`.
-pub(crate) fn belongs_to(prefix: &str, name: &str) -> bool {
+fn belongs_to(prefix: &str, name: &str) -> bool {
     let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
         return false;
     };
@@ -70,7 +70,7 @@ pub(crate) fn exists(name: &str) -> bool {
 }
 
 /// The nsfs identity (device, inode) of the namespace `name`, or `None` if it does not exist.
-pub(crate) fn identity(name: &str) -> io::Result<Option<(u64, u64)>> {
+fn identity(name: &str) -> io::Result<Option<(u64, u64)>> {
     match fs::metadata(Path::new(NETNS_DIR).join(name)) {
         Ok(meta) => Ok(Some((meta.dev(), meta.ino()))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -79,7 +79,7 @@ pub(crate) fn identity(name: &str) -> io::Result<Option<(u64, u64)>> {
 }
 
 /// Whether process `pid` currently lives in the network namespace with identity `ns`.
-pub(crate) fn process_in(pid: u32, ns: (u64, u64)) -> bool {
+fn process_in(pid: u32, ns: (u64, u64)) -> bool {
     fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| (m.dev(), m.ino()) == ns)
 }
 

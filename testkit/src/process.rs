@@ -195,7 +195,7 @@ fn new_session() -> io::Result<()> {
 }
 
 /// Whether process `pid` has `config` as one of its arguments.
-pub(crate) fn runs_with_config(pid: u32, config: &Path) -> bool {
+fn runs_with_config(pid: u32, config: &Path) -> bool {
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
