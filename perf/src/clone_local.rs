@@ -22,6 +22,7 @@ use snowflock_vmm::KvmHypervisor;
 
 use crate::record::{Record, Sink};
 use crate::stats::Summary;
+use crate::sync::lock;
 
 pub const BENCH: &str = "clone-local";
 
@@ -123,7 +124,7 @@ impl Console {
         // Taken first: this runs on the VM's thread as the guest writes the
         // line, which is the moment the baseline's clock stops.
         let now = Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         // Root VMs have an empty label; clones are labelled `clone N`.
         if label.is_empty() && line.starts_with("touch:") {
             state.finished.push(now);
@@ -140,7 +141,7 @@ impl Console {
 
     /// Everything recorded since the last call.
     fn take(&self) -> ConsoleState {
-        std::mem::take(&mut *self.state.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *lock(&self.state))
     }
 }
 

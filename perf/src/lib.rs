@@ -16,3 +16,4 @@ pub mod record;
 pub mod remote;
 pub mod rx_path;
 pub mod stats;
+mod sync;

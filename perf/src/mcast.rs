@@ -8,7 +8,7 @@
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
-use snowflock_tools::cluster::{Cluster, HostInfo};
+use snowflock_testkit::{HostInfo, NetnsCluster};
 
 use crate::record::Sink;
 use crate::remote::{Setup, emit, number, run_job, seqsearch_args, up};
@@ -38,7 +38,7 @@ fn tx_bytes(host: &HostInfo) -> Result<u64> {
 
 fn measure(
     setup: &Setup,
-    cluster: &Cluster,
+    cluster: &NetnsCluster,
     distribution: &str,
     counts: &[u32],
     sink: &mut dyn Sink,

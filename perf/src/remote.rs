@@ -1,5 +1,5 @@
 //! Scenarios with clones on other hosts: real `sfd` daemons in
-//! network-namespace hosts (`snowflock_tools::cluster`), jobs started
+//! network-namespace hosts (`snowflock_testkit`), jobs started
 //! through the local API, figures from the daemons' clone reports and fault
 //! counters.
 //!
@@ -23,17 +23,17 @@ use snowflock_control::console::LineSink;
 use snowflock_control::daemon::memory::LocalImageSource;
 use snowflock_control::protocol::CloneSummary;
 use snowflock_control::remote::{
-    Cluster as ClusterTrait, HollowEvents, HollowStart, Plan, RemoteChild, RemoteGrant,
-    RemoteLaunch,
+    Cluster, HollowEvents, HollowStart, Plan, RemoteChild, RemoteGrant, RemoteLaunch,
 };
 use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_fault_handler::{CloneStats, FaultHandler, FetchConfig};
-use snowflock_tools::cluster::{Cluster, ClusterSpec};
+use snowflock_testkit::{ClusterSpec, NetnsCluster};
 use snowflock_vmm::KvmHypervisor;
 use snowflock_vmm::memory::MemoryImage;
 
 use crate::record::{Record, Sink};
 use crate::stats::Summary;
+use crate::sync::lock;
 
 /// Where the daemons come from and how often to measure.
 #[derive(Debug, Clone)]
@@ -54,7 +54,7 @@ pub(crate) fn up(
     slots: u32,
     limits: &[(&str, toml::Value)],
     mcdist: &[(&str, toml::Value)],
-) -> Result<(Cluster, tempfile::TempDir)> {
+) -> Result<(NetnsCluster, tempfile::TempDir)> {
     let dir = tempfile::tempdir().context("creating a cluster directory")?;
     let mut spec = ClusterSpec::new(hosts, dir.path(), &setup.sfd);
     spec.clone_slots = slots;
@@ -65,7 +65,7 @@ pub(crate) fn up(
     for (key, value) in mcdist {
         spec.mcdist.insert((*key).to_string(), value.clone());
     }
-    let cluster = Cluster::up(spec).context("starting the test cluster")?;
+    let cluster = NetnsCluster::up(spec).context("starting the test cluster")?;
     Ok((cluster, dir))
 }
 
@@ -160,15 +160,12 @@ impl HollowEvents for LoopbackChild {
     }
 
     fn ended(&self, _vm: u64, outcome: VmOutcome, runtime: Duration, stats: CloneStats) {
-        self.stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(stats);
+        lock(&self.stats).push(stats);
         self.child.ended(outcome, runtime);
     }
 }
 
-impl ClusterTrait for LoopbackCluster {
+impl Cluster for LoopbackCluster {
     fn plan(&self, wanted: u32, _mem_size: u64, _local_free: u32) -> Plan {
         Plan {
             local: 0,
@@ -183,25 +180,16 @@ impl ClusterTrait for LoopbackCluster {
     fn release(&self, _grant: RemoteGrant) {}
 
     fn serve_image(&self, family: u64, image: Arc<MemoryImage>) {
-        self.images
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((family, image));
+        lock(&self.images).push((family, image));
     }
 
     fn retire_image(&self, family: u64) {
-        self.images
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(f, _)| *f != family);
+        lock(&self.images).retain(|(f, _)| *f != family);
     }
 
     fn launch(&self, _grant: RemoteGrant, launch: RemoteLaunch) {
         let family_id = launch.descriptor.family;
-        let image = self
-            .images
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let image = lock(&self.images)
             .iter()
             .find(|(f, _)| *f == family_id)
             .map(|(_, i)| i.clone());
@@ -261,9 +249,7 @@ fn collected_lines() -> (LineSink, Arc<Mutex<Vec<String>>>) {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let kept = lines.clone();
     let sink: LineSink = Arc::new(move |_, line: &str| {
-        kept.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(line.to_string());
+        lock(&kept).push(line.to_string());
     });
     (sink, lines)
 }
@@ -301,12 +287,8 @@ fn local_fault_latency(pages: u32) -> Result<(CloneStats, Vec<String>)> {
     if outcome != VmOutcome::Exited(0) {
         bail!("local touch job ended {outcome:?}");
     }
-    let stats = loopback
-        .stats
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .pop();
-    let lines = lines.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let stats = lock(&loopback.stats).pop();
+    let lines = lock(&lines).clone();
     Ok((
         stats.context("the local hollow clone reported no stats")?,
         lines,
@@ -472,7 +454,7 @@ fn local_job_ms(clones: u32) -> Result<f64> {
     let image = snowflock_guest::images::by_name("seqsearch").context("seqsearch image")?;
     let vm = supervisor.launch(image, 512 << 20, &seqsearch_args(clones))?;
     let outcome = vm.wait();
-    let lines = lines.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let lines = lock(&lines).clone();
     if outcome != VmOutcome::Exited(0) {
         bail!("local seqsearch ended {outcome:?}:\n{}", lines.join("\n"));
     }

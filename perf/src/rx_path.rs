@@ -46,10 +46,11 @@ use snowflock_dataplane::server::PageStore;
 use snowflock_dataplane::xdp::XskConfig;
 use snowflock_ebpf::{AttachConfig, McdistXdp, XdpMode};
 use snowflock_fault_handler::{AvoidMap, Family, FaultHandler, FetchConfig, PageSource, ceiling};
-use snowflock_tools::cluster::{Cluster, ClusterSpec, enter_netns};
+use snowflock_testkit::{ClusterSpec, NetnsCluster, enter_netns};
 
 use crate::record::Sink;
 use crate::remote::{default_sfd, emit};
+use crate::sync::lock;
 
 const PORT: u16 = 7173;
 const GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 1);
@@ -172,7 +173,7 @@ fn install_all(family: Arc<Family>, pages: u64) -> Result<f64> {
             pages * 4096,
             AvoidMap::none(pages).context("an empty avoidance map")?,
             Arc::new(move |e| {
-                *noted.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                *lock(&noted) = Some(e.to_string());
             }),
         )
     }
@@ -185,7 +186,7 @@ fn install_all(family: Arc<Family>, pages: u64) -> Result<f64> {
         if handler.stats().pages_fetched >= pages {
             break start.elapsed();
         }
-        if let Some(why) = failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(why) = lock(&failure).clone() {
             handler.close();
             bail!("installing failed: {why}");
         }
@@ -473,7 +474,7 @@ pub fn run(
     spec.log_filter = "warn".into();
     spec.mcdist
         .insert("distribution".into(), toml::Value::String("unicast".into()));
-    let cluster = Cluster::up(spec).context("starting two netns hosts")?;
+    let cluster = NetnsCluster::up(spec).context("starting two netns hosts")?;
     if mtu != 1500 {
         cluster.set_mtu(mtu).context("setting the MTU")?;
     }

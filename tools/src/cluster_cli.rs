@@ -1,5 +1,5 @@
 //! `sf cluster up|down|status`: a local test cluster of network-namespace hosts
-//! (see `snowflock_tools::cluster`).
+//! (see `snowflock_testkit`).
 //!
 //! `up` returns once every daemon accepts connections and leaves the cluster running: the
 //! daemons run in sessions of their own, so they outlive `sf`. `down` reads the state file the
@@ -23,9 +23,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use snowflock_control::config::{Distribution, RxPath};
-use snowflock_tools::cluster::{
-    self, Cluster, ClusterRecord, ClusterSpec, DEFAULT_CLONE_SLOTS, DEFAULT_FETCH_TIMEOUT_MS,
-    HostInfo,
+use snowflock_testkit::{
+    self as testkit, ClusterRecord, ClusterSpec, DEFAULT_CLONE_SLOTS, DEFAULT_FETCH_TIMEOUT_MS,
+    HostInfo, NetnsCluster,
 };
 
 /// Where `sf cluster` keeps a cluster's state unless told otherwise.
@@ -130,7 +130,7 @@ pub fn impair(args: ImpairArgs) -> Result<ExitCode> {
     if args.loss + args.reorder > 100 {
         anyhow::bail!("loss and reorder add up to more than 100%");
     }
-    let cluster = Cluster::load(&args.dir).context("loading the cluster")?;
+    let cluster = NetnsCluster::load(&args.dir).context("loading the cluster")?;
     let result = cluster.impair(args.loss, args.reorder);
     cluster.detach();
     result.context("impairing the switch ports")?;
@@ -166,7 +166,7 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     spec.fetch_timeout_ms = args.fetch_timeout_ms;
     spec.log_filter = args.log;
     spec.mcdist = mcdist_table(args.distribution, args.rx_path);
-    let cluster = Cluster::up(spec).context("starting the cluster")?;
+    let cluster = NetnsCluster::up(spec).context("starting the cluster")?;
     let record = cluster.detach();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&record)?);
@@ -190,9 +190,9 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
 
 /// `sf cluster down`: stops the daemons, deletes the namespaces, removes the runtime files.
 pub fn down(args: DownArgs) -> Result<ExitCode> {
-    let state = args.dir.join(cluster::STATE_FILE);
+    let state = args.dir.join(testkit::STATE_FILE);
     if state.exists() {
-        let cluster = Cluster::load(&args.dir)?;
+        let cluster = NetnsCluster::load(&args.dir)?;
         let prefix = cluster.prefix().to_owned();
         let hosts = cluster.hosts().len();
         cluster.down()?;
@@ -205,7 +205,7 @@ pub fn down(args: DownArgs) -> Result<ExitCode> {
         );
     }
     if let Some(prefix) = args.prefix {
-        let removed = cluster::purge_prefix(&prefix)?;
+        let removed = testkit::purge_prefix(&prefix)?;
         if !removed.is_empty() {
             println!("deleted namespaces {}", removed.join(" "));
         }

@@ -27,7 +27,7 @@ use snowflock_control::config::McdistSection;
 use snowflock_control::protocol::{ApiRequest, ApiResponse, NetStatus, NetTune};
 use snowflock_dataplane::auth::ClusterKey;
 use snowflock_dataplane::mcast::wire::{self, Fragment, FragmentSealer, Header, McastKey};
-use snowflock_tools::cluster::ClusterSpec;
+use snowflock_testkit::ClusterSpec;
 
 /// The receivers' port (`[mcdist] rx_port`): forged fragments go there.
 const RX_PORT: u16 = 7074;

@@ -9,20 +9,20 @@ use std::time::{Duration, Instant};
 use snowflock_control::VmOutcome;
 use snowflock_control::client::ApiClient;
 use snowflock_control::protocol::{ApiRequest, ApiResponse, CloneSummary, HostStats};
-use snowflock_tools::cluster::{Cluster, ClusterSpec};
+use snowflock_testkit::{ClusterSpec, NetnsCluster};
 use tempfile::TempDir;
 
 pub fn cluster(
     hosts: usize,
     slots: u32,
     tune: impl FnOnce(&mut ClusterSpec),
-) -> (Cluster, TempDir) {
+) -> (NetnsCluster, TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = ClusterSpec::new(hosts, dir.path(), env!("CARGO_BIN_EXE_sfd"));
     spec.clone_slots = slots;
     spec.log_filter = "info,snowflock_control=debug".into();
     tune(&mut spec);
-    let cluster = Cluster::up(spec).expect("cluster up");
+    let cluster = NetnsCluster::up(spec).expect("cluster up");
     (cluster, dir)
 }
 
@@ -95,7 +95,7 @@ pub fn local_run(image: &str, mem: &str, args: &str) -> Vec<String> {
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
         s.spawn(|| {
-            snowflock_tools::cluster::enter_netns(ns).unwrap();
+            snowflock_testkit::enter_netns(ns).unwrap();
             f()
         })
         .join()

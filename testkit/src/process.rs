@@ -9,11 +9,14 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use super::HostInfo;
+use crate::record::HostInfo;
+
+/// Bound on waiting for a process to exit after SIGKILL.
+pub const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens a pidfd for `pid` (`pidfd_open(2)`): a handle that keeps naming this very process even
 /// if its pid is later reused.
-pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     let pid =
         libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: pidfd_open takes a pid and a flags word by value and touches no memory of ours.
@@ -29,7 +32,7 @@ pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 /// Sends `signal` to the process behind `pidfd` (`pidfd_send_signal(2)`).
 ///
 /// A process that has already exited gives `ESRCH`.
-pub(super) fn pidfd_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()> {
+pub(crate) fn pidfd_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: `pidfd` is an open pidfd for the call's duration; a null `info` asks the kernel to
     // fill in the siginfo itself, so no memory of ours is read or written.
     let rc = unsafe {
@@ -50,7 +53,7 @@ pub(super) fn pidfd_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<(
 /// Waits up to `timeout` for the process behind `pidfd` to exit; returns whether it has.
 ///
 /// A pidfd becomes readable when its process exits (whether or not it has been reaped).
-pub(super) fn pidfd_wait(pidfd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
+pub(crate) fn pidfd_wait(pidfd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -84,7 +87,7 @@ pub(super) fn pidfd_wait(pidfd: &OwnedFd, timeout: Duration) -> io::Result<bool>
 ///
 /// Signals always go through the pidfd, so they can never reach a process that reused the pid.
 #[derive(Debug)]
-pub(super) struct Daemon {
+pub(crate) struct Daemon {
     pid: u32,
     pidfd: OwnedFd,
     /// Present when this process started the daemon: used to reap it and read its status.
@@ -99,7 +102,7 @@ impl Daemon {
     /// `/dev/null`, stdout and stderr appended to the host's log, `RUST_LOG=log_filter`.
     ///
     /// `ip netns exec` execs the daemon in place, so the pid is the daemon's.
-    pub(super) fn spawn(host: &HostInfo, sfd: &Path, log_filter: &str) -> io::Result<Daemon> {
+    pub(crate) fn spawn(host: &HostInfo, sfd: &Path, log_filter: &str) -> io::Result<Daemon> {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -135,7 +138,7 @@ impl Daemon {
     /// Takes hold of a daemon started by another process, if `pid` is still running with
     /// `config` on its command line. `Ok(None)`: it is gone (or the pid now names something
     /// else, which is then left alone).
-    pub(super) fn adopt(pid: u32, config: &Path) -> io::Result<Option<Daemon>> {
+    pub(crate) fn adopt(pid: u32, config: &Path) -> io::Result<Option<Daemon>> {
         let pidfd = match pidfd_open(pid) {
             Ok(pidfd) => pidfd,
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
@@ -154,12 +157,12 @@ impl Daemon {
         }))
     }
 
-    pub(super) fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.pid
     }
 
     /// How the daemon ended, or `None` while it runs. Never blocks.
-    pub(super) fn exit_status(&mut self) -> io::Result<Option<String>> {
+    pub(crate) fn exit_status(&mut self) -> io::Result<Option<String>> {
         if self.ended.is_none() {
             self.ended = match self.child.as_mut() {
                 Some(child) => child.try_wait()?.map(|status| status.to_string()),
@@ -171,7 +174,7 @@ impl Daemon {
     }
 
     /// Sends `signal` unless the daemon has already ended.
-    pub(super) fn signal(&mut self, signal: libc::c_int) -> io::Result<()> {
+    pub(crate) fn signal(&mut self, signal: libc::c_int) -> io::Result<()> {
         if self.exit_status()?.is_some() {
             return Ok(());
         }
@@ -192,7 +195,7 @@ fn new_session() -> io::Result<()> {
 }
 
 /// Whether process `pid` has `config` as one of its arguments.
-pub(super) fn runs_with_config(pid: u32, config: &Path) -> bool {
+fn runs_with_config(pid: u32, config: &Path) -> bool {
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
@@ -202,7 +205,7 @@ pub(super) fn runs_with_config(pid: u32, config: &Path) -> bool {
 
 /// The last `lines` lines of the file at `path` (reading at most its last 8 KiB), for error
 /// messages. A missing or unreadable file gives a note saying so.
-pub(super) fn log_tail(path: &Path, lines: usize) -> String {
+pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     const MAX: u64 = 8192;
     let read = || -> io::Result<String> {
         let mut file = fs::File::open(path)?;

@@ -5,11 +5,11 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::HostInfo;
+use crate::record::HostInfo;
 
 /// The `[limits]` section.
 #[derive(Debug)]
-pub(super) struct Limits<'a> {
+pub(crate) struct Limits<'a> {
     pub clone_slots: u32,
     pub fetch_timeout_ms: u64,
     pub peer_timeout_ms: Option<u64>,
@@ -18,7 +18,7 @@ pub(super) struct Limits<'a> {
 }
 
 /// Renders the configuration of `host`, a member of `members` (every host, `host` included).
-pub(super) fn render(
+pub(crate) fn render(
     host: &HostInfo,
     members: &[HostInfo],
     key_file: &Path,
@@ -76,6 +76,48 @@ fn path(p: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::ClusterRecord;
+
+    #[test]
+    fn the_config_lists_every_member_and_parses_as_the_documented_layout() {
+        let record =
+            ClusterRecord::new("sft", Path::new("/run/c"), 2, Path::new("/bin/sfd"), "info");
+        let mut extra = toml::Table::new();
+        extra.insert("prefetch_pages".into(), toml::Value::Integer(3));
+        let limits = Limits {
+            clone_slots: 16,
+            fetch_timeout_ms: 5000,
+            peer_timeout_ms: Some(700),
+            extra: &extra,
+        };
+        let mut mcdist = toml::Table::new();
+        mcdist.insert("rx_path".into(), toml::Value::String("sockets".into()));
+        let text = render(
+            &record.hosts[1],
+            &record.hosts,
+            &record.key_file,
+            &limits,
+            &mcdist,
+        );
+        let doc: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(doc["host"]["name"].as_str(), Some("h2"));
+        assert_eq!(doc["host"]["state_dir"].as_str(), Some("/run/c/h2"));
+        assert_eq!(doc["listen"]["control"].as_str(), Some("10.77.0.2:7070"));
+        assert_eq!(doc["listen"]["pages"].as_str(), Some("10.77.0.2:7071"));
+        assert_eq!(
+            doc["cluster"]["key_file"].as_str(),
+            Some("/run/c/cluster.key")
+        );
+        let members = doc["cluster"]["members"].as_array().unwrap();
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[0]["name"].as_str(), Some("h1"));
+        assert_eq!(members[0]["control"].as_str(), Some("10.77.0.1:7070"));
+        assert_eq!(doc["limits"]["clone_slots"].as_integer(), Some(16));
+        assert_eq!(doc["limits"]["fetch_timeout_ms"].as_integer(), Some(5000));
+        assert_eq!(doc["limits"]["peer_timeout_ms"].as_integer(), Some(700));
+        assert_eq!(doc["limits"]["prefetch_pages"].as_integer(), Some(3));
+        assert_eq!(doc["mcdist"]["rx_path"].as_str(), Some("sockets"));
+    }
 
     #[test]
     fn strings_are_quoted_and_escaped() {

@@ -1,3 +1,0 @@
-//! Library side of the `sf` tools: a local multi-host test cluster ([`cluster`]).
-
-pub mod cluster;
