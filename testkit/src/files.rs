@@ -5,7 +5,6 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use snowflock_dataplane::auth::ClusterKey;
@@ -108,11 +107,6 @@ fn remove_all_but(dir: &Path, keep: &Path) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Whether `path` is a file only its owner can read or write (mode `0600` or stricter).
-pub fn is_private(path: &Path) -> bool {
-    fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 == 0)
 }
 
 #[cfg(test)]

@@ -98,7 +98,7 @@ pub use error::{
     PurgeError, RandomSourceError, SaveRecordError, StartDaemonError, StopDaemonError,
     TeardownError, TeardownFailure, UpError,
 };
-pub use files::{KEEP_LOGS_ENV, is_private};
+pub use files::KEEP_LOGS_ENV;
 pub use netns::enter as enter_netns;
 pub use network::purge_prefix;
 pub use prefix::{MAX_PREFIX_LEN, random_prefix, validate_prefix};
