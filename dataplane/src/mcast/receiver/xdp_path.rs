@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use snowflock_ebpf::{AttachConfig, FamilyBits, McdistXdp, XdpCounters, XdpMode};
 
-use crate::mcast::receiver_core::{FamilyJoin, HeldPages, JoinError, ReceiverCore};
+use super::family::{FamilyJoin, HeldPages, JoinError};
+use super::receiver_core::ReceiverCore;
 use crate::mcast::wire::{MAX_FRAGMENT_MTU, XDP_COPY_HEADROOM};
 use crate::netdev;
 use crate::sync::lock;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, types};
 
-use crate::mcast::receiver_core::ReceiverCore;
+use super::receiver_core::ReceiverCore;
 use crate::mcast::sys::EventFd;
 use crate::mcast::wire::MAX_DATAGRAM_LEN;
 use crate::sync::Never;
