@@ -1,4 +1,5 @@
-//! Synchronisation helpers shared by the server and the client.
+//! Synchronisation helpers of the crate: locks that survive a panicked holder, and the
+//! message type of "alive" channels.
 
 use std::sync::{
     Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
