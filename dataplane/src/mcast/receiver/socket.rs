@@ -7,8 +7,9 @@
 //!
 //! A loop thread runs io_uring: a multishot receive takes its buffers from a ring of
 //! provided buffers, and every datagram completed since the last wait goes to the
-//! [`ReceiverCore`] as one batch (the core does everything else); an eventfd read wakes the loop for an earlier
-//! timer or to stop, and the wait's own timeout is the core's next deadline.
+//! [`ReceiverCore`] as one batch (the core does everything else); an eventfd read wakes the
+//! loop for an earlier timer or to stop, and the wait's own timeout is the core's next
+//! deadline.
 //!
 //! ```no_run
 //! use std::net::{Ipv4Addr, SocketAddrV4};

@@ -342,6 +342,16 @@ mod tests {
     use super::{Destination, Job};
     use crate::mcast::wire::{REQUEST_JOIN, REQUEST_LEAVE, RejectCode};
 
+    /// A send of `page` to `destination`, asked for by receiver 1.
+    fn send_of(page: u64, destination: Destination) -> Job {
+        Job {
+            page,
+            destination,
+            requester: receiver(1),
+            push: false,
+        }
+    }
+
     fn queued(family: &super::FamilyState) -> Vec<(u64, Destination)> {
         family
             .queue
@@ -375,12 +385,7 @@ mod tests {
         assert_eq!(counters.duplicates_suppressed.load(Ordering::Relaxed), 2);
         assert_eq!(counters.pages_requested.load(Ordering::Relaxed), 7);
         // A page sent to the group answers requests for it during the suppression window.
-        let sent = Job {
-            page: 5,
-            destination: Destination::Group,
-            requester: receiver(1),
-            push: false,
-        };
+        let sent = send_of(5, Destination::Group);
         family.mark_sent(&sent, now);
         let (_, queued_any) = apply(&mut family, &config, &counters, (1, 0), &[5], now);
         assert!(!queued_any);
@@ -402,12 +407,7 @@ mod tests {
         assert!(work, "the pushes are work");
         assert_eq!(family.stats(0, now, &config).queued_pages, 3 + 3);
         // Page 2 reached the group after receiver 2 joined: it is not pushed.
-        let multicast = Job {
-            page: 2,
-            destination: Destination::Group,
-            requester: receiver(1),
-            push: false,
-        };
+        let multicast = send_of(2, Destination::Group);
         family.mark_sent(&multicast, now);
         let mut pushed = Vec::new();
         while let Some(job) = family.next_push(now, config.receiver_idle) {
@@ -437,12 +437,7 @@ mod tests {
         let now = Instant::now();
         let mut family = family(&config, now);
         apply(&mut family, &config, &counters, (1, 0), &[1], now);
-        let sent = Job {
-            page: 1,
-            destination: Destination::Unicast(receiver(1)),
-            requester: receiver(1),
-            push: false,
-        };
+        let sent = send_of(1, Destination::Unicast(receiver(1)));
         family.mark_sent(&sent, now);
         family.forget_stale(now, &config);
         assert_eq!(family.stats(0, now, &config).active_receivers, 1);

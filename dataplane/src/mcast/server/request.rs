@@ -87,29 +87,24 @@ fn handle_request(
     let mut state = lock(&service.state);
     let leaving = header.flags & REQUEST_LEAVE != 0;
     let first_page = request.pages().next().unwrap_or(0);
-    let Some(family) = state.families.get_mut(&header.family) else {
+    // A LEAVE needs no answer; anything else learns why it is not served.
+    let stale = |code| {
         bump(&counters.stale, 1);
         let rejects = if leaving {
             Vec::new()
         } else {
             vec![Reject {
                 page: first_page,
-                code: RejectCode::UnknownFamily,
+                code,
             }]
         };
-        return (rejects, false);
+        (rejects, false)
+    };
+    let Some(family) = state.families.get_mut(&header.family) else {
+        return stale(RejectCode::UnknownFamily);
     };
     if header.generation != family.generation {
-        bump(&counters.stale, 1);
-        let rejects = if leaving {
-            Vec::new()
-        } else {
-            vec![Reject {
-                page: first_page,
-                code: RejectCode::StaleGeneration,
-            }]
-        };
-        return (rejects, false);
+        return stale(RejectCode::StaleGeneration);
     }
     family.apply_request(config, counters, header, request, from, now)
 }

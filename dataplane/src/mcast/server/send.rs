@@ -408,7 +408,7 @@ mod tests {
 
     use super::super::family::ServerState;
     use super::super::stats::Counters;
-    use super::super::test_support::{FAMILY, apply, config, family, receiver};
+    use super::super::test_support::{FAMILY, config, family_asked, receiver};
     use super::{MAX_BATCH_PAGES, Next, take_batch};
     use crate::mcast::wire::FRAGMENT_UNICAST;
 
@@ -419,15 +419,7 @@ mod tests {
         let now = Instant::now();
         let mut state = ServerState::default();
         for id in [FAMILY, FAMILY + 1] {
-            let mut family = family(&config, now);
-            apply(
-                &mut family,
-                &config,
-                &counters,
-                (1, 0),
-                &[0, 1, 2, 3, 4, 5, 6],
-                now,
-            );
+            let family = family_asked(&config, &counters, &[0, 1, 2, 3, 4, 5, 6], now);
             state.families.insert(id, family);
         }
         let mut batch = Vec::new();
@@ -460,15 +452,7 @@ mod tests {
         };
         let counters = Counters::default();
         let now = Instant::now();
-        let mut family = family(&config, now);
-        apply(
-            &mut family,
-            &config,
-            &counters,
-            (1, 0),
-            &[0, 1, 2, 3, 4, 5, 6, 7],
-            now,
-        );
+        let family = family_asked(&config, &counters, &[0, 1, 2, 3, 4, 5, 6, 7], now);
         let mut state = ServerState::default();
         state.families.insert(FAMILY, family);
         let mut batch = Vec::new();

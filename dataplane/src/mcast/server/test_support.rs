@@ -84,3 +84,16 @@ pub(super) fn apply(
         other => panic!("not a request: {other:?}"),
     }
 }
+
+/// The test family at `now`, after receiver 1, alone (so answered by unicast), asked for
+/// `pages`.
+pub(super) fn family_asked(
+    config: &McastServerConfig,
+    counters: &Counters,
+    pages: &[u64],
+    now: Instant,
+) -> FamilyState {
+    let mut family = family(config, now);
+    apply(&mut family, config, counters, (1, 0), pages, now);
+    family
+}
