@@ -203,13 +203,36 @@ impl FamilyState {
         from: SocketAddrV4,
         now: Instant,
     ) -> (Vec<Reject>, bool) {
-        let leaving = header.flags & REQUEST_LEAVE != 0;
         let receiver: ReceiverId = (from, header.sender);
-        if leaving {
+        if header.flags & REQUEST_LEAVE != 0 {
             self.receivers.remove(&receiver);
             self.pushes.retain(|p| p.receiver != receiver);
             return (Vec::new(), false);
         }
+        self.hear(receiver, header.flags, request.rate, config, now);
+        let destination = if header.flags & REQUEST_UNICAST_REPLY != 0
+            || self.active_receivers(now, config.receiver_idle) == 1
+        {
+            Destination::Unicast(from)
+        } else {
+            Destination::Group
+        };
+        let (rejects, queued_any) =
+            self.queue_pages(request, destination, from, config, counters, now);
+        let pushing = !self.pushes.is_empty();
+        (rejects, queued_any || pushing)
+    }
+
+    /// Notes that `receiver` was heard at `now`, with the rate it `reported` (0 = none); a
+    /// receiver JOINing while not active is pushed the pages requested so far.
+    fn hear(
+        &mut self,
+        receiver: ReceiverId,
+        flags: u16,
+        reported: u32,
+        config: &McastServerConfig,
+        now: Instant,
+    ) {
         let known = self
             .receivers
             .get(&receiver)
@@ -219,18 +242,14 @@ impl FamilyState {
             rate: 0,
         });
         info.last_heard = now;
-        if request.rate != 0 {
-            info.rate = request.rate;
+        if reported != 0 {
+            info.rate = reported;
             let rate = self.rate(now, config);
             if self.lowest_rate == 0 || rate < self.lowest_rate {
                 self.lowest_rate = rate;
             }
         }
-        if !known
-            && header.flags & REQUEST_JOIN != 0
-            && config.push
-            && !self.requested_order.is_empty()
-        {
+        if !known && flags & REQUEST_JOIN != 0 && config.push && !self.requested_order.is_empty() {
             self.pushes.push_back(PushCursor {
                 receiver,
                 joined: now,
@@ -238,13 +257,20 @@ impl FamilyState {
                 end: self.requested_order.len(),
             });
         }
-        let destination = if header.flags & REQUEST_UNICAST_REPLY != 0
-            || self.active_receivers(now, config.receiver_idle) == 1
-        {
-            Destination::Unicast(from)
-        } else {
-            Destination::Group
-        };
+    }
+
+    /// Queues the pages of `request` for `destination`, but those queued or sent within the
+    /// suppression window already; returns the REJECTs of pages past the end, and whether it
+    /// queued any.
+    fn queue_pages(
+        &mut self,
+        request: &Request<'_>,
+        destination: Destination,
+        from: SocketAddrV4,
+        config: &McastServerConfig,
+        counters: &Counters,
+        now: Instant,
+    ) -> (Vec<Reject>, bool) {
         let window_start = now.checked_sub(config.suppression).unwrap_or(now);
         let mut rejects = Vec::new();
         let mut queued_any = false;
@@ -276,8 +302,7 @@ impl FamilyState {
             });
             queued_any = true;
         }
-        let pushing = !self.pushes.is_empty();
-        (rejects, queued_any || pushing)
+        (rejects, queued_any)
     }
 
     /// Forgets the receivers idle for `receiver_idle` and the unicast sends older than the
