@@ -222,3 +222,52 @@ impl Family {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use super::super::config::ReceiverConfig;
+    use super::{Bitmap, Family, FamilyJoin};
+    use crate::client::PageSink;
+
+    struct Discard;
+
+    impl PageSink for Discard {
+        fn deliver_batch(&self, _pages: &[(u64, &[u8])]) {}
+        fn failed(&self, _reason: String) {}
+    }
+
+    #[test]
+    fn a_bitmap_holds_bits_in_range_and_ignores_the_rest() {
+        let mut bits = Bitmap::new(70);
+        bits.set(0);
+        bits.set(69);
+        bits.set(200);
+        assert!(bits.get(0) && bits.get(69));
+        assert!(!bits.get(1) && !bits.get(64) && !bits.get(200));
+        bits.clear(69);
+        assert!(!bits.get(69) && bits.get(0));
+    }
+
+    #[test]
+    fn only_pages_neither_held_nor_asked_for_are_queued_in_order() {
+        let join = FamilyJoin {
+            family: 1,
+            generation: 1,
+            group: Ipv4Addr::new(239, 255, 0, 1),
+            server: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 7073),
+            pages: 8,
+        };
+        let config = ReceiverConfig::default();
+        let mut family = Family::new(join, Arc::new(Discard), None, &config, Instant::now());
+        assert_eq!(family.enqueue(&[1, 2, 2, 8, 3]), 3, "8 is past the end");
+        family.held.set(4);
+        assert_eq!(family.enqueue(&[4, 1, 5]), 1, "4 is held, 1 queued");
+        assert_eq!(family.waiting, [1, 2, 3, 5]);
+        assert_eq!(family.stats().outstanding, 4);
+        assert_eq!(family.stats().queued, 4);
+    }
+}

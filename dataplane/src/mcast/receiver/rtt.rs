@@ -53,3 +53,41 @@ pub(super) struct Outstanding {
 pub(super) fn queueing(pages: usize, rate: u32) -> Duration {
     Duration::from_secs_f64(pages as f64 / f64::from(rate.max(1)))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{RttEstimate, queueing};
+
+    const MIN: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_millis(500);
+
+    #[test]
+    fn the_timeout_follows_the_smoothed_rtt_and_its_variation_within_bounds() {
+        let mut rtt = RttEstimate::default();
+        assert_eq!(rtt.rto(MIN, MAX), MAX / 4, "before any sample");
+        rtt.sample(Duration::from_millis(40));
+        assert_eq!(rtt.rto(MIN, MAX), Duration::from_millis(40 + 4 * 20));
+        rtt.sample(Duration::from_millis(48));
+        // Variation (3 × 20 + 8) / 4 = 17, smoothed (7 × 40 + 48) / 8 = 41.
+        assert_eq!(rtt.rto(MIN, MAX), Duration::from_millis(41 + 4 * 17));
+        let mut fast = RttEstimate::default();
+        fast.sample(Duration::from_millis(1));
+        assert_eq!(fast.rto(MIN, MAX), MIN);
+        let mut slow = RttEstimate::default();
+        slow.sample(Duration::from_secs(1));
+        assert_eq!(slow.rto(MIN, MAX), MAX);
+    }
+
+    #[test]
+    fn queueing_is_the_pages_ahead_at_the_rate() {
+        assert_eq!(queueing(100, 1000), Duration::from_millis(100));
+        assert_eq!(
+            queueing(1, 0),
+            Duration::from_secs(1),
+            "a zero rate counts as 1"
+        );
+        assert_eq!(queueing(0, 1000), Duration::ZERO);
+    }
+}
