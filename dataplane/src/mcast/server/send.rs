@@ -406,6 +406,7 @@ fn count_sent(
 mod tests {
     use std::time::{Duration, Instant};
 
+    use super::super::config::McastServerConfig;
     use super::super::family::ServerState;
     use super::super::stats::Counters;
     use super::super::test_support::{FAMILY, config, family_asked, receiver};
@@ -446,7 +447,7 @@ mod tests {
     #[test]
     fn a_family_out_of_tokens_waits_for_the_next_one() {
         // 1000 pages/s: a burst of 5 pages, then one page per millisecond.
-        let config = super::super::McastServerConfig {
+        let config = McastServerConfig {
             initial_rate: 1000,
             ..config()
         };
