@@ -135,7 +135,9 @@ pub enum RequestError {
     },
 }
 
-struct Shared {
+/// One connection's state, shared by the client and its receiver thread: the socket's
+/// writing end, why the connection failed, and the counters.
+struct Connection {
     addr: SocketAddr,
     family: u64,
     writer: Mutex<TcpStream>,
@@ -152,7 +154,7 @@ struct Shared {
 
 /// One authenticated connection to a memory server, for one family.
 pub struct PageClient {
-    shared: Arc<Shared>,
+    connection: Arc<Connection>,
     /// Used to shut the socket down without taking the writer lock.
     socket: TcpStream,
     receiver: Option<JoinHandle<()>>,
@@ -168,8 +170,8 @@ const _: () = {
 impl std::fmt::Debug for PageClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PageClient")
-            .field("addr", &self.shared.addr)
-            .field("family", &format_args!("{:#x}", self.shared.family))
+            .field("addr", &self.connection.addr)
+            .field("family", &format_args!("{:#x}", self.connection.family))
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -205,7 +207,7 @@ impl PageClient {
             .map_err(configure)?;
         let reader = stream.try_clone().map_err(configure)?;
         let socket = stream.try_clone().map_err(configure)?;
-        let shared = Arc::new(Shared {
+        let connection = Arc::new(Connection {
             addr,
             family,
             writer: Mutex::new(stream),
@@ -219,15 +221,15 @@ impl PageClient {
         });
         let (alive, receiver_exited) = mpsc::channel();
         let receiver = {
-            let shared = Arc::clone(&shared);
+            let connection = Arc::clone(&connection);
             thread::Builder::new()
                 .name(format!("sf-pages-{family:x}"))
-                .spawn(move || receive(&shared, reader, sink.as_ref(), alive))
+                .spawn(move || receive(&connection, reader, sink.as_ref(), alive))
                 .map_err(|source| ConnectError::Spawn { addr, source })?
         };
         tracing::debug!(%addr, family = format_args!("{family:#x}"), "page client connected");
         Ok(PageClient {
-            shared,
+            connection,
             socket,
             receiver: Some(receiver),
             receiver_exited: Mutex::new(receiver_exited),
@@ -237,10 +239,10 @@ impl PageClient {
     /// Asks for `pages`; their replies go to the sink. Splits them into REQUEST frames of at
     /// most [`wire::MAX_PAGES_PER_REQUEST`] pages and writes them with one write. Thread-safe.
     pub fn request(&self, pages: &[u64]) -> Result<(), RequestError> {
-        let shared = &self.shared;
-        if let Some(reason) = lock(&shared.failure).clone() {
+        let connection = &self.connection;
+        if let Some(reason) = lock(&connection.failure).clone() {
             return Err(RequestError::Failed {
-                addr: shared.addr,
+                addr: connection.addr,
                 reason,
             });
         }
@@ -248,17 +250,17 @@ impl PageClient {
             return Ok(());
         }
         let mut frames = Vec::new();
-        let requests = wire::encode_requests(shared.family, pages, &mut frames);
-        lock(&shared.writer)
+        let requests = wire::encode_requests(connection.family, pages, &mut frames);
+        lock(&connection.writer)
             .write_all(&frames)
             .map_err(|source| RequestError::Send {
-                addr: shared.addr,
+                addr: connection.addr,
                 source,
             })?;
-        shared
+        connection
             .requests_sent
             .fetch_add(requests as u64, Ordering::Relaxed);
-        shared
+        connection
             .pages_requested
             .fetch_add(pages.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -266,30 +268,30 @@ impl PageClient {
 
     /// The server's address.
     pub fn server_addr(&self) -> SocketAddr {
-        self.shared.addr
+        self.connection.addr
     }
 
     /// The family this client fetches.
     pub fn family(&self) -> u64 {
-        self.shared.family
+        self.connection.family
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> ClientStats {
-        let shared = &self.shared;
+        let connection = &self.connection;
         ClientStats {
-            requests_sent: shared.requests_sent.load(Ordering::Relaxed),
-            pages_requested: shared.pages_requested.load(Ordering::Relaxed),
-            pages_received: shared.pages_received.load(Ordering::Relaxed),
-            bytes_received: shared.bytes_received.load(Ordering::Relaxed),
-            batches_delivered: shared.batches_delivered.load(Ordering::Relaxed),
+            requests_sent: connection.requests_sent.load(Ordering::Relaxed),
+            pages_requested: connection.pages_requested.load(Ordering::Relaxed),
+            pages_received: connection.pages_received.load(Ordering::Relaxed),
+            bytes_received: connection.bytes_received.load(Ordering::Relaxed),
+            batches_delivered: connection.batches_delivered.load(Ordering::Relaxed),
         }
     }
 }
 
 impl Drop for PageClient {
     fn drop(&mut self) {
-        self.shared.closing.store(true, Ordering::SeqCst);
+        self.connection.closing.store(true, Ordering::SeqCst);
         // Wakes the receiver thread out of its read; it may already have closed the socket.
         let _ = self.socket.shutdown(Shutdown::Both);
         match lock(&self.receiver_exited).recv_timeout(DROP_TIMEOUT) {
@@ -298,11 +300,11 @@ impl Drop for PageClient {
                 if let Some(receiver) = self.receiver.take()
                     && receiver.join().is_err()
                 {
-                    tracing::error!(addr = %self.shared.addr, "page receiver thread panicked");
+                    tracing::error!(addr = %self.connection.addr, "page receiver thread panicked");
                 }
             }
             Err(RecvTimeoutError::Timeout) => tracing::warn!(
-                addr = %self.shared.addr,
+                addr = %self.connection.addr,
                 timeout = ?DROP_TIMEOUT,
                 "page receiver thread still busy in the sink; leaving it to finish"
             ),
@@ -311,26 +313,35 @@ impl Drop for PageClient {
 }
 
 /// The receiver thread: reads replies until the connection ends, then reports why.
-fn receive(shared: &Shared, mut stream: TcpStream, sink: &dyn PageSink, _alive: Sender<Never>) {
-    let reason = receive_until_failure(shared, &mut stream, sink);
-    if shared.closing.load(Ordering::SeqCst) {
+fn receive(
+    connection: &Connection,
+    mut stream: TcpStream,
+    sink: &dyn PageSink,
+    _alive: Sender<Never>,
+) {
+    let reason = receive_until_failure(connection, &mut stream, sink);
+    if connection.closing.load(Ordering::SeqCst) {
         return;
     }
     tracing::warn!(
-        addr = %shared.addr,
-        family = format_args!("{:#x}", shared.family),
+        addr = %connection.addr,
+        family = format_args!("{:#x}", connection.family),
         %reason,
         "page connection failed"
     );
-    *lock(&shared.failure) = Some(reason.clone());
+    *lock(&connection.failure) = Some(reason.clone());
     // Later requests fail at once instead of writing into a dead connection.
     let _ = stream.shutdown(Shutdown::Both);
     sink.failed(reason);
 }
 
 /// Reads and delivers pages; returns why it stopped.
-fn receive_until_failure(shared: &Shared, stream: &mut TcpStream, sink: &dyn PageSink) -> String {
-    let addr = shared.addr;
+fn receive_until_failure(
+    connection: &Connection,
+    stream: &mut TcpStream,
+    sink: &dyn PageSink,
+) -> String {
+    let addr = connection.addr;
     let mut buf = vec![0u8; RECEIVE_BUFFER_LEN];
     let mut filled = 0;
     loop {
@@ -340,7 +351,7 @@ fn receive_until_failure(shared: &Shared, stream: &mut TcpStream, sink: &dyn Pag
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => return format!("reading from memory server {addr}: {error}"),
         };
-        shared
+        connection
             .bytes_received
             .fetch_add(read as u64, Ordering::Relaxed);
         filled += read;
@@ -348,11 +359,11 @@ fn receive_until_failure(shared: &Shared, stream: &mut TcpStream, sink: &dyn Pag
         let mut batch: Vec<(u64, &[u8])> = Vec::new();
         let stop = loop {
             match wire::decode(&buf[consumed..filled]) {
-                Ok((Frame::Page(reply), used)) if reply.family == shared.family => {
+                Ok((Frame::Page(reply), used)) if reply.family == connection.family => {
                     consumed += used;
                     batch.push((reply.page, reply.data));
                 }
-                Ok((Frame::Error(reply), _)) if reply.family == shared.family => {
+                Ok((Frame::Error(reply), _)) if reply.family == connection.family => {
                     break Some(format!(
                         "server error for page {:#x} of family {:#x}: {}: {}",
                         reply.page, reply.family, reply.code, reply.message
@@ -362,7 +373,7 @@ fn receive_until_failure(shared: &Shared, stream: &mut TcpStream, sink: &dyn Pag
                 | Ok((Frame::Error(wire::ErrorReply { family, .. }), _)) => {
                     break Some(format!(
                         "memory server {addr} sent a reply for family {family:#x}, not {:#x}",
-                        shared.family
+                        connection.family
                     ));
                 }
                 Ok((Frame::Request(_), _)) => {
@@ -377,10 +388,10 @@ fn receive_until_failure(shared: &Shared, stream: &mut TcpStream, sink: &dyn Pag
             }
         };
         if !batch.is_empty() {
-            shared
+            connection
                 .pages_received
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            shared.batches_delivered.fetch_add(1, Ordering::Relaxed);
+            connection.batches_delivered.fetch_add(1, Ordering::Relaxed);
             sink.deliver_batch(&batch);
         }
         if let Some(reason) = stop {

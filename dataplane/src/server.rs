@@ -18,12 +18,12 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crate::auth::{self, ClusterKey};
-use crate::sync::{Never, lock};
+use crate::sync::{Never, lock, read, write};
 use crate::wire::{self, ErrorCode, Frame, PAGE_SIZE, WireError};
 
 /// Protocol context of the page protocol's handshake.
@@ -124,7 +124,9 @@ struct Counters {
     refused: AtomicU64,
 }
 
-struct Shared {
+/// A running memory server: the listener, the families served, the open connections and the
+/// counters, shared by the front end, the acceptor and the connection threads.
+struct MemoryService {
     key: ClusterKey,
     config: ServerConfig,
     listener: TcpListener,
@@ -140,7 +142,7 @@ struct Shared {
 ///
 /// Dropping it shuts it down (see [`MemoryServer::shutdown`]).
 pub struct MemoryServer {
-    shared: Arc<Shared>,
+    service: Arc<MemoryService>,
     local_addr: SocketAddr,
     acceptor: Mutex<Option<JoinHandle<()>>>,
     /// Disconnects once the acceptor and every connection thread have exited.
@@ -178,7 +180,7 @@ impl MemoryServer {
         let local_addr = listener
             .local_addr()
             .map_err(|source| BindError::LocalAddr { source })?;
-        let shared = Arc::new(Shared {
+        let service = Arc::new(MemoryService {
             key,
             config,
             listener,
@@ -190,15 +192,15 @@ impl MemoryServer {
         });
         let (alive, threads_exited) = mpsc::channel();
         let acceptor = {
-            let shared = Arc::clone(&shared);
+            let service = Arc::clone(&service);
             thread::Builder::new()
                 .name("sf-mem-accept".into())
-                .spawn(move || accept_loop(&shared, alive))
+                .spawn(move || accept_loop(&service, alive))
                 .map_err(|source| BindError::Spawn { source })?
         };
-        tracing::info!(%local_addr, key = ?shared.key, "memory server listening");
+        tracing::info!(%local_addr, key = ?service.key, "memory server listening");
         Ok(MemoryServer {
-            shared,
+            service,
             local_addr,
             acceptor: Mutex::new(Some(acceptor)),
             threads_exited: Mutex::new(threads_exited),
@@ -213,12 +215,7 @@ impl MemoryServer {
     /// Starts serving `family` from `store`, replacing any store it had.
     pub fn register(&self, family: u64, store: Arc<dyn PageStore>) {
         let pages = store.page_count();
-        let previous = self
-            .shared
-            .families
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(family, store);
+        let previous = write(&self.service.families).insert(family, store);
         tracing::info!(
             family = format_args!("{family:#x}"),
             pages,
@@ -230,13 +227,7 @@ impl MemoryServer {
     /// Stops serving `family`; later requests for it get [`ErrorCode::UnknownFamily`].
     /// Returns whether it was served.
     pub fn unregister(&self, family: u64) -> bool {
-        let removed = self
-            .shared
-            .families
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&family)
-            .is_some();
+        let removed = write(&self.service.families).remove(&family).is_some();
         tracing::info!(
             family = format_args!("{family:#x}"),
             removed,
@@ -247,7 +238,7 @@ impl MemoryServer {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> ServerStats {
-        let c = &self.shared.counters;
+        let c = &self.service.counters;
         ServerStats {
             connections: c.connections.load(Ordering::Relaxed),
             active_connections: c.active_connections.load(Ordering::Relaxed),
@@ -265,26 +256,26 @@ impl MemoryServer {
     /// after that (a [`PageStore::read_page`] that does not return) are left to finish on
     /// their own, and a warning is logged. Calling it again does nothing.
     pub fn shutdown(&self) {
-        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+        if self.service.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
-        // SAFETY: the listener's fd stays open for this call: `self.shared` holds the
+        // SAFETY: the listener's fd stays open for this call: `self.service` holds the
         // `TcpListener` that owns it. shutdown(2) does not close the fd, it only wakes the
         // acceptor's blocked accept(2), which then fails with EINVAL.
-        let rc = unsafe { libc::shutdown(self.shared.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        let rc = unsafe { libc::shutdown(self.service.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if rc != 0 {
             tracing::warn!(
                 error = %io::Error::last_os_error(),
                 "could not shut down the memory server's listening socket"
             );
         }
-        let connections = lock(&self.shared.connections).take().unwrap_or_default();
+        let connections = lock(&self.service.connections).take().unwrap_or_default();
         for stream in connections.values() {
             // The connection may already be closing; its thread handles the outcome.
             let _ = stream.shutdown(Shutdown::Both);
         }
         let all_exited =
-            match lock(&self.threads_exited).recv_timeout(self.shared.config.shutdown_timeout) {
+            match lock(&self.threads_exited).recv_timeout(self.service.config.shutdown_timeout) {
                 Ok(never) => match never {},
                 Err(RecvTimeoutError::Disconnected) => true,
                 Err(RecvTimeoutError::Timeout) => false,
@@ -301,7 +292,7 @@ impl MemoryServer {
         }
         if !all_exited {
             tracing::warn!(
-                timeout = ?self.shared.config.shutdown_timeout,
+                timeout = ?self.service.config.shutdown_timeout,
                 "memory server connection threads still running after shutdown"
             );
         }
@@ -319,14 +310,14 @@ impl Drop for MemoryServer {
     }
 }
 
-fn accept_loop(shared: &Arc<Shared>, alive: Sender<Never>) {
+fn accept_loop(service: &Arc<MemoryService>, alive: Sender<Never>) {
     loop {
-        let accepted = shared.listener.accept();
-        if shared.stopping.load(Ordering::SeqCst) {
+        let accepted = service.listener.accept();
+        if service.stopping.load(Ordering::SeqCst) {
             return;
         }
         match accepted {
-            Ok((stream, peer)) => start_connection(shared, stream, peer, &alive),
+            Ok((stream, peer)) => start_connection(service, stream, peer, &alive),
             Err(error) => {
                 tracing::warn!(%error, "memory server accept failed");
                 // Out of fds or memory: back off instead of spinning on the same error.
@@ -342,14 +333,14 @@ fn accept_loop(shared: &Arc<Shared>, alive: Sender<Never>) {
 }
 
 fn start_connection(
-    shared: &Arc<Shared>,
+    service: &Arc<MemoryService>,
     stream: TcpStream,
     peer: SocketAddr,
     alive: &Sender<Never>,
 ) {
-    let counters = &shared.counters;
+    let counters = &service.counters;
     counters.connections.fetch_add(1, Ordering::Relaxed);
-    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    let id = service.next_connection.fetch_add(1, Ordering::Relaxed);
     let handle = match stream.try_clone() {
         Ok(handle) => handle,
         Err(error) => {
@@ -358,15 +349,15 @@ fn start_connection(
         }
     };
     {
-        let mut connections = lock(&shared.connections);
+        let mut connections = lock(&service.connections);
         let Some(connections) = connections.as_mut() else {
             return;
         };
-        if connections.len() >= shared.config.max_connections {
+        if connections.len() >= service.config.max_connections {
             counters.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 %peer,
-                max = shared.config.max_connections,
+                max = service.config.max_connections,
                 "memory server at its connection limit; closing the new connection"
             );
             return;
@@ -374,26 +365,26 @@ fn start_connection(
         connections.insert(id, handle);
     }
     counters.active_connections.fetch_add(1, Ordering::Relaxed);
-    let thread_shared = Arc::clone(shared);
+    let thread_service = Arc::clone(service);
     let alive = alive.clone();
     let spawned = thread::Builder::new()
         .name(format!("sf-mem-conn-{id}"))
         .spawn(move || {
             let _alive = alive;
-            serve_connection(&thread_shared, stream, peer);
-            end_connection(&thread_shared, id);
+            serve_connection(&thread_service, stream, peer);
+            end_connection(&thread_service, id);
         });
     if let Err(error) = spawned {
         tracing::warn!(%peer, %error, "could not start a memory server connection thread");
-        end_connection(shared, id);
+        end_connection(service, id);
     }
 }
 
-fn end_connection(shared: &Shared, id: u64) {
-    if let Some(connections) = lock(&shared.connections).as_mut() {
+fn end_connection(service: &MemoryService, id: u64) {
+    if let Some(connections) = lock(&service.connections).as_mut() {
         connections.remove(&id);
     }
-    shared
+    service
         .counters
         .active_connections
         .fetch_sub(1, Ordering::Relaxed);
@@ -422,17 +413,17 @@ enum ConnectionError {
     UnexpectedFrame { kind: &'static str },
 }
 
-fn serve_connection(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
+fn serve_connection(service: &MemoryService, mut stream: TcpStream, peer: SocketAddr) {
     let span = tracing::debug_span!("memory_connection", %peer);
     let _entered = span.enter();
-    let result = authenticate(shared, &mut stream).and_then(|()| {
+    let result = authenticate(service, &mut stream).and_then(|()| {
         tracing::debug!("client authenticated");
-        serve_requests(shared, &mut stream)
+        serve_requests(service, &mut stream)
     });
-    let counters = &shared.counters;
+    let counters = &service.counters;
     match result {
         Ok(()) => tracing::debug!("client closed the connection"),
-        Err(_) if shared.stopping.load(Ordering::SeqCst) => {
+        Err(_) if service.stopping.load(Ordering::SeqCst) => {
             tracing::debug!("connection closed by shutdown");
         }
         Err(ConnectionError::Auth(error)) => {
@@ -452,20 +443,20 @@ fn serve_connection(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-fn authenticate(shared: &Shared, stream: &mut TcpStream) -> Result<(), ConnectionError> {
+fn authenticate(service: &MemoryService, stream: &mut TcpStream) -> Result<(), ConnectionError> {
     stream
         .set_nodelay(true)
-        .and_then(|()| stream.set_read_timeout(Some(shared.config.handshake_timeout)))
-        .and_then(|()| stream.set_write_timeout(Some(shared.config.write_timeout)))
+        .and_then(|()| stream.set_read_timeout(Some(service.config.handshake_timeout)))
+        .and_then(|()| stream.set_write_timeout(Some(service.config.write_timeout)))
         .map_err(ConnectionError::Configure)?;
-    auth::server_handshake(stream, &shared.key, PAGES_CONTEXT).map_err(ConnectionError::Auth)?;
+    auth::server_handshake(stream, &service.key, PAGES_CONTEXT).map_err(ConnectionError::Auth)?;
     // Authenticated clients ask for pages whenever their guests fault: no read deadline.
     stream
         .set_read_timeout(None)
         .map_err(ConnectionError::Configure)
 }
 
-fn serve_requests(shared: &Shared, stream: &mut TcpStream) -> Result<(), ConnectionError> {
+fn serve_requests(service: &MemoryService, stream: &mut TcpStream) -> Result<(), ConnectionError> {
     let mut input = vec![0u8; READ_BUFFER_LEN];
     let mut filled = 0;
     let mut replies = Vec::with_capacity(wire::MAX_REQUEST_LEN);
@@ -487,9 +478,9 @@ fn serve_requests(shared: &Shared, stream: &mut TcpStream) -> Result<(), Connect
             match wire::decode(&input[consumed..filled]) {
                 Ok((Frame::Request(request), used)) => {
                     consumed += used;
-                    answer(shared, &request, &mut page, &mut replies);
+                    answer(service, &request, &mut page, &mut replies);
                     if replies.len() >= MAX_PENDING_REPLY_LEN {
-                        send(shared, stream, &mut replies)?;
+                        send(service, stream, &mut replies)?;
                     }
                 }
                 Ok((Frame::Page(_), _)) => {
@@ -503,7 +494,7 @@ fn serve_requests(shared: &Shared, stream: &mut TcpStream) -> Result<(), Connect
             }
         };
         // Replies to the well-formed requests before a bad frame still go out.
-        send(shared, stream, &mut replies)?;
+        send(service, stream, &mut replies)?;
         outcome?;
         input.copy_within(consumed..filled, 0);
         filled -= consumed;
@@ -512,19 +503,14 @@ fn serve_requests(shared: &Shared, stream: &mut TcpStream) -> Result<(), Connect
 
 /// Appends one reply per requested page to `replies`.
 fn answer(
-    shared: &Shared,
+    service: &MemoryService,
     request: &wire::Request<'_>,
     page_buf: &mut [u8; PAGE_SIZE],
     replies: &mut Vec<u8>,
 ) {
     let family = request.family;
-    let store = shared
-        .families
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(&family)
-        .cloned();
-    let counters = &shared.counters;
+    let store = read(&service.families).get(&family).cloned();
+    let counters = &service.counters;
     let Some(store) = store else {
         tracing::debug!(
             family = format_args!("{family:#x}"),
@@ -585,7 +571,7 @@ fn answer(
 }
 
 fn send(
-    shared: &Shared,
+    service: &MemoryService,
     stream: &mut TcpStream,
     replies: &mut Vec<u8>,
 ) -> Result<(), ConnectionError> {
@@ -593,7 +579,7 @@ fn send(
         return Ok(());
     }
     stream.write_all(replies).map_err(ConnectionError::Write)?;
-    shared
+    service
         .counters
         .bytes_served
         .fetch_add(replies.len() as u64, Ordering::Relaxed);

@@ -1,6 +1,10 @@
-//! Synchronisation helpers shared by the server and the client.
+//! Synchronisation helpers of the crate: locks that survive a panicked holder, and the
+//! message type of "alive" channels.
 
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
+use std::time::Duration;
 
 /// Locks `mutex`, even if a thread panicked while holding it.
 ///
@@ -18,6 +22,19 @@ pub(crate) fn read<T>(rwlock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 /// Write-locks `rwlock`, even if a thread panicked while holding it (see [`lock`]).
 pub(crate) fn write<T>(rwlock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     rwlock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Waits on `condvar` with `guard`'s lock for at most `timeout`, and takes the lock back even
+/// if a thread panicked while holding it (see [`lock`]).
+pub(crate) fn wait_timeout<'a, T>(
+    condvar: &Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: Duration,
+) -> MutexGuard<'a, T> {
+    condvar
+        .wait_timeout(guard, timeout)
+        .unwrap_or_else(PoisonError::into_inner)
+        .0
 }
 
 /// A type with no values.

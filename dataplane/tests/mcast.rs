@@ -38,8 +38,11 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Bound of one `ip`/`tc` command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Serializes the tests of this file.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Takes [`SERIAL`]. It guards nothing but the order of the tests, so a test that panicked
+/// holding it leaves nothing half-done: the next one may go on.
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -12,9 +12,9 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -41,10 +41,10 @@ const GENERATION: u32 = 7;
 /// Pages registered for `FAMILY`: fragment `n` carries page `n`.
 const PAGES: u64 = 1 << 20;
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Takes [`SERIAL`]. It guards nothing but the order of the tests, so a test that panicked
+/// holding it leaves nothing half-done: the next one may go on.
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn format_mac(mac: [u8; 6]) -> String {
@@ -710,7 +710,7 @@ fn measure_burst(xdp_mode: XdpMode, config: XskConfig, label: &str) {
 
 #[test]
 fn bind_on_veth_runs_in_copy_mode_and_reports_refusals() {
-    let _serial = lock();
+    let _serial = serial();
     let fds_before = open_fds();
     let pair = VethPair::create();
     let ifname = pair.receiver.clone();
@@ -814,7 +814,7 @@ fn xsk_socket_is_send() {
 
 #[test]
 fn native_xdp_redirects_fragments_to_the_socket_intact() {
-    let _serial = lock();
+    let _serial = serial();
     let result = check_exchange(
         Exchange {
             xdp_mode: XdpMode::Native,
@@ -854,7 +854,7 @@ fn native_xdp_redirects_fragments_to_the_socket_intact() {
 
 #[test]
 fn generic_xdp_redirects_fragments_to_the_socket_intact() {
-    let _serial = lock();
+    let _serial = serial();
     // Fewer frames than fragments and a fill ring smaller than the UMEM: frames are reused,
     // and some wait outside the fill ring for room.
     let small = XskConfig {

@@ -39,13 +39,14 @@
 
 pub mod abi;
 mod presence;
+mod sync;
 mod sys;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, XskMap};
 use aya::programs::links::Link as _;
@@ -56,6 +57,7 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use crate::abi::{FAMILIES_MAX, FamilyEntry, PRESENCE_WORDS, XSKS_MAX};
 pub use crate::presence::FamilyBits;
 use crate::presence::PresenceBitmap;
+use crate::sync::lock;
 use crate::sys::SharedWords;
 
 /// The compiled XDP program (built by `build.rs`).
@@ -385,7 +387,7 @@ impl McdistXdp {
         if pages == 0 {
             return Err(FamilyError::NoPages { family });
         }
-        let mut maps = self.lock_maps();
+        let mut maps = lock(&self.maps);
         if maps.registered.contains_key(&family) {
             return Err(FamilyError::AlreadyRegistered { family });
         }
@@ -420,7 +422,7 @@ impl McdistXdp {
     /// Unregisters `family`: the program passes its fragments to the kernel from now on. Its
     /// bitmap range is freed once every [`FamilyBits`] clone of it is dropped.
     pub fn remove_family(&self, family: u64) -> Result<(), FamilyError> {
-        let mut maps = self.lock_maps();
+        let mut maps = lock(&self.maps);
         if !maps.registered.contains_key(&family) {
             return Err(FamilyError::NotRegistered { family });
         }
@@ -438,7 +440,7 @@ impl McdistXdp {
         if queue >= XSKS_MAX {
             return Err(SocketMapError::QueueOutOfRange { queue });
         }
-        self.lock_maps()
+        lock(&self.maps)
             .xsks
             .set(queue, fd.as_fd(), 0)
             .map_err(|source| SocketMapError::Map { queue, source })?;
@@ -452,7 +454,7 @@ impl McdistXdp {
         if queue >= XSKS_MAX {
             return Err(SocketMapError::QueueOutOfRange { queue });
         }
-        self.lock_maps()
+        lock(&self.maps)
             .xsks
             .unset(queue)
             .map_err(|source| SocketMapError::Map { queue, source })?;
@@ -480,11 +482,6 @@ impl McdistXdp {
     /// What was attached where.
     pub fn info(&self) -> XdpInfo {
         self.info.clone()
-    }
-
-    fn lock_maps(&self) -> std::sync::MutexGuard<'_, MapState> {
-        // Every update leaves the maps consistent, so a panic elsewhere poisons nothing real.
-        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
+use crate::sync::lock;
 use crate::sys::SharedWords;
 
 /// First-fit allocator of word ranges in the bitmap.
@@ -72,11 +73,7 @@ impl PresenceBitmap {
     /// The range returns to the free space when the last clone of the handle is dropped.
     pub(crate) fn allocate(self: &Arc<Self>, pages: u64) -> Option<FamilyBits> {
         let words = pages.div_ceil(64);
-        let first_word = self
-            .allocator
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .allocate(words)?;
+        let first_word = lock(&self.allocator).allocate(words)?;
         // A freed range may still hold bits of its previous family.
         for index in first_word..first_word + words {
             if let Some(word) = usize::try_from(index).ok().and_then(|i| self.words.word(i)) {
@@ -102,11 +99,7 @@ struct FamilyRange {
 
 impl Drop for FamilyRange {
     fn drop(&mut self) {
-        self.bitmap
-            .allocator
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .free(self.first_word);
+        lock(&self.bitmap.allocator).free(self.first_word);
     }
 }
 

@@ -7,9 +7,9 @@
 //!
 //! A loop thread runs io_uring: a multishot receive takes its buffers from a ring of
 //! provided buffers, and every datagram completed since the last wait goes to the
-//! [`ReceiverCore`] as one batch (the core does everything else, see
-//! [`receiver_core`](super::receiver_core)); an eventfd read wakes the loop for an earlier
-//! timer or to stop, and the wait's own timeout is the core's next deadline.
+//! [`ReceiverCore`] as one batch (the core does everything else); an eventfd read wakes the
+//! loop for an earlier timer or to stop, and the wait's own timeout is the core's next
+//! deadline.
 //!
 //! ```no_run
 //! use std::net::{Ipv4Addr, SocketAddrV4};
@@ -51,14 +51,16 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use super::config::ReceiverConfig;
+use super::family::{FamilyJoin, HeldPages, JoinError};
+use super::outgoing::RequestTransport;
+use super::receiver_core::ReceiverCore;
+use super::stats::ReceiverStats;
+use super::uring::{self, PathCounters, SocketLoop};
+use super::xdp_path::{XdpPath, XdpPathError, XdpReceiveConfig, XdpReceiveStatus};
 use crate::auth::ClusterKey;
 use crate::client::PageSink;
-use crate::mcast::receiver_core::{
-    FamilyJoin, HeldPages, JoinError, ReceiverConfig, ReceiverCore, ReceiverStats, RequestTransport,
-};
 use crate::mcast::sys::EventFd;
-use crate::mcast::uring::{self, PathCounters, SocketLoop};
-use crate::mcast::xdp_path::{XdpPath, XdpPathError, XdpReceiveConfig, XdpReceiveStatus};
 use crate::sync::{Never, lock};
 
 /// Receive buffer asked for the socket (the kernel caps it at `net.core.rmem_max`).

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use snowflock_ebpf::{AttachConfig, FamilyBits, McdistXdp, XdpCounters, XdpMode};
 
-use crate::mcast::receiver_core::{FamilyJoin, HeldPages, JoinError, ReceiverCore};
+use super::family::{FamilyJoin, HeldPages, JoinError};
+use super::receiver_core::ReceiverCore;
 use crate::mcast::wire::{MAX_FRAGMENT_MTU, XDP_COPY_HEADROOM};
 use crate::netdev;
 use crate::sync::lock;
@@ -255,6 +256,46 @@ fn queue_thread(
     }
 }
 
+/// The RX queues that get a socket: the configured ones, or every channel in use.
+fn receive_queues(config: &XdpReceiveConfig, device: &netdev::DeviceInfo) -> Vec<u32> {
+    if config.queues.is_empty() {
+        // The channels in use, not the queues allocated (veth allocates one per CPU
+        // but runs one).
+        let active = device
+            .channels
+            .map(|c| c.rx + c.combined)
+            .filter(|&n| n > 0)
+            .unwrap_or(device.rx_queues);
+        (0..active.max(1)).collect()
+    } else {
+        config.queues.clone()
+    }
+}
+
+/// Binds a socket to each of `queues` and steers the queue's fragments to it.
+fn bind_queues(
+    program: &McdistXdp,
+    ifindex: u32,
+    queues: &[u32],
+    config: &XdpReceiveConfig,
+) -> Result<Vec<XskSocket>, XdpPathError> {
+    let mut sockets = Vec::with_capacity(queues.len());
+    for &queue in queues {
+        let socket = bind_with_retry(ifindex, queue, &config.socket).map_err(|source| {
+            XdpPathError::Bind {
+                ifname: config.ifname.clone(),
+                queue,
+                source,
+            }
+        })?;
+        program
+            .set_socket(queue, socket.as_fd())
+            .map_err(|source| XdpPathError::SocketMap { queue, source })?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
 impl XdpPath {
     /// Attaches the program to `config.ifname` (in the calling thread's network namespace),
     /// binds a socket per queue and starts their threads, which feed `core`.
@@ -287,33 +328,8 @@ impl XdpPath {
             source: Box::new(source),
         })?;
         let info = program.info();
-        let queues = if config.queues.is_empty() {
-            // The channels in use, not the queues allocated (veth allocates one per CPU
-            // but runs one).
-            let active = device
-                .channels
-                .map(|c| c.rx + c.combined)
-                .filter(|&n| n > 0)
-                .unwrap_or(device.rx_queues);
-            (0..active.max(1)).collect()
-        } else {
-            config.queues.clone()
-        };
-        let mut sockets = Vec::with_capacity(queues.len());
-        for &queue in &queues {
-            let socket =
-                bind_with_retry(info.ifindex, queue, &config.socket).map_err(|source| {
-                    XdpPathError::Bind {
-                        ifname: config.ifname.clone(),
-                        queue,
-                        source,
-                    }
-                })?;
-            program
-                .set_socket(queue, socket.as_fd())
-                .map_err(|source| XdpPathError::SocketMap { queue, source })?;
-            sockets.push(socket);
-        }
+        let queues = receive_queues(config, &device);
+        let sockets = bind_queues(&program, info.ifindex, &queues, config)?;
         let zero_copy = sockets.iter().all(|s| s.mode() == XskMode::ZeroCopy);
         let mut path = XdpPath {
             program: Mutex::new(Some(Arc::new(program))),

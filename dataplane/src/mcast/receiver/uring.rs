@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, types};
 
-use crate::mcast::receiver_core::ReceiverCore;
+use super::receiver_core::ReceiverCore;
 use crate::mcast::sys::EventFd;
 use crate::mcast::wire::MAX_DATAGRAM_LEN;
 use crate::sync::Never;
@@ -252,6 +252,16 @@ pub(crate) fn spawn(parts: SocketLoop, alive: Sender<Never>) -> io::Result<JoinH
     }
 }
 
+/// What the receive's completions gave since the loop last handed datagrams to the core.
+struct Harvest {
+    /// Buffers holding a datagram, and its length.
+    received: Vec<(u16, usize)>,
+    /// Buffers to give back to the ring.
+    returned: Vec<u16>,
+    /// Receive errors since the last success.
+    errors_in_a_row: u32,
+}
+
 /// Pending operations of the loop.
 #[derive(Default)]
 struct Armed {
@@ -263,7 +273,7 @@ fn push(ring: &mut IoUring, entry: &io_uring::squeue::Entry) -> bool {
     // SAFETY: every entry pushed here refers only to the socket and eventfd (kept open by
     // `SocketLoop` until the loop ends), the provided-buffer ring (registered and alive until
     // after the final completions), and `wake_buf` (alive until after its read completed or
-    // was cancelled; see `run`).
+    // was cancelled; see `run` and `release`).
     unsafe { ring.submission().push(entry).is_ok() }
 }
 
@@ -279,15 +289,17 @@ fn run(mut ring: IoUring, mut buffers: BufferRing, parts: &SocketLoop) {
         .build()
         .user_data(WAKE);
     let mut armed = Armed::default();
-    let mut received: Vec<(u16, usize)> = Vec::with_capacity(usize::from(BUFFER_COUNT));
-    let mut returned: Vec<u16> = Vec::with_capacity(usize::from(BUFFER_COUNT));
-    let mut errors_in_a_row = 0u32;
+    let mut harvest = Harvest {
+        received: Vec::with_capacity(usize::from(BUFFER_COUNT)),
+        returned: Vec::with_capacity(usize::from(BUFFER_COUNT)),
+        errors_in_a_row: 0,
+    };
     let mut deadline = parts.core.tick();
     while !parts.stopping.load(Ordering::SeqCst) {
         if !armed.recv {
-            if errors_in_a_row >= ERROR_BURST {
+            if harvest.errors_in_a_row >= ERROR_BURST {
                 thread::sleep(ERROR_PAUSE);
-                errors_in_a_row = 0;
+                harvest.errors_in_a_row = 0;
             }
             armed.recv = push(&mut ring, &recv);
         }
@@ -308,40 +320,7 @@ fn run(mut ring: IoUring, mut buffers: BufferRing, parts: &SocketLoop) {
         let mut woken = false;
         for cqe in ring.completion() {
             match cqe.user_data() {
-                RECV => {
-                    let flags = cqe.flags();
-                    if !cqueue::more(flags) {
-                        armed.recv = false;
-                    }
-                    let result = cqe.result();
-                    if let Some(bid) = cqueue::buffer_select(flags) {
-                        let len = usize::try_from(result).unwrap_or(0);
-                        if len > MAX_DATAGRAM_LEN {
-                            parts.counters.truncated.fetch_add(1, Ordering::Relaxed);
-                            returned.push(bid);
-                        } else {
-                            received.push((bid, len));
-                        }
-                    }
-                    if result >= 0 {
-                        errors_in_a_row = 0;
-                    } else if result == -libc::ENOBUFS {
-                        parts
-                            .counters
-                            .buffers_exhausted
-                            .fetch_add(1, Ordering::Relaxed);
-                    } else if result != -libc::ECANCELED {
-                        errors_in_a_row += 1;
-                        parts
-                            .counters
-                            .receive_errors
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(
-                            error = %io::Error::from_raw_os_error(-result),
-                            "mcdist receive failed"
-                        );
-                    }
-                }
+                RECV => on_receive(&cqe, &parts.counters, &mut armed, &mut harvest),
                 WAKE => {
                     armed.wake = false;
                     woken = true;
@@ -349,12 +328,16 @@ fn run(mut ring: IoUring, mut buffers: BufferRing, parts: &SocketLoop) {
                 _ => {}
             }
         }
-        if !received.is_empty() {
-            parts.core.on_datagrams(buffers.datagrams(&received));
-            returned.extend(received.drain(..).map(|(bid, _)| bid));
+        if !harvest.received.is_empty() {
+            parts
+                .core
+                .on_datagrams(buffers.datagrams(&harvest.received));
+            harvest
+                .returned
+                .extend(harvest.received.drain(..).map(|(bid, _)| bid));
         }
-        if !returned.is_empty() {
-            for bid in returned.drain(..) {
+        if !harvest.returned.is_empty() {
+            for bid in harvest.returned.drain(..) {
                 buffers.provide(bid);
             }
             buffers.publish();
@@ -363,6 +346,49 @@ fn run(mut ring: IoUring, mut buffers: BufferRing, parts: &SocketLoop) {
             deadline = parts.core.tick();
         }
     }
+    release(ring, buffers, wake_buf, armed);
+}
+
+/// Takes one completion of the multishot receive: the datagram's buffer goes to
+/// `harvest.received`, or straight back if the datagram was too long; errors are counted.
+fn on_receive(
+    cqe: &cqueue::Entry,
+    counters: &PathCounters,
+    armed: &mut Armed,
+    harvest: &mut Harvest,
+) {
+    let flags = cqe.flags();
+    if !cqueue::more(flags) {
+        armed.recv = false;
+    }
+    let result = cqe.result();
+    if let Some(bid) = cqueue::buffer_select(flags) {
+        let len = usize::try_from(result).unwrap_or(0);
+        if len > MAX_DATAGRAM_LEN {
+            counters.truncated.fetch_add(1, Ordering::Relaxed);
+            harvest.returned.push(bid);
+        } else {
+            harvest.received.push((bid, len));
+        }
+    }
+    if result >= 0 {
+        harvest.errors_in_a_row = 0;
+    } else if result == -libc::ENOBUFS {
+        counters.buffers_exhausted.fetch_add(1, Ordering::Relaxed);
+    } else if result != -libc::ECANCELED {
+        harvest.errors_in_a_row += 1;
+        counters.receive_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            error = %io::Error::from_raw_os_error(-result),
+            "mcdist receive failed"
+        );
+    }
+}
+
+/// Ends the loop's operations, then frees the ring, the receive buffers and `wake_buf`; if
+/// some operation is still pending after [`CANCEL_TIMEOUT`], leaks the memory the kernel may
+/// still write into instead.
+fn release(mut ring: IoUring, buffers: BufferRing, wake_buf: Box<[u8; 8]>, mut armed: Armed) {
     if cancel_all(&mut ring, &mut armed) {
         if let Err(error) = ring.submitter().unregister_buf_ring(BUFFER_GROUP) {
             tracing::debug!(%error, "unregistering the mcdist receive buffers");

@@ -1,0 +1,550 @@
+//! What the core does with a batch of received datagrams, one function per kind: a FRAGMENT
+//! is counted, dropped when its page is held, and completes its page from the batch's
+//! buffers or through reassembly; a REJECT fails its family once; what does not decode is
+//! counted by why; a REQUEST is not meant for a receiver.
+//!
+//! Decisions are taken under the state lock and gathered in a [`Batch`]; the pages are
+//! delivered and the failures reported after it is released.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+
+use super::config::ReceiverConfig;
+use super::family::{Bitmap, Family, HeldPages};
+use super::outgoing::Outgoing;
+use super::retry::admit;
+use super::state::State;
+use super::stats::{ReceiverStats, count};
+use crate::client::PageSink;
+use crate::mcast::reassembly::{Outcome, PageBuf, Reassembly};
+use crate::mcast::wire::{
+    self, Datagram, DecodeError, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, FragmentKey, Header,
+    McastKey, Reject,
+};
+use crate::wire::PAGE_SIZE;
+
+/// Where a family's completed pages go: its sink and its held-pages hook.
+type Destination = (Arc<dyn PageSink>, Option<Arc<dyn HeldPages>>);
+
+/// A completed page's bytes: reassembled, or the payloads of its fragments in the receive
+/// buffers, in page order.
+enum PageData<'a> {
+    Buffer(PageBuf),
+    Parts(Vec<&'a [u8]>),
+}
+
+/// A completed page on its way to a sink.
+struct Ready<'a> {
+    family: u64,
+    page: u64,
+    data: PageData<'a>,
+}
+
+/// Opens (checks the tag of, and decrypts in place) each datagram, with the FRAGMENT key of
+/// its family if it is joined at that generation.
+pub(super) fn open<'a>(
+    key: &McastKey,
+    fragment_keys: &HashMap<u64, (u32, FragmentKey)>,
+    datagrams: impl IntoIterator<Item = &'a mut [u8]>,
+) -> Vec<Result<Datagram<'a>, DecodeError>> {
+    datagrams
+        .into_iter()
+        .map(|bytes| {
+            wire::decode(key, bytes, |family, generation| {
+                fragment_keys
+                    .get(&family)
+                    .filter(|(joined, _)| *joined == generation)
+                    .map(|(_, key)| key)
+            })
+        })
+        .collect()
+}
+
+/// The pages of `decoded` all of whose fragments it holds, consistently (one count, distinct
+/// indices, payloads that tile the page): their payloads in page order. Tags are checked
+/// already; family, generation and range are checked by the caller as for any fragment.
+fn whole_pages<'a>(
+    decoded: &[Result<Datagram<'a>, DecodeError>],
+) -> HashMap<(u64, u64), Vec<&'a [u8]>> {
+    let mut groups: HashMap<(u64, u64), Vec<Fragment<'a>>> = HashMap::new();
+    for datagram in decoded {
+        if let Ok(Datagram::Fragment(header, fragment)) = datagram
+            && fragment.count > 1
+        {
+            groups
+                .entry((header.family, fragment.page))
+                .or_default()
+                .push(*fragment);
+        }
+    }
+    groups
+        .into_iter()
+        .filter_map(|(key, mut fragments)| {
+            let count = usize::from(fragments[0].count);
+            if fragments.len() != count || fragments.iter().any(|f| usize::from(f.count) != count) {
+                return None;
+            }
+            fragments.sort_unstable_by_key(|f| f.offset);
+            let mut next = 0usize;
+            let mut indices = 0u32;
+            for fragment in &fragments {
+                if usize::from(fragment.offset) != next {
+                    return None;
+                }
+                next += fragment.data.len();
+                indices |= 1 << fragment.index;
+            }
+            (next == PAGE_SIZE && indices.count_ones() as usize == count)
+                .then(|| (key, fragments.iter().map(|f| f.data).collect()))
+        })
+        .collect()
+}
+
+/// What one batch of datagrams decided under the state lock, to act on after it.
+pub(super) struct Batch<'a> {
+    now: Instant,
+    /// Pages all of whose fragments are in this batch: they complete from the receive
+    /// buffers, without a reassembly copy.
+    whole: HashMap<(u64, u64), Vec<&'a [u8]>>,
+    /// Pages completed from this batch's buffers: the rest of their fragments is skipped.
+    taken: HashSet<(u64, u64)>,
+    ready: Vec<Ready<'a>>,
+    failures: Vec<(Arc<dyn PageSink>, String)>,
+    sinks: HashMap<u64, Destination>,
+    /// Families whose completed requests made room for waiting pages.
+    refill: Vec<u64>,
+}
+
+impl<'a> Batch<'a> {
+    /// A batch of the datagrams `decoded`, received by `now`.
+    pub(super) fn new(decoded: &[Result<Datagram<'a>, DecodeError>], now: Instant) -> Batch<'a> {
+        Batch {
+            now,
+            whole: whole_pages(decoded),
+            taken: HashSet::new(),
+            ready: Vec::new(),
+            failures: Vec::new(),
+            sinks: HashMap::new(),
+            refill: Vec::new(),
+        }
+    }
+
+    /// Takes one datagram of the batch into account.
+    pub(super) fn handle(
+        &mut self,
+        state: &mut State,
+        datagram: Result<Datagram<'a>, DecodeError>,
+    ) {
+        state.stats.datagrams += 1;
+        match datagram {
+            Err(error) => on_undecodable(state, error),
+            Ok(Datagram::Fragment(header, fragment)) => self.on_fragment(state, &header, fragment),
+            Ok(Datagram::Reject(header, reject)) => self.on_reject(state, &header, &reject),
+            Ok(Datagram::Request(..)) => state.stats.malformed += 1,
+        }
+    }
+
+    fn on_fragment(&mut self, state: &mut State, header: &Header, fragment: Fragment<'a>) {
+        let Some(family) = state.families.get_mut(&header.family) else {
+            state.stats.not_ours += 1;
+            return;
+        };
+        family.stats.datagrams += 1;
+        if header.generation != family.join.generation || family.failed {
+            count(&mut state.stats, &mut family.stats, |s| s.not_ours += 1);
+            return;
+        }
+        if fragment.page >= family.join.pages {
+            count(&mut state.stats, &mut family.stats, |s| s.malformed += 1);
+            return;
+        }
+        count(&mut state.stats, &mut family.stats, |s| {
+            s.fragments += 1;
+            if header.flags & FRAGMENT_PUSH != 0 {
+                s.pushed_fragments += 1;
+            }
+            if header.flags & FRAGMENT_UNICAST != 0 {
+                s.unicast_fragments += 1;
+            }
+        });
+        let key = (header.family, fragment.page);
+        // The rest of a page completed from this batch's buffers.
+        if self.taken.contains(&key) {
+            return;
+        }
+        if family.held.get(fragment.page) {
+            count(&mut state.stats, &mut family.stats, |s| {
+                s.duplicate_fragments += 1;
+            });
+            return;
+        }
+        let (outcome, evicted) = self.assemble(&mut state.reassembly, header.family, &fragment);
+        state.stats.partials_dropped += evicted;
+        match outcome {
+            Outcome::Partial => {}
+            Outcome::Duplicate => count(&mut state.stats, &mut family.stats, |s| {
+                s.duplicate_fragments += 1;
+            }),
+            Outcome::Inconsistent => {
+                count(&mut state.stats, &mut family.stats, |s| s.malformed += 1);
+            }
+            Outcome::Complete(data) => {
+                self.complete(&mut state.stats, family, fragment.page, data);
+            }
+        }
+    }
+
+    /// Adds `fragment` to its page: from the batch's buffers if all its fragments are in the
+    /// batch and none was received before, else through reassembly. Returns the outcome and
+    /// the partial pages evicted to make room.
+    fn assemble(
+        &mut self,
+        reassembly: &mut Reassembly,
+        family: u64,
+        fragment: &Fragment<'a>,
+    ) -> (Outcome<PageData<'a>>, u64) {
+        let key = (family, fragment.page);
+        let whole = self
+            .whole
+            .remove(&key)
+            .filter(|_| !reassembly.is_partial(key.0, key.1));
+        match whole {
+            Some(parts) => {
+                self.taken.insert(key);
+                (Outcome::Complete(PageData::Parts(parts)), 0)
+            }
+            None => {
+                let (outcome, evicted) = reassembly.insert(family, fragment, self.now);
+                (outcome.map(PageData::Buffer), evicted)
+            }
+        }
+    }
+
+    /// `page` of `family` is complete: marks it held, ends its request (sampling the RTT, growing
+    /// the rate) and queues it for delivery.
+    fn complete(
+        &mut self,
+        global: &mut ReceiverStats,
+        family: &mut Family,
+        page: u64,
+        data: PageData<'a>,
+    ) {
+        let id = family.join.family;
+        family.held.set(page);
+        let early = match family.outstanding.remove(&page) {
+            Some(request) => {
+                family.retry_order.remove(&(request.retry_at, page));
+                // Karn: only pages never re-requested give a clean sample.
+                if request.retries == 0 {
+                    family.rtt.sample(
+                        self.now
+                            .saturating_duration_since(request.first_sent)
+                            .saturating_sub(request.queued_for),
+                    );
+                }
+                false
+            }
+            None => true,
+        };
+        if !early {
+            family.rate.on_completed();
+            family.completed_in_interval = family.completed_in_interval.saturating_add(1);
+            if !family.waiting.is_empty() && !self.refill.contains(&id) {
+                self.refill.push(id);
+            }
+        }
+        count(global, &mut family.stats, |s| {
+            s.pages_completed += 1;
+            if early {
+                s.early_pages += 1;
+            }
+        });
+        self.sinks
+            .entry(id)
+            .or_insert_with(|| (Arc::clone(&family.sink), family.hook.clone()));
+        self.ready.push(Ready {
+            family: id,
+            page,
+            data,
+        });
+    }
+
+    fn on_reject(&mut self, state: &mut State, header: &Header, reject: &Reject) {
+        let Some(family) = state.families.get_mut(&header.family) else {
+            state.stats.not_ours += 1;
+            return;
+        };
+        family.stats.datagrams += 1;
+        if header.generation != family.join.generation {
+            count(&mut state.stats, &mut family.stats, |s| s.not_ours += 1);
+            return;
+        }
+        count(&mut state.stats, &mut family.stats, |s| s.rejects += 1);
+        if family.failed {
+            return;
+        }
+        family.failed = true;
+        family.outstanding.clear();
+        family.retry_order.clear();
+        family.waiting.clear();
+        family.queued = Bitmap::new(family.join.pages);
+        let reason = format!(
+            "mcdist server {} rejected page {:#x} of family {:#x} \
+             (generation {:#x}): {}",
+            family.join.server, reject.page, header.family, header.generation, reject.code
+        );
+        tracing::warn!(%reason, "mcdist family failed");
+        self.failures.push((Arc::clone(&family.sink), reason));
+    }
+
+    /// Sends the waiting pages that the batch's completions made room for; returns the
+    /// earliest retry time that set.
+    pub(super) fn refill(
+        &self,
+        state: &mut State,
+        config: &ReceiverConfig,
+        outgoing: &Outgoing<'_>,
+    ) -> Option<Instant> {
+        let mut earliest: Option<Instant> = None;
+        for id in &self.refill {
+            let Some(family) = state.families.get_mut(id) else {
+                continue;
+            };
+            if family.failed {
+                continue;
+            }
+            if let Some(at) = admit(
+                config,
+                outgoing,
+                &mut state.scratch,
+                &mut state.stats,
+                family,
+                self.now,
+            ) {
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
+            }
+        }
+        earliest
+    }
+
+    /// Hands completed pages to their sinks, one batch per family, then to the hooks; then
+    /// reports the failed families.
+    pub(super) fn deliver(&mut self) {
+        for (&family, (sink, hook)) in &self.sinks {
+            let parts: Vec<(u64, Vec<&[u8]>)> = self
+                .ready
+                .iter()
+                .filter(|r| r.family == family)
+                .map(|r| match &r.data {
+                    PageData::Buffer(buf) => (r.page, vec![&buf[..]]),
+                    PageData::Parts(parts) => (r.page, parts.clone()),
+                })
+                .collect();
+            let batch: Vec<(u64, &[&[u8]])> = parts.iter().map(|(p, v)| (*p, &v[..])).collect();
+            sink.deliver_parts(&batch);
+            if let Some(hook) = hook {
+                for (page, _) in &batch {
+                    hook.held(family, *page);
+                }
+            }
+        }
+        for (sink, reason) in self.failures.drain(..) {
+            sink.failed(reason);
+        }
+    }
+
+    /// Whether pages were completed (and so may have reassembly buffers to give back).
+    pub(super) fn completed_any(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Gives the reassembled pages' buffers back for reuse.
+    pub(super) fn recycle(self, reassembly: &mut Reassembly) {
+        for page in self.ready {
+            if let PageData::Buffer(buf) = page.data {
+                reassembly.recycle(buf);
+            }
+        }
+    }
+}
+
+/// Counts a datagram that did not decode, by why.
+fn on_undecodable(state: &mut State, error: DecodeError) {
+    match error {
+        DecodeError::BadTag => state.stats.mac_failed += 1,
+        DecodeError::NoKey { family, .. } => match state.families.get_mut(&family) {
+            Some(family) => {
+                family.stats.datagrams += 1;
+                count(&mut state.stats, &mut family.stats, |s| s.not_ours += 1);
+            }
+            None => state.stats.not_ours += 1,
+        },
+        error => {
+            state.stats.malformed += 1;
+            tracing::trace!(%error, "dropped a malformed mcdist datagram");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{
+        FAMILY, GENERATION, decode_request, feed, fragments, key, setup,
+    };
+    use crate::auth::ClusterKey;
+    use crate::mcast::wire::{
+        self, Fragment, FragmentSealer, Header, McastKey, REQUEST_JOIN, REQUEST_LEAVE, Reject,
+        RejectCode,
+    };
+    use crate::wire::PAGE_SIZE;
+
+    #[test]
+    fn pages_are_delivered_once_and_announced_as_held() {
+        let (core, recorder, sink) = setup();
+        assert_eq!(
+            decode_request(&recorder.sent.lock().unwrap()[0]).0,
+            REQUEST_JOIN
+        );
+        core.request(FAMILY, &[3, 4, 3]);
+        let sent = recorder.sent.lock().unwrap().clone();
+        assert_eq!(decode_request(&sent[1]), (0, vec![3, 4]));
+        let page3 = fragments(FAMILY, GENERATION, 3, 0x33);
+        let page5 = fragments(FAMILY, GENERATION, 5, 0x55);
+        // Interleaved and repeated.
+        let order = [
+            &page3[2], &page5[0], &page3[0], &page3[2], &page5[1], &page3[1],
+        ];
+        feed(&core, order.iter().map(|d| d.as_slice()));
+        feed(&core, page5[2..].iter().map(|d| d.as_slice()));
+        feed(&core, page3.iter().map(|d| d.as_slice()));
+        let pages = sink.pages.lock().unwrap().clone();
+        assert_eq!(pages.len(), 2);
+        assert_eq!(pages[0], (3, vec![0x33; PAGE_SIZE]));
+        assert_eq!(pages[1], (5, vec![0x55; PAGE_SIZE]));
+        assert_eq!(*sink.held.lock().unwrap(), vec![(FAMILY, 3), (FAMILY, 5)]);
+        let stats = core.family_stats(FAMILY).unwrap();
+        assert_eq!(stats.pages_completed, 2);
+        assert_eq!(stats.early_pages, 1, "page 5 was never requested");
+        assert_eq!(stats.duplicate_fragments, 4);
+        assert_eq!(stats.outstanding, 1, "page 4 is still awaited");
+        assert!(core.holds(FAMILY, 5));
+        // A held page is not requested again.
+        core.request(FAMILY, &[3]);
+        assert_eq!(recorder.sent.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_page_whose_fragments_share_a_batch_is_delivered_from_them() {
+        let (core, _, sink) = setup();
+        let mut page7 = fragments(FAMILY, GENERATION, 7, 0x77);
+        page7.reverse();
+        let page8 = fragments(FAMILY, GENERATION, 8, 0x88);
+        // Page 7 whole and out of order, page 8 split over two batches.
+        let first: Vec<&[u8]> = page7
+            .iter()
+            .chain(&page8[..1])
+            .map(|d| d.as_slice())
+            .collect();
+        feed(&core, first);
+        feed(&core, page8[1..].iter().map(|d| d.as_slice()));
+        let pages = sink.pages.lock().unwrap().clone();
+        assert_eq!(
+            pages,
+            vec![(7, vec![0x77; PAGE_SIZE]), (8, vec![0x88; PAGE_SIZE])]
+        );
+        assert_eq!(
+            *sink.parts.lock().unwrap(),
+            vec![3, 1],
+            "7 from the buffers, 8 reassembled"
+        );
+        // A whole page again, and a page whose fragments contradict each other.
+        feed(&core, page7.iter().map(|d| d.as_slice()));
+        let mut forged_count = fragments(FAMILY, GENERATION, 9, 0x99);
+        forged_count.push(forged_count[0].clone());
+        feed(&core, forged_count.iter().map(|d| d.as_slice()));
+        let stats = core.family_stats(FAMILY).unwrap();
+        assert_eq!(stats.duplicate_fragments, 3 + 1, "{stats:?}");
+        assert_eq!(stats.pages_completed, 3, "{stats:?}");
+        assert_eq!(sink.pages.lock().unwrap()[2], (9, vec![0x99; PAGE_SIZE]));
+    }
+
+    #[test]
+    fn forged_and_foreign_datagrams_are_counted_and_dropped() {
+        let (core, _, sink) = setup();
+        let mut forged = fragments(FAMILY, GENERATION, 1, 9);
+        let last = forged[0].len() - 1;
+        forged[0][last] ^= 1;
+        let other_key = {
+            let sealer = FragmentSealer::new(
+                McastKey::new(&ClusterKey::from_bytes([4; 32])).fragment_key(FAMILY, GENERATION),
+            );
+            let mut out = Vec::new();
+            let header = Header {
+                flags: 0,
+                family: FAMILY,
+                generation: GENERATION,
+                sender: 0,
+            };
+            let data = [1u8; PAGE_SIZE];
+            let fragment = Fragment {
+                page: 1,
+                index: 0,
+                count: 1,
+                offset: 0,
+                data: &data,
+            };
+            wire::encode_fragment(&sealer, &mut out, &header, &fragment).unwrap();
+            out
+        };
+        let stale = fragments(FAMILY, GENERATION + 1, 1, 9);
+        let foreign = fragments(FAMILY + 1, GENERATION, 1, 9);
+        let beyond = fragments(FAMILY, GENERATION, 16, 9);
+        let all: Vec<&[u8]> = [&forged[0], &other_key, &stale[0], &foreign[0], &beyond[0]]
+            .into_iter()
+            .map(|d| d.as_slice())
+            .chain([&b"junk"[..]])
+            .collect();
+        feed(&core, all);
+        let stats = core.stats();
+        assert_eq!(stats.datagrams, 6);
+        assert_eq!(stats.mac_failed, 2);
+        assert_eq!(stats.not_ours, 2);
+        assert_eq!(stats.malformed, 2);
+        assert_eq!(stats.fragments, 0);
+        assert!(sink.pages.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_reject_fails_the_family_once() {
+        let (core, recorder, sink) = setup();
+        core.request(FAMILY, &[2]);
+        let mkey = McastKey::new(&key());
+        let mut out = Vec::new();
+        let header = Header {
+            flags: 0,
+            family: FAMILY,
+            generation: GENERATION,
+            sender: 0,
+        };
+        let reject = Reject {
+            page: 2,
+            code: RejectCode::OutOfRange,
+        };
+        wire::encode_reject(&mkey, &mut out, &header, &reject);
+        feed(&core, [out.as_slice(), out.as_slice()]);
+        let failures = sink.failures.lock().unwrap().clone();
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].contains("page out of range"), "{}", failures[0]);
+        assert_eq!(core.stats().rejects, 2);
+        assert_eq!(core.stats().outstanding, 0);
+        let before = recorder.sent.lock().unwrap().len();
+        core.request(FAMILY, &[3]);
+        assert_eq!(recorder.sent.lock().unwrap().len(), before);
+        assert!(core.leave(FAMILY));
+        let sent = recorder.sent.lock().unwrap().clone();
+        assert_eq!(decode_request(sent.last().unwrap()).0, REQUEST_LEAVE);
+        assert!(core.family_stats(FAMILY).is_none());
+    }
+}

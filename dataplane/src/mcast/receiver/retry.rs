@@ -1,0 +1,286 @@
+//! Requests in flight and the timers: admitting waiting pages into the window of
+//! `max_in_flight` awaited pages, re-requesting the pages whose timeout expired (with
+//! `RETRY`, then also `UNICAST_REPLY`), the periodic rate reports, and the partial pages'
+//! expiry.
+
+use std::time::{Duration, Instant};
+
+use super::config::ReceiverConfig;
+use super::family::Family;
+use super::outgoing::Outgoing;
+use super::rtt::{Outstanding, queueing};
+use super::state::State;
+use super::stats::{ReceiverStats, count};
+use crate::mcast::wire::{REQUEST_RETRY, REQUEST_UNICAST_REPLY};
+
+/// How long [`run_timers`] lets the transport sleep when nothing is pending.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// Re-requests the pages whose timeout expired, admits waiting pages, sends the reports that
+/// are due and drops timed-out partial pages. Returns when it wants to run next.
+pub(super) fn run_timers(
+    state: &mut State,
+    config: &ReceiverConfig,
+    outgoing: &Outgoing<'_>,
+    now: Instant,
+) -> Instant {
+    state.stats.partials_dropped += state.reassembly.expire(now);
+    let mut next = now + IDLE_TICK;
+    for family in state.families.values_mut() {
+        // A failed family waits to be left: it neither requests nor reports.
+        if family.failed {
+            continue;
+        }
+        retry_due(
+            config,
+            outgoing,
+            &mut state.scratch,
+            &mut state.stats,
+            family,
+            now,
+        );
+        admit(
+            config,
+            outgoing,
+            &mut state.scratch,
+            &mut state.stats,
+            family,
+            now,
+        );
+        if now >= family.next_report {
+            family.sample_goodput(now);
+            if family.rate.on_interval() {
+                count(&mut state.stats, &mut family.stats, |s| s.rate_cuts += 1);
+            }
+            outgoing.send(&mut state.scratch, family, &mut state.stats, 0, &[]);
+            family.next_report = now + config.report_interval;
+        }
+        next = next.min(family.next_report);
+        if let Some(&(retry_at, _)) = family.retry_order.first() {
+            next = next.min(retry_at);
+        }
+    }
+    if let Some(expiry) = state.reassembly.next_expiry() {
+        next = next.min(expiry);
+    }
+    next
+}
+
+/// Sends waiting pages of `family` while fewer than `max_in_flight` are awaited; returns
+/// the earliest retry time it set.
+pub(super) fn admit(
+    config: &ReceiverConfig,
+    outgoing: &Outgoing<'_>,
+    scratch: &mut Vec<u8>,
+    global: &mut ReceiverStats,
+    fam: &mut Family,
+    now: Instant,
+) -> Option<Instant> {
+    let room = config
+        .max_in_flight
+        .max(1)
+        .saturating_sub(fam.outstanding.len());
+    if room == 0 || fam.waiting.is_empty() {
+        return None;
+    }
+    let rto = fam.rtt.rto(config.rto_min, config.rto_max);
+    let pace = fam.pace();
+    let mut wanted = Vec::with_capacity(room.min(fam.waiting.len()));
+    let mut earliest = None;
+    while wanted.len() < room {
+        let Some(page) = fam.waiting.pop_front() else {
+            break;
+        };
+        fam.queued.clear(page);
+        if fam.held.get(page) {
+            continue;
+        }
+        let queued_for = queueing(fam.outstanding.len() + 1, pace);
+        let retry_at = now + rto + queued_for;
+        earliest.get_or_insert(retry_at);
+        fam.outstanding.insert(
+            page,
+            Outstanding {
+                first_sent: now,
+                queued_for,
+                retry_at,
+                retries: 0,
+            },
+        );
+        fam.retry_order.insert((retry_at, page));
+        wanted.push(page);
+    }
+    if !wanted.is_empty() {
+        outgoing.send(scratch, fam, global, 0, &wanted);
+    }
+    earliest
+}
+
+/// Re-requests the pages of `family` whose timeout expired by `now`.
+fn retry_due(
+    config: &ReceiverConfig,
+    outgoing: &Outgoing<'_>,
+    scratch: &mut Vec<u8>,
+    global: &mut ReceiverStats,
+    family: &mut Family,
+    now: Instant,
+) {
+    let mut due = Vec::new();
+    while let Some(&(retry_at, page)) = family.retry_order.first() {
+        if retry_at > now {
+            break;
+        }
+        family.retry_order.pop_first();
+        due.push(page);
+    }
+    if due.is_empty() {
+        return;
+    }
+    let rto = family.rtt.rto(config.rto_min, config.rto_max);
+    family
+        .rate
+        .on_loss(u32::try_from(due.len()).unwrap_or(u32::MAX));
+    let mut multicast = Vec::new();
+    let mut unicast = Vec::new();
+    let rate = family.pace();
+    // The pages still awaited in time are served before these.
+    let mut ahead = family.outstanding.len().saturating_sub(due.len());
+    for page in due {
+        let Some(request) = family.outstanding.get_mut(&page) else {
+            continue;
+        };
+        request.retries += 1;
+        ahead += 1;
+        // Linear, not exponential: losses here are mostly random, and a page someone
+        // faults on should not wait out a long backoff; overload is what the rate is for.
+        let backoff = rto
+            .saturating_mul(1 + request.retries.min(64))
+            .min(config.rto_max.max(rto));
+        request.retry_at = now + backoff + queueing(ahead, rate);
+        family.retry_order.insert((request.retry_at, page));
+        if request.retries >= config.unicast_after {
+            unicast.push(page);
+        } else {
+            multicast.push(page);
+        }
+    }
+    let retried = (multicast.len() + unicast.len()) as u64;
+    count(global, &mut family.stats, |s| s.re_requests += retried);
+    if !multicast.is_empty() {
+        outgoing.send(scratch, family, global, REQUEST_RETRY, &multicast);
+    }
+    if !unicast.is_empty() {
+        outgoing.send(
+            scratch,
+            family,
+            global,
+            REQUEST_RETRY | REQUEST_UNICAST_REPLY,
+            &unicast,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::super::test_support::{
+        Collect, FAMILY, GENERATION, Recorder, config, decode_request, feed, fragments, join, key,
+    };
+    use super::super::{ReceiverConfig, ReceiverCore};
+    use crate::mcast::wire::{REQUEST_RETRY, REQUEST_UNICAST_REPLY};
+
+    #[test]
+    fn requests_beyond_the_window_wait_and_go_out_as_pages_arrive() {
+        let recorder = Arc::new(Recorder::default());
+        let windowed = ReceiverConfig {
+            max_in_flight: 3,
+            ..config()
+        };
+        let core = ReceiverCore::new(windowed, &key(), recorder.clone());
+        let sink = Arc::new(Collect::default());
+        core.join(join(), sink.clone(), None).unwrap();
+        core.request(FAMILY, &[1, 2, 3, 4, 5, 6, 16]);
+        let requested = |from: usize| -> Vec<Vec<u64>> {
+            recorder.sent.lock().unwrap()[from..]
+                .iter()
+                .map(|d| decode_request(d).1)
+                .collect()
+        };
+        assert_eq!(requested(1), vec![vec![1, 2, 3]], "page 16 is out of range");
+        let stats = core.family_stats(FAMILY).unwrap();
+        assert_eq!((stats.outstanding, stats.queued), (6, 3));
+        // Page 5 arrives early (a sibling asked): it is not requested when its turn comes.
+        for page in [5, 1] {
+            feed(
+                &core,
+                fragments(FAMILY, GENERATION, page, 1)
+                    .iter()
+                    .map(|d| d.as_slice()),
+            );
+        }
+        assert_eq!(requested(2), vec![vec![4]], "one arrival, one more request");
+        feed(
+            &core,
+            fragments(FAMILY, GENERATION, 2, 2)
+                .iter()
+                .map(|d| d.as_slice()),
+        );
+        assert_eq!(
+            requested(3),
+            vec![vec![6]],
+            "page 5 is held, so page 6 goes"
+        );
+        let stats = core.family_stats(FAMILY).unwrap();
+        assert_eq!((stats.outstanding, stats.queued), (3, 0));
+        core.request(FAMILY, &[4, 5, 6]);
+        assert_eq!(recorder.sent.lock().unwrap().len(), 4, "awaited or held");
+    }
+
+    #[test]
+    fn expired_requests_are_retried_then_asked_unicast_and_the_rate_drops() {
+        let recorder = Arc::new(Recorder::default());
+        let reporting = ReceiverConfig {
+            report_interval: Duration::from_millis(20),
+            ..config()
+        };
+        let core = ReceiverCore::new(reporting, &key(), recorder.clone());
+        let sink = Arc::new(Collect::default());
+        core.join(join(), sink.clone(), Some(sink)).unwrap();
+        let initial = core.stats().rate;
+        core.request(FAMILY, &[1, 2]);
+        let mut flags_seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while flags_seen.len() < 2 && Instant::now() < deadline {
+            let next = core.tick();
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            let sent = recorder.sent.lock().unwrap().clone();
+            for datagram in &sent[2..] {
+                let (flags, pages) = decode_request(datagram);
+                if pages.is_empty() {
+                    // A rate report.
+                    continue;
+                }
+                assert_eq!(pages, vec![1, 2]);
+                if !flags_seen.contains(&flags) {
+                    flags_seen.push(flags);
+                }
+            }
+        }
+        assert_eq!(
+            flags_seen,
+            vec![REQUEST_RETRY, REQUEST_RETRY | REQUEST_UNICAST_REPLY]
+        );
+        // The cut comes with the next report interval.
+        while core.stats().rate_cuts == 0 && Instant::now() < deadline {
+            let next = core.tick();
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        let stats = core.stats();
+        assert!(stats.re_requests >= 4);
+        assert!(stats.unicast_requests >= 1);
+        assert!(stats.rate_cuts >= 1);
+        assert!(stats.rate < initial);
+    }
+}

@@ -1,0 +1,72 @@
+//! The receiver's counters ([`ReceiverStats`]), kept for the whole receiver and per family.
+
+/// Counters of a receiver (all families) or of one family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReceiverStats {
+    /// Datagrams handed to the core (family stats: those that decoded as this family's).
+    pub datagrams: u64,
+    /// Authenticated fragments of a joined family and generation.
+    pub fragments: u64,
+    /// Pages completed and delivered.
+    pub pages_completed: u64,
+    /// Of those, pages this host had not requested (arrived for a sibling, or pushed).
+    pub early_pages: u64,
+    /// Fragments dropped because their page was already held or the fragment had arrived.
+    pub duplicate_fragments: u64,
+    /// Datagrams with a wrong tag (forged or corrupted).
+    pub mac_failed: u64,
+    /// Datagrams that were short, of another version, kind or shape, inconsistent with the
+    /// other fragments of their page, for a page past the family's end, or not meant for a
+    /// receiver.
+    pub malformed: u64,
+    /// Authenticated datagrams of a family this host has not joined, or of another generation.
+    pub not_ours: u64,
+    /// Partial pages dropped (timed out or evicted by newer ones).
+    pub partials_dropped: u64,
+    /// REQUEST datagrams sent (page requests, re-requests, reports, JOIN, LEAVE).
+    pub requests_sent: u64,
+    /// Pages requested for the first time.
+    pub pages_requested: u64,
+    /// Pages requested again after their timeout.
+    pub re_requests: u64,
+    /// REQUEST datagrams sent with `UNICAST_REPLY`.
+    pub unicast_requests: u64,
+    /// Report-only REQUESTs sent (no pages).
+    pub reports_sent: u64,
+    /// REQUESTs the transport failed to send.
+    pub send_errors: u64,
+    /// REJECTs received for a joined family.
+    pub rejects: u64,
+    /// Fragments that came with the `UNICAST` flag.
+    pub unicast_fragments: u64,
+    /// Fragments that came with the `PUSH` flag.
+    pub pushed_fragments: u64,
+    /// Times the rate was halved.
+    pub rate_cuts: u64,
+    /// The current rate estimate, pages/s (receiver stats: the lowest of its families; 0
+    /// without families).
+    pub rate: u32,
+    /// Pages requested and not yet received.
+    pub outstanding: u64,
+    /// Of those, pages waiting to be sent to the server (beyond `max_in_flight`).
+    #[serde(default)]
+    pub queued: u64,
+    /// Pages partly received now (receiver stats only).
+    pub partial_pages: u64,
+    /// Datagrams longer than any mcdist datagram (socket path).
+    pub truncated: u64,
+    /// Failed receives (socket path).
+    pub receive_errors: u64,
+    /// Times the receive buffers ran out before the loop returned them (socket path).
+    pub buffers_exhausted: u64,
+}
+
+/// Adds to both the receiver's and the family's counters.
+pub(super) fn count(
+    global: &mut ReceiverStats,
+    family: &mut ReceiverStats,
+    add: impl Fn(&mut ReceiverStats),
+) {
+    add(global);
+    add(family);
+}

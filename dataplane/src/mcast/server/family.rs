@@ -1,0 +1,475 @@
+//! What the server keeps per family it serves: its store, generation and group, the
+//! receivers heard from (liveness, reported rate), the queue of pages to send with the
+//! duplicate suppression around it, the pages requested so far and the pushes to late
+//! joiners, and the token bucket pacing it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+
+use super::config::McastServerConfig;
+use super::stats::{Counters, FamilyServerStats, bump};
+use crate::mcast::rate::TokenBucket;
+use crate::mcast::wire::{
+    FragmentSealer, Header, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_UNICAST_REPLY, Reject, RejectCode,
+    Request,
+};
+use crate::server::PageStore;
+
+/// Where a page goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Destination {
+    Group,
+    Unicast(SocketAddrV4),
+}
+
+/// A receiver: its address and the id in its REQUESTs.
+type ReceiverId = (SocketAddrV4, u32);
+
+struct ReceiverInfo {
+    last_heard: Instant,
+    /// Its last reported rate; 0 = none yet.
+    rate: u32,
+}
+
+/// A page to send.
+#[derive(Clone, Copy)]
+pub(super) struct Job {
+    pub(super) page: u64,
+    pub(super) destination: Destination,
+    /// Who asked (gets the REJECT if the read fails).
+    pub(super) requester: SocketAddrV4,
+    pub(super) push: bool,
+}
+
+/// The pages siblings requested before `receiver` joined, still to push to it.
+struct PushCursor {
+    receiver: ReceiverId,
+    joined: Instant,
+    next: usize,
+    end: usize,
+}
+
+/// A served family.
+pub(super) struct FamilyState {
+    pub(super) generation: u32,
+    /// Seals the family's FRAGMENTs (its key follows the generation).
+    pub(super) sealer: Arc<FragmentSealer>,
+    pub(super) group: SocketAddrV4,
+    pub(super) store: Arc<dyn PageStore>,
+    pages: u64,
+    receivers: HashMap<ReceiverId, ReceiverInfo>,
+    pub(super) queue: VecDeque<Job>,
+    pub(super) queued: HashSet<(u64, Destination)>,
+    last_group_send: HashMap<u64, Instant>,
+    last_unicast_send: HashMap<(u64, SocketAddrV4), Instant>,
+    /// Every page requested so far, in request order (for push), and its set.
+    requested_order: Vec<u64>,
+    requested: HashSet<u64>,
+    pushes: VecDeque<PushCursor>,
+    pub(super) bucket: TokenBucket,
+    pub(super) pages_sent: u64,
+    /// The lowest `rate` any report has produced; 0 before any.
+    lowest_rate: u32,
+}
+
+impl FamilyState {
+    /// `store` (of `pages` pages) served as generation `generation` of a family to `group`: no
+    /// receivers, nothing requested, a full bucket at the initial rate.
+    pub(super) fn new(
+        generation: u32,
+        sealer: FragmentSealer,
+        group: SocketAddrV4,
+        store: Arc<dyn PageStore>,
+        pages: u64,
+        config: &McastServerConfig,
+        now: Instant,
+    ) -> FamilyState {
+        FamilyState {
+            generation,
+            sealer: Arc::new(sealer),
+            group,
+            pages,
+            store,
+            receivers: HashMap::new(),
+            queue: VecDeque::new(),
+            queued: HashSet::new(),
+            last_group_send: HashMap::new(),
+            last_unicast_send: HashMap::new(),
+            requested_order: Vec::new(),
+            requested: HashSet::new(),
+            pushes: VecDeque::new(),
+            bucket: TokenBucket::new(config.initial_rate, now),
+            pages_sent: 0,
+            lowest_rate: 0,
+        }
+    }
+
+    fn active_receivers(&self, now: Instant, idle: Duration) -> usize {
+        self.receivers
+            .values()
+            .filter(|r| now.saturating_duration_since(r.last_heard) < idle)
+            .count()
+    }
+
+    pub(super) fn rate(&self, now: Instant, config: &McastServerConfig) -> u32 {
+        self.receivers
+            .values()
+            .filter(|r| now.saturating_duration_since(r.last_heard) < config.receiver_idle)
+            .filter(|r| r.rate != 0)
+            .map(|r| r.rate)
+            .min()
+            .unwrap_or(config.initial_rate)
+            .min(config.max_rate)
+            .max(1)
+    }
+
+    pub(super) fn has_work(&self) -> bool {
+        !self.queue.is_empty() || !self.pushes.is_empty()
+    }
+
+    fn recently_sent(&self, page: u64, destination: Destination, since: Instant) -> bool {
+        let group_since = self.last_group_send.get(&page).is_some_and(|t| *t >= since);
+        match destination {
+            Destination::Group => group_since,
+            Destination::Unicast(addr) => {
+                group_since
+                    || self
+                        .last_unicast_send
+                        .get(&(page, addr))
+                        .is_some_and(|t| *t >= since)
+            }
+        }
+    }
+
+    pub(super) fn mark_sent(&mut self, job: &Job, now: Instant) {
+        match job.destination {
+            Destination::Group => {
+                self.last_group_send.insert(job.page, now);
+            }
+            Destination::Unicast(addr) => {
+                self.last_unicast_send.insert((job.page, addr), now);
+            }
+        }
+    }
+
+    /// The next page to push, skipping those the receiver got since it joined.
+    pub(super) fn next_push(&mut self, now: Instant, idle: Duration) -> Option<Job> {
+        while let Some(cursor) = self.pushes.front_mut() {
+            let (addr, _) = cursor.receiver;
+            let alive = self
+                .receivers
+                .get(&cursor.receiver)
+                .is_some_and(|r| now.saturating_duration_since(r.last_heard) < idle);
+            if !alive || cursor.next >= cursor.end {
+                self.pushes.pop_front();
+                continue;
+            }
+            let page = self.requested_order[cursor.next];
+            cursor.next += 1;
+            let joined = cursor.joined;
+            let destination = Destination::Unicast(addr);
+            // Round robin between the receivers being pushed to.
+            self.pushes.rotate_left(1);
+            if self.recently_sent(page, destination, joined)
+                || self.queued.contains(&(page, destination))
+                || self.queued.contains(&(page, Destination::Group))
+            {
+                continue;
+            }
+            return Some(Job {
+                page,
+                destination,
+                requester: addr,
+                push: true,
+            });
+        }
+        None
+    }
+
+    /// Applies a REQUEST of this family's generation from `from`: updates its receiver
+    /// (liveness, rate, LEAVE, a push for a late JOIN) and queues the pages not sent or
+    /// queued to the same destination within the suppression window. Returns the REJECTs to
+    /// send to its sender, and whether it queued pages (or pushes) to send.
+    pub(super) fn apply_request(
+        &mut self,
+        config: &McastServerConfig,
+        counters: &Counters,
+        header: &Header,
+        request: &Request<'_>,
+        from: SocketAddrV4,
+        now: Instant,
+    ) -> (Vec<Reject>, bool) {
+        let receiver: ReceiverId = (from, header.sender);
+        if header.flags & REQUEST_LEAVE != 0 {
+            self.receivers.remove(&receiver);
+            self.pushes.retain(|p| p.receiver != receiver);
+            return (Vec::new(), false);
+        }
+        self.hear(receiver, header.flags, request.rate, config, now);
+        let destination = if header.flags & REQUEST_UNICAST_REPLY != 0
+            || self.active_receivers(now, config.receiver_idle) == 1
+        {
+            Destination::Unicast(from)
+        } else {
+            Destination::Group
+        };
+        let (rejects, queued_any) =
+            self.queue_pages(request, destination, from, config, counters, now);
+        let pushing = !self.pushes.is_empty();
+        (rejects, queued_any || pushing)
+    }
+
+    /// Notes that `receiver` was heard at `now`, with the rate it `reported` (0 = none); a
+    /// receiver JOINing while not active is pushed the pages requested so far.
+    fn hear(
+        &mut self,
+        receiver: ReceiverId,
+        flags: u16,
+        reported: u32,
+        config: &McastServerConfig,
+        now: Instant,
+    ) {
+        let known = self
+            .receivers
+            .get(&receiver)
+            .is_some_and(|r| now.saturating_duration_since(r.last_heard) < config.receiver_idle);
+        let info = self.receivers.entry(receiver).or_insert(ReceiverInfo {
+            last_heard: now,
+            rate: 0,
+        });
+        info.last_heard = now;
+        if reported != 0 {
+            info.rate = reported;
+            let rate = self.rate(now, config);
+            if self.lowest_rate == 0 || rate < self.lowest_rate {
+                self.lowest_rate = rate;
+            }
+        }
+        if !known && flags & REQUEST_JOIN != 0 && config.push && !self.requested_order.is_empty() {
+            self.pushes.push_back(PushCursor {
+                receiver,
+                joined: now,
+                next: 0,
+                end: self.requested_order.len(),
+            });
+        }
+    }
+
+    /// Queues the pages of `request` for `destination`, but those queued or sent within the
+    /// suppression window already; returns the REJECTs of pages past the end, and whether it
+    /// queued any.
+    fn queue_pages(
+        &mut self,
+        request: &Request<'_>,
+        destination: Destination,
+        from: SocketAddrV4,
+        config: &McastServerConfig,
+        counters: &Counters,
+        now: Instant,
+    ) -> (Vec<Reject>, bool) {
+        let window_start = now.checked_sub(config.suppression).unwrap_or(now);
+        let mut rejects = Vec::new();
+        let mut queued_any = false;
+        for page in request.pages() {
+            bump(&counters.pages_requested, 1);
+            if page >= self.pages {
+                rejects.push(Reject {
+                    page,
+                    code: RejectCode::OutOfRange,
+                });
+                continue;
+            }
+            if self.requested.insert(page) {
+                self.requested_order.push(page);
+            }
+            if self.queued.contains(&(page, destination))
+                || self.queued.contains(&(page, Destination::Group))
+                || self.recently_sent(page, destination, window_start)
+            {
+                bump(&counters.duplicates_suppressed, 1);
+                continue;
+            }
+            self.queued.insert((page, destination));
+            self.queue.push_back(Job {
+                page,
+                destination,
+                requester: from,
+                push: false,
+            });
+            queued_any = true;
+        }
+        (rejects, queued_any)
+    }
+
+    /// Forgets the receivers idle for `receiver_idle` and the unicast sends older than the
+    /// suppression window.
+    pub(super) fn forget_stale(&mut self, now: Instant, config: &McastServerConfig) {
+        self.receivers
+            .retain(|_, r| now.saturating_duration_since(r.last_heard) < config.receiver_idle);
+        self.last_unicast_send
+            .retain(|_, sent| now.saturating_duration_since(*sent) < config.suppression);
+    }
+
+    /// The family's view in the server's stats.
+    pub(super) fn stats(
+        &self,
+        family: u64,
+        now: Instant,
+        config: &McastServerConfig,
+    ) -> FamilyServerStats {
+        FamilyServerStats {
+            family,
+            generation: self.generation,
+            group: *self.group.ip(),
+            rate: self.rate(now, config),
+            lowest_rate: self.lowest_rate,
+            active_receivers: self.active_receivers(now, config.receiver_idle),
+            queued_pages: self.queue.len()
+                + self.pushes.iter().map(|p| p.end - p.next).sum::<usize>(),
+            pages_sent: self.pages_sent,
+        }
+    }
+}
+
+/// Every family served (behind the server's state lock).
+#[derive(Default)]
+pub(super) struct ServerState {
+    pub(super) families: HashMap<u64, FamilyState>,
+    /// Where the send threads' round robin over families continues.
+    pub(super) turn: usize,
+}
+
+/// A new generation for a family: random, non-zero, never `previous`.
+pub(super) fn new_generation(previous: Option<u32>) -> u32 {
+    loop {
+        let candidate = getrandom::u32().unwrap_or_else(|_| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |t| t.subsec_nanos() ^ std::process::id())
+        });
+        if candidate != 0 && Some(candidate) != previous {
+            return candidate;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use super::super::stats::Counters;
+    use super::super::test_support::{PAGES, apply, config, family, receiver};
+    use super::{Destination, Job};
+    use crate::mcast::wire::{REQUEST_JOIN, REQUEST_LEAVE, RejectCode};
+
+    /// A send of `page` to `destination`, asked for by receiver 1.
+    fn send_of(page: u64, destination: Destination) -> Job {
+        Job {
+            page,
+            destination,
+            requester: receiver(1),
+            push: false,
+        }
+    }
+
+    fn queued(family: &super::FamilyState) -> Vec<(u64, Destination)> {
+        family
+            .queue
+            .iter()
+            .map(|job| (job.page, job.destination))
+            .collect()
+    }
+
+    #[test]
+    fn pages_queued_or_sent_in_the_window_are_not_queued_again() {
+        let config = config();
+        let counters = Counters::default();
+        let now = Instant::now();
+        let mut family = family(&config, now);
+        // A single active receiver is answered by unicast; a page past the end is rejected.
+        let (rejects, queued_any) =
+            apply(&mut family, &config, &counters, (1, 0), &[1, 2, PAGES], now);
+        assert!(queued_any);
+        assert_eq!(rejects.len(), 1);
+        assert_eq!(rejects[0].page, PAGES);
+        assert_eq!(rejects[0].code, RejectCode::OutOfRange);
+        let to_one = Destination::Unicast(receiver(1));
+        assert_eq!(queued(&family), vec![(1, to_one), (2, to_one)]);
+        // With two active receivers pages go to the group: once, however often asked.
+        apply(&mut family, &config, &counters, (2, 0), &[1, 3], now);
+        apply(&mut family, &config, &counters, (1, 0), &[1, 3], now);
+        assert_eq!(
+            queued(&family)[2..],
+            [(1, Destination::Group), (3, Destination::Group)]
+        );
+        assert_eq!(counters.duplicates_suppressed.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.pages_requested.load(Ordering::Relaxed), 7);
+        // A page sent to the group answers requests for it during the suppression window.
+        let sent = send_of(5, Destination::Group);
+        family.mark_sent(&sent, now);
+        let (_, queued_any) = apply(&mut family, &config, &counters, (1, 0), &[5], now);
+        assert!(!queued_any);
+        let later = now + config.suppression + Duration::from_millis(1);
+        let (_, queued_any) = apply(&mut family, &config, &counters, (1, 0), &[5], later);
+        assert!(queued_any);
+        assert_eq!(counters.duplicates_suppressed.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_late_joiner_is_pushed_what_its_siblings_asked_for_and_it_missed() {
+        let config = config();
+        let counters = Counters::default();
+        let now = Instant::now();
+        let mut family = family(&config, now);
+        apply(&mut family, &config, &counters, (1, 0), &[1, 2, 3], now);
+        let (rejects, work) = apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
+        assert!(rejects.is_empty());
+        assert!(work, "the pushes are work");
+        assert_eq!(family.stats(0, now, &config).queued_pages, 3 + 3);
+        // Page 2 reached the group after receiver 2 joined: it is not pushed.
+        let multicast = send_of(2, Destination::Group);
+        family.mark_sent(&multicast, now);
+        let mut pushed = Vec::new();
+        while let Some(job) = family.next_push(now, config.receiver_idle) {
+            assert!(job.push);
+            assert_eq!(job.destination, Destination::Unicast(receiver(2)));
+            pushed.push(job.page);
+        }
+        assert_eq!(pushed, vec![1, 3]);
+        // A receiver that leaves is forgotten, with what was still to push to it.
+        apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
+        apply(
+            &mut family,
+            &config,
+            &counters,
+            (2, REQUEST_LEAVE),
+            &[],
+            now,
+        );
+        assert!(family.next_push(now, config.receiver_idle).is_none());
+        assert_eq!(family.stats(0, now, &config).active_receivers, 1);
+    }
+
+    #[test]
+    fn idle_receivers_and_old_unicast_sends_are_forgotten() {
+        let config = config();
+        let counters = Counters::default();
+        let now = Instant::now();
+        let mut family = family(&config, now);
+        apply(&mut family, &config, &counters, (1, 0), &[1], now);
+        let sent = send_of(1, Destination::Unicast(receiver(1)));
+        family.mark_sent(&sent, now);
+        family.forget_stale(now, &config);
+        assert_eq!(family.stats(0, now, &config).active_receivers, 1);
+        assert_eq!(family.last_unicast_send.len(), 1);
+        let later = now + config.receiver_idle;
+        family.forget_stale(later, &config);
+        assert_eq!(family.stats(0, later, &config).active_receivers, 0);
+        assert!(family.last_unicast_send.is_empty());
+    }
+}
