@@ -8,8 +8,13 @@ use std::time::Duration;
 
 /// Locks `mutex`, even if a thread panicked while holding it.
 ///
-/// Everything this crate keeps behind a mutex (maps of sockets, a socket, an optional string,
-/// a channel end) is valid after any partial update, so a poisoned lock is safe to use.
+/// Most of what this crate keeps behind a lock (maps of sockets and connections, a socket, an
+/// optional string, a channel end) is valid after any partial update. The mcdist server's
+/// families (queues, token buckets, receivers) and the receiver core's state (families,
+/// reassembly, requests in flight) may be left with a stale entry by a panicking holder: a page
+/// queued twice or requested again, a counter off by one, which the protocol's re-requests and
+/// duplicate suppression absorb. So a poisoned lock is safe to use, and one panicking thread
+/// does not stop the host serving every other family.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
