@@ -25,8 +25,8 @@ use snowflock_dataplane::mcast::wire::{
     self, Datagram, Fragment, FragmentSealer, Fragmentation, Header, McastKey, RejectCode,
 };
 use snowflock_dataplane::mcast::{
-    FamilyJoin, McastReceiver, McastServer, McastServerConfig, ReceiverConfig, ReceiverError,
-    XdpPathError, XdpReceiveConfig,
+    FamilyJoin, McastReceiver, McastServer, McastServerConfig, McastServerStats, ReceiverConfig,
+    ReceiverError, XdpPathError, XdpReceiveConfig,
 };
 use snowflock_dataplane::xdp::XskConfig;
 use snowflock_dataplane::{ClusterKey, PAGE_SIZE, PageSink, PageStore};
@@ -422,6 +422,13 @@ fn join(receiver: &McastReceiver, family: FamilyJoin) -> Arc<Pages> {
     pages
 }
 
+/// Waits until the server's counters say `what`: a send thread counts a batch after sending it,
+/// and the request thread may still hold REQUESTs the receivers no longer need, so the
+/// receivers can hold every page before the counters are final.
+fn wait_counted(server: &McastServer, what: &str, done: impl Fn(&McastServerStats) -> bool) {
+    wait_until(what, WAIT, || done(&server.stats()));
+}
+
 fn wait_active(server: &McastServer, family: u64, receivers: usize) {
     wait_until(
         &format!("{receivers} active receivers of family {family:#x}"),
@@ -475,6 +482,9 @@ fn siblings_get_by_multicast_the_pages_one_of_them_requested() {
         assert_eq!(stats.mac_failed + stats.malformed + stats.not_ours, 0);
         assert_eq!(stats.outstanding, 0);
     }
+    wait_counted(&server, "every page sent", |stats| {
+        stats.pages_sent >= PAGES
+    });
     let stats = server.stats();
     assert!(stats.pages_sent >= PAGES, "{stats:?}");
     let re_requests: u64 = receivers.iter().map(|r| r.stats().re_requests).sum();
@@ -525,6 +535,9 @@ fn duplicate_requests_within_the_window_are_suppressed() {
         sink.wait_pages(PAGES as usize, WAIT);
         sink.assert_complete(FAMILY, PAGES);
     }
+    wait_counted(&server, "three REQUESTs heard, every page sent", |stats| {
+        stats.pages_requested >= 3 * PAGES && stats.pages_sent >= PAGES
+    });
     let stats = server.stats();
     assert_eq!(stats.pages_requested, 3 * PAGES, "{stats:?}");
     assert_eq!(stats.duplicates_suppressed, 2 * PAGES, "{stats:?}");
