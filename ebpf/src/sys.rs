@@ -4,24 +4,19 @@
 //! All `unsafe` of the crate except one `Pod` impl (in `abi`) lives here.
 
 use std::ffi::CString;
-use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::ptr::NonNull;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::AtomicU64;
 
+use memmap2::{MmapOptions, MmapRaw};
+
 /// A `MAP_SHARED` mapping of a `BPF_F_MMAPABLE` array map whose values are `u64`: the same
-/// memory the XDP program reads and updates, seen as atomic words.
+/// memory the XDP program reads and updates, seen as atomic words. Unmapped on drop.
+#[derive(Debug)]
 pub(crate) struct SharedWords {
-    base: NonNull<AtomicU64>,
+    map: MmapRaw,
     words: usize,
 }
-
-// SAFETY: the mapping is plain shared memory, only ever accessed through `&AtomicU64`, which is
-// `Sync`; nothing in `SharedWords` is tied to the thread that created it.
-unsafe impl Send for SharedWords {}
-// SAFETY: as above: concurrent access goes through atomics only.
-unsafe impl Sync for SharedWords {}
 
 impl SharedWords {
     /// Maps the first `words` values of the array map `map_fd` (value size 8) read-write.
@@ -33,24 +28,8 @@ impl SharedWords {
             .checked_mul(size_of::<u64>())
             .filter(|&len| len > 0)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad mapping size"))?;
-        // SAFETY: a fresh shared mapping chosen by the kernel (null hint, no MAP_FIXED) replaces
-        // no existing memory; the fd is valid for the duration of the call (borrowed).
-        let address = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map_fd.as_raw_fd(),
-                0,
-            )
-        };
-        if address == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(address.cast::<AtomicU64>())
-            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
-        Ok(Self { base, words })
+        let map = MmapOptions::new().len(len).map_raw(&map_fd)?;
+        Ok(Self { map, words })
     }
 
     /// The word at `index`, or `None` past the end of the mapping.
@@ -58,11 +37,12 @@ impl SharedWords {
         if index >= self.words {
             return None;
         }
-        let word = self.base.as_ptr().wrapping_add(index);
+        let word = self.map.as_ptr().cast::<AtomicU64>().wrapping_add(index);
         // SAFETY: `index < words`, so the word lies inside the mapping, which is page-aligned
         // (hence 8-byte aligned, as `AtomicU64` needs) and stays mapped until `self` is dropped,
-        // which the returned borrow of `self` outlives. The memory is shared with the kernel and
-        // BPF programs, which access it only with aligned 8-byte loads and atomic operations, so
+        // which the returned borrow of `self` outlives; a BPF array map cannot be resized, so
+        // every mapped page stays backed. The memory is shared with the kernel and BPF
+        // programs, which access it only with aligned 8-byte loads and atomic operations, so
         // treating it as `AtomicU64` races with nothing non-atomic.
         Some(unsafe { &*word })
     }
@@ -70,29 +50,6 @@ impl SharedWords {
     /// Number of words mapped.
     pub(crate) fn len(&self) -> usize {
         self.words
-    }
-}
-
-impl Drop for SharedWords {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`words` describe exactly the mapping made in `map`, and no borrow of it
-        // outlives `self` (`word` borrows from `self`).
-        let result = unsafe { libc::munmap(self.base.as_ptr().cast(), self.words * 8) };
-        if result != 0 {
-            tracing::warn!(
-                error = %io::Error::last_os_error(),
-                "unmapping a BPF array map failed"
-            );
-        }
-    }
-}
-
-impl fmt::Debug for SharedWords {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SharedWords")
-            .field("base", &self.base)
-            .field("words", &self.words)
-            .finish()
     }
 }
 

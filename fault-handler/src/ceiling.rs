@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use memmap2::{MmapMut, MmapOptions, MmapRaw};
+
 use crate::{PAGE_SIZE, sys};
 
 /// A failure to measure the bulk install rate.
@@ -21,40 +23,10 @@ pub enum CeilingError {
     Verify { page: u64 },
 }
 
-/// A private anonymous mapping, unmapped on drop.
-struct Anonymous {
-    addr: *mut u8,
-    len: usize,
-}
-
-impl Anonymous {
-    fn new(len: usize) -> std::io::Result<Anonymous> {
-        // SAFETY: a new private anonymous mapping where the kernel picks.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Anonymous {
-            addr: addr.cast(),
-            len,
-        })
-    }
-}
-
-impl Drop for Anonymous {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; nothing refers to it once we are dropped.
-        unsafe { libc::munmap(self.addr.cast(), self.len) };
-    }
+/// `len` bytes of private anonymous memory where the kernel picks, without
+/// swap reservation (`MAP_NORESERVE`), unmapped on drop.
+fn anonymous(len: usize) -> std::io::Result<MmapMut> {
+    MmapOptions::new().len(len).no_reserve_swap().map_anon()
 }
 
 /// Installs `pages` pages into a fresh registered region with one
@@ -66,13 +38,13 @@ pub fn bulk_copy(pages: u64, chunk_pages: u64) -> Result<Duration, CeilingError>
         return Err(CeilingError::BadShape { pages, chunk_pages });
     }
     let chunk = (chunk_pages * PAGE_SIZE) as usize;
-    let source = Anonymous::new(chunk).map_err(CeilingError::Map)?;
-    // SAFETY: `source` is our own writable mapping of `chunk` bytes.
-    unsafe { std::ptr::write_bytes(source.addr, 0x5a, chunk) };
-    let region = Anonymous::new((pages * PAGE_SIZE) as usize).map_err(CeilingError::Map)?;
+    let mut source = anonymous(chunk).map_err(CeilingError::Map)?;
+    source.fill(0x5a);
+    // Raw pointers only: the kernel installs the region's pages behind our back.
+    let region = MmapRaw::from(anonymous((pages * PAGE_SIZE) as usize).map_err(CeilingError::Map)?);
     let uffd = sys::open_userfaultfd().map_err(CeilingError::Userfaultfd)?;
     sys::api_handshake(&uffd).map_err(CeilingError::Userfaultfd)?;
-    let base = region.addr as u64;
+    let base = region.as_ptr() as u64;
     sys::register(&uffd, base, pages * PAGE_SIZE).map_err(CeilingError::Userfaultfd)?;
     let started = Instant::now();
     for first in (0..pages).step_by(chunk_pages as usize) {
@@ -83,7 +55,7 @@ pub fn bulk_copy(pages: u64, chunk_pages: u64) -> Result<Duration, CeilingError>
             sys::fill_range(
                 &uffd,
                 sys::Fill::Copy {
-                    src: source.addr.cast_const(),
+                    src: source.as_ptr(),
                 },
                 base + first * PAGE_SIZE,
                 chunk_pages * PAGE_SIZE,
@@ -95,7 +67,7 @@ pub fn bulk_copy(pages: u64, chunk_pages: u64) -> Result<Duration, CeilingError>
     let took = started.elapsed();
     for page in [0, pages / 2, pages - 1] {
         let at = region
-            .addr
+            .as_ptr()
             .wrapping_add((page * PAGE_SIZE + PAGE_SIZE - 1) as usize);
         // SAFETY: inside `region`, whose pages were all installed above, so
         // the read does not wait on the userfaultfd.

@@ -25,19 +25,21 @@
 //! let config = FetchConfig { fetch_timeout: Duration::from_secs(5), prefetch_pages: 8 };
 //! let family = Family::new(0x42, mem_size, Arc::new(Server), config)?;
 //! // The clone's memory: a private view of the family's page cache, untouched.
-//! use std::os::fd::AsRawFd;
-//! // SAFETY: a new mapping at an address the kernel picks.
+//! // SAFETY: a new mapping at an address the kernel picks, of a memfd that is
+//! // never truncated.
 //! let memory = unsafe {
-//!     libc::mmap(std::ptr::null_mut(), mem_size as usize, libc::PROT_READ | libc::PROT_WRITE,
-//!                libc::MAP_PRIVATE | libc::MAP_NORESERVE, family.cache().memfd().as_raw_fd(), 0)
+//!     memmap2::MmapOptions::new().len(mem_size as usize).no_reserve_swap()
+//!         .map_copy(&family.cache().memfd())?
 //! };
+//! // Raw pointers only: the handler installs pages behind our back.
+//! let memory = memmap2::MmapRaw::from(memory);
 //! // Pages 0..1000 hold data at the clone point; 500..600 were free heap.
 //! let avoid = AvoidMap::new(mem_size / PAGE_SIZE, &[(0, 1000)], &[(500, 100)])?;
 //! let on_failure = Arc::new(|e: &FaultError| eprintln!("clone failed: {e}"));
 //! // SAFETY: `memory` is a fresh private mapping of the whole cache memfd that
 //! // stays mapped until the handler is closed below.
 //! let handler = unsafe {
-//!     FaultHandler::start(family, memory.cast(), mem_size, avoid, on_failure)?
+//!     FaultHandler::start(family, memory.as_mut_ptr(), mem_size, avoid, on_failure)?
 //! };
 //! // ... run the VM on `memory`; forward the guest's fresh-page reports:
 //! handler.mark_fresh(&[(2000, 16)]);

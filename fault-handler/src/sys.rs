@@ -521,28 +521,20 @@ pub fn read_exact_at(fd: &OwnedFd, buf: &mut [u8], offset: u64) -> std::io::Resu
 
 #[cfg(test)]
 mod tests {
+    use memmap2::{MmapOptions, MmapRaw};
+
     use super::*;
 
-    /// Four untouched private anonymous pages, unmapped on drop.
-    struct Pages(*mut u8);
+    /// Four untouched private anonymous pages, unmapped on drop. Raw
+    /// pointers only: the kernel installs the pages behind our back.
+    struct Pages(MmapRaw);
 
     impl Pages {
         const LEN: u64 = 4 * PAGE_SIZE;
 
         fn new() -> Self {
-            // SAFETY: a new mapping at an address the kernel picks.
-            let ptr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    Self::LEN as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(ptr, libc::MAP_FAILED);
-            Self(ptr.cast())
+            let map = MmapOptions::new().len(Self::LEN as usize).map_anon();
+            Self(map.expect("mapping four pages").into())
         }
 
         /// The first byte of each page; only call once all are filled.
@@ -552,6 +544,7 @@ mod tests {
                     // SAFETY: inside the mapping, and filled (no fault).
                     unsafe {
                         self.0
+                            .as_ptr()
                             .wrapping_add((p * PAGE_SIZE) as usize)
                             .read_volatile()
                     }
@@ -560,17 +553,10 @@ mod tests {
         }
     }
 
-    impl Drop for Pages {
-        fn drop(&mut self) {
-            // SAFETY: our own mapping, no longer used.
-            unsafe { libc::munmap(self.0.cast(), Self::LEN as usize) };
-        }
-    }
-
     #[test]
     fn fills_resume_after_partial_progress_and_skip_present_pages() {
         let pages = Pages::new();
-        let base = pages.0 as u64;
+        let base = pages.0.as_ptr() as u64;
         let uffd = open_userfaultfd().unwrap();
         assert_eq!(
             api_handshake(&uffd).unwrap() & NEEDED_API_IOCTLS,

@@ -32,7 +32,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use memmap2::{MmapOptions, MmapRaw};
 use serde_json::{Map, Value, json};
 use snowflock_control::daemon::memory::FamilySink;
 use snowflock_dataplane::auth::ClusterKey;
@@ -109,52 +110,39 @@ impl PageSource for MemorySource {
     }
 }
 
-/// A private view of the family's page cache standing in for a hollow clone's guest memory.
-struct Region {
-    addr: *mut u8,
-    len: usize,
-}
+/// A private view of the family's page cache standing in for a hollow clone's guest memory,
+/// unmapped on drop. Raw pointers only: the fault handler installs its pages behind our back.
+struct Region(MmapRaw);
 
 impl Region {
     fn of(family: &Family) -> Result<Region> {
-        use std::os::fd::AsRawFd;
         let len = (family.cache().page_count() * 4096) as usize;
         // SAFETY: a fresh private mapping of the cache memfd where the kernel picks; no
-        // existing memory is affected.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-                family.cache().memfd().as_raw_fd(),
-                0,
-            )
+        // existing memory is affected. The cache's memfd is sized once, when the family is
+        // made, and never truncated, so every page of the mapping stays backed.
+        let map = unsafe {
+            MmapOptions::new()
+                .len(len)
+                .no_reserve_swap()
+                .map_copy(&family.cache().memfd())
         };
-        if addr == libc::MAP_FAILED {
-            bail!("mmap: {}", std::io::Error::last_os_error());
-        }
-        Ok(Region {
-            addr: addr.cast(),
-            len,
-        })
+        let map = map.map_err(|error| anyhow!("mmap: {error}"))?;
+        Ok(Region(map.into()))
+    }
+
+    /// First byte of the region.
+    fn addr(&self) -> *mut u8 {
+        self.0.as_mut_ptr()
     }
 
     /// The first word of `page` (installed pages only: reading a missing one would fault).
     fn word(&self, page: u64) -> u64 {
         let offset = (page * 4096) as usize;
-        assert!(offset + 8 <= self.len);
-        let word = self.addr.wrapping_add(offset).cast::<u64>();
+        assert!(offset + 8 <= self.0.len());
+        let word = self.addr().wrapping_add(offset).cast::<u64>();
         // SAFETY: in bounds of the mapping (checked), aligned (a page start), and the page
         // is installed, so the read does not wait on the userfaultfd.
         unsafe { word.read_volatile() }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`, after its handler was closed.
-        unsafe { libc::munmap(self.addr.cast(), self.len) };
     }
 }
 
@@ -169,7 +157,7 @@ fn install_all(family: Arc<Family>, pages: u64) -> Result<f64> {
     let handler = unsafe {
         FaultHandler::start(
             family,
-            region.addr,
+            region.addr(),
             pages * 4096,
             AvoidMap::none(pages).context("an empty avoidance map")?,
             Arc::new(move |e| {

@@ -7,8 +7,9 @@
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::ptr::NonNull;
 use std::time::Duration;
+
+use memmap2::{MmapOptions, MmapRaw};
 
 /// Creates an AF_XDP socket (close-on-exec).
 pub(super) fn xdp_socket() -> io::Result<OwnedFd> {
@@ -140,86 +141,41 @@ pub(super) fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result
     Ok(rc > 0 && pollfd.revents & libc::POLLIN != 0)
 }
 
-/// A read-write memory mapping, unmapped on drop.
+/// A read-write memory mapping shared with the kernel, unmapped on drop.
+///
+/// It hands out raw pointers only, as the kernel reads and writes the memory concurrently:
+/// `ring.rs` makes every access, following the rings' protocol.
 #[derive(Debug)]
-pub(super) struct Mapping {
-    addr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: a Mapping is an address range owned by this value alone; moving the owner to
-// another thread moves nothing the mapping depends on (munmap works from any thread).
-unsafe impl Send for Mapping {}
+pub(super) struct Mapping(MmapRaw);
 
 impl Mapping {
     /// Maps `len` bytes of zeroed, private anonymous memory (page-aligned, as mmap returns).
     pub(super) fn anonymous(len: usize) -> io::Result<Mapping> {
-        // SAFETY: a new private anonymous mapping at an address of the kernel's choosing
-        // aliases no existing memory.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        Mapping::from_mmap(addr, len)
+        let mapping = MmapOptions::new().len(len).populate().map_anon()?;
+        Ok(Mapping(mapping.into()))
     }
 
     /// Maps `len` bytes of the socket's ring at page offset `offset` (an `XDP_PGOFF_*`
-    /// constant), shared with the kernel.
+    /// constant), shared with the kernel. The kernel checks `len` and `offset` against the
+    /// ring it created, and no one can truncate a ring, so the whole mapping stays backed.
     pub(super) fn socket_ring(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<Mapping> {
-        let offset = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: a new shared mapping of the socket's ring at an address of the kernel's
-        // choosing aliases no memory this process uses; the kernel checks `len` and `offset`
-        // against the ring it created.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                fd.as_raw_fd(),
-                offset,
-            )
-        };
-        Mapping::from_mmap(addr, len)
-    }
-
-    fn from_mmap(addr: *mut libc::c_void, len: usize) -> io::Result<Mapping> {
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let addr = NonNull::new(addr.cast()).ok_or_else(|| io::Error::other("mmap returned 0"))?;
-        Ok(Mapping { addr, len })
+        // mmap takes the offset as an `off_t`: one past its range is refused, not wrapped.
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mapping = MmapOptions::new()
+            .len(len)
+            .offset(offset)
+            .populate()
+            .map_raw(&fd)?;
+        Ok(Mapping(mapping))
     }
 
     /// First byte of the mapping.
     pub(super) fn as_ptr(&self) -> *mut u8 {
-        self.addr.as_ptr()
+        self.0.as_mut_ptr()
     }
 
     /// Length in bytes.
     pub(super) fn len(&self) -> usize {
-        self.len
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `addr..addr+len` is the mapping this value created and owns; every borrow
-        // into it (ring slots, packet slices) is tied to the owner's lifetime and has ended.
-        let rc = unsafe { libc::munmap(self.addr.as_ptr().cast(), self.len) };
-        if rc < 0 {
-            tracing::warn!(
-                len = self.len,
-                error = %io::Error::last_os_error(),
-                "unmapping AF_XDP memory failed"
-            );
-        }
+        self.0.len()
     }
 }
