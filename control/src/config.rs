@@ -132,7 +132,7 @@ pub struct Member {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Clones this host runs at once.
+    /// Clones this host runs at once; by default one per core (see [`host_cores`]).
     #[serde(default = "default_clone_slots")]
     pub clone_slots: u32,
     /// A page not delivered within this time fails the clone waiting for it.
@@ -150,7 +150,15 @@ pub struct Limits {
 }
 
 fn default_clone_slots() -> u32 {
-    16
+    host_cores()
+}
+
+/// The cores this process may run on (at least 1): the default number of clones a host runs at
+/// once. A clone is one vCPU, and more runnable vCPUs than cores cost far more than fair sharing
+/// where the hypervisor virtualizes in software (PVM; docs/architecture.md has the figure).
+pub fn host_cores() -> u32 {
+    std::thread::available_parallelism()
+        .map_or(1, |cores| u32::try_from(cores.get()).unwrap_or(u32::MAX))
 }
 fn default_fetch_timeout_ms() -> u64 {
     5000
@@ -494,6 +502,7 @@ mod tests {
     fn the_shipped_example_parses_and_checks() {
         let config: DaemonConfig = toml::from_str(include_str!("../../dist/sfd.toml")).unwrap();
         config.check().unwrap();
+        assert_eq!(config.limits.clone_slots, host_cores());
         assert_eq!(config.mcdist.max_in_flight, 512);
         assert_eq!(config.mcdist.send_threads, 1);
     }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use snowflock_control::config::host_cores;
 use snowflock_control::console::{self, LineSink};
 use snowflock_control::{Descriptor, Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_vmm::KvmHypervisor;
@@ -107,9 +108,9 @@ struct RunArgs {
     /// Guest memory (multiple of 2 MiB), e.g. 512M or 1G.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     mem: u64,
-    /// Most clones that may run at once on this host.
-    #[arg(long, default_value_t = 32)]
-    clone_limit: u32,
+    /// Most clones that may run at once on this host [default: one per core].
+    #[arg(long)]
+    clone_limit: Option<u32>,
     /// Save every captured descriptor into this directory.
     #[arg(long)]
     descriptor_dir: Option<PathBuf>,
@@ -123,9 +124,9 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct DemoArgs {
-    /// Clones to fork.
-    #[arg(long, default_value_t = 8)]
-    clones: u32,
+    /// Clones to fork [default: one per core, what this host runs well].
+    #[arg(long)]
+    clones: Option<u32>,
     /// Size of the synthetic DNA reference in MiB.
     #[arg(long, default_value_t = 256)]
     ref_mib: u32,
@@ -276,7 +277,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let image = load_image(&args.image)?;
     let bar = spinner(format!("running {}", args.image));
     let sup = supervisor(
-        args.clone_limit,
+        args.clone_limit.unwrap_or_else(host_cores),
         console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
     )?;
@@ -298,18 +299,26 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 fn demo(args: DemoArgs) -> Result<ExitCode> {
     let image = snowflock_guest::images::by_name("seqsearch")
         .context("the seqsearch example is not embedded in this build")?;
+    let clones = args.clones.unwrap_or_else(|| {
+        let cores = host_cores();
+        eprintln!(
+            "sf demo: {cores} workers, one per core of this host: more runnable clones than \
+             cores slow every clone down (--clones N to choose)"
+        );
+        cores
+    });
     let bar = spinner(format!(
-        "building a {} MiB reference, then cloning {} workers",
-        args.ref_mib, args.clones
+        "building a {} MiB reference, then cloning {clones} workers",
+        args.ref_mib
     ));
     let sup = supervisor(
-        args.clones,
+        clones,
         console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
     )?;
     let cmdline = format!(
-        "ref_mib={} queries={} clones={}",
-        args.ref_mib, args.queries, args.clones
+        "ref_mib={} queries={} clones={clones}",
+        args.ref_mib, args.queries
     );
     let started = Instant::now();
     let vm = sup
