@@ -352,39 +352,24 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
         params.insert("variant".into(), json!(variant));
         params.insert("args".into(), json!(args));
         let series = |f: fn(&Sample) -> f64| -> Vec<f64> { list.iter().map(f).collect() };
-        emit(sink, BENCH, "job_ms", &series(|s| s.job_ms), "ms", &params)?;
-        emit(
-            sink,
-            BENCH,
-            "resident_ms",
-            &series(|s| s.resident_ms),
-            "ms",
-            &params,
-        )?;
-        emit(
-            sink,
-            BENCH,
-            "job_to_resident",
-            &series(|s| s.job_ms / s.resident_ms.max(f64::MIN_POSITIVE)),
-            "ratio",
-            &params,
-        )?;
-        emit(
-            sink,
-            BENCH,
-            "serial_ms",
-            &series(|s| s.serial_ms),
-            "ms",
-            &params,
-        )?;
-        emit(
-            sink,
-            BENCH,
-            "speedup_vs_serial",
-            &series(|s| s.serial_ms / s.job_ms.max(f64::MIN_POSITIVE)),
-            "ratio",
-            &params,
-        )?;
+        let times: [(&str, &str, Vec<f64>); 5] = [
+            ("job_ms", "ms", series(|s| s.job_ms)),
+            ("resident_ms", "ms", series(|s| s.resident_ms)),
+            (
+                "job_to_resident",
+                "ratio",
+                series(|s| s.job_ms / s.resident_ms.max(f64::MIN_POSITIVE)),
+            ),
+            ("serial_ms", "ms", series(|s| s.serial_ms)),
+            (
+                "speedup_vs_serial",
+                "ratio",
+                series(|s| s.serial_ms / s.job_ms.max(f64::MIN_POSITIVE)),
+            ),
+        ];
+        for (metric, unit, values) in times {
+            emit(sink, BENCH, metric, &values, unit, &params)?;
+        }
         let counters: Vec<&Counters> = list.iter().filter_map(|s| s.remote.as_ref()).collect();
         if counters.is_empty() {
             continue;
