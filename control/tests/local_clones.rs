@@ -182,6 +182,28 @@ fn example_jobs_check_their_answers() {
 }
 
 #[test]
+fn scan_children_match_the_parents_resident_repeat() {
+    for write_every in [8, 1] {
+        let (sup, lines) = supervisor(2);
+        let args = format!("state_mib=4 write_every={write_every} clones=2");
+        assert_eq!(
+            run(&sup, "scan", &args),
+            VmOutcome::Exited(0),
+            "{args}: {:?}",
+            lines.all()
+        );
+        assert_eq!(sup.reports()[0].clones, 2);
+        let last = lines.of("").pop().unwrap_or_default();
+        assert!(
+            last.starts_with("scan: state_mib=4 ")
+                && last.contains(" granted=2 ")
+                && last.ends_with(" check=ok"),
+            "{args}: {last}"
+        );
+    }
+}
+
+#[test]
 fn killing_a_parent_ends_its_running_clones_and_frees_their_slots() {
     let (sup, _) = supervisor(4);
     // killer's parent clones four spinning children and waits ~100 ms before

@@ -13,7 +13,8 @@
 //! If no clone is granted, the parent also computes the "parallel" side.
 //!
 //! Prints timing lines (`seqsearch: build_ms=..`, `clone_ms=..`, `join_ms=..`,
-//! `serial_ms=..`), then `seqsearch: ref_mib=.. queries=.. clones=..
+//! `serial_ms=..`, `resident_max_ms=.. resident_sum_ms=..`: the slowest and
+//! the total of the parent's per-shard times), then `seqsearch: ref_mib=.. queries=.. clones=..
 //! granted=.. hits=.. check=ok`. Exit 0 iff every shard matches and no child
 //! failed; 1 on a mismatch or failed child, 2 on bad arguments, 3 when the
 //! VM has too little memory.
@@ -344,12 +345,19 @@ fn main() -> i32 {
     println!("seqsearch: clone_ms={}", Millis(t_cloned - t_clone));
     println!("seqsearch: join_ms={}", Millis(t_joined - t_cloned));
 
-    // Serial: the same shards, searched here without cloning.
+    // Serial: the same shards, searched here without cloning, on state
+    // already in memory: each shard's time is what child j's work takes a
+    // worker that holds the state (the resident baseline).
     let mut hits = 0;
     let mut found_origin = 0;
+    let (mut resident_max, mut resident_sum) = (0, 0);
     for j in 1..=shards {
         let (lo, hi) = shard_range(queries, shards, j);
+        let t_shard = now_ns();
         let (serial, found) = search_shard(&index, &reads, &truth, lo, hi);
+        let took = now_ns() - t_shard;
+        resident_max = resident_max.max(took);
+        resident_sum += took;
         hits += serial.hits;
         found_origin += found;
         if parallel.get(j - 1).copied().flatten() != Some(serial) {
@@ -362,6 +370,11 @@ fn main() -> i32 {
     }
     let t_serial = now_ns();
     println!("seqsearch: serial_ms={}", Millis(t_serial - t_joined));
+    println!(
+        "seqsearch: resident_max_ms={} resident_sum_ms={}",
+        Millis(resident_max),
+        Millis(resident_sum)
+    );
     let planted = truth.iter().filter(|&&t| t != u32::MAX).count();
     println!("seqsearch: planted={planted} found_at_origin={found_origin}");
     println!(

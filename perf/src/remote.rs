@@ -245,7 +245,7 @@ fn touch_args(pages: u32) -> String {
 }
 
 /// A console sink keeping every line, and the lines it kept.
-fn collected_lines() -> (LineSink, Arc<Mutex<Vec<String>>>) {
+pub(crate) fn collected_lines() -> (LineSink, Arc<Mutex<Vec<String>>>) {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let kept = lines.clone();
     let sink: LineSink = Arc::new(move |_, line: &str| {

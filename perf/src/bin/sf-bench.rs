@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use snowflock_control::size::parse_size;
 use snowflock_perf::record::JsonLines;
-use snowflock_perf::{clone_local, mcast, remote, rx_path};
+use snowflock_perf::{clone_local, job, mcast, remote, rx_path};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +42,13 @@ enum Scenario {
     /// Pages per second received and installed into guest memory on one host:
     /// AF_XDP against kernel sockets, and the bulk UFFDIO_COPY ceiling.
     RxPath(RxPathArgs),
+    /// Cloned jobs (`scan`, `seqsearch`) against the same work on state
+    /// already in memory and against the serial job, on one host and on 4
+    /// netns hosts.
+    Job(JobArgs),
+    /// An SVG plot of job time against clone count per mode, from `job`
+    /// results (JSON lines), on stdout.
+    PlotJob(PlotJob),
 }
 
 /// Options of every multi-host scenario.
@@ -103,6 +110,37 @@ struct RxPathArgs {
     /// profile one receive path alone.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = rx_path::Measure::ALL)]
     measure: Vec<rx_path::Measure>,
+}
+
+#[derive(Debug, Args)]
+struct JobArgs {
+    #[command(flatten)]
+    remote: Remote,
+    /// Modes (comma-separated): clones on this host, or over 4 netns hosts.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [job::Mode::Local, job::Mode::Remote])]
+    mode: Vec<job::Mode>,
+    /// Clone counts of every mode (comma-separated; default 1,2 local and 1,8,32 remote).
+    #[arg(long, value_delimiter = ',')]
+    clones: Option<Vec<u32>>,
+    /// Jobs (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [job::Job::Scan, job::Job::Seqsearch])]
+    job: Vec<job::Job>,
+    /// Remote fault-service mechanisms to measure against a cluster with each turned off
+    /// (comma-separated; none by default).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    mechanisms: Vec<job::Mechanism>,
+    /// State of the `scan` job, MiB.
+    #[arg(long, default_value_t = 48)]
+    state_mib: u64,
+    /// `scan` writes one page in this many of each share (1: every page, 0: none).
+    #[arg(long, default_value_t = 8)]
+    write_every: u32,
+}
+
+#[derive(Debug, Args)]
+struct PlotJob {
+    /// Results of `sf-bench job` (JSON lines).
+    results: std::path::PathBuf,
 }
 
 fn setup(remote: &Remote) -> anyhow::Result<remote::Setup> {
@@ -181,6 +219,25 @@ fn run() -> anyhow::Result<()> {
         }
         Scenario::McastScale(args) => {
             mcast::mcast_scale(&setup(&args.remote)?, &args.clones, &args.rx_path, &mut out)?;
+        }
+        Scenario::Job(args) => {
+            let config = job::Config {
+                modes: args.mode,
+                clones: args.clones,
+                jobs: args.job,
+                mechanisms: args.mechanisms,
+                state_mib: args.state_mib,
+                write_every: args.write_every,
+                setup: setup(&args.remote)?,
+            };
+            job::run(&config, &mut out)?;
+        }
+        Scenario::PlotJob(args) => {
+            let text = std::fs::read_to_string(&args.results)
+                .with_context(|| format!("reading {}", args.results.display()))?;
+            out.0
+                .write_all(job::plot(&text)?.as_bytes())
+                .context("writing the plot")?;
         }
         Scenario::RxPath(args) => rx_path::run(
             args.runs,

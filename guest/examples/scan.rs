@@ -1,0 +1,165 @@
+//! scan: a parent builds a large state, clones, and every child reads its
+//! whole share of the state and writes a fraction of its pages: the memory
+//! access pattern of a data-parallel job over inherited state, with little
+//! computation per byte.
+//!
+//! Args `state_mib` (default 48), `write_every` (default 8: one page in
+//! eight of each share is written; 1 = every page, 0 = read only), `clones`
+//! (default 2), `seed` (default 1). The state is split into `m` contiguous
+//! shares of whole pages, one per granted clone; child k checksums share k
+//! and exits with the checksum. After the join the parent repeats every
+//! share itself on its own memory, which it wrote while building and so
+//! holds resident and mapped (the resident baseline), timing each share,
+//! and checks each child's checksum against its own. With no clone granted
+//! the parent does the one share itself first.
+//!
+//! Prints `scan: build_ms=..`, `scan: clone_ms=..`, `scan: join_ms=..`, one
+//! `scan: share=k resident_ms=..` per share, `scan: serial_ms=..
+//! resident_max_ms=.. resident_sum_ms=..`, then `scan: state_mib=..
+//! write_every=.. clones=.. granted=.. checksum=.. check=ok`. Exit 0 iff
+//! every share matches and no child failed; 1 on a mismatch or failed child,
+//! 2 on bad arguments, 3 when the VM has too little memory.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use snowflock_guest::args::{arg_u32, arg_u64};
+use snowflock_guest::rand::{SplitMix64, mix};
+use snowflock_guest::rt::heap_capacity;
+use snowflock_guest::time::{Millis, now_ns};
+use snowflock_guest::{Fork, clone, exit, join, println, request_ticket};
+
+snowflock_guest::entry!(main);
+
+const PAGE_WORDS: usize = 4096 / 8;
+
+/// Checksums pages `[lo, hi)` of `state` in order and writes the first word
+/// of every page whose index is a multiple of `write_every` (0: none).
+///
+/// The write stores the word's own value back: a real store (in a clone the
+/// page becomes its private copy, as any write would make it), but one that
+/// leaves the contents unchanged, so every pass over the same memory gives
+/// the same checksum and the parent can repeat a child's share on its own
+/// memory after any earlier pass.
+fn scan_share(state: &mut [u64], lo: usize, hi: usize, write_every: usize) -> u64 {
+    let mut sum = 0xcbf2_9ce4_8422_2325_u64;
+    for page in lo..hi {
+        let words = &mut state[page * PAGE_WORDS..(page + 1) * PAGE_WORDS];
+        for &w in words.iter() {
+            sum = (sum ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        if write_every != 0 && page.is_multiple_of(write_every) {
+            let value = words[0];
+            let first: *mut u64 = &mut words[0];
+            // SAFETY: `first` points at a live, aligned u64 of `state`, which
+            // this function borrows mutably; the volatile store keeps the
+            // compiler from dropping a store of the value just read.
+            unsafe { first.write_volatile(value) };
+        }
+    }
+    sum
+}
+
+/// Pages `[lo, hi)` of share `k` (1-based) of `shares` over `pages` pages.
+fn share_range(pages: usize, shares: usize, k: usize) -> (usize, usize) {
+    (pages * (k - 1) / shares, pages * k / shares)
+}
+
+fn main() -> i32 {
+    let state_mib = arg_u64("state_mib", 48);
+    let write_every = arg_u64("write_every", 8) as usize;
+    let clones = arg_u32("clones", 2);
+    let seed = arg_u64("seed", 1);
+    if !(1..=65_536).contains(&state_mib) {
+        println!("scan: state_mib must be in 1..=65536");
+        return 2;
+    }
+    let pages = (state_mib as usize) << 8;
+
+    // Build: one extra page so that the shares can start on a page boundary.
+    let t_start = now_ns();
+    let mut buffer = Vec::new();
+    if buffer.try_reserve_exact((pages + 1) * PAGE_WORDS).is_err() {
+        let heap_mib = heap_capacity() >> 20;
+        println!(
+            "scan: the {heap_mib} MiB heap cannot hold the state (state_mib={state_mib}): give the VM more memory"
+        );
+        return 3;
+    }
+    buffer.resize((pages + 1) * PAGE_WORDS, 0u64);
+    let skip = buffer.as_ptr().align_offset(4096) / 8;
+    let state = &mut buffer[skip..skip + pages * PAGE_WORDS];
+    let mut rng = SplitMix64::new(mix(seed, 0x5ca9));
+    for w in state.iter_mut() {
+        *w = rng.next_u64();
+    }
+    let t_built = now_ns();
+    println!("scan: build_ms={}", Millis(t_built - t_start));
+
+    let ticket = request_ticket(clones).expect("request_ticket");
+    let shares = (ticket.granted() as usize).max(1);
+    let t_clone = now_ns();
+    if let Fork::Child(id) = clone(&ticket).expect("clone") {
+        let (lo, hi) = share_range(pages, shares, id as usize);
+        exit(&scan_share(state, lo, hi, write_every).to_le_bytes());
+    }
+    let t_cloned = now_ns();
+    let mut ok = true;
+    let parallel: Vec<Option<u64>> = if ticket.granted() == 0 {
+        alloc::vec![Some(scan_share(state, 0, pages, write_every))]
+    } else {
+        let outcomes = join(&ticket).expect("join");
+        ok &= outcomes.len() == shares;
+        outcomes
+            .iter()
+            .map(|child| match &child.result {
+                Ok(r) => r.as_slice().try_into().ok().map(u64::from_le_bytes),
+                Err(failure) => {
+                    println!("scan: child {}: {failure}", child.id);
+                    None
+                }
+            })
+            .collect()
+    };
+    let t_joined = now_ns();
+    println!("scan: clone_ms={}", Millis(t_cloned - t_clone));
+    println!("scan: join_ms={}", Millis(t_joined - t_cloned));
+
+    // Resident: every share again, here, on memory already in place.
+    let mut checksum = 0;
+    let mut resident_ns = Vec::with_capacity(shares);
+    for k in 1..=shares {
+        let (lo, hi) = share_range(pages, shares, k);
+        let t_share = now_ns();
+        let resident = scan_share(state, lo, hi, write_every);
+        resident_ns.push(now_ns() - t_share);
+        checksum = mix(checksum, resident);
+        if parallel.get(k - 1).copied().flatten() != Some(resident) {
+            println!(
+                "scan: share {k} differs: parallel {:?}, resident {resident:#x}",
+                parallel.get(k - 1)
+            );
+            ok = false;
+        }
+    }
+    let t_serial = now_ns();
+    // Printed after the loop: every console line is a VM exit, which the
+    // serial time should not include.
+    for (k, ns) in resident_ns.iter().enumerate() {
+        println!("scan: share={} resident_ms={}", k + 1, Millis(*ns));
+    }
+    println!(
+        "scan: serial_ms={} resident_max_ms={} resident_sum_ms={}",
+        Millis(t_serial - t_joined),
+        Millis(resident_ns.iter().copied().max().unwrap_or(0)),
+        Millis(resident_ns.iter().sum())
+    );
+    println!(
+        "scan: state_mib={state_mib} write_every={write_every} clones={clones} granted={} checksum={checksum:#018x} check={}",
+        ticket.granted(),
+        if ok { "ok" } else { "FAILED" }
+    );
+    if ok { 0 } else { 1 }
+}

@@ -1,0 +1,668 @@
+//! `job`: how long a cloned job takes against workers that already hold
+//! its state.
+//!
+//! Two jobs: `scan` (children read their whole share of a large state and
+//! write a fraction of its pages) and the demo's `seqsearch`. After the
+//! join, both guests repeat every child's work in the parent, on memory the
+//! parent built and so holds resident and mapped, timing each share: the
+//! slowest share is what the job would take on workers started ahead of time
+//! with the state loaded (for N up to the host's cores), and the sum is the
+//! serial job. Both come from the same run as the cloned job.
+//!
+//! Modes: `local` (clones of an in-process supervisor on this host) and
+//! `remote` (4 network-namespace hosts with real `sfd` daemons, jobs through
+//! h1's API, fault counters from the daemons). In remote mode each
+//! `--mechanisms` entry adds a cluster with that mechanism off; every run
+//! goes over the default cluster and each mechanism-off cluster in turn, so
+//! a mechanism's effect is a ratio of job times from the same run.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Map, Value, json};
+use snowflock_control::VmOutcome;
+use snowflock_control::client::ApiClient;
+use snowflock_control::{Supervisor, SupervisorConfig};
+use snowflock_vmm::KvmHypervisor;
+
+use crate::record::Sink;
+use crate::remote::{Setup, collected_lines, emit, number, run_job, seqsearch_args, up};
+use crate::sync::lock;
+
+pub const BENCH: &str = "job";
+
+/// Hosts and clone slots per host of the remote mode (as `clone-remote`).
+const HOSTS: usize = 4;
+const SLOTS: u32 = 8;
+/// Guest memory of a `seqsearch` VM.
+const SEQSEARCH_MEM: u64 = 512 << 20;
+/// Guest memory a `scan` VM gets beyond its state: image, allocator, stack.
+const SCAN_HEADROOM_MIB: u64 = 128;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Mode {
+    Local,
+    Remote,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Remote => "remote",
+        }
+    }
+
+    fn default_clones(self) -> &'static [u32] {
+        match self {
+            Self::Local => &[1, 2],
+            Self::Remote => &[1, 8, 32],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Job {
+    Scan,
+    Seqsearch,
+}
+
+impl Job {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Scan => "scan",
+            Self::Seqsearch => "seqsearch",
+        }
+    }
+}
+
+/// `sfd.toml` keys of one section, with their values.
+type Settings = Vec<(&'static str, toml::Value)>;
+
+/// A daemon setting that changes how remote faults are served; measured by
+/// turning it off on a cluster of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Mechanism {
+    /// `[limits] prefetch_pages` (default 3) against 0.
+    Prefetch,
+    /// `[limits] avoidance` (zero, free and fresh pages not fetched) against off.
+    Avoidance,
+    /// `[mcdist] distribution = "mcdist"` against `"unicast"`.
+    Mcdist,
+    /// `[mcdist] rx_path = "auto"` (AF_XDP where it attaches) against `"sockets"`.
+    Xdp,
+}
+
+impl Mechanism {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Prefetch => "prefetch",
+            Self::Avoidance => "avoidance",
+            Self::Mcdist => "mcdist",
+            Self::Xdp => "xdp",
+        }
+    }
+
+    /// The `[limits]` and `[mcdist]` keys of a cluster with this mechanism off.
+    fn off(self) -> (Settings, Settings) {
+        match self {
+            Self::Prefetch => (vec![("prefetch_pages", toml::Value::Integer(0))], vec![]),
+            Self::Avoidance => (vec![("avoidance", toml::Value::Boolean(false))], vec![]),
+            Self::Mcdist => (
+                vec![],
+                vec![("distribution", toml::Value::String("unicast".into()))],
+            ),
+            Self::Xdp => (
+                vec![],
+                vec![("rx_path", toml::Value::String("sockets".into()))],
+            ),
+        }
+    }
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub modes: Vec<Mode>,
+    /// Clone counts of every mode; `None`: each mode's defaults.
+    pub clones: Option<Vec<u32>>,
+    pub jobs: Vec<Job>,
+    pub mechanisms: Vec<Mechanism>,
+    pub state_mib: u64,
+    pub write_every: u32,
+    /// The daemons and the number of measured runs.
+    pub setup: Setup,
+}
+
+impl Config {
+    fn counts(&self, mode: Mode) -> &[u32] {
+        self.clones.as_deref().unwrap_or(mode.default_clones())
+    }
+
+    /// The image's arguments and guest memory for `n` clones.
+    fn args(&self, job: Job, n: u32) -> (String, u64) {
+        match job {
+            Job::Scan => (
+                format!(
+                    "state_mib={} write_every={} clones={n}",
+                    self.state_mib, self.write_every
+                ),
+                (self.state_mib + SCAN_HEADROOM_MIB).next_multiple_of(2) << 20,
+            ),
+            Job::Seqsearch => (seqsearch_args(n), SEQSEARCH_MEM),
+        }
+    }
+}
+
+/// One job's figures: the guest's own timings and, for remote jobs, the
+/// daemons' counters over the job.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    job_ms: f64,
+    resident_ms: f64,
+    serial_ms: f64,
+    remote: Option<Counters>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Counters {
+    /// Clones that ran on other hosts (the rest ran beside the parent).
+    remote_children: u64,
+    faults: u64,
+    /// Faults that waited for a page from the network.
+    waited_faults: u64,
+    pages_fetched: u64,
+    pages_prefetched: u64,
+    /// Bytes every memory server sent (unicast and multicast pages).
+    served_bytes: u64,
+}
+
+impl Sample {
+    fn parse(job: Job, lines: &[String]) -> Result<Self> {
+        let prefix = format!("{}:", job.name());
+        let get = |key: &str| number(lines, &prefix, key);
+        Ok(Self {
+            job_ms: get("clone_ms")? + get("join_ms")?,
+            resident_ms: get("resident_max_ms")?,
+            serial_ms: get("serial_ms")?,
+            remote: None,
+        })
+    }
+}
+
+/// Samples by (mode, variant, job, clones), in run order.
+type Samples = BTreeMap<(Mode, &'static str, Job, u32), Vec<Sample>>;
+
+/// The variant of a cluster with every mechanism at its default.
+const DEFAULT_VARIANT: &str = "default";
+
+/// Runs the scenario and emits its records into `sink`; progress goes to stderr.
+pub fn run(config: &Config, sink: &mut dyn Sink) -> Result<()> {
+    if config.setup.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if config
+        .clones
+        .as_ref()
+        .is_some_and(|c| c.is_empty() || c.contains(&0))
+    {
+        bail!("--clones needs counts of at least 1");
+    }
+    let mut samples = Samples::new();
+    for run in 1..=config.setup.runs {
+        for &mode in &config.modes {
+            match mode {
+                Mode::Local => local_run(config, run, &mut samples)?,
+                Mode::Remote => remote_run(config, run, &mut samples)?,
+            }
+        }
+    }
+    report(config, &samples, sink)
+}
+
+fn local_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
+    let counts = config.counts(Mode::Local);
+    let hv = KvmHypervisor::open().context("opening /dev/kvm")?;
+    let (lines_sink, lines) = collected_lines();
+    let supervisor = Supervisor::new(
+        std::sync::Arc::new(hv),
+        SupervisorConfig {
+            clone_limit: counts.iter().copied().max().unwrap_or(1),
+            lines: lines_sink,
+            descriptor_dir: None,
+            cluster: None,
+        },
+    );
+    for &job in &config.jobs {
+        for &n in counts {
+            eprintln!("{BENCH}: local {} {n} clones, run {run}", job.name());
+            let (args, mem) = config.args(job, n);
+            let image = snowflock_guest::images::by_name(job.name())
+                .with_context(|| format!("no embedded image {}", job.name()))?;
+            lock(&lines).clear();
+            let outcome = supervisor.launch(image, mem, &args)?.wait();
+            let seen = std::mem::take(&mut *lock(&lines));
+            if outcome != VmOutcome::Exited(0) {
+                bail!(
+                    "local {} {args} ended {outcome:?}:\n{}",
+                    job.name(),
+                    seen.join("\n")
+                );
+            }
+            samples
+                .entry((Mode::Local, DEFAULT_VARIANT, job, n))
+                .or_default()
+                .push(Sample::parse(job, &seen)?);
+        }
+    }
+    Ok(())
+}
+
+fn remote_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
+    let mut variants: Vec<(&'static str, Option<Mechanism>)> = vec![(DEFAULT_VARIANT, None)];
+    variants.extend(config.mechanisms.iter().map(|&m| (m.name(), Some(m))));
+    for (variant, off) in variants {
+        let (limits, mcdist) = off.map(Mechanism::off).unwrap_or_default();
+        let (cluster, _dir) = up(&config.setup, HOSTS, SLOTS, &limits, &mcdist)?;
+        let socket = cluster.host(0)?.socket.clone();
+        for &job in &config.jobs {
+            for &n in config.counts(Mode::Remote) {
+                let label = match off {
+                    None => String::new(),
+                    Some(m) => format!(" ({} off)", m.name()),
+                };
+                eprintln!(
+                    "{BENCH}: remote {} {n} clones{label}, run {run}",
+                    job.name()
+                );
+                let sample = remote_job(config, &socket, job, n)?;
+                samples
+                    .entry((Mode::Remote, variant, job, n))
+                    .or_default()
+                    .push(sample);
+            }
+        }
+        cluster.down()?;
+    }
+    Ok(())
+}
+
+/// The daemons' counters of every host: hollow clones seen (host, vm) and
+/// the bytes their memory servers sent.
+fn snapshot(
+    socket: &Path,
+) -> Result<(
+    Vec<(String, snowflock_control::protocol::CloneStatsEntry)>,
+    u64,
+)> {
+    let hosts = ApiClient::new(socket, Some(std::time::Duration::from_secs(60))).stats()?;
+    let served = hosts.iter().map(|h| h.served_bytes).sum();
+    let clones = hosts
+        .into_iter()
+        .flat_map(|h| {
+            let host = h.host;
+            h.clones.into_iter().map(move |c| (host.clone(), c))
+        })
+        .collect();
+    Ok((clones, served))
+}
+
+fn remote_job(config: &Config, socket: &Path, job: Job, n: u32) -> Result<Sample> {
+    let (args, mem) = config.args(job, n);
+    let (before, served_before) = snapshot(socket)?;
+    let seen: HashSet<(String, u64)> = before.into_iter().map(|(h, c)| (h, c.vm)).collect();
+    let end = run_job(socket, job.name(), mem, &args)?;
+    let report = end.reports.first().context("no clone report")?;
+    if report.clones != n {
+        bail!("granted {} of {n} clones", report.clones);
+    }
+    let (after, served_after) = snapshot(socket)?;
+    let mut counters = Counters {
+        served_bytes: served_after.saturating_sub(served_before),
+        ..Counters::default()
+    };
+    for (_, entry) in after
+        .into_iter()
+        .filter(|(h, c)| !seen.contains(&(h.clone(), c.vm)))
+    {
+        let s = entry.stats;
+        counters.remote_children += 1;
+        counters.faults += s.faults;
+        counters.waited_faults += s.fetch_latency.count;
+        counters.pages_fetched += s.pages_fetched;
+        counters.pages_prefetched += s.prefetched;
+    }
+    let mut sample = Sample::parse(job, &end.lines)?;
+    sample.remote = Some(counters);
+    Ok(sample)
+}
+
+fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()> {
+    for (&(mode, variant, job, n), list) in samples {
+        let (args, _) = config.args(job, n);
+        let mut params = Map::new();
+        params.insert("mode".into(), json!(mode.name()));
+        params.insert("job".into(), json!(job.name()));
+        params.insert("clones".into(), json!(n));
+        params.insert(
+            "hosts".into(),
+            json!(if mode == Mode::Remote { HOSTS } else { 1 }),
+        );
+        params.insert("variant".into(), json!(variant));
+        params.insert("args".into(), json!(args));
+        let series = |f: fn(&Sample) -> f64| -> Vec<f64> { list.iter().map(f).collect() };
+        let times: [(&str, &str, Vec<f64>); 5] = [
+            ("job_ms", "ms", series(|s| s.job_ms)),
+            ("resident_ms", "ms", series(|s| s.resident_ms)),
+            (
+                "job_to_resident",
+                "ratio",
+                series(|s| s.job_ms / s.resident_ms.max(f64::MIN_POSITIVE)),
+            ),
+            ("serial_ms", "ms", series(|s| s.serial_ms)),
+            (
+                "speedup_vs_serial",
+                "ratio",
+                series(|s| s.serial_ms / s.job_ms.max(f64::MIN_POSITIVE)),
+            ),
+        ];
+        for (metric, unit, values) in times {
+            emit(sink, BENCH, metric, &values, unit, &params)?;
+        }
+        let counters: Vec<&Counters> = list.iter().filter_map(|s| s.remote.as_ref()).collect();
+        if counters.is_empty() {
+            continue;
+        }
+        let per_child = |c: &Counters, v: u64| v as f64 / c.remote_children.max(1) as f64;
+        let remote: [(&str, &str, Vec<f64>); 6] = [
+            (
+                "remote_children",
+                "clones",
+                counters.iter().map(|c| c.remote_children as f64).collect(),
+            ),
+            (
+                "faults_per_child",
+                "faults",
+                counters.iter().map(|c| per_child(c, c.faults)).collect(),
+            ),
+            (
+                "waited_faults_per_child",
+                "faults",
+                counters
+                    .iter()
+                    .map(|c| per_child(c, c.waited_faults))
+                    .collect(),
+            ),
+            (
+                "pages_fetched",
+                "pages",
+                counters.iter().map(|c| c.pages_fetched as f64).collect(),
+            ),
+            (
+                "pages_prefetched",
+                "pages",
+                counters.iter().map(|c| c.pages_prefetched as f64).collect(),
+            ),
+            (
+                "wire_mib",
+                "MiB",
+                counters
+                    .iter()
+                    .map(|c| c.served_bytes as f64 / f64::from(1 << 20))
+                    .collect(),
+            ),
+        ];
+        for (metric, unit, values) in remote {
+            emit(sink, BENCH, metric, &values, unit, &params)?;
+        }
+    }
+    mechanism_ratios(config, samples, sink)
+}
+
+/// Per mechanism, job and clone count: job time with the mechanism off over
+/// job time with it on, run by run.
+fn mechanism_ratios(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()> {
+    for &mechanism in &config.mechanisms {
+        for &job in &config.jobs {
+            for &n in config.counts(Mode::Remote) {
+                let on = samples.get(&(Mode::Remote, DEFAULT_VARIANT, job, n));
+                let off = samples.get(&(Mode::Remote, mechanism.name(), job, n));
+                let (Some(on), Some(off)) = (on, off) else {
+                    continue;
+                };
+                let ratios: Vec<f64> = on
+                    .iter()
+                    .zip(off)
+                    .map(|(on, off)| off.job_ms / on.job_ms.max(f64::MIN_POSITIVE))
+                    .collect();
+                let mut params = Map::new();
+                params.insert("mode".into(), json!(Mode::Remote.name()));
+                params.insert("job".into(), json!(job.name()));
+                params.insert("clones".into(), json!(n));
+                params.insert("mechanism".into(), json!(mechanism.name()));
+                emit(sink, BENCH, "off_to_on_job_ms", &ratios, "ratio", &params)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One point of the plot: (mode, job, metric, clones, median).
+type Point = (String, String, String, u32, f64);
+
+/// An SVG line plot of job time (solid) and the resident time (dashed)
+/// against the clone count, one panel per mode, from the `job` records of
+/// JSON lines `text` (the default variant only).
+pub fn plot(text: &str) -> Result<String> {
+    let mut points: Vec<Point> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: Value =
+            serde_json::from_str(line).with_context(|| format!("line {}: not JSON", i + 1))?;
+        let p = &record["params"];
+        let metric = record["metric"].as_str().unwrap_or("");
+        if record["bench"] != BENCH
+            || p["variant"] != DEFAULT_VARIANT
+            || !matches!(metric, "job_ms" | "resident_ms")
+        {
+            continue;
+        }
+        let (Some(mode), Some(job), Some(n), Some(v)) = (
+            p["mode"].as_str(),
+            p["job"].as_str(),
+            p["clones"].as_u64(),
+            record["value"].as_f64(),
+        ) else {
+            bail!(
+                "line {}: a job record without mode, job, clones or value",
+                i + 1
+            );
+        };
+        points.push((mode.into(), job.into(), metric.into(), n as u32, v));
+    }
+    if points.is_empty() {
+        bail!("no job_ms or resident_ms records of the default variant");
+    }
+    let modes: Vec<String> = unique(points.iter().map(|p| p.0.clone()));
+    const PANEL_W: f64 = 420.0;
+    const PANEL_H: f64 = 300.0;
+    const LEFT: f64 = 70.0;
+    const TOP: f64 = 40.0;
+    const GAP: f64 = 90.0;
+    let width = LEFT + modes.len() as f64 * (PANEL_W + GAP);
+    let height = TOP + PANEL_H + 110.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    let jobs: Vec<String> = unique(points.iter().map(|p| p.1.clone()));
+    for (m, mode) in modes.iter().enumerate() {
+        let x0 = LEFT + m as f64 * (PANEL_W + GAP);
+        let here: Vec<&Point> = points.iter().filter(|p| &p.0 == mode).collect();
+        let mut counts: Vec<u32> = here.iter().map(|p| p.3).collect();
+        counts.sort_unstable();
+        counts.dedup();
+        let top = nice_ceiling(here.iter().map(|p| p.4).fold(0.0, f64::max));
+        // Clone counts evenly spaced: 1, 8 and 32 would crowd on a linear axis.
+        let x = |n: u32| {
+            let i = counts.iter().position(|&c| c == n).unwrap_or(0);
+            x0 + PANEL_W * (i as f64 + 0.5) / counts.len() as f64
+        };
+        let y = |v: f64| TOP + PANEL_H * (1.0 - v / top);
+        svg += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"14\">{mode}</text>\n\
+             <rect x=\"{x0}\" y=\"{TOP}\" width=\"{PANEL_W}\" height=\"{PANEL_H}\" fill=\"none\" stroke=\"#888\"/>\n",
+            x0 + PANEL_W / 2.0,
+            TOP - 12.0
+        );
+        for tick in 0..=4 {
+            let v = top * f64::from(tick) / 4.0;
+            let (right, ty, label_x) = (x0 + PANEL_W, y(v), x0 - 6.0);
+            svg += &format!(
+                "<line x1=\"{x0}\" x2=\"{right}\" y1=\"{ty}\" y2=\"{ty}\" stroke=\"#eee\"/>\
+                 <text x=\"{label_x}\" y=\"{}\" text-anchor=\"end\">{v:.0}</text>\n",
+                ty + 4.0
+            );
+        }
+        for &n in &counts {
+            svg += &format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{n}</text>\n",
+                x(n),
+                TOP + PANEL_H + 18.0
+            );
+        }
+        let (mid_x, axis_y) = (x0 + PANEL_W / 2.0, TOP + PANEL_H + 36.0);
+        let (unit_x, unit_y) = (x0 - 48.0, TOP + PANEL_H / 2.0);
+        svg += &format!(
+            "<text x=\"{mid_x}\" y=\"{axis_y}\" text-anchor=\"middle\">clones</text>\n\
+             <text x=\"{unit_x}\" y=\"{unit_y}\" text-anchor=\"middle\" \
+             transform=\"rotate(-90 {unit_x} {unit_y})\">ms</text>\n"
+        );
+        for (j, job) in jobs.iter().enumerate() {
+            let color = colors[j % colors.len()];
+            for (metric, dash) in [("job_ms", ""), ("resident_ms", " stroke-dasharray=\"5 4\"")] {
+                let mut line: Vec<(u32, f64)> = here
+                    .iter()
+                    .filter(|p| &p.1 == job && p.2 == metric)
+                    .map(|p| (p.3, p.4))
+                    .collect();
+                line.sort_by_key(|&(n, _)| n);
+                if line.is_empty() {
+                    continue;
+                }
+                let path: Vec<String> = line
+                    .iter()
+                    .map(|&(n, v)| format!("{:.1},{:.1}", x(n), y(v)))
+                    .collect();
+                svg += &format!(
+                    "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{dash}/>\n",
+                    path.join(" ")
+                );
+                for &(n, v) in &line {
+                    svg += &format!(
+                        "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>\n",
+                        x(n),
+                        y(v)
+                    );
+                }
+            }
+        }
+    }
+    let legend_y = TOP + PANEL_H + 64.0;
+    for (j, job) in jobs.iter().enumerate() {
+        let color = colors[j % colors.len()];
+        let lx = LEFT + j as f64 * 330.0;
+        svg += &format!(
+            "<line x1=\"{lx}\" x2=\"{}\" y1=\"{legend_y}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\"/>\
+             <text x=\"{}\" y=\"{}\">{job}: cloned job</text>\n\
+             <line x1=\"{}\" x2=\"{}\" y1=\"{legend_y}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"5 4\"/>\
+             <text x=\"{}\" y=\"{}\">resident (slowest share)</text>\n",
+            lx + 24.0,
+            lx + 30.0,
+            legend_y + 4.0,
+            lx + 150.0,
+            lx + 174.0,
+            lx + 180.0,
+            legend_y + 4.0
+        );
+    }
+    svg += "</svg>\n";
+    Ok(svg)
+}
+
+fn unique(items: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
+/// The smallest of 1, 2 or 5 times a power of ten that is >= `v`.
+fn nice_ceiling(v: f64) -> f64 {
+    if v <= 0.0 {
+        return 1.0;
+    }
+    let power = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * power)
+        .find(|&c| c >= v)
+        .unwrap_or(10.0 * power)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Record;
+
+    #[test]
+    fn parses_the_guests_lines() {
+        let lines: Vec<String> = [
+            "scan: build_ms=10.0",
+            "scan: clone_ms=1.5",
+            "scan: join_ms=98.5",
+            "scan: share=1 resident_ms=40.0",
+            "scan: serial_ms=81.0 resident_max_ms=41.0 resident_sum_ms=80.0",
+        ]
+        .map(String::from)
+        .into();
+        let s = Sample::parse(Job::Scan, &lines).unwrap();
+        assert_eq!((s.job_ms, s.resident_ms, s.serial_ms), (100.0, 41.0, 81.0));
+    }
+
+    #[test]
+    fn plots_every_mode_and_job() {
+        let mut records: Vec<Record> = Vec::new();
+        for (mode, n, v) in [("local", 1, 50.0), ("local", 2, 30.0), ("remote", 8, 900.0)] {
+            let mut p = Map::new();
+            p.insert("mode".into(), json!(mode));
+            p.insert("job".into(), json!("scan"));
+            p.insert("clones".into(), json!(n));
+            p.insert("variant".into(), json!(DEFAULT_VARIANT));
+            records.push(Record::new(BENCH, "job_ms", v, "ms", &p));
+            records.push(Record::new(BENCH, "resident_ms", v / 2.0, "ms", &p));
+        }
+        let text: String = records.iter().map(|r| r.to_line() + "\n").collect();
+        let svg = plot(&text).unwrap();
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert_eq!(svg.matches("<polyline").count(), 4);
+        assert!(svg.contains(">local<") && svg.contains(">remote<"));
+        assert!(plot("").is_err());
+    }
+
+    #[test]
+    fn nice_ceilings() {
+        assert_eq!(nice_ceiling(0.0), 1.0);
+        assert_eq!(nice_ceiling(3.0), 5.0);
+        assert_eq!(nice_ceiling(1200.0), 2000.0);
+        assert_eq!(nice_ceiling(100.0), 100.0);
+    }
+}
