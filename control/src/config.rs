@@ -193,7 +193,9 @@ pub enum PopulateMode {
     #[default]
     Read,
     /// As private copies: a copy of the parent's whole state per clone, made
-    /// on a host thread, so the guest's first writes do not copy.
+    /// on a host thread, so the guest's first writes do not copy, and the
+    /// hypervisor maps a page's neighbours with it on a first touch. A clone
+    /// point of such a clone copies every page it holds into its image.
     Write,
 }
 
