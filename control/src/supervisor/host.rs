@@ -19,7 +19,9 @@ pub(super) struct HostState {
     pub(super) hv: Arc<dyn Hypervisor>,
     /// Starts clones' threads and prepares VMs off the parents' vCPU threads.
     pub(super) launcher: Worker,
-    /// Maps local clones' memory ahead of their guests (`populate`).
+    /// Maps local clones' memory ahead of their guests (`populate`). Normal
+    /// priority: at idle priority it starves while the clones' vCPUs keep
+    /// every core busy, which is when mapping ahead saves the most.
     pub(super) populating: Worker,
     warm: Arc<WarmPool>,
     pub(super) config: SupervisorConfig,
