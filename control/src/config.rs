@@ -147,6 +147,10 @@ pub struct Limits {
     /// A peer that stays silent this long is considered lost.
     #[serde(default = "default_peer_timeout_ms")]
     pub peer_timeout_ms: u64,
+    /// How local clones' views of their parent's data pages are mapped in
+    /// the background as they start.
+    #[serde(default)]
+    pub populate: PopulateMode,
 }
 
 fn default_clone_slots() -> u32 {
@@ -181,8 +185,26 @@ impl Default for Limits {
             prefetch_pages: default_prefetch_pages(),
             avoidance: true,
             peer_timeout_ms: default_peer_timeout_ms(),
+            populate: PopulateMode::default(),
         }
     }
+}
+
+/// How a local clone's view of its parent's data pages is mapped in the
+/// background as it starts (`supervisor::populate`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PopulateMode {
+    /// Not at all: every first touch faults.
+    Off,
+    /// Read-only, sharing the parent's pages: no memory per clone.
+    #[default]
+    Read,
+    /// As private copies: a copy of the parent's whole state per clone, made
+    /// on a host thread, so the guest's first writes do not copy, and the
+    /// hypervisor maps a page's neighbours with it on a first touch. A clone
+    /// point of such a clone copies every page it holds into its image.
+    Write,
 }
 
 /// How clone hosts get a clone point's pages.
@@ -492,6 +514,7 @@ mod tests {
         config.check().unwrap();
         assert_eq!(config.limits.clone_slots, 8);
         assert_eq!(config.limits.fetch_timeout_ms, 5000);
+        assert_eq!(config.limits.populate, PopulateMode::Read);
         assert_eq!(
             config.peers().map(|m| m.name.as_str()).collect::<Vec<_>>(),
             ["h2"]
@@ -505,6 +528,11 @@ mod tests {
         assert_eq!(config.limits.clone_slots, host_cores());
         assert_eq!(config.mcdist.max_in_flight, 512);
         assert_eq!(config.mcdist.send_threads, 1);
+        assert_eq!(config.limits.populate, PopulateMode::Read);
+        let write = include_str!("../../dist/sfd.toml")
+            .replace(r#"populate = "read""#, r#"populate = "write""#);
+        let config: DaemonConfig = toml::from_str(&write).unwrap();
+        assert_eq!(config.limits.populate, PopulateMode::Write);
     }
 
     #[test]

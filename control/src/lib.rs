@@ -7,6 +7,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
+//! use snowflock_control::config::PopulateMode;
 //! use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome, console};
 //! use snowflock_vmm::KvmHypervisor;
 //!
@@ -16,6 +17,7 @@
 //!     lines: console::stdout_lines(),
 //!     descriptor_dir: None,
 //!     cluster: None,
+//!     populate: PopulateMode::Read,
 //! });
 //! let image = std::fs::read("guest.elf")?;
 //! let vm = supervisor.launch(&image, 512 << 20, "clones=8")?;

@@ -5,8 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{run, supervisor};
+use common::{run, supervisor_populating};
 use snowflock_control::VmOutcome;
+use snowflock_control::config::PopulateMode;
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).unwrap().count()
@@ -44,7 +45,8 @@ fn settle(sup: &snowflock_control::Supervisor, warm: usize) {
 #[test]
 fn clone_kill_and_failure_release_every_resource() {
     const LIMIT: u32 = 8;
-    let (sup, lines) = supervisor(LIMIT);
+    // Write populates take longest, so clones end while theirs still run.
+    let (sup, lines) = supervisor_populating(LIMIT, PopulateMode::Write);
     // Warm-up: one-time process state (signal handler, KVM probing, allocator
     // arenas, worker threads, the pool of prepared VMs).
     assert_eq!(run(&sup, "hello", "clones=2"), VmOutcome::Exited(0));
@@ -58,6 +60,7 @@ fn clone_kill_and_failure_release_every_resource() {
         ("childfail", ""),
         ("badptr", ""),
         ("cow", "clones=4 mib=8"),
+        ("touch", "mib=64 clones=2"),
     ] {
         assert_eq!(
             run(&sup, name, args),

@@ -2,7 +2,8 @@
 
 mod common;
 
-use common::{failure, run, supervisor};
+use common::{failure, run, supervisor, supervisor_populating};
+use snowflock_control::config::PopulateMode;
 use snowflock_control::{CaptureKind, VmOutcome};
 
 #[test]
@@ -64,6 +65,37 @@ fn copy_on_write_isolates_parent_and_clones_both_ways() {
             VmOutcome::Result(vec![1]),
             "clone {}",
             child.id
+        );
+    }
+}
+
+#[test]
+fn populated_clones_read_the_parents_state_and_keep_their_own_writes() {
+    for mode in [PopulateMode::Read, PopulateMode::Write] {
+        let (sup, lines) = supervisor_populating(2, mode);
+        // Each child overwrites the whole buffer as soon as it starts, while
+        // its memory is being populated, then checks it sees only its own
+        // pattern; pages it wrote before the populate reached them stay its.
+        assert_eq!(
+            run(&sup, "cow", "clones=2 mib=32"),
+            VmOutcome::Exited(0),
+            "{mode:?}: {:?}",
+            lines.all()
+        );
+        for child in &sup.reports()[0].children {
+            assert_eq!(
+                child.outcome,
+                VmOutcome::Result(vec![1]),
+                "{mode:?}: clone {}",
+                child.id
+            );
+        }
+        // Each child reads pages all over the parent's buffer and checks every byte.
+        assert_eq!(
+            run(&sup, "touch", "mib=32 clones=2 pages=2048"),
+            VmOutcome::Exited(0),
+            "{mode:?}: {:?}",
+            lines.all()
         );
     }
 }

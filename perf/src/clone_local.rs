@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use serde_json::{Map, Value};
+use snowflock_control::config::PopulateMode;
 use snowflock_control::console::LineSink;
 use snowflock_control::{CloneReport, Supervisor, SupervisorConfig, VmHandle, VmOutcome};
 use snowflock_vmm::KvmHypervisor;
@@ -173,6 +174,7 @@ pub fn run(config: &Config, sink: &mut dyn Sink) -> anyhow::Result<()> {
             lines: console.sink(),
             descriptor_dir: None,
             cluster: None,
+            populate: PopulateMode::Read,
         },
     );
     for &n in &config.clones {

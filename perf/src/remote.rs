@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 use snowflock_control::client::ApiClient;
+use snowflock_control::config::PopulateMode;
 use snowflock_control::console::LineSink;
 use snowflock_control::daemon::memory::LocalImageSource;
 use snowflock_control::protocol::CloneSummary;
@@ -278,6 +279,7 @@ fn local_fault_latency(pages: u32) -> Result<(CloneStats, Vec<String>)> {
             lines: sink,
             descriptor_dir: None,
             cluster: Some(loopback.clone()),
+            populate: PopulateMode::Read,
         },
     ));
     let _ = loopback.supervisor.set(Arc::downgrade(&supervisor));
@@ -449,6 +451,7 @@ fn local_job_ms(clones: u32) -> Result<f64> {
             lines: sink,
             descriptor_dir: None,
             cluster: None,
+            populate: PopulateMode::Read,
         },
     );
     let image = snowflock_guest::images::by_name("seqsearch").context("seqsearch image")?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use snowflock_control::config::host_cores;
+use snowflock_control::config::{PopulateMode, host_cores};
 use snowflock_control::console::{self, LineSink};
 use snowflock_control::{Descriptor, Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_vmm::KvmHypervisor;
@@ -114,6 +114,9 @@ struct RunArgs {
     /// Save every captured descriptor into this directory.
     #[arg(long)]
     descriptor_dir: Option<PathBuf>,
+    /// How each clone's view of its parent's memory is mapped in the background as it starts.
+    #[arg(long, value_enum, default_value_t = PopulateMode::Read)]
+    populate: PopulateMode,
     /// Print a JSON report on stdout (guest console goes to stderr).
     #[arg(long)]
     json: bool,
@@ -217,6 +220,7 @@ fn supervisor(
     clone_limit: u32,
     lines: LineSink,
     descriptor_dir: Option<PathBuf>,
+    populate: PopulateMode,
 ) -> Result<Supervisor> {
     if let Some(dir) = &descriptor_dir {
         std::fs::create_dir_all(dir)
@@ -230,6 +234,7 @@ fn supervisor(
             lines,
             descriptor_dir,
             cluster: None,
+            populate,
         },
     ))
 }
@@ -280,6 +285,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         args.clone_limit.unwrap_or_else(host_cores),
         console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
+        args.populate,
     )?;
     let started = Instant::now();
     let vm = sup
@@ -315,6 +321,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         clones,
         console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
+        PopulateMode::Read,
     )?;
     let cmdline = format!(
         "ref_mib={} queries={} clones={clones}",

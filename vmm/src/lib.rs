@@ -26,6 +26,7 @@ pub mod kvm;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod populate;
 mod sync;
 
 pub use hypervisor::{

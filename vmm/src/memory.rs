@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::populate::{Populator, ViewLease};
+
 /// Guest page size.
 pub const PAGE_SIZE: u64 = snowflock_abi::PAGE_SIZE;
 /// More mapped runs than this across an image's layers and the next freeze
@@ -454,6 +456,15 @@ pub struct GuestMemory {
     size: u64,
     mapping: Mapping,
     backing: Backing,
+    /// Lets populates of the current view run until it goes away.
+    lease: Arc<ViewLease>,
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // Before the mapping field unmaps the range.
+        self.lease.revoke();
+    }
 }
 
 /// What a freeze leaves behind.
@@ -510,6 +521,7 @@ impl GuestMemory {
         let file = memfd(size)?;
         mapping.map_fixed(0, size, libc::MAP_SHARED, file.as_raw_fd())?;
         Ok(Self {
+            lease: ViewLease::new(mapping.addr.as_ptr(), size / PAGE_SIZE),
             size,
             mapping,
             backing: Backing::Live(file),
@@ -533,6 +545,7 @@ impl GuestMemory {
         }
         map_image(image, &reserved.mapping)?;
         Ok(Self {
+            lease: ViewLease::new(reserved.host_addr(), image.size / PAGE_SIZE),
             size: image.size,
             mapping: reserved.mapping,
             backing: Backing::Image(image.clone()),
@@ -560,6 +573,7 @@ impl GuestMemory {
         }
         mapping.map_fixed(0, size, libc::MAP_PRIVATE, file.as_raw_fd())?;
         Ok(Self {
+            lease: ViewLease::new(mapping.addr.as_ptr(), size / PAGE_SIZE),
             size,
             mapping,
             backing: Backing::Hollow,
@@ -584,6 +598,16 @@ impl GuestMemory {
     pub fn image(&self) -> Option<&Arc<MemoryImage>> {
         match &self.backing {
             Backing::Image(image) => Some(image),
+            Backing::Live(_) | Backing::Hollow => None,
+        }
+    }
+
+    /// A handle that maps this VM's view of its image ahead of the guest,
+    /// from any thread, until the view is frozen again or the memory is
+    /// dropped; `None` unless the memory is a view of an image.
+    pub fn populator(&self) -> Option<Populator> {
+        match &self.backing {
+            Backing::Image(image) => Some(Populator::new(image.clone(), self.lease.clone())),
             Backing::Live(_) | Backing::Hollow => None,
         }
     }
@@ -647,6 +671,10 @@ impl GuestMemory {
             Backing::Image(base) => Arc::new(self.layer_dirty_pages(base)?),
             Backing::Hollow => return Err(MemoryError::FreezeHollow),
         };
+        // Populates of the old view would map the pages about to be moved
+        // out; the new view gets a lease of its own.
+        self.lease.revoke();
+        self.lease = ViewLease::new(self.host_addr(), self.size / PAGE_SIZE);
         let retired = self.mapping.move_pages_out()?;
         map_image(&image, &self.mapping)?;
         self.backing = Backing::Image(image.clone());
@@ -806,5 +834,58 @@ mod tests {
         let data = second.image.data_pages().unwrap();
         assert!(data.get(5) && data.get(9) && !data.get(6));
         assert_eq!(data.count(), 2);
+    }
+
+    #[test]
+    fn populating_keeps_the_views_own_pages_and_stops_when_the_view_goes() {
+        use crate::populate::{PopulateAccess, Populated};
+
+        let mut parent = GuestMemory::new(64 * PAGE_SIZE).unwrap();
+        parent.write(5 * PAGE_SIZE, b"image5").unwrap();
+        parent.write(9 * PAGE_SIZE, b"image9").unwrap();
+        let frozen = parent.freeze().unwrap();
+        let mut view = GuestMemory::from_image(&frozen.image).unwrap();
+        view.write(9 * PAGE_SIZE, b"mine").unwrap();
+
+        let populator = view.populator().unwrap();
+        let runs = populator.data_runs().unwrap();
+        assert_eq!(runs.runs(), &[(5, 1), (9, 1)]);
+        for &(first, count) in runs.runs() {
+            let done = populator.populate(first, count, PopulateAccess::Read);
+            assert_eq!(done.unwrap(), Populated::Mapped);
+        }
+        let mut buf = [0u8; 6];
+        view.read(9 * PAGE_SIZE, &mut buf).unwrap();
+        assert_eq!(&buf, b"minee9");
+        assert_eq!(
+            view.private_pages().unwrap().count(),
+            1,
+            "a read populate copies nothing"
+        );
+
+        for &(first, count) in runs.runs() {
+            let done = populator.populate(first, count, PopulateAccess::Write);
+            assert_eq!(done.unwrap(), Populated::Mapped);
+        }
+        let private = view.private_pages().unwrap();
+        assert!(private.get(5) && private.get(9));
+        view.read(5 * PAGE_SIZE, &mut buf).unwrap();
+        assert_eq!(&buf, b"image5");
+        view.read(9 * PAGE_SIZE, &mut buf).unwrap();
+        assert_eq!(&buf, b"minee9");
+        assert!(populator.populate(60, 5, PopulateAccess::Read).is_err());
+
+        let refrozen = view.freeze().unwrap();
+        assert_eq!(
+            populator.populate(5, 1, PopulateAccess::Read).unwrap(),
+            Populated::Gone
+        );
+        let again = view.populator().unwrap();
+        drop(view);
+        assert_eq!(
+            again.populate(5, 1, PopulateAccess::Read).unwrap(),
+            Populated::Gone
+        );
+        drop((refrozen, frozen));
     }
 }

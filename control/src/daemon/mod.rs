@@ -260,6 +260,7 @@ pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonEr
             lines,
             descriptor_dir: None,
             cluster: Some(links.clone()),
+            populate: config.limits.populate,
         },
     );
     let daemon = Arc::new(Daemon {

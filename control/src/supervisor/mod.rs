@@ -17,6 +17,7 @@ mod handle;
 mod hollow;
 mod host;
 mod hypercalls;
+mod populate;
 mod slots;
 mod spawn;
 mod tickets;
@@ -35,6 +36,7 @@ pub use self::error::{CaptureError, DescribeError, SupervisorError};
 pub use self::handle::{VmController, VmHandle};
 use self::host::HostState;
 use self::vm::VmContext;
+use crate::config::PopulateMode;
 use crate::console::{ConsoleFlush, LineSink, labelled};
 use crate::descriptor::Descriptor;
 use crate::outcome::CloneReport;
@@ -53,6 +55,10 @@ pub struct SupervisorConfig {
     pub descriptor_dir: Option<PathBuf>,
     /// Other hosts that take clones; `None` keeps every clone on this host.
     pub cluster: Option<Arc<dyn Cluster>>,
+    /// How each local clone's view of its parent's data pages is mapped in
+    /// the background as it starts, so that the guest's first touches find
+    /// them mapped.
+    pub populate: PopulateMode,
 }
 
 impl std::fmt::Debug for SupervisorConfig {
@@ -61,6 +67,7 @@ impl std::fmt::Debug for SupervisorConfig {
             .field("clone_limit", &self.clone_limit)
             .field("descriptor_dir", &self.descriptor_dir)
             .field("cluster", &self.cluster.is_some())
+            .field("populate", &self.populate)
             .finish_non_exhaustive()
     }
 }

@@ -219,6 +219,9 @@ impl ChildStart {
                 self.cell.set_kicker(machine.kicker());
                 let started = Instant::now();
                 self.cell.mark_started(restore);
+                if let Some(populator) = machine.memory().populator() {
+                    self.host.populate_clone(populator, self.cell.vm);
+                }
                 let ctx = VmContext::new(
                     self.host.clone(),
                     self.cell.vm,

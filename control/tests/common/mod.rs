@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use snowflock_control::config::PopulateMode;
 use snowflock_control::console::LineSink;
 use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_vmm::KvmHypervisor;
@@ -39,6 +40,11 @@ impl Lines {
 }
 
 pub fn supervisor(clone_limit: u32) -> (Supervisor, Lines) {
+    supervisor_populating(clone_limit, PopulateMode::Read)
+}
+
+/// A supervisor whose local clones' memory is populated as `populate` says.
+pub fn supervisor_populating(clone_limit: u32, populate: PopulateMode) -> (Supervisor, Lines) {
     let lines = Lines::default();
     let hv = KvmHypervisor::open().expect("KVM must be available for these tests");
     let sup = Supervisor::new(
@@ -48,6 +54,7 @@ pub fn supervisor(clone_limit: u32) -> (Supervisor, Lines) {
             lines: lines.sink(),
             descriptor_dir: None,
             cluster: None,
+            populate,
         },
     );
     (sup, lines)

@@ -1,0 +1,75 @@
+//! Mapping local clones' memory ahead of their guests: when, in what order
+//! and how much at a time. The mechanism is `snowflock_vmm::populate`.
+//!
+//! A local clone's first touch of each page of its parent's state takes a
+//! host page fault on the clone's private view although the page is in
+//! memory already. Right after a clone starts, one host thread maps its
+//! view of the image's data pages into its page tables, a few MiB at a
+//! time, in address order, so that the guest's first touch finds the page
+//! mapped. The clone never waits for this: it runs from the start, and a
+//! page it touches first is faulted in as before. Clones are populated one
+//! after the other, in the order they started.
+
+use std::time::Instant;
+
+use snowflock_vmm::populate::{PopulateAccess, Populated, Populator};
+
+use super::host::HostState;
+use crate::config::PopulateMode;
+use crate::error_chain;
+
+/// Pages mapped per call (4 MiB): the call keeps the clone's memory from
+/// being unmapped and takes the process's mmap lock for reading, so a clone
+/// that ends, or a thread that maps memory, waits at most this long.
+const CHUNK_PAGES: u64 = 1024;
+
+impl HostState {
+    /// Maps the data pages of a local clone's memory in the background, if
+    /// the configuration asks for it; stops when the clone's memory goes.
+    pub(super) fn populate_clone(&self, populator: Populator, vm: u64) {
+        let access = match self.config.populate {
+            PopulateMode::Off => return,
+            PopulateMode::Read => PopulateAccess::Read,
+            PopulateMode::Write => PopulateAccess::Write,
+        };
+        self.populating
+            .submit(move || populate_view(&populator, access, vm));
+    }
+}
+
+fn populate_view(populator: &Populator, access: PopulateAccess, vm: u64) {
+    let begun = Instant::now();
+    let runs = match populator.data_runs() {
+        Ok(runs) => runs,
+        Err(e) => {
+            tracing::warn!(vm, "cannot populate a clone's memory: {}", error_chain(&e));
+            return;
+        }
+    };
+    let mut mapped = 0;
+    for &(start, count) in runs.runs() {
+        let end = start + count;
+        let mut page = start;
+        while page < end {
+            let pages = CHUNK_PAGES.min(end - page);
+            match populator.populate(page, pages, access) {
+                Ok(Populated::Mapped) => mapped += pages,
+                Ok(Populated::Gone) => {
+                    tracing::debug!(vm, mapped, "clone ended before its memory was populated");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(vm, "cannot populate a clone's memory: {}", error_chain(&e));
+                    return;
+                }
+            }
+            page += pages;
+        }
+    }
+    tracing::debug!(
+        vm,
+        mapped,
+        us = begun.elapsed().as_micros() as u64,
+        "populated a clone's memory"
+    );
+}
