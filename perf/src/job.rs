@@ -23,6 +23,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 use snowflock_control::VmOutcome;
 use snowflock_control::client::ApiClient;
+use snowflock_control::config::PopulateMode;
 use snowflock_control::{Supervisor, SupervisorConfig};
 use snowflock_vmm::KvmHypervisor;
 
@@ -232,6 +233,7 @@ fn local_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
             lines: lines_sink,
             descriptor_dir: None,
             cluster: None,
+            populate: PopulateMode::default(),
         },
     );
     for &job in &config.jobs {
