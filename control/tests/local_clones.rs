@@ -213,8 +213,13 @@ fn example_jobs_check_their_answers() {
     }
 }
 
+/// Index of the parent's first line that starts with `start`.
+fn line_index(lines: &[String], start: &str) -> Option<usize> {
+    lines.iter().position(|l| l.starts_with(start))
+}
+
 #[test]
-fn scan_children_match_the_parents_resident_repeat() {
+fn scan_children_match_the_parents_check_pass() {
     for write_every in [8, 1] {
         let (sup, lines) = supervisor(2);
         let args = format!("state_mib=4 write_every={write_every} clones=2");
@@ -225,14 +230,46 @@ fn scan_children_match_the_parents_resident_repeat() {
             lines.all()
         );
         assert_eq!(sup.reports()[0].clones, 2);
-        let last = lines.of("").pop().unwrap_or_default();
+        let parent = lines.of("");
+        let last = parent.last().cloned().unwrap_or_default();
         assert!(
             last.starts_with("scan: state_mib=4 ")
                 && last.contains(" granted=2 ")
                 && last.ends_with(" check=ok"),
             "{args}: {last}"
         );
+        let resident = line_index(&parent, "scan: resident_max_ms=");
+        let cloned = line_index(&parent, "scan: clone_ms=");
+        assert!(
+            resident.is_some() && resident < cloned,
+            "the resident pass precedes the clone point: {parent:?}"
+        );
     }
+}
+
+#[test]
+fn seqsearch_times_its_resident_shards_before_the_clone_point() {
+    let (sup, lines) = supervisor(2);
+    let args = "ref_mib=4 queries=2000 clones=2 resident=1";
+    assert_eq!(
+        run(&sup, "seqsearch", args),
+        VmOutcome::Exited(0),
+        "{:?}",
+        lines.all()
+    );
+    let parent = lines.of("");
+    let resident = line_index(&parent, "seqsearch: resident_max_ms=");
+    let cloned = line_index(&parent, "seqsearch: clone_ms=");
+    assert!(
+        resident.is_some() && resident < cloned,
+        "the resident pass precedes the clone point: {parent:?}"
+    );
+    assert!(
+        parent
+            .last()
+            .is_some_and(|l| l.contains(" granted=2 ") && l.ends_with(" check=ok")),
+        "{parent:?}"
+    );
 }
 
 #[test]
