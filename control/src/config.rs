@@ -197,13 +197,15 @@ impl Default for Limits {
 pub enum PopulateMode {
     /// Not at all: every first touch faults.
     Off,
-    /// Read-only, sharing the parent's pages: no memory per clone.
-    #[default]
+    /// Read-only, sharing the parent's pages: no memory per clone. Under PVM
+    /// this saves only the host fault of a first touch, not the hypervisor's.
     Read,
-    /// As private copies: a copy of the parent's whole state per clone, made
-    /// on a host thread, so the guest's first writes do not copy, and the
-    /// hypervisor maps a page's neighbours with it on a first touch. A clone
-    /// point of such a clone copies every page it holds into its image.
+    /// As private copies, the default: a copy of the parent's whole state per
+    /// clone, made on a host thread, so the guest's first writes do not copy,
+    /// and the hypervisor maps a page's neighbours with it on a first touch (a
+    /// cloned `scan` job ran ~4x faster than with `Off` or `Read` under PVM).
+    /// A clone point of such a clone copies every page it holds into its image.
+    #[default]
     Write,
 }
 
@@ -514,7 +516,7 @@ mod tests {
         config.check().unwrap();
         assert_eq!(config.limits.clone_slots, 8);
         assert_eq!(config.limits.fetch_timeout_ms, 5000);
-        assert_eq!(config.limits.populate, PopulateMode::Read);
+        assert_eq!(config.limits.populate, PopulateMode::Write);
         assert_eq!(
             config.peers().map(|m| m.name.as_str()).collect::<Vec<_>>(),
             ["h2"]
@@ -528,11 +530,11 @@ mod tests {
         assert_eq!(config.limits.clone_slots, host_cores());
         assert_eq!(config.mcdist.max_in_flight, 512);
         assert_eq!(config.mcdist.send_threads, 1);
-        assert_eq!(config.limits.populate, PopulateMode::Read);
-        let write = include_str!("../../dist/sfd.toml")
-            .replace(r#"populate = "read""#, r#"populate = "write""#);
-        let config: DaemonConfig = toml::from_str(&write).unwrap();
         assert_eq!(config.limits.populate, PopulateMode::Write);
+        let read = include_str!("../../dist/sfd.toml")
+            .replace(r#"populate = "write""#, r#"populate = "read""#);
+        let config: DaemonConfig = toml::from_str(&read).unwrap();
+        assert_eq!(config.limits.populate, PopulateMode::Read);
     }
 
     #[test]

@@ -115,7 +115,7 @@ struct RunArgs {
     #[arg(long)]
     descriptor_dir: Option<PathBuf>,
     /// How each clone's view of its parent's memory is mapped in the background as it starts.
-    #[arg(long, value_enum, default_value_t = PopulateMode::Read)]
+    #[arg(long, value_enum, default_value_t = PopulateMode::Write)]
     populate: PopulateMode,
     /// Print a JSON report on stdout (guest console goes to stderr).
     #[arg(long)]
@@ -321,7 +321,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         clones,
         console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
-        PopulateMode::Read,
+        PopulateMode::Write,
     )?;
     let cmdline = format!(
         "ref_mib={} queries={} clones={clones}",

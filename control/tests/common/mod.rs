@@ -40,7 +40,7 @@ impl Lines {
 }
 
 pub fn supervisor(clone_limit: u32) -> (Supervisor, Lines) {
-    supervisor_populating(clone_limit, PopulateMode::Read)
+    supervisor_populating(clone_limit, PopulateMode::default())
 }
 
 /// A supervisor whose local clones' memory is populated as `populate` says.
