@@ -416,7 +416,7 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
             continue;
         }
         let per_child = |c: &Counters, v: u64| v as f64 / c.remote_children.max(1) as f64;
-        let remote: [(&str, &str, Vec<f64>); 6] = [
+        let remote: [(&str, &str, Vec<f64>); 7] = [
             (
                 "remote_children",
                 "clones",

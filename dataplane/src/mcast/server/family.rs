@@ -364,10 +364,11 @@ impl FamilyState {
                 self.lowest_rate = rate;
             }
         }
-        if !known && flags & REQUEST_JOIN != 0 {
-            if let Some(push) = &mut self.clone_point_push {
-                push.joined(now);
-            }
+        if !known
+            && flags & REQUEST_JOIN != 0
+            && let Some(push) = &mut self.clone_point_push
+        {
+            push.joined(now);
         }
         if !known && flags & REQUEST_JOIN != 0 && config.push && !self.requested_order.is_empty() {
             self.pushes.push_back(PushCursor {
