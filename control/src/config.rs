@@ -269,7 +269,10 @@ pub struct McdistSection {
     pub initial_rate: u32,
     #[serde(default = "default_max_rate")]
     pub max_rate: u32,
-    /// Send a late-joining host the pages its siblings already faulted.
+    /// Push pages before clones ask: multicast the data pages of a clone point served to
+    /// other hosts (those written since the previous clone point first) in the background,
+    /// behind requested pages, once clone hosts join; and send a late-joining host the pages
+    /// its siblings already faulted.
     #[serde(default = "default_true")]
     pub push: bool,
     /// Most pages of a family this host's receiver awaits at once; further requested pages

@@ -118,6 +118,9 @@ pub struct HostStats {
     /// This host's memory server.
     pub served_pages: u64,
     pub served_bytes: u64,
+    /// Of the pages served, those multicast before any clone asked (push).
+    #[serde(default)]
+    pub pushed_pages: u64,
     pub served_families: u32,
 }
 

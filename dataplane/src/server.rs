@@ -38,6 +38,13 @@ pub trait PageStore: Send + Sync {
     fn page_count(&self) -> u64;
     /// Copies page `page` (less than [`PageStore::page_count`]) into `buf`.
     fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> io::Result<()>;
+    /// Runs `(first page, count)` worth sending to the clone hosts before their clones ask,
+    /// in the order to send them: the mcdist server pushes them when clone hosts join the
+    /// family. Called once per registration. The default, for a store that cannot tell which
+    /// pages hold data, pushes nothing.
+    fn push_runs(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
 }
 
 /// Tunables of a [`MemoryServer`].

@@ -631,6 +631,128 @@ fn a_late_joiner_is_pushed_the_pages_its_siblings_requested() {
     assert_eq!(server.stats().pushed_pages, PAGES);
 }
 
+/// A [`PatternStore`] whose data pages are `push_runs` (in their push order), the rest zero.
+struct PushingStore {
+    pattern: PatternStore,
+    push_runs: Vec<(u64, u64)>,
+}
+
+impl PageStore for PushingStore {
+    fn page_count(&self) -> u64 {
+        self.pattern.pages
+    }
+
+    fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
+        self.pattern.read_page(page, buf)
+    }
+
+    fn push_runs(&self) -> Vec<(u64, u64)> {
+        self.push_runs.clone()
+    }
+}
+
+/// A family served by `server` from a [`PushingStore`].
+fn serve_pushing(
+    server: &McastServer,
+    family: u64,
+    group: Ipv4Addr,
+    pages: u64,
+    push_runs: Vec<(u64, u64)>,
+) -> FamilyJoin {
+    let store = PushingStore {
+        pattern: PatternStore { family, pages },
+        push_runs,
+    };
+    let generation = server.register(family, group, Arc::new(store));
+    FamilyJoin {
+        family,
+        generation,
+        group,
+        server: server.local_addr(),
+        pages,
+    }
+}
+
+#[test]
+fn the_clone_point_is_pushed_to_every_joined_host_without_requests() {
+    let _serial = serial();
+    let net = Net::new(3);
+    let server = start_server(&net, server_config());
+    const FAMILY: u64 = 0x58;
+    const PAGES: u64 = 400;
+    // Pages 300.. are zero: never pushed.
+    let family = serve_pushing(
+        &server,
+        FAMILY,
+        Ipv4Addr::new(239, 255, 1, 8),
+        PAGES,
+        vec![(200, 100), (0, 200)],
+    );
+    let hosts = [start_receiver(&net, 2), start_receiver(&net, 3)];
+    let sinks: Vec<Arc<Pages>> = hosts.iter().map(|host| join(host, family)).collect();
+    for (host, sink) in hosts.iter().zip(&sinks) {
+        sink.wait_pages(300, WAIT);
+        sink.assert_complete(FAMILY, 300);
+        let stats = host.family_stats(FAMILY).unwrap();
+        assert_eq!(stats.pages_requested, 0, "{stats:?}");
+        assert_eq!(stats.early_pages, 300, "{stats:?}");
+    }
+    wait_counted(&server, "the push to finish", |stats| {
+        stats.families[0].push_remaining == 0
+    });
+    // The host that joined second got the pages pushed before it joined on a second round.
+    let stats = server.stats();
+    assert!((300..=600).contains(&stats.pushed_pages), "{stats:?}");
+    for sink in &sinks {
+        assert_eq!(sink.count(), 300, "zero pages are not pushed");
+    }
+}
+
+#[test]
+fn a_push_pauses_when_its_hosts_leave_and_stops_with_the_family() {
+    let _serial = serial();
+    let net = Net::new(2);
+    // 1000 pages/s: the push of 5000 pages would take 5 s.
+    let server = start_server(
+        &net,
+        McastServerConfig {
+            max_rate: 1000,
+            ..server_config()
+        },
+    );
+    const FAMILY: u64 = 0x59;
+    const PAGES: u64 = 5000;
+    let family = serve_pushing(
+        &server,
+        FAMILY,
+        Ipv4Addr::new(239, 255, 1, 9),
+        PAGES,
+        vec![(0, PAGES)],
+    );
+    let pushed = || server.stats().pushed_pages;
+    let assert_stopped = |why: &str| {
+        // A batch taken before may still be under way.
+        thread::sleep(Duration::from_millis(100));
+        let before = pushed();
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(pushed(), before, "{why}");
+    };
+    let host = start_receiver(&net, 2);
+    let sink = join(&host, family);
+    sink.wait_pages(50, WAIT);
+    // Its last clone ended: the host leaves, and nobody is left to push to.
+    host.leave(FAMILY);
+    assert_stopped("pushed with no host in the family");
+    let resumed = pushed();
+    let sink = join(&host, family);
+    sink.wait_pages(50, WAIT);
+    assert!(pushed() > resumed, "a host joining again resumes the push");
+    server.unregister(FAMILY);
+    assert_stopped("pushed after the family was unregistered");
+    assert!(pushed() < PAGES, "the push stopped before its end");
+    assert!(server.stats().families.is_empty());
+}
+
 #[test]
 fn every_page_arrives_through_loss_and_reordering() {
     let _serial = serial();

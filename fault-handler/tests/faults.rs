@@ -378,6 +378,47 @@ fn malformed_deliveries_fail_the_family() {
 }
 
 #[test]
+fn pages_pushed_after_a_clone_wrote_never_replace_its_writes() {
+    let _serial = shared();
+    // Data 0..128 (96..128 free heap at the clone point, so zero-filled when touched).
+    let image = Image::new(128, &[(0, 128)]);
+    let (family, server) = family(0x130, &image, PROMPT, config(0, BOUND));
+    let clone = Clone::start(&family, avoid(&image, &[(96, 32)]));
+    // A fetched page and a zero-filled one, both written by the clone.
+    clone.region.write(5, 0, 0xa5);
+    clone.region.write(100, 0, 0x5a);
+    let requested = server.requested();
+    // The push brings other bytes for them (as if the image were another) and a page nobody
+    // touched yet.
+    let pushed: Vec<(u64, Vec<u8>)> = [5, 100, 7]
+        .into_iter()
+        .map(|page| (page, vec![0xee; PAGE_SIZE as usize]))
+        .collect();
+    let batch: Vec<(u64, &[u8])> = pushed.iter().map(|(p, d)| (*p, &d[..])).collect();
+    family.deliver_batch(&batch);
+    // The cached page is not written again; the clone's own copies are untouched.
+    assert!(family.cache().read_page(5).unwrap() == Image::expected(5));
+    let mut written = Image::expected(5);
+    written[0] = 0xa5;
+    assert!(
+        clone.region.read(5) == written,
+        "a push replaced a written page"
+    );
+    let mut zero_written = vec![0u8; PAGE_SIZE as usize];
+    zero_written[0] = 0x5a;
+    assert!(
+        clone.region.read(100) == zero_written,
+        "a push replaced a written zero page"
+    );
+    // The untouched page is the pushed one, mapped without a fault.
+    let faults = clone.handler.stats().faults;
+    assert!(clone.region.read(7) == vec![0xee; PAGE_SIZE as usize]);
+    assert_eq!(clone.handler.stats().faults, faults);
+    assert_eq!(server.requested(), requested, "nothing more was fetched");
+    assert!(clone.failures().is_empty());
+}
+
+#[test]
 fn concurrent_duplicate_deliveries_install_each_page_once() {
     let _serial = shared();
     let image = Image::new(256, &[(0, 256)]);

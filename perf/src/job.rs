@@ -105,6 +105,9 @@ pub enum Mechanism {
     Mcdist,
     /// `[mcdist] rx_path = "auto"` (AF_XDP where it attaches) against `"sockets"`.
     Xdp,
+    /// `[mcdist] push = true` (the clone point's data pages multicast ahead of demand, and
+    /// late joiners sent what their siblings asked for) against `false`.
+    Push,
 }
 
 impl Mechanism {
@@ -114,6 +117,7 @@ impl Mechanism {
             Self::Avoidance => "avoidance",
             Self::Mcdist => "mcdist",
             Self::Xdp => "xdp",
+            Self::Push => "push",
         }
     }
 
@@ -130,6 +134,7 @@ impl Mechanism {
                 vec![],
                 vec![("rx_path", toml::Value::String("sockets".into()))],
             ),
+            Self::Push => (vec![], vec![("push", toml::Value::Boolean(false))]),
         }
     }
 }
@@ -194,6 +199,15 @@ struct Counters {
     pages_prefetched: u64,
     /// Bytes every memory server sent (unicast and multicast pages).
     served_bytes: u64,
+    /// Pages the memory servers multicast before any clone asked (push).
+    pushed_pages: u64,
+}
+
+/// What every host's memory server sent so far.
+#[derive(Debug, Clone, Copy)]
+struct Served {
+    bytes: u64,
+    pushed_pages: u64,
 }
 
 impl Sample {
@@ -309,15 +323,18 @@ fn remote_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
 }
 
 /// The daemons' counters of every host: hollow clones seen (host, vm) and
-/// the bytes their memory servers sent.
+/// what their memory servers sent.
 fn snapshot(
     socket: &Path,
 ) -> Result<(
     Vec<(String, snowflock_control::protocol::CloneStatsEntry)>,
-    u64,
+    Served,
 )> {
     let hosts = ApiClient::new(socket, Some(std::time::Duration::from_secs(60))).stats()?;
-    let served = hosts.iter().map(|h| h.served_bytes).sum();
+    let served = Served {
+        bytes: hosts.iter().map(|h| h.served_bytes).sum(),
+        pushed_pages: hosts.iter().map(|h| h.pushed_pages).sum(),
+    };
     let clones = hosts
         .into_iter()
         .flat_map(|h| {
@@ -339,7 +356,10 @@ fn remote_job(config: &Config, socket: &Path, job: Job, n: u32) -> Result<Sample
     }
     let (after, served_after) = snapshot(socket)?;
     let mut counters = Counters {
-        served_bytes: served_after.saturating_sub(served_before),
+        served_bytes: served_after.bytes.saturating_sub(served_before.bytes),
+        pushed_pages: served_after
+            .pushed_pages
+            .saturating_sub(served_before.pushed_pages),
         ..Counters::default()
     };
     for (_, entry) in after
@@ -396,7 +416,7 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
             continue;
         }
         let per_child = |c: &Counters, v: u64| v as f64 / c.remote_children.max(1) as f64;
-        let remote: [(&str, &str, Vec<f64>); 6] = [
+        let remote: [(&str, &str, Vec<f64>); 7] = [
             (
                 "remote_children",
                 "clones",
@@ -424,6 +444,11 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
                 "pages_prefetched",
                 "pages",
                 counters.iter().map(|c| c.pages_prefetched as f64).collect(),
+            ),
+            (
+                "pages_pushed",
+                "pages",
+                counters.iter().map(|c| c.pushed_pages as f64).collect(),
             ),
             (
                 "wire_mib",

@@ -232,15 +232,20 @@ fn stats_table(hosts: &[HostStats]) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<8} {:>12} {:>14} {:>10} {:>14}",
-        "HOST", "SERVED-PAGES", "SERVED-BYTES", "FAMILIES", "CACHED-PAGES"
+        "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14}",
+        "HOST", "SERVED-PAGES", "PUSHED-PAGES", "SERVED-BYTES", "FAMILIES", "CACHED-PAGES"
     );
     for host in hosts.iter().filter(|h| h.error.is_none()) {
         let cached: u64 = host.families.iter().map(|f| f.stats.resident_pages).sum();
         let _ = writeln!(
             out,
-            "{:<8} {:>12} {:>14} {:>10} {:>14}",
-            host.host, host.served_pages, host.served_bytes, host.served_families, cached
+            "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14}",
+            host.host,
+            host.served_pages,
+            host.pushed_pages,
+            host.served_bytes,
+            host.served_families,
+            cached
         );
     }
     out

@@ -218,6 +218,21 @@ impl MemoryImage {
         Ok(data)
     }
 
+    /// The data pages of the newest layer, i.e. the pages the VM wrote
+    /// between its previous clone point and this one, when the image has
+    /// such a layer; `None` for a one-layer image (a first clone point, or
+    /// one flattened), where no such set is known.
+    pub fn newest_layer_data_pages(&self) -> Result<Option<PageRuns>, MemoryError> {
+        let [_, .., newest] = self.layers.as_slice() else {
+            return Ok(None);
+        };
+        let mut runs = Vec::new();
+        for &(start, count) in newest.pages.runs() {
+            runs.extend(file_data_runs(&newest.file, start, start + count)?);
+        }
+        Ok(Some(PageRuns(runs)))
+    }
+
     /// Copies `buf.len()` bytes at guest-physical `addr` out of the image.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         check_range(addr, buf.len() as u64, self.size)?;
@@ -834,6 +849,9 @@ mod tests {
         let data = second.image.data_pages().unwrap();
         assert!(data.get(5) && data.get(9) && !data.get(6));
         assert_eq!(data.count(), 2);
+        assert_eq!(first.image.newest_layer_data_pages().unwrap(), None);
+        let recent = second.image.newest_layer_data_pages().unwrap().unwrap();
+        assert_eq!(recent.runs(), &[(5, 1), (9, 1)]);
     }
 
     #[test]

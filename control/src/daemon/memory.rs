@@ -11,7 +11,7 @@ use snowflock_dataplane::client::{PageClient, PageSink};
 use snowflock_dataplane::mcast::{FamilyJoin, McastReceiver};
 use snowflock_dataplane::server::PageStore;
 use snowflock_fault_handler::{Family, FetchConfig, PageSource};
-use snowflock_vmm::memory::{MemoryImage, PAGE_SIZE};
+use snowflock_vmm::memory::{MemoryImage, PAGE_SIZE, PageRuns};
 
 use crate::protocol::McastOrder;
 
@@ -29,6 +29,28 @@ impl PageStore for ImageStore {
             .checked_mul(PAGE_SIZE)
             .ok_or_else(|| std::io::Error::other("page index overflows"))?;
         self.0.read(addr, buf).map_err(std::io::Error::other)
+    }
+
+    /// The image's data pages (zero pages are never worth sending): first those the VM wrote
+    /// since its previous clone point (the newest layer, which the children are likeliest to
+    /// touch first), then the rest in address order.
+    fn push_runs(&self) -> Vec<(u64, u64)> {
+        let ordered = self.0.data_pages().and_then(|mut data| {
+            let recent = self.0.newest_layer_data_pages()?;
+            let mut runs = Vec::new();
+            if let Some(recent) = recent {
+                for &(start, count) in recent.runs() {
+                    data.set_range(start, count, false);
+                    runs.push((start, count));
+                }
+            }
+            runs.extend_from_slice(PageRuns::from_bitmap(&data).runs());
+            Ok(runs)
+        });
+        ordered.unwrap_or_else(|e| {
+            tracing::warn!("finding the pages to push failed; pushing none: {e}");
+            Vec::new()
+        })
     }
 }
 

@@ -25,7 +25,9 @@ pub struct McastServerConfig {
     pub max_rate: u32,
     /// A receiver silent this long is no longer active (its rate and presence stop counting).
     pub receiver_idle: Duration,
-    /// Send late JOINers the pages their siblings already requested.
+    /// Push pages nobody asked for yet, behind the requested ones: the store's push runs
+    /// (its data pages) to the group once clone hosts join, and to a late JOINer the pages its
+    /// siblings already requested.
     pub push: bool,
     /// Threads that take queued pages and send them (at least 1). One thread sent about
     /// 135 000 pages/s to a host that dropped them (`rx-path`'s delivery ceiling), two about

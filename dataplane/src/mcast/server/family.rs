@@ -1,7 +1,7 @@
 //! What the server keeps per family it serves: its store, generation and group, the
 //! receivers heard from (liveness, reported rate), the queue of pages to send with the
 //! duplicate suppression around it, the pages requested so far and the pushes to late
-//! joiners, and the token bucket pacing it.
+//! joiners, the push of the clone point's pages, and the token bucket pacing it.
 
 use std::collections::VecDeque;
 use std::net::SocketAddrV4;
@@ -40,8 +40,9 @@ struct ReceiverInfo {
 pub(super) struct Job {
     pub(super) page: u64,
     pub(super) destination: Destination,
-    /// Who asked (gets the REJECT if the read fails).
-    pub(super) requester: SocketAddrV4,
+    /// Who asked (gets the REJECT if the read fails); `None` for the clone point's push,
+    /// which nobody asked for.
+    pub(super) requester: Option<SocketAddrV4>,
     pub(super) push: bool,
 }
 
@@ -51,6 +52,65 @@ struct PushCursor {
     joined: Instant,
     next: usize,
     end: usize,
+}
+
+/// The push of a clone point's pages to its group: the store's push runs, walked in order
+/// and round again, so that every clone host that joined gets each page once without asking.
+struct ClonePointPush {
+    runs: Vec<(u64, u64)>,
+    pages: u64,
+    /// Where the walk is: the run, and the page within it.
+    run: usize,
+    offset: u64,
+    /// Pages still to visit (sent or skipped) before the push stops.
+    remaining: u64,
+    /// When the last receiver new to the family joined: a page multicast since then reached
+    /// every receiver, so the push skips it.
+    last_join: Option<Instant>,
+}
+
+impl ClonePointPush {
+    fn new(runs: Vec<(u64, u64)>, limit: u64) -> ClonePointPush {
+        // A store's runs past the family's end would only be rejected by every receiver.
+        let runs: Vec<(u64, u64)> = runs
+            .into_iter()
+            .filter(|&(start, _)| start < limit)
+            .map(|(start, count)| (start, count.min(limit - start)))
+            .filter(|&(_, count)| count > 0)
+            .collect();
+        ClonePointPush {
+            pages: runs.iter().map(|&(_, count)| count).sum(),
+            runs,
+            run: 0,
+            offset: 0,
+            remaining: 0,
+            last_join: None,
+        }
+    }
+
+    /// A receiver new to the family joined at `now`: the push goes on until it has visited
+    /// every page once more from where it stands, so the newcomer gets the pages sent before
+    /// it joined too (for the first receiver, the whole walk from the start).
+    fn joined(&mut self, now: Instant) {
+        self.remaining = self.pages;
+        self.last_join = Some(now);
+    }
+
+    /// The next page of the walk, or `None` once it has visited what it must.
+    fn next_page(&mut self) -> Option<u64> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let (start, count) = self.runs[self.run];
+        let page = start + self.offset;
+        self.offset += 1;
+        if self.offset == count {
+            self.offset = 0;
+            self.run = (self.run + 1) % self.runs.len();
+        }
+        self.remaining -= 1;
+        Some(page)
+    }
 }
 
 /// A served family.
@@ -70,30 +130,35 @@ pub(super) struct FamilyState {
     requested_order: Vec<u64>,
     requested: HashSet<u64>,
     pushes: VecDeque<PushCursor>,
+    /// The push of the clone point's pages; `None` with push off.
+    clone_point_push: Option<ClonePointPush>,
     pub(super) bucket: TokenBucket,
     pub(super) pages_sent: u64,
+    /// Of those, pages pushed without a request (to late joiners and at the clone point).
+    pub(super) pages_pushed: u64,
     /// The lowest `rate` any report has produced; 0 before any.
     lowest_rate: u32,
 }
 
 impl FamilyState {
-    /// `store` (of `pages` pages) served as generation `generation` of a family to `group`: no
-    /// receivers, nothing requested, a full bucket at the initial rate.
+    /// `store` served as generation `generation` of a family to `group`: no receivers,
+    /// nothing requested, a full bucket at the initial rate. With push on, `push_runs` (the
+    /// store's) wait for the first receiver to join.
     pub(super) fn new(
         generation: u32,
         sealer: FragmentSealer,
         group: SocketAddrV4,
         store: Arc<dyn PageStore>,
-        pages: u64,
+        push_runs: Vec<(u64, u64)>,
         config: &McastServerConfig,
         now: Instant,
     ) -> FamilyState {
+        let pages = store.page_count();
         FamilyState {
             generation,
             sealer: Arc::new(sealer),
             group,
             pages,
-            store,
             receivers: HashMap::new(),
             queue: VecDeque::new(),
             queued: HashSet::new(),
@@ -102,8 +167,14 @@ impl FamilyState {
             requested_order: Vec::new(),
             requested: HashSet::new(),
             pushes: VecDeque::new(),
+            clone_point_push: config
+                .push
+                .then(|| ClonePointPush::new(push_runs, pages))
+                .filter(|push| push.pages > 0),
+            store,
             bucket: TokenBucket::new(config.initial_rate, now),
             pages_sent: 0,
+            pages_pushed: 0,
             lowest_rate: 0,
         }
     }
@@ -128,7 +199,12 @@ impl FamilyState {
     }
 
     pub(super) fn has_work(&self) -> bool {
-        !self.queue.is_empty() || !self.pushes.is_empty()
+        !self.queue.is_empty()
+            || !self.pushes.is_empty()
+            || self
+                .clone_point_push
+                .as_ref()
+                .is_some_and(|push| push.remaining > 0)
     }
 
     fn recently_sent(&self, page: u64, destination: Destination, since: Instant) -> bool {
@@ -156,8 +232,43 @@ impl FamilyState {
         }
     }
 
-    /// The next page to push, skipping those the receiver got since it joined.
+    /// The next page to send that no receiver asked for: first the pages a late joiner's
+    /// siblings requested before it joined, then the clone point's pages.
     pub(super) fn next_push(&mut self, now: Instant, idle: Duration) -> Option<Job> {
+        self.next_late_join_push(now, idle)
+            .or_else(|| self.next_clone_point_push(now, idle))
+    }
+
+    /// The next page of the clone point's push to the group, skipping the pages queued and
+    /// those multicast since the last receiver joined; none while no receiver is active
+    /// (nobody would receive it).
+    fn next_clone_point_push(&mut self, now: Instant, idle: Duration) -> Option<Job> {
+        if self.active_receivers(now, idle) == 0 {
+            return None;
+        }
+        let push = self.clone_point_push.as_mut()?;
+        while let Some(page) = push.next_page() {
+            let multicast_since_join = push.last_join.is_some_and(|joined| {
+                self.last_group_send
+                    .get(&page)
+                    .is_some_and(|sent| *sent >= joined)
+            });
+            if multicast_since_join || self.queued.contains(&(page, Destination::Group)) {
+                continue;
+            }
+            return Some(Job {
+                page,
+                destination: Destination::Group,
+                requester: None,
+                push: true,
+            });
+        }
+        None
+    }
+
+    /// The next page to push to a late joiner, skipping those the receiver got since it
+    /// joined.
+    fn next_late_join_push(&mut self, now: Instant, idle: Duration) -> Option<Job> {
         while let Some(cursor) = self.pushes.front_mut() {
             let (addr, _) = cursor.receiver;
             let alive = self
@@ -183,7 +294,7 @@ impl FamilyState {
             return Some(Job {
                 page,
                 destination,
-                requester: addr,
+                requester: Some(addr),
                 push: true,
             });
         }
@@ -219,7 +330,11 @@ impl FamilyState {
         };
         let (rejects, queued_any) =
             self.queue_pages(request, destination, from, config, counters, now);
-        let pushing = !self.pushes.is_empty();
+        let pushing = !self.pushes.is_empty()
+            || self
+                .clone_point_push
+                .as_ref()
+                .is_some_and(|push| push.remaining > 0);
         (rejects, queued_any || pushing)
     }
 
@@ -248,6 +363,12 @@ impl FamilyState {
             if self.lowest_rate == 0 || rate < self.lowest_rate {
                 self.lowest_rate = rate;
             }
+        }
+        if !known
+            && flags & REQUEST_JOIN != 0
+            && let Some(push) = &mut self.clone_point_push
+        {
+            push.joined(now);
         }
         if !known && flags & REQUEST_JOIN != 0 && config.push && !self.requested_order.is_empty() {
             self.pushes.push_back(PushCursor {
@@ -297,7 +418,7 @@ impl FamilyState {
             self.queue.push_back(Job {
                 page,
                 destination,
-                requester: from,
+                requester: Some(from),
                 push: false,
             });
             queued_any = true;
@@ -331,6 +452,11 @@ impl FamilyState {
             queued_pages: self.queue.len()
                 + self.pushes.iter().map(|p| p.end - p.next).sum::<usize>(),
             pages_sent: self.pages_sent,
+            pages_pushed: self.pages_pushed,
+            push_remaining: self
+                .clone_point_push
+                .as_ref()
+                .map_or(0, |push| push.remaining),
         }
     }
 }
@@ -363,7 +489,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::super::stats::Counters;
-    use super::super::test_support::{PAGES, apply, config, family, receiver};
+    use super::super::test_support::{PAGES, apply, config, family, family_pushing, receiver};
     use super::{Destination, Job};
     use crate::mcast::wire::{REQUEST_JOIN, REQUEST_LEAVE, RejectCode};
 
@@ -372,7 +498,7 @@ mod tests {
         Job {
             page,
             destination,
-            requester: receiver(1),
+            requester: Some(receiver(1)),
             push: false,
         }
     }
@@ -453,6 +579,137 @@ mod tests {
         );
         assert!(family.next_push(now, config.receiver_idle).is_none());
         assert_eq!(family.stats(0, now, &config).active_receivers, 1);
+    }
+
+    /// Pages `next_push` gives now, and where they go.
+    fn pushes(family: &mut super::FamilyState, now: Instant) -> Vec<(u64, Destination)> {
+        let mut pages = Vec::new();
+        while let Some(job) = family.next_push(now, config().receiver_idle) {
+            assert!(job.push);
+            pages.push((job.page, job.destination));
+        }
+        pages
+    }
+
+    /// Pages `next_push` gives now, all of which must be clone-point pushes to the group.
+    fn clone_point_pushes(family: &mut super::FamilyState, now: Instant) -> Vec<u64> {
+        let mut pages = Vec::new();
+        while let Some(job) = family.next_push(now, config().receiver_idle) {
+            assert!(job.push);
+            assert_eq!(job.destination, Destination::Group);
+            assert_eq!(job.requester, None, "nobody asked: no REJECT to send");
+            pages.push(job.page);
+        }
+        pages
+    }
+
+    #[test]
+    fn the_clone_point_push_starts_at_the_first_join_and_goes_round_for_a_newcomer() {
+        let config = config();
+        let counters = Counters::default();
+        let now = Instant::now();
+        // The newest pages first, then the rest; a run past the end is cut.
+        let mut family = family_pushing(&config, now, vec![(6, 1), (1, 2), (7, 5)]);
+        assert!(!family.has_work(), "nobody to push to before a JOIN");
+        for receiver in [1, 2] {
+            let (_, work) = apply(
+                &mut family,
+                &config,
+                &counters,
+                (receiver, REQUEST_JOIN),
+                &[],
+                now,
+            );
+            assert!(work);
+        }
+        assert_eq!(family.stats(0, now, &config).push_remaining, 4);
+        // Pages queued for the group (requested) are not pushed as well.
+        apply(&mut family, &config, &counters, (1, 0), &[2], now);
+        apply(&mut family, &config, &counters, (2, 0), &[1], now);
+        assert_eq!(
+            queued(&family),
+            vec![(2, Destination::Group), (1, Destination::Group)]
+        );
+        assert_eq!(clone_point_pushes(&mut family, now), vec![6, 7]);
+        assert!(
+            !family.queue.is_empty(),
+            "the requested pages are still to send"
+        );
+        while let Some(job) = family.queue.pop_front() {
+            family.queued.remove(&(job.page, job.destination));
+            family.mark_sent(&job, now);
+        }
+        // A newcomer makes the walk go round once more from where it stands, but for the
+        // pages multicast since it joined; the pages its siblings requested come first.
+        let later = now + Duration::from_millis(1);
+        apply(
+            &mut family,
+            &config,
+            &counters,
+            (3, REQUEST_JOIN),
+            &[],
+            later,
+        );
+        family.mark_sent(&send_of(2, Destination::Group), later);
+        let group = Destination::Group;
+        assert_eq!(
+            pushes(&mut family, later),
+            vec![
+                (1, Destination::Unicast(receiver(3))),
+                (6, group),
+                (1, group),
+                (7, group)
+            ]
+        );
+        // A receiver heard again is no newcomer.
+        apply(
+            &mut family,
+            &config,
+            &counters,
+            (3, REQUEST_JOIN),
+            &[],
+            later,
+        );
+        assert_eq!(family.stats(0, later, &config).push_remaining, 0);
+        assert!(clone_point_pushes(&mut family, later).is_empty());
+    }
+
+    #[test]
+    fn the_clone_point_push_waits_while_no_receiver_is_active() {
+        let config = config();
+        let counters = Counters::default();
+        let now = Instant::now();
+        let mut family = family_pushing(&config, now, vec![(0, PAGES)]);
+        apply(&mut family, &config, &counters, (1, REQUEST_JOIN), &[], now);
+        apply(
+            &mut family,
+            &config,
+            &counters,
+            (1, REQUEST_LEAVE),
+            &[],
+            now,
+        );
+        assert!(clone_point_pushes(&mut family, now).is_empty());
+        assert_eq!(family.stats(0, now, &config).push_remaining, PAGES);
+        let silent = now + config.receiver_idle;
+        apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
+        assert!(clone_point_pushes(&mut family, silent).is_empty());
+        assert_eq!(clone_point_pushes(&mut family, now).len() as u64, PAGES);
+    }
+
+    #[test]
+    fn no_clone_point_push_with_push_off() {
+        let config = super::super::config::McastServerConfig {
+            push: false,
+            ..config()
+        };
+        let counters = Counters::default();
+        let now = Instant::now();
+        let mut family = family_pushing(&config, now, vec![(0, PAGES)]);
+        let (_, work) = apply(&mut family, &config, &counters, (1, REQUEST_JOIN), &[], now);
+        assert!(!work);
+        assert!(!family.has_work());
+        assert_eq!(family.stats(0, now, &config).push_remaining, 0);
     }
 
     #[test]

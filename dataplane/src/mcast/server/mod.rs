@@ -20,7 +20,12 @@
 //! asked for `UNICAST_REPLY` (end game): then it goes to the requester only, flagged
 //! `UNICAST`. With push on, a receiver that JOINs late is sent, by unicast and behind the
 //! requested pages, every page its siblings requested before, except those multicast since
-//! it joined.
+//! it joined; and from the first JOIN on, the family's own push runs
+//! ([`PageStore::push_runs`]) go to the group in the background, behind every requested page
+//! of every family, paced by the family's token bucket, until each receiver that joined has
+//! had every page once (a receiver new to the family makes the walk go round once more from
+//! where it is, skipping pages multicast since it joined). The push ends with the family's
+//! registration, and pauses while no receiver is active.
 //!
 //! Rooms: `config` ([`McastServerConfig`]), `family` (a served family's state: receivers,
 //! queue and duplicate suppression, pushes, pacing), `service` (what the front end and the
@@ -231,6 +236,13 @@ impl McastServer {
     pub fn register(&self, family: u64, group: Ipv4Addr, store: Arc<dyn PageStore>) -> u32 {
         let now = Instant::now();
         let pages = store.page_count();
+        // Finding the runs may walk the image: not under the lock the send threads take.
+        let push_runs = if self.service.config.push {
+            store.push_runs()
+        } else {
+            Vec::new()
+        };
+        let push_pages: u64 = push_runs.iter().map(|&(_, count)| count).sum();
         let mut state = lock(&self.service.state);
         let previous = state.families.get(&family).map(|f| f.generation);
         let generation = new_generation(previous);
@@ -243,7 +255,7 @@ impl McastServer {
                 sealer,
                 group_addr,
                 store,
-                pages,
+                push_runs,
                 &self.service.config,
                 now,
             ),
@@ -253,6 +265,7 @@ impl McastServer {
             generation = format_args!("{generation:#x}"),
             %group,
             pages,
+            push_pages,
             replaced = previous.is_some(),
             "mcdist serving family"
         );

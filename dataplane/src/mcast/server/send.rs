@@ -123,7 +123,10 @@ enum Next {
     Wait(Duration),
 }
 
-/// Fills `batch` from one family with work and tokens, round robin over the families.
+/// Fills `batch` from one family with work and tokens, round robin over the families: first
+/// over those with requested pages queued, so that a REQUEST of one family is not sent behind
+/// another family's push, then over those with only pushes. Within a family, requested pages
+/// go before pushed ones.
 fn take_batch(
     state: &mut ServerState,
     config: &McastServerConfig,
@@ -134,58 +137,68 @@ fn take_batch(
     let mut ids: Vec<u64> = state.families.keys().copied().collect();
     ids.sort_unstable();
     let mut wait = HOUSEKEEPING_INTERVAL;
-    for step in 0..ids.len() {
-        let index = (state.turn + step) % ids.len();
-        let id = ids[index];
-        let Some(family) = state.families.get_mut(&id) else {
-            continue;
-        };
-        if !family.has_work() {
-            continue;
-        }
-        let rate = family.rate(now, config);
-        family.bucket.refill(now, rate);
-        let available = family.bucket.available();
-        if available == 0 {
-            wait = wait.min(family.bucket.wait_for(1));
-            continue;
-        }
-        let mut taken = 0;
-        while taken < available.min(max_pages) {
-            let job = match family.queue.pop_front() {
-                Some(job) => {
-                    family.queued.remove(&(job.page, job.destination));
-                    job
-                }
-                None => match family.next_push(now, config.receiver_idle) {
-                    Some(job) => job,
-                    None => break,
-                },
+    for demand_only in [true, false] {
+        for step in 0..ids.len() {
+            let index = (state.turn + step) % ids.len();
+            let id = ids[index];
+            let Some(family) = state.families.get_mut(&id) else {
+                continue;
             };
-            family.mark_sent(&job, now);
-            let (to, mut flags) = match job.destination {
-                Destination::Group => (family.group, 0),
-                Destination::Unicast(addr) => (addr, FRAGMENT_UNICAST),
+            let eligible = if demand_only {
+                !family.queue.is_empty()
+            } else {
+                family.has_work()
             };
-            if job.push {
-                flags |= FRAGMENT_PUSH;
+            if !eligible {
+                continue;
             }
-            batch.push(Outgoing {
-                family: id,
-                generation: family.generation,
-                store: Arc::clone(&family.store),
-                sealer: Arc::clone(&family.sealer),
-                to,
-                flags,
-                job,
-            });
-            taken += 1;
-        }
-        family.bucket.take(taken);
-        family.pages_sent += u64::from(taken);
-        if taken > 0 {
-            state.turn = index + 1;
-            return Next::Send;
+            let rate = family.rate(now, config);
+            family.bucket.refill(now, rate);
+            let available = family.bucket.available();
+            if available == 0 {
+                wait = wait.min(family.bucket.wait_for(1));
+                continue;
+            }
+            let mut taken = 0;
+            let mut pushed = 0;
+            while taken < available.min(max_pages) {
+                let job = match family.queue.pop_front() {
+                    Some(job) => {
+                        family.queued.remove(&(job.page, job.destination));
+                        job
+                    }
+                    None => match family.next_push(now, config.receiver_idle) {
+                        Some(job) => job,
+                        None => break,
+                    },
+                };
+                family.mark_sent(&job, now);
+                let (to, mut flags) = match job.destination {
+                    Destination::Group => (family.group, 0),
+                    Destination::Unicast(addr) => (addr, FRAGMENT_UNICAST),
+                };
+                if job.push {
+                    flags |= FRAGMENT_PUSH;
+                    pushed += 1;
+                }
+                batch.push(Outgoing {
+                    family: id,
+                    generation: family.generation,
+                    store: Arc::clone(&family.store),
+                    sealer: Arc::clone(&family.sealer),
+                    to,
+                    flags,
+                    job,
+                });
+                taken += 1;
+            }
+            family.bucket.take(taken);
+            family.pages_sent += u64::from(taken);
+            family.pages_pushed += pushed;
+            if taken > 0 {
+                state.turn = index + 1;
+                return Next::Send;
+            }
         }
     }
     Next::Wait(wait)
@@ -297,7 +310,8 @@ fn send_pages(service: &McastService, scratch: &mut SendScratch) {
 }
 
 /// Reads each page of `batch` and encodes its fragments into `datagrams` (reused), their
-/// destinations into `destinations`; a page that cannot be read gets its requester a REJECT.
+/// destinations into `destinations`; a page that cannot be read gets its requester, if any, a
+/// REJECT.
 /// Returns, per page encoded, where its datagrams end and the page.
 fn fragment_pages<'b>(
     service: &McastService,
@@ -331,7 +345,9 @@ fn fragment_pages<'b>(
                 page: outgoing.job.page,
                 code: RejectCode::ReadFailed,
             };
-            send_reject(service, &header, reject, outgoing.job.requester, reply);
+            if let Some(requester) = outgoing.job.requester {
+                send_reject(service, &header, reject, requester, reply);
+            }
             continue;
         }
         let header = Header {
@@ -409,9 +425,11 @@ mod tests {
     use super::super::config::McastServerConfig;
     use super::super::family::ServerState;
     use super::super::stats::Counters;
-    use super::super::test_support::{FAMILY, config, family_asked, receiver};
+    use super::super::test_support::{
+        FAMILY, PAGES, apply, config, family_asked, family_pushing, receiver,
+    };
     use super::{MAX_BATCH_PAGES, Next, take_batch};
-    use crate::mcast::wire::FRAGMENT_UNICAST;
+    use crate::mcast::wire::{FRAGMENT_PUSH, FRAGMENT_UNICAST, REQUEST_JOIN};
 
     #[test]
     fn batches_take_turns_between_families_and_spend_their_tokens() {
@@ -442,6 +460,52 @@ mod tests {
         assert_eq!(order, vec![FAMILY, FAMILY + 1], "round robin");
         assert_eq!(state.families[&FAMILY].pages_sent, 4);
         assert_eq!(state.families[&FAMILY].queue.len(), 3);
+    }
+
+    #[test]
+    fn requested_pages_of_any_family_go_before_pushed_ones() {
+        let config = config();
+        let counters = Counters::default();
+        let now = Instant::now();
+        let mut state = ServerState::default();
+        let mut pushing = family_pushing(&config, now, vec![(0, PAGES)]);
+        apply(
+            &mut pushing,
+            &config,
+            &counters,
+            (1, REQUEST_JOIN),
+            &[],
+            now,
+        );
+        state.families.insert(FAMILY, pushing);
+        let mut asking = family_pushing(&config, now, vec![(0, PAGES)]);
+        apply(&mut asking, &config, &counters, (1, REQUEST_JOIN), &[], now);
+        apply(&mut asking, &config, &counters, (1, 0), &[5, 6], now);
+        state.families.insert(FAMILY + 1, asking);
+        let mut batch = Vec::new();
+        // The request thread's one page: the request's, though the other family's turn.
+        assert!(matches!(
+            take_batch(&mut state, &config, now, 1, &mut batch),
+            Next::Send
+        ));
+        assert_eq!((batch[0].family, batch[0].job.page), (FAMILY + 1, 5));
+        batch.clear();
+        // Then the rest of the request, and the family's push behind it.
+        assert!(matches!(
+            take_batch(&mut state, &config, now, 3, &mut batch),
+            Next::Send
+        ));
+        let taken: Vec<(u64, bool)> = batch.iter().map(|o| (o.job.page, o.job.push)).collect();
+        assert_eq!(taken, vec![(6, false), (0, true), (1, true)]);
+        assert!(batch[1..].iter().all(|o| o.flags == FRAGMENT_PUSH));
+        batch.clear();
+        // With no request left, the families' pushes take turns.
+        assert!(matches!(
+            take_batch(&mut state, &config, now, 2, &mut batch),
+            Next::Send
+        ));
+        assert_eq!(batch[0].family, FAMILY);
+        assert_eq!(state.families[&(FAMILY + 1)].pages_pushed, 2);
     }
 
     #[test]

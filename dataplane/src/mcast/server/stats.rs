@@ -26,6 +26,13 @@ pub struct FamilyServerStats {
     pub queued_pages: usize,
     /// Pages taken from its queues for sending so far.
     pub pages_sent: u64,
+    /// Of those, pages pushed without a request (to late joiners and at the clone point).
+    #[serde(default)]
+    pub pages_pushed: u64,
+    /// Pages the clone point's push has still to go through (sent, or skipped because they
+    /// were multicast since the last receiver joined); 0 once it is done, or with push off.
+    #[serde(default)]
+    pub push_remaining: u64,
 }
 
 /// Counters of a [`McastServer`](super::McastServer), since it started.
@@ -133,6 +140,8 @@ mod tests {
             active_receivers: 0,
             queued_pages: 0,
             pages_sent: 0,
+            pages_pushed: 0,
+            push_remaining: 0,
         };
         let stats = counters.snapshot(vec![family(9), family(2), family(5)]);
         assert_eq!(stats.requests, 3);

@@ -46,14 +46,25 @@ pub(super) fn receiver(n: u8) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 10 + n), 7073)
 }
 
-/// The test family as `register` sets it up at `now`.
+/// The test family as `register` sets it up at `now`, with nothing to push at the clone
+/// point.
 pub(super) fn family(config: &McastServerConfig, now: Instant) -> FamilyState {
+    family_pushing(config, now, Vec::new())
+}
+
+/// The test family as `register` sets it up at `now` for a store whose push runs are
+/// `push_runs`.
+pub(super) fn family_pushing(
+    config: &McastServerConfig,
+    now: Instant,
+    push_runs: Vec<(u64, u64)>,
+) -> FamilyState {
     FamilyState::new(
         GENERATION,
         FragmentSealer::new(key().fragment_key(FAMILY, GENERATION)),
         SocketAddrV4::new(Ipv4Addr::new(239, 255, 0, 3), config.group_port),
         Arc::new(Blank),
-        PAGES,
+        push_runs,
         config,
         now,
     )
