@@ -32,3 +32,11 @@ if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
   echo "deps: /dev/kvm is not accessible; snowflock needs KVM (run as root on a KVM host)" >&2
   exit 1
 fi
+
+# `[limits] host_pages = "huge"` needs the kernel to give memfds huge pages
+# where a mapping asks for them (MADV_HUGEPAGE); `advise` changes nothing for
+# memory that does not ask. Not persistent: rerun after a reboot.
+shmem_thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+if [[ -w $shmem_thp ]] && grep -q '\[never\]' "$shmem_thp"; then
+  echo advise >"$shmem_thp"
+fi

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use snowflock_vmm::memory::HostPages;
 
 /// A failed configuration load.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +152,10 @@ pub struct Limits {
     /// the background as they start.
     #[serde(default)]
     pub populate: PopulateMode,
+    /// The host pages behind guest memory: `"base"` (4 KiB) or `"huge"`
+    /// (2 MiB shmem THP, which the kernel's policy must allow).
+    #[serde(default)]
+    pub host_pages: HostPages,
 }
 
 fn default_clone_slots() -> u32 {
@@ -186,6 +191,7 @@ impl Default for Limits {
             avoidance: true,
             peer_timeout_ms: default_peer_timeout_ms(),
             populate: PopulateMode::default(),
+            host_pages: HostPages::default(),
         }
     }
 }
@@ -538,6 +544,11 @@ mod tests {
             .replace(r#"populate = "write""#, r#"populate = "read""#);
         let config: DaemonConfig = toml::from_str(&read).unwrap();
         assert_eq!(config.limits.populate, PopulateMode::Read);
+        assert_eq!(config.limits.host_pages, HostPages::Base);
+        let huge = include_str!("../../dist/sfd.toml")
+            .replace(r#"host_pages = "base""#, r#"host_pages = "huge""#);
+        let config: DaemonConfig = toml::from_str(&huge).unwrap();
+        assert_eq!(config.limits.host_pages, HostPages::Huge);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! use snowflock_control::config::PopulateMode;
 //! use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome, console};
 //! use snowflock_vmm::KvmHypervisor;
+//! use snowflock_vmm::memory::HostPages;
 //!
 //! let hv = Arc::new(KvmHypervisor::open()?);
 //! let supervisor = Supervisor::new(hv, SupervisorConfig {
@@ -18,6 +19,7 @@
 //!     descriptor_dir: None,
 //!     cluster: None,
 //!     populate: PopulateMode::Read,
+//!     host_pages: HostPages::Base,
 //! });
 //! let image = std::fs::read("guest.elf")?;
 //! let vm = supervisor.launch(&image, 512 << 20, "clones=8")?;

@@ -18,7 +18,7 @@ use snowflock_fault_handler::{
     AvoidMap, Family, FaultError, FaultHandler, FetchConfig, PAGE_SIZE, PageSource,
 };
 use snowflock_vmm::machine::{MachineConfig, PreparedVm, Request};
-use snowflock_vmm::memory::MemoryImage;
+use snowflock_vmm::memory::{HostPages, MemoryImage};
 use snowflock_vmm::{KvmHypervisor, Machine, MachineError, Stop, VcpuKicker};
 
 const MEM: u64 = 64 << 20;
@@ -263,6 +263,7 @@ fn parent_at_clone_point(
         mem_size: MEM,
         cmdline: String::new(),
         console: Arc::new(|_: &[u8]| {}),
+        host_pages: HostPages::Base,
     };
     let parent = Machine::boot(hv, &elf(&Code::program()), &config).expect("boot");
     let (mut parent, stop) = run_bounded(parent);

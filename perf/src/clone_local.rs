@@ -20,6 +20,7 @@ use snowflock_control::config::PopulateMode;
 use snowflock_control::console::LineSink;
 use snowflock_control::{CloneReport, Supervisor, SupervisorConfig, VmHandle, VmOutcome};
 use snowflock_vmm::KvmHypervisor;
+use snowflock_vmm::memory::HostPages;
 
 use crate::record::{Record, Sink};
 use crate::stats::Summary;
@@ -175,6 +176,7 @@ pub fn run(config: &Config, sink: &mut dyn Sink) -> anyhow::Result<()> {
             descriptor_dir: None,
             cluster: None,
             populate: PopulateMode::Read,
+            host_pages: HostPages::Base,
         },
     );
     for &n in &config.clones {

@@ -29,6 +29,7 @@ use snowflock_control::client::ApiClient;
 use snowflock_control::config::PopulateMode;
 use snowflock_control::{Supervisor, SupervisorConfig};
 use snowflock_vmm::KvmHypervisor;
+use snowflock_vmm::memory::HostPages;
 
 use crate::record::Sink;
 use crate::remote::{Setup, collected_lines, emit, number, run_job, seqsearch_args, up};
@@ -266,6 +267,7 @@ fn local_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
             descriptor_dir: None,
             cluster: None,
             populate: PopulateMode::default(),
+            host_pages: HostPages::Base,
         },
     );
     for &job in &config.jobs {

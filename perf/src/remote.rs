@@ -30,7 +30,7 @@ use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_fault_handler::{CloneStats, FaultHandler, FetchConfig};
 use snowflock_testkit::{ClusterSpec, NetnsCluster};
 use snowflock_vmm::KvmHypervisor;
-use snowflock_vmm::memory::MemoryImage;
+use snowflock_vmm::memory::{HostPages, MemoryImage};
 
 use crate::record::{Record, Sink};
 use crate::stats::Summary;
@@ -280,6 +280,7 @@ fn local_fault_latency(pages: u32) -> Result<(CloneStats, Vec<String>)> {
             descriptor_dir: None,
             cluster: Some(loopback.clone()),
             populate: PopulateMode::Read,
+            host_pages: HostPages::Base,
         },
     ));
     let _ = loopback.supervisor.set(Arc::downgrade(&supervisor));
@@ -452,6 +453,7 @@ fn local_job_ms(clones: u32) -> Result<f64> {
             descriptor_dir: None,
             cluster: None,
             populate: PopulateMode::Read,
+            host_pages: HostPages::Base,
         },
     );
     let image = snowflock_guest::images::by_name("seqsearch").context("seqsearch image")?;

@@ -17,6 +17,7 @@ use snowflock_control::config::{PopulateMode, host_cores};
 use snowflock_control::console::{self, LineSink};
 use snowflock_control::{Descriptor, Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_vmm::KvmHypervisor;
+use snowflock_vmm::memory::HostPages;
 
 use crate::report::RunReport;
 use snowflock_control::size::parse_size;
@@ -117,6 +118,10 @@ struct RunArgs {
     /// How each clone's view of its parent's memory is mapped in the background as it starts.
     #[arg(long, value_enum, default_value_t = PopulateMode::Write)]
     populate: PopulateMode,
+    /// Back guest memory with 2 MiB huge pages where the kernel allows it: the
+    /// hypervisor then maps 2 MiB per first touch instead of 4 KiB.
+    #[arg(long)]
+    huge_pages: bool,
     /// Print a JSON report on stdout (guest console goes to stderr).
     #[arg(long)]
     json: bool,
@@ -221,6 +226,7 @@ fn supervisor(
     lines: LineSink,
     descriptor_dir: Option<PathBuf>,
     populate: PopulateMode,
+    host_pages: HostPages,
 ) -> Result<Supervisor> {
     if let Some(dir) = &descriptor_dir {
         std::fs::create_dir_all(dir)
@@ -235,6 +241,7 @@ fn supervisor(
             descriptor_dir,
             cluster: None,
             populate,
+            host_pages,
         },
     ))
 }
@@ -286,6 +293,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
         args.populate,
+        if args.huge_pages {
+            HostPages::Huge
+        } else {
+            HostPages::Base
+        },
     )?;
     let started = Instant::now();
     let vm = sup
@@ -322,6 +334,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
         PopulateMode::Write,
+        HostPages::Base,
     )?;
     let cmdline = format!(
         "ref_mib={} queries={} clones={clones}",

@@ -24,7 +24,7 @@ use crate::hypercall::{self, GuestRange, Hypercall, HypercallError};
 use crate::hypervisor::{
     Hypervisor, HypervisorError, StateError, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm, VmState,
 };
-use crate::memory::{GuestMemory, MemoryError, MemoryImage, PageRuns, ReservedMemory};
+use crate::memory::{GuestMemory, HostPages, MemoryError, MemoryImage, PageRuns, ReservedMemory};
 
 /// Receives console bytes of a VM.
 pub type ConsoleSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
@@ -64,6 +64,8 @@ pub struct MachineConfig {
     pub cmdline: String,
     /// Where console output goes.
     pub console: ConsoleSink,
+    /// The host pages behind guest memory, and behind every clone's view.
+    pub host_pages: HostPages,
 }
 
 impl std::fmt::Debug for MachineConfig {
@@ -71,6 +73,7 @@ impl std::fmt::Debug for MachineConfig {
         f.debug_struct("MachineConfig")
             .field("mem_size", &self.mem_size)
             .field("cmdline", &self.cmdline)
+            .field("host_pages", &self.host_pages)
             .finish_non_exhaustive()
     }
 }
@@ -81,6 +84,7 @@ impl Default for MachineConfig {
             mem_size: 256 << 20,
             cmdline: String::new(),
             console: stdout_console(),
+            host_pages: HostPages::Base,
         }
     }
 }
@@ -306,7 +310,7 @@ impl Machine {
         config: &MachineConfig,
     ) -> Result<Self, MachineError> {
         let prepared = PreparedVm::new(hv, config.mem_size)?;
-        let memory = GuestMemory::new_in(prepared.reserved)?;
+        let memory = GuestMemory::new_in(prepared.reserved, config.host_pages)?;
         let (entry, loaded) = boot::setup(&memory, image, &config.cmdline, hv.tsc_khz())?;
         let mut machine = Self::assemble(
             hv,

@@ -7,6 +7,12 @@
 //! later writes by any of them are invisible to the others. A second freeze
 //! of a VM that already runs on an image copies only the pages it dirtied
 //! since (found through `/proc/self/pagemap`) into a new top layer.
+//!
+//! Memory may ask for huge host pages ([`HostPages::Huge`]): its mappings
+//! are advised `MADV_HUGEPAGE`, so the memfd is filled in 2 MiB folios where
+//! the kernel's shmem THP policy allows it, and a guest first touch maps
+//! 2 MiB at once in the hypervisor. An image keeps the choice of the memory
+//! it was frozen from, so every view of it is advised the same way.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -52,6 +58,8 @@ pub enum MemoryError {
     PageMap(#[source] std::io::Error),
     #[error("copying dirty pages into a new layer failed")]
     CopyLayer(#[source] std::io::Error),
+    #[error("advising guest memory to use huge pages failed")]
+    Advise(#[source] std::io::Error),
     #[error("finding the data pages of a layer failed")]
     SeekData(#[source] std::io::Error),
     #[error("hollow memory (filled on demand from another host) cannot be frozen")]
@@ -60,6 +68,43 @@ pub enum MemoryError {
     CacheSize { cache: u64, size: u64 },
     #[error("inspecting the host page cache of hollow memory failed")]
     Cache(#[source] std::io::Error),
+}
+
+/// The host pages that back guest memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostPages {
+    /// 4 KiB pages.
+    #[default]
+    Base,
+    /// 2 MiB transparent huge pages where the kernel allows them (see
+    /// [`huge_pages_available`]), 4 KiB pages elsewhere. A page written
+    /// anywhere in 2 MiB makes all of it data, so an image's data pages
+    /// (and with them descriptors and populates) come in 2 MiB runs.
+    Huge,
+}
+
+/// Where the kernel's policy for huge pages in memfds is set: the global
+/// setting, and the 2 MiB size's own, which may defer to it (`inherit`).
+const SHMEM_THP_POLICY: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+const SHMEM_THP_2M_POLICY: &str =
+    "/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled";
+
+/// Whether memfd memory advised `MADV_HUGEPAGE` gets 2 MiB pages on this
+/// host: the kernel's shmem THP policy (chosen by root) is `advise`,
+/// `within_size`, `always` or `force`, not `never` or `deny`.
+pub fn huge_pages_available() -> bool {
+    let selected = |path: &str| {
+        let text = std::fs::read_to_string(path).ok()?;
+        let start = text.find('[')? + 1;
+        let end = start + text[start..].find(']')?;
+        Some(text[start..end].to_string())
+    };
+    let grants = |policy: &str| matches!(policy, "advise" | "within_size" | "always" | "force");
+    match selected(SHMEM_THP_2M_POLICY).as_deref() {
+        Some("inherit") | None => selected(SHMEM_THP_POLICY).is_some_and(|p| grants(&p)),
+        Some(policy) => grants(policy),
+    }
 }
 
 /// A sorted list of disjoint page runs `(first_page, count)`; the compact
@@ -188,6 +233,7 @@ struct Layer {
 pub struct MemoryImage {
     size: u64,
     layers: Vec<Layer>,
+    host_pages: HostPages,
 }
 
 impl MemoryImage {
@@ -199,6 +245,11 @@ impl MemoryImage {
     /// Number of memfd layers.
     pub fn layer_count(&self) -> usize {
         self.layers.len()
+    }
+
+    /// The host pages its views ask for.
+    pub fn host_pages(&self) -> HostPages {
+        self.host_pages
     }
 
     /// Pages that hold data; every other page reads as zero. Found from the
@@ -383,6 +434,28 @@ impl Mapping {
         Ok(())
     }
 
+    /// Advises the whole range `MADV_HUGEPAGE` for [`HostPages::Huge`]. Each
+    /// `map_fixed` makes new mappings that do not inherit the advice, so it
+    /// follows them, before anything touches the range.
+    fn advise(&self, host_pages: HostPages) -> Result<(), MemoryError> {
+        if host_pages == HostPages::Base {
+            return Ok(());
+        }
+        // SAFETY: the range is a mapping we own; the advice changes only
+        // which page size later faults allocate, never the contents.
+        let rc = unsafe {
+            libc::madvise(
+                self.addr.as_ptr().cast(),
+                self.len as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if rc != 0 {
+            return Err(MemoryError::Advise(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Moves this range's pages (its page tables) to a new range and returns
     /// that; this range stays mapped as before but empty, so it can be
     /// overmapped without first tearing down its page tables, which costs
@@ -471,6 +544,7 @@ pub struct GuestMemory {
     size: u64,
     mapping: Mapping,
     backing: Backing,
+    host_pages: HostPages,
     /// Lets populates of the current view run until it goes away.
     lease: Arc<ViewLease>,
 }
@@ -525,21 +599,23 @@ impl ReservedMemory {
 }
 
 impl GuestMemory {
-    /// Fresh zeroed memory of `size` bytes.
-    pub fn new(size: u64) -> Result<Self, MemoryError> {
-        Self::new_in(ReservedMemory::new(size)?)
+    /// Fresh zeroed memory of `size` bytes on `host_pages`.
+    pub fn new(size: u64, host_pages: HostPages) -> Result<Self, MemoryError> {
+        Self::new_in(ReservedMemory::new(size)?, host_pages)
     }
 
-    /// Fresh zeroed memory in `reserved`.
-    pub fn new_in(reserved: ReservedMemory) -> Result<Self, MemoryError> {
+    /// Fresh zeroed memory in `reserved` on `host_pages`.
+    pub fn new_in(reserved: ReservedMemory, host_pages: HostPages) -> Result<Self, MemoryError> {
         let ReservedMemory { size, mapping } = reserved;
         let file = memfd(size)?;
         mapping.map_fixed(0, size, libc::MAP_SHARED, file.as_raw_fd())?;
+        mapping.advise(host_pages)?;
         Ok(Self {
             lease: ViewLease::new(mapping.addr.as_ptr(), size / PAGE_SIZE),
             size,
             mapping,
             backing: Backing::Live(file),
+            host_pages,
         })
     }
 
@@ -564,6 +640,7 @@ impl GuestMemory {
             size: image.size,
             mapping: reserved.mapping,
             backing: Backing::Image(image.clone()),
+            host_pages: image.host_pages,
         })
     }
 
@@ -592,6 +669,7 @@ impl GuestMemory {
             size,
             mapping,
             backing: Backing::Hollow,
+            host_pages: HostPages::Base,
         })
     }
 
@@ -682,6 +760,7 @@ impl GuestMemory {
                     file: file.try_clone().map_err(MemoryError::Memfd)?,
                     pages: PageRuns(vec![(0, self.size / PAGE_SIZE)]),
                 }],
+                host_pages: self.host_pages,
             }),
             Backing::Image(base) => Arc::new(self.layer_dirty_pages(base)?),
             Backing::Hollow => return Err(MemoryError::FreezeHollow),
@@ -720,6 +799,7 @@ impl GuestMemory {
         Ok(MemoryImage {
             size: self.size,
             layers,
+            host_pages: self.host_pages,
         })
     }
 
@@ -733,6 +813,7 @@ impl GuestMemory {
                 file,
                 pages: PageRuns(vec![(0, self.size / PAGE_SIZE)]),
             }],
+            host_pages: self.host_pages,
         })
     }
 
@@ -777,7 +858,8 @@ impl GuestMemory {
     }
 }
 
-/// Maps a private view of every layer of `image` over `into`, bottom first.
+/// Maps a private view of every layer of `image` over `into`, bottom first,
+/// advised for the image's host pages.
 fn map_image(image: &MemoryImage, into: &Mapping) -> Result<(), MemoryError> {
     for layer in &image.layers {
         for &(start, count) in layer.pages.runs() {
@@ -789,7 +871,7 @@ fn map_image(image: &MemoryImage, into: &Mapping) -> Result<(), MemoryError> {
             )?;
         }
     }
-    Ok(())
+    into.advise(image.host_pages)
 }
 
 #[cfg(test)]
@@ -824,7 +906,7 @@ mod tests {
 
     #[test]
     fn frozen_image_is_isolated_from_later_writes() {
-        let mut mem = GuestMemory::new(64 * PAGE_SIZE).unwrap();
+        let mut mem = GuestMemory::new(64 * PAGE_SIZE, HostPages::Base).unwrap();
         mem.write(5 * PAGE_SIZE, b"before").unwrap();
         let first = mem.freeze().unwrap();
         drop(first.retired);
@@ -855,10 +937,67 @@ mod tests {
     }
 
     #[test]
+    fn huge_pages_keep_zero_pages_dirty_pages_and_views_exact() {
+        const BLOCK: u64 = (2 << 20) / PAGE_SIZE;
+        let pages = 4 * BLOCK;
+        let mut parent = GuestMemory::new(pages * PAGE_SIZE, HostPages::Huge).unwrap();
+        parent.write(PAGE_SIZE, b"first").unwrap();
+        parent.write((3 * BLOCK + 7) * PAGE_SIZE, b"last").unwrap();
+        let first = parent.freeze().unwrap();
+        assert_eq!(first.image.host_pages(), HostPages::Huge);
+
+        // A huge page makes its whole 2 MiB data, never more: untouched
+        // blocks stay holes, and every page outside the data reads zero.
+        let data = first.image.data_pages().unwrap();
+        assert!(data.get(1) && data.get(3 * BLOCK + 7));
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for p in 0..pages {
+            assert!(
+                !data.get(p) || p / BLOCK == 0 || p / BLOCK == 3,
+                "page {p} of an untouched block is data"
+            );
+            if !data.get(p) {
+                first.image.read(p * PAGE_SIZE, &mut page).unwrap();
+                assert!(page.iter().all(|&b| b == 0), "page {p} is not zero");
+            }
+        }
+
+        // Reading a view (2 MiB at a time where the kernel maps it so)
+        // dirties nothing; each write dirties its own 4 KiB page only.
+        let mut view = GuestMemory::from_image(&first.image).unwrap();
+        for p in (0..pages).filter(|&p| data.get(p)) {
+            view.read(p * PAGE_SIZE, &mut page).unwrap();
+        }
+        assert_eq!(view.private_pages().unwrap().count(), 0);
+        view.write(2 * PAGE_SIZE, b"mine").unwrap();
+        view.write((BLOCK + 88) * PAGE_SIZE, b"fresh").unwrap();
+        let private = view.private_pages().unwrap();
+        assert_eq!(private.count(), 2);
+        assert!(private.get(2) && private.get(BLOCK + 88));
+
+        let second = view.freeze().unwrap();
+        assert_eq!(second.image.host_pages(), HostPages::Huge);
+        assert_eq!(
+            second.image.layers[1].pages.runs(),
+            &[(2, 1), (BLOCK + 88, 1)]
+        );
+        let mut buf = [0u8; 5];
+        for (p, want) in [(1, b"first"), (BLOCK + 88, b"fresh")] {
+            second.image.read(p * PAGE_SIZE, &mut buf).unwrap();
+            assert_eq!(&buf, want);
+        }
+        second.image.read(2 * PAGE_SIZE, &mut buf[..4]).unwrap();
+        assert_eq!(&buf[..4], b"mine");
+        first.image.read(2 * PAGE_SIZE, &mut buf[..4]).unwrap();
+        assert_eq!(&buf[..4], &[0; 4]);
+        drop((first.retired, second.retired));
+    }
+
+    #[test]
     fn populating_keeps_the_views_own_pages_and_stops_when_the_view_goes() {
         use crate::populate::{PopulateAccess, Populated};
 
-        let mut parent = GuestMemory::new(64 * PAGE_SIZE).unwrap();
+        let mut parent = GuestMemory::new(64 * PAGE_SIZE, HostPages::Base).unwrap();
         parent.write(5 * PAGE_SIZE, b"image5").unwrap();
         parent.write(9 * PAGE_SIZE, b"image9").unwrap();
         let frozen = parent.freeze().unwrap();

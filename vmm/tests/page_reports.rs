@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use snowflock_abi::{IMAGE_BASE, PAGE_SIZE, PageReportKind, errno, nr};
 use snowflock_vmm::hypercall::HypercallError;
 use snowflock_vmm::machine::{MachineConfig, PageReportStats, Request};
+use snowflock_vmm::memory::HostPages;
 use snowflock_vmm::{KvmHypervisor, Machine, MachineError, Stop};
 
 const MEM: u64 = 64 << 20;
@@ -124,6 +125,7 @@ fn boot(code: &Code) -> (KvmHypervisor, Machine) {
         mem_size: MEM,
         cmdline: String::new(),
         console: Arc::new(|_: &[u8]| {}),
+        host_pages: HostPages::Base,
     };
     let machine = Machine::boot(&hv, &image(code), &config).expect("boot");
     (hv, machine)

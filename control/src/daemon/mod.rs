@@ -262,6 +262,7 @@ pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonEr
             descriptor_dir: None,
             cluster: Some(links.clone()),
             populate: config.limits.populate,
+            host_pages: config.limits.host_pages,
         },
     );
     let daemon = Arc::new(Daemon {

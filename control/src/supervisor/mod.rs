@@ -42,7 +42,7 @@ use crate::descriptor::Descriptor;
 use crate::outcome::CloneReport;
 use crate::remote::Cluster;
 use crate::sync::lock;
-use snowflock_vmm::memory::MemoryImage;
+use snowflock_vmm::memory::{HostPages, MemoryImage};
 
 /// Settings of a local supervisor.
 #[derive(Clone)]
@@ -59,6 +59,9 @@ pub struct SupervisorConfig {
     /// the background as it starts, so that the guest's first touches find
     /// them mapped.
     pub populate: PopulateMode,
+    /// The host pages behind the memory of the VMs this supervisor starts
+    /// and of their clones.
+    pub host_pages: HostPages,
 }
 
 impl std::fmt::Debug for SupervisorConfig {
@@ -68,6 +71,7 @@ impl std::fmt::Debug for SupervisorConfig {
             .field("descriptor_dir", &self.descriptor_dir)
             .field("cluster", &self.cluster.is_some())
             .field("populate", &self.populate)
+            .field("host_pages", &self.host_pages)
             .finish_non_exhaustive()
     }
 }
@@ -109,6 +113,12 @@ impl std::fmt::Debug for Supervisor {
 
 impl Supervisor {
     pub fn new(hv: Arc<dyn Hypervisor>, config: SupervisorConfig) -> Self {
+        if config.host_pages == HostPages::Huge && !snowflock_vmm::memory::huge_pages_available() {
+            tracing::warn!(
+                "huge host pages asked for, but the kernel's shmem THP policy refuses them: \
+                 guest memory stays on 4 KiB pages (scripts/deps.sh sets it to advise)"
+            );
+        }
         Self {
             host: Arc::new(HostState::new(hv, config)),
         }
@@ -140,6 +150,7 @@ impl Supervisor {
             mem_size,
             cmdline: cmdline.to_string(),
             console,
+            host_pages: self.host.config.host_pages,
         };
         let machine =
             Machine::boot(self.host.hv.as_ref(), image, &config).map_err(SupervisorError::Start)?;

@@ -8,6 +8,7 @@ use snowflock_control::config::PopulateMode;
 use snowflock_control::console::LineSink;
 use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_vmm::KvmHypervisor;
+use snowflock_vmm::memory::HostPages;
 
 pub const MEM: u64 = 128 << 20;
 
@@ -55,6 +56,7 @@ pub fn supervisor_populating(clone_limit: u32, populate: PopulateMode) -> (Super
             descriptor_dir: None,
             cluster: None,
             populate,
+            host_pages: HostPages::Base,
         },
     );
     (sup, lines)
