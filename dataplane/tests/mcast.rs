@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Takes [`SERIAL`]. It guards nothing but the order of the tests, so a test that panicked
 /// holding it leaves nothing half-done: the next one may go on.
 fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+    snowflock_sync::lock(&SERIAL)
 }
 
 fn key() -> ClusterKey {

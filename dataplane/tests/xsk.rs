@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,7 @@ const PAGES: u64 = 1 << 20;
 /// Takes [`SERIAL`]. It guards nothing but the order of the tests, so a test that panicked
 /// holding it leaves nothing half-done: the next one may go on.
 fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+    snowflock_sync::lock(&SERIAL)
 }
 
 fn format_mac(mac: [u8; 6]) -> String {

@@ -8,9 +8,7 @@
 mod common;
 
 use std::sync::mpsc;
-use std::sync::{
-    Arc, Barrier, LockResult, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
-};
+use std::sync::{Arc, Barrier, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -22,19 +20,15 @@ use snowflock_fault_handler::{
     PAGE_SIZE, PageSource, StartError,
 };
 
+/// Orders the tests that must run alone; a failed test poisons it, and the others still run.
 static SERIAL: RwLock<()> = RwLock::new(());
 
 fn shared() -> RwLockReadGuard<'static, ()> {
-    unpoisoned(SERIAL.read())
+    snowflock_sync::read(&SERIAL)
 }
 
 fn exclusive() -> RwLockWriteGuard<'static, ()> {
-    unpoisoned(SERIAL.write())
-}
-
-/// A failed test poisons [`SERIAL`]; the others still run.
-fn unpoisoned<G>(result: LockResult<G>) -> G {
-    result.unwrap_or_else(PoisonError::into_inner)
+    snowflock_sync::write(&SERIAL)
 }
 
 const ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
