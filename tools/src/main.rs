@@ -116,12 +116,13 @@ struct RunArgs {
     #[arg(long)]
     descriptor_dir: Option<PathBuf>,
     /// How each clone's view of its parent's memory is mapped in the background as it starts.
-    #[arg(long, value_enum, default_value_t = PopulateMode::Write)]
+    #[arg(long, value_enum, default_value_t = PopulateMode::Read)]
     populate: PopulateMode,
-    /// Back guest memory with 2 MiB huge pages where the kernel allows it: the
-    /// hypervisor then maps 2 MiB per first touch instead of 4 KiB.
+    /// Back guest memory with 4 KiB pages only. By default it is on 2 MiB huge
+    /// pages where the kernel allows it: the hypervisor then maps 2 MiB per
+    /// first touch instead of 4 KiB.
     #[arg(long)]
-    huge_pages: bool,
+    no_huge_pages: bool,
     /// Print a JSON report on stdout (guest console goes to stderr).
     #[arg(long)]
     json: bool,
@@ -293,10 +294,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
         args.populate,
-        if args.huge_pages {
-            HostPages::Huge
-        } else {
+        if args.no_huge_pages {
             HostPages::Base
+        } else {
+            HostPages::Huge
         },
     )?;
     let started = Instant::now();
@@ -333,8 +334,8 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         clones,
         console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
-        PopulateMode::Write,
-        HostPages::Base,
+        PopulateMode::Read,
+        HostPages::Huge,
     )?;
     let cmdline = format!(
         "ref_mib={} queries={} clones={clones}",
