@@ -391,12 +391,11 @@ fn on_undecodable(state: &mut State, error: DecodeError) {
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{
-        FAMILY, GENERATION, decode_request, feed, fragments, key, setup,
+        FAMILY, GENERATION, decode_request, feed, fragments, header, key, setup,
     };
     use crate::auth::ClusterKey;
     use crate::mcast::wire::{
-        self, Fragment, FragmentSealer, Header, McastKey, REQUEST_JOIN, REQUEST_LEAVE, Reject,
-        RejectCode,
+        self, Fragment, FragmentSealer, McastKey, REQUEST_JOIN, REQUEST_LEAVE, Reject, RejectCode,
     };
     use crate::wire::PAGE_SIZE;
 
@@ -481,12 +480,7 @@ mod tests {
                 McastKey::new(&ClusterKey::from_bytes([4; 32])).fragment_key(FAMILY, GENERATION),
             );
             let mut out = Vec::new();
-            let header = Header {
-                flags: 0,
-                family: FAMILY,
-                generation: GENERATION,
-                sender: 0,
-            };
+            let header = header(FAMILY, GENERATION);
             let data = [1u8; PAGE_SIZE];
             let fragment = Fragment {
                 page: 1,
@@ -522,12 +516,7 @@ mod tests {
         core.request(FAMILY, &[2]);
         let mkey = McastKey::new(&key());
         let mut out = Vec::new();
-        let header = Header {
-            flags: 0,
-            family: FAMILY,
-            generation: GENERATION,
-            sender: 0,
-        };
+        let header = header(FAMILY, GENERATION);
         let reject = Reject {
             page: 2,
             code: RejectCode::OutOfRange,

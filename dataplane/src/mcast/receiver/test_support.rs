@@ -104,6 +104,16 @@ pub(super) fn feed<'d>(core: &ReceiverCore, datagrams: impl IntoIterator<Item = 
     core.on_datagrams(copies.iter_mut().map(Vec::as_mut_slice));
 }
 
+/// The header of a datagram from the server of `family` at `generation`.
+pub(super) fn header(family: u64, generation: u32) -> Header {
+    Header {
+        flags: 0,
+        family,
+        generation,
+        sender: 0,
+    }
+}
+
 pub(super) fn fragments(family: u64, generation: u32, page: u64, fill: u8) -> Vec<Vec<u8>> {
     let sealer = FragmentSealer::new(McastKey::new(&key()).fragment_key(family, generation));
     let data = [fill; PAGE_SIZE];
@@ -118,13 +128,8 @@ pub(super) fn fragments(family: u64, generation: u32, page: u64, fill: u8) -> Ve
                 offset,
                 data: &data[usize::from(offset)..usize::from(offset + len)],
             };
-            let header = Header {
-                flags: 0,
-                family,
-                generation,
-                sender: 0,
-            };
-            wire::encode_fragment(&sealer, &mut out, &header, &fragment).unwrap();
+            wire::encode_fragment(&sealer, &mut out, &header(family, generation), &fragment)
+                .unwrap();
             out
         })
         .collect()
