@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use snowflock_vmm::memory::HostPages;
+use snowflock_vmm::memory::{HostPages, RestoredMemory};
 
 /// A failed configuration load.
 #[derive(Debug, thiserror::Error)]
@@ -148,8 +148,8 @@ pub struct Limits {
     /// A peer that stays silent this long is considered lost.
     #[serde(default = "default_peer_timeout_ms")]
     pub peer_timeout_ms: u64,
-    /// How local clones' views of their parent's data pages are mapped in
-    /// the background as they start.
+    /// How local clones hold their parent's state: copied, or a view
+    /// mapped in the background as they start.
     #[serde(default)]
     pub populate: PopulateMode,
     /// The host pages behind guest memory: `"huge"` (2 MiB shmem THP where
@@ -202,27 +202,68 @@ impl Default for Limits {
     }
 }
 
-/// How a local clone's view of its parent's data pages is mapped in the
-/// background as it starts (`supervisor::populate`).
+/// How a local clone holds its parent's state: a view of the parent's
+/// pages, mapped in the background as it starts (`supervisor::populate`), or
+/// a copy of its own.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PopulateMode {
-    /// Not at all: every first touch faults.
-    Off,
-    /// Read-only, sharing the parent's pages: no memory per clone, the
-    /// default. Under PVM this saves only the host fault of a first touch,
-    /// not the hypervisor's.
+    /// A copy of its own when the parent's data is at most
+    /// [`AUTO_COPY_MAX_BYTES`], a read-populated view otherwise: the default.
+    /// A copy of a small state costs little and spares the clone a
+    /// hypervisor exit and a copy-on-write fault on every page it writes; a
+    /// large state is shared.
     #[default]
+    Auto,
+    /// A view, not populated: every first touch faults.
+    Off,
+    /// A view mapped read-only, sharing the parent's pages: no memory per
+    /// clone. Under PVM this saves only the host fault of a first touch, not
+    /// the hypervisor's, and every first write still costs an exit and a
+    /// copy-on-write fault (on huge pages also the split of the 2 MiB
+    /// mapping around it: a cloned `scan` writing one page in eight of 48 MiB
+    /// took ~480 ms against ~10 ms on its own memory).
     Read,
-    /// As private copies: a copy of the parent's whole state per clone, made
-    /// on a host thread, so the guest's first writes do not copy, and the
-    /// hypervisor maps a page's neighbours with it on a first touch. Pays for
-    /// clones that write much of a small state (a cloned `scan` job, one page
-    /// in eight of 48 MiB, ran ~4x faster); costs a job that reads a large
-    /// state (`seqsearch` over ~600 MiB ran ~2-4x slower: the copy competes
-    /// with the clones for the cores). A clone point of such a clone copies
-    /// every page it holds into its image.
+    /// A view mapped as private copies, on a host thread, so the guest's
+    /// first writes do not copy, and the hypervisor maps a page's neighbours
+    /// with it on a first touch; mapped 4 KiB at a time. A clone point of
+    /// such a clone copies every page it holds into its image.
     Write,
+    /// Memory of its own, holding a copy of the parent's data pages made
+    /// before the clone first runs (on huge pages where the memory is): the
+    /// clone runs as its parent did, with no fault on a first write and 2
+    /// MiB mapped per first touch. Costs the copy on the clone's start
+    /// (~10 ms per 48 MiB here when the kernel has free huge pages, 50-80 ms
+    /// when it must compact memory for them) and a full copy's memory per
+    /// clone. Cloned `scan` (48 MiB, one page in eight written): ~60-90 ms,
+    /// of which ~11 ms running, against ~480 ms on a read-populated view.
+    Copy,
+}
+
+/// The largest parent state (data pages) that [`PopulateMode::Auto`] copies
+/// into each local clone.
+pub const AUTO_COPY_MAX_BYTES: u64 = 128 << 20;
+
+impl PopulateMode {
+    /// The mode a clone of a parent with `data_bytes` of data runs in:
+    /// [`PopulateMode::Auto`] resolved, every other mode as it is.
+    pub fn for_state(self, data_bytes: u64) -> PopulateMode {
+        match self {
+            PopulateMode::Auto if data_bytes <= AUTO_COPY_MAX_BYTES => PopulateMode::Copy,
+            PopulateMode::Auto => PopulateMode::Read,
+            mode => mode,
+        }
+    }
+
+    /// How a local clone holds its memory in this (resolved) mode.
+    pub fn restored_memory(self) -> RestoredMemory {
+        match self {
+            PopulateMode::Copy => RestoredMemory::Copy,
+            PopulateMode::Auto | PopulateMode::Off | PopulateMode::Read | PopulateMode::Write => {
+                RestoredMemory::View
+            }
+        }
+    }
 }
 
 /// How clone hosts get a clone point's pages.
@@ -535,12 +576,36 @@ mod tests {
         config.check().unwrap();
         assert_eq!(config.limits.clone_slots, 8);
         assert_eq!(config.limits.fetch_timeout_ms, 5000);
-        assert_eq!(config.limits.populate, PopulateMode::Read);
+        assert_eq!(config.limits.populate, PopulateMode::Auto);
         assert_eq!(config.limits.host_pages, HostPages::Huge);
         assert_eq!(
             config.peers().map(|m| m.name.as_str()).collect::<Vec<_>>(),
             ["h2"]
         );
+    }
+
+    #[test]
+    fn auto_copies_small_states_and_shares_large_ones() {
+        assert_eq!(PopulateMode::Auto.for_state(48 << 20), PopulateMode::Copy);
+        assert_eq!(
+            PopulateMode::Auto.for_state(AUTO_COPY_MAX_BYTES),
+            PopulateMode::Copy
+        );
+        assert_eq!(
+            PopulateMode::Auto.for_state(AUTO_COPY_MAX_BYTES + 4096),
+            PopulateMode::Read
+        );
+        for mode in [
+            PopulateMode::Off,
+            PopulateMode::Read,
+            PopulateMode::Write,
+            PopulateMode::Copy,
+        ] {
+            assert_eq!(mode.for_state(0), mode);
+            assert_eq!(mode.for_state(1 << 40), mode);
+        }
+        assert_eq!(PopulateMode::Copy.restored_memory(), RestoredMemory::Copy);
+        assert_eq!(PopulateMode::Read.restored_memory(), RestoredMemory::View);
     }
 
     #[test]
@@ -550,10 +615,10 @@ mod tests {
         assert_eq!(config.limits.clone_slots, host_cores());
         assert_eq!(config.mcdist.max_in_flight, 512);
         assert_eq!(config.mcdist.send_threads, 1);
-        assert_eq!(config.limits.populate, PopulateMode::Read);
+        assert_eq!(config.limits.populate, PopulateMode::Auto);
         assert_eq!(config.limits.host_pages, HostPages::Huge);
         let other = include_str!("../../dist/sfd.toml")
-            .replace(r#"populate = "read""#, r#"populate = "write""#)
+            .replace(r#"populate = "auto""#, r#"populate = "write""#)
             .replace(r#"host_pages = "huge""#, r#"host_pages = "base""#);
         let config: DaemonConfig = toml::from_str(&other).unwrap();
         assert_eq!(config.limits.populate, PopulateMode::Write);

@@ -42,11 +42,20 @@ fn settle(sup: &snowflock_control::Supervisor, warm: usize) {
     assert_eq!(sup.warm_vms(), warm, "the prepared-VM pool refills");
 }
 
+/// One test, not one per mode: the probe counts the whole process's fds,
+/// mappings and threads, which a test running alongside would change.
 #[test]
 fn clone_kill_and_failure_release_every_resource() {
+    // Write populates take longest, so clones end while theirs still run;
+    // copies give each clone memory of its own.
+    for mode in [PopulateMode::Write, PopulateMode::Copy] {
+        release_every_resource(mode);
+    }
+}
+
+fn release_every_resource(mode: PopulateMode) {
     const LIMIT: u32 = 8;
-    // Write populates take longest, so clones end while theirs still run.
-    let (sup, lines) = supervisor_populating(LIMIT, PopulateMode::Write);
+    let (sup, lines) = supervisor_populating(LIMIT, mode);
     // Warm-up: one-time process state (signal handler, KVM probing, allocator
     // arenas, worker threads, the pool of prepared VMs).
     assert_eq!(run(&sup, "hello", "clones=2"), VmOutcome::Exited(0));

@@ -115,8 +115,9 @@ struct RunArgs {
     /// Save every captured descriptor into this directory.
     #[arg(long)]
     descriptor_dir: Option<PathBuf>,
-    /// How each clone's view of its parent's memory is mapped in the background as it starts.
-    #[arg(long, value_enum, default_value_t = PopulateMode::Read)]
+    /// How each local clone holds its parent's state: a copy of its own, or a view of the
+    /// parent's pages mapped in the background as it starts.
+    #[arg(long, value_enum, default_value_t = PopulateMode::Auto)]
     populate: PopulateMode,
     /// Back guest memory with 4 KiB pages only. By default it is on 2 MiB huge
     /// pages where the kernel allows it: the hypervisor then maps 2 MiB per
@@ -334,7 +335,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         clones,
         console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
-        PopulateMode::Read,
+        PopulateMode::Auto,
         HostPages::Huge,
     )?;
     let cmdline = format!(

@@ -24,7 +24,9 @@ use crate::hypercall::{self, GuestRange, Hypercall, HypercallError};
 use crate::hypervisor::{
     Hypervisor, HypervisorError, StateError, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm, VmState,
 };
-use crate::memory::{GuestMemory, HostPages, MemoryError, MemoryImage, PageRuns, ReservedMemory};
+use crate::memory::{
+    GuestMemory, HostPages, MemoryError, MemoryImage, PageRuns, ReservedMemory, RestoredMemory,
+};
 
 /// Receives console bytes of a VM.
 pub type ConsoleSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
@@ -332,15 +334,17 @@ impl Machine {
         console: ConsoleSink,
     ) -> Result<Self, MachineError> {
         let prepared = PreparedVm::new(hv, snapshot.mem_size)?;
-        Self::restore_prepared(hv, prepared, snapshot, image, console)
+        Self::restore_prepared(hv, prepared, snapshot, image, RestoredMemory::View, console)
     }
 
-    /// Like [`Machine::restore`], in a VM prepared ahead of time.
+    /// Like [`Machine::restore`], in a VM prepared ahead of time, on memory
+    /// held as `memory` says.
     pub fn restore_prepared(
         hv: &dyn Hypervisor,
         prepared: PreparedVm,
         snapshot: &MachineSnapshot,
         image: &Arc<MemoryImage>,
+        memory: RestoredMemory,
         console: ConsoleSink,
     ) -> Result<Self, MachineError> {
         if image.size() != snapshot.mem_size || prepared.reserved.size() != snapshot.mem_size {
@@ -352,7 +356,10 @@ impl Machine {
             ))
             .into());
         }
-        let memory = GuestMemory::from_image_in(image, prepared.reserved)?;
+        let memory = match memory {
+            RestoredMemory::View => GuestMemory::from_image_in(image, prepared.reserved)?,
+            RestoredMemory::Copy => GuestMemory::copy_of_image_in(image, prepared.reserved)?,
+        };
         let mut machine = Self::assemble(hv, prepared.vm, prepared.vcpu, memory, console)?;
         machine.vm.restore_state(&snapshot.vm)?;
         machine.vcpu.restore_state(&snapshot.vcpu)?;

@@ -58,6 +58,8 @@ pub enum MemoryError {
     PageMap(#[source] std::io::Error),
     #[error("copying dirty pages into a new layer failed")]
     CopyLayer(#[source] std::io::Error),
+    #[error("copying an image's pages into memory of its own failed")]
+    CopyImage(#[source] std::io::Error),
     #[error("advising guest memory to use huge pages failed")]
     Advise(#[source] std::io::Error),
     #[error("finding the data pages of a layer failed")]
@@ -82,6 +84,22 @@ pub enum HostPages {
     /// anywhere in 2 MiB makes all of it data, so an image's data pages
     /// (and with them descriptors and populates) come in 2 MiB runs.
     Huge,
+}
+
+/// How a VM restored from an image holds its memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RestoredMemory {
+    /// A private copy-on-write view of the image ([`GuestMemory::from_image_in`]):
+    /// no memory of its own until it writes, but under PVM every first
+    /// write costs a hypervisor exit, a host copy-on-write fault and, on huge
+    /// pages, the split of the 2 MiB mapping around it.
+    #[default]
+    View,
+    /// Memory of its own holding a copy of the image's data pages
+    /// ([`GuestMemory::copy_of_image_in`]), made before the VM first runs:
+    /// its writes fault nothing and, on huge pages, every first touch maps
+    /// 2 MiB.
+    Copy,
 }
 
 /// Where the kernel's policy for huge pages in memfds is set: the global
@@ -644,6 +662,38 @@ impl GuestMemory {
         })
     }
 
+    /// Memory of its own in `reserved`, on the image's host pages, holding a
+    /// copy of `image`: each page's data is read from the newest layer that
+    /// covers it, and zero pages stay holes.
+    pub fn copy_of_image_in(
+        image: &Arc<MemoryImage>,
+        reserved: ReservedMemory,
+    ) -> Result<Self, MemoryError> {
+        if reserved.size != image.size {
+            return Err(MemoryError::BadSize {
+                size: reserved.size,
+            });
+        }
+        let memory = Self::new_in(reserved, image.host_pages)?;
+        let pages = image.size / PAGE_SIZE;
+        let mut covered = PageBitmap::new(pages);
+        for layer in image.layers.iter().rev() {
+            for &(start, count) in layer.pages.runs() {
+                let end = start + count;
+                let mut page = start;
+                while let Some(first) = covered.next(page, false).filter(|&p| p < end) {
+                    let last = covered.next(first, true).unwrap_or(pages).min(end);
+                    for (data, data_count) in file_data_runs(&layer.file, first, last)? {
+                        memory.fill_from(&layer.file, data, data_count)?;
+                    }
+                    page = last;
+                }
+                covered.set_range(start, count, true);
+            }
+        }
+        Ok(memory)
+    }
+
     /// A private view of `cache` (a file of exactly the reserved size, most
     /// of it holes) in `reserved`, that nothing has touched yet: the memory
     /// of a clone whose pages live on another host. Pages already in
@@ -734,6 +784,25 @@ impl GuestMemory {
             );
         }
         Ok(())
+    }
+
+    /// Reads `count` pages at `page` of `file` into the same pages of this
+    /// memory, which no VM runs on yet.
+    fn fill_from(&self, file: &File, page: u64, count: u64) -> Result<(), MemoryError> {
+        let (addr, len) = (page * PAGE_SIZE, count * PAGE_SIZE);
+        check_range(addr, len, self.size)?;
+        // SAFETY: the range is inside the mapping (checked above), which is
+        // writable and lives as long as `self`; only the caller, building
+        // this memory before any vCPU or other thread can reach it, touches
+        // it, so the slice is the one reference to those bytes.
+        let target = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.host_addr().wrapping_add(addr as usize),
+                len as usize,
+            )
+        };
+        file.read_exact_at(target, addr)
+            .map_err(MemoryError::CopyImage)
     }
 
     /// Reads a little-endian u64 at `addr`.
@@ -934,6 +1003,54 @@ mod tests {
         assert_eq!(first.image.newest_layer_data_pages().unwrap(), None);
         let recent = second.image.newest_layer_data_pages().unwrap().unwrap();
         assert_eq!(recent.runs(), &[(5, 1), (9, 1)]);
+    }
+
+    #[test]
+    fn a_copy_of_an_image_holds_each_pages_newest_contents_and_is_its_own() {
+        let pages = 64;
+        let mut mem = GuestMemory::new(pages * PAGE_SIZE, HostPages::Base).unwrap();
+        for (p, text) in [(5, b"five-old"), (9, b"nine-old"), (12, b"twelve!!")] {
+            mem.write(p * PAGE_SIZE, text).unwrap();
+        }
+        drop(mem.freeze().unwrap().retired);
+        // The second layer rewrites page 5, zeroes page 12 (a hole in the
+        // layer that hides the older data) and adds page 20.
+        mem.write(5 * PAGE_SIZE, b"five-new").unwrap();
+        mem.write(12 * PAGE_SIZE, &[0; 8]).unwrap();
+        mem.write(20 * PAGE_SIZE, b"twenty!!").unwrap();
+        let frozen = mem.freeze().unwrap();
+        assert_eq!(frozen.image.layer_count(), 2);
+
+        let reserved = ReservedMemory::new(pages * PAGE_SIZE).unwrap();
+        let mut copy = GuestMemory::copy_of_image_in(&frozen.image, reserved).unwrap();
+        let (mut want, mut got) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
+        for p in 0..pages {
+            frozen.image.read(p * PAGE_SIZE, &mut want).unwrap();
+            copy.read(p * PAGE_SIZE, &mut got).unwrap();
+            assert_eq!(got, want, "page {p}");
+        }
+        copy.read(12 * PAGE_SIZE, &mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 0), "the newer zero page wins");
+
+        // Its writes are its own, and it freezes like memory that was never
+        // frozen: one layer, nothing shared with the image it came from.
+        assert!(copy.image().is_none() && copy.populator().is_none());
+        copy.write(9 * PAGE_SIZE, b"nine-mine").unwrap();
+        let mut buf = [0u8; 8];
+        frozen.image.read(9 * PAGE_SIZE, &mut buf).unwrap();
+        assert_eq!(&buf, b"nine-old");
+        let refrozen = copy.freeze().unwrap();
+        assert_eq!(refrozen.image.layer_count(), 1);
+        let mut nine = [0u8; 9];
+        refrozen.image.read(9 * PAGE_SIZE, &mut nine).unwrap();
+        assert_eq!(&nine, b"nine-mine");
+
+        let wrong = ReservedMemory::new((pages + 1) * PAGE_SIZE).unwrap();
+        assert!(matches!(
+            GuestMemory::copy_of_image_in(&frozen.image, wrong),
+            Err(MemoryError::BadSize { .. })
+        ));
+        drop((frozen.retired, refrozen.retired));
     }
 
     #[test]

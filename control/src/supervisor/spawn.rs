@@ -201,12 +201,15 @@ impl ChildStart {
         let begun = Instant::now();
         let (console, flush) = labelled(self.label.clone(), self.host.config.lines.clone());
         let hv = self.host.hv.as_ref();
+        let mode = self.host.populate_mode_for(&self.image, self.cell.vm);
+        let memory = mode.restored_memory();
         let restored = match self.prepared {
-            Some(prepared) => {
-                Machine::restore_prepared(hv, prepared, &self.snapshot, &self.image, console)
-            }
-            None => Machine::restore(hv, &self.snapshot, &self.image, console),
+            Some(prepared) => Ok(prepared),
+            None => PreparedVm::new(hv, self.snapshot.mem_size),
         }
+        .and_then(|prepared| {
+            Machine::restore_prepared(hv, prepared, &self.snapshot, &self.image, memory, console)
+        })
         .and_then(|mut m| {
             m.set_return(u64::from(self.cell.id), self.checkpoint)?;
             Ok(m)
@@ -220,7 +223,7 @@ impl ChildStart {
                 let started = Instant::now();
                 self.cell.mark_started(restore);
                 if let Some(populator) = machine.memory().populator() {
-                    self.host.populate_clone(populator, self.cell.vm);
+                    self.host.populate_clone(populator, self.cell.vm, mode);
                 }
                 let ctx = VmContext::new(
                     self.host.clone(),
