@@ -142,6 +142,10 @@ pub struct Limits {
     /// Pages fetched after a faulting page when they hold data and are missing.
     #[serde(default = "default_prefetch_pages")]
     pub prefetch_pages: u32,
+    /// A fault that goes to the network also fetches the missing data pages
+    /// of its aligned block of this many pages (a power of two; 0: off).
+    #[serde(default = "default_fault_around_pages")]
+    pub fault_around_pages: u32,
     /// Skip fetching pages whose contents do not matter (zero, free, fresh).
     #[serde(default = "default_true")]
     pub avoidance: bool,
@@ -175,6 +179,9 @@ fn default_fetch_timeout_ms() -> u64 {
 fn default_prefetch_pages() -> u32 {
     3
 }
+fn default_fault_around_pages() -> u32 {
+    16
+}
 fn default_true() -> bool {
     true
 }
@@ -194,6 +201,7 @@ impl Default for Limits {
             clone_slots: default_clone_slots(),
             fetch_timeout_ms: default_fetch_timeout_ms(),
             prefetch_pages: default_prefetch_pages(),
+            fault_around_pages: default_fault_around_pages(),
             avoidance: true,
             peer_timeout_ms: default_peer_timeout_ms(),
             populate: PopulateMode::default(),

@@ -22,7 +22,11 @@
 //! }
 //!
 //! let mem_size = 64 << 20;
-//! let config = FetchConfig { fetch_timeout: Duration::from_secs(5), prefetch_pages: 8 };
+//! let config = FetchConfig {
+//!     fetch_timeout: Duration::from_secs(5),
+//!     prefetch_pages: 8,
+//!     fault_around_pages: 16,
+//! };
 //! let family = Family::new(0x42, mem_size, Arc::new(Server), config)?;
 //! // The clone's memory: a private view of the family's page cache, untouched.
 //! // SAFETY: a new mapping at an address the kernel picks, of a memfd that is
@@ -70,7 +74,8 @@
 //!     the retried fault maps it;
 //!   - otherwise is requested from the source, with up to
 //!     [`FetchConfig::prefetch_pages`] following data pages when the
-//!     clone's faults look sequential.
+//!     clone's faults look sequential, and the missing data pages of its
+//!     aligned block of [`FetchConfig::fault_around_pages`].
 //! - The transport's receiver thread calls [`Family::deliver_parts`] (or
 //!   [`Family::deliver_batch`]): each page is written into the cache once,
 //!   in one `pwritev` straight from the buffers it arrived in (the one copy

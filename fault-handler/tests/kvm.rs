@@ -291,6 +291,7 @@ fn hollow_kvm_clones_fault_in_their_memory() {
         FetchConfig {
             fetch_timeout: Duration::from_secs(5),
             prefetch_pages: 8,
+            fault_around_pages: 0,
         },
     );
     let (clone, handler, failures) = hollow_clone(&hv, &snapshot, &family);
@@ -358,6 +359,7 @@ fn a_kvm_clone_whose_pages_stop_coming_is_released() {
         FetchConfig {
             fetch_timeout: Duration::from_millis(300),
             prefetch_pages: 0,
+            fault_around_pages: 0,
         },
     )
     .unwrap();

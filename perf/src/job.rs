@@ -100,6 +100,8 @@ type Settings = Vec<(&'static str, toml::Value)>;
 pub enum Mechanism {
     /// `[limits] prefetch_pages` (default 3) against 0.
     Prefetch,
+    /// `[limits] fault_around_pages` (default 16) against 0.
+    FaultAround,
     /// `[limits] avoidance` (zero, free and fresh pages not fetched) against off.
     Avoidance,
     /// `[mcdist] distribution = "mcdist"` against `"unicast"`.
@@ -115,6 +117,7 @@ impl Mechanism {
     fn name(self) -> &'static str {
         match self {
             Self::Prefetch => "prefetch",
+            Self::FaultAround => "fault-around",
             Self::Avoidance => "avoidance",
             Self::Mcdist => "mcdist",
             Self::Xdp => "xdp",
@@ -126,6 +129,10 @@ impl Mechanism {
     fn off(self) -> (Settings, Settings) {
         match self {
             Self::Prefetch => (vec![("prefetch_pages", toml::Value::Integer(0))], vec![]),
+            Self::FaultAround => (
+                vec![("fault_around_pages", toml::Value::Integer(0))],
+                vec![],
+            ),
             Self::Avoidance => (vec![("avoidance", toml::Value::Boolean(false))], vec![]),
             Self::Mcdist => (
                 vec![],

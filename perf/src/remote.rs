@@ -207,6 +207,7 @@ impl Cluster for LoopbackCluster {
         let config = FetchConfig {
             fetch_timeout: Duration::from_secs(10),
             prefetch_pages: 0,
+            fault_around_pages: 0,
         };
         let family = match LocalImageSource::family(image, family_id, config) {
             Ok(family) => family,
@@ -305,7 +306,10 @@ pub fn fault_remote(setup: &Setup, pages: u32, sink: &mut dyn Sink) -> Result<()
         setup,
         2,
         4,
-        &[("prefetch_pages", toml::Value::Integer(0))],
+        &[
+            ("prefetch_pages", toml::Value::Integer(0)),
+            ("fault_around_pages", toml::Value::Integer(0)),
+        ],
         &[],
     )?;
     let h1 = cluster.host(0)?.socket.clone();

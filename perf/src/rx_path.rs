@@ -206,6 +206,7 @@ fn fetch_config() -> FetchConfig {
     FetchConfig {
         fetch_timeout: Duration::from_secs(60),
         prefetch_pages: 0,
+        fault_around_pages: 0,
     }
 }
 

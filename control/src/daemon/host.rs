@@ -318,5 +318,6 @@ pub fn fetch_config(limits: &crate::config::Limits) -> FetchConfig {
     FetchConfig {
         fetch_timeout: limits.fetch_timeout(),
         prefetch_pages: limits.prefetch_pages,
+        fault_around_pages: limits.fault_around_pages,
     }
 }

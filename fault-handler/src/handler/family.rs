@@ -49,6 +49,14 @@ pub struct FetchConfig {
     /// pages past the previous fault that went to the network. Random
     /// access gets no prefetch; 0 turns prefetch off.
     pub prefetch_pages: u32,
+    /// A fault that goes to the network also requests the missing data
+    /// pages (not avoided, not here, not requested) of its aligned block of
+    /// this many pages (rounded down to a power of two; 0 or 1 turns it
+    /// off), whatever the access pattern: pages of one block tend to be used
+    /// together, and one request of a run costs the server and the network
+    /// little more than one of a page, where every page faulted alone costs
+    /// its clone a round trip.
+    pub fault_around_pages: u32,
 }
 
 /// What the family's lock guards.
@@ -264,6 +272,7 @@ impl Family {
             if state.requests.wait_for(page, clone, Some(read_at), now) {
                 request.push(page);
                 self.request_following(&mut state.requests, clone, page, now, &mut request);
+                self.request_around(&mut state.requests, clone, page, now, &mut request);
             }
         }
         if !request.is_empty() {
@@ -288,11 +297,7 @@ impl Family {
         if page > previous && page - previous <= window + 1 {
             let last = page.saturating_add(window).min(clone.pages - 1);
             for next in page + 1..=last {
-                if clone.avoid.reason(next).is_some()
-                    || clone.is_installed(next)
-                    || self.cache.contains(next)
-                    || requests.contains(next)
-                {
+                if !self.is_missing_data(requests, clone, next) {
                     continue;
                 }
                 let waiter = Waiter {
@@ -303,6 +308,46 @@ impl Family {
                 request.push(next);
             }
         }
+    }
+
+    /// Fault-around for a fault on `page` that went to the network:
+    /// requests the other pages of its aligned block that are data and
+    /// missing (see [`FetchConfig::fault_around_pages`]).
+    fn request_around(
+        &self,
+        requests: &mut RequestTable,
+        clone: &Arc<CloneState>,
+        page: u64,
+        now: Instant,
+        request: &mut Vec<u64>,
+    ) {
+        let Some(block) = fault_around_block(page, self.config.fault_around_pages, clone.pages)
+        else {
+            return;
+        };
+        for next in block {
+            if next == page || !self.is_missing_data(requests, clone, next) {
+                continue;
+            }
+            requests.add(
+                next,
+                now,
+                Waiter {
+                    clone: clone.clone(),
+                    fault: None,
+                },
+            );
+            request.push(next);
+        }
+    }
+
+    /// Whether `page` is a data page of `clone` that is neither installed,
+    /// cached nor requested: one worth requesting ahead of a fault.
+    fn is_missing_data(&self, requests: &RequestTable, clone: &CloneState, page: u64) -> bool {
+        clone.avoid.reason(page).is_none()
+            && !clone.is_installed(page)
+            && !self.cache.contains(page)
+            && !requests.contains(page)
     }
 
     /// Requests `pages` for `clone` ahead of any fault (see
@@ -377,6 +422,18 @@ impl Family {
     }
 }
 
+/// The aligned block of `around` pages (rounded down to a power of two)
+/// holding `page`, within a clone of `pages` pages; `None` when fault-around
+/// is off (`around` < 2).
+fn fault_around_block(page: u64, around: u32, pages: u64) -> Option<std::ops::Range<u64>> {
+    if around < 2 {
+        return None;
+    }
+    let size = 1u64 << around.ilog2();
+    let start = page & !(size - 1);
+    Some(start..(start + size).min(pages))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,11 +460,15 @@ mod tests {
     }
 
     fn family(prefetch_pages: u32, fetch_timeout: Duration) -> (Arc<Family>, Arc<Requests>) {
-        let requests = Arc::new(Requests::default());
-        let config = FetchConfig {
+        family_with(FetchConfig {
             fetch_timeout,
             prefetch_pages,
-        };
+            fault_around_pages: 0,
+        })
+    }
+
+    fn family_with(config: FetchConfig) -> (Arc<Family>, Arc<Requests>) {
+        let requests = Arc::new(Requests::default());
         let family = Family::new(7, PAGES * PAGE_SIZE, requests.clone(), config).unwrap();
         (family, requests)
     }
@@ -433,6 +494,33 @@ mod tests {
             Some(FaultError::Timeout { page: 9, timeout })
         );
         assert_eq!(family.stats().outstanding, 0);
+    }
+
+    #[test]
+    fn a_fault_takes_the_missing_data_pages_of_its_block_along() {
+        let (family, requests) = family_with(FetchConfig {
+            fetch_timeout: TIMEOUT,
+            prefetch_pages: 0,
+            // Rounded down to 8.
+            fault_around_pages: 12,
+        });
+        let clone = detached_clone(&[(13, 1)]);
+        family.deliver_batch(&[(9, &PAGE[..])]);
+        let now = Instant::now();
+        // Block 8..16 without the cached page 9 and the avoided page 13;
+        // page 12 is in flight, so its fault joins; the last block ends
+        // with the memory.
+        for page in [10, 12, PAGES - 1] {
+            family.fetch(&clone, page, now);
+        }
+        let last = PAGES - 1;
+        let block_start = last & !7;
+        let mut tail = vec![last];
+        tail.extend(block_start..last);
+        assert_eq!(requests.taken(), [vec![10, 8, 11, 12, 14, 15], tail]);
+        assert_eq!(fault_around_block(5, 0, 64), None);
+        assert_eq!(fault_around_block(5, 1, 64), None);
+        assert_eq!(fault_around_block(70, 16, 72), Some(64..72));
     }
 
     #[test]
