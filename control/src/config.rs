@@ -216,21 +216,16 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PopulateMode {
-    /// A copy of its own when the parent's data is at most
-    /// [`AUTO_COPY_MAX_BYTES`], a read-populated view otherwise: the default.
-    /// A copy of a small state costs little and spares the clone a
-    /// hypervisor exit and a copy-on-write fault on every page it writes; a
-    /// large state is shared.
-    #[default]
-    Auto,
     /// A view, not populated: every first touch faults.
     Off,
     /// A view mapped read-only, sharing the parent's pages: no memory per
-    /// clone. Under PVM this saves only the host fault of a first touch, not
-    /// the hypervisor's, and every first write still costs an exit and a
-    /// copy-on-write fault (on huge pages also the split of the 2 MiB
-    /// mapping around it: a cloned `scan` writing one page in eight of 48 MiB
-    /// took ~480 ms against ~10 ms on its own memory).
+    /// clone, the default. Under PVM this saves only the host fault of a
+    /// first touch, not the hypervisor's, and every first write still costs
+    /// an exit and a copy-on-write fault (on huge pages also the split of the
+    /// 2 MiB mapping around it, after which the block's other pages fault
+    /// one by one: a cloned `scan` writing one page in eight of 48 MiB took
+    /// ~480 ms against ~10 ms on memory of its own).
+    #[default]
     Read,
     /// A view mapped as private copies, on a host thread, so the guest's
     /// first writes do not copy, and the hypervisor maps a page's neighbours
@@ -238,38 +233,24 @@ pub enum PopulateMode {
     /// such a clone copies every page it holds into its image.
     Write,
     /// Memory of its own, holding a copy of the parent's data pages made
-    /// before the clone first runs (on huge pages where the memory is): the
-    /// clone runs as its parent did, with no fault on a first write and 2
-    /// MiB mapped per first touch. Costs the copy on the clone's start
-    /// (~10 ms per 48 MiB here when the kernel has free huge pages, 50-80 ms
-    /// when it must compact memory for them) and a full copy's memory per
-    /// clone. Cloned `scan` (48 MiB, one page in eight written): ~60-90 ms,
-    /// of which ~11 ms running, against ~480 ms on a read-populated view.
+    /// before the clone first runs (on huge pages where the parent's are):
+    /// the clone runs as its parent did, with no fault on a first write and
+    /// 2 MiB mapped per first touch. For clones that write their state: a
+    /// cloned `scan` (48 MiB, one page in eight written) ran ~11 ms on its
+    /// copy against ~480 ms on a read-populated view. Costs the copy on the
+    /// clone's start (~0.2 ms per MiB here when the kernel has free huge
+    /// pages, 1.5-3 ms per MiB when it must compact memory for them) and a
+    /// full copy's memory per clone: a job that only reads a large state
+    /// is faster on a view.
     Copy,
 }
 
-/// The largest parent state (data pages) that [`PopulateMode::Auto`] copies
-/// into each local clone.
-pub const AUTO_COPY_MAX_BYTES: u64 = 128 << 20;
-
 impl PopulateMode {
-    /// The mode a clone of a parent with `data_bytes` of data runs in:
-    /// [`PopulateMode::Auto`] resolved, every other mode as it is.
-    pub fn for_state(self, data_bytes: u64) -> PopulateMode {
-        match self {
-            PopulateMode::Auto if data_bytes <= AUTO_COPY_MAX_BYTES => PopulateMode::Copy,
-            PopulateMode::Auto => PopulateMode::Read,
-            mode => mode,
-        }
-    }
-
-    /// How a local clone holds its memory in this (resolved) mode.
+    /// How a local clone holds its memory in this mode.
     pub fn restored_memory(self) -> RestoredMemory {
         match self {
             PopulateMode::Copy => RestoredMemory::Copy,
-            PopulateMode::Auto | PopulateMode::Off | PopulateMode::Read | PopulateMode::Write => {
-                RestoredMemory::View
-            }
+            PopulateMode::Off | PopulateMode::Read | PopulateMode::Write => RestoredMemory::View,
         }
     }
 }
@@ -584,7 +565,7 @@ mod tests {
         config.check().unwrap();
         assert_eq!(config.limits.clone_slots, 8);
         assert_eq!(config.limits.fetch_timeout_ms, 5000);
-        assert_eq!(config.limits.populate, PopulateMode::Auto);
+        assert_eq!(config.limits.populate, PopulateMode::Read);
         assert_eq!(config.limits.host_pages, HostPages::Huge);
         assert_eq!(
             config.peers().map(|m| m.name.as_str()).collect::<Vec<_>>(),
@@ -593,27 +574,11 @@ mod tests {
     }
 
     #[test]
-    fn auto_copies_small_states_and_shares_large_ones() {
-        assert_eq!(PopulateMode::Auto.for_state(48 << 20), PopulateMode::Copy);
-        assert_eq!(
-            PopulateMode::Auto.for_state(AUTO_COPY_MAX_BYTES),
-            PopulateMode::Copy
-        );
-        assert_eq!(
-            PopulateMode::Auto.for_state(AUTO_COPY_MAX_BYTES + 4096),
-            PopulateMode::Read
-        );
-        for mode in [
-            PopulateMode::Off,
-            PopulateMode::Read,
-            PopulateMode::Write,
-            PopulateMode::Copy,
-        ] {
-            assert_eq!(mode.for_state(0), mode);
-            assert_eq!(mode.for_state(1 << 40), mode);
-        }
+    fn only_copy_gives_a_clone_memory_of_its_own() {
         assert_eq!(PopulateMode::Copy.restored_memory(), RestoredMemory::Copy);
-        assert_eq!(PopulateMode::Read.restored_memory(), RestoredMemory::View);
+        for mode in [PopulateMode::Off, PopulateMode::Read, PopulateMode::Write] {
+            assert_eq!(mode.restored_memory(), RestoredMemory::View);
+        }
     }
 
     #[test]
@@ -623,10 +588,10 @@ mod tests {
         assert_eq!(config.limits.clone_slots, host_cores());
         assert_eq!(config.mcdist.max_in_flight, 512);
         assert_eq!(config.mcdist.send_threads, 1);
-        assert_eq!(config.limits.populate, PopulateMode::Auto);
+        assert_eq!(config.limits.populate, PopulateMode::Read);
         assert_eq!(config.limits.host_pages, HostPages::Huge);
         let other = include_str!("../../dist/sfd.toml")
-            .replace(r#"populate = "auto""#, r#"populate = "write""#)
+            .replace(r#"populate = "read""#, r#"populate = "write""#)
             .replace(r#"host_pages = "huge""#, r#"host_pages = "base""#);
         let config: DaemonConfig = toml::from_str(&other).unwrap();
         assert_eq!(config.limits.populate, PopulateMode::Write);

@@ -71,12 +71,7 @@ fn copy_on_write_isolates_parent_and_clones_both_ways() {
 
 #[test]
 fn populated_clones_read_the_parents_state_and_keep_their_own_writes() {
-    for mode in [
-        PopulateMode::Read,
-        PopulateMode::Write,
-        PopulateMode::Copy,
-        PopulateMode::Auto,
-    ] {
+    for mode in [PopulateMode::Read, PopulateMode::Write, PopulateMode::Copy] {
         let (sup, lines) = supervisor_populating(2, mode);
         // Each child overwrites the whole buffer as soon as it starts, while
         // its memory is being populated, then checks it sees only its own

@@ -117,7 +117,7 @@ struct RunArgs {
     descriptor_dir: Option<PathBuf>,
     /// How each local clone holds its parent's state: a copy of its own, or a view of the
     /// parent's pages mapped in the background as it starts.
-    #[arg(long, value_enum, default_value_t = PopulateMode::Auto)]
+    #[arg(long, value_enum, default_value_t = PopulateMode::Read)]
     populate: PopulateMode,
     /// Back guest memory with 4 KiB pages only. By default it is on 2 MiB huge
     /// pages where the kernel allows it: the hypervisor then maps 2 MiB per
@@ -335,7 +335,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         clones,
         console_lines(args.json, Some(bar.clone())),
         args.descriptor_dir,
-        PopulateMode::Auto,
+        PopulateMode::Read,
         HostPages::Huge,
     )?;
     let cmdline = format!(

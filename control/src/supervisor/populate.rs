@@ -1,5 +1,5 @@
-//! Mapping local clones' memory ahead of their guests: which mode a clone
-//! runs in, and, for a view, when, in what order and how much at a time.
+//! Mapping local clones' memory ahead of their guests: for a view of the
+//! parent's image, when, in what order and how much at a time.
 //! The mechanism is `snowflock_vmm::populate` (a view) or
 //! `GuestMemory::copy_of_image_in` (a copy).
 //!
@@ -14,7 +14,6 @@
 
 use std::time::Instant;
 
-use snowflock_vmm::memory::{MemoryImage, PAGE_SIZE};
 use snowflock_vmm::populate::{PopulateAccess, Populated, Populator};
 
 use super::host::HostState;
@@ -27,27 +26,11 @@ use crate::error_chain;
 const CHUNK_PAGES: u64 = 1024;
 
 impl HostState {
-    /// The populate mode of a local clone of `image`: the configured one,
-    /// with [`PopulateMode::Auto`] resolved by the size of the image's data.
-    /// An image whose data cannot be found is shared (read-populated).
-    pub(super) fn populate_mode_for(&self, image: &MemoryImage, vm: u64) -> PopulateMode {
-        if self.config.populate != PopulateMode::Auto {
-            return self.config.populate;
-        }
-        match image.data_pages() {
-            Ok(data) => self.config.populate.for_state(data.count() * PAGE_SIZE),
-            Err(e) => {
-                tracing::warn!(vm, "cannot size a clone's state: {}", error_chain(&e));
-                PopulateMode::Read
-            }
-        }
-    }
-
     /// Maps the data pages of a local clone's view in the background, if
-    /// `mode` asks for it; stops when the clone's memory goes.
-    pub(super) fn populate_clone(&self, populator: Populator, vm: u64, mode: PopulateMode) {
-        let access = match mode {
-            PopulateMode::Auto | PopulateMode::Off | PopulateMode::Copy => return,
+    /// the configuration asks for it; stops when the clone's memory goes.
+    pub(super) fn populate_clone(&self, populator: Populator, vm: u64) {
+        let access = match self.config.populate {
+            PopulateMode::Off | PopulateMode::Copy => return,
             PopulateMode::Read => PopulateAccess::Read,
             PopulateMode::Write => PopulateAccess::Write,
         };

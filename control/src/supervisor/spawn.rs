@@ -201,8 +201,7 @@ impl ChildStart {
         let begun = Instant::now();
         let (console, flush) = labelled(self.label.clone(), self.host.config.lines.clone());
         let hv = self.host.hv.as_ref();
-        let mode = self.host.populate_mode_for(&self.image, self.cell.vm);
-        let memory = mode.restored_memory();
+        let memory = self.host.config.populate.restored_memory();
         let restored = match self.prepared {
             Some(prepared) => Ok(prepared),
             None => PreparedVm::new(hv, self.snapshot.mem_size),
@@ -223,7 +222,7 @@ impl ChildStart {
                 let started = Instant::now();
                 self.cell.mark_started(restore);
                 if let Some(populator) = machine.memory().populator() {
-                    self.host.populate_clone(populator, self.cell.vm, mode);
+                    self.host.populate_clone(populator, self.cell.vm);
                 }
                 let ctx = VmContext::new(
                     self.host.clone(),
