@@ -66,7 +66,8 @@ pub mod nr {
     pub const EXIT: u32 = 2;
     /// `(info: *const PanicReport) -> !`: report a guest panic and end the VM.
     pub const PANIC: u32 = 3;
-    /// `(n) -> rax: ticket id, rdx: granted m <= n`.
+    /// `(n, flags) -> rax: ticket id, rdx: granted m <= n`; `flags` from
+    /// [`ticket`](super::ticket) (0: none).
     pub const REQUEST_TICKET: u32 = 4;
     /// `(ticket) -> 0 in the parent, 1..=m in each child`.
     pub const CLONE: u32 = 5;
@@ -88,6 +89,17 @@ pub mod nr {
     /// `(runs: *const PageRun, count, kind: PageReportKind) -> 0`: tells the
     /// VMM which heap pages hold nothing worth copying (see [`PageReportKind`]).
     pub const REPORT_PAGES: u32 = 13;
+}
+
+/// `REQUEST_TICKET`'s flags: what the caller knows of the ticket's children.
+pub mod ticket {
+    /// The children will write much of the state they inherit: a clone on
+    /// the parent's host gets memory of its own, a copy of the parent's made
+    /// before it first runs, rather than a copy-on-write view, whose every
+    /// first write to a page costs a hypervisor exit and a host fault.
+    pub const CHILDREN_WRITE: u64 = 1;
+    /// Every flag this ABI defines; any other bit is rejected.
+    pub const KNOWN: u64 = CHILDREN_WRITE;
 }
 
 /// `CHILD_RESULT`'s status in `rax`.
@@ -203,7 +215,7 @@ pub const MAX_TRANSFER: u64 = 16 << 20;
 #[cfg(test)]
 mod header_tests {
     use crate as abi;
-    use crate::{ChildStatus, PageReportKind, errno, nr};
+    use crate::{ChildStatus, PageReportKind, errno, nr, ticket};
 
     fn define(name: &str) -> u64 {
         let header = include_str!("../../guest/include/snowflock.h");
@@ -254,6 +266,7 @@ mod header_tests {
             ("SF_MAX_REPORT_RUNS", abi::MAX_REPORT_RUNS),
             ("SF_PAGE_REPORT_FREE", PageReportKind::Free as u64),
             ("SF_PAGE_REPORT_FRESH", PageReportKind::Fresh as u64),
+            ("SF_TICKET_CHILDREN_WRITE", ticket::CHILDREN_WRITE),
             ("SF_CHILD_EXITED", ChildStatus::Exited as u64),
             ("SF_CHILD_FAILED", ChildStatus::Failed as u64),
             ("SF_CHILD_KILLED", ChildStatus::Killed as u64),

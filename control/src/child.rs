@@ -30,6 +30,7 @@ pub(crate) struct ChildCell {
     kicker: Mutex<Option<Arc<dyn VcpuKicker>>>,
     first_run: Mutex<Option<Instant>>,
     restore: Mutex<Duration>,
+    own_memory: AtomicBool,
     pub(crate) end: Mutex<Option<(VmOutcome, Duration)>>,
     pub(crate) done: Condvar,
 }
@@ -45,6 +46,7 @@ impl ChildCell {
             kicker: Mutex::new(None),
             first_run: Mutex::new(None),
             restore: Mutex::new(Duration::ZERO),
+            own_memory: AtomicBool::new(false),
             end: Mutex::new(None),
             done: Condvar::new(),
         }
@@ -75,6 +77,11 @@ impl ChildCell {
         lock(&self.first_run).get_or_insert_with(Instant::now);
     }
 
+    /// The child runs on memory of its own (see [`ChildReport::own_memory`]).
+    pub(crate) fn mark_own_memory(&self) {
+        self.own_memory.store(true, Ordering::Relaxed);
+    }
+
     /// When the child first ran guest code, if it did.
     pub(crate) fn first_run(&self) -> Option<Instant> {
         *lock(&self.first_run)
@@ -102,6 +109,7 @@ impl ChildCell {
             vm: self.vm,
             host: self.remote.as_ref().map(|r| r.host.clone()),
             restore: *lock(&self.restore),
+            own_memory: self.own_memory.load(Ordering::Relaxed),
             runtime,
             outcome,
         }

@@ -30,8 +30,12 @@ pub struct ChildReport {
     pub vm: u64,
     /// The host it ran on, when not this one.
     pub host: Option<String>,
-    /// Time to restore the child's VM from the descriptor.
+    /// Time to restore the child's VM from the descriptor (with a copy of
+    /// the parent's memory, the copy's time too).
     pub restore: Duration,
+    /// It ran on memory of its own, a copy of its parent's, rather than a
+    /// copy-on-write view of it.
+    pub own_memory: bool,
     /// From the child's first instruction to its end.
     pub runtime: Duration,
     pub outcome: VmOutcome,

@@ -248,6 +248,45 @@ fn scan_children_match_the_parents_check_pass() {
 }
 
 #[test]
+fn children_that_write_start_on_memory_of_their_own_when_the_ticket_says_so() {
+    // The default populate mode is a view; the ticket's CHILDREN_WRITE flag
+    // (scan asks for it with `own_memory=1`) gives local clones a copy.
+    for (own_memory, write_every) in [(1, 8), (0, 8), (1, 0)] {
+        let (sup, lines) = supervisor(2);
+        let args =
+            format!("state_mib=4 write_every={write_every} clones=2 own_memory={own_memory}");
+        assert_eq!(
+            run(&sup, "scan", &args),
+            VmOutcome::Exited(0),
+            "{args}: {:?}",
+            lines.all()
+        );
+        let op = &sup.reports()[0];
+        assert_eq!(op.children.len(), 2, "{args}");
+        for child in &op.children {
+            assert_eq!(
+                child.own_memory,
+                own_memory == 1,
+                "{args}: clone {}",
+                child.id
+            );
+        }
+    }
+    let (sup, lines) = supervisor_populating(2, PopulateMode::Copy);
+    assert_eq!(
+        run(
+            &sup,
+            "scan",
+            "state_mib=4 write_every=0 clones=2 own_memory=0"
+        ),
+        VmOutcome::Exited(0),
+        "{:?}",
+        lines.all()
+    );
+    assert!(sup.reports()[0].children.iter().all(|c| c.own_memory));
+}
+
+#[test]
 fn seqsearch_times_its_resident_shards_before_the_clone_point() {
     let (sup, lines) = supervisor(2);
     let args = "ref_mib=4 queries=2000 clones=2 resident=1";

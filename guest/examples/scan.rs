@@ -5,9 +5,12 @@
 //!
 //! Args `state_mib` (default 48), `write_every` (default 8: one page in
 //! eight of each share is written; 1 = every page, 0 = read only), `clones`
-//! (default 2), `seed` (default 1). The state is split into `m` contiguous
-//! shares of whole pages, one per granted clone; child k checksums share k
-//! and exits with the checksum.
+//! (default 2), `seed` (default 1), `own_memory` (default 1 when the
+//! children write, 0 when they only read: the ticket tells the VMM that the
+//! children write their state, `abi::ticket::CHILDREN_WRITE`, so those on
+//! the parent's host start on memory of their own). The state is split into
+//! `m` contiguous shares of whole pages, one per granted clone; child k
+//! checksums share k and exits with the checksum.
 //!
 //! Once the ticket says how many shares there are, and before the clone
 //! point, the parent does every share itself, timing each: its memory is
@@ -35,11 +38,12 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 use core::hint::black_box;
+use snowflock_guest::abi::ticket;
 use snowflock_guest::args::{arg_u32, arg_u64};
 use snowflock_guest::rand::{SplitMix64, mix};
 use snowflock_guest::rt::heap_capacity;
 use snowflock_guest::time::{Millis, now_ns};
-use snowflock_guest::{Fork, clone, exit, join, println, request_ticket};
+use snowflock_guest::{Fork, clone, exit, join, println, request_ticket_with};
 
 snowflock_guest::entry!(main);
 
@@ -82,6 +86,7 @@ fn main() -> i32 {
     let write_every = arg_u64("write_every", 8) as usize;
     let clones = arg_u32("clones", 2);
     let seed = arg_u64("seed", 1);
+    let own_memory = arg_u32("own_memory", u32::from(write_every != 0)) != 0;
     if !(1..=65_536).contains(&state_mib) {
         println!("scan: state_mib must be in 1..=65536");
         return 2;
@@ -108,7 +113,12 @@ fn main() -> i32 {
     let t_built = now_ns();
     println!("scan: build_ms={}", Millis(t_built - t_start));
 
-    let ticket = request_ticket(clones).expect("request_ticket");
+    let flags = if own_memory {
+        ticket::CHILDREN_WRITE
+    } else {
+        0
+    };
+    let ticket = request_ticket_with(clones, flags).expect("request_ticket");
     let shares = (ticket.granted() as usize).max(1);
 
     // Resident: every share here, before the clone point, on memory this VM

@@ -52,6 +52,10 @@
 #define SF_PAGE_REPORT_FREE 0
 #define SF_PAGE_REPORT_FRESH 1
 
+/* REQUEST_TICKET flags: the children will write much of their state (local
+ * clones then get memory of their own instead of a copy-on-write view). */
+#define SF_TICKET_CHILDREN_WRITE 1
+
 /* CHILD_RESULT status. */
 #define SF_CHILD_EXITED 0
 #define SF_CHILD_FAILED 1
@@ -179,13 +183,20 @@ static inline int64_t sf_report_pages(const sf_page_run *runs, uint64_t count, u
 
 /* ---- The clone API. Every int64_t result is the value, or -errno. ---- */
 
+/* Reserves up to n clones, with SF_TICKET_* flags (0: none): the ticket id;
+ * *granted = m <= n (may be 0). */
+static inline int64_t sf_request_ticket_with(uint32_t n, uint64_t flags, uint32_t *granted)
+{
+    uint64_t m;
+    int64_t ticket = sf_result(sf_hypercall(SF_NR_REQUEST_TICKET, n, flags, 0, 0, &m));
+    *granted = ticket < 0 ? 0 : (uint32_t)m;
+    return ticket;
+}
+
 /* Reserves up to n clones: the ticket id; *granted = m <= n (may be 0). */
 static inline int64_t sf_request_ticket(uint32_t n, uint32_t *granted)
 {
-    uint64_t m;
-    int64_t ticket = sf_result(sf_hypercall(SF_NR_REQUEST_TICKET, n, 0, 0, 0, &m));
-    *granted = ticket < 0 ? 0 : (uint32_t)m;
-    return ticket;
+    return sf_request_ticket_with(n, 0, granted);
 }
 
 /* 0 in the parent, 1..=m in each child (like fork()). */

@@ -168,7 +168,15 @@ pub struct ChildOutcome {
 
 /// Reserves up to `n` clones. The ticket says how many were granted.
 pub fn request_ticket(n: u32) -> Result<Ticket, Error> {
-    let (rax, rdx) = hypercall::request_ticket(u64::from(n));
+    request_ticket_with(n, 0)
+}
+
+/// Like [`request_ticket`], telling the VMM what it may count on about the
+/// children: `flags` from [`abi::ticket`](crate::abi::ticket), e.g.
+/// `CHILDREN_WRITE` when they will write much of the state they inherit
+/// (clones on this host then start on a copy of the parent's memory).
+pub fn request_ticket_with(n: u32, flags: u64) -> Result<Ticket, Error> {
+    let (rax, rdx) = hypercall::request_ticket(u64::from(n), flags);
     let id = check(rax)?;
     let granted = u32::try_from(rdx).map_err(|_| Error::InvalidArgument)?;
     Ok(Ticket { id, granted })

@@ -92,10 +92,10 @@ pub fn panic(report: &PanicReport) -> ! {
     unsafe { call_noreturn(nr::PANIC, report as *const PanicReport as u64) }
 }
 
-/// `REQUEST_TICKET(n)`: `(ticket id or -errno, granted m)`.
-pub fn request_ticket(n: u64) -> (u64, u64) {
+/// `REQUEST_TICKET(n, flags)`: `(ticket id or -errno, granted m)`.
+pub fn request_ticket(n: u64, flags: u64) -> (u64, u64) {
     // SAFETY: no pointer arguments.
-    unsafe { call(nr::REQUEST_TICKET, n, 0, 0, 0) }
+    unsafe { call(nr::REQUEST_TICKET, n, flags, 0, 0) }
 }
 
 /// `CLONE(ticket)`: 0 in the parent, the child id in each child, or -errno.

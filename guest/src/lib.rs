@@ -42,6 +42,7 @@ pub mod images {
 pub use clone::{
     Checkpoint, CheckpointOutcome, ChildFailure, ChildOutcome, Error, FailureStatus, Fork, Ticket,
     checkpoint_parent, clone, create_clones, exit, exit_vm, join, kill, request_ticket,
+    request_ticket_with,
 };
 
 use abi::BootInfo;

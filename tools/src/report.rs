@@ -40,6 +40,8 @@ pub struct CloneOp {
 pub struct Child {
     pub id: u32,
     pub restore_ms: f64,
+    /// It ran on a copy of its parent's memory of its own.
+    pub own_memory: bool,
     pub runtime_ms: f64,
     pub outcome: Outcome,
 }
@@ -97,6 +99,7 @@ impl RunReport {
                         .map(|c| Child {
                             id: c.id,
                             restore_ms: ms(c.restore),
+                            own_memory: c.own_memory,
                             runtime_ms: ms(c.runtime),
                             outcome: (&c.outcome).into(),
                         })

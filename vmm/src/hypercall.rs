@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use snowflock_abi::{
-    MAX_REPORT_RUNS, MAX_TRANSFER, PAGE_SIZE, PageReportKind, PageRun, PanicReport, nr,
+    MAX_REPORT_RUNS, MAX_TRANSFER, PAGE_SIZE, PageReportKind, PageRun, PanicReport, nr, ticket,
 };
 
 use crate::boot::GuestLayout;
@@ -32,6 +32,8 @@ pub enum Hypercall {
     },
     RequestTicket {
         clones: u32,
+        /// `abi::ticket` flags, unknown bits rejected.
+        flags: u64,
     },
     Clone {
         ticket: u64,
@@ -110,6 +112,16 @@ fn narrow(what: &'static str, value: u64) -> Result<u32, HypercallError> {
     u32::try_from(value).map_err(|_| HypercallError::BadValue { what, value })
 }
 
+fn ticket_flags(value: u64) -> Result<u64, HypercallError> {
+    if value & !ticket::KNOWN != 0 {
+        return Err(HypercallError::BadValue {
+            what: "ticket flags",
+            value,
+        });
+    }
+    Ok(value)
+}
+
 /// Decodes hypercall `number` with arguments in `regs` (rdi, rsi, r8, r9).
 pub fn decode(number: u32, regs: &Regs, layout: &GuestLayout) -> Result<Hypercall, HypercallError> {
     let (a0, a1, a2, a3) = (regs.rdi, regs.rsi, regs.r8, regs.r9);
@@ -129,6 +141,7 @@ pub fn decode(number: u32, regs: &Regs, layout: &GuestLayout) -> Result<Hypercal
         },
         nr::REQUEST_TICKET => Hypercall::RequestTicket {
             clones: narrow("clone count", a0)?,
+            flags: ticket_flags(a1)?,
         },
         nr::CLONE => Hypercall::Clone { ticket: a0 },
         nr::CHECKPOINT => Hypercall::Checkpoint,
@@ -331,6 +344,38 @@ mod tests {
         );
         let err = decode(nr::REQUEST_TICKET, &regs(u64::MAX, 0, 0, 0), &l);
         assert!(matches!(err, Err(HypercallError::BadValue { .. })));
+    }
+
+    #[test]
+    fn ticket_flags_are_known_ones_or_rejected() {
+        let l = layout();
+        assert_eq!(
+            decode(
+                nr::REQUEST_TICKET,
+                &regs(4, ticket::CHILDREN_WRITE, 0, 0),
+                &l
+            ),
+            Ok(Hypercall::RequestTicket {
+                clones: 4,
+                flags: ticket::CHILDREN_WRITE
+            })
+        );
+        assert_eq!(
+            decode(nr::REQUEST_TICKET, &regs(4, 0, 0, 0), &l),
+            Ok(Hypercall::RequestTicket {
+                clones: 4,
+                flags: 0
+            })
+        );
+        for wild in [2, 1 << 63, u64::MAX] {
+            assert_eq!(
+                decode(nr::REQUEST_TICKET, &regs(4, wild, 0, 0), &l),
+                Err(HypercallError::BadValue {
+                    what: "ticket flags",
+                    value: wild
+                })
+            );
+        }
     }
 
     const HEAP: Range<u64> = 0x40_0000..0x100_0000;

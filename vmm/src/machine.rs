@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use snowflock_abi::{
     BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, EXCEPTION_PORT, HYPERCALL_PORT, IMAGE_BASE,
-    PAGE_SIZE, PageReportKind, PanicReport, errno, nr,
+    PAGE_SIZE, PageReportKind, PanicReport, errno, nr, ticket,
 };
 
 use crate::boot::{self, BootError, GuestLayout};
@@ -119,6 +119,8 @@ pub enum Stop {
 pub enum Request {
     RequestTicket {
         clones: u32,
+        /// The children will write much of their state (`abi::ticket::CHILDREN_WRITE`).
+        children_write: bool,
     },
     Clone {
         ticket: u64,
@@ -609,7 +611,10 @@ impl Machine {
                 return Ok(Some(Stop::ChildExit(self.read_range(result)?)));
             }
             Hypercall::Panic { report } => return Err(self.guest_panic(report, regs.rip)),
-            Hypercall::RequestTicket { clones } => Request::RequestTicket { clones },
+            Hypercall::RequestTicket { clones, flags } => Request::RequestTicket {
+                clones,
+                children_write: flags & ticket::CHILDREN_WRITE != 0,
+            },
             Hypercall::Clone { ticket } => Request::Clone { ticket },
             Hypercall::Checkpoint => Request::Checkpoint,
             Hypercall::CreateClones { checkpoint, ticket } => {

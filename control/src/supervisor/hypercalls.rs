@@ -24,7 +24,10 @@ impl VmContext {
         stopped_at: Instant,
     ) -> Result<(), MachineError> {
         match request {
-            Request::RequestTicket { clones } => self.answer_request_ticket(machine, clones),
+            Request::RequestTicket {
+                clones,
+                children_write,
+            } => self.answer_request_ticket(machine, clones, children_write),
             Request::Clone { ticket } => self.answer_clone(machine, ticket, stopped_at),
             Request::Checkpoint => self.answer_checkpoint(machine, stopped_at),
             Request::CreateClones { checkpoint, ticket } => {
@@ -57,6 +60,7 @@ impl VmContext {
         &mut self,
         machine: &mut Machine,
         clones: u32,
+        children_write: bool,
     ) -> Result<(), MachineError> {
         if self.faults.is_some() {
             // A hollow clone's memory lives on another host; it cannot
@@ -74,6 +78,7 @@ impl VmContext {
                 granted,
                 unused_slots: local,
                 remote: plan.remote,
+                children_write,
                 spawned: None,
             },
         );

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use snowflock_vmm::Machine;
 use snowflock_vmm::background::Job;
 use snowflock_vmm::machine::{MachineSnapshot, PreparedVm};
-use snowflock_vmm::memory::MemoryImage;
+use snowflock_vmm::memory::{MemoryImage, RestoredMemory};
 
 use super::describe::{Described, Description, describe, describe_in_background};
 use super::host::HostState;
@@ -42,7 +42,12 @@ impl VmContext {
             .expect("ticket checked by caller");
         let local = t.unused_slots;
         let remote = std::mem::take(&mut t.remote);
-        let mut launch = self.spawn_children(&descriptor, image.clone(), local, checkpoint);
+        let memory = if t.children_write {
+            RestoredMemory::Copy
+        } else {
+            self.host.config.populate.restored_memory()
+        };
+        let mut launch = self.spawn_children(&descriptor, image.clone(), local, checkpoint, memory);
         let cluster = match (&self.host.config.cluster, remote.is_empty()) {
             (Some(cluster), false) => cluster.clone(),
             _ => {
@@ -131,7 +136,8 @@ impl VmContext {
             })
     }
 
-    /// Starts `count` children from `descriptor`. The supervisor's launcher
+    /// Starts `count` children from `descriptor`, on memory held as `memory`
+    /// says. The supervisor's launcher
     /// thread creates the children's threads, so the parent's pause neither
     /// grows with the number of clones nor waits to create a thread.
     fn spawn_children(
@@ -140,6 +146,7 @@ impl VmContext {
         image: Arc<MemoryImage>,
         count: u32,
         checkpoint: u64,
+        memory: RestoredMemory,
     ) -> Launch {
         let snapshot = Arc::new(descriptor.machine.clone());
         let starts: Vec<ChildStart> = (1..=count)
@@ -152,6 +159,7 @@ impl VmContext {
                     cell: Arc::new(ChildCell::new(id, vm, label.clone(), None)),
                     snapshot: snapshot.clone(),
                     image: image.clone(),
+                    memory,
                     label,
                     checkpoint,
                     generation: descriptor.generation,
@@ -191,6 +199,8 @@ struct ChildStart {
     cell: Arc<ChildCell>,
     snapshot: Arc<MachineSnapshot>,
     image: Arc<MemoryImage>,
+    /// A view of `image` or a copy of its own.
+    memory: RestoredMemory,
     label: String,
     checkpoint: u64,
     generation: u32,
@@ -201,13 +211,19 @@ impl ChildStart {
         let begun = Instant::now();
         let (console, flush) = labelled(self.label.clone(), self.host.config.lines.clone());
         let hv = self.host.hv.as_ref();
-        let memory = self.host.config.populate.restored_memory();
         let restored = match self.prepared {
             Some(prepared) => Ok(prepared),
             None => PreparedVm::new(hv, self.snapshot.mem_size),
         }
         .and_then(|prepared| {
-            Machine::restore_prepared(hv, prepared, &self.snapshot, &self.image, memory, console)
+            Machine::restore_prepared(
+                hv,
+                prepared,
+                &self.snapshot,
+                &self.image,
+                self.memory,
+                console,
+            )
         })
         .and_then(|mut m| {
             m.set_return(u64::from(self.cell.id), self.checkpoint)?;
@@ -220,6 +236,9 @@ impl ChildStart {
             Ok(machine) => {
                 self.cell.set_kicker(machine.kicker());
                 let started = Instant::now();
+                if self.memory == RestoredMemory::Copy {
+                    self.cell.mark_own_memory();
+                }
                 self.cell.mark_started(restore);
                 if let Some(populator) = machine.memory().populator() {
                     self.host.populate_clone(populator, self.cell.vm);

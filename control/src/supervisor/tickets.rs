@@ -29,6 +29,9 @@ pub(super) struct Ticket {
     pub(super) unused_slots: u32,
     /// Reservations on other hosts not yet used.
     pub(super) remote: Vec<RemoteGrant>,
+    /// The guest said the children will write much of their state: local
+    /// ones get memory of their own (`abi::ticket::CHILDREN_WRITE`).
+    pub(super) children_write: bool,
     pub(super) spawned: Option<Spawned>,
 }
 
