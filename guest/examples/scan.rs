@@ -5,7 +5,7 @@
 //!
 //! Args `state_mib` (default 48), `write_every` (default 8: one page in
 //! eight of each share is written; 1 = every page, 0 = read only), `clones`
-//! (default 2), `seed` (default 1). The state is split into `m` contiguous
+//! (default 2), `seed` (default 1), `rounds` (default 1). The state is split into `m` contiguous
 //! shares of whole pages, one per granted clone; child k checksums share k
 //! and exits with the checksum.
 //!
@@ -21,9 +21,15 @@
 //! against its own. With no clone granted the parent does the one share
 //! itself first.
 //!
+//! With `rounds=2` or more the parent takes a checkpoint instead of cloning
+//! and starts the clones from it once per round (`create_clones`), joining
+//! and checking each round against the check pass: later rounds find the
+//! state where earlier rounds left it (a warm run of the same job).
+//!
 //! Prints `scan: build_ms=..`, one `scan: share=k resident_ms=..` per share,
 //! `scan: resident_max_ms=.. resident_sum_ms=..`, `scan: clone_ms=..`,
-//! `scan: join_ms=..`, `scan: check_ms=..` (the check pass), then
+//! `scan: join_ms=..`, `scan: check_ms=..` (the check pass), per later
+//! round `scan: round=.. warm_clone_ms=.. warm_join_ms=..`, then
 //! `scan: state_mib=.. write_every=.. clones=.. granted=.. checksum=..
 //! check=ok`. Exit 0 iff every share matches and no child failed; 1 on a
 //! mismatch or failed child, 2 on bad arguments, 3 when the VM has too
@@ -39,7 +45,10 @@ use snowflock_guest::args::{arg_u32, arg_u64};
 use snowflock_guest::rand::{SplitMix64, mix};
 use snowflock_guest::rt::heap_capacity;
 use snowflock_guest::time::{Millis, now_ns};
-use snowflock_guest::{Fork, clone, exit, join, println, request_ticket};
+use snowflock_guest::{
+    CheckpointOutcome, Fork, Ticket, checkpoint_parent, clone, create_clones, exit, join, println,
+    request_ticket,
+};
 
 snowflock_guest::entry!(main);
 
@@ -72,6 +81,24 @@ fn scan_share(state: &mut [u64], lo: usize, hi: usize, write_every: usize) -> u6
     sum
 }
 
+/// Each child's checksum of a joined `ticket`, in child order (`None` for a
+/// child that failed, which is reported); clears `ok` unless every one of
+/// the `shares` children answered.
+fn joined_checksums(ticket: &Ticket, shares: usize, ok: &mut bool) -> Vec<Option<u64>> {
+    let outcomes = join(ticket).expect("join");
+    *ok &= outcomes.len() == shares;
+    outcomes
+        .iter()
+        .map(|child| match &child.result {
+            Ok(r) => r.as_slice().try_into().ok().map(u64::from_le_bytes),
+            Err(failure) => {
+                println!("scan: child {}: {failure}", child.id);
+                None
+            }
+        })
+        .collect()
+}
+
 /// Pages `[lo, hi)` of share `k` (1-based) of `shares` over `pages` pages.
 fn share_range(pages: usize, shares: usize, k: usize) -> (usize, usize) {
     (pages * (k - 1) / shares, pages * k / shares)
@@ -82,6 +109,11 @@ fn main() -> i32 {
     let write_every = arg_u64("write_every", 8) as usize;
     let clones = arg_u32("clones", 2);
     let seed = arg_u64("seed", 1);
+    let rounds = arg_u32("rounds", 1);
+    if rounds == 0 {
+        println!("scan: rounds must be at least 1");
+        return 2;
+    }
     if !(1..=65_536).contains(&state_mib) {
         println!("scan: state_mib must be in 1..=65536");
         return 2;
@@ -134,27 +166,31 @@ fn main() -> i32 {
     );
 
     let t_clone = now_ns();
-    if let Fork::Child(id) = clone(&ticket).expect("clone") {
-        let (lo, hi) = share_range(pages, shares, id as usize);
-        exit(&scan_share(state, lo, hi, write_every).to_le_bytes());
-    }
+    // Later rounds start from the same clone point, so it is a checkpoint.
+    let checkpoint = if rounds > 1 && ticket.granted() > 0 {
+        match checkpoint_parent().expect("checkpoint_parent") {
+            CheckpointOutcome::Child { id, .. } => {
+                let (lo, hi) = share_range(pages, shares, id as usize);
+                exit(&scan_share(state, lo, hi, write_every).to_le_bytes());
+            }
+            CheckpointOutcome::Parent(checkpoint) => {
+                create_clones(&checkpoint, &ticket).expect("create_clones");
+                Some(checkpoint)
+            }
+        }
+    } else {
+        if let Fork::Child(id) = clone(&ticket).expect("clone") {
+            let (lo, hi) = share_range(pages, shares, id as usize);
+            exit(&scan_share(state, lo, hi, write_every).to_le_bytes());
+        }
+        None
+    };
     let t_cloned = now_ns();
     let mut ok = true;
     let parallel: Vec<Option<u64>> = if ticket.granted() == 0 {
         alloc::vec![Some(scan_share(state, 0, pages, write_every))]
     } else {
-        let outcomes = join(&ticket).expect("join");
-        ok &= outcomes.len() == shares;
-        outcomes
-            .iter()
-            .map(|child| match &child.result {
-                Ok(r) => r.as_slice().try_into().ok().map(u64::from_le_bytes),
-                Err(failure) => {
-                    println!("scan: child {}: {failure}", child.id);
-                    None
-                }
-            })
-            .collect()
+        joined_checksums(&ticket, shares, &mut ok)
     };
     let t_joined = now_ns();
     println!("scan: clone_ms={}", Millis(t_cloned - t_clone));
@@ -164,6 +200,7 @@ fn main() -> i32 {
     // no resident figure: the clone point moved this VM onto a fresh
     // copy-on-write view, so this pass first-touches every page again.
     let mut checksum = 0;
+    let mut own_checksums = Vec::with_capacity(shares);
     for k in 1..=shares {
         let (lo, hi) = share_range(pages, shares, k);
         let own = scan_share(state, lo, hi, write_every);
@@ -175,8 +212,42 @@ fn main() -> i32 {
             );
             ok = false;
         }
+        own_checksums.push(own);
     }
     println!("scan: check_ms={}", Millis(now_ns() - t_joined));
+    if let Some(checkpoint) = &checkpoint {
+        for round in 2..=rounds {
+            let again = request_ticket(clones).expect("request_ticket");
+            if again.granted() as usize != shares {
+                println!(
+                    "scan: round {round} was granted {} clones, not the {shares} of the first",
+                    again.granted()
+                );
+                ok = false;
+                break;
+            }
+            let t_round = now_ns();
+            create_clones(checkpoint, &again).expect("create_clones");
+            let t_created = now_ns();
+            let results = joined_checksums(&again, shares, &mut ok);
+            let t_round_joined = now_ns();
+            println!(
+                "scan: round={round} warm_clone_ms={} warm_join_ms={}",
+                Millis(t_created - t_round),
+                Millis(t_round_joined - t_created)
+            );
+            for (k, own) in own_checksums.iter().enumerate() {
+                if results.get(k).copied().flatten() != Some(*own) {
+                    println!(
+                        "scan: round {round}: share {} differs: parallel {:?}, parent {own:#x}",
+                        k + 1,
+                        results.get(k)
+                    );
+                    ok = false;
+                }
+            }
+        }
+    }
     println!(
         "scan: state_mib={state_mib} write_every={write_every} clones={clones} granted={} checksum={checksum:#018x} check={}",
         ticket.granted(),

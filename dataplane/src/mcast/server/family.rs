@@ -130,6 +130,10 @@ pub(super) struct FamilyState {
     requested_order: Vec<u64>,
     requested: HashSet<u64>,
     pushes: VecDeque<PushCursor>,
+    /// Receivers that left (LEAVE) with what they had been sent: their host keeps its page
+    /// cache for the family's next clones, so when one JOINs again it is no newcomer and
+    /// nothing is pushed again for it.
+    left: HashSet<ReceiverId>,
     /// The push of the clone point's pages; `None` with push off.
     clone_point_push: Option<ClonePointPush>,
     pub(super) bucket: TokenBucket,
@@ -167,6 +171,7 @@ impl FamilyState {
             requested_order: Vec::new(),
             requested: HashSet::new(),
             pushes: VecDeque::new(),
+            left: HashSet::new(),
             clone_point_push: config
                 .push
                 .then(|| ClonePointPush::new(push_runs, pages))
@@ -316,7 +321,9 @@ impl FamilyState {
     ) -> (Vec<Reject>, bool) {
         let receiver: ReceiverId = (from, header.sender);
         if header.flags & REQUEST_LEAVE != 0 {
-            self.receivers.remove(&receiver);
+            if self.receivers.remove(&receiver).is_some() {
+                self.left.insert(receiver);
+            }
             self.pushes.retain(|p| p.receiver != receiver);
             return (Vec::new(), false);
         }
@@ -339,7 +346,8 @@ impl FamilyState {
     }
 
     /// Notes that `receiver` was heard at `now`, with the rate it `reported` (0 = none); a
-    /// receiver JOINing while not active is pushed the pages requested so far.
+    /// receiver JOINing while not active is pushed the pages requested so far, unless it
+    /// left before (it holds what it was sent then).
     fn hear(
         &mut self,
         receiver: ReceiverId,
@@ -352,6 +360,7 @@ impl FamilyState {
             .receivers
             .get(&receiver)
             .is_some_and(|r| now.saturating_duration_since(r.last_heard) < config.receiver_idle);
+        let newcomer = !known && flags & REQUEST_JOIN != 0 && !self.left.remove(&receiver);
         let info = self.receivers.entry(receiver).or_insert(ReceiverInfo {
             last_heard: now,
             rate: 0,
@@ -364,13 +373,10 @@ impl FamilyState {
                 self.lowest_rate = rate;
             }
         }
-        if !known
-            && flags & REQUEST_JOIN != 0
-            && let Some(push) = &mut self.clone_point_push
-        {
+        if newcomer && let Some(push) = &mut self.clone_point_push {
             push.joined(now);
         }
-        if !known && flags & REQUEST_JOIN != 0 && config.push && !self.requested_order.is_empty() {
+        if newcomer && config.push && !self.requested_order.is_empty() {
             self.pushes.push_back(PushCursor {
                 receiver,
                 joined: now,
@@ -695,6 +701,34 @@ mod tests {
         apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
         assert!(clone_point_pushes(&mut family, silent).is_empty());
         assert_eq!(clone_point_pushes(&mut family, now).len() as u64, PAGES);
+    }
+
+    #[test]
+    fn a_receiver_that_left_and_joins_again_is_pushed_nothing_again() {
+        let config = config();
+        let counters = Counters::default();
+        let now = Instant::now();
+        let mut family = family_pushing(&config, now, vec![(0, PAGES)]);
+        apply(&mut family, &config, &counters, (1, REQUEST_JOIN), &[], now);
+        apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
+        apply(&mut family, &config, &counters, (1, 0), &[3], now);
+        assert_eq!(clone_point_pushes(&mut family, now).len() as u64, PAGES - 1);
+        apply(
+            &mut family,
+            &config,
+            &counters,
+            (2, REQUEST_LEAVE),
+            &[],
+            now,
+        );
+        let (_, work) = apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
+        assert!(!work, "neither the walk nor the siblings' pages go again");
+        assert_eq!(family.stats(0, now, &config).push_remaining, 0);
+        assert!(pushes(&mut family, now).is_empty());
+        assert_eq!(family.stats(0, now, &config).active_receivers, 2);
+        // A receiver never seen before still gets the walk.
+        apply(&mut family, &config, &counters, (3, REQUEST_JOIN), &[], now);
+        assert_eq!(family.stats(0, now, &config).push_remaining, PAGES);
     }
 
     #[test]
