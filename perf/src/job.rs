@@ -661,7 +661,9 @@ pub fn plot(text: &str) -> Result<String> {
     const LEFT: f64 = 70.0;
     const TOP: f64 = 40.0;
     const GAP: f64 = 90.0;
-    let width = LEFT + modes.len() as f64 * (PANEL_W + GAP);
+    // Room for the panels and for one legend row (three items).
+    const LEGEND_ITEM_W: f64 = 210.0;
+    let width = (LEFT + modes.len() as f64 * (PANEL_W + GAP)).max(LEFT + 3.0 * LEGEND_ITEM_W);
     let height = TOP + PANEL_H + 110.0;
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
@@ -761,7 +763,7 @@ pub fn plot(text: &str) -> Result<String> {
             ),
         ];
         for (i, (dash, label)) in items.iter().enumerate() {
-            let lx = LEFT + i as f64 * 220.0;
+            let lx = LEFT + i as f64 * LEGEND_ITEM_W;
             svg += &format!(
                 "<line x1=\"{lx}\" x2=\"{}\" y1=\"{legend_y}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/>\
                  <text x=\"{}\" y=\"{}\">{label}</text>\n",

@@ -136,8 +136,17 @@ pub struct FetchLink {
     _connection: Arc<ClientSource>,
     /// The host's receiver, when pages come by mcdist.
     receiver: Option<Arc<McastReceiver>>,
-    /// Whether the family is joined on `receiver` now.
-    joined: Mutex<bool>,
+    /// Whether the family is joined on `receiver`.
+    membership: Mutex<Membership>,
+}
+
+/// A [`FetchLink`]'s membership of its family's multicast group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Membership {
+    Never,
+    Joined,
+    /// Left, with the cache kept: a later JOIN says the host holds its pages.
+    Left,
 }
 
 impl FetchLink {
@@ -170,7 +179,7 @@ impl FetchLink {
             family,
             _connection: client_source,
             receiver,
-            joined: Mutex::new(false),
+            membership: Mutex::new(Membership::Never),
         };
         link.join_group(order)?;
         Ok(link)
@@ -178,13 +187,14 @@ impl FetchLink {
 
     /// Joins the family's multicast group as `order` says (its generation
     /// may be newer than an earlier join's), unless it is joined or pages
-    /// come by unicast.
+    /// come by unicast. Joining again tells the server that this host holds
+    /// what it received before, so nothing is pushed again.
     pub fn join_group(&self, order: Option<McastOrder>) -> Result<(), FetchLinkError> {
         let (Some(receiver), Some(order)) = (&self.receiver, order) else {
             return Ok(());
         };
-        let mut joined = lock(&self.joined);
-        if *joined {
+        let mut membership = lock(&self.membership);
+        if *membership == Membership::Joined {
             return Ok(());
         }
         receiver
@@ -195,24 +205,25 @@ impl FetchLink {
                     group: order.group,
                     server: order.server,
                     pages: self.family.cache().page_count(),
+                    holding: *membership == Membership::Left,
                 },
                 Arc::new(FamilySink(self.family.clone())),
             )
             .map_err(FetchLinkError::Join)?;
-        *joined = true;
+        *membership = Membership::Joined;
         Ok(())
     }
 
     /// Leaves the family's multicast group: the parent's host stops
     /// pushing pages here; the cache stays.
     pub fn leave_group(&self) {
-        let mut joined = lock(&self.joined);
+        let mut membership = lock(&self.membership);
         if let Some(receiver) = &self.receiver
-            && *joined
+            && *membership == Membership::Joined
         {
             receiver.leave(self.family.id());
+            *membership = Membership::Left;
         }
-        *joined = false;
     }
 }
 

@@ -14,8 +14,8 @@ use super::config::McastServerConfig;
 use super::stats::{Counters, FamilyServerStats, bump};
 use crate::mcast::rate::TokenBucket;
 use crate::mcast::wire::{
-    FragmentSealer, Header, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_UNICAST_REPLY, Reject, RejectCode,
-    Request,
+    FragmentSealer, Header, REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_UNICAST_REPLY,
+    Reject, RejectCode, Request,
 };
 use crate::server::PageStore;
 
@@ -130,10 +130,6 @@ pub(super) struct FamilyState {
     requested_order: Vec<u64>,
     requested: HashSet<u64>,
     pushes: VecDeque<PushCursor>,
-    /// Receivers that left (LEAVE) with what they had been sent: their host keeps its page
-    /// cache for the family's next clones, so when one JOINs again it is no newcomer and
-    /// nothing is pushed again for it.
-    left: HashSet<ReceiverId>,
     /// The push of the clone point's pages; `None` with push off.
     clone_point_push: Option<ClonePointPush>,
     pub(super) bucket: TokenBucket,
@@ -171,7 +167,6 @@ impl FamilyState {
             requested_order: Vec::new(),
             requested: HashSet::new(),
             pushes: VecDeque::new(),
-            left: HashSet::new(),
             clone_point_push: config
                 .push
                 .then(|| ClonePointPush::new(push_runs, pages))
@@ -321,9 +316,7 @@ impl FamilyState {
     ) -> (Vec<Reject>, bool) {
         let receiver: ReceiverId = (from, header.sender);
         if header.flags & REQUEST_LEAVE != 0 {
-            if self.receivers.remove(&receiver).is_some() {
-                self.left.insert(receiver);
-            }
+            self.receivers.remove(&receiver);
             self.pushes.retain(|p| p.receiver != receiver);
             return (Vec::new(), false);
         }
@@ -346,8 +339,8 @@ impl FamilyState {
     }
 
     /// Notes that `receiver` was heard at `now`, with the rate it `reported` (0 = none); a
-    /// receiver JOINing while not active is pushed the pages requested so far, unless it
-    /// left before (it holds what it was sent then).
+    /// receiver JOINing while not active is pushed the pages requested so far, unless its
+    /// JOIN says it holds what it was sent before (`REQUEST_HOLDING`).
     fn hear(
         &mut self,
         receiver: ReceiverId,
@@ -360,7 +353,7 @@ impl FamilyState {
             .receivers
             .get(&receiver)
             .is_some_and(|r| now.saturating_duration_since(r.last_heard) < config.receiver_idle);
-        let newcomer = !known && flags & REQUEST_JOIN != 0 && !self.left.remove(&receiver);
+        let newcomer = !known && flags & REQUEST_JOIN != 0 && flags & REQUEST_HOLDING == 0;
         let info = self.receivers.entry(receiver).or_insert(ReceiverInfo {
             last_heard: now,
             rate: 0,
@@ -497,7 +490,7 @@ mod tests {
     use super::super::stats::Counters;
     use super::super::test_support::{PAGES, apply, config, family, family_pushing, receiver};
     use super::{Destination, Job};
-    use crate::mcast::wire::{REQUEST_JOIN, REQUEST_LEAVE, RejectCode};
+    use crate::mcast::wire::{REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE, RejectCode};
 
     /// A send of `page` to `destination`, asked for by receiver 1.
     fn send_of(page: u64, destination: Destination) -> Job {
@@ -704,7 +697,7 @@ mod tests {
     }
 
     #[test]
-    fn a_receiver_that_left_and_joins_again_is_pushed_nothing_again() {
+    fn a_receiver_joining_again_holding_its_pages_is_pushed_nothing_again() {
         let config = config();
         let counters = Counters::default();
         let now = Instant::now();
@@ -713,21 +706,17 @@ mod tests {
         apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
         apply(&mut family, &config, &counters, (1, 0), &[3], now);
         assert_eq!(clone_point_pushes(&mut family, now).len() as u64, PAGES - 1);
-        apply(
-            &mut family,
-            &config,
-            &counters,
-            (2, REQUEST_LEAVE),
-            &[],
-            now,
-        );
-        let (_, work) = apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
+        let leave = (2, REQUEST_LEAVE);
+        apply(&mut family, &config, &counters, leave, &[], now);
+        let holding = (2, REQUEST_JOIN | REQUEST_HOLDING);
+        let (_, work) = apply(&mut family, &config, &counters, holding, &[], now);
         assert!(!work, "neither the walk nor the siblings' pages go again");
         assert_eq!(family.stats(0, now, &config).push_remaining, 0);
         assert!(pushes(&mut family, now).is_empty());
         assert_eq!(family.stats(0, now, &config).active_receivers, 2);
-        // A receiver never seen before still gets the walk.
-        apply(&mut family, &config, &counters, (3, REQUEST_JOIN), &[], now);
+        // One that dropped what it held joins as a newcomer: the walk goes round again.
+        apply(&mut family, &config, &counters, leave, &[], now);
+        apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
         assert_eq!(family.stats(0, now, &config).push_remaining, PAGES);
     }
 
