@@ -176,19 +176,25 @@ fn image_family(image: Arc<MemoryImage>, config: FetchConfig) -> (Arc<Family>, A
     std::thread::spawn(move || {
         while let Ok(pages) = rx.recv() {
             let Some(family) = weak.upgrade() else { return };
-            let data: Vec<(u64, Vec<u8>)> = pages
-                .iter()
-                .map(|&p| {
-                    let mut buf = vec![0u8; PAGE_SIZE as usize];
-                    image.read(p * PAGE_SIZE, &mut buf).unwrap();
-                    (p, buf)
-                })
-                .collect();
-            let batch: Vec<(u64, &[u8])> = data.iter().map(|(p, d)| (*p, d.as_slice())).collect();
-            family.deliver_batch(&batch);
+            deliver_from_image(&family, &image, &pages);
         }
     });
     (family, server)
+}
+
+/// Reads `pages` from `image` and delivers them to `family`, as the
+/// parent's memory server would.
+fn deliver_from_image(family: &Family, image: &MemoryImage, pages: &[u64]) {
+    let data: Vec<(u64, Vec<u8>)> = pages
+        .iter()
+        .map(|&p| {
+            let mut buf = vec![0u8; PAGE_SIZE as usize];
+            image.read(p * PAGE_SIZE, &mut buf).unwrap();
+            (p, buf)
+        })
+        .collect();
+    let batch: Vec<(u64, &[u8])> = data.iter().map(|(p, d)| (*p, d.as_slice())).collect();
+    family.deliver_batch(&batch);
 }
 
 /// Runs `machine` on a thread of its own; kicks it out after [`BOUND`].
@@ -379,28 +385,43 @@ fn a_kvm_clone_whose_pages_stop_coming_is_released() {
     drop(clone);
 }
 
-/// Pages put into `family`'s cache as a push would (nobody asked): the
-/// first 64 pattern pages and the 32 untouched pages the guest reads (both
-/// read by the clone), and 32 pages nobody touches, in 16-page windows of
-/// their own (the kernel maps up to 16 cached neighbours of a faulting page
-/// along with it, 64 KiB fault-around). Returns (pushed, read by the clone).
-fn push_known_set(family: &Family, image: &MemoryImage) -> (Vec<u64>, u64) {
+/// A clone point whose family has pages in its cache that nobody asked
+/// for, as a push would leave them.
+struct PushedFamily {
+    _parent: Machine,
+    snapshot: snowflock_vmm::machine::MachineSnapshot,
+    family: Arc<Family>,
+    server: Arc<ImageServer>,
+    /// The pages pushed: the first 64 pattern pages and the 32 untouched
+    /// pages the guest reads, then 32 pages nobody touches, in 16-page
+    /// windows of their own (the kernel maps up to 16 cached neighbours of
+    /// a faulting page along with it, 64 KiB fault-around).
+    pushed: Vec<u64>,
+    /// How many of them the clone reads.
+    read: u64,
+}
+
+fn pushed_family(hv: &KvmHypervisor) -> PushedFamily {
+    let (parent, snapshot, image) = parent_at_clone_point(hv);
+    let config = FetchConfig {
+        fetch_timeout: Duration::from_secs(5),
+        prefetch_pages: 0,
+    };
+    let (family, server) = image_family(image.clone(), config);
     let untouched = UNTOUCHED / PAGE_SIZE;
     let mut pushed: Vec<u64> = (0..64).map(|p| PATTERN / PAGE_SIZE + p).collect();
     pushed.extend((0..32).map(|k| untouched + 5 * k));
     let read = pushed.len() as u64;
     pushed.extend(untouched + 192..untouched + 224);
-    let data: Vec<(u64, Vec<u8>)> = pushed
-        .iter()
-        .map(|&p| {
-            let mut buf = vec![0u8; PAGE_SIZE as usize];
-            image.read(p * PAGE_SIZE, &mut buf).unwrap();
-            (p, buf)
-        })
-        .collect();
-    let batch: Vec<(u64, &[u8])> = data.iter().map(|(p, d)| (*p, d.as_slice())).collect();
-    family.deliver_batch(&batch);
-    (pushed, read)
+    deliver_from_image(&family, &image, &pushed);
+    PushedFamily {
+        _parent: parent,
+        snapshot,
+        family,
+        server,
+        pushed,
+        read,
+    }
 }
 
 /// Bytes the kernel allocated for `family`'s cache memfd.
@@ -417,13 +438,14 @@ fn cache_bytes(family: &Family) -> u64 {
 #[test]
 fn pushed_pages_a_kvm_clone_touches_are_counted_as_used() {
     let hv = KvmHypervisor::open().expect("KVM must be available for this test");
-    let (_parent, snapshot, image) = parent_at_clone_point(&hv);
-    let config = FetchConfig {
-        fetch_timeout: Duration::from_secs(5),
-        prefetch_pages: 0,
-    };
-    let (family, server) = image_family(image.clone(), config);
-    let (pushed, read) = push_known_set(&family, &image);
+    let PushedFamily {
+        snapshot,
+        family,
+        server,
+        pushed,
+        read,
+        ..
+    } = pushed_family(&hv);
     assert_eq!(family.stats().pages_pushed, pushed.len() as u64);
     let (clone, handler, failures) = hollow_clone(&hv, &snapshot, &family);
     let (clone, stop) = run_bounded(clone);
@@ -455,13 +477,12 @@ fn pushed_pages_a_kvm_clone_touches_are_counted_as_used() {
 #[test]
 fn populating_a_kvm_clone_maps_cached_pages_only() {
     let hv = KvmHypervisor::open().expect("KVM must be available for this test");
-    let (_parent, snapshot, image) = parent_at_clone_point(&hv);
-    let config = FetchConfig {
-        fetch_timeout: Duration::from_secs(5),
-        prefetch_pages: 0,
-    };
-    let (family, _server) = image_family(image.clone(), config);
-    let (pushed, _) = push_known_set(&family, &image);
+    let PushedFamily {
+        snapshot,
+        family,
+        pushed,
+        ..
+    } = pushed_family(&hv);
     let allocated = cache_bytes(&family);
     assert_eq!(allocated, pushed.len() as u64 * PAGE_SIZE);
     let (clone, handler, failures) = hollow_clone(&hv, &snapshot, &family);

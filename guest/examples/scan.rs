@@ -46,8 +46,8 @@ use snowflock_guest::rand::{SplitMix64, mix};
 use snowflock_guest::rt::heap_capacity;
 use snowflock_guest::time::{Millis, now_ns};
 use snowflock_guest::{
-    CheckpointOutcome, Fork, Ticket, checkpoint_parent, clone, create_clones, exit, join, println,
-    request_ticket,
+    CheckpointOutcome, ChildOutcome, Fork, checkpoint_parent, clone, create_clones, exit, join,
+    println, request_ticket, rounds,
 };
 
 snowflock_guest::entry!(main);
@@ -81,11 +81,10 @@ fn scan_share(state: &mut [u64], lo: usize, hi: usize, write_every: usize) -> u6
     sum
 }
 
-/// Each child's checksum of a joined `ticket`, in child order (`None` for a
+/// Each child's checksum in `outcomes`, in child order (`None` for a
 /// child that failed, which is reported); clears `ok` unless every one of
 /// the `shares` children answered.
-fn joined_checksums(ticket: &Ticket, shares: usize, ok: &mut bool) -> Vec<Option<u64>> {
-    let outcomes = join(ticket).expect("join");
+fn checksums(outcomes: &[ChildOutcome], shares: usize, ok: &mut bool) -> Vec<Option<u64>> {
     *ok &= outcomes.len() == shares;
     outcomes
         .iter()
@@ -190,7 +189,7 @@ fn main() -> i32 {
     let parallel: Vec<Option<u64>> = if ticket.granted() == 0 {
         alloc::vec![Some(scan_share(state, 0, pages, write_every))]
     } else {
-        joined_checksums(&ticket, shares, &mut ok)
+        checksums(&join(&ticket).expect("join"), shares, &mut ok)
     };
     let t_joined = now_ns();
     println!("scan: clone_ms={}", Millis(t_cloned - t_clone));
@@ -217,34 +216,26 @@ fn main() -> i32 {
     println!("scan: check_ms={}", Millis(now_ns() - t_joined));
     if let Some(checkpoint) = &checkpoint {
         for round in 2..=rounds {
-            let again = request_ticket(clones).expect("request_ticket");
-            if again.granted() as usize != shares {
-                println!(
-                    "scan: round {round} was granted {} clones, not the {shares} of the first",
-                    again.granted()
-                );
-                ok = false;
-                break;
-            }
-            let t_round = now_ns();
-            create_clones(checkpoint, &again).expect("create_clones");
-            let t_created = now_ns();
-            let results = joined_checksums(&again, shares, &mut ok);
-            let t_round_joined = now_ns();
+            let warm = match rounds::again(checkpoint, clones, shares as u32) {
+                Ok(warm) => warm,
+                Err(e) => {
+                    println!("scan: round {round}: {e}");
+                    ok = false;
+                    break;
+                }
+            };
             println!(
                 "scan: round={round} warm_clone_ms={} warm_join_ms={}",
-                Millis(t_created - t_round),
-                Millis(t_round_joined - t_created)
+                Millis(warm.create_ns),
+                Millis(warm.join_ns)
             );
-            for (k, own) in own_checksums.iter().enumerate() {
-                if results.get(k).copied().flatten() != Some(*own) {
-                    println!(
-                        "scan: round {round}: share {} differs: parallel {:?}, parent {own:#x}",
-                        k + 1,
-                        results.get(k)
-                    );
-                    ok = false;
-                }
+            let expected = own_checksums.iter().map(|&own| Some(own));
+            if !checksums(&warm.outcomes, shares, &mut ok)
+                .into_iter()
+                .eq(expected)
+            {
+                println!("scan: round {round}: a child's checksum differs from the parent's");
+                ok = false;
             }
         }
     }

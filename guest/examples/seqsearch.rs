@@ -49,8 +49,8 @@ use snowflock_guest::rand::{SplitMix64, mix};
 use snowflock_guest::rt::heap_capacity;
 use snowflock_guest::time::{Millis, now_ns};
 use snowflock_guest::{
-    CheckpointOutcome, Fork, Ticket, checkpoint_parent, clone, create_clones, exit, join, println,
-    request_ticket,
+    CheckpointOutcome, ChildOutcome, Fork, checkpoint_parent, clone, create_clones, exit, join,
+    println, request_ticket, rounds,
 };
 
 snowflock_guest::entry!(main);
@@ -273,11 +273,10 @@ fn search_shard(
     (r, found_origin)
 }
 
-/// Each child's result of a joined `ticket`, in child order (`None` for a
-/// child that failed, which is reported); clears `ok` unless every one of
-/// the `shards` children answered.
-fn joined_results(ticket: &Ticket, shards: usize, ok: &mut bool) -> Vec<Option<ShardResult>> {
-    let outcomes = join(ticket).expect("join");
+/// Each child's result in `outcomes`, in child order (`None` for a child
+/// that failed, which is reported); clears `ok` unless every one of the
+/// `shards` children answered.
+fn results(outcomes: &[ChildOutcome], shards: usize, ok: &mut bool) -> Vec<Option<ShardResult>> {
     *ok &= outcomes.len() == shards;
     outcomes
         .iter()
@@ -407,7 +406,7 @@ fn main() -> i32 {
     let parallel: Vec<Option<ShardResult>> = if ticket.granted() == 0 {
         alloc::vec![Some(search_shard(&index, &reads, &truth, 0, queries).0)]
     } else {
-        joined_results(&ticket, shards, &mut ok)
+        results(&join(&ticket).expect("join"), shards, &mut ok)
     };
     let t_joined = now_ns();
     println!("seqsearch: clone_ms={}", Millis(t_cloned - t_clone));
@@ -434,34 +433,26 @@ fn main() -> i32 {
     println!("seqsearch: serial_ms={}", Millis(now_ns() - t_joined));
     if let Some(checkpoint) = &checkpoint {
         for round in 2..=rounds {
-            let again = request_ticket(clones).expect("request_ticket");
-            if again.granted() as usize != shards {
-                println!(
-                    "seqsearch: round {round} was granted {} clones, not the {shards} of the first",
-                    again.granted()
-                );
-                ok = false;
-                break;
-            }
-            let t_round = now_ns();
-            create_clones(checkpoint, &again).expect("create_clones");
-            let t_created = now_ns();
-            let results = joined_results(&again, shards, &mut ok);
-            let t_round_joined = now_ns();
+            let warm = match rounds::again(checkpoint, clones, shards as u32) {
+                Ok(warm) => warm,
+                Err(e) => {
+                    println!("seqsearch: round {round}: {e}");
+                    ok = false;
+                    break;
+                }
+            };
             println!(
                 "seqsearch: round={round} warm_clone_ms={} warm_join_ms={}",
-                Millis(t_created - t_round),
-                Millis(t_round_joined - t_created)
+                Millis(warm.create_ns),
+                Millis(warm.join_ns)
             );
-            for (j, serial) in serial_results.iter().enumerate() {
-                if results.get(j).copied().flatten() != Some(*serial) {
-                    println!(
-                        "seqsearch: round {round}: shard {} differs: parallel {:?}, serial {serial:?}",
-                        j + 1,
-                        results.get(j)
-                    );
-                    ok = false;
-                }
+            let expected = serial_results.iter().map(|&serial| Some(serial));
+            if !results(&warm.outcomes, shards, &mut ok)
+                .into_iter()
+                .eq(expected)
+            {
+                println!("seqsearch: round {round}: a shard differs from the serial pass");
+                ok = false;
             }
         }
     }
