@@ -160,6 +160,15 @@ pub struct Limits {
     /// the kernel's policy allows, the default) or `"base"` (4 KiB).
     #[serde(default = "default_host_pages")]
     pub host_pages: HostPages,
+    /// MiB of pages this host keeps in the page caches of clone points none
+    /// of whose clones run here any more, for the next clones from the same
+    /// checkpoint; past it the cache idle longest goes. 0 keeps none.
+    #[serde(default = "default_idle_cache_mib")]
+    pub idle_cache_mib: u64,
+    /// Whether a hollow clone's view of the pages already in its host page
+    /// cache is mapped (read-only) in the background as it starts.
+    #[serde(default = "default_true")]
+    pub populate_hollow: bool,
 }
 
 fn default_clone_slots() -> u32 {
@@ -194,6 +203,10 @@ fn default_peer_timeout_ms() -> u64 {
 fn default_host_pages() -> HostPages {
     HostPages::Huge
 }
+/// Two 512 MiB clone points kept whole.
+fn default_idle_cache_mib() -> u64 {
+    1024
+}
 
 impl Default for Limits {
     fn default() -> Self {
@@ -206,6 +219,8 @@ impl Default for Limits {
             peer_timeout_ms: default_peer_timeout_ms(),
             populate: PopulateMode::default(),
             host_pages: default_host_pages(),
+            idle_cache_mib: default_idle_cache_mib(),
+            populate_hollow: true,
         }
     }
 }
@@ -473,6 +488,10 @@ impl Limits {
 
     pub fn peer_timeout(&self) -> Duration {
         Duration::from_millis(self.peer_timeout_ms)
+    }
+
+    pub fn idle_cache_bytes(&self) -> u64 {
+        self.idle_cache_mib.saturating_mul(1 << 20)
     }
 }
 

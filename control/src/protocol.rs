@@ -140,6 +140,9 @@ pub struct FamilyEntry {
     pub family: u64,
     pub parent_host: String,
     pub stats: FamilyStats,
+    /// No clone of it runs on the host: its cache is kept for the next ones.
+    #[serde(default)]
+    pub idle: bool,
 }
 
 /// What a parent host tells the host that runs some of its clones.
@@ -181,6 +184,11 @@ pub enum HostRequest {
     /// End any VM on that host (operator request).
     KillVm {
         vm: u64,
+    },
+    /// The parent host no longer serves clone point `family` (its last
+    /// clone ended and no checkpoint keeps it): its page cache can go.
+    EndFamily {
+        family: u64,
     },
     Ps,
     Stats,

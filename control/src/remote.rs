@@ -62,6 +62,8 @@ pub trait Cluster: Send + Sync {
     /// Serves `image` to other hosts under `family` until a matching
     /// [`Cluster::retire_image`]; calls nest.
     fn serve_image(&self, family: u64, image: Arc<MemoryImage>);
+    /// Ends one [`Cluster::serve_image`]; after the last, the hosts that
+    /// ran clones of `family` are told it ended (their page caches go).
     fn retire_image(&self, family: u64);
     /// Starts clones in a reservation. Returns at once; every child in
     /// `launch` ends through its handle, also when its host is lost.
@@ -146,6 +148,9 @@ pub struct HollowStart {
     pub family: Arc<Family>,
     /// Skip fetching zero and free-heap pages (and fresh ones later).
     pub avoidance: bool,
+    /// Map the clone's view of the pages already in the host cache in the
+    /// background as it starts.
+    pub populate: bool,
     pub child: u32,
     pub checkpoint: u64,
     /// A copy made from outside (see [`RemoteLaunch::external`]).

@@ -411,6 +411,7 @@ fn serve(server: &McastServer, family: u64, group: Ipv4Addr, pages: u64) -> Fami
         group,
         server: server.local_addr(),
         pages,
+        holding: false,
     }
 }
 
@@ -670,6 +671,7 @@ fn serve_pushing(
         group,
         server: server.local_addr(),
         pages,
+        holding: false,
     }
 }
 
@@ -1069,6 +1071,7 @@ fn rejected_pages_fail_the_sink_with_the_reason() {
         &receiver,
         FamilyJoin {
             pages: 2 * PAGES,
+            holding: false,
             ..family
         },
     );

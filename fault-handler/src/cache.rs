@@ -65,6 +65,9 @@ pub struct PageCache {
     pages: u64,
     claimed: Box<[AtomicU64]>,
     present: Box<[AtomicU64]>,
+    /// Pages this host asked the parent's server for (any clone, any
+    /// time): a present page without the bit arrived unasked (pushed).
+    requested: Box<[AtomicU64]>,
     resident: AtomicU64,
 }
 
@@ -96,6 +99,7 @@ impl PageCache {
             pages,
             claimed: words(),
             present: words(),
+            requested: words(),
             resident: AtomicU64::new(0),
         })
     }
@@ -207,6 +211,56 @@ impl PageCache {
     pub fn resident_pages(&self) -> u64 {
         self.resident.load(Ordering::Relaxed)
     }
+
+    /// Notes that this host asked for `pages` (called before the request
+    /// goes out, so a page that arrives for it is never taken as pushed).
+    pub fn mark_requested(&self, pages: &[u64]) {
+        for &page in pages.iter().filter(|&&p| p < self.pages) {
+            let (word, mask) = bit(page);
+            self.requested[word].fetch_or(mask, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether page `page` is stored and arrived without this host asking
+    /// for it.
+    pub fn arrived_unrequested(&self, page: u64) -> bool {
+        if !self.contains(page) {
+            return false;
+        }
+        let (word, mask) = bit(page);
+        self.requested[word].load(Ordering::Relaxed) & mask == 0
+    }
+
+    /// Pages stored that arrived without this host asking for them.
+    pub fn unrequested_pages(&self) -> u64 {
+        self.present
+            .iter()
+            .zip(&self.requested)
+            .map(|(present, requested)| {
+                let present = present.load(Ordering::Acquire);
+                (present & !requested.load(Ordering::Relaxed)).count_ones() as u64
+            })
+            .sum()
+    }
+
+    /// The stored pages as runs `(first page, count)` in address order: a
+    /// page in a run stays stored for the cache's life, so mapping these
+    /// into a clone's view never touches a hole.
+    pub fn present_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (w, word) in self.present.iter().enumerate() {
+            let mut bits = word.load(Ordering::Acquire);
+            while bits != 0 {
+                let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                match runs.last_mut() {
+                    Some((first, count)) if *first + *count == page => *count += 1,
+                    _ => runs.push((page, 1)),
+                }
+            }
+        }
+        runs
+    }
 }
 
 #[cfg(test)]
@@ -287,6 +341,25 @@ mod tests {
             Err(InsertError::BadLength { page: 2, .. })
         ));
         assert!(!cache.contains(2));
+    }
+
+    #[test]
+    fn present_runs_and_unrequested_pages() {
+        let cache = PageCache::new(1, 200 * PAGE_SIZE).unwrap();
+        let page = vec![1u8; PAGE_SIZE as usize];
+        cache.mark_requested(&[3, 64, 500]);
+        for p in [3, 4, 5, 63, 64, 65, 130] {
+            assert_eq!(store(&cache, p, &[&page]), Ok(true));
+        }
+        assert_eq!(
+            cache.present_runs(),
+            vec![(3, 3), (63, 3), (130, 1)],
+            "runs cross word boundaries"
+        );
+        assert!(!cache.arrived_unrequested(3));
+        assert!(cache.arrived_unrequested(4));
+        assert!(!cache.arrived_unrequested(6), "not stored");
+        assert_eq!(cache.unrequested_pages(), 5);
     }
 
     #[test]

@@ -117,6 +117,7 @@ mod avoid;
 mod cache;
 pub mod ceiling;
 mod handler;
+mod pagemap;
 mod ring;
 mod stats;
 mod sync;

@@ -71,6 +71,15 @@ pub struct CloneStats {
     pub latency: LatencySummary,
     /// Only the faults that waited for the network.
     pub fetch_latency: LatencySummary,
+    /// Pages that arrived in the host cache without this host asking for
+    /// them (pushed, or multicast for another host) and that this clone
+    /// then touched, counted when it ends (see
+    /// [`FaultHandler::close`](crate::FaultHandler::close)).
+    #[serde(default)]
+    pub pages_pushed_used: u64,
+    /// Pages of the host cache mapped into this clone's view as it started.
+    #[serde(default)]
+    pub pages_populated: u64,
 }
 
 /// Counters of a clone point's page cache on one host.
@@ -83,6 +92,10 @@ pub struct FamilyStats {
     pub bytes_received: u64,
     /// Pages held in the host page cache.
     pub resident_pages: u64,
+    /// Of those, pages that arrived without this host asking for them:
+    /// pushed by the parent's host, or multicast for another host.
+    #[serde(default)]
+    pub pages_pushed: u64,
     /// Pages requested and not yet delivered.
     pub outstanding: u64,
     /// Clones registered on it now.
@@ -125,6 +138,8 @@ pub(crate) struct LiveStats {
     zero: AtomicU64,
     free_heap: AtomicU64,
     fresh: AtomicU64,
+    pushed_used: AtomicU64,
+    populated: AtomicU64,
     latency: Mutex<(Histogram<u64>, Histogram<u64>)>,
 }
 
@@ -138,6 +153,8 @@ impl LiveStats {
             zero: AtomicU64::new(0),
             free_heap: AtomicU64::new(0),
             fresh: AtomicU64::new(0),
+            pushed_used: AtomicU64::new(0),
+            populated: AtomicU64::new(0),
             latency: Mutex::new((new_histogram(), new_histogram())),
         }
     }
@@ -159,6 +176,14 @@ impl LiveStats {
         self.zero.fetch_add(pages.zero, Ordering::Relaxed);
         self.free_heap.fetch_add(pages.free_heap, Ordering::Relaxed);
         self.fresh.fetch_add(pages.fresh, Ordering::Relaxed);
+    }
+
+    pub(crate) fn pushed_used(&self, pages: u64) {
+        self.pushed_used.store(pages, Ordering::Relaxed);
+    }
+
+    pub(crate) fn populated(&self, pages: u64) {
+        self.populated.fetch_add(pages, Ordering::Relaxed);
     }
 
     /// Records a served fault; `fetched` when it waited for the network.
@@ -188,6 +213,8 @@ impl LiveStats {
             },
             latency: summary(&h.0),
             fetch_latency: summary(&h.1),
+            pages_pushed_used: self.pushed_used.load(Ordering::Relaxed),
+            pages_populated: self.populated.load(Ordering::Relaxed),
         }
     }
 }

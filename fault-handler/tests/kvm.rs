@@ -19,6 +19,7 @@ use snowflock_fault_handler::{
 };
 use snowflock_vmm::machine::{MachineConfig, PreparedVm, Request};
 use snowflock_vmm::memory::{HostPages, MemoryImage};
+use snowflock_vmm::populate::{PopulateAccess, Populated};
 use snowflock_vmm::{KvmHypervisor, Machine, MachineError, Stop, VcpuKicker};
 
 const MEM: u64 = 64 << 20;
@@ -175,19 +176,25 @@ fn image_family(image: Arc<MemoryImage>, config: FetchConfig) -> (Arc<Family>, A
     std::thread::spawn(move || {
         while let Ok(pages) = rx.recv() {
             let Some(family) = weak.upgrade() else { return };
-            let data: Vec<(u64, Vec<u8>)> = pages
-                .iter()
-                .map(|&p| {
-                    let mut buf = vec![0u8; PAGE_SIZE as usize];
-                    image.read(p * PAGE_SIZE, &mut buf).unwrap();
-                    (p, buf)
-                })
-                .collect();
-            let batch: Vec<(u64, &[u8])> = data.iter().map(|(p, d)| (*p, d.as_slice())).collect();
-            family.deliver_batch(&batch);
+            deliver_from_image(&family, &image, &pages);
         }
     });
     (family, server)
+}
+
+/// Reads `pages` from `image` and delivers them to `family`, as the
+/// parent's memory server would.
+fn deliver_from_image(family: &Family, image: &MemoryImage, pages: &[u64]) {
+    let data: Vec<(u64, Vec<u8>)> = pages
+        .iter()
+        .map(|&p| {
+            let mut buf = vec![0u8; PAGE_SIZE as usize];
+            image.read(p * PAGE_SIZE, &mut buf).unwrap();
+            (p, buf)
+        })
+        .collect();
+    let batch: Vec<(u64, &[u8])> = data.iter().map(|(p, d)| (*p, d.as_slice())).collect();
+    family.deliver_batch(&batch);
 }
 
 /// Runs `machine` on a thread of its own; kicks it out after [`BOUND`].
@@ -376,6 +383,136 @@ fn a_kvm_clone_whose_pages_stop_coming_is_released() {
     assert_eq!(*failures.lock().unwrap(), [failure]);
     assert!(!matches!(stop, Ok(Stop::Exited(_))), "{stop:?}");
     eprintln!("failed KVM clone stopped with {stop:?}");
+    drop(handler);
+    drop(clone);
+}
+
+/// A clone point whose family has pages in its cache that nobody asked
+/// for, as a push would leave them.
+struct PushedFamily {
+    _parent: Machine,
+    snapshot: snowflock_vmm::machine::MachineSnapshot,
+    family: Arc<Family>,
+    server: Arc<ImageServer>,
+    /// The pages pushed: the first 64 pattern pages and the 32 untouched
+    /// pages the guest reads, then 32 pages nobody touches, in 16-page
+    /// windows of their own (the kernel maps up to 16 cached neighbours of
+    /// a faulting page along with it, 64 KiB fault-around).
+    pushed: Vec<u64>,
+    /// How many of them the clone reads.
+    read: u64,
+}
+
+fn pushed_family(hv: &KvmHypervisor) -> PushedFamily {
+    let (parent, snapshot, image) = parent_at_clone_point(hv);
+    let config = FetchConfig {
+        fetch_timeout: Duration::from_secs(5),
+        prefetch_pages: 0,
+        fault_around_pages: 0,
+    };
+    let (family, server) = image_family(image.clone(), config);
+    let untouched = UNTOUCHED / PAGE_SIZE;
+    let mut pushed: Vec<u64> = (0..64).map(|p| PATTERN / PAGE_SIZE + p).collect();
+    pushed.extend((0..32).map(|k| untouched + 5 * k));
+    let read = pushed.len() as u64;
+    pushed.extend(untouched + 192..untouched + 224);
+    deliver_from_image(&family, &image, &pushed);
+    PushedFamily {
+        _parent: parent,
+        snapshot,
+        family,
+        server,
+        pushed,
+        read,
+    }
+}
+
+/// Bytes the kernel allocated for `family`'s cache memfd.
+fn cache_bytes(family: &Family) -> u64 {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let fd = family.cache().memfd().as_raw_fd();
+    std::fs::metadata(format!("/proc/self/fd/{fd}"))
+        .unwrap()
+        .blocks()
+        * 512
+}
+
+#[test]
+fn pushed_pages_a_kvm_clone_touches_are_counted_as_used() {
+    let hv = KvmHypervisor::open().expect("KVM must be available for this test");
+    let PushedFamily {
+        snapshot,
+        family,
+        server,
+        pushed,
+        read,
+        ..
+    } = pushed_family(&hv);
+    assert_eq!(family.stats().pages_pushed, pushed.len() as u64);
+    let (clone, handler, failures) = hollow_clone(&hv, &snapshot, &family);
+    let (clone, stop) = run_bounded(clone);
+    assert_eq!(stop.unwrap(), Stop::Exited(expected_sum()));
+    assert!(failures.lock().unwrap().is_empty());
+    assert!(
+        server
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|p| !pushed.contains(p)),
+        "a pushed page was requested"
+    );
+    handler.close();
+    let stats = handler.stats();
+    assert_eq!(stats.pages_pushed_used, read, "{stats:?}");
+    assert_eq!(stats.pages_populated, 0);
+    let pushed_after = family.stats().pages_pushed;
+    assert_eq!(
+        pushed_after,
+        pushed.len() as u64,
+        "fetched pages are no pushes"
+    );
+    drop(handler);
+    drop(clone);
+}
+
+#[test]
+fn populating_a_kvm_clone_maps_cached_pages_only() {
+    let hv = KvmHypervisor::open().expect("KVM must be available for this test");
+    let PushedFamily {
+        snapshot,
+        family,
+        pushed,
+        ..
+    } = pushed_family(&hv);
+    let allocated = cache_bytes(&family);
+    assert_eq!(allocated, pushed.len() as u64 * PAGE_SIZE);
+    let (clone, handler, failures) = hollow_clone(&hv, &snapshot, &family);
+    let populator = clone.memory().populator().expect("a hollow view populates");
+    assert!(populator.data_runs().is_err(), "a hollow view has no image");
+    let runs = family.cache().present_runs();
+    assert_eq!(runs.iter().map(|r| r.1).sum::<u64>(), pushed.len() as u64);
+    for &(first, count) in &runs {
+        handler.mark_populated(first, count);
+        assert_eq!(
+            populator
+                .populate(first, count, PopulateAccess::Read)
+                .unwrap(),
+            Populated::Mapped
+        );
+    }
+    // No hole was touched: the cache allocated nothing, and no fault came.
+    assert_eq!(cache_bytes(&family), allocated);
+    assert_eq!(handler.stats().faults, 0);
+    let (clone, stop) = run_bounded(clone);
+    assert_eq!(stop.unwrap(), Stop::Exited(expected_sum()));
+    assert!(failures.lock().unwrap().is_empty());
+    handler.close();
+    let stats = handler.stats();
+    assert_eq!(stats.pages_populated, pushed.len() as u64, "{stats:?}");
+    // Populated pages the clone only read cannot be told from untouched ones.
+    assert_eq!(stats.pages_pushed_used, 0, "{stats:?}");
     drop(handler);
     drop(clone);
 }

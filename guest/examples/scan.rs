@@ -5,12 +5,13 @@
 //!
 //! Args `state_mib` (default 48), `write_every` (default 8: one page in
 //! eight of each share is written; 1 = every page, 0 = read only), `clones`
-//! (default 2), `seed` (default 1), `own_memory` (default 1 when the
-//! children write, 0 when they only read: the ticket tells the VMM that the
-//! children write their state, `abi::ticket::CHILDREN_WRITE`, so those on
-//! the parent's host start on memory of their own). The state is split into
-//! `m` contiguous shares of whole pages, one per granted clone; child k
-//! checksums share k and exits with the checksum.
+//! (default 2), `seed` (default 1), `rounds` (default 1), `own_memory`
+//! (default 1 when the children write, 0 when they only read: the ticket
+//! tells the VMM that the children write their state,
+//! `abi::ticket::CHILDREN_WRITE`, so those on the parent's host start on
+//! memory of their own). The state is split into `m` contiguous shares of
+//! whole pages, one per granted clone; child k checksums share k and exits
+//! with the checksum.
 //!
 //! Once the ticket says how many shares there are, and before the clone
 //! point, the parent does every share itself, timing each: its memory is
@@ -24,9 +25,15 @@
 //! against its own. With no clone granted the parent does the one share
 //! itself first.
 //!
+//! With `rounds=2` or more the parent takes a checkpoint instead of cloning
+//! and starts the clones from it once per round (`create_clones`), joining
+//! and checking each round against the check pass: later rounds find the
+//! state where earlier rounds left it (a warm run of the same job).
+//!
 //! Prints `scan: build_ms=..`, one `scan: share=k resident_ms=..` per share,
 //! `scan: resident_max_ms=.. resident_sum_ms=..`, `scan: clone_ms=..`,
-//! `scan: join_ms=..`, `scan: check_ms=..` (the check pass), then
+//! `scan: join_ms=..`, `scan: check_ms=..` (the check pass), per later
+//! round `scan: round=.. warm_clone_ms=.. warm_join_ms=..`, then
 //! `scan: state_mib=.. write_every=.. clones=.. granted=.. checksum=..
 //! check=ok`. Exit 0 iff every share matches and no child failed; 1 on a
 //! mismatch or failed child, 2 on bad arguments, 3 when the VM has too
@@ -43,7 +50,10 @@ use snowflock_guest::args::{arg_u32, arg_u64};
 use snowflock_guest::rand::{SplitMix64, mix};
 use snowflock_guest::rt::heap_capacity;
 use snowflock_guest::time::{Millis, now_ns};
-use snowflock_guest::{Fork, clone, exit, join, println, request_ticket_with};
+use snowflock_guest::{
+    CheckpointOutcome, ChildOutcome, Fork, checkpoint_parent, clone, create_clones, exit, join,
+    println, request_ticket_with, rounds,
+};
 
 snowflock_guest::entry!(main);
 
@@ -76,6 +86,23 @@ fn scan_share(state: &mut [u64], lo: usize, hi: usize, write_every: usize) -> u6
     sum
 }
 
+/// Each child's checksum in `outcomes`, in child order (`None` for a
+/// child that failed, which is reported); clears `ok` unless every one of
+/// the `shares` children answered.
+fn checksums(outcomes: &[ChildOutcome], shares: usize, ok: &mut bool) -> Vec<Option<u64>> {
+    *ok &= outcomes.len() == shares;
+    outcomes
+        .iter()
+        .map(|child| match &child.result {
+            Ok(r) => r.as_slice().try_into().ok().map(u64::from_le_bytes),
+            Err(failure) => {
+                println!("scan: child {}: {failure}", child.id);
+                None
+            }
+        })
+        .collect()
+}
+
 /// Pages `[lo, hi)` of share `k` (1-based) of `shares` over `pages` pages.
 fn share_range(pages: usize, shares: usize, k: usize) -> (usize, usize) {
     (pages * (k - 1) / shares, pages * k / shares)
@@ -86,7 +113,17 @@ fn main() -> i32 {
     let write_every = arg_u64("write_every", 8) as usize;
     let clones = arg_u32("clones", 2);
     let seed = arg_u64("seed", 1);
+    let rounds = arg_u32("rounds", 1);
     let own_memory = arg_u32("own_memory", u32::from(write_every != 0)) != 0;
+    let flags = if own_memory {
+        ticket::CHILDREN_WRITE
+    } else {
+        0
+    };
+    if rounds == 0 {
+        println!("scan: rounds must be at least 1");
+        return 2;
+    }
     if !(1..=65_536).contains(&state_mib) {
         println!("scan: state_mib must be in 1..=65536");
         return 2;
@@ -113,11 +150,6 @@ fn main() -> i32 {
     let t_built = now_ns();
     println!("scan: build_ms={}", Millis(t_built - t_start));
 
-    let flags = if own_memory {
-        ticket::CHILDREN_WRITE
-    } else {
-        0
-    };
     let ticket = request_ticket_with(clones, flags).expect("request_ticket");
     let shares = (ticket.granted() as usize).max(1);
 
@@ -144,27 +176,31 @@ fn main() -> i32 {
     );
 
     let t_clone = now_ns();
-    if let Fork::Child(id) = clone(&ticket).expect("clone") {
-        let (lo, hi) = share_range(pages, shares, id as usize);
-        exit(&scan_share(state, lo, hi, write_every).to_le_bytes());
-    }
+    // Later rounds start from the same clone point, so it is a checkpoint.
+    let checkpoint = if rounds > 1 && ticket.granted() > 0 {
+        match checkpoint_parent().expect("checkpoint_parent") {
+            CheckpointOutcome::Child { id, .. } => {
+                let (lo, hi) = share_range(pages, shares, id as usize);
+                exit(&scan_share(state, lo, hi, write_every).to_le_bytes());
+            }
+            CheckpointOutcome::Parent(checkpoint) => {
+                create_clones(&checkpoint, &ticket).expect("create_clones");
+                Some(checkpoint)
+            }
+        }
+    } else {
+        if let Fork::Child(id) = clone(&ticket).expect("clone") {
+            let (lo, hi) = share_range(pages, shares, id as usize);
+            exit(&scan_share(state, lo, hi, write_every).to_le_bytes());
+        }
+        None
+    };
     let t_cloned = now_ns();
     let mut ok = true;
     let parallel: Vec<Option<u64>> = if ticket.granted() == 0 {
         alloc::vec![Some(scan_share(state, 0, pages, write_every))]
     } else {
-        let outcomes = join(&ticket).expect("join");
-        ok &= outcomes.len() == shares;
-        outcomes
-            .iter()
-            .map(|child| match &child.result {
-                Ok(r) => r.as_slice().try_into().ok().map(u64::from_le_bytes),
-                Err(failure) => {
-                    println!("scan: child {}: {failure}", child.id);
-                    None
-                }
-            })
-            .collect()
+        checksums(&join(&ticket).expect("join"), shares, &mut ok)
     };
     let t_joined = now_ns();
     println!("scan: clone_ms={}", Millis(t_cloned - t_clone));
@@ -174,6 +210,7 @@ fn main() -> i32 {
     // no resident figure: the clone point moved this VM onto a fresh
     // copy-on-write view, so this pass first-touches every page again.
     let mut checksum = 0;
+    let mut own_checksums = Vec::with_capacity(shares);
     for k in 1..=shares {
         let (lo, hi) = share_range(pages, shares, k);
         let own = scan_share(state, lo, hi, write_every);
@@ -185,8 +222,34 @@ fn main() -> i32 {
             );
             ok = false;
         }
+        own_checksums.push(own);
     }
     println!("scan: check_ms={}", Millis(now_ns() - t_joined));
+    if let Some(checkpoint) = &checkpoint {
+        for round in 2..=rounds {
+            let warm = match rounds::again(checkpoint, clones, shares as u32, flags) {
+                Ok(warm) => warm,
+                Err(e) => {
+                    println!("scan: round {round}: {e}");
+                    ok = false;
+                    break;
+                }
+            };
+            println!(
+                "scan: round={round} warm_clone_ms={} warm_join_ms={}",
+                Millis(warm.create_ns),
+                Millis(warm.join_ns)
+            );
+            let expected = own_checksums.iter().map(|&own| Some(own));
+            if !checksums(&warm.outcomes, shares, &mut ok)
+                .into_iter()
+                .eq(expected)
+            {
+                println!("scan: round {round}: a child's checksum differs from the parent's");
+                ok = false;
+            }
+        }
+    }
     println!(
         "scan: state_mib={state_mib} write_every={write_every} clones={clones} granted={} checksum={checksum:#018x} check={}",
         ticket.granted(),

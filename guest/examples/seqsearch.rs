@@ -3,7 +3,8 @@
 //! searches its shard of the reads against the state it inherited.
 //!
 //! Args `ref_mib` (default 256), `queries` (default 200_000), `clones`
-//! (default 8), `seed` (default 1), `resident` (default 0). Reads are 100
+//! (default 8), `seed` (default 1), `resident` (default 0), `rounds`
+//! (default 1). Reads are 100
 //! bases: 90% copied from random reference positions with 0-4 substitutions,
 //! 10% random. A read's hit is its best match with Hamming distance <= 8,
 //! found by looking up 12-mer seeds (the index samples every 8th reference
@@ -22,9 +23,16 @@
 //! first-touches the state again, as a clone does, and `serial_ms` includes
 //! those faults.
 //!
+//! With `rounds=2` or more the parent takes a checkpoint instead of cloning
+//! and starts the job's clones from it (`create_clones`) once per round,
+//! joining and checking each round against the check pass: the first round
+//! finds the state on no clone host, later rounds find it where earlier
+//! rounds left it (a warm run of the same job from the same checkpoint).
+//!
 //! Prints timing lines (`seqsearch: build_ms=..`, with `resident=1`
 //! `resident_max_ms=.. resident_sum_ms=..`, then `clone_ms=..`, `join_ms=..`,
-//! `serial_ms=..`: the check pass), then `seqsearch: ref_mib=.. queries=..
+//! `serial_ms=..`: the check pass; per later round `round=.. warm_clone_ms=..
+//! warm_join_ms=..`), then `seqsearch: ref_mib=.. queries=..
 //! clones=.. granted=.. hits=.. check=ok`. Exit 0 iff every shard matches and
 //! no child failed; 1 on a mismatch or failed child, 2 on bad arguments, 3
 //! when the VM has too little memory.
@@ -40,7 +48,10 @@ use snowflock_guest::args::{arg_u32, arg_u64};
 use snowflock_guest::rand::{SplitMix64, mix};
 use snowflock_guest::rt::heap_capacity;
 use snowflock_guest::time::{Millis, now_ns};
-use snowflock_guest::{Fork, clone, exit, join, println, request_ticket};
+use snowflock_guest::{
+    CheckpointOutcome, ChildOutcome, Fork, checkpoint_parent, clone, create_clones, exit, join,
+    println, request_ticket, rounds,
+};
 
 snowflock_guest::entry!(main);
 
@@ -262,6 +273,23 @@ fn search_shard(
     (r, found_origin)
 }
 
+/// Each child's result in `outcomes`, in child order (`None` for a child
+/// that failed, which is reported); clears `ok` unless every one of the
+/// `shards` children answered.
+fn results(outcomes: &[ChildOutcome], shards: usize, ok: &mut bool) -> Vec<Option<ShardResult>> {
+    *ok &= outcomes.len() == shards;
+    outcomes
+        .iter()
+        .map(|child| match &child.result {
+            Ok(r) => ShardResult::from_bytes(r),
+            Err(failure) => {
+                println!("seqsearch: child {}: {failure}", child.id);
+                None
+            }
+        })
+        .collect()
+}
+
 /// Query shard `j` (1-based) of `shards`.
 fn shard_range(queries: usize, shards: usize, j: usize) -> (usize, usize) {
     (queries * (j - 1) / shards, queries * j / shards)
@@ -273,6 +301,11 @@ fn main() -> i32 {
     let clones = arg_u32("clones", 8);
     let seed = arg_u64("seed", 1);
     let resident = arg_u64("resident", 0) != 0;
+    let rounds = arg_u32("rounds", 1);
+    if rounds == 0 {
+        println!("seqsearch: rounds must be at least 1");
+        return 2;
+    }
     if !(1..=4095).contains(&ref_mib) {
         println!("seqsearch: ref_mib must be in 1..=4095 (positions are 32-bit)");
         return 2;
@@ -349,27 +382,31 @@ fn main() -> i32 {
         );
     }
     let t_clone = now_ns();
-    if let Fork::Child(id) = clone(&ticket).expect("clone") {
-        let (lo, hi) = shard_range(queries, shards, id as usize);
-        exit(&search_shard(&index, &reads, &truth, lo, hi).0.to_bytes());
-    }
+    // Later rounds start from the same clone point, so it is a checkpoint.
+    let checkpoint = if rounds > 1 && ticket.granted() > 0 {
+        match checkpoint_parent().expect("checkpoint_parent") {
+            CheckpointOutcome::Child { id, .. } => {
+                let (lo, hi) = shard_range(queries, shards, id as usize);
+                exit(&search_shard(&index, &reads, &truth, lo, hi).0.to_bytes());
+            }
+            CheckpointOutcome::Parent(checkpoint) => {
+                create_clones(&checkpoint, &ticket).expect("create_clones");
+                Some(checkpoint)
+            }
+        }
+    } else {
+        if let Fork::Child(id) = clone(&ticket).expect("clone") {
+            let (lo, hi) = shard_range(queries, shards, id as usize);
+            exit(&search_shard(&index, &reads, &truth, lo, hi).0.to_bytes());
+        }
+        None
+    };
     let t_cloned = now_ns();
     let mut ok = true;
     let parallel: Vec<Option<ShardResult>> = if ticket.granted() == 0 {
         alloc::vec![Some(search_shard(&index, &reads, &truth, 0, queries).0)]
     } else {
-        let outcomes = join(&ticket).expect("join");
-        ok &= outcomes.len() == shards;
-        outcomes
-            .iter()
-            .map(|child| match &child.result {
-                Ok(r) => ShardResult::from_bytes(r),
-                Err(failure) => {
-                    println!("seqsearch: child {}: {failure}", child.id);
-                    None
-                }
-            })
-            .collect()
+        results(&join(&ticket).expect("join"), shards, &mut ok)
     };
     let t_joined = now_ns();
     println!("seqsearch: clone_ms={}", Millis(t_cloned - t_clone));
@@ -378,6 +415,7 @@ fn main() -> i32 {
     // Serial: the same shards, searched here without cloning, as the check.
     let mut hits = 0;
     let mut found_origin = 0;
+    let mut serial_results = Vec::with_capacity(shards);
     for j in 1..=shards {
         let (lo, hi) = shard_range(queries, shards, j);
         let (serial, found) = search_shard(&index, &reads, &truth, lo, hi);
@@ -390,8 +428,34 @@ fn main() -> i32 {
             );
             ok = false;
         }
+        serial_results.push(serial);
     }
     println!("seqsearch: serial_ms={}", Millis(now_ns() - t_joined));
+    if let Some(checkpoint) = &checkpoint {
+        for round in 2..=rounds {
+            let warm = match rounds::again(checkpoint, clones, shards as u32, 0) {
+                Ok(warm) => warm,
+                Err(e) => {
+                    println!("seqsearch: round {round}: {e}");
+                    ok = false;
+                    break;
+                }
+            };
+            println!(
+                "seqsearch: round={round} warm_clone_ms={} warm_join_ms={}",
+                Millis(warm.create_ns),
+                Millis(warm.join_ns)
+            );
+            let expected = serial_results.iter().map(|&serial| Some(serial));
+            if !results(&warm.outcomes, shards, &mut ok)
+                .into_iter()
+                .eq(expected)
+            {
+                println!("seqsearch: round {round}: a shard differs from the serial pass");
+                ok = false;
+            }
+        }
+    }
     let planted = truth.iter().filter(|&&t| t != u32::MAX).count();
     println!("seqsearch: planted={planted} found_at_origin={found_origin}");
     println!(

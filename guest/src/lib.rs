@@ -21,6 +21,7 @@ pub mod console;
 pub mod heap;
 pub mod hypercall;
 pub mod rand;
+pub mod rounds;
 pub mod time;
 
 #[cfg(feature = "rt")]

@@ -14,7 +14,10 @@
 //!
 //! Modes: `local` (clones of an in-process supervisor on this host) and
 //! `remote` (4 network-namespace hosts with real `sfd` daemons, jobs through
-//! h1's API, fault counters from the daemons). In remote mode each
+//! h1's API, fault counters from the daemons). Remote jobs run twice from
+//! one checkpoint (`rounds=2`): the first round is the cold job, the second
+//! the warm baseline, with every page its hosts fetched or were pushed
+//! still in their page caches (and mapped as its clones start). In remote mode each
 //! `--mechanisms` entry adds a cluster with that mechanism off; every run
 //! goes over the default cluster and each mechanism-off cluster in turn, so
 //! a mechanism's effect is a ratio of job times from the same run.
@@ -32,7 +35,7 @@ use snowflock_vmm::KvmHypervisor;
 use snowflock_vmm::memory::HostPages;
 
 use crate::record::Sink;
-use crate::remote::{Setup, collected_lines, emit, number, run_job, seqsearch_args, up};
+use crate::remote::{Setup, collected_lines, emit, number, run_job, up};
 use crate::sync::lock;
 
 pub const BENCH: &str = "job";
@@ -42,6 +45,11 @@ const HOSTS: usize = 4;
 const SLOTS: u32 = 8;
 /// Guest memory of a `seqsearch` VM.
 const SEQSEARCH_MEM: u64 = 512 << 20;
+/// `seqsearch`'s job: the 32 MiB reference of `clone-remote` (its ~100 MiB
+/// of state keeps a cold remote run within seconds), with 4x its queries, so
+/// that the resident serial job (~0.4 s) is long beside a clone's start and
+/// a warm round measures work rather than start-up.
+const SEQSEARCH_ARGS: &str = "ref_mib=32 queries=128000";
 /// Guest memory a `scan` VM gets beyond its state: image, allocator, stack.
 const SCAN_HEADROOM_MIB: u64 = 128;
 
@@ -111,6 +119,12 @@ pub enum Mechanism {
     /// `[mcdist] push = true` (the clone point's data pages multicast ahead of demand, and
     /// late joiners sent what their siblings asked for) against `false`.
     Push,
+    /// `[limits] populate_hollow = true` (a hollow clone's view of the pages already in
+    /// its host cache mapped as it starts) against `false`.
+    Populate,
+    /// `[limits] idle_cache_mib` (page caches kept after their clones ended, for the next
+    /// clones from the same checkpoint) against 0.
+    Linger,
 }
 
 impl Mechanism {
@@ -122,6 +136,8 @@ impl Mechanism {
             Self::Mcdist => "mcdist",
             Self::Xdp => "xdp",
             Self::Push => "push",
+            Self::Populate => "populate",
+            Self::Linger => "linger",
         }
     }
 
@@ -143,6 +159,11 @@ impl Mechanism {
                 vec![("rx_path", toml::Value::String("sockets".into()))],
             ),
             Self::Push => (vec![], vec![("push", toml::Value::Boolean(false))]),
+            Self::Populate => (
+                vec![("populate_hollow", toml::Value::Boolean(false))],
+                vec![],
+            ),
+            Self::Linger => (vec![("idle_cache_mib", toml::Value::Integer(0))], vec![]),
         }
     }
 }
@@ -166,17 +187,25 @@ impl Config {
         self.clones.as_deref().unwrap_or(mode.default_clones())
     }
 
-    /// The image's arguments and guest memory for `n` clones.
-    fn args(&self, job: Job, n: u32) -> (String, u64) {
+    /// The image's arguments and guest memory for `n` clones in `mode`
+    /// (remote jobs run a cold and a warm round).
+    fn args(&self, mode: Mode, job: Job, n: u32) -> (String, u64) {
+        let rounds = match mode {
+            Mode::Local => "",
+            Mode::Remote => " rounds=2",
+        };
         match job {
             Job::Scan => (
                 format!(
-                    "state_mib={} write_every={} clones={n}",
+                    "state_mib={} write_every={} clones={n}{rounds}",
                     self.state_mib, self.write_every
                 ),
                 (self.state_mib + SCAN_HEADROOM_MIB).next_multiple_of(2) << 20,
             ),
-            Job::Seqsearch => (format!("{} resident=1", seqsearch_args(n)), SEQSEARCH_MEM),
+            Job::Seqsearch => (
+                format!("{SEQSEARCH_ARGS} clones={n} resident=1{rounds}"),
+                SEQSEARCH_MEM,
+            ),
         }
     }
 }
@@ -193,7 +222,12 @@ struct Sample {
     /// The parent's check pass after the join (every share, first touches
     /// through its fresh copy-on-write view included).
     check_serial_ms: f64,
+    /// The second round from the same checkpoint (`create_clones` to
+    /// joined), when the job ran two.
+    warm_ms: Option<f64>,
     remote: Option<Counters>,
+    /// The daemons' counters over the warm round's clones.
+    warm_remote: Option<Counters>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -227,7 +261,11 @@ impl Sample {
             resident_ms: get("resident_max_ms")?,
             serial_ms: get("resident_sum_ms")?,
             check_serial_ms: get(job.check_key())?,
+            warm_ms: get("warm_clone_ms")
+                .and_then(|clone| Ok(clone + get("warm_join_ms")?))
+                .ok(),
             remote: None,
+            warm_remote: None,
         })
     }
 }
@@ -280,7 +318,7 @@ fn local_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
     for &job in &config.jobs {
         for &n in counts {
             eprintln!("{BENCH}: local {} {n} clones, run {run}", job.name());
-            let (args, mem) = config.args(job, n);
+            let (args, mem) = config.args(Mode::Local, job, n);
             let image = snowflock_guest::images::by_name(job.name())
                 .with_context(|| format!("no embedded image {}", job.name()))?;
             lock(&lines).clear();
@@ -355,13 +393,15 @@ fn snapshot(
 }
 
 fn remote_job(config: &Config, socket: &Path, job: Job, n: u32) -> Result<Sample> {
-    let (args, mem) = config.args(job, n);
+    let (args, mem) = config.args(Mode::Remote, job, n);
     let (before, served_before) = snapshot(socket)?;
     let seen: HashSet<(String, u64)> = before.into_iter().map(|(h, c)| (h, c.vm)).collect();
     let end = run_job(socket, job.name(), mem, &args)?;
-    let report = end.reports.first().context("no clone report")?;
-    if report.clones != n {
-        bail!("granted {} of {n} clones", report.clones);
+    let [cold, warm] = &end.reports[..] else {
+        bail!("{} clone reports, not one per round", end.reports.len());
+    };
+    if cold.clones != n || warm.clones != n {
+        bail!("granted {} and {} of {n} clones", cold.clones, warm.clones);
     }
     let (after, served_after) = snapshot(socket)?;
     let mut counters = Counters {
@@ -371,25 +411,53 @@ fn remote_job(config: &Config, socket: &Path, job: Job, n: u32) -> Result<Sample
             .saturating_sub(served_before.pushed_pages),
         ..Counters::default()
     };
-    for (_, entry) in after
+    let mut warm_counters = Counters::default();
+    // Per host, the first round's clones are the ones started first (lower
+    // VM ids): the second round starts after the first was joined.
+    let mut by_host: BTreeMap<String, Vec<snowflock_control::protocol::CloneStatsEntry>> =
+        BTreeMap::new();
+    for (host, entry) in after
         .into_iter()
         .filter(|(h, c)| !seen.contains(&(h.clone(), c.vm)))
     {
-        let s = entry.stats;
-        counters.remote_children += 1;
-        counters.faults += s.faults;
-        counters.waited_faults += s.fetch_latency.count;
-        counters.pages_fetched += s.pages_fetched;
-        counters.pages_prefetched += s.prefetched;
+        by_host.entry(host).or_default().push(entry);
+    }
+    for (host, mut entries) in by_host {
+        entries.sort_by_key(|e| e.vm);
+        let first_round = cold
+            .children
+            .iter()
+            .filter(|c| c.host.as_deref() == Some(host.as_str()))
+            .count();
+        for (i, entry) in entries.into_iter().enumerate() {
+            let target = if i < first_round {
+                &mut counters
+            } else {
+                &mut warm_counters
+            };
+            target.add(&entry.stats);
+        }
     }
     let mut sample = Sample::parse(job, &end.lines)?;
     sample.remote = Some(counters);
+    sample.warm_remote = Some(warm_counters);
     Ok(sample)
+}
+
+impl Counters {
+    /// Adds one remote clone's counters.
+    fn add(&mut self, s: &snowflock_fault_handler::CloneStats) {
+        self.remote_children += 1;
+        self.faults += s.faults;
+        self.waited_faults += s.fetch_latency.count;
+        self.pages_fetched += s.pages_fetched;
+        self.pages_prefetched += s.prefetched;
+    }
 }
 
 fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()> {
     for (&(mode, variant, job, n), list) in samples {
-        let (args, _) = config.args(job, n);
+        let (args, _) = config.args(mode, job, n);
         let mut params = Map::new();
         params.insert("mode".into(), json!(mode.name()));
         params.insert("job".into(), json!(job.name()));
@@ -419,6 +487,19 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
         ];
         for (metric, unit, values) in times {
             emit(sink, BENCH, metric, &values, unit, &params)?;
+        }
+        let warm: Vec<(f64, f64)> = list
+            .iter()
+            .filter_map(|s| s.warm_ms.map(|warm| (s.job_ms, warm)))
+            .collect();
+        if !warm.is_empty() {
+            let warm_ms: Vec<f64> = warm.iter().map(|&(_, warm)| warm).collect();
+            let cold_to_warm: Vec<f64> = warm
+                .iter()
+                .map(|&(cold, warm)| cold / warm.max(f64::MIN_POSITIVE))
+                .collect();
+            emit(sink, BENCH, "warm_ms", &warm_ms, "ms", &params)?;
+            emit(sink, BENCH, "cold_to_warm", &cold_to_warm, "ratio", &params)?;
         }
         let counters: Vec<&Counters> = list.iter().filter_map(|s| s.remote.as_ref()).collect();
         if counters.is_empty() {
@@ -471,6 +552,30 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
         for (metric, unit, values) in remote {
             emit(sink, BENCH, metric, &values, unit, &params)?;
         }
+        let warm: Vec<&Counters> = list.iter().filter_map(|s| s.warm_remote.as_ref()).collect();
+        if warm.is_empty() {
+            continue;
+        }
+        let warm_remote: [(&str, &str, Vec<f64>); 3] = [
+            (
+                "warm_faults_per_child",
+                "faults",
+                warm.iter().map(|c| per_child(c, c.faults)).collect(),
+            ),
+            (
+                "warm_waited_faults_per_child",
+                "faults",
+                warm.iter().map(|c| per_child(c, c.waited_faults)).collect(),
+            ),
+            (
+                "warm_pages_fetched",
+                "pages",
+                warm.iter().map(|c| c.pages_fetched as f64).collect(),
+            ),
+        ];
+        for (metric, unit, values) in warm_remote {
+            emit(sink, BENCH, metric, &values, unit, &params)?;
+        }
     }
     mechanism_ratios(config, samples, sink)
 }
@@ -497,6 +602,21 @@ fn mechanism_ratios(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> 
                 params.insert("clones".into(), json!(n));
                 params.insert("mechanism".into(), json!(mechanism.name()));
                 emit(sink, BENCH, "off_to_on_job_ms", &ratios, "ratio", &params)?;
+                let warm_ratios: Vec<f64> = on
+                    .iter()
+                    .zip(off)
+                    .filter_map(|(on, off)| Some(off.warm_ms? / on.warm_ms?.max(f64::MIN_POSITIVE)))
+                    .collect();
+                if !warm_ratios.is_empty() {
+                    emit(
+                        sink,
+                        BENCH,
+                        "off_to_on_warm_ms",
+                        &warm_ratios,
+                        "ratio",
+                        &params,
+                    )?;
+                }
             }
         }
     }
@@ -506,9 +626,10 @@ fn mechanism_ratios(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> 
 /// One point of the plot: (mode, job, metric, clones, median).
 type Point = (String, String, String, u32, f64);
 
-/// An SVG line plot of job time (solid) and the resident time (dashed)
-/// against the clone count, one panel per mode, from the `job` records of
-/// JSON lines `text` (the default variant only).
+/// An SVG line plot of job time (solid), the warm job's time (dotted, the
+/// same job again from the same checkpoint, remote mode) and the resident
+/// time (dashed) against the clone count, one panel per mode, from the `job`
+/// records of JSON lines `text` (the default variant only).
 pub fn plot(text: &str) -> Result<String> {
     let mut points: Vec<Point> = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -521,7 +642,7 @@ pub fn plot(text: &str) -> Result<String> {
         let metric = record["metric"].as_str().unwrap_or("");
         if record["bench"] != BENCH
             || p["variant"] != DEFAULT_VARIANT
-            || !matches!(metric, "job_ms" | "resident_ms")
+            || !matches!(metric, "job_ms" | "warm_ms" | "resident_ms")
         {
             continue;
         }
@@ -547,7 +668,9 @@ pub fn plot(text: &str) -> Result<String> {
     const LEFT: f64 = 70.0;
     const TOP: f64 = 40.0;
     const GAP: f64 = 90.0;
-    let width = LEFT + modes.len() as f64 * (PANEL_W + GAP);
+    // Room for the panels and for one legend row (three items).
+    const LEGEND_ITEM_W: f64 = 210.0;
+    let width = (LEFT + modes.len() as f64 * (PANEL_W + GAP)).max(LEFT + 3.0 * LEGEND_ITEM_W);
     let height = TOP + PANEL_H + 110.0;
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
@@ -600,7 +723,11 @@ pub fn plot(text: &str) -> Result<String> {
         );
         for (j, job) in jobs.iter().enumerate() {
             let color = colors[j % colors.len()];
-            for (metric, dash) in [("job_ms", ""), ("resident_ms", " stroke-dasharray=\"5 4\"")] {
+            for (metric, dash) in [
+                ("job_ms", ""),
+                ("warm_ms", " stroke-dasharray=\"1 3\""),
+                ("resident_ms", " stroke-dasharray=\"5 4\""),
+            ] {
                 let mut line: Vec<(u32, f64)> = here
                     .iter()
                     .filter(|p| &p.1 == job && p.2 == metric)
@@ -628,23 +755,30 @@ pub fn plot(text: &str) -> Result<String> {
             }
         }
     }
-    let legend_y = TOP + PANEL_H + 64.0;
     for (j, job) in jobs.iter().enumerate() {
         let color = colors[j % colors.len()];
-        let lx = LEFT + j as f64 * 330.0;
-        svg += &format!(
-            "<line x1=\"{lx}\" x2=\"{}\" y1=\"{legend_y}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\"/>\
-             <text x=\"{}\" y=\"{}\">{job}: cloned job</text>\n\
-             <line x1=\"{}\" x2=\"{}\" y1=\"{legend_y}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"5 4\"/>\
-             <text x=\"{}\" y=\"{}\">resident (slowest share)</text>\n",
-            lx + 24.0,
-            lx + 30.0,
-            legend_y + 4.0,
-            lx + 150.0,
-            lx + 174.0,
-            lx + 180.0,
-            legend_y + 4.0
-        );
+        let legend_y = TOP + PANEL_H + 64.0 + 18.0 * j as f64;
+        let items = [
+            ("", format!("{job}: cloned job")),
+            (
+                " stroke-dasharray=\"1 3\"",
+                "warm (same checkpoint again)".to_string(),
+            ),
+            (
+                " stroke-dasharray=\"5 4\"",
+                "resident (slowest share)".to_string(),
+            ),
+        ];
+        for (i, (dash, label)) in items.iter().enumerate() {
+            let lx = LEFT + i as f64 * LEGEND_ITEM_W;
+            svg += &format!(
+                "<line x1=\"{lx}\" x2=\"{}\" y1=\"{legend_y}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/>\
+                 <text x=\"{}\" y=\"{}\">{label}</text>\n",
+                lx + 24.0,
+                lx + 30.0,
+                legend_y + 4.0
+            );
+        }
     }
     svg += "</svg>\n";
     Ok(svg)
@@ -707,6 +841,12 @@ mod tests {
             times(Job::Seqsearch, &seqsearch),
             (602.0, 500.0, 990.0, 1400.0)
         );
+        let lines: Vec<String> = seqsearch.iter().map(|l| l.to_string()).collect();
+        assert_eq!(Sample::parse(Job::Seqsearch, &lines).unwrap().warm_ms, None);
+        let mut two_rounds = lines.clone();
+        two_rounds.push("seqsearch: round=2 warm_clone_ms=1.5 warm_join_ms=300.0".into());
+        let warm = Sample::parse(Job::Seqsearch, &two_rounds).unwrap().warm_ms;
+        assert_eq!(warm, Some(301.5));
     }
 
     #[test]
@@ -720,11 +860,15 @@ mod tests {
             p.insert("variant".into(), json!(DEFAULT_VARIANT));
             records.push(Record::new(BENCH, "job_ms", v, "ms", &p));
             records.push(Record::new(BENCH, "resident_ms", v / 2.0, "ms", &p));
+            if mode == "remote" {
+                records.push(Record::new(BENCH, "warm_ms", v / 3.0, "ms", &p));
+            }
         }
         let text: String = records.iter().map(|r| r.to_line() + "\n").collect();
         let svg = plot(&text).unwrap();
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
-        assert_eq!(svg.matches("<polyline").count(), 4);
+        assert_eq!(svg.matches("<polyline").count(), 5);
+        assert!(svg.contains("warm (same checkpoint again)"));
         assert!(svg.contains(">local<") && svg.contains(">remote<"));
         assert!(plot("").is_err());
     }

@@ -224,6 +224,7 @@ impl Cluster for LoopbackCluster {
                 descriptor: launch.descriptor.clone(),
                 family: family.clone(),
                 avoidance: true,
+                populate: false,
                 child: child.id(),
                 checkpoint: launch.checkpoint,
                 external: launch.external,

@@ -362,6 +362,7 @@ fn over_network(
                 group: GROUP,
                 server,
                 pages,
+                holding: false,
             },
             Arc::new(FamilySink(family.clone())),
         )

@@ -192,12 +192,14 @@ fn stats_table(hosts: &[HostStats]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<8} {:>5} {:<14} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8}",
+        "{:<8} {:>5} {:<14} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8}",
         "HOST",
         "VM",
         "LABEL",
         "FAULTS",
+        "WAITED",
         "FETCHED",
+        "PUSH-USED",
         "CACHE-HIT",
         "ZERO",
         "FREE",
@@ -212,14 +214,22 @@ fn stats_table(hosts: &[HostStats]) -> String {
         }
         for c in &host.clones {
             let s = &c.stats;
+            // Counted when the clone ends.
+            let push_used = if c.running {
+                "-".to_string()
+            } else {
+                s.pages_pushed_used.to_string()
+            };
             let _ = writeln!(
                 out,
-                "{:<8} {:>5} {:<14} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8}",
+                "{:<8} {:>5} {:<14} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8}",
                 host.host,
                 c.vm,
                 c.label,
                 s.faults,
+                s.fetch_latency.count,
                 s.pages_fetched,
+                push_used,
                 s.cache_hits,
                 s.avoided.zero,
                 s.avoided.free_heap,
@@ -232,20 +242,31 @@ fn stats_table(hosts: &[HostStats]) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14}",
-        "HOST", "SERVED-PAGES", "PUSHED-PAGES", "SERVED-BYTES", "FAMILIES", "CACHED-PAGES"
+        "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14} {:>14} {:>11}",
+        "HOST",
+        "SERVED-PAGES",
+        "PUSHED-PAGES",
+        "SERVED-BYTES",
+        "FAMILIES",
+        "CACHED-PAGES",
+        "PUSHED-CACHED",
+        "IDLE-CACHES"
     );
     for host in hosts.iter().filter(|h| h.error.is_none()) {
         let cached: u64 = host.families.iter().map(|f| f.stats.resident_pages).sum();
+        let pushed: u64 = host.families.iter().map(|f| f.stats.pages_pushed).sum();
+        let idle = host.families.iter().filter(|f| f.idle).count();
         let _ = writeln!(
             out,
-            "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14}",
+            "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14} {:>14} {:>11}",
             host.host,
             host.served_pages,
             host.pushed_pages,
             host.served_bytes,
             host.served_families,
-            cached
+            cached,
+            pushed,
+            idle
         );
     }
     out

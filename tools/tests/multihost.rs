@@ -280,3 +280,65 @@ fn sigterm_stops_the_daemons_vms_and_the_daemon_exits_cleanly() {
     assert!(!h1.socket.exists(), "the API socket was left behind");
     cluster.down().unwrap();
 }
+
+#[test]
+fn a_second_round_from_a_checkpoint_reuses_the_clone_hosts_caches_until_the_parent_ends() {
+    let (cluster, _dir) = cluster(3, 4, |_| {});
+    let h1 = cluster.host(0).unwrap().socket.clone();
+    let vm = start(
+        &h1,
+        "scan",
+        176 << 20,
+        "state_mib=16 write_every=8 clones=4 rounds=2",
+    );
+    let ended = wait(&h1, vm);
+    assert_eq!(ended.outcome, VmOutcome::Exited(0), "{:#?}", ended.lines);
+    assert_eq!(field(&ended.lines, "scan: state_mib", "check"), "ok");
+    assert!(
+        field(&ended.lines, "scan: round=2", "warm_join_ms")
+            .parse::<f64>()
+            .is_ok()
+    );
+    let [cold, warm] = &ended.reports[..] else {
+        panic!("one report per round: {:#?}", ended.reports);
+    };
+    assert_eq!((cold.clones, warm.clones), (4, 4));
+    // Per clone host, the first round's clones started first.
+    let hosts = stats(&h1);
+    let (mut cold_fetched, mut warm_fetched, mut warm_clones) = (0, 0, 0);
+    for host in &hosts {
+        let first_round = cold
+            .children
+            .iter()
+            .filter(|c| c.host.as_deref() == Some(host.host.as_str()))
+            .count();
+        let mut clones: Vec<_> = host.clones.iter().collect();
+        clones.sort_by_key(|c| c.vm);
+        for (i, c) in clones.into_iter().enumerate() {
+            if i < first_round {
+                cold_fetched += c.stats.pages_fetched;
+            } else {
+                warm_fetched += c.stats.pages_fetched;
+                warm_clones += 1;
+            }
+        }
+    }
+    assert!(warm_clones >= 2, "{hosts:#?}");
+    assert!(cold_fetched > 0, "{hosts:#?}");
+    // The second round found every page its hosts had fetched or been
+    // pushed for the first (each child reads the same share on the same host).
+    assert!(
+        warm_fetched * 20 <= cold_fetched,
+        "warm round fetched {warm_fetched} pages, cold {cold_fetched}: {hosts:#?}"
+    );
+    let reused = cluster.hosts()[1..].iter().any(|h| {
+        let log = std::fs::read_to_string(&h.log).unwrap();
+        log.contains("reusing an idle page cache")
+    });
+    assert!(reused, "no clone host reused its idle cache");
+    // The parent VM ended, and with it its checkpoint: every cache goes.
+    wait_for_stats(&h1, "the clone hosts dropping their caches", |hosts| {
+        hosts.iter().all(|h| h.families.is_empty())
+    });
+    cluster.down().unwrap();
+}

@@ -745,13 +745,15 @@ impl GuestMemory {
         }
     }
 
-    /// A handle that maps this VM's view of its image ahead of the guest,
-    /// from any thread, until the view is frozen again or the memory is
-    /// dropped; `None` unless the memory is a view of an image.
+    /// A handle that maps this VM's view of its image (or of its host page
+    /// cache, for hollow memory) ahead of the guest, from any thread, until
+    /// the view is frozen again or the memory is dropped; `None` for live
+    /// memory.
     pub fn populator(&self) -> Option<Populator> {
         match &self.backing {
-            Backing::Image(image) => Some(Populator::new(image.clone(), self.lease.clone())),
-            Backing::Live(_) | Backing::Hollow => None,
+            Backing::Image(image) => Some(Populator::new(Some(image.clone()), self.lease.clone())),
+            Backing::Hollow => Some(Populator::new(None, self.lease.clone())),
+            Backing::Live(_) => None,
         }
     }
 

@@ -41,6 +41,8 @@ use crate::sync::lock;
 pub enum PopulateError {
     #[error("finding the image's data pages failed")]
     DataPages(#[source] MemoryError),
+    #[error("a hollow view has no image: its data pages are those of its host page cache")]
+    Hollow,
     #[error("guest pages {first:#x}+{count:#x} are outside guest memory ({pages:#x} pages)")]
     OutOfRange { first: u64, count: u64, pages: u64 },
     #[error("populating guest pages {first:#x}+{count:#x} failed")]
@@ -103,17 +105,20 @@ pub enum Populated {
     Gone,
 }
 
-/// Populates one VM's view of the image it runs on. Holds the image, so
-/// it can be used on any thread while the VM runs, and the view's lease,
-/// so it stops doing anything once the view is gone.
+/// Populates one VM's view of the image (or, for a hollow clone, of the
+/// host page cache) it runs on. Holds the image, so it can be used on any
+/// thread while the VM runs, and the view's lease, so it stops doing
+/// anything once the view is gone.
 #[derive(Debug)]
 pub struct Populator {
-    image: Arc<MemoryImage>,
+    /// `None` for a hollow view: its caller knows which pages of the
+    /// cache hold data (only those may be populated, see the module doc).
+    image: Option<Arc<MemoryImage>>,
     lease: Arc<ViewLease>,
 }
 
 impl Populator {
-    pub(crate) fn new(image: Arc<MemoryImage>, lease: Arc<ViewLease>) -> Self {
+    pub(crate) fn new(image: Option<Arc<MemoryImage>>, lease: Arc<ViewLease>) -> Self {
         Self { image, lease }
     }
 
@@ -121,7 +126,8 @@ impl Populator {
     /// populating. Walks the image's memfds (milliseconds per GiB), so call
     /// it off the VM's critical path.
     pub fn data_runs(&self) -> Result<PageRuns, PopulateError> {
-        let data = self.image.data_pages().map_err(PopulateError::DataPages)?;
+        let image = self.image.as_ref().ok_or(PopulateError::Hollow)?;
+        let data = image.data_pages().map_err(PopulateError::DataPages)?;
         Ok(PageRuns::from_bitmap(&data))
     }
 

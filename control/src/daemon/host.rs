@@ -13,8 +13,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::daemon::caches::CacheUse;
 use crate::daemon::links::handshake;
-use crate::daemon::memory::FetchLink;
 use crate::daemon::{Daemon, HollowRecord};
 use crate::descriptor::Descriptor;
 use crate::error_chain;
@@ -97,6 +97,7 @@ pub async fn serve_peer(daemon: Arc<Daemon>, stream: TcpStream, peer: std::net::
         (unused, s.clones.values().copied().collect::<Vec<u64>>())
     };
     daemon.supervisor.release_slots(unused);
+    daemon.caches.parent_lost(&parent);
     // Nobody can take their results any more.
     for vm in orphans {
         daemon.supervisor.kill_vm(vm);
@@ -165,6 +166,11 @@ async fn handle(
                 }
             }
         }
+        HostRequest::EndFamily { family } => {
+            let cached = daemon.caches.end_family(parent, family);
+            tracing::debug!(family, cached, "parent host ended a family");
+            HostResponse::Done
+        }
         HostRequest::Ps => HostResponse::Ps {
             vms: daemon.supervisor.vms(),
         },
@@ -212,7 +218,7 @@ fn launch(
         }
     };
     let fetch = match daemon.fetch_link(parent, &order, &descriptor) {
-        Ok(link) => link,
+        Ok(hold) => Arc::new(hold),
         Err(e) => {
             daemon.supervisor.release_slots(wanted);
             return error(error_chain(&e));
@@ -232,8 +238,9 @@ fn launch(
         let lines_out = out.clone();
         let vm = daemon.supervisor.start_hollow(HollowStart {
             descriptor: descriptor.clone(),
-            family: fetch.family.clone(),
+            family: fetch.link().family.clone(),
             avoidance: daemon.config.limits.avoidance,
+            populate: daemon.config.limits.populate_hollow,
             child,
             checkpoint: order.checkpoint,
             external: order.external,
@@ -261,7 +268,7 @@ struct CloneEvents {
     child: u32,
     label: String,
     /// Keeps the family's page cache and connection while the clone runs.
-    _fetch: Arc<FetchLink>,
+    _fetch: Arc<CacheUse>,
 }
 
 impl HollowEvents for CloneEvents {

@@ -2,7 +2,7 @@
 //! to each member this host sends clones to, and the [`Cluster`] the
 //! supervisor uses to plan tickets, ship descriptors and hear back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -190,11 +190,14 @@ pub struct Links {
     lines: crate::console::LineSink,
 }
 
-/// A frozen image this host serves, with the clones that still need it.
+/// A frozen image this host serves, with the clones (and checkpoints)
+/// that still need it.
 struct ServedImage {
     users: usize,
     /// Where its pages are multicast.
     mcast: Option<McastOrder>,
+    /// Hosts that ran clones of it: told when it ends.
+    hosts: HashSet<String>,
 }
 
 impl std::fmt::Debug for Links {
@@ -474,22 +477,41 @@ impl Cluster for Links {
                     generation,
                 }
             });
-            ServedImage { users: 0, mcast }
+            ServedImage {
+                users: 0,
+                mcast,
+                hosts: HashSet::new(),
+            }
         });
         entry.users += 1;
     }
 
     fn retire_image(&self, family: u64) {
-        let mut served = lock(&self.served);
-        if let Some(entry) = served.get_mut(&family) {
+        let ended = {
+            let mut served = lock(&self.served);
+            let Some(entry) = served.get_mut(&family) else {
+                return;
+            };
             entry.users -= 1;
-            if entry.users == 0 {
-                served.remove(&family);
-                self.memory.unregister(family);
-                if let Some(server) = &self.mcast {
-                    server.unregister(family);
-                }
+            if entry.users > 0 {
+                return;
             }
+            let ended = served.remove(&family).map(|e| e.hosts).unwrap_or_default();
+            self.memory.unregister(family);
+            if let Some(server) = &self.mcast {
+                server.unregister(family);
+            }
+            ended
+        };
+        for host in ended {
+            let Some(link) = self.live_link(&host) else {
+                continue;
+            };
+            self.rt.spawn(async move {
+                if let Err(e) = link.call(HostRequest::EndFamily { family }).await {
+                    tracing::warn!(%host, "telling a host that a family ended failed: {e}");
+                }
+            });
         }
     }
 
@@ -497,8 +519,11 @@ impl Cluster for Links {
         let link = self.live_link(&grant.host);
         let pages = self.pages_addr;
         let mcdist = lock(&self.served)
-            .get(&launch.descriptor.family)
-            .and_then(|served| served.mcast);
+            .get_mut(&launch.descriptor.family)
+            .and_then(|served| {
+                served.hosts.insert(grant.host.clone());
+                served.mcast
+            });
         self.rt.spawn(async move {
             let fail = |children: &[RemoteChild], reason: String| {
                 for child in children {

@@ -3,7 +3,7 @@
 //! host fetches a clone point's pages through one [`FetchLink`] per family.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use snowflock_dataplane::auth::ClusterKey;
@@ -14,6 +14,7 @@ use snowflock_fault_handler::{Family, FetchConfig, PageSource};
 use snowflock_vmm::memory::{MemoryImage, PAGE_SIZE, PageRuns};
 
 use crate::protocol::McastOrder;
+use crate::sync::lock;
 
 /// A frozen image as the memory server reads it.
 #[derive(Debug)]
@@ -133,7 +134,19 @@ pub struct FetchLink {
     pub family: Arc<Family>,
     /// Holds the TCP connection (its only owner by mcdist).
     _connection: Arc<ClientSource>,
-    mcast: Option<Arc<McastReceiver>>,
+    /// The host's receiver, when pages come by mcdist.
+    receiver: Option<Arc<McastReceiver>>,
+    /// Whether the family is joined on `receiver`.
+    membership: Mutex<Membership>,
+}
+
+/// A [`FetchLink`]'s membership of its family's multicast group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Membership {
+    Never,
+    Joined,
+    /// Left, with the cache kept: a later JOIN says the host holds its pages.
+    Left,
 }
 
 impl FetchLink {
@@ -154,45 +167,69 @@ impl FetchLink {
         };
         let family = Family::new(family_id, mem_size, source, config)?;
         let sink = Arc::new(FamilySink(family.clone()));
-        let client =
-            PageClient::connect(server, key, family_id, sink.clone(), Duration::from_secs(3))
-                .map_err(|source| FetchLinkError::Connect {
-                    addr: server,
-                    source,
-                })?;
+        let client = PageClient::connect(server, key, family_id, sink, Duration::from_secs(3))
+            .map_err(|source| FetchLinkError::Connect {
+                addr: server,
+                source,
+            })?;
         // Nothing else sets it: `client_source` was created above.
         let _ = client_source.0.set(client);
-        let mcast = match mcast {
-            Some((receiver, order)) => {
-                receiver
-                    .join(
-                        FamilyJoin {
-                            family: family_id,
-                            generation: order.generation,
-                            group: order.group,
-                            server: order.server,
-                            pages: mem_size / PAGE_SIZE,
-                        },
-                        sink,
-                    )
-                    .map_err(FetchLinkError::Join)?;
-                Some(receiver.clone())
-            }
-            None => None,
-        };
-        Ok(Self {
+        let (receiver, order) = mcast.map(|(r, order)| (r.clone(), order)).unzip();
+        let link = Self {
             family,
             _connection: client_source,
-            mcast,
-        })
+            receiver,
+            membership: Mutex::new(Membership::Never),
+        };
+        link.join_group(order)?;
+        Ok(link)
+    }
+
+    /// Joins the family's multicast group as `order` says (its generation
+    /// may be newer than an earlier join's), unless it is joined or pages
+    /// come by unicast. Joining again tells the server that this host holds
+    /// what it received before, so nothing is pushed again.
+    pub fn join_group(&self, order: Option<McastOrder>) -> Result<(), FetchLinkError> {
+        let (Some(receiver), Some(order)) = (&self.receiver, order) else {
+            return Ok(());
+        };
+        let mut membership = lock(&self.membership);
+        if *membership == Membership::Joined {
+            return Ok(());
+        }
+        receiver
+            .join(
+                FamilyJoin {
+                    family: self.family.id(),
+                    generation: order.generation,
+                    group: order.group,
+                    server: order.server,
+                    pages: self.family.cache().page_count(),
+                    holding: *membership == Membership::Left,
+                },
+                Arc::new(FamilySink(self.family.clone())),
+            )
+            .map_err(FetchLinkError::Join)?;
+        *membership = Membership::Joined;
+        Ok(())
+    }
+
+    /// Leaves the family's multicast group: the parent's host stops
+    /// pushing pages here; the cache stays.
+    pub fn leave_group(&self) {
+        let mut membership = lock(&self.membership);
+        if let Some(receiver) = &self.receiver
+            && *membership == Membership::Joined
+        {
+            receiver.leave(self.family.id());
+            *membership = Membership::Left;
+        }
     }
 }
 
 impl Drop for FetchLink {
     fn drop(&mut self) {
-        if let Some(receiver) = &self.mcast {
-            receiver.leave(self.family.id());
-        }
+        self.leave_group();
     }
 }
 

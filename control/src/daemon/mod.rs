@@ -10,6 +10,7 @@
 //! fault-handling thread (see `snowflock-fault-handler`).
 
 pub mod api;
+pub mod caches;
 pub mod host;
 pub mod links;
 pub mod memory;
@@ -17,7 +18,7 @@ pub mod net;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use snowflock_dataplane::auth::ClusterKey;
 use snowflock_dataplane::server::MemoryServer;
@@ -32,6 +33,7 @@ use crate::descriptor::Descriptor;
 use crate::protocol::{CloneOrder, CloneStatsEntry, FamilyEntry, HostStats};
 use crate::supervisor::{Supervisor, SupervisorConfig};
 use crate::sync::lock;
+use caches::{CacheUse, FamilyCaches};
 use links::Links;
 use memory::{FetchLink, FetchLinkError};
 
@@ -68,9 +70,6 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
 }
 
-/// A clone point's pages on this host: (its memory server, its family).
-type FetchKey = (std::net::SocketAddr, u64);
-
 /// A hollow clone on this host, running or ended.
 #[derive(Debug)]
 pub struct HollowRecord {
@@ -92,8 +91,8 @@ pub struct Daemon {
     memory: Arc<MemoryServer>,
     pub(crate) net: Arc<net::NetPlane>,
     next_id: AtomicU64,
-    /// Page caches and connections of clone points, by (memory server, family).
-    fetches: Mutex<HashMap<FetchKey, (String, Weak<FetchLink>)>>,
+    /// Page caches and connections of clone points, in use or idle.
+    pub(crate) caches: Arc<FamilyCaches>,
     hollow: Mutex<HashMap<u64, HollowRecord>>,
     recent: Mutex<VecDeque<HollowRecord>>,
     pub(crate) roots: Mutex<HashMap<u64, api::RootVm>>,
@@ -113,33 +112,27 @@ impl Daemon {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The page cache and memory-server connection of `order`'s clone
-    /// point, shared by all its clones on this host.
+    /// A hold on the page cache and memory-server connection of `order`'s
+    /// clone point, shared by all its clones on this host (and kept idle
+    /// after them, see [`caches`]).
     pub(crate) fn fetch_link(
         &self,
         parent: &str,
         order: &CloneOrder,
         descriptor: &Descriptor,
-    ) -> Result<Arc<FetchLink>, FetchLinkError> {
-        let key = (order.pages, order.family);
-        let mut fetches = lock(&self.fetches);
-        if let Some(link) = fetches.get(&key).and_then(|(_, w)| w.upgrade()) {
-            return Ok(link);
-        }
+    ) -> Result<CacheUse, FetchLinkError> {
         let receiver = self.net.receiver();
-        let mcast = receiver.as_ref().zip(order.mcdist);
-        let link = FetchLink::connect(
-            order.family,
-            descriptor.machine.mem_size,
-            order.pages,
-            &self.key,
-            host::fetch_config(&self.config.limits),
-            mcast,
-        )?;
-        let link = Arc::new(link);
-        fetches.retain(|_, (_, w)| w.strong_count() > 0);
-        fetches.insert(key, (parent.to_string(), Arc::downgrade(&link)));
-        Ok(link)
+        self.caches
+            .acquire(parent, (order.pages, order.family), order.mcdist, || {
+                FetchLink::connect(
+                    order.family,
+                    descriptor.machine.mem_size,
+                    order.pages,
+                    &self.key,
+                    host::fetch_config(&self.config.limits),
+                    receiver.as_ref().zip(order.mcdist),
+                )
+            })
     }
 
     pub(crate) fn hollow_started(
@@ -193,14 +186,15 @@ impl Daemon {
             stats: r.final_stats.clone().unwrap_or_default(),
         }));
         clones.sort_by_key(|c| c.vm);
-        let families = lock(&self.fetches)
-            .iter()
-            .filter_map(|(&(_, family), (parent, weak))| {
-                weak.upgrade().map(|link| FamilyEntry {
-                    family,
-                    parent_host: parent.clone(),
-                    stats: link.family.stats(),
-                })
+        let families = self
+            .caches
+            .families()
+            .into_iter()
+            .map(|cached| FamilyEntry {
+                family: cached.family,
+                parent_host: cached.parent,
+                stats: cached.stats,
+                idle: cached.idle,
             })
             .collect();
         let served = self.memory.stats();
@@ -265,6 +259,7 @@ pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonEr
             host_pages: config.limits.host_pages,
         },
     );
+    let caches = FamilyCaches::new(config.limits.idle_cache_bytes());
     let daemon = Arc::new(Daemon {
         config,
         key,
@@ -273,7 +268,7 @@ pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonEr
         memory: memory.clone(),
         net: net.clone(),
         next_id: AtomicU64::new(1),
-        fetches: Mutex::new(HashMap::new()),
+        caches,
         hollow: Mutex::new(HashMap::new()),
         recent: Mutex::new(VecDeque::new()),
         roots: Mutex::new(HashMap::new()),

@@ -60,6 +60,11 @@ fn run_hollow(host: Arc<HostState>, vm: u64, start: HollowStart) {
         ),
         Ok((machine, handler)) => {
             start.events.started(vm, restore, handler.clone());
+            if start.populate
+                && let Some(populator) = machine.memory().populator()
+            {
+                host.populate_hollow(populator, handler.clone(), vm);
+            }
             let started = Instant::now();
             let ctx = VmContext::new(
                 host.clone(),

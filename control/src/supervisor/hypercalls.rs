@@ -2,11 +2,13 @@
 //! answering the guest through [`Machine::reply`]. A returned error ends the
 //! VM as failed; a refused request is an errno in the reply.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use snowflock_abi::{ChildStatus, errno};
 use snowflock_vmm::background::Job;
 use snowflock_vmm::machine::Request;
+use snowflock_vmm::memory::MemoryImage;
 use snowflock_vmm::{Machine, MachineError};
 
 use super::describe::{Description, describe_in_background};
@@ -134,6 +136,7 @@ impl VmContext {
                 pause: stopped_at.elapsed(),
                 describer,
                 description: Description::default(),
+                served: false,
             },
         );
         machine.reply(0, id)
@@ -166,7 +169,11 @@ impl VmContext {
             cp.pause,
             cp.description,
         );
-        let launched = self.spawn_all(ticket, descriptor, image, checkpoint, Some(bytes));
+        let family = descriptor.family;
+        let launched = self.spawn_all(ticket, descriptor, image.clone(), checkpoint, Some(bytes));
+        if launched.0.served_family.is_some() {
+            self.keep_served(checkpoint, family, image);
+        }
         self.tickets.mark_spawned(
             ticket,
             self.vm,
@@ -176,6 +183,21 @@ impl VmContext {
         );
         self.tickets.set_pause(ticket, pause);
         machine.reply(0, 0)
+    }
+
+    /// Keeps `checkpoint`'s clone point served to other hosts until the VM
+    /// ends (once per checkpoint): the next clones from it find their
+    /// hosts' page caches where this round left them.
+    fn keep_served(&mut self, checkpoint: u64, family: u64, image: Arc<MemoryImage>) {
+        let Some(cluster) = &self.host.config.cluster else {
+            return;
+        };
+        if let Some(cp) = self.checkpoints.get_mut(&checkpoint)
+            && !cp.served
+        {
+            cluster.serve_image(family, image);
+            cp.served = true;
+        }
     }
 
     /// Waits for the ticket's children; replies with their number. A killed

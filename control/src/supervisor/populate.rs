@@ -1,7 +1,7 @@
-//! Mapping local clones' memory ahead of their guests: for a view of the
-//! parent's image, when, in what order and how much at a time.
-//! The mechanism is `snowflock_vmm::populate` (a view) or
-//! `GuestMemory::copy_of_image_in` (a copy).
+//! Mapping clones' memory ahead of their guests, for a view of the
+//! parent's image: when, in what order and how much at a time. The
+//! mechanism is `snowflock_vmm::populate`; a local clone on a copy of its
+//! own (`GuestMemory::copy_of_image_in`) needs none.
 //!
 //! A local clone's first touch of each page of its parent's state takes a
 //! host page fault on the clone's private view although the page is in
@@ -11,9 +11,19 @@
 //! mapped. The clone never waits for this: it runs from the start, and a
 //! page it touches first is faulted in as before. Clones are populated one
 //! after the other, in the order they started.
+//!
+//! A hollow clone's view is populated read-only over the pages its host
+//! page cache holds as the populate starts (pages fetched or pushed for
+//! earlier clones of the clone point): a page in the cache stays there, so
+//! no populate reaches a hole, whose read fault would put a zero page into
+//! the cache every sibling maps. Pages arriving later are mapped by the
+//! guest's touch as before.
 
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use snowflock_fault_handler::FaultHandler;
 use snowflock_vmm::populate::{PopulateAccess, Populated, Populator};
 
 use super::host::HostState;
@@ -37,23 +47,52 @@ impl HostState {
         self.populating
             .submit(move || populate_view(&populator, access, vm));
     }
+
+    /// Maps a hollow clone's view of the pages already in its host page
+    /// cache, read-only, in the background; stops when its memory goes.
+    pub(super) fn populate_hollow(&self, populator: Populator, faults: Arc<FaultHandler>, vm: u64) {
+        self.populating
+            .submit(move || populate_hollow_view(&populator, &faults, vm));
+    }
 }
 
 fn populate_view(populator: &Populator, access: PopulateAccess, vm: u64) {
+    match populator.data_runs() {
+        Ok(runs) => populate_runs(populator, runs.runs(), access, vm, |_, _| {}),
+        Err(e) => tracing::warn!(vm, "cannot populate a clone's memory: {}", error_chain(&e)),
+    }
+}
+
+/// Maps a hollow clone's view of the pages in its host cache now, marking
+/// each chunk in its fault handler first (for its pushed-page counts).
+fn populate_hollow_view(populator: &Populator, faults: &FaultHandler, vm: u64) {
+    let runs = faults.family().cache().present_runs();
+    populate_runs(
+        populator,
+        &runs,
+        PopulateAccess::Read,
+        vm,
+        |first, count| faults.mark_populated(first, count),
+    );
+}
+
+/// Maps `runs` of the view, [`CHUNK_PAGES`] at a time, calling `before`
+/// with each chunk first; stops when the view goes.
+fn populate_runs(
+    populator: &Populator,
+    runs: &[(u64, u64)],
+    access: PopulateAccess,
+    vm: u64,
+    before: impl Fn(u64, u64),
+) {
     let begun = Instant::now();
-    let runs = match populator.data_runs() {
-        Ok(runs) => runs,
-        Err(e) => {
-            tracing::warn!(vm, "cannot populate a clone's memory: {}", error_chain(&e));
-            return;
-        }
-    };
     let mut mapped = 0;
-    for &(start, count) in runs.runs() {
+    for &(start, count) in runs {
         let end = start + count;
         let mut page = start;
         while page < end {
             let pages = CHUNK_PAGES.min(end - page);
+            before(page, pages);
             match populator.populate(page, pages, access) {
                 Ok(Populated::Mapped) => mapped += pages,
                 Ok(Populated::Gone) => {

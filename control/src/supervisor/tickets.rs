@@ -76,6 +76,10 @@ pub(super) struct Checkpoint {
     pub(super) pause: Duration,
     pub(super) describer: Option<Job<Description>>,
     pub(super) description: Description,
+    /// Whether the checkpoint keeps its clone point served to other hosts
+    /// (from its first remote clones to the VM's end), so that their page
+    /// caches stay for its next clones.
+    pub(super) served: bool,
 }
 
 /// Children being started: their cells now, their threads from the launcher.

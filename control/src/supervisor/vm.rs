@@ -137,6 +137,11 @@ impl VmContext {
         self.tickets.end_all(&self.host);
         for (_, cp) in self.checkpoints.drain() {
             cp.describer.and_then(Job::wait);
+            if cp.served
+                && let Some(cluster) = &self.host.config.cluster
+            {
+                cluster.retire_image(cp.descriptor.family);
+            }
         }
         // The fault handler must be done with hollow memory before it is
         // unmapped: its address may soon hold another clone's memory.

@@ -82,7 +82,11 @@ pub const REQUEST_JOIN: u16 = 1 << 1;
 pub const REQUEST_RETRY: u16 = 1 << 2;
 /// REQUEST flag: the receiver is done with the family.
 pub const REQUEST_LEAVE: u16 = 1 << 3;
-const REQUEST_FLAGS: u16 = REQUEST_UNICAST_REPLY | REQUEST_JOIN | REQUEST_RETRY | REQUEST_LEAVE;
+/// REQUEST flag, with JOIN: the receiver's host kept the pages it received of the family
+/// before (it left and joins again): nothing is pushed again for it.
+pub const REQUEST_HOLDING: u16 = 1 << 4;
+const REQUEST_FLAGS: u16 =
+    REQUEST_UNICAST_REPLY | REQUEST_JOIN | REQUEST_RETRY | REQUEST_LEAVE | REQUEST_HOLDING;
 
 type HmacSha256 = Hmac<Sha256>;
 

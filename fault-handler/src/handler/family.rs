@@ -274,6 +274,7 @@ impl Family {
                 self.request_following(&mut state.requests, clone, page, now, &mut request);
                 self.request_around(&mut state.requests, clone, page, now, &mut request);
             }
+            self.cache.mark_requested(&request);
         }
         if !request.is_empty() {
             self.source.request(self.id, &request);
@@ -376,6 +377,7 @@ impl Family {
                     request.push(page);
                 }
             }
+            self.cache.mark_requested(&request);
         }
         for chunk in request.chunks(PREFETCH_REQUEST_PAGES) {
             self.source.request(self.id, chunk);
@@ -416,6 +418,7 @@ impl Family {
             pages_received: received,
             bytes_received: received * PAGE_SIZE,
             resident_pages: self.cache.resident_pages(),
+            pages_pushed: self.cache.unrequested_pages(),
             outstanding: state.requests.len() as u64,
             clones: state.clones.iter().filter(|c| c.strong_count() > 0).count() as u64,
         }

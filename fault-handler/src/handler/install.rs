@@ -17,6 +17,8 @@ use std::time::Instant;
 use super::error::FaultError;
 use crate::PAGE_SIZE;
 use crate::avoid::AvoidMap;
+use crate::cache::PageCache;
+use crate::pagemap::{self, Mapped};
 use crate::stats::LiveStats;
 use crate::sync;
 use crate::sys::{self, Fill, PageFault};
@@ -36,6 +38,9 @@ pub(super) struct CloneState {
     /// A bit per page, set by whoever installs the page (`fetch_or`, so
     /// exactly one thread installs each page) just before installing it.
     installed: Box<[AtomicU64]>,
+    /// A bit per page mapped into the view ahead of the guest from the
+    /// host cache: such a page is mapped whether or not the guest read it.
+    populated: Box<[AtomicU64]>,
     pub(super) avoid: AvoidMap,
     pub(super) stats: LiveStats,
     pub(super) failure: OnceLock<FaultError>,
@@ -66,6 +71,7 @@ impl CloneState {
             base,
             pages,
             installed: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            populated: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             avoid,
             stats: LiveStats::new(),
             failure: OnceLock::new(),
@@ -286,6 +292,47 @@ impl CloneState {
     /// [`FaultHandler::close`](super::FaultHandler::close)), under the open
     /// lock held for writing, so no ioctl of ours runs on it afterwards.
     /// False if it was closed already.
+    /// Notes that pages `[first, first + count)` are being mapped into the
+    /// view from the host cache ahead of the guest.
+    pub(super) fn mark_populated(&self, first: u64, count: u64) {
+        let end = first.saturating_add(count).min(self.pages);
+        for page in first..end {
+            self.populated[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        }
+        self.stats.populated(end.saturating_sub(first));
+    }
+
+    /// Pages of `cache` that arrived unasked (pushed) and that this clone
+    /// touched: mapped in its view, read from the cache or written into a
+    /// copy of its own. A populated page counts only once written (being
+    /// mapped says nothing of a read). `None` once the region is closed.
+    pub(super) fn pushed_pages_used(&self, cache: &PageCache) -> Option<u64> {
+        let open = sync::read(&self.open);
+        if !*open {
+            return None;
+        }
+        let mapped = match pagemap::read(self.base, self.pages) {
+            Ok(mapped) => mapped,
+            Err(e) => {
+                tracing::warn!("reading the page map of hollow memory failed: {e}");
+                return None;
+            }
+        };
+        let used = (0..self.pages)
+            .filter(|&page| cache.arrived_unrequested(page))
+            .filter(|&page| match mapped[page as usize] {
+                Mapped::No => false,
+                Mapped::Private => true,
+                Mapped::File => {
+                    self.populated[(page / 64) as usize].load(Ordering::Relaxed)
+                        & (1 << (page % 64))
+                        == 0
+                }
+            })
+            .count() as u64;
+        Some(used)
+    }
+
     pub(super) fn close_region(&self) -> bool {
         let mut open = sync::write(&self.open);
         if !*open {

@@ -72,6 +72,13 @@ impl FaultHandler {
         self.family.prefetch_for(&self.clone, pages)
     }
 
+    /// Notes that pages `[first, first + count)`, all present in the host
+    /// cache, are about to be mapped into the clone's view ahead of the
+    /// guest (see [`CloneStats::pages_populated`]).
+    pub fn mark_populated(&self, first: u64, count: u64) {
+        self.clone.mark_populated(first, count);
+    }
+
     /// Counters so far; cheap enough to call while faults are served.
     pub fn stats(&self) -> CloneStats {
         self.clone.stats.snapshot()

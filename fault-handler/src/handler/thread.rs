@@ -86,10 +86,15 @@ impl FaultHandler {
     /// fault on a hole of an unregistered view would make the kernel put a
     /// zero page into the cache, where every sibling would map it. After
     /// this returns, the handler never touches the region again, so it may
-    /// be unmapped. Stats stay readable. Idempotent; `Drop` calls it.
+    /// be unmapped. Stats stay readable, with the pushed pages the clone
+    /// used counted first (from its page map). Idempotent; `Drop` calls it.
     pub fn close(&self) {
+        let pushed_used = self.clone.pushed_pages_used(self.family.cache());
         if !self.clone.close_region() {
             return;
+        }
+        if let Some(pages) = pushed_used {
+            self.clone.stats.pushed_used(pages);
         }
         if let Err(e) = sys::signal(&self.stop) {
             tracing::warn!("signalling the fault thread to stop failed: {e}");

@@ -29,6 +29,9 @@ pub struct FamilyJoin {
     pub server: SocketAddrV4,
     /// Pages in its memory; fragments of pages beyond are dropped as malformed.
     pub pages: u64,
+    /// The host kept what it received of the family before (its page cache outlived its
+    /// clones): the JOIN says so, and the server pushes nothing again for it.
+    pub holding: bool,
 }
 
 /// Learns each page the host now holds (the AF_XDP path sets its presence bitmap with it).
@@ -260,6 +263,7 @@ mod tests {
             group: Ipv4Addr::new(239, 255, 0, 1),
             server: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 7073),
             pages: 8,
+            holding: false,
         };
         let config = ReceiverConfig::default();
         let mut family = Family::new(join, Arc::new(Discard), None, &config, Instant::now());

@@ -49,7 +49,7 @@ use super::state::State;
 use super::stats::{ReceiverStats, count};
 use crate::auth::ClusterKey;
 use crate::client::PageSink;
-use crate::mcast::wire::{FragmentKey, McastKey, REQUEST_JOIN, REQUEST_LEAVE};
+use crate::mcast::wire::{FragmentKey, McastKey, REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE};
 use crate::sync::{lock, read, write};
 
 /// The path-independent receiver: see the module documentation.
@@ -152,11 +152,12 @@ impl ReceiverCore {
             .entry(join.family)
             .or_insert_with(|| Family::new(join, sink, hook, &self.config, now));
         let next_report = family.next_report;
+        let holding = if join.holding { REQUEST_HOLDING } else { 0 };
         self.outgoing().send(
             &mut state.scratch,
             family,
             &mut state.stats,
-            REQUEST_JOIN,
+            REQUEST_JOIN | holding,
             &[],
         );
         tracing::debug!(

@@ -33,6 +33,7 @@
 //!         group: Ipv4Addr::new(239, 255, 0, 7),
 //!         server: SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7073),
 //!         pages: 1 << 18,
+//!         holding: false,
 //!     },
 //!     Arc::new(Sink),
 //! )?;

@@ -87,6 +87,7 @@ pub(super) fn join() -> FamilyJoin {
         group: Ipv4Addr::new(239, 255, 0, 1),
         server: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), DEFAULT_PORT),
         pages: 16,
+        holding: false,
     }
 }
 

@@ -14,8 +14,8 @@ use super::config::McastServerConfig;
 use super::stats::{Counters, FamilyServerStats, bump};
 use crate::mcast::rate::TokenBucket;
 use crate::mcast::wire::{
-    FragmentSealer, Header, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_UNICAST_REPLY, Reject, RejectCode,
-    Request,
+    FragmentSealer, Header, REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_UNICAST_REPLY,
+    Reject, RejectCode, Request,
 };
 use crate::server::PageStore;
 
@@ -339,7 +339,8 @@ impl FamilyState {
     }
 
     /// Notes that `receiver` was heard at `now`, with the rate it `reported` (0 = none); a
-    /// receiver JOINing while not active is pushed the pages requested so far.
+    /// receiver JOINing while not active is pushed the pages requested so far, unless its
+    /// JOIN says it holds what it was sent before (`REQUEST_HOLDING`).
     fn hear(
         &mut self,
         receiver: ReceiverId,
@@ -352,6 +353,7 @@ impl FamilyState {
             .receivers
             .get(&receiver)
             .is_some_and(|r| now.saturating_duration_since(r.last_heard) < config.receiver_idle);
+        let newcomer = !known && flags & REQUEST_JOIN != 0 && flags & REQUEST_HOLDING == 0;
         let info = self.receivers.entry(receiver).or_insert(ReceiverInfo {
             last_heard: now,
             rate: 0,
@@ -364,13 +366,10 @@ impl FamilyState {
                 self.lowest_rate = rate;
             }
         }
-        if !known
-            && flags & REQUEST_JOIN != 0
-            && let Some(push) = &mut self.clone_point_push
-        {
+        if newcomer && let Some(push) = &mut self.clone_point_push {
             push.joined(now);
         }
-        if !known && flags & REQUEST_JOIN != 0 && config.push && !self.requested_order.is_empty() {
+        if newcomer && config.push && !self.requested_order.is_empty() {
             self.pushes.push_back(PushCursor {
                 receiver,
                 joined: now,
@@ -491,7 +490,7 @@ mod tests {
     use super::super::stats::Counters;
     use super::super::test_support::{PAGES, apply, config, family, family_pushing, receiver};
     use super::{Destination, Job};
-    use crate::mcast::wire::{REQUEST_JOIN, REQUEST_LEAVE, RejectCode};
+    use crate::mcast::wire::{REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE, RejectCode};
 
     /// A send of `page` to `destination`, asked for by receiver 1.
     fn send_of(page: u64, destination: Destination) -> Job {
@@ -695,6 +694,30 @@ mod tests {
         apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
         assert!(clone_point_pushes(&mut family, silent).is_empty());
         assert_eq!(clone_point_pushes(&mut family, now).len() as u64, PAGES);
+    }
+
+    #[test]
+    fn a_receiver_joining_again_holding_its_pages_is_pushed_nothing_again() {
+        let config = config();
+        let counters = Counters::default();
+        let now = Instant::now();
+        let mut family = family_pushing(&config, now, vec![(0, PAGES)]);
+        apply(&mut family, &config, &counters, (1, REQUEST_JOIN), &[], now);
+        apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
+        apply(&mut family, &config, &counters, (1, 0), &[3], now);
+        assert_eq!(clone_point_pushes(&mut family, now).len() as u64, PAGES - 1);
+        let leave = (2, REQUEST_LEAVE);
+        apply(&mut family, &config, &counters, leave, &[], now);
+        let holding = (2, REQUEST_JOIN | REQUEST_HOLDING);
+        let (_, work) = apply(&mut family, &config, &counters, holding, &[], now);
+        assert!(!work, "neither the walk nor the siblings' pages go again");
+        assert_eq!(family.stats(0, now, &config).push_remaining, 0);
+        assert!(pushes(&mut family, now).is_empty());
+        assert_eq!(family.stats(0, now, &config).active_receivers, 2);
+        // One that dropped what it held joins as a newcomer: the walk goes round again.
+        apply(&mut family, &config, &counters, leave, &[], now);
+        apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
+        assert_eq!(family.stats(0, now, &config).push_remaining, PAGES);
     }
 
     #[test]
