@@ -146,6 +146,10 @@ pub struct Limits {
     /// of its aligned block of this many pages (a power of two; 0: off).
     #[serde(default = "default_fault_around_pages")]
     pub fault_around_pages: u32,
+    /// Hold each 2 MiB block of a host page cache in a huge page once all
+    /// its pages arrived, so a hollow clone's first touch maps 2 MiB.
+    #[serde(default = "default_true")]
+    pub huge_cache: bool,
     /// Skip fetching pages whose contents do not matter (zero, free, fresh).
     #[serde(default = "default_true")]
     pub avoidance: bool,
@@ -215,6 +219,7 @@ impl Default for Limits {
             fetch_timeout_ms: default_fetch_timeout_ms(),
             prefetch_pages: default_prefetch_pages(),
             fault_around_pages: default_fault_around_pages(),
+            huge_cache: true,
             avoidance: true,
             peer_timeout_ms: default_peer_timeout_ms(),
             populate: PopulateMode::default(),

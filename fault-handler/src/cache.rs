@@ -5,9 +5,14 @@
 //! clones' memory until one of them writes it (copy-on-write).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use crate::collapse::{self, CollapseTarget};
 use crate::{PAGE_SIZE, sys};
+
+/// Pages of one 2 MiB block.
+const BLOCK_PAGES: u64 = sys::HUGE_BLOCK / PAGE_SIZE;
 
 /// A failure to create a page cache.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +74,11 @@ pub struct PageCache {
     /// time): a present page without the bit arrived unasked (pushed).
     requested: Box<[AtomicU64]>,
     resident: AtomicU64,
+    /// Present pages per whole 2 MiB block, when complete blocks are to be
+    /// held in huge pages (see `collapse`); empty otherwise. A block handed
+    /// to the collapse worker counts one more than its pages.
+    block_present: Box<[AtomicU32]>,
+    collapse: Option<Arc<CollapseTarget>>,
 }
 
 /// Most parts one `pwritev` of [`PageCache::insert_batch`] takes (the
@@ -80,8 +90,11 @@ fn bit(page: u64) -> (usize, u64) {
 }
 
 impl PageCache {
-    /// An empty cache for clone point `family` of `mem_size` bytes.
-    pub fn new(family: u64, mem_size: u64) -> Result<Self, CacheError> {
+    /// An empty cache for clone point `family` of `mem_size` bytes; with
+    /// `huge_blocks`, each aligned 2 MiB block whose pages are all stored
+    /// can be moved into a huge page ([`PageCache::collapse_complete_blocks`];
+    /// where the kernel allows it).
+    pub fn new(family: u64, mem_size: u64, huge_blocks: bool) -> Result<Self, CacheError> {
         if mem_size == 0 || !mem_size.is_multiple_of(PAGE_SIZE) {
             return Err(CacheError::BadSize { family, mem_size });
         }
@@ -93,6 +106,22 @@ impl PageCache {
             })?;
         let pages = mem_size / PAGE_SIZE;
         let words = || (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let collapse = if huge_blocks && pages >= BLOCK_PAGES {
+            match sys::SharedView::new(&memfd, mem_size) {
+                Ok(view) => Some(Arc::new(CollapseTarget::new(view))),
+                Err(e) => {
+                    tracing::warn!(family, "the page cache stays in 4 KiB pages: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let blocks = if collapse.is_some() {
+            pages / BLOCK_PAGES
+        } else {
+            0
+        };
         Ok(Self {
             family,
             memfd,
@@ -101,6 +130,52 @@ impl PageCache {
             present: words(),
             requested: words(),
             resident: AtomicU64::new(0),
+            block_present: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
+            collapse,
+        })
+    }
+
+    /// Counts a newly present page in its block.
+    fn count_in_block(&self, page: u64) {
+        if let Some(count) = self.block_present.get((page / BLOCK_PAGES) as usize) {
+            count.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Hands every complete 2 MiB block not handed over before to the
+    /// collapse worker, which moves it into a huge page in the background
+    /// (see `collapse`); returns how many it handed over. For a cache whose
+    /// clones have all ended: collapsing unmaps the block from every clone
+    /// that mapped it.
+    pub fn collapse_complete_blocks(&self) -> u64 {
+        let Some(target) = &self.collapse else {
+            return 0;
+        };
+        let mut handed = 0;
+        for (block, count) in self.block_present.iter().enumerate() {
+            // A complete block's count moves past BLOCK_PAGES once, when it
+            // is handed over; no page is counted after it is complete.
+            let complete = BLOCK_PAGES as u32;
+            if count
+                .compare_exchange(complete, complete + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                collapse::submit(target, block as u64);
+                handed += 1;
+            }
+        }
+        handed
+    }
+
+    /// 2 MiB blocks held in huge pages, blocks the kernel kept in 4 KiB
+    /// pages, and complete blocks the collapse worker had no room for.
+    pub fn huge_block_counts(&self) -> (u64, u64, u64) {
+        self.collapse.as_ref().map_or((0, 0, 0), |t| {
+            (
+                t.collapsed.load(Ordering::Relaxed),
+                t.refused.load(Ordering::Relaxed),
+                t.dropped.load(Ordering::Relaxed),
+            )
         })
     }
 
@@ -190,6 +265,7 @@ impl PageCache {
             for &(page, _) in run {
                 let (word, mask) = bit(page);
                 self.present[word].fetch_or(mask, Ordering::Release);
+                self.count_in_block(page);
             }
             stored += run.len() as u64;
         }
@@ -276,7 +352,7 @@ mod tests {
 
     #[test]
     fn pages_are_stored_once_and_bad_pages_refused() {
-        let cache = PageCache::new(9, 16 * PAGE_SIZE).unwrap();
+        let cache = PageCache::new(9, 16 * PAGE_SIZE, false).unwrap();
         let page = vec![7u8; PAGE_SIZE as usize];
         assert!(!cache.contains(3));
         assert!(cache.read_page(3).is_none());
@@ -301,7 +377,7 @@ mod tests {
 
     #[test]
     fn a_page_is_stored_from_its_parts() {
-        let cache = PageCache::new(1, 4 * PAGE_SIZE).unwrap();
+        let cache = PageCache::new(1, 4 * PAGE_SIZE, false).unwrap();
         let first = vec![1u8; 1416];
         let second = vec![2u8; 1416];
         let third = vec![3u8; PAGE_SIZE as usize - 2 * 1416];
@@ -317,7 +393,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_written_in_runs_and_each_page_once() {
-        let cache = PageCache::new(1, 16 * PAGE_SIZE).unwrap();
+        let cache = PageCache::new(1, 16 * PAGE_SIZE, false).unwrap();
         let data: Vec<Vec<u8>> = (0..16u8).map(|p| vec![p; PAGE_SIZE as usize]).collect();
         let halves = |p: usize| -> Vec<&[u8]> {
             let (a, b) = data[p].split_at(1000);
@@ -345,7 +421,7 @@ mod tests {
 
     #[test]
     fn present_runs_and_unrequested_pages() {
-        let cache = PageCache::new(1, 200 * PAGE_SIZE).unwrap();
+        let cache = PageCache::new(1, 200 * PAGE_SIZE, false).unwrap();
         let page = vec![1u8; PAGE_SIZE as usize];
         cache.mark_requested(&[3, 64, 500]);
         for p in [3, 4, 5, 63, 64, 65, 130] {
@@ -363,10 +439,47 @@ mod tests {
     }
 
     #[test]
+    fn only_complete_blocks_go_to_huge_pages_and_keep_their_contents() {
+        let cache = PageCache::new(1, 2 * BLOCK_PAGES * PAGE_SIZE, true).unwrap();
+        let data = |p: u64| vec![(p % 251) as u8 + 1; PAGE_SIZE as usize];
+        // All of block 0, in two batches; block 1 with holes.
+        for range in [0..300, 300..BLOCK_PAGES, BLOCK_PAGES..BLOCK_PAGES + 100] {
+            let pages: Vec<(u64, Vec<u8>)> = range.map(|p| (p, data(p))).collect();
+            let parts: Vec<[&[u8]; 1]> = pages.iter().map(|(_, d)| [&d[..]]).collect();
+            let batch: Vec<(u64, &[&[u8]])> = pages
+                .iter()
+                .zip(&parts)
+                .map(|((p, _), v)| (*p, &v[..]))
+                .collect();
+            cache.insert_batch(&batch).unwrap();
+        }
+        assert_eq!(cache.collapse_complete_blocks(), 1, "block 0 only");
+        assert_eq!(cache.collapse_complete_blocks(), 0, "handed over once");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let handled = || {
+            let (collapsed, refused, dropped) = cache.huge_block_counts();
+            assert_eq!(dropped, 0);
+            collapsed + refused
+        };
+        while handled() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(handled(), 1, "block 0 was handed over, block 1 never");
+        for p in (0..BLOCK_PAGES + 100).step_by(37) {
+            assert_eq!(cache.read_page(p), Some(data(p)), "page {p}");
+        }
+        assert!(!cache.contains(BLOCK_PAGES + 100));
+        assert!(cache.read_page(2 * BLOCK_PAGES - 1).is_none());
+        let small = PageCache::new(1, 16 * PAGE_SIZE, true).unwrap();
+        assert_eq!(small.collapse_complete_blocks(), 0, "no whole block");
+        assert_eq!(small.huge_block_counts(), (0, 0, 0));
+    }
+
+    #[test]
     fn sizes_that_are_not_whole_pages_are_errors() {
         for size in [0, 100, PAGE_SIZE + 1] {
             assert!(matches!(
-                PageCache::new(1, size),
+                PageCache::new(1, size, false),
                 Err(CacheError::BadSize { .. })
             ));
         }
@@ -376,7 +489,7 @@ mod tests {
     fn concurrent_inserts_of_the_same_pages_store_each_once() {
         const THREADS: usize = 4;
         const PAGES: u64 = 256;
-        let cache = PageCache::new(1, PAGES * PAGE_SIZE).unwrap();
+        let cache = PageCache::new(1, PAGES * PAGE_SIZE, false).unwrap();
         let barrier = Barrier::new(THREADS);
         let stored: u64 = std::thread::scope(|s| {
             let handles: Vec<_> = (0..THREADS)

@@ -26,6 +26,7 @@
 //!     fetch_timeout: Duration::from_secs(5),
 //!     prefetch_pages: 8,
 //!     fault_around_pages: 16,
+//!     huge_blocks: true,
 //! };
 //! let family = Family::new(0x42, mem_size, Arc::new(Server), config)?;
 //! // The clone's memory: a private view of the family's page cache, untouched.
@@ -116,6 +117,7 @@
 mod avoid;
 mod cache;
 pub mod ceiling;
+mod collapse;
 mod handler;
 mod pagemap;
 mod ring;

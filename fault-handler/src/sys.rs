@@ -469,6 +469,107 @@ pub fn memfd(name: &std::ffi::CStr, len: u64) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// `MADV_COLLAPSE` (`linux/mman.h`; the libc crate may not name it).
+const MADV_COLLAPSE: libc::c_int = 25;
+/// Huge page size and alignment of [`SharedView`] blocks.
+pub const HUGE_BLOCK: u64 = 2 << 20;
+
+/// A read-only `MAP_SHARED` mapping of a whole memfd at a 2 MiB-aligned
+/// address, so that each 2 MiB block of the file is a 2 MiB-aligned range
+/// of the mapping. Never read through: reading a hole of a shared memfd
+/// mapping would allocate a zero page in the file. It exists to name
+/// blocks to [`SharedView::collapse`].
+#[derive(Debug)]
+pub struct SharedView {
+    /// Start of the whole reservation (for `munmap`).
+    reserved: *mut libc::c_void,
+    reserved_len: usize,
+    /// The aligned start of the file's mapping.
+    start: usize,
+    len: u64,
+}
+
+// SAFETY: the view is an address range only; nothing dereferences it, and
+// `madvise`/`munmap` on it are safe from any thread.
+unsafe impl Send for SharedView {}
+// SAFETY: as above: `collapse` takes `&self` and only passes the range to
+// the kernel.
+unsafe impl Sync for SharedView {}
+
+impl SharedView {
+    pub fn new(fd: &OwnedFd, len: u64) -> std::io::Result<Self> {
+        let reserved_len = usize::try_from(len + HUGE_BLOCK)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: no address hint and no MAP_FIXED: the kernel picks a free
+        // range, so no existing mapping is affected.
+        let reserved = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserved_len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if reserved == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let view = Self {
+            reserved,
+            reserved_len,
+            start: (reserved as usize).next_multiple_of(HUGE_BLOCK as usize),
+            len,
+        };
+        // SAFETY: the target lies inside the reservation made above, which
+        // this view owns and nothing references; MAP_FIXED replaces part of
+        // it with the file, read-only and shared (no copy-on-write pages).
+        let mapped = unsafe {
+            libc::mmap(
+                view.start as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(view)
+    }
+
+    /// Asks the kernel to hold 2 MiB block `block` of the file in one huge
+    /// page (`MADV_COLLAPSE`). Only for a block whose every page is in the
+    /// file: the kernel fills the holes of a collapsed block with zeros.
+    pub fn collapse(&self, block: u64) -> std::io::Result<()> {
+        let offset = block * HUGE_BLOCK;
+        if offset + HUGE_BLOCK > self.len {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: the block lies inside this view's mapping of the file;
+        // the advice changes how the file's pages are held, never their
+        // contents (every page of the block is present: see above).
+        check(unsafe {
+            libc::madvise(
+                (self.start + offset as usize) as *mut libc::c_void,
+                HUGE_BLOCK as usize,
+                MADV_COLLAPSE,
+            )
+        })
+        .map(|_| ())
+    }
+}
+
+impl Drop for SharedView {
+    fn drop(&mut self) {
+        // SAFETY: the reservation (with the file's mapping inside it) was
+        // made by `new` and is owned by this view alone.
+        unsafe { libc::munmap(self.reserved, self.reserved_len) };
+    }
+}
+
 /// Writes `parts`, back to back, at `offset` of `fd` with `pwritev`,
 /// until all is written. The kernel copies straight from the parts.
 pub fn write_parts_at(fd: &OwnedFd, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {

@@ -299,6 +299,7 @@ fn hollow_kvm_clones_fault_in_their_memory() {
             fetch_timeout: Duration::from_secs(5),
             prefetch_pages: 8,
             fault_around_pages: 0,
+            huge_blocks: false,
         },
     );
     let (clone, handler, failures) = hollow_clone(&hv, &snapshot, &family);
@@ -367,6 +368,7 @@ fn a_kvm_clone_whose_pages_stop_coming_is_released() {
             fetch_timeout: Duration::from_millis(300),
             prefetch_pages: 0,
             fault_around_pages: 0,
+            huge_blocks: false,
         },
     )
     .unwrap();
@@ -409,6 +411,7 @@ fn pushed_family(hv: &KvmHypervisor) -> PushedFamily {
         fetch_timeout: Duration::from_secs(5),
         prefetch_pages: 0,
         fault_around_pages: 0,
+        huge_blocks: false,
     };
     let (family, server) = image_family(image.clone(), config);
     let untouched = UNTOUCHED / PAGE_SIZE;

@@ -110,6 +110,9 @@ pub enum Mechanism {
     Prefetch,
     /// `[limits] fault_around_pages` (default 16) against 0.
     FaultAround,
+    /// `[limits] huge_cache = true` (complete 2 MiB blocks of host page caches in huge
+    /// pages) against `false`.
+    HugeCache,
     /// `[limits] avoidance` (zero, free and fresh pages not fetched) against off.
     Avoidance,
     /// `[mcdist] distribution = "mcdist"` against `"unicast"`.
@@ -132,6 +135,7 @@ impl Mechanism {
         match self {
             Self::Prefetch => "prefetch",
             Self::FaultAround => "fault-around",
+            Self::HugeCache => "huge-cache",
             Self::Avoidance => "avoidance",
             Self::Mcdist => "mcdist",
             Self::Xdp => "xdp",
@@ -149,6 +153,7 @@ impl Mechanism {
                 vec![("fault_around_pages", toml::Value::Integer(0))],
                 vec![],
             ),
+            Self::HugeCache => (vec![("huge_cache", toml::Value::Boolean(false))], vec![]),
             Self::Avoidance => (vec![("avoidance", toml::Value::Boolean(false))], vec![]),
             Self::Mcdist => (
                 vec![],

@@ -208,6 +208,7 @@ impl Cluster for LoopbackCluster {
             fetch_timeout: Duration::from_secs(10),
             prefetch_pages: 0,
             fault_around_pages: 0,
+            huge_blocks: false,
         };
         let family = match LocalImageSource::family(image, family_id, config) {
             Ok(family) => family,

@@ -207,6 +207,7 @@ fn fetch_config() -> FetchConfig {
         fetch_timeout: Duration::from_secs(60),
         prefetch_pages: 0,
         fault_around_pages: 0,
+        huge_blocks: false,
     }
 }
 

@@ -188,6 +188,9 @@ impl FamilyCaches {
                 }
             } else {
                 entry.link.leave_group();
+                // Whole 2 MiB blocks go to huge pages now that no clone maps
+                // them: the next clones map 2 MiB per first touch.
+                entry.link.family.cache().collapse_complete_blocks();
                 table.idle_count += 1;
                 let order = table.idle_count;
                 if let Some(entry) = table.entries.get_mut(&key) {
@@ -339,6 +342,7 @@ mod tests {
                         fetch_timeout: Duration::from_secs(5),
                         prefetch_pages: 0,
                         fault_around_pages: 0,
+                        huge_blocks: false,
                     },
                     None,
                 )

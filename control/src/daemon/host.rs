@@ -326,5 +326,6 @@ pub fn fetch_config(limits: &crate::config::Limits) -> FetchConfig {
         fetch_timeout: limits.fetch_timeout(),
         prefetch_pages: limits.prefetch_pages,
         fault_around_pages: limits.fault_around_pages,
+        huge_blocks: limits.huge_cache,
     }
 }

@@ -181,6 +181,7 @@ pub fn config(prefetch_pages: u32, fetch_timeout: Duration) -> FetchConfig {
         fetch_timeout,
         prefetch_pages,
         fault_around_pages: 0,
+        huge_blocks: false,
     }
 }
 

@@ -1,0 +1,148 @@
+//! Holding complete 2 MiB blocks of host page caches in huge pages.
+//!
+//! A host page cache fills 4 KiB at a time, so a clone first touching a
+//! page of it costs the hypervisor a 4 KiB mapping (under PVM, a
+//! shadow-MMU fault per page). Once every page of an aligned 2 MiB block
+//! is in the cache, the kernel can hold the block in one huge page
+//! (`MADV_COLLAPSE`), and a clone's first touch then maps all of it.
+//! Collapsing allocates and copies 2 MiB, so it runs on one process-wide
+//! worker thread, off the receive path: the receive thread hands complete
+//! blocks over through a bounded lock-free queue and never waits. A block
+//! that does not fit the queue stays in 4 KiB pages (it is still correct,
+//! only slower to map).
+//!
+//! Blocks are collapsed when the cache's clones have all ended (see
+//! [`PageCache::collapse_complete_blocks`](crate::PageCache::collapse_complete_blocks)),
+//! not as they complete: collapsing locks the block's pages and unmaps them
+//! from every clone that mapped them, and done under running clones it made
+//! a cold remote `seqsearch` job 15-40% slower here, at normal priority or
+//! at `SCHED_IDLE`. The next clones of the clone point find the blocks
+//! whole.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::sys::SharedView;
+
+/// Blocks waiting for the worker (8 GiB of cache): more than a burst of
+/// deliveries completes before the worker catches up.
+const QUEUE_BLOCKS: usize = 4096;
+/// How long the idle worker sleeps before looking at the queue again when
+/// no hand-off woke it.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
+/// A cache's view and its collapse counters, shared with the worker.
+#[derive(Debug)]
+pub(crate) struct CollapseTarget {
+    pub(crate) view: SharedView,
+    /// Blocks held in huge pages.
+    pub(crate) collapsed: AtomicU64,
+    /// Blocks the kernel refused (no huge page free, or THP disabled).
+    pub(crate) refused: AtomicU64,
+    /// Blocks that found the queue full.
+    pub(crate) dropped: AtomicU64,
+}
+
+impl CollapseTarget {
+    pub(crate) fn new(view: SharedView) -> Self {
+        Self {
+            view,
+            collapsed: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+struct Job {
+    target: Arc<CollapseTarget>,
+    block: u64,
+}
+
+struct Worker {
+    queue: ArrayQueue<Job>,
+    thread: Thread,
+}
+
+static WORKER: OnceLock<Arc<Worker>> = OnceLock::new();
+
+/// Hands block `block` of `target` (every page present) to the worker.
+pub(crate) fn submit(target: &Arc<CollapseTarget>, block: u64) {
+    let Some(worker) = worker() else {
+        target.dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let job = Job {
+        target: target.clone(),
+        block,
+    };
+    if worker.queue.push(job).is_err() {
+        target.dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    worker.thread.unpark();
+}
+
+/// The worker, started on first use; `None` if its thread cannot start.
+fn worker() -> Option<&'static Arc<Worker>> {
+    if let Some(worker) = WORKER.get() {
+        return Some(worker);
+    }
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Arc<Worker>>();
+    let spawned = std::thread::Builder::new()
+        .name("sf-collapse".into())
+        .spawn(move || {
+            let Ok(worker) = ready_rx.recv() else {
+                return;
+            };
+            run(&worker);
+        });
+    let handle = match spawned {
+        Ok(handle) => handle,
+        Err(e) => {
+            tracing::warn!("cannot start the page cache's collapse thread: {e}");
+            return None;
+        }
+    };
+    let fresh = Arc::new(Worker {
+        queue: ArrayQueue::new(QUEUE_BLOCKS),
+        thread: handle.thread().clone(),
+    });
+    // Another thread may have won the race: only the winner's worker is
+    // used; a losing thread gets its worker dropped and exits.
+    let worker = WORKER.get_or_init(|| fresh.clone());
+    if Arc::ptr_eq(worker, &fresh) {
+        let _ = ready_tx.send(fresh);
+    }
+    Some(worker)
+}
+
+fn run(worker: &Worker) {
+    loop {
+        match worker.queue.pop() {
+            Some(job) => collapse(&job),
+            None => std::thread::park_timeout(IDLE_WAIT),
+        }
+    }
+}
+
+fn collapse(job: &Job) {
+    match job.target.view.collapse(job.block) {
+        Ok(()) => {
+            job.target.collapsed.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            let first = job.target.refused.fetch_add(1, Ordering::Relaxed) == 0;
+            if first {
+                tracing::debug!(
+                    block = job.block,
+                    "the kernel kept a cache block in 4 KiB pages: {e}"
+                );
+            }
+        }
+    }
+}
