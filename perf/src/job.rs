@@ -228,6 +228,9 @@ struct RxCounters {
     rate_cuts: u64,
     partials_dropped: u64,
     duplicate_fragments: u64,
+    rtt_samples: u64,
+    rtt_total_us: u64,
+    retry_wait_total_us: u64,
 }
 
 impl RxCounters {
@@ -245,6 +248,11 @@ impl RxCounters {
             duplicate_fragments: after
                 .duplicate_fragments
                 .saturating_sub(before.duplicate_fragments),
+            rtt_samples: after.rtt_samples.saturating_sub(before.rtt_samples),
+            rtt_total_us: after.rtt_total_us.saturating_sub(before.rtt_total_us),
+            retry_wait_total_us: after
+                .retry_wait_total_us
+                .saturating_sub(before.retry_wait_total_us),
         }
     }
 
@@ -255,6 +263,9 @@ impl RxCounters {
         self.rate_cuts += other.rate_cuts;
         self.partials_dropped += other.partials_dropped;
         self.duplicate_fragments += other.duplicate_fragments;
+        self.rtt_samples += other.rtt_samples;
+        self.rtt_total_us += other.rtt_total_us;
+        self.retry_wait_total_us += other.retry_wait_total_us;
     }
 }
 
@@ -520,7 +531,13 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
         let rx = |f: fn(&RxCounters) -> u64| -> Vec<f64> {
             counters.iter().map(|c| f(&c.rx) as f64).collect()
         };
-        let remote: [(&str, &str, Vec<f64>); 13] = [
+        let mean = |total: fn(&RxCounters) -> u64, n: fn(&RxCounters) -> u64| -> Vec<f64> {
+            counters
+                .iter()
+                .map(|c| total(&c.rx) as f64 / 1000.0 / n(&c.rx).max(1) as f64)
+                .collect()
+        };
+        let remote: [(&str, &str, Vec<f64>); 15] = [
             (
                 "remote_children",
                 "clones",
@@ -571,6 +588,16 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
                 "duplicate_fragments",
                 "fragments",
                 rx(|r| r.duplicate_fragments),
+            ),
+            (
+                "mean_rtt_ms",
+                "ms",
+                mean(|r| r.rtt_total_us, |r| r.rtt_samples),
+            ),
+            (
+                "mean_retry_wait_ms",
+                "ms",
+                mean(|r| r.retry_wait_total_us, |r| r.re_requests),
             ),
         ];
         for (metric, unit, values) in remote {

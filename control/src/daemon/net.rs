@@ -161,8 +161,6 @@ impl NetPlane {
         ReceiverConfig {
             local_addr: self.local,
             port: settings.rx_port,
-            // Above the suppression window, so a re-request is not taken for a duplicate.
-            rto_min: Duration::from_millis(settings.suppression_ms + 3),
             rto_max: Duration::from_millis(200),
             unicast_after: 3,
             initial_rate: settings.initial_rate,

@@ -13,7 +13,10 @@ pub struct ReceiverConfig {
     pub local_addr: Ipv4Addr,
     /// The mcdist UDP port (the same on every host).
     pub port: u16,
-    /// Smallest retransmission timeout.
+    /// Smallest retransmission timeout: of the order of the link's round trip (a veth round
+    /// trip is 0.1-0.2 ms), so a lost page costs about a round trip and not a fixed wait; the
+    /// measured request-to-page time raises the timeout wherever the path or the server is
+    /// slower.
     pub rto_min: Duration,
     /// Largest retransmission timeout (also the cap of the per-retry growth).
     pub rto_max: Duration,
@@ -45,7 +48,7 @@ impl Default for ReceiverConfig {
         ReceiverConfig {
             local_addr: Ipv4Addr::UNSPECIFIED,
             port: DEFAULT_PORT,
-            rto_min: Duration::from_millis(10),
+            rto_min: Duration::from_micros(500),
             rto_max: Duration::from_millis(500),
             unicast_after: 3,
             initial_rate: 20_000,

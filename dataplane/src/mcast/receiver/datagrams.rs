@@ -238,11 +238,16 @@ impl<'a> Batch<'a> {
                 family.retry_order.remove(&(request.retry_at, page));
                 // Karn: only pages never re-requested give a clean sample.
                 if request.retries == 0 {
-                    family.rtt.sample(
-                        self.now
-                            .saturating_duration_since(request.first_sent)
-                            .saturating_sub(request.queued_for),
-                    );
+                    let rtt = self
+                        .now
+                        .saturating_duration_since(request.first_sent)
+                        .saturating_sub(request.queued_for);
+                    family.rtt.sample(rtt);
+                    let micros = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+                    count(global, &mut family.stats, |s| {
+                        s.rtt_samples += 1;
+                        s.rtt_total_us = s.rtt_total_us.saturating_add(micros);
+                    });
                 }
                 false
             }

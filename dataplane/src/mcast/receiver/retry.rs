@@ -102,6 +102,7 @@ pub(super) fn admit(
             page,
             Outstanding {
                 first_sent: now,
+                last_sent: now,
                 queued_for,
                 retry_at,
                 retries: 0,
@@ -151,6 +152,12 @@ fn retry_due(
         };
         request.retries += 1;
         ahead += 1;
+        let waited = u64::try_from(now.saturating_duration_since(request.last_sent).as_micros())
+            .unwrap_or(u64::MAX);
+        count(global, &mut family.stats, |s| {
+            s.retry_wait_total_us = s.retry_wait_total_us.saturating_add(waited);
+        });
+        request.last_sent = now;
         // Linear, not exponential: losses here are mostly random, and a page someone
         // faults on should not wait out a long backoff; overload is what the rate is for.
         let backoff = rto

@@ -41,8 +41,18 @@ pub struct ReceiverStats {
     pub unicast_fragments: u64,
     /// Fragments that came with the `PUSH` flag.
     pub pushed_fragments: u64,
-    /// Times the rate was halved.
+    /// Times the rate was cut.
     pub rate_cuts: u64,
+    /// Request-to-page times sampled (pages never re-requested), and their sum in µs: their
+    /// mean is what the retransmission timeout is built from.
+    #[serde(default)]
+    pub rtt_samples: u64,
+    #[serde(default)]
+    pub rtt_total_us: u64,
+    /// The retransmission timeouts that expired (one per re-requested page), summed in µs:
+    /// with `re_requests`, the mean time a lost page waited before it was asked again.
+    #[serde(default)]
+    pub retry_wait_total_us: u64,
     /// The current rate estimate, pages/s (receiver stats: the lowest of its families; 0
     /// without families).
     pub rate: u32,

@@ -14,8 +14,8 @@ use super::config::McastServerConfig;
 use super::stats::{Counters, FamilyServerStats, bump};
 use crate::mcast::rate::TokenBucket;
 use crate::mcast::wire::{
-    FragmentSealer, Header, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_UNICAST_REPLY, Reject, RejectCode,
-    Request,
+    FragmentSealer, Header, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_RETRY, REQUEST_UNICAST_REPLY,
+    Reject, RejectCode, Request,
 };
 use crate::server::PageStore;
 
@@ -328,8 +328,13 @@ impl FamilyState {
         } else {
             Destination::Group
         };
+        // A retry says the last send did not arrive: suppressing it would make the receiver
+        // wait out the window (milliseconds) where it noticed the loss within a round trip.
+        // Its retransmission timeout, not the window, keeps retries from flooding.
+        let suppress_since = (header.flags & REQUEST_RETRY == 0)
+            .then(|| now.checked_sub(config.suppression).unwrap_or(now));
         let (rejects, queued_any) =
-            self.queue_pages(request, destination, from, config, counters, now);
+            self.queue_pages(request, destination, from, suppress_since, counters);
         let pushing = !self.pushes.is_empty()
             || self
                 .clone_point_push
@@ -380,19 +385,17 @@ impl FamilyState {
         }
     }
 
-    /// Queues the pages of `request` for `destination`, but those queued or sent within the
-    /// suppression window already; returns the REJECTs of pages past the end, and whether it
-    /// queued any.
+    /// Queues the pages of `request` for `destination`, but those queued already and those
+    /// sent since `suppress_since` (`None`: whenever sent); returns the REJECTs of pages past
+    /// the end, and whether it queued any.
     fn queue_pages(
         &mut self,
         request: &Request<'_>,
         destination: Destination,
         from: SocketAddrV4,
-        config: &McastServerConfig,
+        suppress_since: Option<Instant>,
         counters: &Counters,
-        now: Instant,
     ) -> (Vec<Reject>, bool) {
-        let window_start = now.checked_sub(config.suppression).unwrap_or(now);
         let mut rejects = Vec::new();
         let mut queued_any = false;
         for page in request.pages() {
@@ -409,7 +412,7 @@ impl FamilyState {
             }
             if self.queued.contains(&(page, destination))
                 || self.queued.contains(&(page, Destination::Group))
-                || self.recently_sent(page, destination, window_start)
+                || suppress_since.is_some_and(|since| self.recently_sent(page, destination, since))
             {
                 bump(&counters.duplicates_suppressed, 1);
                 continue;
@@ -491,7 +494,7 @@ mod tests {
     use super::super::stats::Counters;
     use super::super::test_support::{PAGES, apply, config, family, family_pushing, receiver};
     use super::{Destination, Job};
-    use crate::mcast::wire::{REQUEST_JOIN, REQUEST_LEAVE, RejectCode};
+    use crate::mcast::wire::{REQUEST_JOIN, REQUEST_LEAVE, REQUEST_RETRY, RejectCode};
 
     /// A send of `page` to `destination`, asked for by receiver 1.
     fn send_of(page: u64, destination: Destination) -> Job {
@@ -544,6 +547,29 @@ mod tests {
         let (_, queued_any) = apply(&mut family, &config, &counters, (1, 0), &[5], later);
         assert!(queued_any);
         assert_eq!(counters.duplicates_suppressed.load(Ordering::Relaxed), 3);
+        // A retry says the send did not arrive: it is sent again within the window, but a
+        // page still queued is not queued twice.
+        let sent = send_of(6, Destination::Group);
+        family.mark_sent(&sent, now);
+        let (_, queued_any) = apply(
+            &mut family,
+            &config,
+            &counters,
+            (1, REQUEST_RETRY),
+            &[6],
+            now,
+        );
+        assert!(queued_any, "a retry within the window is served");
+        let (_, queued_any) = apply(
+            &mut family,
+            &config,
+            &counters,
+            (2, REQUEST_RETRY),
+            &[6],
+            now,
+        );
+        assert!(!queued_any, "already queued");
+        assert_eq!(counters.duplicates_suppressed.load(Ordering::Relaxed), 4);
     }
 
     #[test]
