@@ -52,6 +52,7 @@ pub(super) fn run_timers(
             if family.rate.on_interval() {
                 count(&mut state.stats, &mut family.stats, |s| s.rate_cuts += 1);
             }
+            state.long_run_loss = family.rate.long_run_loss();
             outgoing.send(&mut state.scratch, family, &mut state.stats, 0, &[]);
             family.next_report = now + config.report_interval;
         }

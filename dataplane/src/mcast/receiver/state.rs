@@ -15,6 +15,10 @@ pub(super) struct State {
     pub(super) families: HashMap<u64, Family>,
     pub(super) reassembly: Reassembly,
     pub(super) stats: ReceiverStats,
+    /// The long-run loss share of this host's path, as the family that last ended a report
+    /// interval saw it: a family joined later starts from it, so it does not take the path's
+    /// usual loss for overload.
+    pub(super) long_run_loss: f64,
     /// The deadline the last `tick` gave the transport.
     pub(super) armed: Option<Instant>,
     /// Scratch for encoding REQUESTs.
@@ -28,6 +32,7 @@ impl State {
             families: HashMap::new(),
             reassembly: Reassembly::new(config.max_partial_pages, config.partial_timeout),
             stats: ReceiverStats::default(),
+            long_run_loss: 0.0,
             armed: None,
             scratch: Vec::new(),
         }
