@@ -224,6 +224,7 @@ struct Counters {
 struct RxCounters {
     pages_requested: u64,
     re_requests: u64,
+    fragment_re_requests: u64,
     unicast_requests: u64,
     rate_cuts: u64,
     partials_dropped: u64,
@@ -238,6 +239,9 @@ impl RxCounters {
         RxCounters {
             pages_requested: after.pages_requested.saturating_sub(before.pages_requested),
             re_requests: after.re_requests.saturating_sub(before.re_requests),
+            fragment_re_requests: after
+                .fragment_re_requests
+                .saturating_sub(before.fragment_re_requests),
             unicast_requests: after
                 .unicast_requests
                 .saturating_sub(before.unicast_requests),
@@ -259,6 +263,7 @@ impl RxCounters {
     fn add(&mut self, other: RxCounters) {
         self.pages_requested += other.pages_requested;
         self.re_requests += other.re_requests;
+        self.fragment_re_requests += other.fragment_re_requests;
         self.unicast_requests += other.unicast_requests;
         self.rate_cuts += other.rate_cuts;
         self.partials_dropped += other.partials_dropped;
@@ -537,7 +542,7 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
                 .map(|c| total(&c.rx) as f64 / 1000.0 / n(&c.rx).max(1) as f64)
                 .collect()
         };
-        let remote: [(&str, &str, Vec<f64>); 15] = [
+        let remote: [(&str, &str, Vec<f64>); 16] = [
             (
                 "remote_children",
                 "clones",
@@ -581,6 +586,11 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
             ),
             ("pages_requested", "pages", rx(|r| r.pages_requested)),
             ("re_requests", "pages", rx(|r| r.re_requests)),
+            (
+                "fragment_re_requests",
+                "pages",
+                rx(|r| r.fragment_re_requests),
+            ),
             ("unicast_requests", "requests", rx(|r| r.unicast_requests)),
             ("rate_cuts", "cuts", rx(|r| r.rate_cuts)),
             ("partials_dropped", "pages", rx(|r| r.partials_dropped)),

@@ -82,7 +82,25 @@ pub const REQUEST_JOIN: u16 = 1 << 1;
 pub const REQUEST_RETRY: u16 = 1 << 2;
 /// REQUEST flag: the receiver is done with the family.
 pub const REQUEST_LEAVE: u16 = 1 << 3;
-const REQUEST_FLAGS: u16 = REQUEST_UNICAST_REPLY | REQUEST_JOIN | REQUEST_RETRY | REQUEST_LEAVE;
+/// REQUEST flag: every entry names fragments of a page (see [`fragment_entry`]), not the
+/// whole page: the receiver holds the others of a partly received page.
+pub const REQUEST_FRAGMENTS: u16 = 1 << 4;
+const REQUEST_FLAGS: u16 =
+    REQUEST_UNICAST_REPLY | REQUEST_JOIN | REQUEST_RETRY | REQUEST_LEAVE | REQUEST_FRAGMENTS;
+
+/// Where a `REQUEST_FRAGMENTS` entry's fragment mask starts: page numbers stay below
+/// 2^48 (a clone point's memory is far below 2^60 bytes).
+const ENTRY_MASK_SHIFT: u32 = 48;
+/// The page number bits of an entry.
+const ENTRY_PAGE_BITS: u64 = (1 << ENTRY_MASK_SHIFT) - 1;
+/// Every fragment of a page (what a whole-page entry asks for).
+pub const ALL_FRAGMENTS: u16 = u16::MAX;
+
+/// The entry of a `REQUEST_FRAGMENTS` REQUEST asking for the fragments of `page` whose bits
+/// are set in `mask` (bit `i`: fragment index `i`).
+pub fn fragment_entry(page: u64, mask: u16) -> u64 {
+    (page & ENTRY_PAGE_BITS) | (u64::from(mask) << ENTRY_MASK_SHIFT)
+}
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -248,18 +266,27 @@ pub struct Fragment<'a> {
 pub struct Request<'a> {
     /// Pages per second the receiver can take now; 0 = no report.
     pub rate: u32,
-    /// The page numbers, 8 bytes little-endian each.
+    /// The entries, 8 bytes little-endian each: page numbers, or with `fragments` page
+    /// numbers with a fragment mask (checked non-zero when decoded).
     page_bytes: &'a [u8],
+    fragments: bool,
 }
 
 impl<'a> Request<'a> {
     /// The requested pages.
     pub fn pages(&self) -> impl ExactSizeIterator<Item = u64> + 'a {
+        self.entries().map(|(page, _)| page)
+    }
+
+    /// The requested pages, each with the fragments wanted ([`ALL_FRAGMENTS`] for a whole
+    /// page).
+    pub fn entries(&self) -> impl ExactSizeIterator<Item = (u64, u16)> + 'a {
+        let fragments = self.fragments;
         self.page_bytes
             .as_chunks::<8>()
             .0
             .iter()
-            .map(|b| u64::from_le_bytes(*b))
+            .map(move |b| split_entry(u64::from_le_bytes(*b), fragments))
     }
 
     /// How many pages are requested.
@@ -373,6 +400,14 @@ pub enum DecodeError {
         /// Payload length.
         len: u16,
     },
+    /// A `REQUEST_FRAGMENTS` entry that names no fragment.
+    #[error("fragment request entry {index} names no fragment of page {page:#x}")]
+    EmptyFragmentMask {
+        /// The entry's position in the REQUEST.
+        index: usize,
+        /// Its page.
+        page: u64,
+    },
     /// Unknown REJECT code.
     #[error("unknown reject code {0}")]
     RejectCode(u8),
@@ -388,6 +423,16 @@ pub enum DecodeError {
     /// The tag does not match: forged or corrupted.
     #[error("wrong tag: forged or corrupted")]
     BadTag,
+}
+
+/// An entry's page and fragment mask: with `fragments` as [`fragment_entry`] packs them,
+/// else a whole page.
+fn split_entry(entry: u64, fragments: bool) -> (u64, u16) {
+    if fragments {
+        (entry & ENTRY_PAGE_BITS, (entry >> ENTRY_MASK_SHIFT) as u16)
+    } else {
+        (entry, ALL_FRAGMENTS)
+    }
 }
 
 fn u16_at(bytes: &[u8], at: usize) -> u16 {
@@ -479,13 +524,19 @@ pub fn decode<'a, 'k>(
             if count > MAX_REQUEST_PAGES || REQUEST_HEADER_LEN + 8 * count != body_end {
                 return Err(DecodeError::Length { kind, len });
             }
-            Ok(Datagram::Request(
-                header,
-                Request {
-                    rate,
-                    page_bytes: &bytes[REQUEST_HEADER_LEN..body_end],
-                },
-            ))
+            let request = Request {
+                rate,
+                page_bytes: &bytes[REQUEST_HEADER_LEN..body_end],
+                fragments: header.flags & REQUEST_FRAGMENTS != 0,
+            };
+            if let Some((index, (page, _))) = request
+                .entries()
+                .enumerate()
+                .find(|(_, (_, mask))| *mask == 0)
+            {
+                return Err(DecodeError::EmptyFragmentMask { index, page });
+            }
+            Ok(Datagram::Request(header, request))
         }
         Kind::Reject => {
             let bytes = verified(key, bytes)?;
@@ -598,6 +649,9 @@ pub enum EncodeError {
     /// Flags this version does not define for the kind.
     #[error("undefined flags {0:#06x}")]
     Flags(u16),
+    /// A `REQUEST_FRAGMENTS` entry naming no fragment.
+    #[error("fragment request entry {0:#x} names no fragment")]
+    FragmentEntry(u64),
 }
 
 fn put_header(out: &mut Vec<u8>, kind: Kind, header: &Header) {
@@ -671,7 +725,8 @@ pub fn encode_fragment(
     Ok(())
 }
 
-/// Writes a REQUEST datagram into `out` (replacing its contents).
+/// Writes a REQUEST datagram into `out` (replacing its contents): `pages` are page numbers,
+/// or with `REQUEST_FRAGMENTS` in the flags, [`fragment_entry`]s.
 pub fn encode_request(
     key: &McastKey,
     out: &mut Vec<u8>,
@@ -684,6 +739,11 @@ pub fn encode_request(
     }
     if pages.len() > MAX_REQUEST_PAGES {
         return Err(EncodeError::TooManyPages(pages.len()));
+    }
+    if header.flags & REQUEST_FRAGMENTS != 0
+        && let Some(&entry) = pages.iter().find(|&&entry| split_entry(entry, true).1 == 0)
+    {
+        return Err(EncodeError::FragmentEntry(entry));
     }
     put_header(out, Kind::Request, header);
     out.extend_from_slice(&rate.to_le_bytes());
@@ -884,6 +944,75 @@ mod tests {
         assert_eq!(
             encode_request(&key, &mut out, &header(0), 0, &[0; MAX_REQUEST_PAGES + 1]),
             Err(EncodeError::TooManyPages(MAX_REQUEST_PAGES + 1))
+        );
+    }
+
+    #[test]
+    fn fragment_requests_name_pages_and_fragments_and_an_empty_mask_is_refused() {
+        let key = key();
+        let mut out = Vec::new();
+        let entries = [
+            fragment_entry(7, 0b100),
+            fragment_entry(ENTRY_PAGE_BITS, 0b011),
+            fragment_entry(0, ALL_FRAGMENTS),
+        ];
+        let flags = REQUEST_RETRY | REQUEST_FRAGMENTS;
+        encode_request(&key, &mut out, &header(flags), 0, &entries).unwrap();
+        match decode(&key, &mut out.to_vec(), |_, _| None).unwrap() {
+            Datagram::Request(h, r) => {
+                assert_eq!(h.flags, flags);
+                assert_eq!(
+                    r.entries().collect::<Vec<_>>(),
+                    [(7, 0b100), (ENTRY_PAGE_BITS, 0b011), (0, ALL_FRAGMENTS)]
+                );
+                assert_eq!(r.pages().collect::<Vec<_>>(), [7, ENTRY_PAGE_BITS, 0]);
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        // Every flipped bit, in the masks too, breaks the tag.
+        for bit in 0..out.len() * 8 {
+            let mut bad = out.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode(&key, &mut bad, |_, _| None).is_err(), "bit {bit}");
+        }
+        // A whole-page request's entries are whole pages, whatever their high bits.
+        encode_request(&key, &mut out, &header(0), 0, &[fragment_entry(7, 1)]).unwrap();
+        match decode(&key, &mut out.to_vec(), |_, _| None).unwrap() {
+            Datagram::Request(_, r) => {
+                assert_eq!(
+                    r.entries().collect::<Vec<_>>(),
+                    [(fragment_entry(7, 1), ALL_FRAGMENTS)]
+                );
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        // An entry naming no fragment is not encoded, and a forged one (tagged by a holder of
+        // the key) is refused with the entry it names.
+        assert_eq!(
+            encode_request(
+                &key,
+                &mut out,
+                &header(flags),
+                0,
+                &[fragment_entry(9, 1), 9]
+            ),
+            Err(EncodeError::FragmentEntry(9))
+        );
+        encode_request(
+            &key,
+            &mut out,
+            &header(REQUEST_RETRY),
+            0,
+            &[fragment_entry(3, 1), 9],
+        )
+        .unwrap();
+        out[6..8].copy_from_slice(&flags.to_le_bytes());
+        let body = out.len() - TAG_LEN;
+        let tag = key.tag(&out[..body]);
+        out[body..].copy_from_slice(&tag);
+        assert_eq!(
+            decode(&key, &mut out, |_, _| None),
+            Err(DecodeError::EmptyFragmentMask { index: 1, page: 9 })
         );
     }
 

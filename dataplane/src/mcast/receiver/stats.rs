@@ -29,6 +29,9 @@ pub struct ReceiverStats {
     pub pages_requested: u64,
     /// Pages requested again after their timeout.
     pub re_requests: u64,
+    /// Of those, pages partly received, asked for by their missing fragments only.
+    #[serde(default)]
+    pub fragment_re_requests: u64,
     /// REQUEST datagrams sent with `UNICAST_REPLY`.
     pub unicast_requests: u64,
     /// Report-only REQUESTs sent (no pages).

@@ -163,8 +163,11 @@ fn take_batch(
             let mut pushed = 0;
             while taken < available.min(max_pages) {
                 let job = match family.queue.pop_front() {
-                    Some(job) => {
-                        family.queued.remove(&(job.page, job.destination));
+                    Some(mut job) => {
+                        if let Some(fragments) = family.queued.remove(&(job.page, job.destination))
+                        {
+                            job.fragments = fragments;
+                        }
                         job
                     }
                     None => match family.next_push(now, config.receiver_idle) {
@@ -357,6 +360,9 @@ fn fragment_pages<'b>(
             sender: 0,
         };
         for (index, offset, len) in cut.pieces() {
+            if outgoing.job.fragments & (1 << index) == 0 {
+                continue;
+            }
             if datagrams.len() <= used {
                 datagrams.push(Vec::with_capacity(MAX_DATAGRAM_LEN));
             }
