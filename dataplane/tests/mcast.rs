@@ -711,6 +711,45 @@ fn the_clone_point_is_pushed_to_every_joined_host_without_requests() {
 }
 
 #[test]
+fn pushed_pages_lost_on_the_way_are_rebuilt_from_repairs() {
+    let _serial = serial();
+    let net = Net::new(2);
+    net.impair(2);
+    let config = McastServerConfig {
+        repair_percent: 100,
+        ..server_config()
+    };
+    let server = start_server(&net, config);
+    const FAMILY: u64 = 0x5a;
+    const PAGES: u64 = 512;
+    let family = serve_pushing(
+        &server,
+        FAMILY,
+        Ipv4Addr::new(239, 255, 1, 10),
+        PAGES,
+        vec![(0, PAGES)],
+    );
+    let receiver = start_receiver(&net, 2);
+    let sink = join(&receiver, family);
+    wait_counted(&server, "the push to finish", |stats| {
+        stats.pushed_pages >= PAGES && stats.families[0].push_remaining == 0
+    });
+    assert!(server.stats().repairs_sent > 0);
+    // What neither the push nor its repairs brought comes by demand.
+    let pages: Vec<u64> = (0..PAGES).collect();
+    receiver.request(FAMILY, &pages);
+    sink.wait_pages(PAGES as usize, Duration::from_secs(120));
+    sink.assert_complete(FAMILY, PAGES);
+    let stats = receiver.family_stats(FAMILY).unwrap();
+    assert!(stats.repair_symbols > 0, "{stats:?}");
+    assert!(
+        stats.pages_repaired > 0,
+        "20% loss and no page rebuilt: {stats:?}"
+    );
+    assert_eq!(stats.mac_failed + stats.malformed, 0, "{stats:?}");
+}
+
+#[test]
 fn a_push_pauses_when_its_hosts_leave_and_stops_with_the_family() {
     let _serial = serial();
     let net = Net::new(2);

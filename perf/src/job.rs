@@ -117,6 +117,8 @@ pub enum Mechanism {
     /// `[mcdist] push = true` (the clone point's data pages multicast ahead of demand, and
     /// late joiners sent what their siblings asked for) against `false`.
     Push,
+    /// `[mcdist] repair_percent` (REPAIRs after each block of pushed pages) against 0.
+    Repair,
 }
 
 impl Mechanism {
@@ -127,6 +129,7 @@ impl Mechanism {
             Self::Mcdist => "mcdist",
             Self::Xdp => "xdp",
             Self::Push => "push",
+            Self::Repair => "repair",
         }
     }
 
@@ -144,6 +147,7 @@ impl Mechanism {
                 vec![("rx_path", toml::Value::String("sockets".into()))],
             ),
             Self::Push => (vec![], vec![("push", toml::Value::Boolean(false))]),
+            Self::Repair => (vec![], vec![("repair_percent", toml::Value::Integer(0))]),
         }
     }
 }
@@ -225,6 +229,7 @@ struct RxCounters {
     pages_requested: u64,
     re_requests: u64,
     fragment_re_requests: u64,
+    pages_repaired: u64,
     unicast_requests: u64,
     rate_cuts: u64,
     partials_dropped: u64,
@@ -242,6 +247,7 @@ impl RxCounters {
             fragment_re_requests: after
                 .fragment_re_requests
                 .saturating_sub(before.fragment_re_requests),
+            pages_repaired: after.pages_repaired.saturating_sub(before.pages_repaired),
             unicast_requests: after
                 .unicast_requests
                 .saturating_sub(before.unicast_requests),
@@ -264,6 +270,7 @@ impl RxCounters {
         self.pages_requested += other.pages_requested;
         self.re_requests += other.re_requests;
         self.fragment_re_requests += other.fragment_re_requests;
+        self.pages_repaired += other.pages_repaired;
         self.unicast_requests += other.unicast_requests;
         self.rate_cuts += other.rate_cuts;
         self.partials_dropped += other.partials_dropped;
@@ -542,7 +549,7 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
                 .map(|c| total(&c.rx) as f64 / 1000.0 / n(&c.rx).max(1) as f64)
                 .collect()
         };
-        let remote: [(&str, &str, Vec<f64>); 16] = [
+        let remote: [(&str, &str, Vec<f64>); 17] = [
             (
                 "remote_children",
                 "clones",
@@ -586,6 +593,7 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
             ),
             ("pages_requested", "pages", rx(|r| r.pages_requested)),
             ("re_requests", "pages", rx(|r| r.re_requests)),
+            ("pages_repaired", "pages", rx(|r| r.pages_repaired)),
             (
                 "fragment_re_requests",
                 "pages",

@@ -139,6 +139,7 @@ impl NetPlane {
                 receiver_idle: Duration::from_millis(200),
                 push: settings.push,
                 send_threads: settings.send_threads as usize,
+                repair_percent: settings.repair_percent,
             },
             key,
         )
@@ -167,6 +168,12 @@ impl NetPlane {
             max_rate: settings.max_rate,
             report_interval: Duration::from_millis(50),
             max_in_flight: settings.max_in_flight as usize,
+            // The copies of completed pages are only of use with REPAIRs to decode.
+            repair_cache_pages: if settings.repair_percent == 0 {
+                0
+            } else {
+                ReceiverConfig::default().repair_cache_pages
+            },
             ..ReceiverConfig::default()
         }
     }

@@ -220,6 +220,8 @@ pub enum Kind {
     Request = 2,
     /// A page the server cannot send.
     Reject = 3,
+    /// A repair symbol of a block of pushed pages (forward error correction).
+    Repair = 4,
 }
 
 impl Kind {
@@ -228,6 +230,7 @@ impl Kind {
             1 => Some(Kind::Fragment),
             2 => Some(Kind::Request),
             3 => Some(Kind::Reject),
+            4 => Some(Kind::Repair),
             _ => None,
         }
     }
@@ -295,6 +298,48 @@ impl<'a> Request<'a> {
     }
 }
 
+/// Most pages in a block of pushed pages that REPAIRs cover.
+pub const MAX_BLOCK_PAGES: u8 = 16;
+
+/// A repair symbol of a block of pushed pages: the pages `first_page..first_page + pages`,
+/// each cut into `symbols_per_page` source symbols of `symbol_len` bytes (its fragments,
+/// the last one padded with zeros), are the originals of a Reed-Solomon code with `count`
+/// recovery symbols; this is recovery symbol `index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Repair<'a> {
+    /// The block's first page.
+    pub first_page: u64,
+    /// Pages in the block, `1..=MAX_BLOCK_PAGES`.
+    pub pages: u8,
+    /// Source symbols per page (the page's fragment count).
+    pub symbols_per_page: u8,
+    /// Bytes of every symbol: even, and the pieces of a page fit `symbols_per_page` of them.
+    pub symbol_len: u16,
+    /// This symbol's index among the block's recovery symbols, `< count`.
+    pub index: u8,
+    /// Recovery symbols of the block.
+    pub count: u8,
+    /// The symbol, `symbol_len` bytes.
+    pub data: &'a [u8],
+}
+
+impl Repair<'_> {
+    /// Whether the fields describe a block a receiver can decode.
+    fn is_valid(&self) -> bool {
+        let symbols = usize::from(self.symbols_per_page);
+        let len = usize::from(self.symbol_len);
+        (1..=MAX_BLOCK_PAGES).contains(&self.pages)
+            && (1..=MAX_FRAGMENTS).contains(&self.symbols_per_page)
+            && len > 0
+            && len % 2 == 0
+            && len <= PAGE_SIZE
+            && (symbols - 1) * len < PAGE_SIZE
+            && symbols * len >= PAGE_SIZE
+            && self.index < self.count
+            && self.data.len() == len
+    }
+}
+
 /// Why the server cannot send a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[repr(u8)]
@@ -343,13 +388,18 @@ pub enum Datagram<'a> {
     Request(Header, Request<'a>),
     /// A page that cannot be sent.
     Reject(Header, Reject),
+    /// A repair symbol of pushed pages.
+    Repair(Header, Repair<'a>),
 }
 
 impl Datagram<'_> {
     /// The common header.
     pub fn header(&self) -> &Header {
         match self {
-            Datagram::Fragment(h, _) | Datagram::Request(h, _) | Datagram::Reject(h, _) => h,
+            Datagram::Fragment(h, _)
+            | Datagram::Request(h, _)
+            | Datagram::Reject(h, _)
+            | Datagram::Repair(h, _) => h,
         }
     }
 }
@@ -407,6 +457,22 @@ pub enum DecodeError {
         index: usize,
         /// Its page.
         page: u64,
+    },
+    /// REPAIR fields that describe no decodable block.
+    #[error(
+        "repair symbol {index}/{count} of {pages} pages in {symbols} symbols of {symbol_len} bytes does not describe a block"
+    )]
+    Repair {
+        /// Pages in the block.
+        pages: u8,
+        /// Symbols per page.
+        symbols: u8,
+        /// Symbol length.
+        symbol_len: u16,
+        /// Index.
+        index: u8,
+        /// Recovery symbols.
+        count: u8,
     },
     /// Unknown REJECT code.
     #[error("unknown reject code {0}")]
@@ -485,7 +551,7 @@ pub fn decode<'a, 'k>(
     let allowed = match kind {
         Kind::Fragment => FRAGMENT_FLAGS,
         Kind::Request => REQUEST_FLAGS,
-        Kind::Reject => 0,
+        Kind::Reject | Kind::Repair => 0,
     };
     if header.flags & !allowed != 0 {
         return Err(DecodeError::Reserved {
@@ -495,7 +561,7 @@ pub fn decode<'a, 'k>(
     }
     let body_end = len - TAG_LEN;
     let fixed = match kind {
-        Kind::Fragment => FRAGMENT_HEADER_LEN,
+        Kind::Fragment | Kind::Repair => FRAGMENT_HEADER_LEN,
         Kind::Request => REQUEST_HEADER_LEN,
         Kind::Reject => REJECT_LEN - TAG_LEN,
     };
@@ -513,6 +579,13 @@ pub fn decode<'a, 'k>(
                 generation: header.generation,
             })?;
             open_fragment(key, header, bytes, reserved_error)
+        }
+        Kind::Repair => {
+            let key = fragment_key(header.family, header.generation).ok_or(DecodeError::NoKey {
+                family: header.family,
+                generation: header.generation,
+            })?;
+            open_repair(key, header, bytes, reserved_error)
         }
         Kind::Request => {
             let bytes = verified(key, bytes)?;
@@ -566,14 +639,13 @@ fn verified<'a>(key: &McastKey, bytes: &'a [u8]) -> Result<&'a [u8], DecodeError
 
 /// Opens a FRAGMENT whose header and length were checked: authenticates it, decrypts its
 /// payload in place, then checks its fields.
-fn open_fragment<'a>(
+/// Checks the AES-GCM tag of a FRAGMENT or REPAIR and decrypts its payload in place; returns
+/// its authenticated fields (bytes `0..FRAGMENT_HEADER_LEN`) and its payload.
+fn open_sealed<'a>(
     key: &FragmentKey,
-    header: Header,
     bytes: &'a mut [u8],
-    reserved_error: DecodeError,
-) -> Result<Datagram<'a>, DecodeError> {
-    let len = bytes.len();
-    let body_end = len - TAG_LEN;
+) -> Result<(&'a [u8], &'a [u8]), DecodeError> {
+    let body_end = bytes.len() - TAG_LEN;
     let (authenticated, rest) = bytes.split_at_mut(FRAGMENT_HEADER_LEN);
     let (payload, tag) = rest.split_at_mut(body_end - FRAGMENT_HEADER_LEN);
     let tag = Tag::try_from(&tag[..]).map_err(|_| DecodeError::BadTag)?;
@@ -588,7 +660,48 @@ fn open_fragment<'a>(
             0..,
         )
         .map_err(|_| DecodeError::BadTag)?;
-    let fields: &[u8] = authenticated;
+    Ok((authenticated, payload))
+}
+
+fn open_repair<'a>(
+    key: &FragmentKey,
+    header: Header,
+    bytes: &'a mut [u8],
+    reserved_error: DecodeError,
+) -> Result<Datagram<'a>, DecodeError> {
+    let (fields, payload) = open_sealed(key, bytes)?;
+    if u16_at(fields, 38) != 0 {
+        return Err(reserved_error);
+    }
+    let repair = Repair {
+        first_page: u64_at(fields, 24),
+        pages: fields[32],
+        symbols_per_page: fields[33],
+        symbol_len: u16_at(fields, 34),
+        index: fields[36],
+        count: fields[37],
+        data: payload,
+    };
+    if !repair.is_valid() {
+        return Err(DecodeError::Repair {
+            pages: repair.pages,
+            symbols: repair.symbols_per_page,
+            symbol_len: repair.symbol_len,
+            index: repair.index,
+            count: repair.count,
+        });
+    }
+    Ok(Datagram::Repair(header, repair))
+}
+
+fn open_fragment<'a>(
+    key: &FragmentKey,
+    header: Header,
+    bytes: &'a mut [u8],
+    reserved_error: DecodeError,
+) -> Result<Datagram<'a>, DecodeError> {
+    let len = bytes.len();
+    let (fields, payload) = open_sealed(key, bytes)?;
     let page = u64_at(fields, 24);
     let index = fields[32];
     let count = fields[33];
@@ -652,6 +765,9 @@ pub enum EncodeError {
     /// A `REQUEST_FRAGMENTS` entry naming no fragment.
     #[error("fragment request entry {0:#x} names no fragment")]
     FragmentEntry(u64),
+    /// REPAIR fields that describe no decodable block.
+    #[error("repair fields describe no decodable block")]
+    Repair,
 }
 
 fn put_header(out: &mut Vec<u8>, kind: Kind, header: &Header) {
@@ -708,6 +824,39 @@ pub fn encode_fragment(
     out.extend_from_slice(&(data.len() as u16).to_le_bytes());
     out.extend_from_slice(&offset.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
+    seal_payload(sealer, out, data);
+    Ok(())
+}
+
+/// Writes a REPAIR datagram into `out` (replacing its contents), sealed by `sealer` with its
+/// next nonce.
+pub fn encode_repair(
+    sealer: &FragmentSealer,
+    out: &mut Vec<u8>,
+    header: &Header,
+    repair: &Repair<'_>,
+) -> Result<(), EncodeError> {
+    if header.flags != 0 {
+        return Err(EncodeError::Flags(header.flags));
+    }
+    if !repair.is_valid() {
+        return Err(EncodeError::Repair);
+    }
+    put_header(out, Kind::Repair, header);
+    out.extend_from_slice(&repair.first_page.to_le_bytes());
+    out.push(repair.pages);
+    out.push(repair.symbols_per_page);
+    out.extend_from_slice(&repair.symbol_len.to_le_bytes());
+    out.push(repair.index);
+    out.push(repair.count);
+    out.extend_from_slice(&0u16.to_le_bytes());
+    seal_payload(sealer, out, repair.data);
+    Ok(())
+}
+
+/// Appends the next nonce and `data` to the fields in `out`, encrypts `data` under the
+/// fields (and nonce) as additional data, and appends the tag.
+fn seal_payload(sealer: &FragmentSealer, out: &mut Vec<u8>, data: &[u8]) {
     let nonce = sealer.next_nonce();
     out.extend_from_slice(&nonce);
     out.extend_from_slice(data);
@@ -722,7 +871,6 @@ pub fn encode_fragment(
         )
         .expect("a fragment is far below AES-GCM's message limit");
     out.extend_from_slice(tag.as_ref());
-    Ok(())
 }
 
 /// Writes a REQUEST datagram into `out` (replacing its contents): `pages` are page numbers,
@@ -1013,6 +1161,107 @@ mod tests {
         assert_eq!(
             decode(&key, &mut out, |_, _| None),
             Err(DecodeError::EmptyFragmentMask { index: 1, page: 9 })
+        );
+    }
+
+    #[test]
+    fn repairs_round_trip_and_forged_or_garbled_ones_are_refused() {
+        let key = key();
+        let family_key = key.fragment_key(FAMILY, GENERATION);
+        let symbol = [9u8; 1368];
+        let repair = Repair {
+            first_page: 40,
+            pages: 16,
+            symbols_per_page: 3,
+            symbol_len: 1368,
+            index: 11,
+            count: 12,
+            data: &symbol,
+        };
+        let mut out = Vec::new();
+        encode_repair(&sealer(&key), &mut out, &header(0), &repair).unwrap();
+        assert_eq!(out.len(), FRAGMENT_HEADER_LEN + 1368 + TAG_LEN);
+        assert_eq!(
+            decode(&key, &mut out.clone(), |_, _| Some(&family_key)).unwrap(),
+            Datagram::Repair(header(0), repair)
+        );
+        for bit in 0..out.len() * 8 {
+            let mut bad = out.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode(&key, &mut bad, |_, _| Some(&family_key)).is_err(),
+                "bit {bit} flipped was accepted"
+            );
+        }
+        assert_eq!(
+            decode(&key, &mut out.clone(), |_, _| None),
+            Err(DecodeError::NoKey {
+                family: FAMILY,
+                generation: GENERATION
+            })
+        );
+        // Fields that describe no block are refused when encoding, and when decoding even
+        // under a valid tag (a holder of the key sealing nonsense).
+        let nonsense = [
+            Repair { pages: 0, ..repair },
+            Repair {
+                pages: MAX_BLOCK_PAGES + 1,
+                ..repair
+            },
+            Repair {
+                index: 12,
+                ..repair
+            },
+            Repair {
+                symbols_per_page: 2,
+                ..repair
+            },
+            Repair {
+                symbols_per_page: 4,
+                ..repair
+            },
+            Repair {
+                symbol_len: 1364,
+                data: &symbol[..1364],
+                ..repair
+            },
+            Repair {
+                symbol_len: 1367,
+                data: &symbol[..1367],
+                ..repair
+            },
+            Repair {
+                data: &symbol[..100],
+                ..repair
+            },
+        ];
+        for bad in nonsense {
+            assert_eq!(
+                encode_repair(&sealer(&key), &mut out, &header(0), &bad),
+                Err(EncodeError::Repair),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            encode_repair(&sealer(&key), &mut out, &header(FRAGMENT_PUSH), &repair),
+            Err(EncodeError::Flags(FRAGMENT_PUSH))
+        );
+        encode_repair(&sealer(&key), &mut out, &header(0), &repair).unwrap();
+        out[36] = 12;
+        let sealer = sealer(&key);
+        let body = out.len() - TAG_LEN;
+        let (fields, payload) = out[..body].split_at(FRAGMENT_HEADER_LEN);
+        let mut resealed = fields[..FRAGMENT_NONCE_OFFSET].to_vec();
+        seal_payload(&sealer, &mut resealed, &vec![9u8; payload.len()]);
+        assert_eq!(
+            decode(&key, &mut resealed, |_, _| Some(&family_key)),
+            Err(DecodeError::Repair {
+                pages: 16,
+                symbols: 3,
+                symbol_len: 1368,
+                index: 12,
+                count: 12
+            })
         );
     }
 

@@ -41,6 +41,9 @@ pub struct ReceiverConfig {
     /// receiver, so a timeout measures the network, not a deep queue, and a fault asked for
     /// after a large prefetch waits behind at most this many pages.
     pub max_in_flight: usize,
+    /// Completed pages of which a copy is kept for the push stream's REPAIRs (the pages of a
+    /// block that arrived are what rebuilds the others); 0 keeps none.
+    pub repair_cache_pages: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -58,6 +61,7 @@ impl Default for ReceiverConfig {
             max_partial_pages: 1024,
             partial_timeout: Duration::from_secs(2),
             max_in_flight: 512,
+            repair_cache_pages: 1024,
         }
     }
 }

@@ -180,6 +180,7 @@ impl ReceiverCore {
         };
         write(&self.fragment_keys).remove(&family);
         state.reassembly.forget_family(family);
+        state.repairs.leave(family);
         self.outgoing().send(
             &mut state.scratch,
             &mut left,

@@ -44,6 +44,12 @@ pub struct ReceiverStats {
     pub unicast_fragments: u64,
     /// Fragments that came with the `PUSH` flag.
     pub pushed_fragments: u64,
+    /// REPAIRs (recovery symbols of pushed pages) of a joined family and generation.
+    #[serde(default)]
+    pub repair_symbols: u64,
+    /// Pages rebuilt from REPAIRs.
+    #[serde(default)]
+    pub pages_repaired: u64,
     /// Times the rate was cut.
     pub rate_cuts: u64,
     /// Request-to-page times sampled (pages never re-requested), and their sum in µs: their

@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use super::config::McastServerConfig;
 use super::family::{Destination, FamilyState, Job, ServerState};
+use super::repairs::{PushedPage, send_repairs};
 use super::service::McastService;
 use super::stats::{Counters, bump};
 use crate::mcast::sys;
 use crate::mcast::wire::{
-    self, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, FragmentSealer, Header, MAX_DATAGRAM_LEN,
-    Reject, RejectCode,
+    self, ALL_FRAGMENTS, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, FragmentSealer, Header,
+    MAX_DATAGRAM_LEN, Reject, RejectCode,
 };
 use crate::server::PageStore;
 use crate::sync::{self, Never, lock};
@@ -309,6 +310,23 @@ fn send_pages(service: &McastService, scratch: &mut SendScratch) {
         .collect();
     let outcome = send_list(service, &list, &sent_pages);
     count_sent(&service.counters, &list, &outcome, &sent_pages);
+    let pushed: Vec<PushedPage<'_>> = batch
+        .iter()
+        .filter(|o| {
+            o.job.push
+                && o.job.destination == Destination::Group
+                && o.job.fragments == ALL_FRAGMENTS
+        })
+        .map(|o| PushedPage {
+            family: o.family,
+            generation: o.generation,
+            page: o.job.page,
+            to: o.to,
+            store: o.store.as_ref(),
+            sealer: &o.sealer,
+        })
+        .collect();
+    send_repairs(service, &pushed);
     batch.clear();
 }
 
