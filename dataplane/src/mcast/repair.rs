@@ -25,7 +25,7 @@ impl Shape {
     /// The shape of a sender's fragmentation; `None` when its fragments are of odd length
     /// (the code needs even symbols; [`Fragmentation::for_mtu`] never cuts so).
     pub(crate) fn of(cut: Fragmentation) -> Option<Shape> {
-        (cut.payload % 2 == 0).then_some(Shape {
+        cut.payload.is_multiple_of(2).then_some(Shape {
             symbols_per_page: cut.count,
             symbol_len: cut.payload,
         })

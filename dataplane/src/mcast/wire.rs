@@ -331,7 +331,7 @@ impl Repair<'_> {
         (1..=MAX_BLOCK_PAGES).contains(&self.pages)
             && (1..=MAX_FRAGMENTS).contains(&self.symbols_per_page)
             && len > 0
-            && len % 2 == 0
+            && len.is_multiple_of(2)
             && len <= PAGE_SIZE
             && (symbols - 1) * len < PAGE_SIZE
             && symbols * len >= PAGE_SIZE

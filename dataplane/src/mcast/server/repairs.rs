@@ -107,7 +107,7 @@ fn send_block(
             data: symbol,
         };
         let mut out = Vec::new();
-        match wire::encode_repair(&first.sealer, &mut out, &header, &repair) {
+        match wire::encode_repair(first.sealer, &mut out, &header, &repair) {
             Ok(()) => datagrams.push(out),
             Err(error) => {
                 tracing::warn!(%error, "mcdist server: encoding a repair failed");
