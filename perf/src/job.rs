@@ -21,16 +21,24 @@
 //! `--mechanisms` entry adds a cluster with that mechanism off; every run
 //! goes over the default cluster and each mechanism-off cluster in turn, so
 //! a mechanism's effect is a ratio of job times from the same run.
+//!
+//! With `--loss`, every remote job runs once on the clean switch and once per
+//! loss percentage with the switch impaired (that loss and `--reorder`% of
+//! mcdist's datagrams held back), back to back on the same cluster, so each
+//! `loss_to_lossless` is a ratio of job times from the same run; the clone
+//! hosts' receiver counters say where the time went.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 use snowflock_control::VmOutcome;
 use snowflock_control::client::ApiClient;
 use snowflock_control::config::PopulateMode;
+use snowflock_control::protocol::{ApiRequest, ApiResponse};
 use snowflock_control::{Supervisor, SupervisorConfig};
+use snowflock_dataplane::mcast::receiver::ReceiverStats;
 use snowflock_vmm::KvmHypervisor;
 use snowflock_vmm::memory::HostPages;
 
@@ -128,6 +136,8 @@ pub enum Mechanism {
     /// `[limits] idle_cache_mib` (page caches kept after their clones ended, for the next
     /// clones from the same checkpoint) against 0.
     Linger,
+    /// `[mcdist] repair_percent` (REPAIRs after each block of pushed pages) against 0.
+    Repair,
 }
 
 impl Mechanism {
@@ -142,6 +152,7 @@ impl Mechanism {
             Self::Push => "push",
             Self::Populate => "populate",
             Self::Linger => "linger",
+            Self::Repair => "repair",
         }
     }
 
@@ -169,6 +180,7 @@ impl Mechanism {
                 vec![],
             ),
             Self::Linger => (vec![("idle_cache_mib", toml::Value::Integer(0))], vec![]),
+            Self::Repair => (vec![], vec![("repair_percent", toml::Value::Integer(0))]),
         }
     }
 }
@@ -183,6 +195,11 @@ pub struct Config {
     pub mechanisms: Vec<Mechanism>,
     pub state_mib: u64,
     pub write_every: u32,
+    /// Loss percentages on the switch (remote mode): each job runs without loss and with
+    /// each of these; empty: without loss only.
+    pub loss: Vec<u32>,
+    /// Percentage of datagrams held back (reordered) while a loss is on.
+    pub reorder: u32,
     /// The daemons and the number of measured runs.
     pub setup: Setup,
 }
@@ -248,6 +265,66 @@ struct Counters {
     served_bytes: u64,
     /// Pages the memory servers multicast before any clone asked (push).
     pushed_pages: u64,
+    /// What the clone hosts' mcdist receivers counted over the job.
+    rx: RxCounters,
+}
+
+/// Loss recovery and rate control on the clone hosts (every host but h1).
+#[derive(Debug, Clone, Copy, Default)]
+struct RxCounters {
+    pages_requested: u64,
+    re_requests: u64,
+    fragment_re_requests: u64,
+    pages_repaired: u64,
+    unicast_requests: u64,
+    rate_cuts: u64,
+    partials_dropped: u64,
+    duplicate_fragments: u64,
+    rtt_samples: u64,
+    rtt_total_us: u64,
+    retry_wait_total_us: u64,
+}
+
+impl RxCounters {
+    fn since(after: &ReceiverStats, before: &ReceiverStats) -> RxCounters {
+        RxCounters {
+            pages_requested: after.pages_requested.saturating_sub(before.pages_requested),
+            re_requests: after.re_requests.saturating_sub(before.re_requests),
+            fragment_re_requests: after
+                .fragment_re_requests
+                .saturating_sub(before.fragment_re_requests),
+            pages_repaired: after.pages_repaired.saturating_sub(before.pages_repaired),
+            unicast_requests: after
+                .unicast_requests
+                .saturating_sub(before.unicast_requests),
+            rate_cuts: after.rate_cuts.saturating_sub(before.rate_cuts),
+            partials_dropped: after
+                .partials_dropped
+                .saturating_sub(before.partials_dropped),
+            duplicate_fragments: after
+                .duplicate_fragments
+                .saturating_sub(before.duplicate_fragments),
+            rtt_samples: after.rtt_samples.saturating_sub(before.rtt_samples),
+            rtt_total_us: after.rtt_total_us.saturating_sub(before.rtt_total_us),
+            retry_wait_total_us: after
+                .retry_wait_total_us
+                .saturating_sub(before.retry_wait_total_us),
+        }
+    }
+
+    fn add(&mut self, other: RxCounters) {
+        self.pages_requested += other.pages_requested;
+        self.re_requests += other.re_requests;
+        self.fragment_re_requests += other.fragment_re_requests;
+        self.pages_repaired += other.pages_repaired;
+        self.unicast_requests += other.unicast_requests;
+        self.rate_cuts += other.rate_cuts;
+        self.partials_dropped += other.partials_dropped;
+        self.duplicate_fragments += other.duplicate_fragments;
+        self.rtt_samples += other.rtt_samples;
+        self.rtt_total_us += other.rtt_total_us;
+        self.retry_wait_total_us += other.retry_wait_total_us;
+    }
 }
 
 /// What every host's memory server sent so far.
@@ -275,8 +352,8 @@ impl Sample {
     }
 }
 
-/// Samples by (mode, variant, job, clones), in run order.
-type Samples = BTreeMap<(Mode, &'static str, Job, u32), Vec<Sample>>;
+/// Samples by (mode, variant, job, clones, loss percentage), in run order.
+type Samples = BTreeMap<(Mode, &'static str, Job, u32, u32), Vec<Sample>>;
 
 /// The variant of a cluster with every mechanism at its default.
 const DEFAULT_VARIANT: &str = "default";
@@ -292,6 +369,16 @@ pub fn run(config: &Config, sink: &mut dyn Sink) -> Result<()> {
         .is_some_and(|c| c.is_empty() || c.contains(&0))
     {
         bail!("--clones needs counts of at least 1");
+    }
+    if !config.loss.is_empty() && !config.modes.contains(&Mode::Remote) {
+        bail!("--loss impairs the switch of the remote mode: add --mode remote");
+    }
+    if config
+        .loss
+        .iter()
+        .any(|&l| l == 0 || l + config.reorder > 100)
+    {
+        bail!("--loss needs percentages of at least 1, and loss + reorder at most 100");
     }
     let mut samples = Samples::new();
     for run in 1..=config.setup.runs {
@@ -337,7 +424,7 @@ fn local_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
                 );
             }
             samples
-                .entry((Mode::Local, DEFAULT_VARIANT, job, n))
+                .entry((Mode::Local, DEFAULT_VARIANT, job, n, 0))
                 .or_default()
                 .push(Sample::parse(job, &seen)?);
         }
@@ -351,22 +438,32 @@ fn remote_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
     for (variant, off) in variants {
         let (limits, mcdist) = off.map(Mechanism::off).unwrap_or_default();
         let (cluster, _dir) = up(&config.setup, HOSTS, SLOTS, &limits, &mcdist)?;
-        let socket = cluster.host(0)?.socket.clone();
+        let sockets: Vec<PathBuf> = cluster.hosts().iter().map(|h| h.socket.clone()).collect();
+        let losses: Vec<u32> = std::iter::once(0)
+            .chain(config.loss.iter().copied())
+            .collect();
         for &job in &config.jobs {
             for &n in config.counts(Mode::Remote) {
-                let label = match off {
-                    None => String::new(),
-                    Some(m) => format!(" ({} off)", m.name()),
-                };
-                eprintln!(
-                    "{BENCH}: remote {} {n} clones{label}, run {run}",
-                    job.name()
-                );
-                let sample = remote_job(config, &socket, job, n)?;
-                samples
-                    .entry((Mode::Remote, variant, job, n))
-                    .or_default()
-                    .push(sample);
+                for &loss in &losses {
+                    let mut label = match off {
+                        None => String::new(),
+                        Some(m) => format!(" ({} off)", m.name()),
+                    };
+                    if loss > 0 {
+                        label += &format!(" at {loss}% loss, {}% reordered", config.reorder);
+                    }
+                    eprintln!(
+                        "{BENCH}: remote {} {n} clones{label}, run {run}",
+                        job.name()
+                    );
+                    cluster.impair(loss, if loss > 0 { config.reorder } else { 0 })?;
+                    let sample = remote_job(config, &sockets, job, n);
+                    cluster.impair(0, 0)?;
+                    samples
+                        .entry((Mode::Remote, variant, job, n, loss))
+                        .or_default()
+                        .push(sample?);
+                }
             }
         }
         cluster.down()?;
@@ -397,8 +494,25 @@ fn snapshot(
     Ok((clones, served))
 }
 
-fn remote_job(config: &Config, socket: &Path, job: Job, n: u32) -> Result<Sample> {
+/// Every clone host's receiver counters (all hosts but h1, the parent's).
+fn receivers(sockets: &[PathBuf]) -> Result<Vec<ReceiverStats>> {
+    sockets[1..]
+        .iter()
+        .map(|socket| {
+            match ApiClient::new(socket, Some(std::time::Duration::from_secs(60)))
+                .call(&ApiRequest::NetShow)?
+            {
+                ApiResponse::Net(status) => Ok(status.rx),
+                other => bail!("sf net show answered {other:?}"),
+            }
+        })
+        .collect()
+}
+
+fn remote_job(config: &Config, sockets: &[PathBuf], job: Job, n: u32) -> Result<Sample> {
     let (args, mem) = config.args(Mode::Remote, job, n);
+    let socket = sockets.first().context("a cluster without hosts")?;
+    let rx_before = receivers(sockets)?;
     let (before, served_before) = snapshot(socket)?;
     let seen: HashSet<(String, u64)> = before.into_iter().map(|(h, c)| (h, c.vm)).collect();
     let end = run_job(socket, job.name(), mem, &args)?;
@@ -409,7 +523,12 @@ fn remote_job(config: &Config, socket: &Path, job: Job, n: u32) -> Result<Sample
         bail!("granted {} and {} of {n} clones", cold.clones, warm.clones);
     }
     let (after, served_after) = snapshot(socket)?;
+    let mut rx = RxCounters::default();
+    for (after, before) in receivers(sockets)?.iter().zip(&rx_before) {
+        rx.add(RxCounters::since(after, before));
+    }
     let mut counters = Counters {
+        rx,
         served_bytes: served_after.bytes.saturating_sub(served_before.bytes),
         pushed_pages: served_after
             .pushed_pages
@@ -461,7 +580,7 @@ impl Counters {
 }
 
 fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()> {
-    for (&(mode, variant, job, n), list) in samples {
+    for (&(mode, variant, job, n, loss), list) in samples {
         let (args, _) = config.args(mode, job, n);
         let mut params = Map::new();
         params.insert("mode".into(), json!(mode.name()));
@@ -473,6 +592,9 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
         );
         params.insert("variant".into(), json!(variant));
         params.insert("args".into(), json!(args));
+        if mode == Mode::Remote && !config.loss.is_empty() {
+            insert_loss(&mut params, loss, config.reorder);
+        }
         let series = |f: fn(&Sample) -> f64| -> Vec<f64> { list.iter().map(f).collect() };
         let times: [(&str, &str, Vec<f64>); 6] = [
             ("job_ms", "ms", series(|s| s.job_ms)),
@@ -511,7 +633,16 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
             continue;
         }
         let per_child = |c: &Counters, v: u64| v as f64 / c.remote_children.max(1) as f64;
-        let remote: [(&str, &str, Vec<f64>); 7] = [
+        let rx = |f: fn(&RxCounters) -> u64| -> Vec<f64> {
+            counters.iter().map(|c| f(&c.rx) as f64).collect()
+        };
+        let mean = |total: fn(&RxCounters) -> u64, n: fn(&RxCounters) -> u64| -> Vec<f64> {
+            counters
+                .iter()
+                .map(|c| total(&c.rx) as f64 / 1000.0 / n(&c.rx).max(1) as f64)
+                .collect()
+        };
+        let remote: [(&str, &str, Vec<f64>); 17] = [
             (
                 "remote_children",
                 "clones",
@@ -553,6 +684,32 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
                     .map(|c| c.served_bytes as f64 / f64::from(1 << 20))
                     .collect(),
             ),
+            ("pages_requested", "pages", rx(|r| r.pages_requested)),
+            ("re_requests", "pages", rx(|r| r.re_requests)),
+            ("pages_repaired", "pages", rx(|r| r.pages_repaired)),
+            (
+                "fragment_re_requests",
+                "pages",
+                rx(|r| r.fragment_re_requests),
+            ),
+            ("unicast_requests", "requests", rx(|r| r.unicast_requests)),
+            ("rate_cuts", "cuts", rx(|r| r.rate_cuts)),
+            ("partials_dropped", "pages", rx(|r| r.partials_dropped)),
+            (
+                "duplicate_fragments",
+                "fragments",
+                rx(|r| r.duplicate_fragments),
+            ),
+            (
+                "mean_rtt_ms",
+                "ms",
+                mean(|r| r.rtt_total_us, |r| r.rtt_samples),
+            ),
+            (
+                "mean_retry_wait_ms",
+                "ms",
+                mean(|r| r.retry_wait_total_us, |r| r.re_requests),
+            ),
         ];
         for (metric, unit, values) in remote {
             emit(sink, BENCH, metric, &values, unit, &params)?;
@@ -582,7 +739,40 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
             emit(sink, BENCH, metric, &values, unit, &params)?;
         }
     }
-    mechanism_ratios(config, samples, sink)
+    mechanism_ratios(config, samples, sink)?;
+    loss_ratios(config, samples, sink)
+}
+
+/// `params.loss` and `params.reorder` of a record measured with `loss`% loss (0: none).
+fn insert_loss(params: &mut Map<String, Value>, loss: u32, reorder: u32) {
+    params.insert("loss".into(), json!(loss));
+    params.insert("reorder".into(), json!(if loss > 0 { reorder } else { 0 }));
+}
+
+/// Per variant, job, clone count and loss: job time with the loss over job time
+/// without it, run by run (the two ran back to back on the same cluster).
+fn loss_ratios(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()> {
+    for (&(mode, variant, job, n, loss), lossy) in samples {
+        if loss == 0 {
+            continue;
+        }
+        let Some(lossless) = samples.get(&(mode, variant, job, n, 0)) else {
+            continue;
+        };
+        let ratios: Vec<f64> = lossy
+            .iter()
+            .zip(lossless)
+            .map(|(lossy, lossless)| lossy.job_ms / lossless.job_ms.max(f64::MIN_POSITIVE))
+            .collect();
+        let mut params = Map::new();
+        params.insert("mode".into(), json!(mode.name()));
+        params.insert("job".into(), json!(job.name()));
+        params.insert("clones".into(), json!(n));
+        params.insert("variant".into(), json!(variant));
+        insert_loss(&mut params, loss, config.reorder);
+        emit(sink, BENCH, "loss_to_lossless", &ratios, "ratio", &params)?;
+    }
+    Ok(())
 }
 
 /// Per mechanism, job and clone count: job time with the mechanism off over
@@ -590,9 +780,13 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
 fn mechanism_ratios(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()> {
     for &mechanism in &config.mechanisms {
         for &job in &config.jobs {
-            for &n in config.counts(Mode::Remote) {
-                let on = samples.get(&(Mode::Remote, DEFAULT_VARIANT, job, n));
-                let off = samples.get(&(Mode::Remote, mechanism.name(), job, n));
+            for (&n, loss) in config.counts(Mode::Remote).iter().flat_map(|n| {
+                std::iter::once(0)
+                    .chain(config.loss.iter().copied())
+                    .map(move |l| (n, l))
+            }) {
+                let on = samples.get(&(Mode::Remote, DEFAULT_VARIANT, job, n, loss));
+                let off = samples.get(&(Mode::Remote, mechanism.name(), job, n, loss));
                 let (Some(on), Some(off)) = (on, off) else {
                     continue;
                 };
@@ -606,6 +800,9 @@ fn mechanism_ratios(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> 
                 params.insert("job".into(), json!(job.name()));
                 params.insert("clones".into(), json!(n));
                 params.insert("mechanism".into(), json!(mechanism.name()));
+                if !config.loss.is_empty() {
+                    insert_loss(&mut params, loss, config.reorder);
+                }
                 emit(sink, BENCH, "off_to_on_job_ms", &ratios, "ratio", &params)?;
                 let warm_ratios: Vec<f64> = on
                     .iter()

@@ -493,6 +493,7 @@ pub fn run(
                         receiver_idle: Duration::from_millis(200),
                         push: false,
                         send_threads,
+                        repair_percent: 0,
                     },
                     &server_key,
                 )

@@ -196,8 +196,15 @@ fn status_text(s: &NetStatus) -> String {
     );
     let _ = writeln!(
         out,
-        "requests out {} re-requests, {} unicast end-game requests, {} rejects; {} pages awaited ({} waiting for the window), rate {} pages/s",
-        r.re_requests, r.unicast_requests, r.rejects, r.outstanding, r.queued, r.rate
+        "requests out {} re-requests ({} by missing fragments), {} unicast end-game requests, {} rejects; {} pages awaited ({} waiting for the window), rate {} pages/s ({} cuts)",
+        r.re_requests,
+        r.fragment_re_requests,
+        r.unicast_requests,
+        r.rejects,
+        r.outstanding,
+        r.queued,
+        r.rate,
+        r.rate_cuts
     );
     let t = &s.tx;
     let _ = writeln!(

@@ -139,6 +139,7 @@ impl NetPlane {
                 receiver_idle: Duration::from_millis(200),
                 push: settings.push,
                 send_threads: settings.send_threads as usize,
+                repair_percent: settings.repair_percent,
             },
             key,
         )
@@ -161,14 +162,18 @@ impl NetPlane {
         ReceiverConfig {
             local_addr: self.local,
             port: settings.rx_port,
-            // Above the suppression window, so a re-request is not taken for a duplicate.
-            rto_min: Duration::from_millis(settings.suppression_ms + 3),
             rto_max: Duration::from_millis(200),
             unicast_after: 3,
             initial_rate: settings.initial_rate,
             max_rate: settings.max_rate,
             report_interval: Duration::from_millis(50),
             max_in_flight: settings.max_in_flight as usize,
+            // The copies of completed pages are only of use with REPAIRs to decode.
+            repair_cache_pages: if settings.repair_percent == 0 {
+                0
+            } else {
+                ReceiverConfig::default().repair_cache_pages
+            },
             ..ReceiverConfig::default()
         }
     }

@@ -5,6 +5,7 @@
 //! receives it and keeps it in its host page cache.
 //!
 //! - [`wire`]: the datagrams and their tags.
+//! - `repair`: forward error correction of the push stream (Reed-Solomon over fragments).
 //! - [`server`]: the server (request handling, duplicate suppression, pacing, unicast end
 //!   game, push).
 //! - [`receiver`]: the receive side: the transport-free [`ReceiverCore`] (authentication,
@@ -15,6 +16,7 @@
 mod rate;
 mod reassembly;
 pub mod receiver;
+mod repair;
 pub mod server;
 mod sys;
 pub mod wire;

@@ -66,10 +66,12 @@ impl TokenBucket {
 /// A receiver's estimate of the rate it can take, updated once per report interval from the
 /// share of its requested pages that had to be re-requested (lost).
 ///
-/// A loss share well above its running average means the receiver (or the path to it) is
-/// overrun: the rate drops to 70%. A steady share, however high (random loss on a lossy
-/// link), cuts nothing: lowering the rate would not lower it, and would starve the clones;
-/// then the rate grows additively, as it does without loss.
+/// Random loss is not congestion: on a lossy link a share of the pages is lost whatever the
+/// rate, and sending slower would not lower it, only starve the clones. So an interval is
+/// taken for overload only when its loss share is well above the long-run loss rate: by more
+/// than [`LOSS_MARGIN`] and by more than [`SIGMAS`] standard deviations of what random loss
+/// at that rate gives over the interval's pages, with at least [`MIN_LOST`] pages lost. Then
+/// the rate drops to 70%; otherwise it grows additively.
 #[derive(Debug)]
 pub(crate) struct AimdRate {
     rate: u32,
@@ -78,18 +80,27 @@ pub(crate) struct AimdRate {
     step: u32,
     completed: u32,
     lost: u32,
-    /// Running average of the loss share; starts at 0 (a path is assumed clean until seen).
-    average_loss: f64,
+    /// Long-run loss share: a slow running average over intervals with requests. Starts at
+    /// the receiver's own long-run share (see [`AimdRate::with_long_run_loss`]), so a new
+    /// family on a lossy link does not take the link's usual loss for overload.
+    long_run_loss: f64,
 }
 
 /// The rate grows from `min` to `max` in this many report intervals without rising loss.
 const INCREASE_STEPS: u32 = 32;
-/// A loss share this much above twice its running average is taken for overload.
+/// An overloaded interval's loss share is at least this much above the long-run share...
 const LOSS_MARGIN: f64 = 0.05;
+/// ...and this many standard deviations of random loss at the long-run share above it...
+const SIGMAS: f64 = 3.0;
+/// ...with at least this many pages lost (a few retries of slow pages are no signal).
+const MIN_LOST: u32 = 4;
 /// What an overloaded interval leaves of the rate.
 const CUT: f64 = 0.7;
-/// Weight of the newest interval in the running average.
-const AVERAGE_WEIGHT: f64 = 0.25;
+/// Weight of the newest interval in the long-run share: about the last 16 intervals.
+const LONG_RUN_WEIGHT: f64 = 1.0 / 16.0;
+/// The long-run share is never taken above this: losing nearly everything (an overrun
+/// receiver, a dead path) stays overload however long it lasts.
+const LONG_RUN_CAP: f64 = 0.75;
 
 impl AimdRate {
     /// Starts at `initial`, kept within `min..=max` (`min` at least 1).
@@ -103,8 +114,20 @@ impl AimdRate {
             step: ((max - min) / INCREASE_STEPS).max(1),
             completed: 0,
             lost: 0,
-            average_loss: 0.0,
+            long_run_loss: 0.0,
         }
+    }
+
+    /// Starts from the long-run loss share `share` (clamped to `0..=`[`LONG_RUN_CAP`]) seen
+    /// elsewhere on the same path.
+    pub(crate) fn with_long_run_loss(mut self, share: f64) -> AimdRate {
+        self.long_run_loss = share.clamp(0.0, LONG_RUN_CAP);
+        self
+    }
+
+    /// The long-run loss share.
+    pub(crate) fn long_run_loss(&self) -> f64 {
+        self.long_run_loss
     }
 
     /// The current estimate.
@@ -122,21 +145,21 @@ impl AimdRate {
         self.lost = self.lost.saturating_add(pages);
     }
 
-    /// A report interval ended: cuts the rate if its loss share rose well above the usual,
-    /// grows it otherwise. Returns whether it cut.
+    /// A report interval ended: cuts the rate if its loss share rose well above the long-run
+    /// share, grows it otherwise. Returns whether it cut.
     pub(crate) fn on_interval(&mut self) -> bool {
-        let total = self.completed + self.lost;
-        let share = if total == 0 {
-            0.0
-        } else {
-            f64::from(self.lost) / f64::from(total)
-        };
+        let (lost, total) = (self.lost, self.completed.saturating_add(self.lost));
         self.completed = 0;
         self.lost = 0;
-        let overloaded = share > LOSS_MARGIN + 2.0 * self.average_loss;
-        if total > 0 {
-            self.average_loss += AVERAGE_WEIGHT * (share - self.average_loss);
+        if total == 0 {
+            self.rate = self.rate.saturating_add(self.step).min(self.max);
+            return false;
         }
+        let share = f64::from(lost) / f64::from(total);
+        let usual = self.long_run_loss;
+        let deviation = (usual * (1.0 - usual) / f64::from(total)).sqrt();
+        let overloaded = lost >= MIN_LOST && share > usual + LOSS_MARGIN.max(SIGMAS * deviation);
+        self.long_run_loss = (usual + LONG_RUN_WEIGHT * (share - usual)).min(LONG_RUN_CAP);
         if overloaded {
             let cut = ((f64::from(self.rate) * CUT) as u32).max(self.min);
             let changed = cut < self.rate;
@@ -178,39 +201,89 @@ mod tests {
         assert_eq!(fast.available(), 64);
     }
 
-    #[test]
-    fn rising_loss_cuts_the_rate_and_steady_loss_does_not() {
-        let mut rate = AimdRate::new(32_000, 1000, 33_000);
-        // Clean intervals grow it.
-        for _ in 0..3 {
-            rate.on_completed();
-            assert!(!rate.on_interval());
+    /// A fixed-seed xorshift draw in `0..1`, so the tests see the same "random" loss each run.
+    struct Draw(u64);
+
+    impl Draw {
+        fn next(&mut self) -> f64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
         }
-        assert_eq!(rate.rate(), 33_000, "never above the maximum");
-        // Loss appears: overload.
-        for _ in 0..10 {
-            rate.on_completed();
-        }
-        rate.on_loss(10);
-        assert!(rate.on_interval());
-        assert_eq!(rate.rate(), 23_100);
-        // The same share again and again becomes the usual one: no more cuts, growth again.
-        let mut cuts = 0;
-        for _ in 0..40 {
-            for _ in 0..10 {
+    }
+
+    /// One report interval in which `pages` requested pages each were lost with probability
+    /// `loss`; returns whether the rate was cut.
+    fn interval(rate: &mut AimdRate, draw: &mut Draw, pages: u32, loss: f64) -> bool {
+        for _ in 0..pages {
+            if draw.next() < loss {
+                rate.on_loss(1);
+            } else {
                 rate.on_completed();
             }
-            rate.on_loss(10);
-            cuts += u32::from(rate.on_interval());
         }
-        assert!(cuts <= 4, "{cuts} cuts for a steady loss share");
-        assert_eq!(rate.rate(), 33_000);
-        // A jump above the usual share cuts again, never below the minimum.
+        rate.on_interval()
+    }
+
+    #[test]
+    fn random_loss_is_not_taken_for_congestion() {
+        let mut draw = Draw(0x9e37_79b9_7f4a_7c15);
+        // A receiver that knows its path loses a fifth of the pages: never a cut, and the
+        // rate grows to its maximum as on a clean path.
+        let mut seeded = AimdRate::new(20_000, 2_000, 200_000).with_long_run_loss(0.2);
+        let cuts: u32 = (0..300)
+            .map(|_| u32::from(interval(&mut seeded, &mut draw, 100, 0.2)))
+            .sum();
+        assert_eq!(cuts, 0, "steady random loss cut the rate");
+        assert_eq!(seeded.rate(), 200_000);
+        assert!((seeded.long_run_loss() - 0.2).abs() < 0.05);
+        // A receiver new to the path takes the first lossy intervals for overload, then learns
+        // the usual share and stops cutting.
+        let mut fresh = AimdRate::new(20_000, 2_000, 200_000);
+        let early: u32 = (0..40)
+            .map(|_| u32::from(interval(&mut fresh, &mut draw, 100, 0.2)))
+            .sum();
+        let late: u32 = (0..260)
+            .map(|_| u32::from(interval(&mut fresh, &mut draw, 100, 0.2)))
+            .sum();
+        assert!(early >= 1, "no cut when loss first appeared");
+        assert_eq!(late, 0, "cuts once the share is the usual one");
+        // Few pages, few losses: a handful of slow pages is no signal.
+        let mut quiet = AimdRate::new(20_000, 2_000, 200_000);
+        quiet.on_completed();
+        quiet.on_loss(MIN_LOST - 1);
+        assert!(!quiet.on_interval());
+    }
+
+    #[test]
+    fn loss_that_grows_with_the_rate_is_congestion_and_cuts_it_to_the_capacity() {
+        let mut draw = Draw(0x2545_f491_4f6c_dd1d);
+        // A path that takes 30 000 pages/s and drops what is sent beyond it, on top of 5%
+        // random loss the receiver already knows about.
+        let capacity = 30_000.0;
+        let mut rate = AimdRate::new(150_000, 2_000, 200_000).with_long_run_loss(0.05);
+        let mut cuts = 0;
+        let mut rates = Vec::new();
+        for _ in 0..300 {
+            let sent = f64::from(rate.rate());
+            let overflow = ((sent - capacity) / sent).max(0.0);
+            let loss = 1.0 - (1.0 - overflow) * 0.95;
+            cuts += u32::from(interval(&mut rate, &mut draw, 200, loss));
+            rates.push(f64::from(rate.rate()));
+        }
+        assert!(cuts >= 3, "{cuts} cuts");
+        let settled = rates[150..].iter().sum::<f64>() / 150.0;
+        assert!(
+            (capacity * 0.5..=capacity * 1.5).contains(&settled),
+            "settled at {settled} pages/s against a capacity of {capacity}"
+        );
+        // Never below the minimum, whatever the loss.
         for _ in 0..100 {
             rate.on_loss(1000);
             rate.on_interval();
         }
-        assert!(rate.rate() >= 1000);
+        assert_eq!(rate.rate(), 2_000);
         assert_eq!(AimdRate::new(5, 100, 50).rate(), 100);
     }
 }

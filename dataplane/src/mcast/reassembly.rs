@@ -94,6 +94,14 @@ impl Reassembly {
         self.partials.contains_key(&(family, page))
     }
 
+    /// The fragments of `page` of `family` still missing (bit `i`: fragment `i`), if it is
+    /// partly received.
+    pub(crate) fn missing(&self, family: u64, page: u64) -> Option<u16> {
+        let partial = self.partials.get(&(family, page))?;
+        let full = u16::MAX >> (16 - u32::from(partial.count));
+        Some(full & !partial.received)
+    }
+
     /// Gives a completed page's buffer back for reuse.
     pub(crate) fn recycle(&mut self, buf: PageBuf) {
         if self.spare.len() < MAX_SPARE_BUFFERS {

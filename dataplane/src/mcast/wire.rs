@@ -82,11 +82,32 @@ pub const REQUEST_JOIN: u16 = 1 << 1;
 pub const REQUEST_RETRY: u16 = 1 << 2;
 /// REQUEST flag: the receiver is done with the family.
 pub const REQUEST_LEAVE: u16 = 1 << 3;
+/// REQUEST flag: every entry names fragments of a page (see [`fragment_entry`]), not the
+/// whole page: the receiver holds the others of a partly received page.
+pub const REQUEST_FRAGMENTS: u16 = 1 << 4;
 /// REQUEST flag, with JOIN: the receiver's host kept the pages it received of the family
 /// before (it left and joins again): nothing is pushed again for it.
-pub const REQUEST_HOLDING: u16 = 1 << 4;
-const REQUEST_FLAGS: u16 =
-    REQUEST_UNICAST_REPLY | REQUEST_JOIN | REQUEST_RETRY | REQUEST_LEAVE | REQUEST_HOLDING;
+pub const REQUEST_HOLDING: u16 = 1 << 5;
+const REQUEST_FLAGS: u16 = REQUEST_UNICAST_REPLY
+    | REQUEST_JOIN
+    | REQUEST_RETRY
+    | REQUEST_LEAVE
+    | REQUEST_FRAGMENTS
+    | REQUEST_HOLDING;
+
+/// Where a `REQUEST_FRAGMENTS` entry's fragment mask starts: page numbers stay below
+/// 2^48 (a clone point's memory is far below 2^60 bytes).
+const ENTRY_MASK_SHIFT: u32 = 48;
+/// The page number bits of an entry.
+const ENTRY_PAGE_BITS: u64 = (1 << ENTRY_MASK_SHIFT) - 1;
+/// Every fragment of a page (what a whole-page entry asks for).
+pub const ALL_FRAGMENTS: u16 = u16::MAX;
+
+/// The entry of a `REQUEST_FRAGMENTS` REQUEST asking for the fragments of `page` whose bits
+/// are set in `mask` (bit `i`: fragment index `i`).
+pub fn fragment_entry(page: u64, mask: u16) -> u64 {
+    (page & ENTRY_PAGE_BITS) | (u64::from(mask) << ENTRY_MASK_SHIFT)
+}
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -206,6 +227,8 @@ pub enum Kind {
     Request = 2,
     /// A page the server cannot send.
     Reject = 3,
+    /// A repair symbol of a block of pushed pages (forward error correction).
+    Repair = 4,
 }
 
 impl Kind {
@@ -214,6 +237,7 @@ impl Kind {
             1 => Some(Kind::Fragment),
             2 => Some(Kind::Request),
             3 => Some(Kind::Reject),
+            4 => Some(Kind::Repair),
             _ => None,
         }
     }
@@ -252,23 +276,74 @@ pub struct Fragment<'a> {
 pub struct Request<'a> {
     /// Pages per second the receiver can take now; 0 = no report.
     pub rate: u32,
-    /// The page numbers, 8 bytes little-endian each.
+    /// The entries, 8 bytes little-endian each: page numbers, or with `fragments` page
+    /// numbers with a fragment mask (checked non-zero when decoded).
     page_bytes: &'a [u8],
+    fragments: bool,
 }
 
 impl<'a> Request<'a> {
     /// The requested pages.
     pub fn pages(&self) -> impl ExactSizeIterator<Item = u64> + 'a {
+        self.entries().map(|(page, _)| page)
+    }
+
+    /// The requested pages, each with the fragments wanted ([`ALL_FRAGMENTS`] for a whole
+    /// page).
+    pub fn entries(&self) -> impl ExactSizeIterator<Item = (u64, u16)> + 'a {
+        let fragments = self.fragments;
         self.page_bytes
             .as_chunks::<8>()
             .0
             .iter()
-            .map(|b| u64::from_le_bytes(*b))
+            .map(move |b| split_entry(u64::from_le_bytes(*b), fragments))
     }
 
     /// How many pages are requested.
     pub fn page_count(&self) -> usize {
         self.page_bytes.len() / 8
+    }
+}
+
+/// Most pages in a block of pushed pages that REPAIRs cover.
+pub const MAX_BLOCK_PAGES: u8 = 16;
+
+/// A repair symbol of a block of pushed pages: the pages `first_page..first_page + pages`,
+/// each cut into `symbols_per_page` source symbols of `symbol_len` bytes (its fragments,
+/// the last one padded with zeros), are the originals of a Reed-Solomon code with `count`
+/// recovery symbols; this is recovery symbol `index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Repair<'a> {
+    /// The block's first page.
+    pub first_page: u64,
+    /// Pages in the block, `1..=MAX_BLOCK_PAGES`.
+    pub pages: u8,
+    /// Source symbols per page (the page's fragment count).
+    pub symbols_per_page: u8,
+    /// Bytes of every symbol: even, and the pieces of a page fit `symbols_per_page` of them.
+    pub symbol_len: u16,
+    /// This symbol's index among the block's recovery symbols, `< count`.
+    pub index: u8,
+    /// Recovery symbols of the block.
+    pub count: u8,
+    /// The symbol, `symbol_len` bytes.
+    pub data: &'a [u8],
+}
+
+impl Repair<'_> {
+    /// Whether the fields describe a block a receiver can decode.
+    fn is_valid(&self) -> bool {
+        let symbols = usize::from(self.symbols_per_page);
+        let len = usize::from(self.symbol_len);
+        (1..=MAX_BLOCK_PAGES).contains(&self.pages)
+            && (1..=MAX_FRAGMENTS).contains(&self.symbols_per_page)
+            && len > 0
+            && len.is_multiple_of(2)
+            && len <= PAGE_SIZE
+            && (symbols - 1) * len < PAGE_SIZE
+            && symbols * len >= PAGE_SIZE
+            && self.index < self.count
+            && self.data.len() == len
     }
 }
 
@@ -320,13 +395,18 @@ pub enum Datagram<'a> {
     Request(Header, Request<'a>),
     /// A page that cannot be sent.
     Reject(Header, Reject),
+    /// A repair symbol of pushed pages.
+    Repair(Header, Repair<'a>),
 }
 
 impl Datagram<'_> {
     /// The common header.
     pub fn header(&self) -> &Header {
         match self {
-            Datagram::Fragment(h, _) | Datagram::Request(h, _) | Datagram::Reject(h, _) => h,
+            Datagram::Fragment(h, _)
+            | Datagram::Request(h, _)
+            | Datagram::Reject(h, _)
+            | Datagram::Repair(h, _) => h,
         }
     }
 }
@@ -377,6 +457,30 @@ pub enum DecodeError {
         /// Payload length.
         len: u16,
     },
+    /// A `REQUEST_FRAGMENTS` entry that names no fragment.
+    #[error("fragment request entry {index} names no fragment of page {page:#x}")]
+    EmptyFragmentMask {
+        /// The entry's position in the REQUEST.
+        index: usize,
+        /// Its page.
+        page: u64,
+    },
+    /// REPAIR fields that describe no decodable block.
+    #[error(
+        "repair symbol {index}/{count} of {pages} pages in {symbols} symbols of {symbol_len} bytes does not describe a block"
+    )]
+    Repair {
+        /// Pages in the block.
+        pages: u8,
+        /// Symbols per page.
+        symbols: u8,
+        /// Symbol length.
+        symbol_len: u16,
+        /// Index.
+        index: u8,
+        /// Recovery symbols.
+        count: u8,
+    },
     /// Unknown REJECT code.
     #[error("unknown reject code {0}")]
     RejectCode(u8),
@@ -392,6 +496,16 @@ pub enum DecodeError {
     /// The tag does not match: forged or corrupted.
     #[error("wrong tag: forged or corrupted")]
     BadTag,
+}
+
+/// An entry's page and fragment mask: with `fragments` as [`fragment_entry`] packs them,
+/// else a whole page.
+fn split_entry(entry: u64, fragments: bool) -> (u64, u16) {
+    if fragments {
+        (entry & ENTRY_PAGE_BITS, (entry >> ENTRY_MASK_SHIFT) as u16)
+    } else {
+        (entry, ALL_FRAGMENTS)
+    }
 }
 
 fn u16_at(bytes: &[u8], at: usize) -> u16 {
@@ -444,7 +558,7 @@ pub fn decode<'a, 'k>(
     let allowed = match kind {
         Kind::Fragment => FRAGMENT_FLAGS,
         Kind::Request => REQUEST_FLAGS,
-        Kind::Reject => 0,
+        Kind::Reject | Kind::Repair => 0,
     };
     if header.flags & !allowed != 0 {
         return Err(DecodeError::Reserved {
@@ -454,7 +568,7 @@ pub fn decode<'a, 'k>(
     }
     let body_end = len - TAG_LEN;
     let fixed = match kind {
-        Kind::Fragment => FRAGMENT_HEADER_LEN,
+        Kind::Fragment | Kind::Repair => FRAGMENT_HEADER_LEN,
         Kind::Request => REQUEST_HEADER_LEN,
         Kind::Reject => REJECT_LEN - TAG_LEN,
     };
@@ -473,6 +587,13 @@ pub fn decode<'a, 'k>(
             })?;
             open_fragment(key, header, bytes, reserved_error)
         }
+        Kind::Repair => {
+            let key = fragment_key(header.family, header.generation).ok_or(DecodeError::NoKey {
+                family: header.family,
+                generation: header.generation,
+            })?;
+            open_repair(key, header, bytes, reserved_error)
+        }
         Kind::Request => {
             let bytes = verified(key, bytes)?;
             let rate = u32_at(bytes, 24);
@@ -483,13 +604,19 @@ pub fn decode<'a, 'k>(
             if count > MAX_REQUEST_PAGES || REQUEST_HEADER_LEN + 8 * count != body_end {
                 return Err(DecodeError::Length { kind, len });
             }
-            Ok(Datagram::Request(
-                header,
-                Request {
-                    rate,
-                    page_bytes: &bytes[REQUEST_HEADER_LEN..body_end],
-                },
-            ))
+            let request = Request {
+                rate,
+                page_bytes: &bytes[REQUEST_HEADER_LEN..body_end],
+                fragments: header.flags & REQUEST_FRAGMENTS != 0,
+            };
+            if let Some((index, (page, _))) = request
+                .entries()
+                .enumerate()
+                .find(|(_, (_, mask))| *mask == 0)
+            {
+                return Err(DecodeError::EmptyFragmentMask { index, page });
+            }
+            Ok(Datagram::Request(header, request))
         }
         Kind::Reject => {
             let bytes = verified(key, bytes)?;
@@ -519,14 +646,13 @@ fn verified<'a>(key: &McastKey, bytes: &'a [u8]) -> Result<&'a [u8], DecodeError
 
 /// Opens a FRAGMENT whose header and length were checked: authenticates it, decrypts its
 /// payload in place, then checks its fields.
-fn open_fragment<'a>(
+/// Checks the AES-GCM tag of a FRAGMENT or REPAIR and decrypts its payload in place; returns
+/// its authenticated fields (bytes `0..FRAGMENT_HEADER_LEN`) and its payload.
+fn open_sealed<'a>(
     key: &FragmentKey,
-    header: Header,
     bytes: &'a mut [u8],
-    reserved_error: DecodeError,
-) -> Result<Datagram<'a>, DecodeError> {
-    let len = bytes.len();
-    let body_end = len - TAG_LEN;
+) -> Result<(&'a [u8], &'a [u8]), DecodeError> {
+    let body_end = bytes.len() - TAG_LEN;
     let (authenticated, rest) = bytes.split_at_mut(FRAGMENT_HEADER_LEN);
     let (payload, tag) = rest.split_at_mut(body_end - FRAGMENT_HEADER_LEN);
     let tag = Tag::try_from(&tag[..]).map_err(|_| DecodeError::BadTag)?;
@@ -541,7 +667,48 @@ fn open_fragment<'a>(
             0..,
         )
         .map_err(|_| DecodeError::BadTag)?;
-    let fields: &[u8] = authenticated;
+    Ok((authenticated, payload))
+}
+
+fn open_repair<'a>(
+    key: &FragmentKey,
+    header: Header,
+    bytes: &'a mut [u8],
+    reserved_error: DecodeError,
+) -> Result<Datagram<'a>, DecodeError> {
+    let (fields, payload) = open_sealed(key, bytes)?;
+    if u16_at(fields, 38) != 0 {
+        return Err(reserved_error);
+    }
+    let repair = Repair {
+        first_page: u64_at(fields, 24),
+        pages: fields[32],
+        symbols_per_page: fields[33],
+        symbol_len: u16_at(fields, 34),
+        index: fields[36],
+        count: fields[37],
+        data: payload,
+    };
+    if !repair.is_valid() {
+        return Err(DecodeError::Repair {
+            pages: repair.pages,
+            symbols: repair.symbols_per_page,
+            symbol_len: repair.symbol_len,
+            index: repair.index,
+            count: repair.count,
+        });
+    }
+    Ok(Datagram::Repair(header, repair))
+}
+
+fn open_fragment<'a>(
+    key: &FragmentKey,
+    header: Header,
+    bytes: &'a mut [u8],
+    reserved_error: DecodeError,
+) -> Result<Datagram<'a>, DecodeError> {
+    let len = bytes.len();
+    let (fields, payload) = open_sealed(key, bytes)?;
     let page = u64_at(fields, 24);
     let index = fields[32];
     let count = fields[33];
@@ -602,6 +769,12 @@ pub enum EncodeError {
     /// Flags this version does not define for the kind.
     #[error("undefined flags {0:#06x}")]
     Flags(u16),
+    /// A `REQUEST_FRAGMENTS` entry naming no fragment.
+    #[error("fragment request entry {0:#x} names no fragment")]
+    FragmentEntry(u64),
+    /// REPAIR fields that describe no decodable block.
+    #[error("repair fields describe no decodable block")]
+    Repair,
 }
 
 fn put_header(out: &mut Vec<u8>, kind: Kind, header: &Header) {
@@ -658,6 +831,39 @@ pub fn encode_fragment(
     out.extend_from_slice(&(data.len() as u16).to_le_bytes());
     out.extend_from_slice(&offset.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
+    seal_payload(sealer, out, data);
+    Ok(())
+}
+
+/// Writes a REPAIR datagram into `out` (replacing its contents), sealed by `sealer` with its
+/// next nonce.
+pub fn encode_repair(
+    sealer: &FragmentSealer,
+    out: &mut Vec<u8>,
+    header: &Header,
+    repair: &Repair<'_>,
+) -> Result<(), EncodeError> {
+    if header.flags != 0 {
+        return Err(EncodeError::Flags(header.flags));
+    }
+    if !repair.is_valid() {
+        return Err(EncodeError::Repair);
+    }
+    put_header(out, Kind::Repair, header);
+    out.extend_from_slice(&repair.first_page.to_le_bytes());
+    out.push(repair.pages);
+    out.push(repair.symbols_per_page);
+    out.extend_from_slice(&repair.symbol_len.to_le_bytes());
+    out.push(repair.index);
+    out.push(repair.count);
+    out.extend_from_slice(&0u16.to_le_bytes());
+    seal_payload(sealer, out, repair.data);
+    Ok(())
+}
+
+/// Appends the next nonce and `data` to the fields in `out`, encrypts `data` under the
+/// fields (and nonce) as additional data, and appends the tag.
+fn seal_payload(sealer: &FragmentSealer, out: &mut Vec<u8>, data: &[u8]) {
     let nonce = sealer.next_nonce();
     out.extend_from_slice(&nonce);
     out.extend_from_slice(data);
@@ -672,10 +878,10 @@ pub fn encode_fragment(
         )
         .expect("a fragment is far below AES-GCM's message limit");
     out.extend_from_slice(tag.as_ref());
-    Ok(())
 }
 
-/// Writes a REQUEST datagram into `out` (replacing its contents).
+/// Writes a REQUEST datagram into `out` (replacing its contents): `pages` are page numbers,
+/// or with `REQUEST_FRAGMENTS` in the flags, [`fragment_entry`]s.
 pub fn encode_request(
     key: &McastKey,
     out: &mut Vec<u8>,
@@ -688,6 +894,11 @@ pub fn encode_request(
     }
     if pages.len() > MAX_REQUEST_PAGES {
         return Err(EncodeError::TooManyPages(pages.len()));
+    }
+    if header.flags & REQUEST_FRAGMENTS != 0
+        && let Some(&entry) = pages.iter().find(|&&entry| split_entry(entry, true).1 == 0)
+    {
+        return Err(EncodeError::FragmentEntry(entry));
     }
     put_header(out, Kind::Request, header);
     out.extend_from_slice(&rate.to_le_bytes());
@@ -888,6 +1099,176 @@ mod tests {
         assert_eq!(
             encode_request(&key, &mut out, &header(0), 0, &[0; MAX_REQUEST_PAGES + 1]),
             Err(EncodeError::TooManyPages(MAX_REQUEST_PAGES + 1))
+        );
+    }
+
+    #[test]
+    fn fragment_requests_name_pages_and_fragments_and_an_empty_mask_is_refused() {
+        let key = key();
+        let mut out = Vec::new();
+        let entries = [
+            fragment_entry(7, 0b100),
+            fragment_entry(ENTRY_PAGE_BITS, 0b011),
+            fragment_entry(0, ALL_FRAGMENTS),
+        ];
+        let flags = REQUEST_RETRY | REQUEST_FRAGMENTS;
+        encode_request(&key, &mut out, &header(flags), 0, &entries).unwrap();
+        match decode(&key, &mut out.to_vec(), |_, _| None).unwrap() {
+            Datagram::Request(h, r) => {
+                assert_eq!(h.flags, flags);
+                assert_eq!(
+                    r.entries().collect::<Vec<_>>(),
+                    [(7, 0b100), (ENTRY_PAGE_BITS, 0b011), (0, ALL_FRAGMENTS)]
+                );
+                assert_eq!(r.pages().collect::<Vec<_>>(), [7, ENTRY_PAGE_BITS, 0]);
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        // Every flipped bit, in the masks too, breaks the tag.
+        for bit in 0..out.len() * 8 {
+            let mut bad = out.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode(&key, &mut bad, |_, _| None).is_err(), "bit {bit}");
+        }
+        // A whole-page request's entries are whole pages, whatever their high bits.
+        encode_request(&key, &mut out, &header(0), 0, &[fragment_entry(7, 1)]).unwrap();
+        match decode(&key, &mut out.to_vec(), |_, _| None).unwrap() {
+            Datagram::Request(_, r) => {
+                assert_eq!(
+                    r.entries().collect::<Vec<_>>(),
+                    [(fragment_entry(7, 1), ALL_FRAGMENTS)]
+                );
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        // An entry naming no fragment is not encoded, and a forged one (tagged by a holder of
+        // the key) is refused with the entry it names.
+        assert_eq!(
+            encode_request(
+                &key,
+                &mut out,
+                &header(flags),
+                0,
+                &[fragment_entry(9, 1), 9]
+            ),
+            Err(EncodeError::FragmentEntry(9))
+        );
+        encode_request(
+            &key,
+            &mut out,
+            &header(REQUEST_RETRY),
+            0,
+            &[fragment_entry(3, 1), 9],
+        )
+        .unwrap();
+        out[6..8].copy_from_slice(&flags.to_le_bytes());
+        let body = out.len() - TAG_LEN;
+        let tag = key.tag(&out[..body]);
+        out[body..].copy_from_slice(&tag);
+        assert_eq!(
+            decode(&key, &mut out, |_, _| None),
+            Err(DecodeError::EmptyFragmentMask { index: 1, page: 9 })
+        );
+    }
+
+    #[test]
+    fn repairs_round_trip_and_forged_or_garbled_ones_are_refused() {
+        let key = key();
+        let family_key = key.fragment_key(FAMILY, GENERATION);
+        let symbol = [9u8; 1368];
+        let repair = Repair {
+            first_page: 40,
+            pages: 16,
+            symbols_per_page: 3,
+            symbol_len: 1368,
+            index: 11,
+            count: 12,
+            data: &symbol,
+        };
+        let mut out = Vec::new();
+        encode_repair(&sealer(&key), &mut out, &header(0), &repair).unwrap();
+        assert_eq!(out.len(), FRAGMENT_HEADER_LEN + 1368 + TAG_LEN);
+        assert_eq!(
+            decode(&key, &mut out.clone(), |_, _| Some(&family_key)).unwrap(),
+            Datagram::Repair(header(0), repair)
+        );
+        for bit in 0..out.len() * 8 {
+            let mut bad = out.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode(&key, &mut bad, |_, _| Some(&family_key)).is_err(),
+                "bit {bit} flipped was accepted"
+            );
+        }
+        assert_eq!(
+            decode(&key, &mut out.clone(), |_, _| None),
+            Err(DecodeError::NoKey {
+                family: FAMILY,
+                generation: GENERATION
+            })
+        );
+        // Fields that describe no block are refused when encoding, and when decoding even
+        // under a valid tag (a holder of the key sealing nonsense).
+        let nonsense = [
+            Repair { pages: 0, ..repair },
+            Repair {
+                pages: MAX_BLOCK_PAGES + 1,
+                ..repair
+            },
+            Repair {
+                index: 12,
+                ..repair
+            },
+            Repair {
+                symbols_per_page: 2,
+                ..repair
+            },
+            Repair {
+                symbols_per_page: 4,
+                ..repair
+            },
+            Repair {
+                symbol_len: 1364,
+                data: &symbol[..1364],
+                ..repair
+            },
+            Repair {
+                symbol_len: 1367,
+                data: &symbol[..1367],
+                ..repair
+            },
+            Repair {
+                data: &symbol[..100],
+                ..repair
+            },
+        ];
+        for bad in nonsense {
+            assert_eq!(
+                encode_repair(&sealer(&key), &mut out, &header(0), &bad),
+                Err(EncodeError::Repair),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            encode_repair(&sealer(&key), &mut out, &header(FRAGMENT_PUSH), &repair),
+            Err(EncodeError::Flags(FRAGMENT_PUSH))
+        );
+        encode_repair(&sealer(&key), &mut out, &header(0), &repair).unwrap();
+        out[36] = 12;
+        let sealer = sealer(&key);
+        let body = out.len() - TAG_LEN;
+        let (fields, payload) = out[..body].split_at(FRAGMENT_HEADER_LEN);
+        let mut resealed = fields[..FRAGMENT_NONCE_OFFSET].to_vec();
+        seal_payload(&sealer, &mut resealed, &vec![9u8; payload.len()]);
+        assert_eq!(
+            decode(&key, &mut resealed, |_, _| Some(&family_key)),
+            Err(DecodeError::Repair {
+                pages: 16,
+                symbols: 3,
+                symbol_len: 1368,
+                index: 12,
+                count: 12
+            })
         );
     }
 

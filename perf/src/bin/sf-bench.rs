@@ -135,6 +135,13 @@ struct JobArgs {
     /// `scan` writes one page in this many of each share (1: every page, 0: none).
     #[arg(long, default_value_t = 8)]
     write_every: u32,
+    /// Loss percentages of mcdist's datagrams on the switch (comma-separated, remote mode):
+    /// every job also runs without loss, back to back, for `loss_to_lossless`.
+    #[arg(long, value_delimiter = ',')]
+    loss: Vec<u32>,
+    /// Percentage of mcdist's datagrams held back (reordered) while a loss is on.
+    #[arg(long, default_value_t = 25)]
+    reorder: u32,
 }
 
 #[derive(Debug, Args)]
@@ -228,6 +235,8 @@ fn run() -> anyhow::Result<()> {
                 mechanisms: args.mechanisms,
                 state_mib: args.state_mib,
                 write_every: args.write_every,
+                loss: args.loss,
+                reorder: args.reorder,
                 setup: setup(&args.remote)?,
             };
             job::run(&config, &mut out)?;

@@ -13,7 +13,10 @@ pub struct ReceiverConfig {
     pub local_addr: Ipv4Addr,
     /// The mcdist UDP port (the same on every host).
     pub port: u16,
-    /// Smallest retransmission timeout.
+    /// Smallest retransmission timeout: of the order of the link's round trip (a veth round
+    /// trip is 0.1-0.2 ms), so a lost page costs about a round trip and not a fixed wait; the
+    /// measured request-to-page time raises the timeout wherever the path or the server is
+    /// slower.
     pub rto_min: Duration,
     /// Largest retransmission timeout (also the cap of the per-retry growth).
     pub rto_max: Duration,
@@ -38,6 +41,9 @@ pub struct ReceiverConfig {
     /// receiver, so a timeout measures the network, not a deep queue, and a fault asked for
     /// after a large prefetch waits behind at most this many pages.
     pub max_in_flight: usize,
+    /// Completed pages of which a copy is kept for the push stream's REPAIRs (the pages of a
+    /// block that arrived are what rebuilds the others); 0 keeps none.
+    pub repair_cache_pages: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -45,7 +51,7 @@ impl Default for ReceiverConfig {
         ReceiverConfig {
             local_addr: Ipv4Addr::UNSPECIFIED,
             port: DEFAULT_PORT,
-            rto_min: Duration::from_millis(10),
+            rto_min: Duration::from_micros(500),
             rto_max: Duration::from_millis(500),
             unicast_after: 3,
             initial_rate: 20_000,
@@ -55,6 +61,7 @@ impl Default for ReceiverConfig {
             max_partial_pages: 1024,
             partial_timeout: Duration::from_secs(2),
             max_in_flight: 512,
+            repair_cache_pages: 1024,
         }
     }
 }

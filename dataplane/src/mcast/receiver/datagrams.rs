@@ -14,14 +14,16 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use super::config::ReceiverConfig;
 use super::family::{Bitmap, Family, HeldPages};
 use super::outgoing::Outgoing;
+use super::repair_blocks::RepairBlocks;
 use super::retry::admit;
 use super::state::State;
 use super::stats::{ReceiverStats, count};
 use crate::client::PageSink;
 use crate::mcast::reassembly::{Outcome, PageBuf, Reassembly};
+use crate::mcast::repair::Shape;
 use crate::mcast::wire::{
     self, Datagram, DecodeError, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, FragmentKey, Header,
-    McastKey, Reject,
+    McastKey, Reject, Repair,
 };
 use crate::wire::PAGE_SIZE;
 
@@ -143,6 +145,7 @@ impl<'a> Batch<'a> {
             Ok(Datagram::Fragment(header, fragment)) => self.on_fragment(state, &header, fragment),
             Ok(Datagram::Reject(header, reject)) => self.on_reject(state, &header, &reject),
             Ok(Datagram::Request(..)) => state.stats.malformed += 1,
+            Ok(Datagram::Repair(header, repair)) => self.on_repair(state, &header, &repair),
         }
     }
 
@@ -191,7 +194,79 @@ impl<'a> Batch<'a> {
                 count(&mut state.stats, &mut family.stats, |s| s.malformed += 1);
             }
             Outcome::Complete(data) => {
-                self.complete(&mut state.stats, family, fragment.page, data);
+                self.complete(
+                    &mut state.stats,
+                    &mut state.repairs,
+                    family,
+                    fragment.page,
+                    data,
+                );
+            }
+        }
+    }
+
+    fn on_repair(&mut self, state: &mut State, header: &Header, repair: &Repair<'a>) {
+        let Some(family) = state.families.get_mut(&header.family) else {
+            state.stats.not_ours += 1;
+            return;
+        };
+        family.stats.datagrams += 1;
+        if header.generation != family.join.generation || family.failed {
+            count(&mut state.stats, &mut family.stats, |s| s.not_ours += 1);
+            return;
+        }
+        let first = repair.first_page;
+        let pages = u64::from(repair.pages);
+        let Some(shape) = first
+            .checked_add(pages)
+            .filter(|&end| end <= family.join.pages)
+            .map(|_| Shape {
+                symbols_per_page: repair.symbols_per_page,
+                symbol_len: repair.symbol_len,
+            })
+        else {
+            count(&mut state.stats, &mut family.stats, |s| s.malformed += 1);
+            return;
+        };
+        count(&mut state.stats, &mut family.stats, |s| {
+            s.repair_symbols += 1
+        });
+        let key = (header.family, first, repair.pages);
+        if (first..first + pages).all(|page| family.held.get(page)) {
+            state.repairs.forget(key);
+            return;
+        }
+        let held = &family.held;
+        let rebuilt = state.repairs.add(
+            key,
+            shape,
+            (repair.index, repair.count),
+            repair.data,
+            |page| held.get(page),
+        );
+        match rebuilt {
+            Ok(None) => {}
+            Ok(Some(rebuilt)) => {
+                for (position, buf) in rebuilt {
+                    let page = first + position as u64;
+                    if family.held.get(page) {
+                        continue;
+                    }
+                    count(&mut state.stats, &mut family.stats, |s| {
+                        s.pages_repaired += 1
+                    });
+                    self.complete(
+                        &mut state.stats,
+                        &mut state.repairs,
+                        family,
+                        page,
+                        PageData::Buffer(buf),
+                    );
+                }
+            }
+            Err(error) => {
+                count(&mut state.stats, &mut family.stats, |s| s.malformed += 1);
+                tracing::debug!(%error, "mcdist receiver dropped a block's repairs");
             }
         }
     }
@@ -227,22 +302,32 @@ impl<'a> Batch<'a> {
     fn complete(
         &mut self,
         global: &mut ReceiverStats,
+        repairs: &mut RepairBlocks,
         family: &mut Family,
         page: u64,
         data: PageData<'a>,
     ) {
         let id = family.join.family;
         family.held.set(page);
+        match &data {
+            PageData::Buffer(buf) => repairs.completed(id, page, &[&buf[..]]),
+            PageData::Parts(parts) => repairs.completed(id, page, parts),
+        }
         let early = match family.outstanding.remove(&page) {
             Some(request) => {
                 family.retry_order.remove(&(request.retry_at, page));
                 // Karn: only pages never re-requested give a clean sample.
                 if request.retries == 0 {
-                    family.rtt.sample(
-                        self.now
-                            .saturating_duration_since(request.first_sent)
-                            .saturating_sub(request.queued_for),
-                    );
+                    let rtt = self
+                        .now
+                        .saturating_duration_since(request.first_sent)
+                        .saturating_sub(request.queued_for);
+                    family.rtt.sample(rtt);
+                    let micros = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+                    count(global, &mut family.stats, |s| {
+                        s.rtt_samples += 1;
+                        s.rtt_total_us = s.rtt_total_us.saturating_add(micros);
+                    });
                 }
                 false
             }

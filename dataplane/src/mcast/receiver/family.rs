@@ -182,6 +182,12 @@ impl Family {
         self.waiting.len() - before
     }
 
+    /// Starts its rate control from the long-run loss share `share` of the host's path.
+    pub(super) fn with_long_run_loss(mut self, share: f64) -> Family {
+        self.rate = self.rate.with_long_run_loss(share);
+        self
+    }
+
     /// The rate the server is expected to serve this family at: the reported rate, or the
     /// measured one when that is lower (the server or the path cannot keep up).
     pub(super) fn pace(&self) -> u32 {

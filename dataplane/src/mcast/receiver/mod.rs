@@ -28,6 +28,7 @@ mod datagrams;
 mod family;
 mod outgoing;
 mod receiver_core;
+mod repair_blocks;
 mod retry;
 mod rtt;
 mod socket;

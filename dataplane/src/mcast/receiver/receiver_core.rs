@@ -147,10 +147,10 @@ impl ReceiverCore {
                 self.key.fragment_key(join.family, join.generation),
             ),
         );
-        let family = state
-            .families
-            .entry(join.family)
-            .or_insert_with(|| Family::new(join, sink, hook, &self.config, now));
+        let long_run_loss = state.long_run_loss;
+        let family = state.families.entry(join.family).or_insert_with(|| {
+            Family::new(join, sink, hook, &self.config, now).with_long_run_loss(long_run_loss)
+        });
         let next_report = family.next_report;
         let holding = if join.holding { REQUEST_HOLDING } else { 0 };
         self.outgoing().send(
@@ -181,6 +181,7 @@ impl ReceiverCore {
         };
         write(&self.fragment_keys).remove(&family);
         state.reassembly.forget_family(family);
+        state.repairs.leave(family);
         self.outgoing().send(
             &mut state.scratch,
             &mut left,

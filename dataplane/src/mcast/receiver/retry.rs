@@ -3,6 +3,7 @@
 //! `RETRY`, then also `UNICAST_REPLY`), the periodic rate reports, and the partial pages'
 //! expiry.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::config::ReceiverConfig;
@@ -11,7 +12,8 @@ use super::outgoing::Outgoing;
 use super::rtt::{Outstanding, queueing};
 use super::state::State;
 use super::stats::{ReceiverStats, count};
-use crate::mcast::wire::{REQUEST_RETRY, REQUEST_UNICAST_REPLY};
+use crate::mcast::reassembly::Reassembly;
+use crate::mcast::wire::{REQUEST_FRAGMENTS, REQUEST_RETRY, REQUEST_UNICAST_REPLY, fragment_entry};
 
 /// How long [`run_timers`] lets the transport sleep when nothing is pending.
 const IDLE_TICK: Duration = Duration::from_secs(1);
@@ -34,6 +36,7 @@ pub(super) fn run_timers(
         retry_due(
             config,
             outgoing,
+            &state.reassembly,
             &mut state.scratch,
             &mut state.stats,
             family,
@@ -52,6 +55,7 @@ pub(super) fn run_timers(
             if family.rate.on_interval() {
                 count(&mut state.stats, &mut family.stats, |s| s.rate_cuts += 1);
             }
+            state.long_run_loss = family.rate.long_run_loss();
             outgoing.send(&mut state.scratch, family, &mut state.stats, 0, &[]);
             family.next_report = now + config.report_interval;
         }
@@ -102,6 +106,7 @@ pub(super) fn admit(
             page,
             Outstanding {
                 first_sent: now,
+                last_sent: now,
                 queued_for,
                 retry_at,
                 retries: 0,
@@ -116,10 +121,12 @@ pub(super) fn admit(
     earliest
 }
 
-/// Re-requests the pages of `family` whose timeout expired by `now`.
+/// Re-requests the pages of `family` whose timeout expired by `now`: a page partly received
+/// by its missing fragments only (`REQUEST_FRAGMENTS`), the others whole.
 fn retry_due(
     config: &ReceiverConfig,
     outgoing: &Outgoing<'_>,
+    reassembly: &Reassembly,
     scratch: &mut Vec<u8>,
     global: &mut ReceiverStats,
     family: &mut Family,
@@ -140,8 +147,9 @@ fn retry_due(
     family
         .rate
         .on_loss(u32::try_from(due.len()).unwrap_or(u32::MAX));
-    let mut multicast = Vec::new();
-    let mut unicast = Vec::new();
+    // Entries by the flags of the REQUEST they go in.
+    let mut requests: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
+    let mut by_fragments = 0;
     let rate = family.pace();
     // The pages still awaited in time are served before these.
     let mut ahead = family.outstanding.len().saturating_sub(due.len());
@@ -151,6 +159,12 @@ fn retry_due(
         };
         request.retries += 1;
         ahead += 1;
+        let waited = u64::try_from(now.saturating_duration_since(request.last_sent).as_micros())
+            .unwrap_or(u64::MAX);
+        count(global, &mut family.stats, |s| {
+            s.retry_wait_total_us = s.retry_wait_total_us.saturating_add(waited);
+        });
+        request.last_sent = now;
         // Linear, not exponential: losses here are mostly random, and a page someone
         // faults on should not wait out a long backoff; overload is what the rate is for.
         let backoff = rto
@@ -158,25 +172,27 @@ fn retry_due(
             .min(config.rto_max.max(rto));
         request.retry_at = now + backoff + queueing(ahead, rate);
         family.retry_order.insert((request.retry_at, page));
+        let mut flags = REQUEST_RETRY;
         if request.retries >= config.unicast_after {
-            unicast.push(page);
-        } else {
-            multicast.push(page);
+            flags |= REQUEST_UNICAST_REPLY;
         }
+        let entry = match reassembly.missing(family.join.family, page) {
+            Some(missing) => {
+                flags |= REQUEST_FRAGMENTS;
+                by_fragments += 1;
+                fragment_entry(page, missing)
+            }
+            None => page,
+        };
+        requests.entry(flags).or_default().push(entry);
     }
-    let retried = (multicast.len() + unicast.len()) as u64;
-    count(global, &mut family.stats, |s| s.re_requests += retried);
-    if !multicast.is_empty() {
-        outgoing.send(scratch, family, global, REQUEST_RETRY, &multicast);
-    }
-    if !unicast.is_empty() {
-        outgoing.send(
-            scratch,
-            family,
-            global,
-            REQUEST_RETRY | REQUEST_UNICAST_REPLY,
-            &unicast,
-        );
+    let retried: u64 = requests.values().map(|entries| entries.len() as u64).sum();
+    count(global, &mut family.stats, |s| {
+        s.re_requests += retried;
+        s.fragment_re_requests += by_fragments;
+    });
+    for (flags, entries) in requests {
+        outgoing.send(scratch, family, global, flags, &entries);
     }
 }
 
@@ -186,10 +202,13 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::super::test_support::{
-        Collect, FAMILY, GENERATION, Recorder, config, decode_request, feed, fragments, join, key,
+        Collect, FAMILY, GENERATION, Recorder, config, decode_request, decode_request_entries,
+        feed, fragments, join, key, setup,
     };
     use super::super::{ReceiverConfig, ReceiverCore};
+    use crate::mcast::wire::{ALL_FRAGMENTS, REQUEST_FRAGMENTS};
     use crate::mcast::wire::{REQUEST_RETRY, REQUEST_UNICAST_REPLY};
+    use crate::wire::PAGE_SIZE;
 
     #[test]
     fn requests_beyond_the_window_wait_and_go_out_as_pages_arrive() {
@@ -236,6 +255,42 @@ mod tests {
         assert_eq!((stats.outstanding, stats.queued), (3, 0));
         core.request(FAMILY, &[4, 5, 6]);
         assert_eq!(recorder.sent.lock().unwrap().len(), 4, "awaited or held");
+    }
+
+    #[test]
+    fn a_partly_received_page_is_asked_for_by_its_missing_fragments_only() {
+        let (core, recorder, sink) = setup();
+        core.request(FAMILY, &[3, 4]);
+        let page_3 = fragments(FAMILY, GENERATION, 3, 7);
+        assert_eq!(page_3.len(), 3, "a 1500-byte MTU cuts a page in three");
+        feed(&core, [page_3[0].as_slice(), page_3[2].as_slice()]);
+        let mut retries: Vec<(u16, Vec<(u64, u16)>)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while retries.len() < 2 && Instant::now() < deadline {
+            let next = core.tick();
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            retries = recorder
+                .sent
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|d| decode_request_entries(d))
+                .filter(|(flags, _)| flags & REQUEST_RETRY != 0)
+                .collect();
+        }
+        assert_eq!(
+            retries[..2],
+            [
+                (REQUEST_RETRY, vec![(4, ALL_FRAGMENTS)]),
+                (REQUEST_RETRY | REQUEST_FRAGMENTS, vec![(3, 0b010)]),
+            ],
+            "page 4 whole, page 3 by its middle fragment"
+        );
+        assert!(core.stats().fragment_re_requests >= 1);
+        feed(&core, [page_3[1].as_slice()]);
+        let pages = sink.pages.lock().unwrap();
+        assert_eq!(pages.len(), 1);
+        assert_eq!(pages[0], (3, vec![7; PAGE_SIZE]));
     }
 
     #[test]

@@ -39,6 +39,8 @@ impl RttEstimate {
 #[derive(Debug)]
 pub(super) struct Outstanding {
     pub(super) first_sent: Instant,
+    /// When it was last asked for (first or re-requested).
+    pub(super) last_sent: Instant,
     /// The part of its wait that is its place in the server's queue (see [`queueing`]).
     pub(super) queued_for: Duration,
     pub(super) retry_at: Instant,

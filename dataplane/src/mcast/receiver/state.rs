@@ -7,6 +7,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use super::config::ReceiverConfig;
 use super::family::Family;
+use super::repair_blocks::RepairBlocks;
 use super::stats::ReceiverStats;
 use crate::mcast::reassembly::Reassembly;
 
@@ -14,7 +15,13 @@ use crate::mcast::reassembly::Reassembly;
 pub(super) struct State {
     pub(super) families: HashMap<u64, Family>,
     pub(super) reassembly: Reassembly,
+    /// Recent pages and the REPAIRs of blocks still missing pages.
+    pub(super) repairs: RepairBlocks,
     pub(super) stats: ReceiverStats,
+    /// The long-run loss share of this host's path, as the family that last ended a report
+    /// interval saw it: a family joined later starts from it, so it does not take the path's
+    /// usual loss for overload.
+    pub(super) long_run_loss: f64,
     /// The deadline the last `tick` gave the transport.
     pub(super) armed: Option<Instant>,
     /// Scratch for encoding REQUESTs.
@@ -27,7 +34,9 @@ impl State {
         State {
             families: HashMap::new(),
             reassembly: Reassembly::new(config.max_partial_pages, config.partial_timeout),
+            repairs: RepairBlocks::new(config.repair_cache_pages),
             stats: ReceiverStats::default(),
+            long_run_loss: 0.0,
             armed: None,
             scratch: Vec::new(),
         }

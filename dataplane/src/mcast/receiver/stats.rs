@@ -29,6 +29,9 @@ pub struct ReceiverStats {
     pub pages_requested: u64,
     /// Pages requested again after their timeout.
     pub re_requests: u64,
+    /// Of those, pages partly received, asked for by their missing fragments only.
+    #[serde(default)]
+    pub fragment_re_requests: u64,
     /// REQUEST datagrams sent with `UNICAST_REPLY`.
     pub unicast_requests: u64,
     /// Report-only REQUESTs sent (no pages).
@@ -41,8 +44,24 @@ pub struct ReceiverStats {
     pub unicast_fragments: u64,
     /// Fragments that came with the `PUSH` flag.
     pub pushed_fragments: u64,
-    /// Times the rate was halved.
+    /// REPAIRs (recovery symbols of pushed pages) of a joined family and generation.
+    #[serde(default)]
+    pub repair_symbols: u64,
+    /// Pages rebuilt from REPAIRs.
+    #[serde(default)]
+    pub pages_repaired: u64,
+    /// Times the rate was cut.
     pub rate_cuts: u64,
+    /// Request-to-page times sampled (pages never re-requested), and their sum in µs: their
+    /// mean is what the retransmission timeout is built from.
+    #[serde(default)]
+    pub rtt_samples: u64,
+    #[serde(default)]
+    pub rtt_total_us: u64,
+    /// The retransmission timeouts that expired (one per re-requested page), summed in µs:
+    /// with `re_requests`, the mean time a lost page waited before it was asked again.
+    #[serde(default)]
+    pub retry_wait_total_us: u64,
     /// The current rate estimate, pages/s (receiver stats: the lowest of its families; 0
     /// without families).
     pub rate: u32,

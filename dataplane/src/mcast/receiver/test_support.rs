@@ -137,9 +137,15 @@ pub(super) fn fragments(family: u64, generation: u32, page: u64, fill: u8) -> Ve
 }
 
 pub(super) fn decode_request(bytes: &[u8]) -> (u16, Vec<u64>) {
+    let (flags, entries) = decode_request_entries(bytes);
+    (flags, entries.into_iter().map(|(page, _)| page).collect())
+}
+
+/// A REQUEST's flags and its pages, each with the fragments it asks for.
+pub(super) fn decode_request_entries(bytes: &[u8]) -> (u16, Vec<(u64, u16)>) {
     let mut bytes = bytes.to_vec();
     match wire::decode(&McastKey::new(&key()), &mut bytes, |_, _| None).unwrap() {
-        Datagram::Request(h, r) => (h.flags, r.pages().collect()),
+        Datagram::Request(h, r) => (h.flags, r.entries().collect()),
         other => panic!("not a request: {other:?}"),
     }
 }

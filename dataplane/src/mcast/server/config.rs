@@ -35,13 +35,16 @@ pub struct McastServerConfig {
     /// a second thread only competes with them. The request thread sends each REQUEST's
     /// first page itself whatever this is.
     pub send_threads: usize,
+    /// Forward error correction of the push: every block of pushed pages multicast together
+    /// is followed by REPAIRs, this many percent of its fragments (rounded up); 0 sends none.
+    pub repair_percent: u32,
 }
 
 impl McastServerConfig {
     /// The defaults for serving at `bind` to receivers at the same port (on other hosts):
     /// 1500-byte MTU, 5 ms suppression, 20 000 pages/s
     /// before reports, at most 200 000 pages/s, receivers idle after 1 s, push on, one send
-    /// thread.
+    /// thread, no REPAIRs.
     pub fn new(bind: SocketAddrV4) -> McastServerConfig {
         McastServerConfig {
             bind,
@@ -53,6 +56,7 @@ impl McastServerConfig {
             receiver_idle: Duration::from_secs(1),
             push: true,
             send_threads: 1,
+            repair_percent: 0,
         }
     }
 }

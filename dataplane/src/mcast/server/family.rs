@@ -14,8 +14,8 @@ use super::config::McastServerConfig;
 use super::stats::{Counters, FamilyServerStats, bump};
 use crate::mcast::rate::TokenBucket;
 use crate::mcast::wire::{
-    FragmentSealer, Header, REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE, REQUEST_UNICAST_REPLY,
-    Reject, RejectCode, Request,
+    ALL_FRAGMENTS, FragmentSealer, Header, REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE,
+    REQUEST_RETRY, REQUEST_UNICAST_REPLY, Reject, RejectCode, Request,
 };
 use crate::server::PageStore;
 
@@ -44,6 +44,8 @@ pub(super) struct Job {
     /// which nobody asked for.
     pub(super) requester: Option<SocketAddrV4>,
     pub(super) push: bool,
+    /// The fragments to send (bit `i`: fragment `i`); [`ALL_FRAGMENTS`] for the whole page.
+    pub(super) fragments: u16,
 }
 
 /// The pages siblings requested before `receiver` joined, still to push to it.
@@ -123,7 +125,9 @@ pub(super) struct FamilyState {
     pages: u64,
     receivers: HashMap<ReceiverId, ReceiverInfo>,
     pub(super) queue: VecDeque<Job>,
-    pub(super) queued: HashSet<(u64, Destination)>,
+    /// The pages in `queue` by destination, with the fragments to send: requests for a page
+    /// already queued add theirs, and the send takes them from here.
+    pub(super) queued: HashMap<(u64, Destination), u16>,
     last_group_send: HashMap<u64, Instant>,
     last_unicast_send: HashMap<(u64, SocketAddrV4), Instant>,
     /// Every page requested so far, in request order (for push), and its set.
@@ -161,7 +165,7 @@ impl FamilyState {
             pages,
             receivers: HashMap::new(),
             queue: VecDeque::new(),
-            queued: HashSet::new(),
+            queued: HashMap::new(),
             last_group_send: HashMap::new(),
             last_unicast_send: HashMap::new(),
             requested_order: Vec::new(),
@@ -221,7 +225,11 @@ impl FamilyState {
         }
     }
 
+    /// Notes that `job` left at `now`; only a whole page answers later requests for it.
     pub(super) fn mark_sent(&mut self, job: &Job, now: Instant) {
+        if job.fragments != ALL_FRAGMENTS {
+            return;
+        }
         match job.destination {
             Destination::Group => {
                 self.last_group_send.insert(job.page, now);
@@ -253,7 +261,7 @@ impl FamilyState {
                     .get(&page)
                     .is_some_and(|sent| *sent >= joined)
             });
-            if multicast_since_join || self.queued.contains(&(page, Destination::Group)) {
+            if multicast_since_join || self.queued.contains_key(&(page, Destination::Group)) {
                 continue;
             }
             return Some(Job {
@@ -261,6 +269,7 @@ impl FamilyState {
                 destination: Destination::Group,
                 requester: None,
                 push: true,
+                fragments: ALL_FRAGMENTS,
             });
         }
         None
@@ -286,8 +295,8 @@ impl FamilyState {
             // Round robin between the receivers being pushed to.
             self.pushes.rotate_left(1);
             if self.recently_sent(page, destination, joined)
-                || self.queued.contains(&(page, destination))
-                || self.queued.contains(&(page, Destination::Group))
+                || self.queued.contains_key(&(page, destination))
+                || self.queued.contains_key(&(page, Destination::Group))
             {
                 continue;
             }
@@ -296,6 +305,7 @@ impl FamilyState {
                 destination,
                 requester: Some(addr),
                 push: true,
+                fragments: ALL_FRAGMENTS,
             });
         }
         None
@@ -328,8 +338,13 @@ impl FamilyState {
         } else {
             Destination::Group
         };
+        // A retry says the last send did not arrive: suppressing it would make the receiver
+        // wait out the window (milliseconds) where it noticed the loss within a round trip.
+        // Its retransmission timeout, not the window, keeps retries from flooding.
+        let suppress_since = (header.flags & REQUEST_RETRY == 0)
+            .then(|| now.checked_sub(config.suppression).unwrap_or(now));
         let (rejects, queued_any) =
-            self.queue_pages(request, destination, from, config, counters, now);
+            self.queue_pages(request, destination, from, suppress_since, counters);
         let pushing = !self.pushes.is_empty()
             || self
                 .clone_point_push
@@ -379,22 +394,21 @@ impl FamilyState {
         }
     }
 
-    /// Queues the pages of `request` for `destination`, but those queued or sent within the
-    /// suppression window already; returns the REJECTs of pages past the end, and whether it
-    /// queued any.
+    /// Queues the pages (or the fragments) of `request` for `destination`, but those queued
+    /// already (a page queued gets the fragments asked for added) and those sent since
+    /// `suppress_since` (`None`: whenever sent); returns the REJECTs of pages past the end,
+    /// and whether it queued any.
     fn queue_pages(
         &mut self,
         request: &Request<'_>,
         destination: Destination,
         from: SocketAddrV4,
-        config: &McastServerConfig,
+        suppress_since: Option<Instant>,
         counters: &Counters,
-        now: Instant,
     ) -> (Vec<Reject>, bool) {
-        let window_start = now.checked_sub(config.suppression).unwrap_or(now);
         let mut rejects = Vec::new();
         let mut queued_any = false;
-        for page in request.pages() {
+        for (page, fragments) in request.entries() {
             bump(&counters.pages_requested, 1);
             if page >= self.pages {
                 rejects.push(Reject {
@@ -406,19 +420,29 @@ impl FamilyState {
             if self.requested.insert(page) {
                 self.requested_order.push(page);
             }
-            if self.queued.contains(&(page, destination))
-                || self.queued.contains(&(page, Destination::Group))
-                || self.recently_sent(page, destination, window_start)
-            {
+            let key = if self.queued.contains_key(&(page, Destination::Group)) {
+                (page, Destination::Group)
+            } else {
+                (page, destination)
+            };
+            if let Some(queued) = self.queued.get_mut(&key) {
+                if *queued | fragments == *queued {
+                    bump(&counters.duplicates_suppressed, 1);
+                }
+                *queued |= fragments;
+                continue;
+            }
+            if suppress_since.is_some_and(|since| self.recently_sent(page, destination, since)) {
                 bump(&counters.duplicates_suppressed, 1);
                 continue;
             }
-            self.queued.insert((page, destination));
+            self.queued.insert((page, destination), fragments);
             self.queue.push_back(Job {
                 page,
                 destination,
                 requester: Some(from),
                 push: false,
+                fragments,
             });
             queued_any = true;
         }
@@ -490,7 +514,10 @@ mod tests {
     use super::super::stats::Counters;
     use super::super::test_support::{PAGES, apply, config, family, family_pushing, receiver};
     use super::{Destination, Job};
-    use crate::mcast::wire::{REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE, RejectCode};
+    use crate::mcast::wire::{
+        ALL_FRAGMENTS, REQUEST_FRAGMENTS, REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE,
+        REQUEST_RETRY, RejectCode, fragment_entry,
+    };
 
     /// A send of `page` to `destination`, asked for by receiver 1.
     fn send_of(page: u64, destination: Destination) -> Job {
@@ -499,6 +526,7 @@ mod tests {
             destination,
             requester: Some(receiver(1)),
             push: false,
+            fragments: ALL_FRAGMENTS,
         }
     }
 
@@ -543,6 +571,86 @@ mod tests {
         let (_, queued_any) = apply(&mut family, &config, &counters, (1, 0), &[5], later);
         assert!(queued_any);
         assert_eq!(counters.duplicates_suppressed.load(Ordering::Relaxed), 3);
+        // A retry says the send did not arrive: it is sent again within the window, but a
+        // page still queued is not queued twice.
+        let sent = send_of(6, Destination::Group);
+        family.mark_sent(&sent, now);
+        let (_, queued_any) = apply(
+            &mut family,
+            &config,
+            &counters,
+            (1, REQUEST_RETRY),
+            &[6],
+            now,
+        );
+        assert!(queued_any, "a retry within the window is served");
+        let (_, queued_any) = apply(
+            &mut family,
+            &config,
+            &counters,
+            (2, REQUEST_RETRY),
+            &[6],
+            now,
+        );
+        assert!(!queued_any, "already queued");
+        assert_eq!(counters.duplicates_suppressed.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn fragment_requests_queue_the_fragments_asked_for_and_add_up_on_a_queued_page() {
+        let config = config();
+        let counters = Counters::default();
+        let now = Instant::now();
+        let mut family = family(&config, now);
+        let flags = REQUEST_RETRY | REQUEST_FRAGMENTS;
+        let to_one = Destination::Unicast(receiver(1));
+        apply(
+            &mut family,
+            &config,
+            &counters,
+            (1, flags),
+            &[fragment_entry(4, 0b010)],
+            now,
+        );
+        assert_eq!(family.queued.get(&(4, to_one)), Some(&0b010));
+        // The same page asked for again: the fragments add up, still one send.
+        apply(
+            &mut family,
+            &config,
+            &counters,
+            (1, flags),
+            &[fragment_entry(4, 0b100)],
+            now,
+        );
+        apply(
+            &mut family,
+            &config,
+            &counters,
+            (1, flags),
+            &[fragment_entry(4, 0b100)],
+            now,
+        );
+        assert_eq!(family.queued.get(&(4, to_one)), Some(&0b110));
+        assert_eq!(queued(&family), vec![(4, to_one)]);
+        assert_eq!(counters.duplicates_suppressed.load(Ordering::Relaxed), 1);
+        // A whole-page request makes it the whole page.
+        apply(
+            &mut family,
+            &config,
+            &counters,
+            (1, REQUEST_RETRY),
+            &[4],
+            now,
+        );
+        assert_eq!(family.queued.get(&(4, to_one)), Some(&ALL_FRAGMENTS));
+        // A part of a page sent does not answer whole-page requests for it.
+        let part = Job {
+            fragments: 0b001,
+            ..send_of(6, to_one)
+        };
+        family.mark_sent(&part, now);
+        let (_, queued_any) = apply(&mut family, &config, &counters, (1, 0), &[6], now);
+        assert!(queued_any);
     }
 
     #[test]

@@ -57,6 +57,7 @@
 
 mod config;
 mod family;
+mod repairs;
 mod request;
 mod send;
 mod service;

@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use super::config::McastServerConfig;
 use super::family::{Destination, FamilyState, Job, ServerState};
+use super::repairs::{PushedPage, send_repairs};
 use super::service::McastService;
 use super::stats::{Counters, bump};
 use crate::mcast::sys;
 use crate::mcast::wire::{
-    self, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, FragmentSealer, Header, MAX_DATAGRAM_LEN,
-    Reject, RejectCode,
+    self, ALL_FRAGMENTS, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, FragmentSealer, Header,
+    MAX_DATAGRAM_LEN, Reject, RejectCode,
 };
 use crate::server::PageStore;
 use crate::sync::{self, Never, lock};
@@ -163,8 +164,11 @@ fn take_batch(
             let mut pushed = 0;
             while taken < available.min(max_pages) {
                 let job = match family.queue.pop_front() {
-                    Some(job) => {
-                        family.queued.remove(&(job.page, job.destination));
+                    Some(mut job) => {
+                        if let Some(fragments) = family.queued.remove(&(job.page, job.destination))
+                        {
+                            job.fragments = fragments;
+                        }
                         job
                     }
                     None => match family.next_push(now, config.receiver_idle) {
@@ -306,6 +310,23 @@ fn send_pages(service: &McastService, scratch: &mut SendScratch) {
         .collect();
     let outcome = send_list(service, &list, &sent_pages);
     count_sent(&service.counters, &list, &outcome, &sent_pages);
+    let pushed: Vec<PushedPage<'_>> = batch
+        .iter()
+        .filter(|o| {
+            o.job.push
+                && o.job.destination == Destination::Group
+                && o.job.fragments == ALL_FRAGMENTS
+        })
+        .map(|o| PushedPage {
+            family: o.family,
+            generation: o.generation,
+            page: o.job.page,
+            to: o.to,
+            store: o.store.as_ref(),
+            sealer: &o.sealer,
+        })
+        .collect();
+    send_repairs(service, &pushed);
     batch.clear();
 }
 
@@ -357,6 +378,9 @@ fn fragment_pages<'b>(
             sender: 0,
         };
         for (index, offset, len) in cut.pieces() {
+            if outgoing.job.fragments & (1 << index) == 0 {
+                continue;
+            }
             if datagrams.len() <= used {
                 datagrams.push(Vec::with_capacity(MAX_DATAGRAM_LEN));
             }

@@ -55,6 +55,10 @@ pub struct McastServerStats {
     pub unicast_pages: u64,
     /// Of the pages sent, those pushed without a request.
     pub pushed_pages: u64,
+    /// REPAIRs sent: recovery symbols of blocks of pushed pages (their bytes are in
+    /// `bytes_sent`).
+    #[serde(default)]
+    pub repairs_sent: u64,
     /// REJECTs sent.
     pub rejects_sent: u64,
     /// Datagrams with a wrong tag.
@@ -82,6 +86,7 @@ pub(super) struct Counters {
     pub(super) bytes_sent: AtomicU64,
     pub(super) unicast_pages: AtomicU64,
     pub(super) pushed_pages: AtomicU64,
+    pub(super) repairs_sent: AtomicU64,
     pub(super) rejects_sent: AtomicU64,
     pub(super) mac_failed: AtomicU64,
     pub(super) malformed: AtomicU64,
@@ -109,6 +114,7 @@ impl Counters {
             bytes_sent: load(&self.bytes_sent),
             unicast_pages: load(&self.unicast_pages),
             pushed_pages: load(&self.pushed_pages),
+            repairs_sent: load(&self.repairs_sent),
             rejects_sent: load(&self.rejects_sent),
             mac_failed: load(&self.mac_failed),
             malformed: load(&self.malformed),
