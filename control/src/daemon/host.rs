@@ -31,6 +31,10 @@ struct Session {
     reservations: HashMap<u64, u32>,
     /// (family, child) → VM of clones started by this connection.
     clones: HashMap<(u64, u32), u64>,
+    /// Clones of launches received but not started yet. Requests are served
+    /// concurrently, so a kill may overtake the launch it follows on the
+    /// wire: it is kept here and applied as the clone starts.
+    launching: HashMap<(u64, u32), bool>,
     /// Set when the connection to the parent's host is gone: why.
     lost: Option<String>,
 }
@@ -80,6 +84,12 @@ pub async fn serve_peer(daemon: Arc<Daemon>, stream: TcpStream, peer: std::net::
                 let _ = out.send(FromHost::Pong);
             }
             ToHost::Request { id, request } => {
+                if let HostRequest::Launch { order, .. } = &request {
+                    let mut s = lock(&session);
+                    for &(child, _) in &order.children {
+                        s.launching.insert((order.family, child), false);
+                    }
+                }
                 let (daemon, out, session, parent) =
                     (daemon.clone(), out.clone(), session.clone(), parent.clone());
                 tokio::spawn(async move {
@@ -151,7 +161,13 @@ async fn handle(
             })
         }
         HostRequest::KillClone { family, child } => {
-            let vm = lock(session).clones.get(&(family, child)).copied();
+            let vm = {
+                let mut s = lock(session);
+                if let Some(killed) = s.launching.get_mut(&(family, child)) {
+                    *killed = true;
+                }
+                s.clones.get(&(family, child)).copied()
+            };
             if let Some(vm) = vm {
                 daemon.supervisor.kill_vm(vm);
             }
@@ -187,7 +203,15 @@ fn launch(
     reservation: u64,
     order: CloneOrder,
 ) -> HostResponse {
-    let error = |message: String| HostResponse::Error { message };
+    let family = order.family;
+    let children: Vec<u32> = order.children.iter().map(|&(child, _)| child).collect();
+    let error = |message: String| {
+        let mut s = lock(session);
+        for &child in &children {
+            s.launching.remove(&(family, child));
+        }
+        HostResponse::Error { message }
+    };
     let slots = {
         let mut s = lock(session);
         match s.reservations.remove(&reservation) {
@@ -253,7 +277,14 @@ fn launch(
             })),
             events,
         });
-        lock(session).clones.insert((order.family, child), vm);
+        let killed = {
+            let mut s = lock(session);
+            s.clones.insert((order.family, child), vm);
+            s.launching.remove(&(order.family, child)) == Some(true)
+        };
+        if killed {
+            daemon.supervisor.kill_vm(vm);
+        }
         vms.push(vm);
     }
     HostResponse::Launched { vms }
