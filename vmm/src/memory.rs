@@ -363,6 +363,16 @@ fn seek(file: &File, off: u64, whence: libc::c_int) -> Result<Option<u64>, Memor
     Ok(Some(rc as u64))
 }
 
+/// Memory restored from `image` must be reserved at the image's size.
+fn check_image_size(image: &MemoryImage, reserved: &ReservedMemory) -> Result<(), MemoryError> {
+    if reserved.size != image.size {
+        return Err(MemoryError::BadSize {
+            size: reserved.size,
+        });
+    }
+    Ok(())
+}
+
 fn check_range(addr: u64, len: u64, size: u64) -> Result<(), MemoryError> {
     match addr.checked_add(len) {
         Some(end) if end <= size => Ok(()),
@@ -647,11 +657,7 @@ impl GuestMemory {
         image: &Arc<MemoryImage>,
         reserved: ReservedMemory,
     ) -> Result<Self, MemoryError> {
-        if reserved.size != image.size {
-            return Err(MemoryError::BadSize {
-                size: reserved.size,
-            });
-        }
+        check_image_size(image, &reserved)?;
         map_image(image, &reserved.mapping)?;
         Ok(Self {
             lease: ViewLease::new(reserved.host_addr(), image.size / PAGE_SIZE),
@@ -669,11 +675,7 @@ impl GuestMemory {
         image: &Arc<MemoryImage>,
         reserved: ReservedMemory,
     ) -> Result<Self, MemoryError> {
-        if reserved.size != image.size {
-            return Err(MemoryError::BadSize {
-                size: reserved.size,
-            });
-        }
+        check_image_size(image, &reserved)?;
         let memory = Self::new_in(reserved, image.host_pages)?;
         let pages = image.size / PAGE_SIZE;
         let mut covered = PageBitmap::new(pages);

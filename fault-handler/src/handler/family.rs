@@ -301,17 +301,7 @@ impl Family {
         let previous = clone.last_fetch.swap(page, Ordering::Relaxed);
         if page > previous && page - previous <= window + 1 {
             let last = page.saturating_add(window).min(clone.pages - 1);
-            for next in page + 1..=last {
-                if !self.is_missing_data(requests, clone, next) {
-                    continue;
-                }
-                let waiter = Waiter {
-                    clone: clone.clone(),
-                    fault: None,
-                };
-                requests.add(next, now, waiter);
-                request.push(next);
-            }
+            self.request_ahead(requests, clone, page + 1..=last, now, request);
         }
     }
 
@@ -326,23 +316,32 @@ impl Family {
         now: Instant,
         request: &mut Vec<u64>,
     ) {
-        let Some(block) = fault_around_block(page, self.config.fault_around_pages, clone.pages)
-        else {
-            return;
-        };
-        for next in block {
-            if next == page || !self.is_missing_data(requests, clone, next) {
+        if let Some(block) = fault_around_block(page, self.config.fault_around_pages, clone.pages) {
+            let others = block.filter(|&other| other != page);
+            self.request_ahead(requests, clone, others, now, request);
+        }
+    }
+
+    /// Adds the `pages` that are missing data pages of `clone` to `request`,
+    /// each awaited by the clone without a fault.
+    fn request_ahead(
+        &self,
+        requests: &mut RequestTable,
+        clone: &Arc<CloneState>,
+        pages: impl Iterator<Item = u64>,
+        now: Instant,
+        request: &mut Vec<u64>,
+    ) {
+        for page in pages {
+            if !self.is_missing_data(requests, clone, page) {
                 continue;
             }
-            requests.add(
-                next,
-                now,
-                Waiter {
-                    clone: clone.clone(),
-                    fault: None,
-                },
-            );
-            request.push(next);
+            let waiter = Waiter {
+                clone: clone.clone(),
+                fault: None,
+            };
+            requests.add(page, now, waiter);
+            request.push(page);
         }
     }
 

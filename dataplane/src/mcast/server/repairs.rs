@@ -6,7 +6,7 @@
 use std::net::SocketAddrV4;
 
 use super::service::McastService;
-use super::stats::bump;
+use super::stats::{bump, bytes_of};
 use crate::mcast::reassembly::PageBuf;
 use crate::mcast::repair::{self, Shape};
 use crate::mcast::sys;
@@ -122,13 +122,7 @@ fn send_block(
     let outcome = sys::send_batch(&service.socket, &list);
     let counters = &service.counters;
     bump(&counters.repairs_sent, outcome.sent as u64);
-    bump(
-        &counters.bytes_sent,
-        list[..outcome.sent]
-            .iter()
-            .map(|(_, d)| d.len() as u64)
-            .sum(),
-    );
+    bump(&counters.bytes_sent, bytes_of(&list[..outcome.sent]));
     if let Some(error) = outcome.error {
         bump(&counters.send_errors, (list.len() - outcome.sent) as u64);
         tracing::debug!(%error, "mcdist server: sending repairs failed");

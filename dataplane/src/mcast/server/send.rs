@@ -14,7 +14,7 @@ use super::config::McastServerConfig;
 use super::family::{Destination, FamilyState, Job, ServerState};
 use super::repairs::{PushedPage, send_repairs};
 use super::service::McastService;
-use super::stats::{Counters, bump};
+use super::stats::{Counters, bump, bytes_of};
 use crate::mcast::sys;
 use crate::mcast::wire::{
     self, ALL_FRAGMENTS, FRAGMENT_PUSH, FRAGMENT_UNICAST, Fragment, FragmentSealer, Header,
@@ -420,13 +420,7 @@ fn count_sent(
         tracing::debug!(%error, unsent = list.len() - outcome.sent, "mcdist server: send failed");
     }
     bump(&counters.fragments_sent, outcome.sent as u64);
-    bump(
-        &counters.bytes_sent,
-        list[..outcome.sent]
-            .iter()
-            .map(|(_, d)| d.len() as u64)
-            .sum(),
-    );
+    bump(&counters.bytes_sent, bytes_of(&list[..outcome.sent]));
     for &(end, outgoing) in sent_pages {
         // A page counts as sent when all its fragments were.
         if end > outcome.sent {

@@ -2,7 +2,7 @@
 //! [`McastServer::stats`](super::McastServer::stats) returns ([`McastServerStats`], with a
 //! [`FamilyServerStats`] per family).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One family's view in [`McastServerStats`].
@@ -98,6 +98,11 @@ pub(super) struct Counters {
 /// Adds `by` to `counter`.
 pub(super) fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// Bytes of the datagrams of a send batch (for `bytes_sent`).
+pub(super) fn bytes_of(datagrams: &[(SocketAddrV4, &[u8])]) -> u64 {
+    datagrams.iter().map(|(_, d)| d.len() as u64).sum()
 }
 
 impl Counters {
