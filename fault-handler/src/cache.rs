@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::collapse::{self, CollapseTarget};
-use crate::{PAGE_SIZE, sys};
+use crate::{PAGE_SIZE, shmem_policy, sys};
 
 /// Pages of one 2 MiB block.
 const BLOCK_PAGES: u64 = sys::HUGE_BLOCK / PAGE_SIZE;
@@ -21,6 +21,12 @@ pub enum CacheError {
         "family {family:#x}: memory size {mem_size:#x} is not a positive multiple of the page size"
     )]
     BadSize { family: u64, mem_size: u64 },
+    #[error(
+        "family {family:#x}: the kernel's THP policy ({policy}) would store a page written into \
+         a host page cache in a larger folio and zero the rest, which clones would read instead \
+         of their missing pages; set it to advise or never (scripts/deps.sh sets advise)"
+    )]
+    LargeFolioWrites { family: u64, policy: String },
     #[error("family {family:#x}: creating a {mem_size:#x}-byte memfd failed")]
     Memfd {
         family: u64,
@@ -97,6 +103,9 @@ impl PageCache {
     pub fn new(family: u64, mem_size: u64, huge_blocks: bool) -> Result<Self, CacheError> {
         if mem_size == 0 || !mem_size.is_multiple_of(PAGE_SIZE) {
             return Err(CacheError::BadSize { family, mem_size });
+        }
+        if let Some(policy) = shmem_policy::large_write_folios() {
+            return Err(CacheError::LargeFolioWrites { family, policy });
         }
         let memfd =
             sys::memfd(c"snowflock-page-cache", mem_size).map_err(|source| CacheError::Memfd {

@@ -121,6 +121,7 @@ mod collapse;
 mod handler;
 mod pagemap;
 mod ring;
+mod shmem_policy;
 mod stats;
 mod sync;
 mod sys;
