@@ -150,15 +150,9 @@ impl<'a> Batch<'a> {
     }
 
     fn on_fragment(&mut self, state: &mut State, header: &Header, fragment: Fragment<'a>) {
-        let Some(family) = state.families.get_mut(&header.family) else {
-            state.stats.not_ours += 1;
+        let Some(family) = live_family(&mut state.families, &mut state.stats, header) else {
             return;
         };
-        family.stats.datagrams += 1;
-        if header.generation != family.join.generation || family.failed {
-            count(&mut state.stats, &mut family.stats, |s| s.not_ours += 1);
-            return;
-        }
         if fragment.page >= family.join.pages {
             count(&mut state.stats, &mut family.stats, |s| s.malformed += 1);
             return;
@@ -206,15 +200,9 @@ impl<'a> Batch<'a> {
     }
 
     fn on_repair(&mut self, state: &mut State, header: &Header, repair: &Repair<'a>) {
-        let Some(family) = state.families.get_mut(&header.family) else {
-            state.stats.not_ours += 1;
+        let Some(family) = live_family(&mut state.families, &mut state.stats, header) else {
             return;
         };
-        family.stats.datagrams += 1;
-        if header.generation != family.join.generation || family.failed {
-            count(&mut state.stats, &mut family.stats, |s| s.not_ours += 1);
-            return;
-        }
         let first = repair.first_page;
         let pages = u64::from(repair.pages);
         let Some(shape) = first
@@ -471,6 +459,26 @@ fn on_undecodable(state: &mut State, error: DecodeError) {
             tracing::trace!(%error, "dropped a malformed mcdist datagram");
         }
     }
+}
+
+/// The joined, not failed family of a datagram's `header`, counting the
+/// datagram for it; `None` (counted as not ours) for a family not joined
+/// here, another generation of it, or one that failed.
+fn live_family<'s>(
+    families: &'s mut HashMap<u64, Family>,
+    stats: &mut ReceiverStats,
+    header: &Header,
+) -> Option<&'s mut Family> {
+    let Some(family) = families.get_mut(&header.family) else {
+        stats.not_ours += 1;
+        return None;
+    };
+    family.stats.datagrams += 1;
+    if header.generation != family.join.generation || family.failed {
+        count(stats, &mut family.stats, |s| s.not_ours += 1);
+        return None;
+    }
+    Some(family)
 }
 
 #[cfg(test)]
