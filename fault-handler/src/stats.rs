@@ -96,6 +96,9 @@ pub struct FamilyStats {
     /// pushed by the parent's host, or multicast for another host.
     #[serde(default)]
     pub pages_pushed: u64,
+    /// 2 MiB blocks of the cache held in huge pages (`[limits] huge_cache`).
+    #[serde(default)]
+    pub huge_blocks: u64,
     /// Pages requested and not yet delivered.
     pub outstanding: u64,
     /// Clones registered on it now.

@@ -242,7 +242,7 @@ fn stats_table(hosts: &[HostStats]) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14} {:>14} {:>11}",
+        "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14} {:>14} {:>11} {:>11}",
         "HOST",
         "SERVED-PAGES",
         "PUSHED-PAGES",
@@ -250,15 +250,17 @@ fn stats_table(hosts: &[HostStats]) -> String {
         "FAMILIES",
         "CACHED-PAGES",
         "PUSHED-CACHED",
-        "IDLE-CACHES"
+        "IDLE-CACHES",
+        "HUGE-BLOCKS"
     );
     for host in hosts.iter().filter(|h| h.error.is_none()) {
         let cached: u64 = host.families.iter().map(|f| f.stats.resident_pages).sum();
         let pushed: u64 = host.families.iter().map(|f| f.stats.pages_pushed).sum();
         let idle = host.families.iter().filter(|f| f.idle).count();
+        let huge: u64 = host.families.iter().map(|f| f.stats.huge_blocks).sum();
         let _ = writeln!(
             out,
-            "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14} {:>14} {:>11}",
+            "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14} {:>14} {:>11} {:>11}",
             host.host,
             host.served_pages,
             host.pushed_pages,
@@ -266,7 +268,8 @@ fn stats_table(hosts: &[HostStats]) -> String {
             host.served_families,
             cached,
             pushed,
-            idle
+            idle,
+            huge
         );
     }
     out

@@ -422,6 +422,7 @@ impl Family {
             bytes_received: received * PAGE_SIZE,
             resident_pages: self.cache.resident_pages(),
             pages_pushed: self.cache.unrequested_pages(),
+            huge_blocks: self.cache.huge_block_counts().0,
             outstanding: state.requests.len() as u64,
             clones: state.clones.iter().filter(|c| c.strong_count() > 0).count() as u64,
         }
