@@ -68,7 +68,8 @@ struct Worker {
     thread: Thread,
 }
 
-static WORKER: OnceLock<Arc<Worker>> = OnceLock::new();
+/// The worker, started on first use; `None` if its thread could not start.
+static WORKER: OnceLock<Option<Worker>> = OnceLock::new();
 
 /// Hands block `block` of `target` (every page present) to the worker.
 pub(crate) fn submit(target: &Arc<CollapseTarget>, block: u64) {
@@ -87,38 +88,29 @@ pub(crate) fn submit(target: &Arc<CollapseTarget>, block: u64) {
     worker.thread.unpark();
 }
 
-/// The worker, started on first use; `None` if its thread cannot start.
-fn worker() -> Option<&'static Arc<Worker>> {
-    if let Some(worker) = WORKER.get() {
-        return Some(worker);
-    }
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Arc<Worker>>();
-    let spawned = std::thread::Builder::new()
-        .name("sf-collapse".into())
-        .spawn(move || {
-            let Ok(worker) = ready_rx.recv() else {
-                return;
-            };
-            run(&worker);
-        });
-    let handle = match spawned {
-        Ok(handle) => handle,
-        Err(e) => {
-            tracing::warn!("cannot start the page cache's collapse thread: {e}");
-            return None;
-        }
-    };
-    let fresh = Arc::new(Worker {
-        queue: ArrayQueue::new(QUEUE_BLOCKS),
-        thread: handle.thread().clone(),
-    });
-    // Another thread may have won the race: only the winner's worker is
-    // used; a losing thread gets its worker dropped and exits.
-    let worker = WORKER.get_or_init(|| fresh.clone());
-    if Arc::ptr_eq(worker, &fresh) {
-        let _ = ready_tx.send(fresh);
-    }
-    Some(worker)
+fn worker() -> Option<&'static Worker> {
+    WORKER
+        .get_or_init(|| {
+            // The thread waits until this initialisation is done.
+            let spawned = std::thread::Builder::new()
+                .name("sf-collapse".into())
+                .spawn(|| {
+                    if let Some(worker) = WORKER.wait() {
+                        run(worker);
+                    }
+                });
+            match spawned {
+                Ok(handle) => Some(Worker {
+                    queue: ArrayQueue::new(QUEUE_BLOCKS),
+                    thread: handle.thread().clone(),
+                }),
+                Err(e) => {
+                    tracing::warn!("cannot start the page cache's collapse thread: {e}");
+                    None
+                }
+            }
+        })
+        .as_ref()
 }
 
 fn run(worker: &Worker) {

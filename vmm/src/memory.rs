@@ -87,13 +87,12 @@ pub enum HostPages {
 }
 
 /// How a VM restored from an image holds its memory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoredMemory {
     /// A private copy-on-write view of the image ([`GuestMemory::from_image_in`]):
     /// no memory of its own until it writes, but under PVM every first
     /// write costs a hypervisor exit, a host copy-on-write fault and, on huge
     /// pages, the split of the 2 MiB mapping around it.
-    #[default]
     View,
     /// Memory of its own holding a copy of the image's data pages
     /// ([`GuestMemory::copy_of_image_in`]), made before the VM first runs:
