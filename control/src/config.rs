@@ -341,6 +341,13 @@ pub struct McdistSection {
     /// its siblings already faulted.
     #[serde(default = "default_true")]
     pub push: bool,
+    /// Working sets kept (0, the default: off): what the clones of a clone point asked for,
+    /// in order, is recorded when the clone point stops being served, and the same clone
+    /// point of the next job of the same image (same bytes, memory size and command line)
+    /// pushes those pages first. Off by default: here the push trails the clones' demand,
+    /// so pushing in their order mostly sends what they are asking for anyway.
+    #[serde(default = "default_recorded_working_sets")]
+    pub recorded_working_sets: u32,
     /// Most pages of a family this host's receiver awaits at once; further requested pages
     /// wait here and go out as pages arrive.
     #[serde(default = "default_max_in_flight")]
@@ -399,6 +406,10 @@ fn default_initial_rate() -> u32 {
 fn default_max_rate() -> u32 {
     400_000
 }
+fn default_recorded_working_sets() -> u32 {
+    0
+}
+
 fn default_max_in_flight() -> u32 {
     512
 }
@@ -436,6 +447,7 @@ impl Default for McdistSection {
             initial_rate: default_initial_rate(),
             max_rate: default_max_rate(),
             push: true,
+            recorded_working_sets: default_recorded_working_sets(),
             max_in_flight: default_max_in_flight(),
             send_threads: default_send_threads(),
             repair_percent: default_repair_percent(),

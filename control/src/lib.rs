@@ -41,6 +41,7 @@ pub mod size;
 pub mod supervisor;
 mod sync;
 pub mod wire;
+pub mod working_sets;
 
 pub use descriptor::{CaptureKind, Descriptor, DescriptorError};
 pub use error_chain::error_chain;

@@ -121,6 +121,9 @@ pub struct HostStats {
     /// Of the pages served, those multicast before any clone asked (push).
     #[serde(default)]
     pub pushed_pages: u64,
+    /// Of the pages pushed, those a recorded working set put first.
+    #[serde(default)]
+    pub push_led_pages: u64,
     pub served_families: u32,
 }
 

@@ -18,6 +18,7 @@ use snowflock_vmm::memory::MemoryImage;
 use crate::child::{ChildCell, RemoteTarget};
 use crate::descriptor::Descriptor;
 use crate::outcome::VmOutcome;
+use crate::working_sets::ClonePointKey;
 
 /// Clone slots reserved on another host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,8 +61,11 @@ pub trait Cluster: Send + Sync {
     /// Returns a reservation that will not be used.
     fn release(&self, grant: RemoteGrant);
     /// Serves `image` to other hosts under `family` until a matching
-    /// [`Cluster::retire_image`]; calls nest.
-    fn serve_image(&self, family: u64, image: Arc<MemoryImage>);
+    /// [`Cluster::retire_image`]; calls nest. `key` names the clone point
+    /// across jobs of the same image (`None`: not booted from one): its
+    /// recorded working set, if any, leads the push, and what its clones ask
+    /// for is recorded for the next job.
+    fn serve_image(&self, family: u64, image: Arc<MemoryImage>, key: Option<ClonePointKey>);
     /// Ends one [`Cluster::serve_image`]; after the last, the hosts that
     /// ran clones of `family` are told it ended (their page caches go).
     fn retire_image(&self, family: u64);

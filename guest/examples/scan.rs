@@ -30,10 +30,17 @@
 //! and checking each round against the check pass: later rounds find the
 //! state where earlier rounds left it (a warm run of the same job).
 //!
+//! With `epochs=2` or more (default 1) the job is iterative: after the
+//! rounds, per later epoch the parent moves its state on (rewrites the first
+//! word of one page in 64), takes a new ticket and clones again, a new clone
+//! point of the same VM, and checks the children's checksums of the new
+//! state against its own.
+//!
 //! Prints `scan: build_ms=..`, one `scan: share=k resident_ms=..` per share,
 //! `scan: resident_max_ms=.. resident_sum_ms=..`, `scan: clone_ms=..`,
 //! `scan: join_ms=..`, `scan: check_ms=..` (the check pass), per later
-//! round `scan: round=.. warm_clone_ms=.. warm_join_ms=..`, then
+//! round `scan: round=.. warm_clone_ms=.. warm_join_ms=..`, per later epoch
+//! `scan: epoch=.. clone_ms=.. join_ms=..`, then
 //! `scan: state_mib=.. write_every=.. clones=.. granted=.. checksum=..
 //! check=ok`. Exit 0 iff every share matches and no child failed; 1 on a
 //! mismatch or failed child, 2 on bad arguments, 3 when the VM has too
@@ -108,20 +115,67 @@ fn share_range(pages: usize, shares: usize, k: usize) -> (usize, usize) {
     (pages * (k - 1) / shares, pages * k / shares)
 }
 
+/// One later epoch of an iterative job: moves `state` on, clones it again
+/// (a new clone point) and checks every child's share against the parent's
+/// own pass. Returns whether all matched.
+fn epoch(
+    state: &mut [u64],
+    epoch: u32,
+    seed: u64,
+    clones: u32,
+    flags: u64,
+    write_every: usize,
+) -> bool {
+    let pages = state.len() / PAGE_WORDS;
+    let mut rng = SplitMix64::new(mix(seed, 0xe90c + u64::from(epoch)));
+    for page in (0..pages).step_by(64) {
+        state[page * PAGE_WORDS] = rng.next_u64();
+    }
+    let ticket = request_ticket_with(clones, flags).expect("request_ticket");
+    if ticket.granted() == 0 {
+        println!("scan: epoch={epoch}: no clone granted");
+        return true;
+    }
+    let shares = ticket.granted() as usize;
+    let t_clone = now_ns();
+    if let Fork::Child(id) = clone(&ticket).expect("clone") {
+        let (lo, hi) = share_range(pages, shares, id as usize);
+        exit(&scan_share(state, lo, hi, write_every).to_le_bytes());
+    }
+    let t_cloned = now_ns();
+    let mut ok = true;
+    let parallel = checksums(&join(&ticket).expect("join"), shares, &mut ok);
+    println!(
+        "scan: epoch={epoch} clone_ms={} join_ms={}",
+        Millis(t_cloned - t_clone),
+        Millis(now_ns() - t_cloned)
+    );
+    for k in 1..=shares {
+        let (lo, hi) = share_range(pages, shares, k);
+        let own = scan_share(state, lo, hi, write_every);
+        if parallel.get(k - 1).copied().flatten() != Some(own) {
+            println!("scan: epoch {epoch}: share {k} differs from the parent's");
+            ok = false;
+        }
+    }
+    ok
+}
+
 fn main() -> i32 {
     let state_mib = arg_u64("state_mib", 48);
     let write_every = arg_u64("write_every", 8) as usize;
     let clones = arg_u32("clones", 2);
     let seed = arg_u64("seed", 1);
     let rounds = arg_u32("rounds", 1);
+    let epochs = arg_u32("epochs", 1);
     let own_memory = arg_u32("own_memory", u32::from(write_every != 0)) != 0;
     let flags = if own_memory {
         ticket::CHILDREN_WRITE
     } else {
         0
     };
-    if rounds == 0 {
-        println!("scan: rounds must be at least 1");
+    if rounds == 0 || epochs == 0 {
+        println!("scan: rounds and epochs must be at least 1");
         return 2;
     }
     if !(1..=65_536).contains(&state_mib) {
@@ -249,6 +303,9 @@ fn main() -> i32 {
                 ok = false;
             }
         }
+    }
+    for later in 2..=epochs {
+        ok &= epoch(state, later, seed, clones, flags, write_every);
     }
     println!(
         "scan: state_mib={state_mib} write_every={write_every} clones={clones} granted={} checksum={checksum:#018x} check={}",

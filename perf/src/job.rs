@@ -30,6 +30,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
@@ -42,6 +43,7 @@ use snowflock_dataplane::mcast::receiver::ReceiverStats;
 use snowflock_vmm::KvmHypervisor;
 use snowflock_vmm::memory::HostPages;
 
+use crate::cpu::CpuTimes;
 use crate::record::Sink;
 use crate::remote::{Setup, collected_lines, emit, number, run_job, up};
 use crate::sync::lock;
@@ -110,8 +112,9 @@ impl Job {
 /// `sfd.toml` keys of one section, with their values.
 type Settings = Vec<(&'static str, toml::Value)>;
 
-/// A daemon setting that changes how remote faults are served; measured by
-/// turning it off on a cluster of its own.
+/// A daemon setting that changes how remote faults are served; measured on
+/// a cluster of its own where it is switched the other way: off where it is on
+/// by default, on where it is off by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Mechanism {
     /// `[limits] prefetch_pages` (default 3) against 0.
@@ -136,7 +139,13 @@ pub enum Mechanism {
     /// `[limits] idle_cache_mib` (page caches kept after their clones ended, for the next
     /// clones from the same checkpoint) against 0.
     Linger,
-    /// `[mcdist] repair_percent` (REPAIRs after each block of pushed pages) against 0.
+    /// `[mcdist] recorded_working_sets = 64` (the pages the clones of the same clone point
+    /// of an earlier job of the same image asked for pushed first) against the default 0.
+    /// Each measured job then follows an unmeasured run of the same job on its cluster,
+    /// which records.
+    RecordedSets,
+    /// `[mcdist] repair_percent = 20` (REPAIRs after each block of pushed pages) against
+    /// the default 0.
     Repair,
 }
 
@@ -152,12 +161,19 @@ impl Mechanism {
             Self::Push => "push",
             Self::Populate => "populate",
             Self::Linger => "linger",
+            Self::RecordedSets => "recorded-sets",
             Self::Repair => "repair",
         }
     }
 
-    /// The `[limits]` and `[mcdist]` keys of a cluster with this mechanism off.
-    fn off(self) -> (Settings, Settings) {
+    /// Whether the daemons run it unless configured otherwise.
+    fn on_by_default(self) -> bool {
+        !matches!(self, Self::RecordedSets | Self::Repair)
+    }
+
+    /// The `[limits]` and `[mcdist]` keys of the cluster it is measured on: it off when it
+    /// is on by default, else on.
+    fn switched(self) -> (Settings, Settings) {
         match self {
             Self::Prefetch => (vec![("prefetch_pages", toml::Value::Integer(0))], vec![]),
             Self::FaultAround => (
@@ -180,7 +196,11 @@ impl Mechanism {
                 vec![],
             ),
             Self::Linger => (vec![("idle_cache_mib", toml::Value::Integer(0))], vec![]),
-            Self::Repair => (vec![], vec![("repair_percent", toml::Value::Integer(0))]),
+            Self::RecordedSets => (
+                vec![],
+                vec![("recorded_working_sets", toml::Value::Integer(64))],
+            ),
+            Self::Repair => (vec![], vec![("repair_percent", toml::Value::Integer(20))]),
         }
     }
 }
@@ -265,8 +285,14 @@ struct Counters {
     served_bytes: u64,
     /// Pages the memory servers multicast before any clone asked (push).
     pushed_pages: u64,
+    /// Pages recorded working sets put at the head of the push.
+    push_led_pages: u64,
     /// What the clone hosts' mcdist receivers counted over the job.
     rx: RxCounters,
+    /// CPU seconds the job cost (both rounds), by who spent them.
+    cpu: CpuTimes,
+    /// Its wall time, from the start request to the VM's end (both rounds).
+    wall_s: f64,
 }
 
 /// Loss recovery and rate control on the clone hosts (every host but h1).
@@ -332,6 +358,7 @@ impl RxCounters {
 struct Served {
     bytes: u64,
     pushed_pages: u64,
+    push_led_pages: u64,
 }
 
 impl Sample {
@@ -435,19 +462,32 @@ fn local_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
 fn remote_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
     let mut variants: Vec<(&'static str, Option<Mechanism>)> = vec![(DEFAULT_VARIANT, None)];
     variants.extend(config.mechanisms.iter().map(|&m| (m.name(), Some(m))));
-    for (variant, off) in variants {
-        let (limits, mcdist) = off.map(Mechanism::off).unwrap_or_default();
+    for (variant, switched) in variants {
+        let (limits, mcdist) = switched.map(Mechanism::switched).unwrap_or_default();
         let (cluster, _dir) = up(&config.setup, HOSTS, SLOTS, &limits, &mcdist)?;
         let sockets: Vec<PathBuf> = cluster.hosts().iter().map(|h| h.socket.clone()).collect();
+        let pids: Vec<u32> = cluster.hosts().iter().filter_map(|h| h.pid).collect();
+        let daemons = Daemons {
+            sockets: &sockets,
+            pids: &pids,
+        };
         let losses: Vec<u32> = std::iter::once(0)
             .chain(config.loss.iter().copied())
             .collect();
         for &job in &config.jobs {
             for &n in config.counts(Mode::Remote) {
+                if config.mechanisms.contains(&Mechanism::RecordedSets) || !config.loss.is_empty() {
+                    // Every measured job then has an earlier run of itself to be led by (or,
+                    // with recordings off, not): the first lossless run has no advantage over
+                    // the lossy ones that follow it.
+                    eprintln!("{BENCH}: remote {} {n} clones, recording run", job.name());
+                    remote_job(config, &daemons, job, n)?;
+                }
                 for &loss in &losses {
-                    let mut label = match off {
+                    let mut label = match switched {
                         None => String::new(),
-                        Some(m) => format!(" ({} off)", m.name()),
+                        Some(m) if m.on_by_default() => format!(" ({} off)", m.name()),
+                        Some(m) => format!(" ({} on)", m.name()),
                     };
                     if loss > 0 {
                         label += &format!(" at {loss}% loss, {}% reordered", config.reorder);
@@ -457,7 +497,7 @@ fn remote_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
                         job.name()
                     );
                     cluster.impair(loss, if loss > 0 { config.reorder } else { 0 })?;
-                    let sample = remote_job(config, &sockets, job, n);
+                    let sample = remote_job(config, &daemons, job, n);
                     cluster.impair(0, 0)?;
                     samples
                         .entry((Mode::Remote, variant, job, n, loss))
@@ -483,6 +523,7 @@ fn snapshot(
     let served = Served {
         bytes: hosts.iter().map(|h| h.served_bytes).sum(),
         pushed_pages: hosts.iter().map(|h| h.pushed_pages).sum(),
+        push_led_pages: hosts.iter().map(|h| h.push_led_pages).sum(),
     };
     let clones = hosts
         .into_iter()
@@ -509,13 +550,29 @@ fn receivers(sockets: &[PathBuf]) -> Result<Vec<ReceiverStats>> {
         .collect()
 }
 
-fn remote_job(config: &Config, sockets: &[PathBuf], job: Job, n: u32) -> Result<Sample> {
+/// This machine's cores (every netns host shares them).
+fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+}
+
+/// A cluster's daemons: their API sockets (h1's first) and process ids.
+struct Daemons<'a> {
+    sockets: &'a [PathBuf],
+    pids: &'a [u32],
+}
+
+fn remote_job(config: &Config, daemons: &Daemons<'_>, job: Job, n: u32) -> Result<Sample> {
     let (args, mem) = config.args(Mode::Remote, job, n);
+    let sockets = daemons.sockets;
     let socket = sockets.first().context("a cluster without hosts")?;
     let rx_before = receivers(sockets)?;
     let (before, served_before) = snapshot(socket)?;
     let seen: HashSet<(String, u64)> = before.into_iter().map(|(h, c)| (h, c.vm)).collect();
+    let cpu_before = CpuTimes::now(daemons.pids)?;
+    let started = Instant::now();
     let end = run_job(socket, job.name(), mem, &args)?;
+    let wall_s = started.elapsed().as_secs_f64();
+    let cpu = CpuTimes::now(daemons.pids)?.since(&cpu_before);
     let [cold, warm] = &end.reports[..] else {
         bail!("{} clone reports, not one per round", end.reports.len());
     };
@@ -529,10 +586,15 @@ fn remote_job(config: &Config, sockets: &[PathBuf], job: Job, n: u32) -> Result<
     }
     let mut counters = Counters {
         rx,
+        cpu,
+        wall_s,
         served_bytes: served_after.bytes.saturating_sub(served_before.bytes),
         pushed_pages: served_after
             .pushed_pages
             .saturating_sub(served_before.pushed_pages),
+        push_led_pages: served_after
+            .push_led_pages
+            .saturating_sub(served_before.push_led_pages),
         ..Counters::default()
     };
     let mut warm_counters = Counters::default();
@@ -642,7 +704,17 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
                 .map(|c| total(&c.rx) as f64 / 1000.0 / n(&c.rx).max(1) as f64)
                 .collect()
         };
-        let remote: [(&str, &str, Vec<f64>); 17] = [
+        let cpu = |f: fn(&Counters) -> f64| -> Vec<f64> { counters.iter().map(|c| f(c)).collect() };
+        let remote: [(&str, &str, Vec<f64>); 23] = [
+            ("job_wall_s", "s", cpu(|c| c.wall_s)),
+            ("cpu_vcpus_s", "s", cpu(|c| c.cpu.vcpus)),
+            ("cpu_daemons_s", "s", cpu(|c| c.cpu.daemons)),
+            ("cpu_machine_busy_s", "s", cpu(|c| c.cpu.machine_busy)),
+            (
+                "cpu_busy_share",
+                "ratio",
+                cpu(|c| c.cpu.machine_busy / (c.wall_s * cores()).max(f64::MIN_POSITIVE)),
+            ),
             (
                 "remote_children",
                 "clones",
@@ -675,6 +747,11 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
                 "pages_pushed",
                 "pages",
                 counters.iter().map(|c| c.pushed_pages as f64).collect(),
+            ),
+            (
+                "pages_push_led",
+                "pages",
+                counters.iter().map(|c| c.push_led_pages as f64).collect(),
             ),
             (
                 "wire_mib",
@@ -785,8 +862,11 @@ fn mechanism_ratios(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> 
                     .chain(config.loss.iter().copied())
                     .map(move |l| (n, l))
             }) {
-                let on = samples.get(&(Mode::Remote, DEFAULT_VARIANT, job, n, loss));
-                let off = samples.get(&(Mode::Remote, mechanism.name(), job, n, loss));
+                let mut on = samples.get(&(Mode::Remote, DEFAULT_VARIANT, job, n, loss));
+                let mut off = samples.get(&(Mode::Remote, mechanism.name(), job, n, loss));
+                if !mechanism.on_by_default() {
+                    std::mem::swap(&mut on, &mut off);
+                }
                 let (Some(on), Some(off)) = (on, off) else {
                     continue;
                 };

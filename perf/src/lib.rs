@@ -11,6 +11,7 @@
 //! scenarios, their metrics and targets.
 
 pub mod clone_local;
+pub mod cpu;
 pub mod job;
 pub mod mcast;
 pub mod record;

@@ -26,6 +26,7 @@ use snowflock_control::protocol::CloneSummary;
 use snowflock_control::remote::{
     Cluster, HollowEvents, HollowStart, Plan, RemoteChild, RemoteGrant, RemoteLaunch,
 };
+use snowflock_control::working_sets::ClonePointKey;
 use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_fault_handler::{CloneStats, FaultHandler, FetchConfig};
 use snowflock_testkit::{ClusterSpec, NetnsCluster};
@@ -180,7 +181,7 @@ impl Cluster for LoopbackCluster {
 
     fn release(&self, _grant: RemoteGrant) {}
 
-    fn serve_image(&self, family: u64, image: Arc<MemoryImage>) {
+    fn serve_image(&self, family: u64, image: Arc<MemoryImage>, _key: Option<ClonePointKey>) {
         lock(&self.images).push((family, image));
     }
 

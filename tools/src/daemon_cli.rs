@@ -242,10 +242,11 @@ fn stats_table(hosts: &[HostStats]) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14} {:>14} {:>11} {:>11}",
+        "{:<8} {:>12} {:>12} {:>9} {:>14} {:>10} {:>14} {:>14} {:>11} {:>11}",
         "HOST",
         "SERVED-PAGES",
         "PUSHED-PAGES",
+        "PUSH-LED",
         "SERVED-BYTES",
         "FAMILIES",
         "CACHED-PAGES",
@@ -260,10 +261,11 @@ fn stats_table(hosts: &[HostStats]) -> String {
         let huge: u64 = host.families.iter().map(|f| f.stats.huge_blocks).sum();
         let _ = writeln!(
             out,
-            "{:<8} {:>12} {:>12} {:>14} {:>10} {:>14} {:>14} {:>11} {:>11}",
+            "{:<8} {:>12} {:>12} {:>9} {:>14} {:>10} {:>14} {:>14} {:>11} {:>11}",
             host.host,
             host.served_pages,
             host.pushed_pages,
+            host.push_led_pages,
             host.served_bytes,
             host.served_families,
             cached,

@@ -295,7 +295,7 @@ fn launch_remote_copies(
     let family = descriptor.family;
     let descriptor = Arc::new(descriptor);
     let links: Arc<dyn Cluster> = daemon.links.clone();
-    links.serve_image(family, image);
+    links.serve_image(family, image, None);
     let mut started = Vec::new();
     let mut everyone = Vec::new();
     let mut id = first;

@@ -24,6 +24,7 @@ use crate::protocol::{CloneOrder, FromHost, HostRequest, HostResponse, McastOrde
 use crate::remote::{Cluster, Plan, RemoteChild, RemoteGrant, RemoteLaunch};
 use crate::sync::lock;
 use crate::wire::{self, Direction, FrameSealer};
+use crate::working_sets::{ClonePointKey, WorkingSets};
 
 /// Protocol context of the cluster-key handshake on control connections.
 pub const CONTROL_CONTEXT: &[u8] = b"control";
@@ -187,6 +188,8 @@ pub struct Links {
     mcast: Option<Arc<McastServer>>,
     mcdist: McdistSection,
     served: Mutex<HashMap<u64, ServedImage>>,
+    /// What the clones of clone points served before asked for.
+    working_sets: Mutex<WorkingSets>,
     lines: crate::console::LineSink,
 }
 
@@ -198,6 +201,8 @@ struct ServedImage {
     mcast: Option<McastOrder>,
     /// Hosts that ran clones of it: told when it ends.
     hosts: HashSet<String>,
+    /// The clone point across jobs, for its recorded working set.
+    key: Option<ClonePointKey>,
 }
 
 impl std::fmt::Debug for Links {
@@ -231,6 +236,9 @@ impl Links {
             mcast,
             mcdist: config.mcdist.clone(),
             served: Mutex::new(HashMap::new()),
+            working_sets: Mutex::new(WorkingSets::new(
+                config.mcdist.recorded_working_sets as usize,
+            )),
             lines,
         }
     }
@@ -463,14 +471,16 @@ impl Cluster for Links {
         });
     }
 
-    fn serve_image(&self, family: u64, image: Arc<MemoryImage>) {
+    fn serve_image(&self, family: u64, image: Arc<MemoryImage>, key: Option<ClonePointKey>) {
         let mut served = lock(&self.served);
         let entry = served.entry(family).or_insert_with(|| {
             let store: Arc<ImageStore> = Arc::new(ImageStore(image));
             self.memory.register(family, store.clone());
             let mcast = self.mcast.as_ref().map(|server| {
                 let group = self.mcdist.group_of(family);
-                let generation = server.register(family, group, store);
+                let sets = lock(&self.working_sets);
+                let lead = key.as_ref().and_then(|key| sets.get(key));
+                let generation = server.register_led(family, group, store, lead);
                 McastOrder {
                     server: server.local_addr(),
                     group,
@@ -481,6 +491,7 @@ impl Cluster for Links {
                 users: 0,
                 mcast,
                 hosts: HashSet::new(),
+                key,
             }
         });
         entry.users += 1;
@@ -496,12 +507,25 @@ impl Cluster for Links {
             if entry.users > 0 {
                 return;
             }
-            let ended = served.remove(&family).map(|e| e.hosts).unwrap_or_default();
+            let Some(ended) = served.remove(&family) else {
+                return;
+            };
             self.memory.unregister(family);
             if let Some(server) = &self.mcast {
+                if let Some(key) = ended.key
+                    && let Some(set) = server.working_set(family)
+                {
+                    tracing::debug!(
+                        family = format_args!("{family:#x}"),
+                        hosts = set.hosts(),
+                        runs = set.runs(),
+                        "working set recorded"
+                    );
+                    lock(&self.working_sets).record(key, set);
+                }
                 server.unregister(family);
             }
-            ended
+            ended.hosts
         };
         for host in ended {
             let Some(link) = self.live_link(&host) else {

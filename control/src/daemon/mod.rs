@@ -207,6 +207,7 @@ impl Daemon {
             served_pages: served.pages_served + multicast.as_ref().map_or(0, |m| m.pages_sent),
             served_bytes: served.bytes_served + multicast.as_ref().map_or(0, |m| m.bytes_sent),
             pushed_pages: multicast.as_ref().map_or(0, |m| m.pushed_pages),
+            push_led_pages: multicast.as_ref().map_or(0, |m| m.push_led_pages),
             served_families: self.links.served_families(),
         }
     }

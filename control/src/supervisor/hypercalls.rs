@@ -192,10 +192,14 @@ impl VmContext {
         let Some(cluster) = &self.host.config.cluster else {
             return;
         };
+        let key = self
+            .checkpoints
+            .get(&checkpoint)
+            .and_then(|cp| self.clone_point_key(cp.descriptor.generation));
         if let Some(cp) = self.checkpoints.get_mut(&checkpoint)
             && !cp.served
         {
-            cluster.serve_image(family, image);
+            cluster.serve_image(family, image, key);
             cp.served = true;
         }
     }

@@ -42,6 +42,7 @@ use crate::descriptor::Descriptor;
 use crate::outcome::CloneReport;
 use crate::remote::Cluster;
 use crate::sync::lock;
+use crate::working_sets::ImageDigest;
 use snowflock_vmm::memory::{HostPages, MemoryImage};
 
 /// Settings of a local supervisor.
@@ -155,7 +156,8 @@ impl Supervisor {
         let machine =
             Machine::boot(self.host.hv.as_ref(), image, &config).map_err(SupervisorError::Start)?;
         self.host.warm_up(mem_size);
-        Ok(self.spawn_root(vm, machine, flush, 0, label))
+        let image = ImageDigest::of(image, mem_size, cmdline);
+        Ok(self.spawn_root(vm, machine, flush, (0, Some(image)), label))
     }
 
     /// Starts a new VM from `descriptor` on a private view of `image`.
@@ -180,7 +182,7 @@ impl Supervisor {
         let machine = Machine::restore(self.host.hv.as_ref(), &descriptor.machine, image, console)
             .map_err(SupervisorError::Start)?;
         self.host.warm_up(descriptor.machine.mem_size);
-        Ok(self.spawn_root(vm, machine, flush, descriptor.generation, label))
+        Ok(self.spawn_root(vm, machine, flush, (descriptor.generation, None), label))
     }
 
     fn spawn_root(
@@ -188,7 +190,7 @@ impl Supervisor {
         vm: u64,
         machine: Machine,
         flush: ConsoleFlush,
-        generation: u32,
+        (generation, image): (u32, Option<ImageDigest>),
         label: String,
     ) -> VmHandle {
         let (control, requests) = mpsc::channel();
@@ -203,7 +205,8 @@ impl Supervisor {
             flush,
             generation,
         )
-        .with_requests(requests);
+        .with_requests(requests)
+        .with_image(image);
         let thread = std::thread::Builder::new()
             .name(format!("vm{vm}"))
             .spawn(move || ctx.drive(machine))

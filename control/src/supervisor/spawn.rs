@@ -81,7 +81,8 @@ impl VmContext {
             shares.push((grant, children));
         }
         launch.served_family = Some(family);
-        cluster.serve_image(family, image.clone());
+        let key = self.clone_point_key(descriptor.generation);
+        cluster.serve_image(family, image.clone(), key);
         let shipping = self.ship_remote(cluster, shares, descriptor, image, checkpoint);
         (launch, Described::Pending(shipping))
     }

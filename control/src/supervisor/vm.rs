@@ -28,6 +28,7 @@ use crate::descriptor::{CaptureKind, Descriptor};
 use crate::error_chain;
 use crate::outcome::VmOutcome;
 use crate::sync::{lock, wait_timeout};
+use crate::working_sets::{ClonePointKey, ImageDigest};
 
 /// How long a waiting VM thread sleeps between checks for kills and control
 /// requests; bounds how late a kill of a joining parent is noticed.
@@ -47,6 +48,8 @@ pub(super) struct VmContext {
     generation: u32,
     pub(super) tickets: Tickets,
     pub(super) checkpoints: HashMap<u64, Checkpoint>,
+    /// The image a root VM booted: its clone points' working sets are recorded under it.
+    image: Option<ImageDigest>,
 }
 
 pub(super) enum JoinError {
@@ -85,7 +88,19 @@ impl VmContext {
             generation,
             tickets: Tickets::default(),
             checkpoints: HashMap::new(),
+            image: None,
         }
+    }
+
+    /// A root VM booted from the image `image` digests.
+    pub(super) fn with_image(self, image: Option<ImageDigest>) -> Self {
+        Self { image, ..self }
+    }
+
+    /// The key of this VM's clone point of `generation` across jobs; `None` for VMs not
+    /// booted from an image (clones, restored descriptors).
+    pub(super) fn clone_point_key(&self, generation: u32) -> Option<ClonePointKey> {
+        self.image.map(|image| ClonePointKey { image, generation })
     }
 
     /// Serves capture requests from outside, as a root VM does.

@@ -13,6 +13,7 @@
 //!   it, the kernel UDP socket ([`McastReceiver`], an io_uring loop) and AF_XDP
 //!   ([`McastReceiver::start_xdp`]).
 
+mod bitmap;
 mod rate;
 mod reassembly;
 pub mod receiver;
@@ -27,5 +28,5 @@ pub use receiver::{
     XdpReceiveStatus,
 };
 pub use server::{
-    FamilyServerStats, McastBindError, McastServer, McastServerConfig, McastServerStats,
+    FamilyServerStats, McastBindError, McastServer, McastServerConfig, McastServerStats, WorkingSet,
 };

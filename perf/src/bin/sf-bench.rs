@@ -125,8 +125,8 @@ struct JobArgs {
     /// Jobs (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [job::Job::Scan, job::Job::Seqsearch])]
     job: Vec<job::Job>,
-    /// Remote fault-service mechanisms to measure against a cluster with each turned off
-    /// (comma-separated; none by default).
+    /// Remote fault-service mechanisms to measure against a cluster with each switched the
+    /// other way: off, or on for those off by default (comma-separated; none by default).
     #[arg(long, value_enum, value_delimiter = ',')]
     mechanisms: Vec<job::Mechanism>,
     /// State of the `scan` job, MiB.

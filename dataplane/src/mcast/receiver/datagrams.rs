@@ -12,13 +12,14 @@ use std::time::Instant;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use super::config::ReceiverConfig;
-use super::family::{Bitmap, Family, HeldPages};
+use super::family::{Family, HeldPages};
 use super::outgoing::Outgoing;
 use super::repair_blocks::RepairBlocks;
 use super::retry::admit;
 use super::state::State;
 use super::stats::{ReceiverStats, count};
 use crate::client::PageSink;
+use crate::mcast::bitmap::Bitmap;
 use crate::mcast::reassembly::{Outcome, PageBuf, Reassembly};
 use crate::mcast::repair::Shape;
 use crate::mcast::wire::{

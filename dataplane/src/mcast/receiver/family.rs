@@ -14,6 +14,7 @@ use super::config::ReceiverConfig;
 use super::rtt::{Outstanding, RttEstimate};
 use super::stats::ReceiverStats;
 use crate::client::PageSink;
+use crate::mcast::bitmap::Bitmap;
 use crate::mcast::rate::AimdRate;
 
 /// A family (clone point) this host runs clones of, as the launch order describes it.
@@ -73,34 +74,6 @@ pub enum JoinError {
         /// What failed.
         source: snowflock_ebpf::FamilyError,
     },
-}
-
-/// Pages held, one bit each.
-#[derive(Debug)]
-pub(super) struct Bitmap(Vec<u64>);
-
-impl Bitmap {
-    pub(super) fn new(bits: u64) -> Bitmap {
-        Bitmap(vec![0; bits.div_ceil(64) as usize])
-    }
-
-    pub(super) fn get(&self, bit: u64) -> bool {
-        self.0
-            .get((bit / 64) as usize)
-            .is_some_and(|word| word & (1 << (bit % 64)) != 0)
-    }
-
-    pub(super) fn set(&mut self, bit: u64) {
-        if let Some(word) = self.0.get_mut((bit / 64) as usize) {
-            *word |= 1 << (bit % 64);
-        }
-    }
-
-    pub(super) fn clear(&mut self, bit: u64) {
-        if let Some(word) = self.0.get_mut((bit / 64) as usize) {
-            *word &= !(1 << (bit % 64));
-        }
-    }
 }
 
 /// A joined family's state.
@@ -239,7 +212,7 @@ mod tests {
     use std::time::Instant;
 
     use super::super::config::ReceiverConfig;
-    use super::{Bitmap, Family, FamilyJoin};
+    use super::{Family, FamilyJoin};
     use crate::client::PageSink;
 
     struct Discard;
@@ -247,18 +220,6 @@ mod tests {
     impl PageSink for Discard {
         fn deliver_batch(&self, _pages: &[(u64, &[u8])]) {}
         fn failed(&self, _reason: String) {}
-    }
-
-    #[test]
-    fn a_bitmap_holds_bits_in_range_and_ignores_the_rest() {
-        let mut bits = Bitmap::new(70);
-        bits.set(0);
-        bits.set(69);
-        bits.set(200);
-        assert!(bits.get(0) && bits.get(69));
-        assert!(!bits.get(1) && !bits.get(64) && !bits.get(200));
-        bits.clear(69);
-        assert!(!bits.get(69) && bits.get(0));
     }
 
     #[test]

@@ -12,10 +12,11 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use super::config::McastServerConfig;
 use super::stats::{Counters, FamilyServerStats, bump};
+use super::working_set::{WorkingSet, WorkingSetRecorder};
 use crate::mcast::rate::TokenBucket;
 use crate::mcast::wire::{
-    ALL_FRAGMENTS, FragmentSealer, Header, REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE,
-    REQUEST_RETRY, REQUEST_UNICAST_REPLY, Reject, RejectCode, Request,
+    ALL_FRAGMENTS, FragmentSealer, Header, REQUEST_FRAGMENTS, REQUEST_HOLDING, REQUEST_JOIN,
+    REQUEST_LEAVE, REQUEST_RETRY, REQUEST_UNICAST_REPLY, Reject, RejectCode, Request,
 };
 use crate::server::PageStore;
 
@@ -136,6 +137,10 @@ pub(super) struct FamilyState {
     pushes: VecDeque<PushCursor>,
     /// The push of the clone point's pages; `None` with push off.
     clone_point_push: Option<ClonePointPush>,
+    /// Pages at the head of that push that a recorded working set put there.
+    push_led: u64,
+    /// What each clone host asked for, for the next registration of this clone point.
+    recorder: WorkingSetRecorder,
     pub(super) bucket: TokenBucket,
     pub(super) pages_sent: u64,
     /// Of those, pages pushed without a request (to late joiners and at the clone point).
@@ -146,14 +151,15 @@ pub(super) struct FamilyState {
 
 impl FamilyState {
     /// `store` served as generation `generation` of a family to `group`: no receivers,
-    /// nothing requested, a full bucket at the initial rate. With push on, `push_runs` (the
-    /// store's) wait for the first receiver to join.
+    /// nothing requested, a full bucket at the initial rate. With push on, `push_runs` wait
+    /// for the first receiver to join; the first `push_led` of their pages come from a
+    /// recorded working set.
     pub(super) fn new(
         generation: u32,
         sealer: FragmentSealer,
         group: SocketAddrV4,
         store: Arc<dyn PageStore>,
-        push_runs: Vec<(u64, u64)>,
+        (push_runs, push_led): (Vec<(u64, u64)>, u64),
         config: &McastServerConfig,
         now: Instant,
     ) -> FamilyState {
@@ -175,6 +181,8 @@ impl FamilyState {
                 .push
                 .then(|| ClonePointPush::new(push_runs, pages))
                 .filter(|push| push.pages > 0),
+            push_led: if config.push { push_led } else { 0 },
+            recorder: WorkingSetRecorder::new(),
             store,
             bucket: TokenBucket::new(config.initial_rate, now),
             pages_sent: 0,
@@ -331,6 +339,11 @@ impl FamilyState {
             return (Vec::new(), false);
         }
         self.hear(receiver, header.flags, request.rate, config, now);
+        if header.flags & (REQUEST_RETRY | REQUEST_FRAGMENTS) == 0 {
+            for (page, _) in request.entries().filter(|&(page, _)| page < self.pages) {
+                self.recorder.record(*from.ip(), page);
+            }
+        }
         let destination = if header.flags & REQUEST_UNICAST_REPLY != 0
             || self.active_receivers(now, config.receiver_idle) == 1
         {
@@ -449,6 +462,11 @@ impl FamilyState {
         (rejects, queued_any)
     }
 
+    /// The working set recorded so far; `None` before any page was asked for.
+    pub(super) fn working_set(&self) -> Option<WorkingSet> {
+        self.recorder.snapshot()
+    }
+
     /// Forgets the receivers idle for `receiver_idle` and the unicast sends older than the
     /// suppression window.
     pub(super) fn forget_stale(&mut self, now: Instant, config: &McastServerConfig) {
@@ -480,6 +498,7 @@ impl FamilyState {
                 .clone_point_push
                 .as_ref()
                 .map_or(0, |push| push.remaining),
+            push_led: self.push_led,
         }
     }
 }
@@ -513,6 +532,7 @@ mod tests {
 
     use super::super::stats::Counters;
     use super::super::test_support::{PAGES, apply, config, family, family_pushing, receiver};
+    use super::super::working_set::led_push_runs;
     use super::{Destination, Job};
     use crate::mcast::wire::{
         ALL_FRAGMENTS, REQUEST_FRAGMENTS, REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE,
@@ -802,6 +822,30 @@ mod tests {
         apply(&mut family, &config, &counters, (2, REQUEST_JOIN), &[], now);
         assert!(clone_point_pushes(&mut family, silent).is_empty());
         assert_eq!(clone_point_pushes(&mut family, now).len() as u64, PAGES);
+    }
+
+    #[test]
+    fn each_hosts_first_requests_are_recorded_but_not_retries_or_pages_past_the_end() {
+        let config = config();
+        let counters = Counters::default();
+        let now = Instant::now();
+        let mut family = family(&config, now);
+        assert!(family.working_set().is_none());
+        apply(&mut family, &config, &counters, (1, 0), &[2, 3, PAGES], now);
+        apply(&mut family, &config, &counters, (2, 0), &[5], now);
+        apply(
+            &mut family,
+            &config,
+            &counters,
+            (1, REQUEST_RETRY),
+            &[7],
+            now,
+        );
+        let set = family.working_set().expect("pages were asked for");
+        assert_eq!((set.hosts(), set.runs()), (2, 2));
+        let (order, led) = led_push_runs(&set, &[(0, PAGES)], PAGES);
+        assert_eq!(led, 3);
+        assert_eq!(order, vec![(2, 2), (5, 1), (0, 2), (4, 1), (6, 2)]);
     }
 
     #[test]

@@ -64,6 +64,7 @@ mod service;
 mod stats;
 #[cfg(test)]
 mod test_support;
+mod working_set;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -77,6 +78,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 pub use config::McastServerConfig;
 pub use stats::{FamilyServerStats, McastServerStats};
+pub use working_set::WorkingSet;
 
 use family::{FamilyState, ServerState, new_generation};
 use request::request_loop;
@@ -235,15 +237,30 @@ impl McastServer {
     /// family had. Returns the family's new generation: random, non-zero, never the previous
     /// one, so requests and fragments of an earlier registration are told apart.
     pub fn register(&self, family: u64, group: Ipv4Addr, store: Arc<dyn PageStore>) -> u32 {
+        self.register_led(family, group, store, None)
+    }
+
+    /// [`McastServer::register`], with the push led by `lead`, a working set recorded while
+    /// the same clone point was served before ([`McastServer::working_set`]): its pages go
+    /// first, in the order its clone hosts asked for them, then the rest of the store's push
+    /// runs. Only pages of the store's push runs are pushed, whatever the recording holds.
+    pub fn register_led(
+        &self,
+        family: u64,
+        group: Ipv4Addr,
+        store: Arc<dyn PageStore>,
+        lead: Option<&WorkingSet>,
+    ) -> u32 {
         let now = Instant::now();
         let pages = store.page_count();
         // Finding the runs may walk the image: not under the lock the send threads take.
-        let push_runs = if self.service.config.push {
-            store.push_runs()
-        } else {
-            Vec::new()
+        let (push_runs, push_led) = match (self.service.config.push, lead) {
+            (false, _) => (Vec::new(), 0),
+            (true, None) => (store.push_runs(), 0),
+            (true, Some(lead)) => working_set::led_push_runs(lead, &store.push_runs(), pages),
         };
         let push_pages: u64 = push_runs.iter().map(|&(_, count)| count).sum();
+        stats::bump(&self.service.counters.push_led_pages, push_led);
         let mut state = lock(&self.service.state);
         let previous = state.families.get(&family).map(|f| f.generation);
         let generation = new_generation(previous);
@@ -256,7 +273,7 @@ impl McastServer {
                 sealer,
                 group_addr,
                 store,
-                push_runs,
+                (push_runs, push_led),
                 &self.service.config,
                 now,
             ),
@@ -267,10 +284,20 @@ impl McastServer {
             %group,
             pages,
             push_pages,
+            push_led,
             replaced = previous.is_some(),
             "mcdist serving family"
         );
         generation
+    }
+
+    /// What the clone hosts of `family` asked for since it was registered, per host in the
+    /// order of their first requests; `None` when it is not served or nothing was asked.
+    pub fn working_set(&self, family: u64) -> Option<WorkingSet> {
+        lock(&self.service.state)
+            .families
+            .get(&family)
+            .and_then(|f| f.working_set())
     }
 
     /// Stops serving `family`; its queued pages are dropped and later requests get REJECT

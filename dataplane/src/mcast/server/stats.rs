@@ -33,6 +33,10 @@ pub struct FamilyServerStats {
     /// were multicast since the last receiver joined); 0 once it is done, or with push off.
     #[serde(default)]
     pub push_remaining: u64,
+    /// Pages at the head of the clone point's push in the order a recorded working set of
+    /// the same clone point gave (0: none applied).
+    #[serde(default)]
+    pub push_led: u64,
 }
 
 /// Counters of a [`McastServer`](super::McastServer), since it started.
@@ -55,6 +59,10 @@ pub struct McastServerStats {
     pub unicast_pages: u64,
     /// Of the pages sent, those pushed without a request.
     pub pushed_pages: u64,
+    /// Pages that recorded working sets put at the head of clone point pushes, over every
+    /// registration ([`McastServer::register_led`](super::McastServer::register_led)).
+    #[serde(default)]
+    pub push_led_pages: u64,
     /// REPAIRs sent: recovery symbols of blocks of pushed pages (their bytes are in
     /// `bytes_sent`).
     #[serde(default)]
@@ -86,6 +94,7 @@ pub(super) struct Counters {
     pub(super) bytes_sent: AtomicU64,
     pub(super) unicast_pages: AtomicU64,
     pub(super) pushed_pages: AtomicU64,
+    pub(super) push_led_pages: AtomicU64,
     pub(super) repairs_sent: AtomicU64,
     pub(super) rejects_sent: AtomicU64,
     pub(super) mac_failed: AtomicU64,
@@ -119,6 +128,7 @@ impl Counters {
             bytes_sent: load(&self.bytes_sent),
             unicast_pages: load(&self.unicast_pages),
             pushed_pages: load(&self.pushed_pages),
+            push_led_pages: load(&self.push_led_pages),
             repairs_sent: load(&self.repairs_sent),
             rejects_sent: load(&self.rejects_sent),
             mac_failed: load(&self.mac_failed),
@@ -153,6 +163,7 @@ mod tests {
             pages_sent: 0,
             pages_pushed: 0,
             push_remaining: 0,
+            push_led: 0,
         };
         let stats = counters.snapshot(vec![family(9), family(2), family(5)]);
         assert_eq!(stats.requests, 3);

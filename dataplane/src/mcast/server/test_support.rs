@@ -64,7 +64,7 @@ pub(super) fn family_pushing(
         FragmentSealer::new(key().fragment_key(FAMILY, GENERATION)),
         SocketAddrV4::new(Ipv4Addr::new(239, 255, 0, 3), config.group_port),
         Arc::new(Blank),
-        push_runs,
+        (push_runs, 0),
         config,
         now,
     )
