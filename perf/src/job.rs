@@ -43,7 +43,7 @@ use snowflock_dataplane::mcast::receiver::ReceiverStats;
 use snowflock_vmm::KvmHypervisor;
 use snowflock_vmm::memory::HostPages;
 
-use crate::cpu::CpuTimes;
+use crate::cpu::{CpuTimes, VmThreadWatch};
 use crate::record::Sink;
 use crate::remote::{Setup, collected_lines, emit, number, run_job, up};
 use crate::sync::lock;
@@ -568,11 +568,11 @@ fn remote_job(config: &Config, daemons: &Daemons<'_>, job: Job, n: u32) -> Resul
     let rx_before = receivers(sockets)?;
     let (before, served_before) = snapshot(socket)?;
     let seen: HashSet<(String, u64)> = before.into_iter().map(|(h, c)| (h, c.vm)).collect();
-    let cpu_before = CpuTimes::now(daemons.pids)?;
+    let watch = VmThreadWatch::start(daemons.pids)?;
     let started = Instant::now();
     let end = run_job(socket, job.name(), mem, &args)?;
     let wall_s = started.elapsed().as_secs_f64();
-    let cpu = CpuTimes::now(daemons.pids)?.since(&cpu_before);
+    let cpu = watch.finish()?;
     let [cold, warm] = &end.reports[..] else {
         bail!("{} clone reports, not one per round", end.reports.len());
     };
