@@ -143,11 +143,15 @@ pub struct Limits {
     #[serde(default = "default_prefetch_pages")]
     pub prefetch_pages: u32,
     /// A fault that goes to the network also fetches the missing data pages
-    /// of its aligned block of this many pages (a power of two; 0: off).
+    /// of its aligned block of this many pages (a power of two; 0: off). The
+    /// default, 512, fetches whole 2 MiB blocks, which `huge_cache` then
+    /// collapses as they arrive.
     #[serde(default = "default_fault_around_pages")]
     pub fault_around_pages: u32,
     /// Hold each 2 MiB block of a host page cache in a huge page once all
-    /// its pages arrived, so a hollow clone's first touch maps 2 MiB.
+    /// its pages arrived, so a hollow clone's first touch maps 2 MiB: as
+    /// each block arrives when whole blocks are fetched (`fault_around_pages`
+    /// of 512 or more), else when the cache's clones have all ended.
     #[serde(default = "default_true")]
     pub huge_cache: bool,
     /// Skip fetching pages whose contents do not matter (zero, free, fresh).
@@ -193,7 +197,7 @@ fn default_prefetch_pages() -> u32 {
     3
 }
 fn default_fault_around_pages() -> u32 {
-    16
+    512
 }
 fn default_true() -> bool {
     true

@@ -12,7 +12,24 @@ use crate::collapse::{self, CollapseTarget};
 use crate::{PAGE_SIZE, shmem_policy, sys};
 
 /// Pages of one 2 MiB block.
-const BLOCK_PAGES: u64 = sys::HUGE_BLOCK / PAGE_SIZE;
+pub(crate) const BLOCK_PAGES: u64 = sys::HUGE_BLOCK / PAGE_SIZE;
+
+/// When the complete 2 MiB blocks of a host page cache move into huge pages
+/// (see `collapse`): a clone's first touch of a huge page maps all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HugeBlocks {
+    /// Never: the cache stays in 4 KiB pages.
+    Off,
+    /// When the cache's clones have all ended
+    /// ([`PageCache::collapse_complete_blocks`]), for the next clones.
+    WhenIdle,
+    /// Also each block as it completes, by the thread that stored its last
+    /// page, before that thread's caller wakes the faults waiting for it:
+    /// for caches that fetch whole blocks, whose clones then never map a
+    /// block in 4 KiB pages first (collapsing a block clones have mapped
+    /// unmaps it from each of them).
+    OnArrival,
+}
 
 /// A failure to create a page cache.
 #[derive(Debug, thiserror::Error)]
@@ -82,9 +99,11 @@ pub struct PageCache {
     resident: AtomicU64,
     /// Present pages per whole 2 MiB block, when complete blocks are to be
     /// held in huge pages (see `collapse`); empty otherwise. A block handed
-    /// to the collapse worker counts one more than its pages.
+    /// to the collapse worker, or collapsed on arrival, counts one more than
+    /// its pages.
     block_present: Box<[AtomicU32]>,
     collapse: Option<Arc<CollapseTarget>>,
+    collapse_on_arrival: bool,
 }
 
 /// Most parts one `pwritev` of [`PageCache::insert_batch`] takes (the
@@ -96,11 +115,10 @@ fn bit(page: u64) -> (usize, u64) {
 }
 
 impl PageCache {
-    /// An empty cache for clone point `family` of `mem_size` bytes; with
-    /// `huge_blocks`, each aligned 2 MiB block whose pages are all stored
-    /// can be moved into a huge page ([`PageCache::collapse_complete_blocks`];
-    /// where the kernel allows it).
-    pub fn new(family: u64, mem_size: u64, huge_blocks: bool) -> Result<Self, CacheError> {
+    /// An empty cache for clone point `family` of `mem_size` bytes, whose
+    /// complete 2 MiB blocks go to huge pages as `huge_blocks` says (where
+    /// the kernel allows it).
+    pub fn new(family: u64, mem_size: u64, huge_blocks: HugeBlocks) -> Result<Self, CacheError> {
         if mem_size == 0 || !mem_size.is_multiple_of(PAGE_SIZE) {
             return Err(CacheError::BadSize { family, mem_size });
         }
@@ -115,7 +133,7 @@ impl PageCache {
             })?;
         let pages = mem_size / PAGE_SIZE;
         let words = || (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        let collapse = if huge_blocks && pages >= BLOCK_PAGES {
+        let collapse = if huge_blocks != HugeBlocks::Off && pages >= BLOCK_PAGES {
             match sys::SharedView::new(&memfd, mem_size) {
                 Ok(view) => Some(Arc::new(CollapseTarget::new(view))),
                 Err(e) => {
@@ -141,13 +159,27 @@ impl PageCache {
             resident: AtomicU64::new(0),
             block_present: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
             collapse,
+            collapse_on_arrival: huge_blocks == HugeBlocks::OnArrival,
         })
     }
 
-    /// Counts a newly present page in its block.
+    /// Counts a newly present page in its block; collapses the block here
+    /// if the page completed it and blocks are collapsed on arrival.
     fn count_in_block(&self, page: u64) {
-        if let Some(count) = self.block_present.get((page / BLOCK_PAGES) as usize) {
-            count.fetch_add(1, Ordering::AcqRel);
+        let block = page / BLOCK_PAGES;
+        let Some(count) = self.block_present.get(block as usize) else {
+            return;
+        };
+        let complete = BLOCK_PAGES as u32;
+        let stored = count.fetch_add(1, Ordering::AcqRel) + 1;
+        if stored == complete
+            && self.collapse_on_arrival
+            && let Some(target) = &self.collapse
+            && count
+                .compare_exchange(complete, complete + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            collapse::collapse_now(target, block);
         }
     }
 
@@ -361,7 +393,7 @@ mod tests {
 
     #[test]
     fn pages_are_stored_once_and_bad_pages_refused() {
-        let cache = PageCache::new(9, 16 * PAGE_SIZE, false).unwrap();
+        let cache = PageCache::new(9, 16 * PAGE_SIZE, HugeBlocks::Off).unwrap();
         let page = vec![7u8; PAGE_SIZE as usize];
         assert!(!cache.contains(3));
         assert!(cache.read_page(3).is_none());
@@ -386,7 +418,7 @@ mod tests {
 
     #[test]
     fn a_page_is_stored_from_its_parts() {
-        let cache = PageCache::new(1, 4 * PAGE_SIZE, false).unwrap();
+        let cache = PageCache::new(1, 4 * PAGE_SIZE, HugeBlocks::Off).unwrap();
         let first = vec![1u8; 1416];
         let second = vec![2u8; 1416];
         let third = vec![3u8; PAGE_SIZE as usize - 2 * 1416];
@@ -402,7 +434,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_written_in_runs_and_each_page_once() {
-        let cache = PageCache::new(1, 16 * PAGE_SIZE, false).unwrap();
+        let cache = PageCache::new(1, 16 * PAGE_SIZE, HugeBlocks::Off).unwrap();
         let data: Vec<Vec<u8>> = (0..16u8).map(|p| vec![p; PAGE_SIZE as usize]).collect();
         let halves = |p: usize| -> Vec<&[u8]> {
             let (a, b) = data[p].split_at(1000);
@@ -430,7 +462,7 @@ mod tests {
 
     #[test]
     fn present_runs_and_unrequested_pages() {
-        let cache = PageCache::new(1, 200 * PAGE_SIZE, false).unwrap();
+        let cache = PageCache::new(1, 200 * PAGE_SIZE, HugeBlocks::Off).unwrap();
         let page = vec![1u8; PAGE_SIZE as usize];
         cache.mark_requested(&[3, 64, 500]);
         for p in [3, 4, 5, 63, 64, 65, 130] {
@@ -449,7 +481,7 @@ mod tests {
 
     #[test]
     fn only_complete_blocks_go_to_huge_pages_and_keep_their_contents() {
-        let cache = PageCache::new(1, 2 * BLOCK_PAGES * PAGE_SIZE, true).unwrap();
+        let cache = PageCache::new(1, 2 * BLOCK_PAGES * PAGE_SIZE, HugeBlocks::WhenIdle).unwrap();
         let data = |p: u64| vec![(p % 251) as u8 + 1; PAGE_SIZE as usize];
         // All of block 0, in two batches; block 1 with holes.
         for range in [0..300, 300..BLOCK_PAGES, BLOCK_PAGES..BLOCK_PAGES + 100] {
@@ -479,16 +511,48 @@ mod tests {
         }
         assert!(!cache.contains(BLOCK_PAGES + 100));
         assert!(cache.read_page(2 * BLOCK_PAGES - 1).is_none());
-        let small = PageCache::new(1, 16 * PAGE_SIZE, true).unwrap();
+        let small = PageCache::new(1, 16 * PAGE_SIZE, HugeBlocks::WhenIdle).unwrap();
         assert_eq!(small.collapse_complete_blocks(), 0, "no whole block");
         assert_eq!(small.huge_block_counts(), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_block_collapsed_on_arrival_is_whole_when_its_last_page_is_stored() {
+        let cache = PageCache::new(1, 2 * BLOCK_PAGES * PAGE_SIZE, HugeBlocks::OnArrival).unwrap();
+        let data = |p: u64| vec![(p % 241) as u8 + 1; PAGE_SIZE as usize];
+        let insert = |range: std::ops::Range<u64>| {
+            let pages: Vec<(u64, Vec<u8>)> = range.map(|p| (p, data(p))).collect();
+            let parts: Vec<[&[u8]; 1]> = pages.iter().map(|(_, d)| [&d[..]]).collect();
+            let batch: Vec<(u64, &[&[u8]])> = pages
+                .iter()
+                .zip(&parts)
+                .map(|((p, _), v)| (*p, &v[..]))
+                .collect();
+            cache.insert_batch(&batch).unwrap();
+        };
+        insert(1..BLOCK_PAGES);
+        insert(BLOCK_PAGES..BLOCK_PAGES + 7);
+        assert_eq!(
+            cache.huge_block_counts(),
+            (0, 0, 0),
+            "no block complete yet"
+        );
+        insert(0..1);
+        // Handled before the insert returned, on this thread.
+        let (collapsed, refused, dropped) = cache.huge_block_counts();
+        assert_eq!((collapsed + refused, dropped), (1, 0));
+        assert_eq!(cache.collapse_complete_blocks(), 0, "not handed over again");
+        for p in (0..BLOCK_PAGES + 7).step_by(29) {
+            assert_eq!(cache.read_page(p), Some(data(p)), "page {p}");
+        }
+        assert!(!cache.contains(BLOCK_PAGES + 7));
     }
 
     #[test]
     fn sizes_that_are_not_whole_pages_are_errors() {
         for size in [0, 100, PAGE_SIZE + 1] {
             assert!(matches!(
-                PageCache::new(1, size, false),
+                PageCache::new(1, size, HugeBlocks::Off),
                 Err(CacheError::BadSize { .. })
             ));
         }
@@ -498,7 +562,7 @@ mod tests {
     fn concurrent_inserts_of_the_same_pages_store_each_once() {
         const THREADS: usize = 4;
         const PAGES: u64 = 256;
-        let cache = PageCache::new(1, PAGES * PAGE_SIZE, false).unwrap();
+        let cache = PageCache::new(1, PAGES * PAGE_SIZE, HugeBlocks::Off).unwrap();
         let barrier = Barrier::new(THREADS);
         let stored: u64 = std::thread::scope(|s| {
             let handles: Vec<_> = (0..THREADS)

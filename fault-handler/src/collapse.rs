@@ -11,13 +11,17 @@
 //! that does not fit the queue stays in 4 KiB pages (it is still correct,
 //! only slower to map).
 //!
-//! Blocks are collapsed when the cache's clones have all ended (see
+//! When a cache fetches pages by the block or less, its blocks are
+//! collapsed when the cache's clones have all ended (see
 //! [`PageCache::collapse_complete_blocks`](crate::PageCache::collapse_complete_blocks)),
 //! not as they complete: collapsing locks the block's pages and unmaps them
 //! from every clone that mapped them, and done under running clones it made
 //! a cold remote `seqsearch` job 15-40% slower here, at normal priority or
 //! at `SCHED_IDLE`. The next clones of the clone point find the blocks
-//! whole.
+//! whole. A cache that fetches whole blocks (`HugeBlocks::OnArrival`)
+//! collapses each block on the thread that stored its last page, before the
+//! faults waiting for it are woken ([`collapse_now`]): no clone has mapped
+//! the block in 4 KiB pages yet, except pages pushed to it earlier.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -123,17 +127,19 @@ fn run(worker: &Worker) {
 }
 
 fn collapse(job: &Job) {
-    match job.target.view.collapse(job.block) {
+    collapse_now(&job.target, job.block);
+}
+
+/// Collapses block `block` of `target` (every page present) on this thread.
+pub(crate) fn collapse_now(target: &CollapseTarget, block: u64) {
+    match target.view.collapse(block) {
         Ok(()) => {
-            job.target.collapsed.fetch_add(1, Ordering::Relaxed);
+            target.collapsed.fetch_add(1, Ordering::Relaxed);
         }
         Err(e) => {
-            let first = job.target.refused.fetch_add(1, Ordering::Relaxed) == 0;
+            let first = target.refused.fetch_add(1, Ordering::Relaxed) == 0;
             if first {
-                tracing::debug!(
-                    block = job.block,
-                    "the kernel kept a cache block in 4 KiB pages: {e}"
-                );
+                tracing::debug!(block, "the kernel kept a cache block in 4 KiB pages: {e}");
             }
         }
     }

@@ -127,7 +127,7 @@ mod sync;
 mod sys;
 
 pub use avoid::{AvoidError, AvoidMap, AvoidReason};
-pub use cache::{CacheError, InsertError, PageCache};
+pub use cache::{CacheError, HugeBlocks, InsertError, PageCache};
 pub use handler::{Family, FaultError, FaultHandler, FetchConfig, PageSource, StartError};
 pub use stats::{AvoidedPages, CloneStats, FamilyStats, LatencySummary};
 

@@ -17,7 +17,7 @@ use super::error::FaultError;
 use super::install::{Arrivals, CloneState};
 use super::requests::{DeadlineClock, RequestTable, Waiter};
 use crate::PAGE_SIZE;
-use crate::cache::{CacheError, PageCache};
+use crate::cache::{BLOCK_PAGES, CacheError, HugeBlocks, PageCache};
 use crate::stats::FamilyStats;
 use crate::sync;
 
@@ -59,8 +59,25 @@ pub struct FetchConfig {
     pub fault_around_pages: u32,
     /// Hold each aligned 2 MiB block of the host page cache in one huge
     /// page once all its pages are stored, so that a clone's first touch
-    /// maps 2 MiB (under PVM one shadow-MMU fault instead of 512).
+    /// maps 2 MiB (under PVM one shadow-MMU fault instead of 512): when the
+    /// cache's clones have all ended, and, where fault-around fetches whole
+    /// 2 MiB blocks (`fault_around_pages` of 512 or more), as each block
+    /// arrives, before its faults are woken ([`HugeBlocks`]).
     pub huge_blocks: bool,
+}
+
+impl FetchConfig {
+    /// When the cache's complete blocks go to huge pages.
+    fn huge_block_mode(&self) -> HugeBlocks {
+        match (
+            self.huge_blocks,
+            u64::from(self.fault_around_pages) >= BLOCK_PAGES,
+        ) {
+            (false, _) => HugeBlocks::Off,
+            (true, false) => HugeBlocks::WhenIdle,
+            (true, true) => HugeBlocks::OnArrival,
+        }
+    }
 }
 
 /// What the family's lock guards.
@@ -110,7 +127,7 @@ impl Family {
     ) -> Result<Arc<Self>, CacheError> {
         Ok(Arc::new(Self {
             id,
-            cache: PageCache::new(id, mem_size, config.huge_blocks)?,
+            cache: PageCache::new(id, mem_size, config.huge_block_mode())?,
             source,
             config,
             state: Mutex::new(FamilyState::default()),
@@ -530,6 +547,20 @@ mod tests {
         assert_eq!(fault_around_block(5, 0, 64), None);
         assert_eq!(fault_around_block(5, 1, 64), None);
         assert_eq!(fault_around_block(70, 16, 72), Some(64..72));
+    }
+
+    #[test]
+    fn blocks_are_collapsed_on_arrival_only_where_whole_blocks_are_fetched() {
+        let config = |huge_blocks, fault_around_pages| FetchConfig {
+            fetch_timeout: TIMEOUT,
+            prefetch_pages: 0,
+            fault_around_pages,
+            huge_blocks,
+        };
+        assert_eq!(config(false, 512).huge_block_mode(), HugeBlocks::Off);
+        assert_eq!(config(true, 16).huge_block_mode(), HugeBlocks::WhenIdle);
+        assert_eq!(config(true, 511).huge_block_mode(), HugeBlocks::WhenIdle);
+        assert_eq!(config(true, 512).huge_block_mode(), HugeBlocks::OnArrival);
     }
 
     #[test]
