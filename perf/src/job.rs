@@ -119,7 +119,7 @@ type Settings = Vec<(&'static str, toml::Value)>;
 pub enum Mechanism {
     /// `[limits] prefetch_pages` (default 3) against 0.
     Prefetch,
-    /// `[limits] fault_around_pages` (default 512: whole 2 MiB blocks) against 0.
+    /// `[limits] fault_around_pages` (default 16) against 0.
     FaultAround,
     /// `[limits] huge_cache = true` (complete 2 MiB blocks of host page caches in huge
     /// pages) against `false`.
