@@ -278,8 +278,11 @@ pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonEr
     rt.block_on(serve(daemon.clone()))?;
     tracing::info!("shutting down: stopping VMs");
     daemon.stop_all_vms();
+    tracing::info!("shutting down: stopping the page transport");
     net.shutdown();
+    tracing::info!("shutting down: stopping the memory server");
     memory.shutdown();
+    tracing::info!("shutting down: stopping the runtime");
     drop(rt);
     let _ = std::fs::remove_file(daemon.config.socket_path());
     tracing::info!("stopped");
