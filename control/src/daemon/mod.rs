@@ -291,12 +291,19 @@ pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonEr
 
 impl Daemon {
     /// Kills every VM on this host and waits (bounded) for them to end.
+    /// Each round kills what is listed then: a VM whose thread had not
+    /// registered it yet when shutdown began (one just started by a request,
+    /// a copy from `sf clone`) is killed as it appears.
     fn stop_all_vms(&self) {
-        for vm in self.supervisor.vms() {
-            self.supervisor.kill_vm(vm.vm);
-        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !self.supervisor.vms().is_empty() && std::time::Instant::now() < deadline {
+        loop {
+            let vms = self.supervisor.vms();
+            if vms.is_empty() || std::time::Instant::now() >= deadline {
+                break;
+            }
+            for vm in vms {
+                self.supervisor.kill_vm(vm.vm);
+            }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let left = self.supervisor.vms().len();
