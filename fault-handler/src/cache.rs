@@ -479,20 +479,29 @@ mod tests {
         assert_eq!(cache.unrequested_pages(), 5);
     }
 
+    /// Page `p`'s contents in the block tests.
+    fn pattern(p: u64) -> Vec<u8> {
+        vec![(p % 251) as u8 + 1; PAGE_SIZE as usize]
+    }
+
+    /// Stores `range` in one batch, each page holding its [`pattern`].
+    fn insert_pattern(cache: &PageCache, range: std::ops::Range<u64>) {
+        let pages: Vec<(u64, Vec<u8>)> = range.map(|p| (p, pattern(p))).collect();
+        let parts: Vec<[&[u8]; 1]> = pages.iter().map(|(_, d)| [&d[..]]).collect();
+        let batch: Vec<(u64, &[&[u8]])> = pages
+            .iter()
+            .zip(&parts)
+            .map(|((p, _), v)| (*p, &v[..]))
+            .collect();
+        cache.insert_batch(&batch).unwrap();
+    }
+
     #[test]
     fn only_complete_blocks_go_to_huge_pages_and_keep_their_contents() {
         let cache = PageCache::new(1, 2 * BLOCK_PAGES * PAGE_SIZE, HugeBlocks::WhenIdle).unwrap();
-        let data = |p: u64| vec![(p % 251) as u8 + 1; PAGE_SIZE as usize];
         // All of block 0, in two batches; block 1 with holes.
         for range in [0..300, 300..BLOCK_PAGES, BLOCK_PAGES..BLOCK_PAGES + 100] {
-            let pages: Vec<(u64, Vec<u8>)> = range.map(|p| (p, data(p))).collect();
-            let parts: Vec<[&[u8]; 1]> = pages.iter().map(|(_, d)| [&d[..]]).collect();
-            let batch: Vec<(u64, &[&[u8]])> = pages
-                .iter()
-                .zip(&parts)
-                .map(|((p, _), v)| (*p, &v[..]))
-                .collect();
-            cache.insert_batch(&batch).unwrap();
+            insert_pattern(&cache, range);
         }
         assert_eq!(cache.collapse_complete_blocks(), 1, "block 0 only");
         assert_eq!(cache.collapse_complete_blocks(), 0, "handed over once");
@@ -507,7 +516,7 @@ mod tests {
         }
         assert_eq!(handled(), 1, "block 0 was handed over, block 1 never");
         for p in (0..BLOCK_PAGES + 100).step_by(37) {
-            assert_eq!(cache.read_page(p), Some(data(p)), "page {p}");
+            assert_eq!(cache.read_page(p), Some(pattern(p)), "page {p}");
         }
         assert!(!cache.contains(BLOCK_PAGES + 100));
         assert!(cache.read_page(2 * BLOCK_PAGES - 1).is_none());
@@ -519,17 +528,7 @@ mod tests {
     #[test]
     fn a_block_collapsed_on_arrival_is_whole_when_its_last_page_is_stored() {
         let cache = PageCache::new(1, 2 * BLOCK_PAGES * PAGE_SIZE, HugeBlocks::OnArrival).unwrap();
-        let data = |p: u64| vec![(p % 241) as u8 + 1; PAGE_SIZE as usize];
-        let insert = |range: std::ops::Range<u64>| {
-            let pages: Vec<(u64, Vec<u8>)> = range.map(|p| (p, data(p))).collect();
-            let parts: Vec<[&[u8]; 1]> = pages.iter().map(|(_, d)| [&d[..]]).collect();
-            let batch: Vec<(u64, &[&[u8]])> = pages
-                .iter()
-                .zip(&parts)
-                .map(|((p, _), v)| (*p, &v[..]))
-                .collect();
-            cache.insert_batch(&batch).unwrap();
-        };
+        let insert = |range| insert_pattern(&cache, range);
         insert(1..BLOCK_PAGES);
         insert(BLOCK_PAGES..BLOCK_PAGES + 7);
         assert_eq!(
@@ -543,7 +542,7 @@ mod tests {
         assert_eq!((collapsed + refused, dropped), (1, 0));
         assert_eq!(cache.collapse_complete_blocks(), 0, "not handed over again");
         for p in (0..BLOCK_PAGES + 7).step_by(29) {
-            assert_eq!(cache.read_page(p), Some(data(p)), "page {p}");
+            assert_eq!(cache.read_page(p), Some(pattern(p)), "page {p}");
         }
         assert!(!cache.contains(BLOCK_PAGES + 7));
     }
