@@ -54,6 +54,11 @@ impl WorkingSets {
         }
     }
 
+    /// Recordings it keeps at most (0: recording is off).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Keeps `set` as what the clones of `key` asked for.
     pub fn record(&mut self, key: ClonePointKey, set: WorkingSet) {
         if self.capacity == 0 {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use snowflock_dataplane::auth::{self, ClusterKey};
-use snowflock_dataplane::mcast::McastServer;
+use snowflock_dataplane::mcast::{McastServer, Recording};
 use snowflock_dataplane::server::MemoryServer;
 use snowflock_vmm::memory::MemoryImage;
 use tokio::io::AsyncWriteExt;
@@ -479,8 +479,11 @@ impl Cluster for Links {
             let mcast = self.mcast.as_ref().map(|server| {
                 let group = self.mcdist.group_of(family);
                 let sets = lock(&self.working_sets);
-                let lead = key.as_ref().and_then(|key| sets.get(key));
-                let generation = server.register_led(family, group, store, lead);
+                let recording = Recording {
+                    lead: key.as_ref().and_then(|key| sets.get(key)),
+                    record: key.is_some() && sets.capacity() > 0,
+                };
+                let generation = server.register_led(family, group, store, recording);
                 McastOrder {
                     server: server.local_addr(),
                     group,

@@ -28,5 +28,6 @@ pub use receiver::{
     XdpReceiveStatus,
 };
 pub use server::{
-    FamilyServerStats, McastBindError, McastServer, McastServerConfig, McastServerStats, WorkingSet,
+    FamilyServerStats, McastBindError, McastServer, McastServerConfig, McastServerStats, Recording,
+    WorkingSet,
 };

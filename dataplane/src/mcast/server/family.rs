@@ -139,8 +139,9 @@ pub(super) struct FamilyState {
     clone_point_push: Option<ClonePointPush>,
     /// Pages at the head of that push that a recorded working set put there.
     push_led: u64,
-    /// What each clone host asked for, for the next registration of this clone point.
-    recorder: WorkingSetRecorder,
+    /// What each clone host asked for, for the next registration of this clone point;
+    /// `None` when the registration did not ask for a recording.
+    recorder: Option<WorkingSetRecorder>,
     pub(super) bucket: TokenBucket,
     pub(super) pages_sent: u64,
     /// Of those, pages pushed without a request (to late joiners and at the clone point).
@@ -182,12 +183,20 @@ impl FamilyState {
                 .then(|| ClonePointPush::new(push_runs, pages))
                 .filter(|push| push.pages > 0),
             push_led: if config.push { push_led } else { 0 },
-            recorder: WorkingSetRecorder::new(),
+            recorder: None,
             store,
             bucket: TokenBucket::new(config.initial_rate, now),
             pages_sent: 0,
             pages_pushed: 0,
             lowest_rate: 0,
+        }
+    }
+
+    /// Records what the clone hosts ask for from now on ([`FamilyState::working_set`]).
+    pub(super) fn recording(self) -> FamilyState {
+        FamilyState {
+            recorder: Some(WorkingSetRecorder::new()),
+            ..self
         }
     }
 
@@ -339,9 +348,11 @@ impl FamilyState {
             return (Vec::new(), false);
         }
         self.hear(receiver, header.flags, request.rate, config, now);
-        if header.flags & (REQUEST_RETRY | REQUEST_FRAGMENTS) == 0 {
+        if let Some(recorder) = &mut self.recorder
+            && header.flags & (REQUEST_RETRY | REQUEST_FRAGMENTS) == 0
+        {
             for (page, _) in request.entries().filter(|&(page, _)| page < self.pages) {
-                self.recorder.record(*from.ip(), page);
+                recorder.record(*from.ip(), page);
             }
         }
         let destination = if header.flags & REQUEST_UNICAST_REPLY != 0
@@ -462,9 +473,12 @@ impl FamilyState {
         (rejects, queued_any)
     }
 
-    /// The working set recorded so far; `None` before any page was asked for.
+    /// The working set recorded so far; `None` before any page was asked for, or when not
+    /// recording.
     pub(super) fn working_set(&self) -> Option<WorkingSet> {
-        self.recorder.snapshot()
+        self.recorder
+            .as_ref()
+            .and_then(WorkingSetRecorder::snapshot)
     }
 
     /// Forgets the receivers idle for `receiver_idle` and the unicast sends older than the
@@ -829,7 +843,10 @@ mod tests {
         let config = config();
         let counters = Counters::default();
         let now = Instant::now();
-        let mut family = family(&config, now);
+        let mut plain = family(&config, now);
+        apply(&mut plain, &config, &counters, (1, 0), &[2], now);
+        assert!(plain.working_set().is_none(), "not recording");
+        let mut family = family(&config, now).recording();
         assert!(family.working_set().is_none());
         apply(&mut family, &config, &counters, (1, 0), &[2, 3, PAGES], now);
         apply(&mut family, &config, &counters, (2, 0), &[5], now);

@@ -78,7 +78,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 pub use config::McastServerConfig;
 pub use stats::{FamilyServerStats, McastServerStats};
-pub use working_set::WorkingSet;
+pub use working_set::{Recording, WorkingSet};
 
 use family::{FamilyState, ServerState, new_generation};
 use request::request_loop;
@@ -237,20 +237,23 @@ impl McastServer {
     /// family had. Returns the family's new generation: random, non-zero, never the previous
     /// one, so requests and fragments of an earlier registration are told apart.
     pub fn register(&self, family: u64, group: Ipv4Addr, store: Arc<dyn PageStore>) -> u32 {
-        self.register_led(family, group, store, None)
+        self.register_led(family, group, store, Recording::default())
     }
 
-    /// [`McastServer::register`], with the push led by `lead`, a working set recorded while
-    /// the same clone point was served before ([`McastServer::working_set`]): its pages go
-    /// first, in the order its clone hosts asked for them, then the rest of the store's push
-    /// runs. Only pages of the store's push runs are pushed, whatever the recording holds.
+    /// [`McastServer::register`], recording what the clone hosts ask for if
+    /// `recording.record` ([`McastServer::working_set`]), with the push led by
+    /// `recording.lead`, a working set recorded while the same clone point was served before:
+    /// its pages go first, in the order its clone hosts asked for them, then the rest of the
+    /// store's push runs. Only pages of the store's push runs are pushed, whatever the
+    /// recording holds.
     pub fn register_led(
         &self,
         family: u64,
         group: Ipv4Addr,
         store: Arc<dyn PageStore>,
-        lead: Option<&WorkingSet>,
+        recording: Recording<'_>,
     ) -> u32 {
+        let lead = recording.lead;
         let now = Instant::now();
         let pages = store.page_count();
         // Finding the runs may walk the image: not under the lock the send threads take.
@@ -266,18 +269,21 @@ impl McastServer {
         let generation = new_generation(previous);
         let sealer = FragmentSealer::new(self.service.key.fragment_key(family, generation));
         let group_addr = SocketAddrV4::new(group, self.service.config.group_port);
-        state.families.insert(
-            family,
-            FamilyState::new(
-                generation,
-                sealer,
-                group_addr,
-                store,
-                (push_runs, push_led),
-                &self.service.config,
-                now,
-            ),
+        let served = FamilyState::new(
+            generation,
+            sealer,
+            group_addr,
+            store,
+            (push_runs, push_led),
+            &self.service.config,
+            now,
         );
+        let served = if recording.record {
+            served.recording()
+        } else {
+            served
+        };
+        state.families.insert(family, served);
         tracing::info!(
             family = format_args!("{family:#x}"),
             generation = format_args!("{generation:#x}"),

@@ -12,6 +12,16 @@ use crate::mcast::bitmap::Bitmap;
 /// pages in a scattered order cannot grow a recording without bound.
 pub(super) const MAX_RECORDED_RUNS: usize = 1 << 16;
 
+/// What a registration ([`McastServer::register_led`](super::McastServer::register_led))
+/// does with recorded working sets.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Recording<'a> {
+    /// A set recorded while the same clone point was served before: its pages lead the push.
+    pub lead: Option<&'a WorkingSet>,
+    /// Record what the clone hosts ask for.
+    pub record: bool,
+}
+
 /// What the clone hosts of one family asked for: per host, the runs of consecutive pages
 /// in the order it first asked for them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
