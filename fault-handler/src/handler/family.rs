@@ -40,8 +40,9 @@ pub trait PageSource: Send + Sync {
 /// Fetch settings of a clone point.
 #[derive(Debug, Clone, Copy)]
 pub struct FetchConfig {
-    /// A page not delivered within this time after it was requested fails
-    /// every clone of the family.
+    /// A page not delivered within this time after a clone faulted on it
+    /// fails every clone of the family (a page fetched ahead of need only
+    /// counts from the first fault on it: a slow prefetch fails nobody).
     pub fetch_timeout: Duration,
     /// At most this many following data pages (not avoided, not here, not
     /// requested) are requested with a faulting page, when the clone's
@@ -289,11 +290,10 @@ impl Family {
                 self.fail_clone(clone, &error);
                 return;
             }
-            let now = Instant::now();
-            if state.requests.wait_for(page, clone, Some(read_at), now) {
+            if state.requests.wait_for(page, clone, Some(read_at)) {
                 request.push(page);
-                self.request_following(&mut state.requests, clone, page, now, &mut request);
-                self.request_around(&mut state.requests, clone, page, now, &mut request);
+                self.request_following(&mut state.requests, clone, page, &mut request);
+                self.request_around(&mut state.requests, clone, page, &mut request);
             }
             self.cache.mark_requested(&request);
         }
@@ -311,14 +311,13 @@ impl Family {
         requests: &mut RequestTable,
         clone: &Arc<CloneState>,
         page: u64,
-        now: Instant,
         request: &mut Vec<u64>,
     ) {
         let window = u64::from(self.config.prefetch_pages);
         let previous = clone.last_fetch.swap(page, Ordering::Relaxed);
         if page > previous && page - previous <= window + 1 {
             let last = page.saturating_add(window).min(clone.pages - 1);
-            self.request_ahead(requests, clone, page + 1..=last, now, request);
+            self.request_ahead(requests, clone, page + 1..=last, request);
         }
     }
 
@@ -330,12 +329,11 @@ impl Family {
         requests: &mut RequestTable,
         clone: &Arc<CloneState>,
         page: u64,
-        now: Instant,
         request: &mut Vec<u64>,
     ) {
         if let Some(block) = fault_around_block(page, self.config.fault_around_pages, clone.pages) {
             let others = block.filter(|&other| other != page);
-            self.request_ahead(requests, clone, others, now, request);
+            self.request_ahead(requests, clone, others, request);
         }
     }
 
@@ -346,7 +344,6 @@ impl Family {
         requests: &mut RequestTable,
         clone: &Arc<CloneState>,
         pages: impl Iterator<Item = u64>,
-        now: Instant,
         request: &mut Vec<u64>,
     ) {
         for page in pages {
@@ -357,7 +354,7 @@ impl Family {
                 clone: clone.clone(),
                 fault: None,
             };
-            requests.add(page, now, waiter);
+            requests.add(page, waiter);
             request.push(page);
         }
     }
@@ -381,7 +378,6 @@ impl Family {
         let mut request = Vec::new();
         {
             let mut state = sync::lock(&self.state);
-            let now = Instant::now();
             for &page in pages {
                 if page >= clone.pages
                     || clone.avoid.reason(page).is_some()
@@ -393,7 +389,7 @@ impl Family {
                 if self.cache.contains(page) {
                     continue;
                 }
-                if state.requests.wait_for(page, clone, None, now) {
+                if state.requests.wait_for(page, clone, None) {
                     request.push(page);
                 }
             }
@@ -405,7 +401,8 @@ impl Family {
         request.len()
     }
 
-    /// Fails the family if its oldest request is older than the timeout.
+    /// Fails the family if a clone has waited for a page longer than the
+    /// timeout.
     pub(super) fn check_deadlines(&self, now: Instant) {
         if !self.deadlines.due(now) {
             return;

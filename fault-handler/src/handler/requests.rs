@@ -1,7 +1,9 @@
 //! A family's request table ([`RequestTable`]): which pages were requested
-//! from the source and not delivered yet, since when, and which clones
-//! wait for each; oldest first, for the fetch deadline. And the clock that
-//! spaces the family's deadline checks ([`DeadlineClock`]).
+//! from the source and not delivered yet, which clones wait for each, and
+//! since when a clone faults on each, oldest first, for the fetch deadline
+//! (a page fetched ahead of need has none until a clone faults on it: a
+//! slow prefetch fails nobody). And the clock that spaces the family's
+//! deadline checks ([`DeadlineClock`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,14 +24,23 @@ pub(super) struct Waiter {
 
 /// A page requested from the source and not delivered yet.
 pub(super) struct Pending {
-    since: Instant,
+    /// The first fault on it; `None` while it is only fetched ahead of need.
+    faulted: Option<Instant>,
     pub(super) waiters: Vec<Waiter>,
 }
 
 impl Pending {
     /// Adds `clone` to the waiters, once: a clone already waiting keeps
     /// its entry, which records `fault` unless it had a fault already.
-    fn join(&mut self, clone: &Arc<CloneState>, fault: Option<Instant>) {
+    /// Returns the page's first fault if `fault` is it.
+    fn join(&mut self, clone: &Arc<CloneState>, fault: Option<Instant>) -> Option<Instant> {
+        let first_fault = match (self.faulted, fault) {
+            (None, Some(at)) => {
+                self.faulted = Some(at);
+                Some(at)
+            }
+            _ => None,
+        };
         match self
             .waiters
             .iter_mut()
@@ -45,6 +56,7 @@ impl Pending {
                 fault,
             }),
         }
+        first_fault
     }
 }
 
@@ -52,36 +64,42 @@ impl Pending {
 #[derive(Default)]
 pub(super) struct RequestTable {
     pending: HashMap<u64, Pending>,
-    /// `(since, page)` of requests in the order they were made; entries
-    /// whose request is gone (delivered, dropped) are skipped lazily.
+    /// `(first fault, page)` of the faulted requests, in fault order
+    /// (faults are read in order, give or take the fault threads'
+    /// interleaving); entries whose request is gone (delivered, dropped)
+    /// are skipped lazily.
     order: VecDeque<(Instant, u64)>,
 }
 
 impl RequestTable {
-    /// A new request of `page` at `now`, for `waiter`.
-    pub(super) fn add(&mut self, page: u64, now: Instant, waiter: Waiter) {
+    /// A new request of `page`, for `waiter`.
+    pub(super) fn add(&mut self, page: u64, waiter: Waiter) {
+        if let Some(at) = waiter.fault {
+            self.order.push_back((at, page));
+        }
         self.pending.insert(
             page,
             Pending {
-                since: now,
+                faulted: waiter.fault,
                 waiters: vec![waiter],
             },
         );
-        self.order.push_back((now, page));
     }
 
-    /// Makes `clone` wait for `page`: joins the request in flight for it,
-    /// or adds one at `now`. True when the page is to be requested.
+    /// Makes `clone` wait for `page` (faulting on it at `fault`, or ahead
+    /// of need): joins the request in flight for it, or adds one. True when
+    /// the page is to be requested.
     pub(super) fn wait_for(
         &mut self,
         page: u64,
         clone: &Arc<CloneState>,
         fault: Option<Instant>,
-        now: Instant,
     ) -> bool {
         match self.pending.get_mut(&page) {
             Some(pending) => {
-                pending.join(clone, fault);
+                if let Some(at) = pending.join(clone, fault) {
+                    self.order.push_back((at, page));
+                }
                 false
             }
             None => {
@@ -89,7 +107,7 @@ impl RequestTable {
                     clone: clone.clone(),
                     fault,
                 };
-                self.add(page, now, waiter);
+                self.add(page, waiter);
                 true
             }
         }
@@ -123,19 +141,24 @@ impl RequestTable {
         self.pending.len()
     }
 
-    /// The oldest outstanding request, dropping stale order entries.
+    /// The outstanding request first faulted on, dropping stale order
+    /// entries.
     fn oldest(&mut self) -> Option<(Instant, u64)> {
-        while let Some(&(since, page)) = self.order.front() {
-            if self.pending.get(&page).is_some_and(|p| p.since == since) {
-                return Some((since, page));
+        while let Some(&(at, page)) = self.order.front() {
+            if self
+                .pending
+                .get(&page)
+                .is_some_and(|p| p.faulted == Some(at))
+            {
+                return Some((at, page));
             }
             self.order.pop_front();
         }
         None
     }
 
-    /// The page of the oldest request if it is older than `timeout` at
-    /// `now`.
+    /// The page of the oldest faulted request if a clone has waited for it
+    /// longer than `timeout` at `now`.
     pub(super) fn overdue(&mut self, now: Instant, timeout: Duration) -> Option<u64> {
         self.oldest()
             .filter(|&(since, _)| now.saturating_duration_since(since) > timeout)
@@ -182,14 +205,14 @@ mod tests {
         Duration::from_millis(ms)
     }
 
-    /// A table holding a request of `page` made `after` ms past the
+    /// A table holding a request of `page` faulted on `after` ms past the
     /// returned instant for each `(page, after)`.
     fn table(requests: &[(u64, u64)]) -> (RequestTable, Instant) {
         let clone = detached_clone(&[]);
         let t0 = Instant::now();
         let mut table = RequestTable::default();
         for &(page, after) in requests {
-            assert!(table.wait_for(page, &clone, None, t0 + ms(after)));
+            assert!(table.wait_for(page, &clone, Some(t0 + ms(after))));
         }
         (table, t0)
     }
@@ -207,13 +230,27 @@ mod tests {
     }
 
     #[test]
-    fn a_page_requested_again_counts_from_its_new_request() {
+    fn a_page_requested_again_counts_from_its_new_fault() {
         let (mut table, t0) = table(&[(5, 0), (6, 1)]);
-        let waiter = table.take(5).unwrap().waiters.remove(0);
-        table.add(5, t0 + ms(2), waiter);
+        let mut waiter = table.take(5).unwrap().waiters.remove(0);
+        waiter.fault = Some(t0 + ms(2));
+        table.add(5, waiter);
         assert_eq!(table.oldest(), Some((t0 + ms(1), 6)));
         table.take(6);
         assert_eq!(table.oldest(), Some((t0 + ms(2), 5)));
+    }
+
+    #[test]
+    fn a_page_fetched_ahead_is_overdue_only_once_a_clone_waited_for_it_too_long() {
+        let first = detached_clone(&[]);
+        let second = detached_clone(&[]);
+        let t0 = Instant::now();
+        let mut table = RequestTable::default();
+        assert!(table.wait_for(7, &first, None));
+        assert_eq!(table.overdue(t0 + ms(1000), ms(100)), None, "nobody waits");
+        assert!(!table.wait_for(7, &second, Some(t0 + ms(900))));
+        assert_eq!(table.overdue(t0 + ms(1000), ms(100)), None);
+        assert_eq!(table.overdue(t0 + ms(1001), ms(100)), Some(7));
     }
 
     #[test]
@@ -232,11 +269,11 @@ mod tests {
         let early = Instant::now();
         let late = early + ms(5);
         let mut table = RequestTable::default();
-        assert!(table.wait_for(30, &first, None, early));
-        assert!(!table.wait_for(30, &second, Some(early), late));
-        assert!(!table.wait_for(30, &first, Some(late), late));
-        assert!(!table.wait_for(30, &second, Some(late), late));
-        assert!(!table.wait_for(30, &second, None, late));
+        assert!(table.wait_for(30, &first, None));
+        assert!(!table.wait_for(30, &second, Some(early)));
+        assert!(!table.wait_for(30, &first, Some(late)));
+        assert!(!table.wait_for(30, &second, Some(late)));
+        assert!(!table.wait_for(30, &second, None));
         let faults: Vec<Option<Instant>> =
             table.pending[&30].waiters.iter().map(|w| w.fault).collect();
         // A prefetch that faults gets its fault time; a fault keeps its
@@ -249,11 +286,10 @@ mod tests {
     fn forgetting_a_clone_drops_the_requests_only_it_waited_for() {
         let first = detached_clone(&[]);
         let second = detached_clone(&[]);
-        let now = Instant::now();
         let mut table = RequestTable::default();
-        table.wait_for(1, &first, None, now);
-        table.wait_for(2, &first, None, now);
-        table.wait_for(2, &second, None, now);
+        table.wait_for(1, &first, None);
+        table.wait_for(2, &first, None);
+        table.wait_for(2, &second, None);
         table.forget(&first);
         assert_eq!(table.len(), 1);
         assert!(!table.contains(1));
