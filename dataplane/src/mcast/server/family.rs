@@ -195,7 +195,7 @@ impl FamilyState {
     /// Records what the clone hosts ask for from now on ([`FamilyState::working_set`]).
     pub(super) fn recording(self) -> FamilyState {
         FamilyState {
-            recorder: Some(WorkingSetRecorder::new()),
+            recorder: Some(WorkingSetRecorder::default()),
             ..self
         }
     }
@@ -351,9 +351,9 @@ impl FamilyState {
         if let Some(recorder) = &mut self.recorder
             && header.flags & (REQUEST_RETRY | REQUEST_FRAGMENTS) == 0
         {
-            for (page, _) in request.entries().filter(|&(page, _)| page < self.pages) {
-                recorder.record(*from.ip(), page);
-            }
+            let pages = self.pages;
+            let asked = request.entries().map(|(page, _)| page);
+            recorder.record(*from.ip(), asked.filter(|&page| page < pages));
         }
         let destination = if header.flags & REQUEST_UNICAST_REPLY != 0
             || self.active_receivers(now, config.receiver_idle) == 1

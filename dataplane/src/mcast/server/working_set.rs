@@ -4,8 +4,6 @@
 
 use std::net::Ipv4Addr;
 
-use foldhash::{HashMap, HashMapExt};
-
 use crate::mcast::bitmap::Bitmap;
 
 /// Runs one family records at most, over all its hosts (16 bytes each): a host asking for
@@ -64,11 +62,8 @@ impl WorkingSet {
                         continue;
                     }
                     taken.set(page);
-                    match order.last_mut() {
-                        Some((run_start, run_count)) if *run_start + *run_count == page => {
-                            *run_count += 1;
-                        }
-                        _ => order.push((page, 1)),
+                    if !extend_last(&mut order, page) {
+                        order.push((page, 1));
                     }
                 }
             }
@@ -99,74 +94,62 @@ pub(super) fn led_push_runs(
                 continue;
             }
             data.clear(page);
-            match runs.last_mut() {
-                Some((run_start, run_count)) if *run_start + *run_count == page => {
-                    *run_count += 1;
-                }
-                _ => runs.push((page, 1)),
+            if !extend_last(&mut runs, page) {
+                runs.push((page, 1));
             }
         }
     }
     (runs, led)
 }
 
-/// Records a family's [`WorkingSet`] as its REQUESTs arrive.
+/// Extends the last of `runs` by `page` if the page follows it; false if it does not.
+fn extend_last(runs: &mut [(u64, u64)], page: u64) -> bool {
+    match runs.last_mut() {
+        Some((start, count)) if *start + *count == page => {
+            *count += 1;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Records a family's [`WorkingSet`] as its REQUESTs arrive: the hosts in the order they
+/// first asked (a host is added with its first run, so none is empty).
 #[derive(Default)]
 pub(super) struct WorkingSetRecorder {
-    hosts: HashMap<Ipv4Addr, Vec<(u64, u64)>>,
-    /// Where each host first asked, so that the snapshot keeps the hosts in that order.
-    host_order: Vec<Ipv4Addr>,
+    set: WorkingSet,
     runs: usize,
 }
 
 impl WorkingSetRecorder {
-    pub(super) fn new() -> WorkingSetRecorder {
-        WorkingSetRecorder {
-            hosts: HashMap::new(),
-            host_order: Vec::new(),
-            runs: 0,
-        }
-    }
-
-    /// `host` asked for `page` (not as a retry): it extends the host's last run when it
+    /// `host` asked for `pages` (not as a retry): each extends the host's last run when it
     /// follows it, else starts a run while the family is under [`MAX_RECORDED_RUNS`].
-    pub(super) fn record(&mut self, host: Ipv4Addr, page: u64) {
-        let runs = match self.hosts.get_mut(&host) {
-            Some(runs) => runs,
+    pub(super) fn record(&mut self, host: Ipv4Addr, pages: impl IntoIterator<Item = u64>) {
+        let at = match self.set.hosts.iter().position(|h| h.host == host) {
+            Some(at) => at,
             None => {
-                if self.runs >= MAX_RECORDED_RUNS {
-                    return;
-                }
-                self.host_order.push(host);
-                self.hosts.entry(host).or_default()
+                self.set.hosts.push(HostRuns {
+                    host,
+                    runs: Vec::new(),
+                });
+                self.set.hosts.len() - 1
             }
         };
-        if let Some((start, count)) = runs.last_mut()
-            && page == *start + *count
-        {
-            *count += 1;
-            return;
+        let runs = &mut self.set.hosts[at].runs;
+        for page in pages {
+            if !extend_last(runs, page) && self.runs < MAX_RECORDED_RUNS {
+                runs.push((page, 1));
+                self.runs += 1;
+            }
         }
-        if self.runs < MAX_RECORDED_RUNS {
-            runs.push((page, 1));
-            self.runs += 1;
+        if runs.is_empty() {
+            self.set.hosts.remove(at);
         }
     }
 
     /// What was recorded so far; `None` when nothing was.
     pub(super) fn snapshot(&self) -> Option<WorkingSet> {
-        let hosts: Vec<HostRuns> = self
-            .host_order
-            .iter()
-            .filter_map(|host| {
-                let runs = self.hosts.get(host)?;
-                (!runs.is_empty()).then(|| HostRuns {
-                    host: *host,
-                    runs: runs.clone(),
-                })
-            })
-            .collect();
-        (!hosts.is_empty()).then_some(WorkingSet { hosts })
+        (!self.set.hosts.is_empty()).then(|| self.set.clone())
     }
 }
 
@@ -188,10 +171,10 @@ mod tests {
 
     #[test]
     fn consecutive_requests_of_a_host_make_one_run() {
-        let mut recorder = WorkingSetRecorder::new();
+        let mut recorder = WorkingSetRecorder::default();
         assert!(recorder.snapshot().is_none());
         for page in [10, 11, 12, 3, 4, 40] {
-            recorder.record(A, page);
+            recorder.record(A, [page]);
         }
         let set = recorder.snapshot().unwrap();
         assert_eq!((set.hosts(), set.runs()), (1, 3));
@@ -200,12 +183,12 @@ mod tests {
 
     #[test]
     fn hosts_take_turns_and_each_page_is_pushed_once() {
-        let mut recorder = WorkingSetRecorder::new();
+        let mut recorder = WorkingSetRecorder::default();
         for page in [20, 21, 5] {
-            recorder.record(A, page);
+            recorder.record(A, [page]);
         }
         for page in [30, 20, 21, 22] {
-            recorder.record(B, page);
+            recorder.record(B, [page]);
         }
         let set = recorder.snapshot().unwrap();
         assert_eq!(set.hosts(), 2);
@@ -218,9 +201,9 @@ mod tests {
 
     #[test]
     fn pages_not_wanted_or_past_the_end_are_left_out() {
-        let mut recorder = WorkingSetRecorder::new();
+        let mut recorder = WorkingSetRecorder::default();
         for page in [1, 2, 3, 4, 60, 61, 100] {
-            recorder.record(A, page);
+            recorder.record(A, [page]);
         }
         let mut wanted = all(62);
         wanted.clear(3);
@@ -230,25 +213,25 @@ mod tests {
 
     #[test]
     fn a_recording_stops_growing_at_its_run_limit() {
-        let mut recorder = WorkingSetRecorder::new();
+        let mut recorder = WorkingSetRecorder::default();
         // Every other page: each request starts a run.
         for page in 0..(MAX_RECORDED_RUNS as u64 + 10) {
-            recorder.record(A, page * 2);
+            recorder.record(A, [page * 2]);
         }
-        recorder.record(B, 7);
+        recorder.record(B, [7]);
         let set = recorder.snapshot().unwrap();
         assert_eq!((set.hosts(), set.runs()), (1, MAX_RECORDED_RUNS));
         // The last run can still grow: it costs nothing more.
-        recorder.record(A, (MAX_RECORDED_RUNS as u64 - 1) * 2 + 1);
+        recorder.record(A, [(MAX_RECORDED_RUNS as u64 - 1) * 2 + 1]);
         assert_eq!(recorder.snapshot().unwrap().runs(), MAX_RECORDED_RUNS);
     }
 
     #[test]
     fn a_led_push_goes_through_the_recording_then_the_rest_of_the_store() {
-        let mut recorder = WorkingSetRecorder::new();
+        let mut recorder = WorkingSetRecorder::default();
         // Page 9 is not data of the store any more: the lead skips it.
         for page in [40, 41, 9, 2] {
-            recorder.record(A, page);
+            recorder.record(A, [page]);
         }
         let set = recorder.snapshot().unwrap();
         let store = [(0, 4), (40, 4)];
