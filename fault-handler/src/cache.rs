@@ -106,6 +106,16 @@ pub struct PageCache {
     collapse_on_arrival: bool,
 }
 
+/// Claims a complete block for its collapse: its count moves past
+/// [`BLOCK_PAGES`] once, so only one caller gets true; no page is counted
+/// after its block is complete.
+fn take_complete(count: &AtomicU32) -> bool {
+    let complete = BLOCK_PAGES as u32;
+    count
+        .compare_exchange(complete, complete + 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
 /// Most parts one `pwritev` of [`PageCache::insert_batch`] takes (the
 /// kernel's `IOV_MAX`).
 pub const MAX_RUN_IOVECS: usize = 1024;
@@ -170,14 +180,11 @@ impl PageCache {
         let Some(count) = self.block_present.get(block as usize) else {
             return;
         };
-        let complete = BLOCK_PAGES as u32;
         let stored = count.fetch_add(1, Ordering::AcqRel) + 1;
-        if stored == complete
+        if stored == BLOCK_PAGES as u32
             && self.collapse_on_arrival
             && let Some(target) = &self.collapse
-            && count
-                .compare_exchange(complete, complete + 1, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+            && take_complete(count)
         {
             collapse::collapse_now(target, block);
         }
@@ -194,13 +201,7 @@ impl PageCache {
         };
         let mut handed = 0;
         for (block, count) in self.block_present.iter().enumerate() {
-            // A complete block's count moves past BLOCK_PAGES once, when it
-            // is handed over; no page is counted after it is complete.
-            let complete = BLOCK_PAGES as u32;
-            if count
-                .compare_exchange(complete, complete + 1, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
+            if take_complete(count) {
                 collapse::submit(target, block as u64);
                 handed += 1;
             }
