@@ -143,10 +143,11 @@ pub struct Limits {
     #[serde(default = "default_prefetch_pages")]
     pub prefetch_pages: u32,
     /// A fault that goes to the network also fetches the missing data pages
-    /// of its aligned block of this many pages (a power of two; 0: off). 512
-    /// fetches whole 2 MiB blocks, which `huge_cache` then collapses as they
-    /// arrive: faster on a clean network with many clones, but under heavy
-    /// loss the volume it fetches makes clones time out; not the default.
+    /// of its aligned block of this many pages (a power of two; 0: off). The
+    /// default, 512, fetches whole 2 MiB blocks, which `huge_cache` then
+    /// collapses as they arrive, so clones map them 2 MiB at a time; 16
+    /// (64 KiB blocks) waits on smaller transfers and suits a single clone
+    /// on a clean network as well.
     #[serde(default = "default_fault_around_pages")]
     pub fault_around_pages: u32,
     /// Hold each 2 MiB block of a host page cache in a huge page once all
@@ -198,7 +199,7 @@ fn default_prefetch_pages() -> u32 {
     3
 }
 fn default_fault_around_pages() -> u32 {
-    16
+    512
 }
 fn default_true() -> bool {
     true

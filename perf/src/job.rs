@@ -119,8 +119,11 @@ type Settings = Vec<(&'static str, toml::Value)>;
 pub enum Mechanism {
     /// `[limits] prefetch_pages` (default 3) against 0.
     Prefetch,
-    /// `[limits] fault_around_pages` (default 16) against 0.
+    /// `[limits] fault_around_pages` (default 512: whole 2 MiB blocks) against 0.
     FaultAround,
+    /// Whole 2 MiB blocks (`fault_around_pages` 512, the default) against 64 KiB blocks
+    /// (16 pages).
+    WholeBlocks,
     /// `[limits] huge_cache = true` (complete 2 MiB blocks of host page caches in huge
     /// pages) against `false`.
     HugeCache,
@@ -154,6 +157,7 @@ impl Mechanism {
         match self {
             Self::Prefetch => "prefetch",
             Self::FaultAround => "fault-around",
+            Self::WholeBlocks => "whole-blocks",
             Self::HugeCache => "huge-cache",
             Self::Avoidance => "avoidance",
             Self::Mcdist => "mcdist",
@@ -178,6 +182,10 @@ impl Mechanism {
             Self::Prefetch => (vec![("prefetch_pages", toml::Value::Integer(0))], vec![]),
             Self::FaultAround => (
                 vec![("fault_around_pages", toml::Value::Integer(0))],
+                vec![],
+            ),
+            Self::WholeBlocks => (
+                vec![("fault_around_pages", toml::Value::Integer(16))],
                 vec![],
             ),
             Self::HugeCache => (vec![("huge_cache", toml::Value::Boolean(false))], vec![]),
@@ -309,6 +317,10 @@ struct RxCounters {
     rtt_samples: u64,
     rtt_total_us: u64,
     retry_wait_total_us: u64,
+    lost_overtaken: u64,
+    lost_stalled: u64,
+    lost_deadline: u64,
+    retries_deferred: u64,
 }
 
 impl RxCounters {
@@ -335,6 +347,12 @@ impl RxCounters {
             retry_wait_total_us: after
                 .retry_wait_total_us
                 .saturating_sub(before.retry_wait_total_us),
+            lost_overtaken: after.lost_overtaken.saturating_sub(before.lost_overtaken),
+            lost_stalled: after.lost_stalled.saturating_sub(before.lost_stalled),
+            lost_deadline: after.lost_deadline.saturating_sub(before.lost_deadline),
+            retries_deferred: after
+                .retries_deferred
+                .saturating_sub(before.retries_deferred),
         }
     }
 
@@ -350,6 +368,10 @@ impl RxCounters {
         self.rtt_samples += other.rtt_samples;
         self.rtt_total_us += other.rtt_total_us;
         self.retry_wait_total_us += other.retry_wait_total_us;
+        self.lost_overtaken += other.lost_overtaken;
+        self.lost_stalled += other.lost_stalled;
+        self.lost_deadline += other.lost_deadline;
+        self.retries_deferred += other.retries_deferred;
     }
 }
 
@@ -705,7 +727,7 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
                 .collect()
         };
         let cpu = |f: fn(&Counters) -> f64| -> Vec<f64> { counters.iter().map(|c| f(c)).collect() };
-        let remote: [(&str, &str, Vec<f64>); 23] = [
+        let remote: [(&str, &str, Vec<f64>); 27] = [
             ("job_wall_s", "s", cpu(|c| c.wall_s)),
             ("cpu_vcpus_s", "s", cpu(|c| c.cpu.vcpus)),
             ("cpu_daemons_s", "s", cpu(|c| c.cpu.daemons)),
@@ -763,6 +785,10 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
             ),
             ("pages_requested", "pages", rx(|r| r.pages_requested)),
             ("re_requests", "pages", rx(|r| r.re_requests)),
+            ("lost_overtaken", "pages", rx(|r| r.lost_overtaken)),
+            ("lost_stalled", "pages", rx(|r| r.lost_stalled)),
+            ("lost_deadline", "pages", rx(|r| r.lost_deadline)),
+            ("retries_deferred", "timers", rx(|r| r.retries_deferred)),
             ("pages_repaired", "pages", rx(|r| r.pages_repaired)),
             (
                 "fragment_re_requests",

@@ -20,6 +20,10 @@ pub struct ReceiverConfig {
     pub rto_min: Duration,
     /// Largest retransmission timeout (also the cap of the per-retry growth).
     pub rto_max: Duration,
+    /// The least time an awaited page may trail a page requested after it before it counts
+    /// as lost (the window is a quarter of the round trip where that is longer): the
+    /// reordering allowed without a re-request.
+    pub reorder_window: Duration,
     /// Re-requests of a page after which it is requested with `UNICAST_REPLY`.
     pub unicast_after: u32,
     /// Rate reported (pages/s) before anything was measured.
@@ -53,6 +57,7 @@ impl Default for ReceiverConfig {
             port: DEFAULT_PORT,
             rto_min: Duration::from_micros(500),
             rto_max: Duration::from_millis(500),
+            reorder_window: Duration::from_millis(1),
             unicast_after: 3,
             initial_rate: 20_000,
             min_rate: 2_000,

@@ -7,7 +7,7 @@
 //! delivered and the failures reported after it is released.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
@@ -118,12 +118,22 @@ pub(super) struct Batch<'a> {
     sinks: HashMap<u64, Destination>,
     /// Families whose completed requests made room for waiting pages.
     refill: Vec<u64>,
+    /// How long an overtaken page waits before it counts as lost.
+    reorder_window: Duration,
+    /// The earliest retry time the batch brought forward.
+    earliest_retry: Option<Instant>,
 }
 
 impl<'a> Batch<'a> {
     /// A batch of the datagrams `decoded`, received by `now`.
-    pub(super) fn new(decoded: &[Result<Datagram<'a>, DecodeError>], now: Instant) -> Batch<'a> {
+    pub(super) fn new(
+        decoded: &[Result<Datagram<'a>, DecodeError>],
+        now: Instant,
+        config: &ReceiverConfig,
+    ) -> Batch<'a> {
         Batch {
+            reorder_window: config.reorder_window,
+            earliest_retry: None,
             now,
             whole: whole_pages(decoded),
             taken: HashSet::new(),
@@ -157,6 +167,10 @@ impl<'a> Batch<'a> {
         if fragment.page >= family.join.pages {
             count(&mut state.stats, &mut family.stats, |s| s.malformed += 1);
             return;
+        }
+        // Pushed pages go after every requested one: only these say the queue moves.
+        if header.flags & FRAGMENT_PUSH == 0 {
+            family.loss.progressed(self.now);
         }
         count(&mut state.stats, &mut family.stats, |s| {
             s.fragments += 1;
@@ -305,6 +319,12 @@ impl<'a> Batch<'a> {
         let early = match family.outstanding.remove(&page) {
             Some(request) => {
                 family.retry_order.remove(&(request.retry_at, page));
+                // A re-request is served ahead of the queue: its arrival overtakes nothing.
+                if request.retries == 0 {
+                    self.bring_forward_overtaken(family, request.seq);
+                } else {
+                    family.loss.forget(request.seq);
+                }
                 // Karn: only pages never re-requested give a clean sample.
                 if request.retries == 0 {
                     let rtt = self
@@ -345,6 +365,24 @@ impl<'a> Batch<'a> {
         });
     }
 
+    /// The awaited page requested as `seq` arrived: the pages requested before it and still
+    /// awaited are due at the end of the reordering window (see `LossDetector`).
+    fn bring_forward_overtaken(&mut self, family: &mut Family, seq: u64) {
+        let due = self.now + family.rtt.reorder_window(self.reorder_window);
+        for page in family.loss.arrived(seq) {
+            let Some(request) = family.outstanding.get_mut(&page) else {
+                continue;
+            };
+            if request.retry_at <= due {
+                continue;
+            }
+            family.retry_order.remove(&(request.retry_at, page));
+            request.retry_at = due;
+            family.retry_order.insert((due, page));
+            self.earliest_retry = Some(self.earliest_retry.map_or(due, |e| e.min(due)));
+        }
+    }
+
     fn on_reject(&mut self, state: &mut State, header: &Header, reject: &Reject) {
         let Some(family) = state.families.get_mut(&header.family) else {
             state.stats.not_ours += 1;
@@ -362,6 +400,7 @@ impl<'a> Batch<'a> {
         family.failed = true;
         family.outstanding.clear();
         family.retry_order.clear();
+        family.loss.clear();
         family.waiting.clear();
         family.queued = Bitmap::new(family.join.pages);
         let reason = format!(
@@ -374,14 +413,14 @@ impl<'a> Batch<'a> {
     }
 
     /// Sends the waiting pages that the batch's completions made room for; returns the
-    /// earliest retry time that set.
+    /// earliest retry time that set or the batch brought forward.
     pub(super) fn refill(
         &self,
         state: &mut State,
         config: &ReceiverConfig,
         outgoing: &Outgoing<'_>,
     ) -> Option<Instant> {
-        let mut earliest: Option<Instant> = None;
+        let mut earliest = self.earliest_retry;
         for id in &self.refill {
             let Some(family) = state.families.get_mut(id) else {
                 continue;

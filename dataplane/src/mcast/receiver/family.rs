@@ -11,6 +11,7 @@ use std::time::Instant;
 use foldhash::{HashMap, HashMapExt};
 
 use super::config::ReceiverConfig;
+use super::loss::LossDetector;
 use super::rtt::{Outstanding, RttEstimate};
 use super::stats::ReceiverStats;
 use crate::client::PageSink;
@@ -86,6 +87,8 @@ pub(super) struct Family {
     pub(super) outstanding: HashMap<u64, Outstanding>,
     /// (retry_at, page) of every outstanding page.
     pub(super) retry_order: BTreeSet<(Instant, u64)>,
+    /// The order of the requests, and what arrived of them: which expired pages are lost.
+    pub(super) loss: LossDetector,
     /// Pages requested beyond `max_in_flight`, in request order, and their bits.
     pub(super) waiting: VecDeque<u64>,
     pub(super) queued: Bitmap,
@@ -123,6 +126,7 @@ impl Family {
             held: Bitmap::new(join.pages),
             outstanding: HashMap::new(),
             retry_order: BTreeSet::new(),
+            loss: LossDetector::new(now),
             waiting: VecDeque::new(),
             queued: Bitmap::new(join.pages),
             goodput: None,

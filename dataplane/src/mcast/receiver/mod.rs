@@ -17,7 +17,7 @@
 //! - `receiver_core`: [`ReceiverCore`], the state machine's entry points;
 //! - `datagrams`: what a batch of datagrams does, one function per kind;
 //! - `retry`: the request window, re-requests and the timers; `rtt`: the retransmission
-//!   timeout's parts;
+//!   timeout's parts; `loss`: when an expired page counts as lost;
 //! - `family`: per-family state ([`FamilyJoin`]); `state`: what the core keeps behind its
 //!   lock; `outgoing`: REQUEST encoding and [`RequestTransport`]; `stats`:
 //!   [`ReceiverStats`]; `config`: [`ReceiverConfig`];
@@ -26,6 +26,7 @@
 mod config;
 mod datagrams;
 mod family;
+mod loss;
 mod outgoing;
 mod receiver_core;
 mod repair_blocks;

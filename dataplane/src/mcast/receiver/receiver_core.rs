@@ -26,9 +26,12 @@
 //!   timeout adapted to the measured request-to-page time (like TCP's: smoothed RTT plus four
 //!   deviations, within `rto_min..=rto_max`, growing linearly per retry), plus the time the server
 //!   needs for the requested pages ahead of it, at the lower of the reported rate and the rate
-//!   pages were measured to arrive at while requests were in flight. Expired pages are
-//!   requested again with the `RETRY` flag; after `unicast_after` retries also with
-//!   `UNICAST_REPLY`.
+//!   pages were measured to arrive at while requests were in flight. An expired page is
+//!   requested again only if it is lost: a page requested after it arrived (its timer is
+//!   then brought forward to `reorder_window` after that arrival), nothing requested of the
+//!   family arrived for a timeout, or it waited past a deadline of a few timeouts; otherwise
+//!   it is looked at again a timeout later. Lost pages are requested again with the `RETRY`
+//!   flag; after `unicast_after` retries also with `UNICAST_REPLY`.
 //! - Estimates the rate it can take (AIMD: grows while nothing is lost, halves when a page has
 //!   to be re-requested) and reports it in every REQUEST and in a report every
 //!   `report_interval` (which also keeps it in the server's set of active receivers).
@@ -256,7 +259,7 @@ impl ReceiverCore {
         if decoded.is_empty() {
             return;
         }
-        let mut batch = Batch::new(&decoded, Instant::now());
+        let mut batch = Batch::new(&decoded, Instant::now(), &self.config);
         {
             let mut guard = lock(&self.state);
             let state = &mut *guard;

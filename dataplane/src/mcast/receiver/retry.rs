@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::config::ReceiverConfig;
 use super::family::Family;
+use super::loss::{DEADLINE_TIMEOUTS, Lost};
 use super::outgoing::Outgoing;
 use super::rtt::{Outstanding, queueing};
 use super::state::State;
@@ -102,13 +103,16 @@ pub(super) fn admit(
         let queued_for = queueing(fam.outstanding.len() + 1, pace);
         let retry_at = now + rto + queued_for;
         earliest.get_or_insert(retry_at);
+        let seq = fam.loss.requested(page);
         fam.outstanding.insert(
             page,
             Outstanding {
+                seq,
                 first_sent: now,
                 last_sent: now,
                 queued_for,
                 retry_at,
+                deadline: now + (rto + queued_for) * DEADLINE_TIMEOUTS,
                 retries: 0,
             },
         );
@@ -121,8 +125,10 @@ pub(super) fn admit(
     earliest
 }
 
-/// Re-requests the pages of `family` whose timeout expired by `now`: a page partly received
-/// by its missing fragments only (`REQUEST_FRAGMENTS`), the others whole.
+/// Re-requests the pages of `family` whose timeout expired by `now` and that are lost (see
+/// [`LossDetector::lost`](super::loss::LossDetector::lost)): a page partly received by its
+/// missing fragments only (`REQUEST_FRAGMENTS`), the others whole. The others are looked at
+/// again a timeout later.
 fn retry_due(
     config: &ReceiverConfig,
     outgoing: &Outgoing<'_>,
@@ -144,16 +150,40 @@ fn retry_due(
         return;
     }
     let rto = family.rtt.rto(config.rto_min, config.rto_max);
+    let mut lost = Vec::with_capacity(due.len());
+    for page in due {
+        let Some(request) = family.outstanding.get_mut(&page) else {
+            continue;
+        };
+        let verdict = family
+            .loss
+            .lost(request.seq, request.last_sent, request.deadline, now, rto);
+        let Some(cause) = verdict else {
+            request.retry_at = (now + rto).min(request.deadline);
+            family.retry_order.insert((request.retry_at, page));
+            count(global, &mut family.stats, |s| s.retries_deferred += 1);
+            continue;
+        };
+        count(global, &mut family.stats, |s| match cause {
+            Lost::Overtaken => s.lost_overtaken += 1,
+            Lost::Stalled => s.lost_stalled += 1,
+            Lost::Deadline => s.lost_deadline += 1,
+        });
+        lost.push(page);
+    }
+    if lost.is_empty() {
+        return;
+    }
     family
         .rate
-        .on_loss(u32::try_from(due.len()).unwrap_or(u32::MAX));
+        .on_loss(u32::try_from(lost.len()).unwrap_or(u32::MAX));
     // Entries by the flags of the REQUEST they go in.
     let mut requests: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
     let mut by_fragments = 0;
     let rate = family.pace();
     // The pages still awaited in time are served before these.
-    let mut ahead = family.outstanding.len().saturating_sub(due.len());
-    for page in due {
+    let mut ahead = family.outstanding.len().saturating_sub(lost.len());
+    for page in lost {
         let Some(request) = family.outstanding.get_mut(&page) else {
             continue;
         };
@@ -170,7 +200,11 @@ fn retry_due(
         let backoff = rto
             .saturating_mul(1 + request.retries.min(64))
             .min(config.rto_max.max(rto));
-        request.retry_at = now + backoff + queueing(ahead, rate);
+        let timeout = backoff + queueing(ahead, rate);
+        request.retry_at = now + timeout;
+        request.deadline = now + timeout * DEADLINE_TIMEOUTS;
+        family.loss.forget(request.seq);
+        request.seq = family.loss.requested(page);
         family.retry_order.insert((request.retry_at, page));
         let mut flags = REQUEST_RETRY;
         if request.retries >= config.unicast_after {
@@ -255,6 +289,63 @@ mod tests {
         assert_eq!((stats.outstanding, stats.queued), (3, 0));
         core.request(FAMILY, &[4, 5, 6]);
         assert_eq!(recorder.sent.lock().unwrap().len(), 4, "awaited or held");
+    }
+
+    #[test]
+    fn pages_overtaken_by_a_later_request_are_asked_again_long_before_their_timeout() {
+        let recorder = Arc::new(Recorder::default());
+        let patient = ReceiverConfig {
+            rto_min: Duration::from_secs(30),
+            rto_max: Duration::from_secs(60),
+            ..config()
+        };
+        let core = ReceiverCore::new(patient, &key(), recorder.clone());
+        let sink = Arc::new(Collect::default());
+        core.join(join(), sink.clone(), None).unwrap();
+        core.request(FAMILY, &[1, 2, 3, 4, 5]);
+        let start = Instant::now();
+        feed(
+            &core,
+            fragments(FAMILY, GENERATION, 3, 3)
+                .iter()
+                .map(|d| d.as_slice()),
+        );
+        let retried = || -> Vec<u64> {
+            recorder
+                .sent
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|d| decode_request(d))
+                .filter(|(flags, _)| flags & REQUEST_RETRY != 0)
+                .flat_map(|(_, pages)| pages)
+                .collect()
+        };
+        let deadline = start + Duration::from_secs(5);
+        while retried().is_empty() && Instant::now() < deadline {
+            let next = core.tick();
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "not the 30 s timeout"
+        );
+        assert_eq!(retried(), vec![1, 2], "4 and 5 are behind page 3");
+        let stats = core.stats();
+        assert_eq!((stats.lost_overtaken, stats.lost_stalled), (2, 0));
+        // A re-request is served ahead of the queue: its page overtakes nothing.
+        feed(
+            &core,
+            fragments(FAMILY, GENERATION, 1, 1)
+                .iter()
+                .map(|d| d.as_slice()),
+        );
+        let past_the_window = Instant::now() + Duration::from_millis(50);
+        while Instant::now() < past_the_window {
+            let next = core.tick().min(past_the_window);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        assert_eq!(retried(), vec![1, 2], "4 and 5 still wait their turn");
     }
 
     #[test]

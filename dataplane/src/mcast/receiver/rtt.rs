@@ -33,17 +33,31 @@ impl RttEstimate {
         };
         rto.clamp(min, max.max(min))
     }
+
+    /// How long an overtaken page may still arrive before it counts as lost: a quarter of the
+    /// round trip (as RACK's reordering window), at least `floor`. Pages other hosts of the
+    /// family asked for first are served from their place in the server's queue, ahead of
+    /// pages this host asked for before them; the window lets that reordering pass.
+    pub(super) fn reorder_window(&self, floor: Duration) -> Duration {
+        self.smoothed
+            .map_or(floor, |smoothed| (smoothed / 4).max(floor))
+    }
 }
 
 /// A page requested and awaited.
 #[derive(Debug)]
 pub(super) struct Outstanding {
+    /// The number of its last request in the family's order (see `LossDetector`).
+    pub(super) seq: u64,
     pub(super) first_sent: Instant,
     /// When it was last asked for (first or re-requested).
     pub(super) last_sent: Instant,
     /// The part of its wait that is its place in the server's queue (see [`queueing`]).
     pub(super) queued_for: Duration,
+    /// When its timer next expires: it is then re-requested if it is lost.
     pub(super) retry_at: Instant,
+    /// When it counts as lost even while the family progresses.
+    pub(super) deadline: Instant,
     pub(super) retries: u32,
 }
 

@@ -32,6 +32,17 @@ pub struct ReceiverStats {
     /// Of those, pages partly received, asked for by their missing fragments only.
     #[serde(default)]
     pub fragment_re_requests: u64,
+    /// Re-requested pages by why they were taken for lost: a page requested after them
+    /// arrived, nothing requested arrived for a timeout, or they waited past their deadline.
+    #[serde(default)]
+    pub lost_overtaken: u64,
+    #[serde(default)]
+    pub lost_stalled: u64,
+    #[serde(default)]
+    pub lost_deadline: u64,
+    /// Expired timers of pages not taken for lost (the family was still being served).
+    #[serde(default)]
+    pub retries_deferred: u64,
     /// REQUEST datagrams sent with `UNICAST_REPLY`.
     pub unicast_requests: u64,
     /// Report-only REQUESTs sent (no pages).
