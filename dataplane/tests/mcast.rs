@@ -501,6 +501,33 @@ fn siblings_get_by_multicast_the_pages_one_of_them_requested() {
 }
 
 #[test]
+fn pages_another_host_asked_for_first_are_not_taken_for_a_loss() {
+    let _serial = serial();
+    let net = Net::new(3);
+    let server = start_server(&net, server_config());
+    const FAMILY: u64 = 0x57;
+    let family = serve(&server, FAMILY, Ipv4Addr::new(239, 255, 1, 7), 2048);
+    let first = start_receiver(&net, 2);
+    let second = start_receiver(&net, 3);
+    let first_sink = join(&first, family);
+    let second_sink = join(&second, family);
+    wait_active(&server, FAMILY, 2);
+
+    // The first host's pages are queued ahead of the second's own: the second receives
+    // them before the pages it asked for first, at the server's initial rate (~20 ms).
+    let shared: Vec<u64> = (1000..1400).collect();
+    first.request(FAMILY, &shared);
+    let own: Vec<u64> = (0..100).collect();
+    second.request(FAMILY, &own);
+    second.request(FAMILY, &shared);
+    first_sink.wait_pages(shared.len(), WAIT);
+    second_sink.wait_pages(shared.len() + own.len(), WAIT);
+    let stats = second.family_stats(FAMILY).unwrap();
+    assert_eq!(stats.lost_overtaken, 0, "{stats:?}");
+    assert_eq!(stats.mac_failed + stats.malformed + stats.not_ours, 0);
+}
+
+#[test]
 fn duplicate_requests_within_the_window_are_suppressed() {
     let _serial = serial();
     let net = Net::new(3);

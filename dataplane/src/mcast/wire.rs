@@ -252,7 +252,8 @@ pub struct Header {
     pub family: u64,
     /// The serving daemon's generation of the family.
     pub generation: u32,
-    /// A REQUEST's receiver id; 0 otherwise.
+    /// A REQUEST's receiver id; a FRAGMENT's, the id of the receiver whose REQUEST queued
+    /// the page (0: pushed); 0 otherwise.
     pub sender: u32,
 }
 

@@ -122,16 +122,21 @@ pub(super) struct Batch<'a> {
     reorder_window: Duration,
     /// The earliest retry time the batch brought forward.
     earliest_retry: Option<Instant>,
+    /// This receiver's id: a FRAGMENT whose `sender` it is answers a REQUEST of this host
+    /// that queued the page.
+    receiver_id: u32,
 }
 
 impl<'a> Batch<'a> {
-    /// A batch of the datagrams `decoded`, received by `now`.
+    /// A batch of the datagrams `decoded`, received by `now` by the receiver `receiver_id`.
     pub(super) fn new(
         decoded: &[Result<Datagram<'a>, DecodeError>],
         now: Instant,
         config: &ReceiverConfig,
+        receiver_id: u32,
     ) -> Batch<'a> {
         Batch {
+            receiver_id,
             reorder_window: config.reorder_window,
             earliest_retry: None,
             now,
@@ -203,12 +208,15 @@ impl<'a> Batch<'a> {
                 count(&mut state.stats, &mut family.stats, |s| s.malformed += 1);
             }
             Outcome::Complete(data) => {
+                let queued_by_us =
+                    header.flags & FRAGMENT_PUSH == 0 && header.sender == self.receiver_id;
                 self.complete(
                     &mut state.stats,
                     &mut state.repairs,
                     family,
                     fragment.page,
                     data,
+                    queued_by_us,
                 );
             }
         }
@@ -264,6 +272,7 @@ impl<'a> Batch<'a> {
                         family,
                         page,
                         PageData::Buffer(buf),
+                        false,
                     );
                 }
             }
@@ -301,7 +310,8 @@ impl<'a> Batch<'a> {
     }
 
     /// `page` of `family` is complete: marks it held, ends its request (sampling the RTT, growing
-    /// the rate) and queues it for delivery.
+    /// the rate; where `queued_by_us`, the server queued it for this host's request, so the
+    /// pages this host asked for before it are overtaken) and queues it for delivery.
     fn complete(
         &mut self,
         global: &mut ReceiverStats,
@@ -309,6 +319,7 @@ impl<'a> Batch<'a> {
         family: &mut Family,
         page: u64,
         data: PageData<'a>,
+        queued_by_us: bool,
     ) {
         let id = family.join.family;
         family.held.set(page);
@@ -319,8 +330,10 @@ impl<'a> Batch<'a> {
         let early = match family.outstanding.remove(&page) {
             Some(request) => {
                 family.retry_order.remove(&(request.retry_at, page));
-                // A re-request is served ahead of the queue: its arrival overtakes nothing.
-                if request.retries == 0 {
+                // A page another host asked for first was served from that host's place in
+                // the queue, and a re-requested one perhaps from its first place (a page is
+                // not queued twice): neither arrival says where the server is in ours.
+                if request.retries == 0 && queued_by_us {
                     self.bring_forward_overtaken(family, request.seq);
                 } else {
                     family.loss.forget(request.seq);

@@ -8,10 +8,10 @@
 //! reordering window passed; a page is also lost when nothing the server was asked for
 //! arrived for a whole timeout (the tail of a request, or a server that stopped), and in any
 //! case past its deadline (a lost REQUEST whose pages nothing later overtakes, while siblings
-//! keep the family busy). Only pages asked for once overtake: a re-request is served ahead
-//! of the queue. A page another host asked for first comes from that host's place in the
-//! queue, ahead of its turn here; the reordering window (a quarter of the round trip) lets
-//! some of that pass, and a page re-requested while still queued is not queued twice.
+//! keep the family busy). Only a page this host asked for once, and whose FRAGMENTs name this
+//! receiver as the one whose REQUEST queued it (`sender`), says where the server is in this
+//! host's requests: a page another host asked for first comes from that host's place in the
+//! queue, and a re-requested page perhaps from its first place (a page is not queued twice).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

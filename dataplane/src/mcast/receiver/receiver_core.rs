@@ -259,7 +259,7 @@ impl ReceiverCore {
         if decoded.is_empty() {
             return;
         }
-        let mut batch = Batch::new(&decoded, Instant::now(), &self.config);
+        let mut batch = Batch::new(&decoded, Instant::now(), &self.config, self.id);
         {
             let mut guard = lock(&self.state);
             let state = &mut *guard;

@@ -237,7 +237,7 @@ mod tests {
 
     use super::super::test_support::{
         Collect, FAMILY, GENERATION, Recorder, config, decode_request, decode_request_entries,
-        feed, fragments, join, key, setup,
+        feed, fragments, fragments_asked_by, join, key, setup,
     };
     use super::super::{ReceiverConfig, ReceiverCore};
     use crate::mcast::wire::{ALL_FRAGMENTS, REQUEST_FRAGMENTS};
@@ -302,11 +302,18 @@ mod tests {
         let core = ReceiverCore::new(patient, &key(), recorder.clone());
         let sink = Arc::new(Collect::default());
         core.join(join(), sink.clone(), None).unwrap();
-        core.request(FAMILY, &[1, 2, 3, 4, 5]);
+        core.request(FAMILY, &[1, 2, 3, 4, 5, 6]);
+        // Another host asked for page 6 first: it came from that host's place in the queue.
+        feed(
+            &core,
+            fragments_asked_by(core.id() ^ 1, FAMILY, GENERATION, 6, 6)
+                .iter()
+                .map(|d| d.as_slice()),
+        );
         let start = Instant::now();
         feed(
             &core,
-            fragments(FAMILY, GENERATION, 3, 3)
+            fragments_asked_by(core.id(), FAMILY, GENERATION, 3, 3)
                 .iter()
                 .map(|d| d.as_slice()),
         );
@@ -333,10 +340,11 @@ mod tests {
         assert_eq!(retried(), vec![1, 2], "4 and 5 are behind page 3");
         let stats = core.stats();
         assert_eq!((stats.lost_overtaken, stats.lost_stalled), (2, 0));
-        // A re-request is served ahead of the queue: its page overtakes nothing.
+        // A re-requested page may come from its first place in the queue: it overtakes
+        // nothing.
         feed(
             &core,
-            fragments(FAMILY, GENERATION, 1, 1)
+            fragments_asked_by(core.id(), FAMILY, GENERATION, 1, 1)
                 .iter()
                 .map(|d| d.as_slice()),
         );

@@ -116,6 +116,21 @@ pub(super) fn header(family: u64, generation: u32) -> Header {
 }
 
 pub(super) fn fragments(family: u64, generation: u32, page: u64, fill: u8) -> Vec<Vec<u8>> {
+    fragments_asked_by(0, family, generation, page, fill)
+}
+
+/// The FRAGMENTs of `page` as the server sends them for the REQUEST of receiver `asked_by`.
+pub(super) fn fragments_asked_by(
+    asked_by: u32,
+    family: u64,
+    generation: u32,
+    page: u64,
+    fill: u8,
+) -> Vec<Vec<u8>> {
+    let header = Header {
+        sender: asked_by,
+        ..header(family, generation)
+    };
     let sealer = FragmentSealer::new(McastKey::new(&key()).fragment_key(family, generation));
     let data = [fill; PAGE_SIZE];
     let cut = Fragmentation::for_mtu(1500);
@@ -129,8 +144,7 @@ pub(super) fn fragments(family: u64, generation: u32, page: u64, fill: u8) -> Ve
                 offset,
                 data: &data[usize::from(offset)..usize::from(offset + len)],
             };
-            wire::encode_fragment(&sealer, &mut out, &header(family, generation), &fragment)
-                .unwrap();
+            wire::encode_fragment(&sealer, &mut out, &header, &fragment).unwrap();
             out
         })
         .collect()

@@ -28,7 +28,8 @@ pub(super) enum Destination {
 }
 
 /// A receiver: its address and the id in its REQUESTs.
-type ReceiverId = (SocketAddrV4, u32);
+/// A receiver: the address its REQUESTs come from and its `sender` id.
+pub(super) type ReceiverId = (SocketAddrV4, u32);
 
 struct ReceiverInfo {
     last_heard: Instant,
@@ -41,9 +42,9 @@ struct ReceiverInfo {
 pub(super) struct Job {
     pub(super) page: u64,
     pub(super) destination: Destination,
-    /// Who asked (gets the REJECT if the read fails); `None` for the clone point's push,
-    /// which nobody asked for.
-    pub(super) requester: Option<SocketAddrV4>,
+    /// Who asked first (gets the REJECT if the read fails; its id goes in the FRAGMENTs'
+    /// `sender`); `None` for the clone point's push, which nobody asked for.
+    pub(super) requester: Option<ReceiverId>,
     pub(super) push: bool,
     /// The fragments to send (bit `i`: fragment `i`); [`ALL_FRAGMENTS`] for the whole page.
     pub(super) fragments: u16,
@@ -296,7 +297,8 @@ impl FamilyState {
     /// joined.
     fn next_late_join_push(&mut self, now: Instant, idle: Duration) -> Option<Job> {
         while let Some(cursor) = self.pushes.front_mut() {
-            let (addr, _) = cursor.receiver;
+            let cursor_receiver = cursor.receiver;
+            let (addr, _) = cursor_receiver;
             let alive = self
                 .receivers
                 .get(&cursor.receiver)
@@ -320,7 +322,7 @@ impl FamilyState {
             return Some(Job {
                 page,
                 destination,
-                requester: Some(addr),
+                requester: Some(cursor_receiver),
                 push: true,
                 fragments: ALL_FRAGMENTS,
             });
@@ -368,7 +370,7 @@ impl FamilyState {
         let suppress_since = (header.flags & REQUEST_RETRY == 0)
             .then(|| now.checked_sub(config.suppression).unwrap_or(now));
         let (rejects, queued_any) =
-            self.queue_pages(request, destination, from, suppress_since, counters);
+            self.queue_pages(request, destination, receiver, suppress_since, counters);
         let pushing = !self.pushes.is_empty()
             || self
                 .clone_point_push
@@ -426,7 +428,7 @@ impl FamilyState {
         &mut self,
         request: &Request<'_>,
         destination: Destination,
-        from: SocketAddrV4,
+        from: ReceiverId,
         suppress_since: Option<Instant>,
         counters: &Counters,
     ) -> (Vec<Reject>, bool) {
@@ -558,7 +560,7 @@ mod tests {
         Job {
             page,
             destination,
-            requester: Some(receiver(1)),
+            requester: Some((receiver(1), 1)),
             push: false,
             fragments: ALL_FRAGMENTS,
         }

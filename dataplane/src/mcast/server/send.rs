@@ -366,16 +366,22 @@ fn fragment_pages<'b>(
                 page: outgoing.job.page,
                 code: RejectCode::ReadFailed,
             };
-            if let Some(requester) = outgoing.job.requester {
+            if let Some((requester, _)) = outgoing.job.requester {
                 send_reject(service, &header, reject, requester, reply);
             }
             continue;
         }
+        // Who asked first: that receiver alone may take the page's arrival as the server's
+        // place in its requests (its loss detection).
+        let asked_by = match outgoing.job.requester {
+            Some((_, id)) if !outgoing.job.push => id,
+            _ => 0,
+        };
         let header = Header {
             flags: outgoing.flags,
             family: outgoing.family,
             generation: outgoing.generation,
-            sender: 0,
+            sender: asked_by,
         };
         for (index, offset, len) in cut.pieces() {
             if outgoing.job.fragments & (1 << index) == 0 {
