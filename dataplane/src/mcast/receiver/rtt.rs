@@ -35,9 +35,8 @@ impl RttEstimate {
     }
 
     /// How long an overtaken page may still arrive before it counts as lost: a quarter of the
-    /// round trip (as RACK's reordering window), at least `floor`. Pages other hosts of the
-    /// family asked for first are served from their place in the server's queue, ahead of
-    /// pages this host asked for before them; the window lets that reordering pass.
+    /// round trip (as RACK's reordering window), at least `floor`: the path may reorder (the
+    /// server's send threads, a datagram held back on the way).
     pub(super) fn reorder_window(&self, floor: Duration) -> Duration {
         self.smoothed
             .map_or(floor, |smoothed| (smoothed / 4).max(floor))
