@@ -27,7 +27,6 @@ pub(super) enum Destination {
     Unicast(SocketAddrV4),
 }
 
-/// A receiver: its address and the id in its REQUESTs.
 /// A receiver: the address its REQUESTs come from and its `sender` id.
 pub(super) type ReceiverId = (SocketAddrV4, u32);
 
@@ -297,11 +296,11 @@ impl FamilyState {
     /// joined.
     fn next_late_join_push(&mut self, now: Instant, idle: Duration) -> Option<Job> {
         while let Some(cursor) = self.pushes.front_mut() {
-            let cursor_receiver = cursor.receiver;
-            let (addr, _) = cursor_receiver;
+            let receiver = cursor.receiver;
+            let (addr, _) = receiver;
             let alive = self
                 .receivers
-                .get(&cursor.receiver)
+                .get(&receiver)
                 .is_some_and(|r| now.saturating_duration_since(r.last_heard) < idle);
             if !alive || cursor.next >= cursor.end {
                 self.pushes.pop_front();
@@ -322,7 +321,7 @@ impl FamilyState {
             return Some(Job {
                 page,
                 destination,
-                requester: Some(cursor_receiver),
+                requester: Some(receiver),
                 push: true,
                 fragments: ALL_FRAGMENTS,
             });
@@ -420,15 +419,15 @@ impl FamilyState {
         }
     }
 
-    /// Queues the pages (or the fragments) of `request` for `destination`, but those queued
-    /// already (a page queued gets the fragments asked for added) and those sent since
-    /// `suppress_since` (`None`: whenever sent); returns the REJECTs of pages past the end,
-    /// and whether it queued any.
+    /// Queues the pages (or the fragments) of `request` from `requester` for `destination`,
+    /// but those queued already (a page queued gets the fragments asked for added) and those
+    /// sent since `suppress_since` (`None`: whenever sent); returns the REJECTs of pages past
+    /// the end, and whether it queued any.
     fn queue_pages(
         &mut self,
         request: &Request<'_>,
         destination: Destination,
-        from: ReceiverId,
+        requester: ReceiverId,
         suppress_since: Option<Instant>,
         counters: &Counters,
     ) -> (Vec<Reject>, bool) {
@@ -466,7 +465,7 @@ impl FamilyState {
             self.queue.push_back(Job {
                 page,
                 destination,
-                requester: Some(from),
+                requester: Some(requester),
                 push: false,
                 fragments,
             });
