@@ -178,8 +178,8 @@ impl Net {
     /// Makes the bridge port toward `host` lose 20% of the IPv4 packets and delay 25% behind
     /// the others (reordering them). The kernel here has no netem, so: an HTB root whose
     /// classic-BPF classifier draws a random number per packet and picks class 1:3 (a
-    /// zero-length FIFO: dropped), 1:2 (a 20 Mbit/s class with a one-packet burst: queued
-    /// behind the others) or 1:1 (unlimited).
+    /// zero-length FIFO: dropped), 1:2 (a 200 Mbit/s class with a one-packet burst and a
+    /// queue long enough to lose nothing: queued behind the others) or 1:1 (unlimited).
     fn impair(&self, host: usize) {
         let switch = format!("{}-sw", self.prefix);
         let port = self.port(host);
@@ -201,14 +201,14 @@ impl Net {
             ]);
         }
         tc(&[
-            "class", "add", "dev", dev, "parent", "1:", "classid", "1:2", "htb", "rate", "20mbit",
+            "class", "add", "dev", dev, "parent", "1:", "classid", "1:2", "htb", "rate", "200mbit",
             "burst", "1600", "cburst", "1600",
         ]);
         tc(&[
             "qdisc", "add", "dev", dev, "parent", "1:3", "handle", "30:", "pfifo", "limit", "0",
         ]);
         tc(&[
-            "qdisc", "add", "dev", dev, "parent", "1:2", "handle", "20:", "pfifo", "limit", "64",
+            "qdisc", "add", "dev", dev, "parent", "1:2", "handle", "20:", "pfifo", "limit", "2000",
         ]);
         // A = random u32; A < 0.20 * 2^32 → class 1:3; A < 0.45 * 2^32 → 1:2; else 1:1.
         let program = "6,32 0 0 4294963256,53 1 0 858993459,6 0 0 65539,\

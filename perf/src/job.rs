@@ -40,6 +40,7 @@ use snowflock_control::config::PopulateMode;
 use snowflock_control::protocol::{ApiRequest, ApiResponse};
 use snowflock_control::{Supervisor, SupervisorConfig};
 use snowflock_dataplane::mcast::receiver::ReceiverStats;
+use snowflock_testkit::ImpairmentCounts;
 use snowflock_vmm::KvmHypervisor;
 use snowflock_vmm::memory::HostPages;
 
@@ -278,6 +279,8 @@ struct Sample {
     remote: Option<Counters>,
     /// The daemons' counters over the warm round's clones.
     warm_remote: Option<Counters>,
+    /// What the impaired switch did during the job (lossy remote runs).
+    switch: Option<ImpairmentCounts>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -397,6 +400,7 @@ impl Sample {
                 .ok(),
             remote: None,
             warm_remote: None,
+            switch: None,
         })
     }
 }
@@ -520,11 +524,18 @@ fn remote_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
                     );
                     cluster.impair(loss, if loss > 0 { config.reorder } else { 0 })?;
                     let sample = remote_job(config, &daemons, job, n);
+                    let switch = if loss > 0 {
+                        Some(cluster.impairment_counts())
+                    } else {
+                        None
+                    };
                     cluster.impair(0, 0)?;
+                    let mut sample = sample?;
+                    sample.switch = switch.transpose()?;
                     samples
                         .entry((Mode::Remote, variant, job, n, loss))
                         .or_default()
-                        .push(sample?);
+                        .push(sample);
                 }
             }
         }
@@ -816,6 +827,21 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
         ];
         for (metric, unit, values) in remote {
             emit(sink, BENCH, metric, &values, unit, &params)?;
+        }
+        let switch: Vec<&ImpairmentCounts> =
+            list.iter().filter_map(|s| s.switch.as_ref()).collect();
+        if !switch.is_empty() {
+            let series = |count: fn(&ImpairmentCounts) -> u64| -> Vec<f64> {
+                switch.iter().map(|c| count(c) as f64).collect()
+            };
+            let impairment = [
+                ("switch_lost", series(|c| c.lost)),
+                ("switch_held_back", series(|c| c.held_back)),
+                ("switch_overflowed", series(|c| c.overflowed)),
+            ];
+            for (metric, values) in impairment {
+                emit(sink, BENCH, metric, &values, "packets", &params)?;
+            }
         }
         let warm: Vec<&Counters> = list.iter().filter_map(|s| s.warm_remote.as_ref()).collect();
         if warm.is_empty() {

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use snowflock_control::error_chain;
 
 use crate::error::{
-    HostError, ImpairError, LoadError, MtuError, NoSuchHost, SaveRecordError, StartDaemonError,
-    StopDaemonError, TeardownError, TeardownFailure, UpError,
+    HostError, ImpairCountsError, ImpairError, LoadError, MtuError, NoSuchHost, SaveRecordError,
+    StartDaemonError, StopDaemonError, TeardownError, TeardownFailure, UpError,
 };
+use crate::impair::ImpairmentCounts;
 use crate::process::{self, Daemon, KILL_TIMEOUT};
 use crate::record::{ClusterRecord, HostInfo, HostStatus, STATE_FILE};
 use crate::spec::{ClusterSpec, DEFAULT_READY_TIMEOUT, DEFAULT_STOP_TIMEOUT};
@@ -196,13 +197,20 @@ impl NetnsCluster {
 
     /// Makes the switch lose `loss_percent`% of the UDP datagrams (mcdist's traffic) it
     /// forwards to each host and hold back another `reorder_percent`% behind the rest (a
-    /// 20 Mbit/s class with a one-packet burst, so later packets overtake them), replacing
+    /// 200 Mbit/s class with a one-packet burst and a long queue, so later packets overtake
+    /// them but none is lost), replacing
     /// any earlier impairment; 0 and 0 removes it. TCP (the control protocol, the memory
     /// server) is left alone. Built from an HTB root and a classic-BPF classifier drawing a
     /// random number per packet, because kernels without netem (`CONFIG_NET_SCH_NETEM`) are
     /// common; it needs only `tc` and the HTB and BPF classifier built in.
     pub fn impair(&self, loss_percent: u32, reorder_percent: u32) -> Result<(), ImpairError> {
         impair::apply(&self.record, loss_percent, reorder_percent)
+    }
+
+    /// What the impaired switch did since [`Self::impair`]: packets lost, held back, and held
+    /// back but dropped for lack of room (0 unless the impairment lost more than it was told).
+    pub fn impairment_counts(&self) -> Result<ImpairmentCounts, ImpairCountsError> {
+        impair::counts(&self.record)
     }
 
     /// Sets the MTU of every host's `eth0`, its switch port and the bridge (jumbo frames:

@@ -245,6 +245,25 @@ pub struct ImpairError {
     pub source: CommandError,
 }
 
+/// [`NetnsCluster::impairment_counts`](crate::NetnsCluster::impairment_counts).
+#[derive(Debug, thiserror::Error)]
+pub enum ImpairCountsError {
+    #[error("reading the queue counters of the switch port of {host}")]
+    Command {
+        host: String,
+        #[source]
+        source: CommandError,
+    },
+    #[error(
+        "reading the queue counters of the switch port of {host}: `tc` printed no JSON this parser understands"
+    )]
+    Parse {
+        host: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// [`NetnsCluster::set_mtu`](crate::NetnsCluster::set_mtu).
 #[derive(Debug, thiserror::Error)]
 #[error("setting the MTU of {host}")]

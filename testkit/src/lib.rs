@@ -94,11 +94,12 @@ mod spec;
 pub use cluster::NetnsCluster;
 pub use command::{CommandError, IP_TIMEOUT};
 pub use error::{
-    HostError, ImpairError, InvalidSpec, LoadError, LoadRecordError, MtuError, NoSuchHost,
-    PurgeError, RandomSourceError, SaveRecordError, StartDaemonError, StopDaemonError,
+    HostError, ImpairCountsError, ImpairError, InvalidSpec, LoadError, LoadRecordError, MtuError,
+    NoSuchHost, PurgeError, RandomSourceError, SaveRecordError, StartDaemonError, StopDaemonError,
     TeardownError, TeardownFailure, UpError,
 };
 pub use files::KEEP_LOGS_ENV;
+pub use impair::ImpairmentCounts;
 pub use netns::enter as enter_netns;
 pub use network::purge_prefix;
 pub use prefix::{MAX_PREFIX_LEN, random_prefix, validate_prefix};
