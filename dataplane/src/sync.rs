@@ -10,7 +10,7 @@
 //! duplicate suppression absorb. So a poisoned lock is safe to use, and one panicking thread
 //! does not stop the host serving every other family.
 
-pub(crate) use snowflock_sync::{lock, read, wait_timeout, write};
+pub(crate) use snowflock_sync::{lock, read, try_write, wait_timeout, write};
 
 /// A type with no values.
 ///

@@ -16,6 +16,7 @@
 
 use std::sync::{
     Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    TryLockError,
 };
 use std::time::Duration;
 
@@ -27,6 +28,16 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Read-locks `rwlock`, even if a thread panicked while holding it.
 pub fn read<T>(rwlock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     rwlock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Write-locks `rwlock` if no one holds it, even if a thread panicked while holding it;
+/// `None` while it is held.
+pub fn try_write<T>(rwlock: &RwLock<T>) -> Option<RwLockWriteGuard<'_, T>> {
+    match rwlock.try_write() {
+        Ok(guard) => Some(guard),
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
 }
 
 /// Write-locks `rwlock`, even if a thread panicked while holding it.
@@ -82,6 +93,10 @@ mod tests {
         assert!(rwlock.is_poisoned());
         *super::write(&rwlock) += 1;
         assert_eq!(*super::read(&rwlock), 2);
+        *super::try_write(&rwlock).expect("no one holds it") += 1;
+        let reader = super::read(&rwlock);
+        assert!(super::try_write(&rwlock).is_none(), "a reader holds it");
+        assert_eq!(*reader, 3);
     }
 
     #[test]

@@ -32,8 +32,8 @@ pub struct McastServerConfig {
     /// Threads that take queued pages and send them (at least 1). One thread sent about
     /// 135 000 pages/s to a host that dropped them (`rx-path`'s delivery ceiling), two about
     /// 220 000 with a second core free; where the receivers share the cores (one machine),
-    /// a second thread only competes with them. The request thread sends each REQUEST's
-    /// first page itself whatever this is.
+    /// a second thread only competes with them. The request thread also sends the page at
+    /// the head of the queue itself after each REQUEST, while no send thread is sending.
     pub send_threads: usize,
     /// Forward error correction of the push: every block of pushed pages multicast together
     /// is followed by REPAIRs, this many percent of its fragments (rounded up); 0 sends none.

@@ -11,10 +11,12 @@
 //! - each *send thread* takes queued pages family by family (a batch at a time, under the
 //!   state lock), each family paced by a token bucket at the lowest rate its active
 //!   receivers report, reads them from the family's [`PageStore`] and sends their fragments,
-//!   each page as one UDP GSO message. The request thread sends the first page a REQUEST
-//!   queued itself (a fault's page leaves without a thread wakeup) and leaves the rest to
-//!   the send threads. Pages of one family may leave two send threads out of order, which
-//!   receivers take as they take reordering on the network.
+//!   each page as one UDP GSO message. After each REQUEST the request thread sends the page
+//!   at the head of the queue itself (the REQUEST's first page when nothing was queued
+//!   before it: a fault's page leaves without a thread wakeup), but only while no send
+//!   thread is sending, so that it never overtakes a batch taken before it; it leaves the
+//!   rest to the send threads. Pages of one family may leave two send threads out of order,
+//!   which receivers take as they take reordering on the network.
 //!
 //! A page goes to the group unless the family has a single active receiver or the request
 //! asked for `UNICAST_REPLY` (end game): then it goes to the requester only, flagged
@@ -70,7 +72,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -196,6 +198,7 @@ impl McastServer {
             stopping: AtomicBool::new(false),
             state: Mutex::new(ServerState::default()),
             work: Condvar::new(),
+            sending: RwLock::new(()),
             counters: Counters::default(),
             segmentation: AtomicBool::new(true),
         });

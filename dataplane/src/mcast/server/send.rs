@@ -5,9 +5,9 @@
 
 use std::io;
 use std::net::SocketAddrV4;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use super::config::McastServerConfig;
@@ -21,13 +21,14 @@ use crate::mcast::wire::{
     MAX_DATAGRAM_LEN, Reject, RejectCode,
 };
 use crate::server::PageStore;
-use crate::sync::{self, Never, lock};
+use crate::sync::{self, Never, lock, read, try_write};
 use crate::wire::PAGE_SIZE;
 
 /// Most pages a send thread takes from the queues at once.
 const MAX_BATCH_PAGES: u32 = 16;
-/// Pages the request thread sends itself right after a REQUEST (the first one queued: a
-/// fault's page leads its request); the send threads take the rest. Sending a page also runs
+/// Pages the request thread sends itself right after a REQUEST, from the head of the queue
+/// (the REQUEST's first page when nothing was queued before it: a fault's page leads its
+/// request), and only while no send thread is sending; the send threads take the rest. Sending a page also runs
 /// its receiving host's receive path when both share a machine (veth), so under load two
 /// sending threads keep both cores busy: with the request thread sending up to a whole batch
 /// instead, the AF_XDP path received ~25% fewer pages per second in `rx-path`.
@@ -91,22 +92,22 @@ impl Default for SendScratch {
 }
 
 /// Right after a REQUEST queued work: sends the first [`INLINE_PAGES`] queued pages from the
-/// request thread if tokens allow (a fault's page leaves without waking a send thread), and
-/// wakes a send thread for whatever is left (more pages, pacing, pushes).
+/// request thread if tokens allow and no send thread is sending (a fault's page leaves
+/// without waking a send thread, and never ahead of pages taken before it), and wakes a send
+/// thread for whatever is left (more pages, pacing, pushes).
 pub(super) fn send_inline(service: &McastService, scratch: &mut SendScratch) {
-    let more = {
+    let (more, sending) = {
         let mut state = lock(&service.state);
         if service.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let taken = take_batch(
+        take_inline(
             &mut state,
             &service.config,
+            &service.sending,
             Instant::now(),
-            INLINE_PAGES,
             &mut scratch.batch,
-        );
-        matches!(taken, Next::Wait(_)) || state.families.values().any(FamilyState::has_work)
+        )
     };
     if more {
         service.work.notify_one();
@@ -114,6 +115,25 @@ pub(super) fn send_inline(service: &McastService, scratch: &mut SendScratch) {
     if !scratch.batch.is_empty() {
         send_pages(service, scratch);
     }
+    drop(sending);
+}
+
+/// Fills `batch` with what the request thread sends itself: nothing while a send thread
+/// holds `sending`. Returns whether a send thread has work left, and the guard to hold until
+/// `batch` is sent.
+fn take_inline<'a>(
+    state: &mut ServerState,
+    config: &McastServerConfig,
+    sending: &'a RwLock<()>,
+    now: Instant,
+    batch: &mut Vec<Outgoing>,
+) -> (bool, Option<RwLockWriteGuard<'a, ()>>) {
+    let Some(guard) = try_write(sending) else {
+        return (true, None);
+    };
+    let taken = take_batch(state, config, now, INLINE_PAGES, batch);
+    let more = matches!(taken, Next::Wait(_)) || state.families.values().any(FamilyState::has_work);
+    (more, Some(guard))
 }
 
 /// What a send thread should do next.
@@ -220,7 +240,7 @@ pub(super) fn send_loop(service: &McastService, _alive: Sender<Never>) {
     let mut scratch = SendScratch::default();
     let mut next_housekeeping = Instant::now() + HOUSEKEEPING_INTERVAL;
     loop {
-        {
+        let sending = {
             let mut state = lock(&service.state);
             loop {
                 if service.stopping.load(Ordering::SeqCst) {
@@ -238,7 +258,7 @@ pub(super) fn send_loop(service: &McastService, _alive: Sender<Never>) {
                     MAX_BATCH_PAGES,
                     &mut scratch.batch,
                 ) {
-                    Next::Send => break,
+                    Next::Send => break read(&service.sending),
                     Next::Wait(wait) => {
                         let until_housekeeping = next_housekeeping.saturating_duration_since(now);
                         state =
@@ -246,8 +266,9 @@ pub(super) fn send_loop(service: &McastService, _alive: Sender<Never>) {
                     }
                 }
             }
-        }
+        };
         send_pages(service, &mut scratch);
+        drop(sending);
     }
 }
 
@@ -444,6 +465,7 @@ fn count_sent(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::RwLock;
     use std::time::{Duration, Instant};
 
     use super::super::config::McastServerConfig;
@@ -452,8 +474,36 @@ mod tests {
     use super::super::test_support::{
         FAMILY, PAGES, apply, config, family_asked, family_pushing, receiver,
     };
-    use super::{MAX_BATCH_PAGES, Next, take_batch};
+    use super::{INLINE_PAGES, MAX_BATCH_PAGES, Next, take_batch, take_inline};
     use crate::mcast::wire::{FRAGMENT_PUSH, FRAGMENT_UNICAST, REQUEST_JOIN};
+    use crate::sync::{read, try_write};
+
+    #[test]
+    fn the_request_thread_sends_nothing_while_a_send_thread_is_sending() {
+        let config = config();
+        let counters = Counters::default();
+        let now = Instant::now();
+        let mut state = ServerState::default();
+        state
+            .families
+            .insert(FAMILY, family_asked(&config, &counters, &[0, 1, 2, 3], now));
+        let sending = RwLock::new(());
+        let mut batch = Vec::new();
+        let send_thread = read(&sending);
+        let (more, guard) = take_inline(&mut state, &config, &sending, now, &mut batch);
+        assert!(more && guard.is_none() && batch.is_empty());
+        assert_eq!(state.families[&FAMILY].queue.len(), 4, "nothing taken");
+        drop(send_thread);
+        let (more, guard) = take_inline(&mut state, &config, &sending, now, &mut batch);
+        assert!(more && guard.is_some());
+        assert!(
+            try_write(&sending).is_none(),
+            "held until the batch is sent"
+        );
+        let taken: Vec<u64> = batch.iter().map(|o| o.job.page).collect();
+        assert_eq!(taken.len(), INLINE_PAGES as usize);
+        assert_eq!(taken[0], 0, "from the head of the queue");
+    }
 
     #[test]
     fn batches_take_turns_between_families_and_spend_their_tokens() {

@@ -4,7 +4,7 @@
 
 use std::net::{SocketAddrV4, UdpSocket};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, RwLock};
 
 use super::config::McastServerConfig;
 use super::family::ServerState;
@@ -24,6 +24,12 @@ pub(super) struct McastService {
     pub(super) state: Mutex<ServerState>,
     /// Signalled when work is queued or the server stops.
     pub(super) work: Condvar,
+    /// Held for reading by a send thread from taking a batch until it is sent, and for
+    /// writing by the request thread while it sends pages itself, which it only does when no
+    /// send thread holds it: pages it took from the queue's head would otherwise leave ahead
+    /// of the batch a send thread took before them, and receivers would take the pages so
+    /// overtaken for lost. Taken while `state` is held (never the other way round).
+    pub(super) sending: RwLock<()>,
     pub(super) counters: Counters,
     /// Whether pages go out as UDP GSO messages (until the kernel refuses one).
     pub(super) segmentation: AtomicBool,
