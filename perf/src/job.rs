@@ -321,6 +321,7 @@ struct RxCounters {
     rtt_total_us: u64,
     retry_wait_total_us: u64,
     lost_overtaken: u64,
+    lost_passed: u64,
     lost_stalled: u64,
     lost_deadline: u64,
     retries_deferred: u64,
@@ -351,6 +352,7 @@ impl RxCounters {
                 .retry_wait_total_us
                 .saturating_sub(before.retry_wait_total_us),
             lost_overtaken: after.lost_overtaken.saturating_sub(before.lost_overtaken),
+            lost_passed: after.lost_passed.saturating_sub(before.lost_passed),
             lost_stalled: after.lost_stalled.saturating_sub(before.lost_stalled),
             lost_deadline: after.lost_deadline.saturating_sub(before.lost_deadline),
             retries_deferred: after
@@ -372,6 +374,7 @@ impl RxCounters {
         self.rtt_total_us += other.rtt_total_us;
         self.retry_wait_total_us += other.retry_wait_total_us;
         self.lost_overtaken += other.lost_overtaken;
+        self.lost_passed += other.lost_passed;
         self.lost_stalled += other.lost_stalled;
         self.lost_deadline += other.lost_deadline;
         self.retries_deferred += other.retries_deferred;
@@ -738,7 +741,7 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
                 .collect()
         };
         let cpu = |f: fn(&Counters) -> f64| -> Vec<f64> { counters.iter().map(|c| f(c)).collect() };
-        let remote: [(&str, &str, Vec<f64>); 27] = [
+        let remote: [(&str, &str, Vec<f64>); 28] = [
             ("job_wall_s", "s", cpu(|c| c.wall_s)),
             ("cpu_vcpus_s", "s", cpu(|c| c.cpu.vcpus)),
             ("cpu_daemons_s", "s", cpu(|c| c.cpu.daemons)),
@@ -797,6 +800,7 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
             ("pages_requested", "pages", rx(|r| r.pages_requested)),
             ("re_requests", "pages", rx(|r| r.re_requests)),
             ("lost_overtaken", "pages", rx(|r| r.lost_overtaken)),
+            ("lost_passed", "pages", rx(|r| r.lost_passed)),
             ("lost_stalled", "pages", rx(|r| r.lost_stalled)),
             ("lost_deadline", "pages", rx(|r| r.lost_deadline)),
             ("retries_deferred", "timers", rx(|r| r.retries_deferred)),

@@ -83,6 +83,9 @@ pub struct NetPlane {
     local: Ipv4Addr,
     key: ClusterKey,
     settings: Mutex<McdistSection>,
+    /// The fault-around block of this host's clones (`[limits] fault_around_pages`), whose
+    /// pages one REQUEST asks for in ascending runs: the receiver reads loss from them.
+    request_block_pages: u64,
     server: Option<Arc<McastServer>>,
     receiver: RwLock<Option<ActiveReceiver>>,
 }
@@ -110,6 +113,7 @@ impl NetPlane {
             local,
             key: key.clone(),
             settings: Mutex::new(settings.clone()),
+            request_block_pages: u64::from(config.limits.fault_around_pages),
             server: None,
             receiver: RwLock::new(None),
         };
@@ -167,6 +171,7 @@ impl NetPlane {
             initial_rate: settings.initial_rate,
             max_rate: settings.max_rate,
             report_interval: Duration::from_millis(50),
+            request_block_pages: self.request_block_pages,
             max_in_flight: settings.max_in_flight as usize,
             // The copies of completed pages are only of use with REPAIRs to decode.
             repair_cache_pages: if settings.repair_percent == 0 {

@@ -24,6 +24,12 @@ pub struct ReceiverConfig {
     /// as lost (the window is a quarter of the round trip where that is longer): the
     /// reordering allowed without a re-request.
     pub reorder_window: Duration,
+    /// Pages of the aligned blocks whose missing pages each page fault requests together
+    /// (fault-around; 0 or 1: none). Such a request asks for its block's pages in ascending
+    /// runs (the faulted page, the ones after it, then the rest from the block's start), so
+    /// two pages of a block arriving one after the other for another host's request, the
+    /// second higher, say the pages between them were sent (see `loss`).
+    pub request_block_pages: u64,
     /// Re-requests of a page after which it is requested with `UNICAST_REPLY`.
     pub unicast_after: u32,
     /// Rate reported (pages/s) before anything was measured.
@@ -58,6 +64,7 @@ impl Default for ReceiverConfig {
             rto_min: Duration::from_micros(500),
             rto_max: Duration::from_millis(500),
             reorder_window: Duration::from_millis(1),
+            request_block_pages: 0,
             unicast_after: 3,
             initial_rate: 20_000,
             min_rate: 2_000,

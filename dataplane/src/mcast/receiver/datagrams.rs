@@ -38,6 +38,17 @@ enum PageData<'a> {
     Parts(Vec<&'a [u8]>),
 }
 
+/// Whose REQUEST a page's FRAGMENTs say queued it at the server.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum QueuedBy {
+    /// Nobody's: pushed.
+    Push,
+    /// This receiver's.
+    Us,
+    /// Another host's (or this one's under an id it had before).
+    Another,
+}
+
 /// A completed page on its way to a sink.
 struct Ready<'a> {
     family: u64,
@@ -208,15 +219,20 @@ impl<'a> Batch<'a> {
                 count(&mut state.stats, &mut family.stats, |s| s.malformed += 1);
             }
             Outcome::Complete(data) => {
-                let queued_by_us =
-                    header.flags & FRAGMENT_PUSH == 0 && header.sender == self.receiver_id;
+                let queued_by = if header.flags & FRAGMENT_PUSH != 0 {
+                    QueuedBy::Push
+                } else if header.sender == self.receiver_id {
+                    QueuedBy::Us
+                } else {
+                    QueuedBy::Another
+                };
                 self.complete(
                     &mut state.stats,
                     &mut state.repairs,
                     family,
                     fragment.page,
                     data,
-                    queued_by_us,
+                    queued_by,
                 );
             }
         }
@@ -272,7 +288,7 @@ impl<'a> Batch<'a> {
                         family,
                         page,
                         PageData::Buffer(buf),
-                        false,
+                        QueuedBy::Push,
                     );
                 }
             }
@@ -310,8 +326,9 @@ impl<'a> Batch<'a> {
     }
 
     /// `page` of `family` is complete: marks it held, ends its request (sampling the RTT, growing
-    /// the rate; where `queued_by_us`, the server queued it for this host's request, so the
-    /// pages this host asked for before it are overtaken) and queues it for delivery.
+    /// the rate; where the server queued it for this host's request, the pages this host asked
+    /// for before it are overtaken; where for another host's, the pages of its block sent
+    /// since that host's previous one are passed) and queues it for delivery.
     fn complete(
         &mut self,
         global: &mut ReceiverStats,
@@ -319,7 +336,7 @@ impl<'a> Batch<'a> {
         family: &mut Family,
         page: u64,
         data: PageData<'a>,
-        queued_by_us: bool,
+        queued_by: QueuedBy,
     ) {
         let id = family.join.family;
         family.held.set(page);
@@ -333,7 +350,7 @@ impl<'a> Batch<'a> {
                 // A page another host asked for first was served from that host's place in
                 // the queue, and a re-requested one perhaps from its first place (a page is
                 // not queued twice): neither arrival says where the server is in ours.
-                if request.retries == 0 && queued_by_us {
+                if request.retries == 0 && queued_by == QueuedBy::Us {
                     self.bring_forward_overtaken(family, request.seq);
                 } else {
                     family.loss.forget(request.seq);
@@ -355,6 +372,9 @@ impl<'a> Batch<'a> {
             }
             None => true,
         };
+        if queued_by == QueuedBy::Another {
+            self.bring_forward_passed(family, page);
+        }
         if !early {
             family.rate.on_completed();
             family.completed_in_interval = family.completed_in_interval.saturating_add(1);
@@ -376,6 +396,39 @@ impl<'a> Batch<'a> {
             page,
             data,
         });
+    }
+
+    /// `page` arrived for another host's request: the awaited pages of its block between it
+    /// and the previous such page, if that was lower, were sent before it (see `loss`) and
+    /// are due at the end of the reordering window, unless re-requested (their resend may
+    /// come from anywhere in the queue).
+    fn bring_forward_passed(&mut self, family: &mut Family, page: u64) {
+        let Some(shift) = family.block_shift else {
+            return;
+        };
+        let Some(previous) = family.last_for_another.insert(page >> shift, page) else {
+            return;
+        };
+        if previous >= page {
+            return;
+        }
+        let due = self.now + family.rtt.reorder_window(self.reorder_window);
+        for skipped in previous + 1..page {
+            let Some(request) = family.outstanding.get_mut(&skipped) else {
+                continue;
+            };
+            if request.retries > 0 || request.passed {
+                continue;
+            }
+            request.passed = true;
+            if request.retry_at <= due {
+                continue;
+            }
+            family.retry_order.remove(&(request.retry_at, skipped));
+            request.retry_at = due;
+            family.retry_order.insert((due, skipped));
+            self.earliest_retry = Some(self.earliest_retry.map_or(due, |e| e.min(due)));
+        }
     }
 
     /// The awaited page requested as `seq` arrived: the pages requested before it and still

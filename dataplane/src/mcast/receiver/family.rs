@@ -89,6 +89,10 @@ pub(super) struct Family {
     pub(super) retry_order: BTreeSet<(Instant, u64)>,
     /// The order of the requests, and what arrived of them: which expired pages are lost.
     pub(super) loss: LossDetector,
+    /// log2 of `ReceiverConfig::request_block_pages` (`None`: no blocks), and per block the
+    /// last page that arrived for another host's request (see `loss`).
+    pub(super) block_shift: Option<u32>,
+    pub(super) last_for_another: HashMap<u64, u64>,
     /// Pages requested beyond `max_in_flight`, in request order, and their bits.
     pub(super) waiting: VecDeque<u64>,
     pub(super) queued: Bitmap,
@@ -127,6 +131,9 @@ impl Family {
             outstanding: HashMap::new(),
             retry_order: BTreeSet::new(),
             loss: LossDetector::new(now),
+            block_shift: (config.request_block_pages >= 2)
+                .then(|| config.request_block_pages.ilog2()),
+            last_for_another: HashMap::new(),
             waiting: VecDeque::new(),
             queued: Bitmap::new(join.pages),
             goodput: None,

@@ -12,6 +12,17 @@
 //! receiver as the one whose REQUEST queued it (`sender`), says where the server is in this
 //! host's requests: a page another host asked for first comes from that host's place in the
 //! queue, and a re-requested page perhaps from its first place (a page is not queued twice).
+//!
+//! A page whose block another host asked for first is not overtaken by anything this host
+//! asked for while its clones wait for it, so it would wait for a stall or its deadline. But
+//! a fault-around request asks for its block in ascending runs (the faulted page, those
+//! after it, then the rest from the block's start), and the server sends it in that order:
+//! when two pages of a block arrive one after the other for another host's request, the
+//! second higher, the pages between them were sent, and an awaited one among them that
+//! this host asked for once is lost once the reordering window passes (`Lost::Passed`).
+//! Where this host's request for it went behind the other host's (it held the page, or the
+//! page's send was more than a suppression window old), it comes a second time: one
+//! duplicate page, against a wait of tens of milliseconds for a clone.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -25,6 +36,9 @@ pub(super) const DEADLINE_TIMEOUTS: u32 = 4;
 pub(super) enum Lost {
     /// A page requested after it arrived, and the reordering window passed.
     Overtaken,
+    /// Pages of its block sent after it for another host arrived, and the reordering window
+    /// passed.
+    Passed,
     /// Nothing requested of the family arrived for a timeout.
     Stalled,
     /// It waited past its deadline.

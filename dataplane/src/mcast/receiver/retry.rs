@@ -114,6 +114,7 @@ pub(super) fn admit(
                 retry_at,
                 deadline: now + (rto + queued_for) * DEADLINE_TIMEOUTS,
                 retries: 0,
+                passed: false,
             },
         );
         fam.retry_order.insert((retry_at, page));
@@ -155,9 +156,13 @@ fn retry_due(
         let Some(request) = family.outstanding.get_mut(&page) else {
             continue;
         };
-        let verdict = family
-            .loss
-            .lost(request.seq, request.last_sent, request.deadline, now, rto);
+        let verdict = if request.passed {
+            Some(Lost::Passed)
+        } else {
+            family
+                .loss
+                .lost(request.seq, request.last_sent, request.deadline, now, rto)
+        };
         let Some(cause) = verdict else {
             request.retry_at = (now + rto).min(request.deadline);
             family.retry_order.insert((request.retry_at, page));
@@ -166,6 +171,7 @@ fn retry_due(
         };
         count(global, &mut family.stats, |s| match cause {
             Lost::Overtaken => s.lost_overtaken += 1,
+            Lost::Passed => s.lost_passed += 1,
             Lost::Stalled => s.lost_stalled += 1,
             Lost::Deadline => s.lost_deadline += 1,
         });
@@ -188,6 +194,7 @@ fn retry_due(
             continue;
         };
         request.retries += 1;
+        request.passed = false;
         ahead += 1;
         let waited = u64::try_from(now.saturating_duration_since(request.last_sent).as_micros())
             .unwrap_or(u64::MAX);
@@ -354,6 +361,76 @@ mod tests {
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }
         assert_eq!(retried(), vec![1, 2], "4 and 5 still wait their turn");
+    }
+
+    #[test]
+    fn pages_another_host_s_request_sent_past_are_asked_again_long_before_their_timeout() {
+        let recorder = Arc::new(Recorder::default());
+        let patient = ReceiverConfig {
+            rto_min: Duration::from_secs(30),
+            rto_max: Duration::from_secs(60),
+            request_block_pages: 16,
+            ..config()
+        };
+        let core = ReceiverCore::new(patient, &key(), recorder.clone());
+        let sink = Arc::new(Collect::default());
+        core.join(join(), sink.clone(), None).unwrap();
+        core.request(FAMILY, &[2, 3, 4, 6, 8, 20, 30]);
+        let start = Instant::now();
+        // Another host's request for blocks 0-15 and 16-31, in ascending runs: 9 (its fault)
+        // first, then 1, 4 (2 and 3 lost on the way), 5; then 0, a new run, lower; and in
+        // the next block 25 alone, which says nothing of 20.
+        for page in [9, 1, 4, 5, 0, 25] {
+            feed(
+                &core,
+                fragments_asked_by(core.id() ^ 1, FAMILY, GENERATION, page, page as u8)
+                    .iter()
+                    .map(|d| d.as_slice()),
+            );
+        }
+        let retried = || -> Vec<u64> {
+            recorder
+                .sent
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|d| decode_request(d))
+                .filter(|(flags, _)| flags & REQUEST_RETRY != 0)
+                .flat_map(|(_, pages)| pages)
+                .collect()
+        };
+        let deadline = start + Duration::from_secs(5);
+        while retried().is_empty() && Instant::now() < deadline {
+            let next = core.tick();
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "not the 30 s timeout"
+        );
+        assert_eq!(
+            retried(),
+            vec![2, 3],
+            "9 to 1 and 5 to 0 start new runs; 6 and 8 are still to come"
+        );
+        let stats = core.stats();
+        assert_eq!((stats.lost_passed, stats.lost_overtaken), (2, 0));
+        // A page passed again after its re-request is not taken for lost again: its resend
+        // may come from anywhere in the queue.
+        for page in [1, 7] {
+            feed(
+                &core,
+                fragments_asked_by(core.id() ^ 1, FAMILY, GENERATION, page, page as u8)
+                    .iter()
+                    .map(|d| d.as_slice()),
+            );
+        }
+        let past_the_window = Instant::now() + Duration::from_millis(50);
+        while Instant::now() < past_the_window {
+            let next = core.tick().min(past_the_window);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        assert_eq!(retried(), vec![2, 3, 6], "only 6 more, passed by 1 to 7");
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub(super) struct Outstanding {
     /// When it counts as lost even while the family progresses.
     pub(super) deadline: Instant,
     pub(super) retries: u32,
+    /// Pages of its block sent after it for another host's request arrived since it was
+    /// last asked for (see `loss`): it is lost when its timer next expires.
+    pub(super) passed: bool,
 }
 
 /// How long the server takes to send `pages` pages to a receiver that reported `rate`: it

@@ -36,6 +36,9 @@ pub struct ReceiverStats {
     /// arrived, nothing requested arrived for a timeout, or they waited past their deadline.
     #[serde(default)]
     pub lost_overtaken: u64,
+    /// ... or pages of their block sent after them for another host arrived.
+    #[serde(default)]
+    pub lost_passed: u64,
     #[serde(default)]
     pub lost_stalled: u64,
     #[serde(default)]
