@@ -290,6 +290,8 @@ struct Counters {
     faults: u64,
     /// Faults that waited for a page from the network.
     waited_faults: u64,
+    /// How long they waited, in all (µs).
+    waited_us: f64,
     pages_fetched: u64,
     pages_prefetched: u64,
     /// Bytes every memory server sent (unicast and multicast pages).
@@ -672,6 +674,7 @@ impl Counters {
         self.remote_children += 1;
         self.faults += s.faults;
         self.waited_faults += s.fetch_latency.count;
+        self.waited_us += s.fetch_latency.count as f64 * s.fetch_latency.mean_us;
         self.pages_fetched += s.pages_fetched;
         self.pages_prefetched += s.prefetched;
     }
@@ -741,7 +744,7 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
                 .collect()
         };
         let cpu = |f: fn(&Counters) -> f64| -> Vec<f64> { counters.iter().map(|c| f(c)).collect() };
-        let remote: [(&str, &str, Vec<f64>); 28] = [
+        let remote: [(&str, &str, Vec<f64>); 29] = [
             ("job_wall_s", "s", cpu(|c| c.wall_s)),
             ("cpu_vcpus_s", "s", cpu(|c| c.cpu.vcpus)),
             ("cpu_daemons_s", "s", cpu(|c| c.cpu.daemons)),
@@ -767,6 +770,14 @@ fn report(config: &Config, samples: &Samples, sink: &mut dyn Sink) -> Result<()>
                 counters
                     .iter()
                     .map(|c| per_child(c, c.waited_faults))
+                    .collect(),
+            ),
+            (
+                "fault_wait_ms_per_child",
+                "ms",
+                counters
+                    .iter()
+                    .map(|c| c.waited_us / 1000.0 / c.remote_children.max(1) as f64)
                     .collect(),
             ),
             (
