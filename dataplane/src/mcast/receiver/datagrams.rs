@@ -421,13 +421,7 @@ impl<'a> Batch<'a> {
                 continue;
             }
             request.passed = true;
-            if request.retry_at <= due {
-                continue;
-            }
-            family.retry_order.remove(&(request.retry_at, skipped));
-            request.retry_at = due;
-            family.retry_order.insert((due, skipped));
-            self.earliest_retry = Some(self.earliest_retry.map_or(due, |e| e.min(due)));
+            self.due_by(family, skipped, due);
         }
     }
 
@@ -436,17 +430,22 @@ impl<'a> Batch<'a> {
     fn bring_forward_overtaken(&mut self, family: &mut Family, seq: u64) {
         let due = self.now + family.rtt.reorder_window(self.reorder_window);
         for page in family.loss.arrived(seq) {
-            let Some(request) = family.outstanding.get_mut(&page) else {
-                continue;
-            };
-            if request.retry_at <= due {
-                continue;
-            }
-            family.retry_order.remove(&(request.retry_at, page));
-            request.retry_at = due;
-            family.retry_order.insert((due, page));
-            self.earliest_retry = Some(self.earliest_retry.map_or(due, |e| e.min(due)));
+            self.due_by(family, page, due);
         }
+    }
+
+    /// Brings the timer of awaited `page` forward to `due`, where it was later.
+    fn due_by(&mut self, family: &mut Family, page: u64, due: Instant) {
+        let Some(request) = family.outstanding.get_mut(&page) else {
+            return;
+        };
+        if request.retry_at <= due {
+            return;
+        }
+        family.retry_order.remove(&(request.retry_at, page));
+        request.retry_at = due;
+        family.retry_order.insert((due, page));
+        self.earliest_retry = Some(self.earliest_retry.map_or(due, |e| e.min(due)));
     }
 
     fn on_reject(&mut self, state: &mut State, header: &Header, reject: &Reject) {

@@ -298,118 +298,96 @@ mod tests {
         assert_eq!(recorder.sent.lock().unwrap().len(), 4, "awaited or held");
     }
 
-    #[test]
-    fn pages_overtaken_by_a_later_request_are_asked_again_long_before_their_timeout() {
+    /// A core joined to the test family whose timeouts (30 s at least) never expire in a
+    /// test: whatever it re-requests, it took for lost. `request_block_pages` as configured.
+    fn patient(request_block_pages: u64) -> (ReceiverCore, Arc<Recorder>) {
         let recorder = Arc::new(Recorder::default());
-        let patient = ReceiverConfig {
+        let config = ReceiverConfig {
             rto_min: Duration::from_secs(30),
             rto_max: Duration::from_secs(60),
+            request_block_pages,
             ..config()
         };
-        let core = ReceiverCore::new(patient, &key(), recorder.clone());
-        let sink = Arc::new(Collect::default());
-        core.join(join(), sink.clone(), None).unwrap();
-        core.request(FAMILY, &[1, 2, 3, 4, 5, 6]);
-        // Another host asked for page 6 first: it came from that host's place in the queue.
-        feed(
-            &core,
-            fragments_asked_by(core.id() ^ 1, FAMILY, GENERATION, 6, 6)
-                .iter()
-                .map(|d| d.as_slice()),
-        );
-        let start = Instant::now();
-        feed(
-            &core,
-            fragments_asked_by(core.id(), FAMILY, GENERATION, 3, 3)
-                .iter()
-                .map(|d| d.as_slice()),
-        );
-        let retried = || -> Vec<u64> {
-            recorder
-                .sent
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|d| decode_request(d))
-                .filter(|(flags, _)| flags & REQUEST_RETRY != 0)
-                .flat_map(|(_, pages)| pages)
-                .collect()
-        };
-        let deadline = start + Duration::from_secs(5);
-        while retried().is_empty() && Instant::now() < deadline {
-            let next = core.tick();
+        let core = ReceiverCore::new(config, &key(), recorder.clone());
+        core.join(join(), Arc::new(Collect::default()), None)
+            .unwrap();
+        (core, recorder)
+    }
+
+    /// Feeds `page`'s FRAGMENTs as the server sends them for receiver `asked_by`'s REQUEST.
+    fn arrive(core: &ReceiverCore, asked_by: u32, page: u64) {
+        let datagrams = fragments_asked_by(asked_by, FAMILY, GENERATION, page, page as u8);
+        feed(core, datagrams.iter().map(|d| d.as_slice()));
+    }
+
+    /// The pages re-requested so far, in order.
+    fn retried(recorder: &Recorder) -> Vec<u64> {
+        recorder
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|d| decode_request(d))
+            .filter(|(flags, _)| flags & REQUEST_RETRY != 0)
+            .flat_map(|(_, pages)| pages)
+            .collect()
+    }
+
+    /// Runs `core`'s timers until something is re-requested; panics after 5 s (the timeouts
+    /// are 30 s: only a page taken for lost goes before).
+    fn tick_until_retried(core: &ReceiverCore, recorder: &Recorder) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while retried(recorder).is_empty() {
+            assert!(Instant::now() < deadline, "nothing re-requested in 5 s");
+            let next = core.tick().min(deadline);
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "not the 30 s timeout"
-        );
-        assert_eq!(retried(), vec![1, 2], "4 and 5 are behind page 3");
-        let stats = core.stats();
-        assert_eq!((stats.lost_overtaken, stats.lost_stalled), (2, 0));
-        // A re-requested page may come from its first place in the queue: it overtakes
-        // nothing.
-        feed(
-            &core,
-            fragments_asked_by(core.id(), FAMILY, GENERATION, 1, 1)
-                .iter()
-                .map(|d| d.as_slice()),
-        );
+    }
+
+    /// Runs `core`'s timers for 50 ms, past any reordering window of these tests.
+    fn tick_past_the_window(core: &ReceiverCore) {
         let past_the_window = Instant::now() + Duration::from_millis(50);
         while Instant::now() < past_the_window {
             let next = core.tick().min(past_the_window);
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }
-        assert_eq!(retried(), vec![1, 2], "4 and 5 still wait their turn");
+    }
+
+    #[test]
+    fn pages_overtaken_by_a_later_request_are_asked_again_long_before_their_timeout() {
+        let (core, recorder) = patient(0);
+        core.request(FAMILY, &[1, 2, 3, 4, 5, 6]);
+        // Another host asked for page 6 first: it came from that host's place in the queue.
+        arrive(&core, core.id() ^ 1, 6);
+        arrive(&core, core.id(), 3);
+        tick_until_retried(&core, &recorder);
+        assert_eq!(retried(&recorder), vec![1, 2], "4 and 5 are behind page 3");
+        let stats = core.stats();
+        assert_eq!((stats.lost_overtaken, stats.lost_stalled), (2, 0));
+        // A re-requested page may come from its first place in the queue: it overtakes
+        // nothing.
+        arrive(&core, core.id(), 1);
+        tick_past_the_window(&core);
+        assert_eq!(
+            retried(&recorder),
+            vec![1, 2],
+            "4 and 5 still wait their turn"
+        );
     }
 
     #[test]
     fn pages_another_host_s_request_sent_past_are_asked_again_long_before_their_timeout() {
-        let recorder = Arc::new(Recorder::default());
-        let patient = ReceiverConfig {
-            rto_min: Duration::from_secs(30),
-            rto_max: Duration::from_secs(60),
-            request_block_pages: 16,
-            ..config()
-        };
-        let core = ReceiverCore::new(patient, &key(), recorder.clone());
-        let sink = Arc::new(Collect::default());
-        core.join(join(), sink.clone(), None).unwrap();
+        let (core, recorder) = patient(16);
         core.request(FAMILY, &[2, 3, 4, 6, 8, 20, 30]);
-        let start = Instant::now();
         // Another host's request for blocks 0-15 and 16-31, in ascending runs: 9 (its fault)
         // first, then 1, 4 (2 and 3 lost on the way), 5; then 0, a new run, lower; and in
         // the next block 25 alone, which says nothing of 20.
         for page in [9, 1, 4, 5, 0, 25] {
-            feed(
-                &core,
-                fragments_asked_by(core.id() ^ 1, FAMILY, GENERATION, page, page as u8)
-                    .iter()
-                    .map(|d| d.as_slice()),
-            );
+            arrive(&core, core.id() ^ 1, page);
         }
-        let retried = || -> Vec<u64> {
-            recorder
-                .sent
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|d| decode_request(d))
-                .filter(|(flags, _)| flags & REQUEST_RETRY != 0)
-                .flat_map(|(_, pages)| pages)
-                .collect()
-        };
-        let deadline = start + Duration::from_secs(5);
-        while retried().is_empty() && Instant::now() < deadline {
-            let next = core.tick();
-            std::thread::sleep(next.saturating_duration_since(Instant::now()));
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "not the 30 s timeout"
-        );
+        tick_until_retried(&core, &recorder);
         assert_eq!(
-            retried(),
+            retried(&recorder),
             vec![2, 3],
             "9 to 1 and 5 to 0 start new runs; 6 and 8 are still to come"
         );
@@ -418,19 +396,14 @@ mod tests {
         // A page passed again after its re-request is not taken for lost again: its resend
         // may come from anywhere in the queue.
         for page in [1, 7] {
-            feed(
-                &core,
-                fragments_asked_by(core.id() ^ 1, FAMILY, GENERATION, page, page as u8)
-                    .iter()
-                    .map(|d| d.as_slice()),
-            );
+            arrive(&core, core.id() ^ 1, page);
         }
-        let past_the_window = Instant::now() + Duration::from_millis(50);
-        while Instant::now() < past_the_window {
-            let next = core.tick().min(past_the_window);
-            std::thread::sleep(next.saturating_duration_since(Instant::now()));
-        }
-        assert_eq!(retried(), vec![2, 3, 6], "only 6 more, passed by 1 to 7");
+        tick_past_the_window(&core);
+        assert_eq!(
+            retried(&recorder),
+            vec![2, 3, 6],
+            "only 6 more, passed by 1 to 7"
+        );
     }
 
     #[test]
