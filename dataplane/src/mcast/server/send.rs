@@ -28,10 +28,11 @@ use crate::wire::PAGE_SIZE;
 const MAX_BATCH_PAGES: u32 = 16;
 /// Pages the request thread sends itself right after a REQUEST, from the head of the queue
 /// (the REQUEST's first page when nothing was queued before it: a fault's page leads its
-/// request), and only while no send thread is sending; the send threads take the rest. Sending a page also runs
-/// its receiving host's receive path when both share a machine (veth), so under load two
-/// sending threads keep both cores busy: with the request thread sending up to a whole batch
-/// instead, the AF_XDP path received ~25% fewer pages per second in `rx-path`.
+/// request), and only while no send thread is sending; the send threads take the rest.
+/// Sending a page also runs its receiving host's receive path when both share a machine
+/// (veth), so under load two sending threads keep both cores busy: with the request thread
+/// sending up to a whole batch instead, the AF_XDP path received ~25% fewer pages per
+/// second in `rx-path`.
 const INLINE_PAGES: u32 = 1;
 /// How often each send thread forgets idle receivers and old unicast sends.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
