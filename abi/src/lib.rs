@@ -89,6 +89,71 @@ pub mod nr {
     /// `(runs: *const PageRun, count, kind: PageReportKind) -> 0`: tells the
     /// VMM which heap pages hold nothing worth copying (see [`PageReportKind`]).
     pub const REPORT_PAGES: u32 = 13;
+    /// `(base) -> 0`: sets the FS segment base (a Linux-ABI guest's
+    /// `arch_prctl(ARCH_SET_FS)`; `base` must be canonical).
+    pub const SET_FS_BASE: u32 = 14;
+    /// `() -> rax: host monotonic ns, rdx: host real time in ns since the Unix epoch`.
+    pub const CLOCKS: u32 = 15;
+    /// `(ns) -> 0`: sleeps `min(ns, MAX_SLEEP_NS)` (a longer sleep is a loop).
+    pub const SLEEP_NS: u32 = 16;
+}
+
+/// Longest sleep one `SLEEP_NS` takes, so that a sleeping VM can still be
+/// paused for a capture promptly.
+pub const MAX_SLEEP_NS: u64 = 10_000_000;
+
+/// Linux-ABI guests: a static Linux executable run next to the personality
+/// (`snowflock-linux`), which serves its system calls inside the guest.
+///
+/// The VMM loads the personality at [`PERSONALITY_BASE`](linux::PERSONALITY_BASE),
+/// the program at its own addresses, builds the program's initial stack
+/// (arguments, environment, auxiliary vector) and writes a
+/// [`LinuxStart`](linux::LinuxStart) at [`START_ADDR`](linux::START_ADDR). A
+/// `syscall` enters a CPL0 stub that reports it on [`SYSCALL_TRAP_PORT`](linux::SYSCALL_TRAP_PORT);
+/// the VMM then enters the personality's syscall entry at CPL3 as if the
+/// site had called it, and the personality rewrites the site into
+/// `call *%rax`, which lands in the sled at address `rax` (page 0) and
+/// reaches the entry without an exit from then on.
+pub mod linux {
+    /// `out imm8, al` from the syscall stub (CPL0): a port below 0x100.
+    pub const SYSCALL_TRAP_PORT: u16 = 0xf5;
+    /// The personality is linked here and must end by [`PERSONALITY_END`].
+    pub const PERSONALITY_BASE: u64 = 0x10_0000;
+    pub const PERSONALITY_END: u64 = 0x20_0000;
+    /// Page 0 holds this many one-byte `nop`s, then a jump to the syscall
+    /// entry: a patched site's `call *%rax` with `rax` = the system call
+    /// number lands in them. Larger numbers are not patched.
+    pub const SYSCALL_SLED_LEN: u64 = 512;
+    /// The personality's symbol the sled and the trap enter.
+    pub const SYSCALL_ENTRY_SYMBOL: &str = "sf_linux_syscall_entry";
+    /// Where the VMM writes [`LinuxStart`] (user-readable, read-only).
+    pub const START_ADDR: u64 = 0x6_1000;
+    /// `LinuxStart::magic`: "SFLINUX1" little-endian.
+    pub const START_MAGIC: u64 = u64::from_le_bytes(*b"SFLINUX1");
+    /// Bytes at the top of the heap area kept for the personality's own heap.
+    pub const PERSONALITY_HEAP: u64 = 8 << 20;
+
+    /// What the VMM tells the personality about the program it loaded.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct LinuxStart {
+        pub magic: u64,
+        /// The program's entry point (load bias applied).
+        pub program_entry: u64,
+        /// The program's initial stack pointer: `argc`, `argv`, `envp`, auxv.
+        pub initial_rsp: u64,
+        /// First byte after the program's highest segment (page aligned): the initial break.
+        pub brk_start: u64,
+        /// The personality's own heap, `[personality_heap, heap_end)`.
+        pub personality_heap: u64,
+        /// One past the last byte of memory below the stack guard.
+        pub heap_end: u64,
+        /// The personality's syscall entry (what the sled jumps to).
+        pub syscall_entry: u64,
+        /// Lowest address of the program's stack area.
+        pub stack_bottom: u64,
+    }
+    const _: () = assert!(core::mem::size_of::<LinuxStart>() == 64);
 }
 
 /// `REQUEST_TICKET`'s flags: what the caller knows of the ticket's children.

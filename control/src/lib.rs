@@ -20,6 +20,7 @@
 //!     cluster: None,
 //!     populate: PopulateMode::Read,
 //!     host_pages: HostPages::Base,
+//!     linux_personality: None,
 //! });
 //! let image = std::fs::read("guest.elf")?;
 //! let vm = supervisor.launch(&image, 512 << 20, "clones=8")?;

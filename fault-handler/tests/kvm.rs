@@ -271,6 +271,7 @@ fn parent_at_clone_point(
         cmdline: String::new(),
         console: Arc::new(|_: &[u8]| {}),
         host_pages: HostPages::Base,
+        personality: None,
     };
     let parent = Machine::boot(hv, &elf(&Code::program()), &config).expect("boot");
     let (mut parent, stop) = run_bounded(parent);

@@ -24,6 +24,8 @@ pub mod rand;
 pub mod rounds;
 pub mod time;
 
+#[cfg(feature = "lang")]
+mod lang;
 #[cfg(feature = "rt")]
 pub mod rt;
 

@@ -177,6 +177,7 @@ pub fn run(config: &Config, sink: &mut dyn Sink) -> anyhow::Result<()> {
             cluster: None,
             populate: PopulateMode::Read,
             host_pages: HostPages::Base,
+            linux_personality: None,
         },
     );
     for &n in &config.clones {

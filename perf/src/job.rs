@@ -463,6 +463,7 @@ fn local_run(config: &Config, run: u32, samples: &mut Samples) -> Result<()> {
             cluster: None,
             populate: PopulateMode::default(),
             host_pages: HostPages::Base,
+            linux_personality: None,
         },
     );
     for &job in &config.jobs {

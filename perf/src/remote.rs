@@ -285,6 +285,7 @@ fn local_fault_latency(pages: u32) -> Result<(CloneStats, Vec<String>)> {
             cluster: Some(loopback.clone()),
             populate: PopulateMode::Read,
             host_pages: HostPages::Base,
+            linux_personality: None,
         },
     ));
     let _ = loopback.supervisor.set(Arc::downgrade(&supervisor));
@@ -461,6 +462,7 @@ fn local_job_ms(clones: u32) -> Result<f64> {
             cluster: None,
             populate: PopulateMode::Read,
             host_pages: HostPages::Base,
+            linux_personality: None,
         },
     );
     let image = snowflock_guest::images::by_name("seqsearch").context("seqsearch image")?;

@@ -51,12 +51,9 @@ fn one(socket: &Path, request: &ApiRequest) -> Result<ApiResponse> {
 }
 
 pub fn start(socket: &Path, args: StartArgs, image: Vec<u8>) -> Result<ExitCode> {
-    let vm = ApiClient::new(socket, Some(CALL_TIMEOUT)).start(
-        &args.image,
-        image,
-        args.mem,
-        &args.guest_args.join(" "),
-    )?;
+    let cmdline = crate::guest_cmdline(&args.image, &image, &args.guest_args);
+    let vm =
+        ApiClient::new(socket, Some(CALL_TIMEOUT)).start(&args.image, image, args.mem, &cmdline)?;
     if !args.wait {
         println!("{vm}");
         return Ok(ExitCode::SUCCESS);

@@ -16,8 +16,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use snowflock_control::config::{PopulateMode, host_cores};
 use snowflock_control::console::{self, LineSink};
 use snowflock_control::{Descriptor, Supervisor, SupervisorConfig, VmOutcome};
-use snowflock_vmm::KvmHypervisor;
 use snowflock_vmm::memory::HostPages;
+use snowflock_vmm::{KvmHypervisor, loader};
 
 use crate::report::RunReport;
 use snowflock_control::size::parse_size;
@@ -203,6 +203,20 @@ fn main() -> ExitCode {
     })
 }
 
+/// The argument string a guest starts with: its arguments, and for a
+/// Linux-ABI program its `argv`, whose first word is the program's name.
+pub(crate) fn guest_cmdline(name: &str, image: &[u8], args: &[String]) -> String {
+    let linux = matches!(loader::kind(image), Ok(loader::ImageKind::Linux));
+    let program = std::path::Path::new(name)
+        .file_name()
+        .map_or_else(|| name.to_string(), |n| n.to_string_lossy().into_owned());
+    let words = linux.then_some(program.as_str()).into_iter();
+    words
+        .chain(args.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn load_image(name: &str) -> Result<Vec<u8>> {
     let path = std::path::Path::new(name);
     if path.is_file() {
@@ -244,6 +258,7 @@ fn supervisor(
             cluster: None,
             populate,
             host_pages,
+            linux_personality: Some(snowflock_guest::images::LINUX_PERSONALITY.into()),
         },
     ))
 }
@@ -303,7 +318,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     )?;
     let started = Instant::now();
     let vm = sup
-        .launch(&image, args.mem, &args.guest_args.join(" "))
+        .launch(
+            &image,
+            args.mem,
+            &guest_cmdline(&args.image, &image, &args.guest_args),
+        )
         .context("starting the VM")?;
     let outcome = vm.wait();
     bar.finish_and_clear();

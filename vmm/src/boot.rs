@@ -5,13 +5,15 @@
 //! Low memory (below `IMAGE_BASE`) belongs to the VMM and is not user-accessible,
 //! except the read-only boot information page.
 
+use snowflock_abi::linux::{PERSONALITY_BASE, PERSONALITY_END, START_ADDR, SYSCALL_TRAP_PORT};
 use snowflock_abi::{
     ABI_VERSION, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, EXCEPTION_PORT, HYPERCALL_PORT,
     IMAGE_BASE, MAX_CMDLINE, MIN_MEM_SIZE, PAGE_SIZE, STACK_GUARD_SIZE, STACK_SIZE,
 };
 
 use crate::hypervisor::{LongModeEntry, Regs};
-use crate::loader::{self, LoadError, LoadedImage};
+use crate::linux;
+use crate::loader::{self, ImageKind, LoadError, LoadedImage};
 use crate::memory::{GuestMemory, MemoryError};
 
 /// Largest guest memory: one page-directory page per GiB must fit below the GDT.
@@ -34,10 +36,14 @@ const VMM_PAGES: std::ops::Range<u64> = GDT..EXCEPTION_STACK_TOP;
 
 const EXCEPTION_VECTORS: u64 = 32;
 const STUB_SIZE: u64 = 16;
+/// `LSTAR`: a CPL0 stub that reports a `syscall` on `SYSCALL_TRAP_PORT`
+/// (`out imm8, al` keeps every register the system call passes).
+pub(crate) const SYSCALL_STUB: u64 = STUBS + 0x400;
+const _: () = assert!(STUBS + EXCEPTION_VECTORS * STUB_SIZE <= SYSCALL_STUB);
 
 const KERNEL_CODE_SELECTOR: u16 = 0x08;
-const USER_DATA_SELECTOR: u16 = 0x18 | 3;
-const USER_CODE_SELECTOR: u16 = 0x20 | 3;
+pub(crate) const USER_DATA_SELECTOR: u16 = 0x18 | 3;
+pub(crate) const USER_CODE_SELECTOR: u16 = 0x20 | 3;
 const TSS_SELECTOR: u16 = 0x28;
 const GDT_ENTRIES: [u64; 5] = [
     0,
@@ -89,6 +95,12 @@ pub enum BootError {
     CmdlineTooLong { len: usize },
     #[error("loading the image failed")]
     Load(#[from] LoadError),
+    #[error("the program is a Linux-ABI program, and this VMM was given no personality to run it")]
+    NoPersonality,
+    #[error("loading the Linux personality failed")]
+    Personality(#[source] LoadError),
+    #[error("the Linux personality has no syscall entry symbol")]
+    NoSyscallEntry,
     #[error("writing boot structures failed")]
     Memory(#[from] MemoryError),
 }
@@ -137,19 +149,35 @@ impl GuestLayout {
 }
 
 /// Loads `image` into fresh `memory` and builds everything around it.
-/// Returns the vCPU entry state.
+/// A Linux-ABI program (see [`loader::kind`]) is started through
+/// `personality`, with `cmdline`'s words as its `argv`. Returns the vCPU
+/// entry state and the heap the guest's allocator owns (a flock image's).
 pub fn setup(
     memory: &GuestMemory,
     image: &[u8],
     cmdline: &str,
     tsc_khz: Option<u64>,
+    personality: Option<&[u8]>,
 ) -> Result<(LongModeEntry, LoadedImage), BootError> {
     let layout = GuestLayout::new(memory.size())?;
     if cmdline.len() as u64 > MAX_CMDLINE {
         return Err(BootError::CmdlineTooLong { len: cmdline.len() });
     }
-    let loaded = loader::load(image, memory, layout.guard_start())?;
-    write_page_tables(memory, &layout)?;
+    let kind = loader::kind(image)?;
+    let (loaded, linux) = match kind {
+        ImageKind::Flock => (loader::load(image, memory, layout.guard_start())?, None),
+        ImageKind::Linux => {
+            let personality = personality.ok_or(BootError::NoPersonality)?;
+            let argv: Vec<&str> = cmdline.split_whitespace().collect();
+            let boot = linux::setup(memory, &layout, image, personality, &argv)?;
+            let loaded = LoadedImage {
+                entry: boot.start.program_entry,
+                end: boot.start.brk_start,
+            };
+            (loaded, Some(boot))
+        }
+    };
+    write_page_tables(memory, &layout, kind)?;
     write_descriptor_tables(memory)?;
     let cmdline_ptr = BOOT_INFO_ADDR + size_of::<BootInfo>() as u64;
     let info = BootInfo {
@@ -166,14 +194,25 @@ pub fn setup(
     };
     memory.write(BOOT_INFO_ADDR, &boot_info_bytes(&info))?;
     memory.write(cmdline_ptr, cmdline.as_bytes())?;
-    let entry = LongModeEntry {
-        regs: Regs {
+    let regs = match &linux {
+        None => Regs {
             rip: loaded.entry,
             rsp: layout.mem_size,
             rdi: BOOT_INFO_ADDR,
             rflags: RFLAGS_BOOT,
             ..Regs::default()
         },
+        Some(boot) => Regs {
+            rip: boot.personality_entry,
+            rsp: boot.boot_rsp,
+            rdi: BOOT_INFO_ADDR,
+            rsi: START_ADDR,
+            rflags: RFLAGS_BOOT,
+            ..Regs::default()
+        },
+    };
+    let entry = LongModeEntry {
+        regs,
         cr0: CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG,
         cr3: PML4,
         cr4: CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE,
@@ -188,6 +227,7 @@ pub fn setup(
         user_code_selector: USER_CODE_SELECTOR,
         user_data_selector: USER_DATA_SELECTOR,
         xcr0: XCR0_BOOT,
+        syscall_entry: SYSCALL_STUB,
     };
     Ok((entry, loaded))
 }
@@ -209,7 +249,11 @@ fn boot_info_bytes(info: &BootInfo) -> Vec<u8> {
     bytes
 }
 
-fn write_page_tables(memory: &GuestMemory, layout: &GuestLayout) -> Result<(), MemoryError> {
+fn write_page_tables(
+    memory: &GuestMemory,
+    layout: &GuestLayout,
+    kind: ImageKind,
+) -> Result<(), MemoryError> {
     let table = PTE_PRESENT | PTE_WRITABLE | PTE_USER;
     memory.write_u64(PML4, PDPT | table)?;
     let gibs = layout.mem_size.div_ceil(1 << 30);
@@ -229,6 +273,23 @@ fn write_page_tables(memory: &GuestMemory, layout: &GuestLayout) -> Result<(), M
         LOW_PT + BOOT_INFO_ADDR / PAGE_SIZE * 8,
         BOOT_INFO_ADDR | PTE_PRESENT | PTE_USER,
     )?;
+    // Under PVM `syscall` enters LSTAR in the guest's user mode: the stub
+    // page is user-readable (it holds only code; its `out`s are allowed at
+    // CPL3 for the syscall port alone).
+    memory.write_u64(
+        LOW_PT + STUBS / PAGE_SIZE * 8,
+        STUBS | PTE_PRESENT | PTE_USER,
+    )?;
+    if kind == ImageKind::Linux {
+        // Page 0 (the syscall sled) and the start page, read-only; the
+        // personality's own pages, writable.
+        for page in [0, START_ADDR] {
+            memory.write_u64(LOW_PT + page / PAGE_SIZE * 8, page | PTE_PRESENT | PTE_USER)?;
+        }
+        for page in (PERSONALITY_BASE..PERSONALITY_END).step_by(PAGE_SIZE as usize) {
+            memory.write_u64(LOW_PT + page / PAGE_SIZE * 8, page | table)?;
+        }
+    }
     let user = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_HUGE;
     for addr in (HUGE_PAGE..layout.mem_size).step_by(HUGE_PAGE as usize) {
         if !layout.is_stack_guard(addr) {
@@ -255,7 +316,7 @@ fn write_descriptor_tables(memory: &GuestMemory) -> Result<(), MemoryError> {
     memory.write_u64(TSS + 4, EXCEPTION_STACK_TOP)?;
     memory.write(TSS + 102, &(TSS_HEADER as u16).to_le_bytes())?;
     let mut bitmap = vec![0xffu8; (IO_BITMAP_PORTS / 8 + 1) as usize];
-    for port in HYPERCALL_PORT..HYPERCALL_PORT + 4 {
+    for port in (HYPERCALL_PORT..HYPERCALL_PORT + 4).chain([SYSCALL_TRAP_PORT]) {
         bitmap[usize::from(port / 8)] &= !(1 << (port % 8));
     }
     memory.write(TSS + TSS_HEADER, &bitmap)?;
@@ -287,6 +348,14 @@ fn write_descriptor_tables(memory: &GuestMemory) -> Result<(), MemoryError> {
         ];
         memory.write(stub, &code)?;
     }
+    let [trap_port, _] = SYSCALL_TRAP_PORT.to_le_bytes();
+    memory.write(
+        SYSCALL_STUB,
+        &[
+            0xe6, trap_port, // out SYSCALL_TRAP_PORT, al
+            0xeb, 0xfe, // jmp $
+        ],
+    )?;
     Ok(())
 }
 

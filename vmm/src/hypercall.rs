@@ -5,7 +5,8 @@
 use std::ops::Range;
 
 use snowflock_abi::{
-    MAX_REPORT_RUNS, MAX_TRANSFER, PAGE_SIZE, PageReportKind, PageRun, PanicReport, nr, ticket,
+    MAX_REPORT_RUNS, MAX_SLEEP_NS, MAX_TRANSFER, PAGE_SIZE, PageReportKind, PageRun, PanicReport,
+    nr, ticket,
 };
 
 use crate::boot::GuestLayout;
@@ -58,6 +59,14 @@ pub enum Hypercall {
         ticket: u64,
     },
     TimeNs,
+    Clocks,
+    SleepNs {
+        ns: u64,
+    },
+    /// `SET_FS_BASE`: a canonical address (anything else is `Invalid`).
+    SetFsBase {
+        base: u64,
+    },
     /// `REPORT_PAGES`: the run array passed validation as a guest range; the
     /// runs themselves are checked by [`page_runs`] once read.
     ReportPages {
@@ -160,9 +169,28 @@ pub fn decode(number: u32, regs: &Regs, layout: &GuestLayout) -> Result<Hypercal
         },
         nr::KILL => Hypercall::Kill { ticket: a0 },
         nr::TIME_NS => Hypercall::TimeNs,
+        nr::SET_FS_BASE => set_fs_base(a0),
+        nr::CLOCKS => Hypercall::Clocks,
+        nr::SLEEP_NS => Hypercall::SleepNs {
+            ns: a0.min(MAX_SLEEP_NS),
+        },
         nr::REPORT_PAGES => report_pages(layout, a0, a1, a2)?,
         nr => return Err(HypercallError::UnknownNumber { nr }),
     })
+}
+
+/// An address is canonical when bits 63..47 are all equal (48-bit virtual addresses).
+fn set_fs_base(base: u64) -> Hypercall {
+    let top = base >> 47;
+    if top == 0 || top == (1 << 17) - 1 {
+        Hypercall::SetFsBase { base }
+    } else {
+        Hypercall::Invalid {
+            nr: nr::SET_FS_BASE,
+            what: "non-canonical FS base",
+            value: base,
+        }
+    }
 }
 
 fn report_pages(

@@ -51,6 +51,12 @@ pub trait Vcpu: Send + std::fmt::Debug {
     fn control_regs(&self) -> Result<ControlRegs, HypervisorError>;
     /// Puts the vCPU in 64-bit long mode at CPL3 as `boot` describes.
     fn set_long_mode_entry(&mut self, boot: &LongModeEntry) -> Result<(), HypervisorError>;
+    /// Returns to CPL3 with `regs`, in the user code and data segments
+    /// `selectors`, after an exit taken at CPL0 (the pending I/O is
+    /// completed first, so that it cannot move `rip` afterwards).
+    fn enter_user(&mut self, regs: &Regs, selectors: UserSelectors) -> Result<(), HypervisorError>;
+    /// Sets the FS segment base.
+    fn set_fs_base(&mut self, base: u64) -> Result<(), HypervisorError>;
     /// Saves the complete vCPU state. Completes a pending I/O exit first, so
     /// the saved RIP is past the instruction that exited.
     fn save_state(&mut self) -> Result<VcpuState, StateError>;
@@ -121,6 +127,13 @@ pub struct ControlRegs {
     pub efer: u64,
 }
 
+/// The flat CPL3 segments a guest runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserSelectors {
+    pub code: u16,
+    pub data: u16,
+}
+
 /// The long-mode CPL3 entry state of a flock image, as the boot module builds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LongModeEntry {
@@ -140,6 +153,8 @@ pub struct LongModeEntry {
     pub user_data_selector: u16,
     /// Requested XCR0 (x87|SSE|AVX); the backend masks it by what the CPU supports.
     pub xcr0: u64,
+    /// `LSTAR`: where a `syscall` enters (at CPL0).
+    pub syscall_entry: u64,
 }
 
 /// Saved vCPU state, one variant per backend.

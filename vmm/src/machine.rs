@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use snowflock_abi::linux::SYSCALL_TRAP_PORT;
 use snowflock_abi::{
     BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, EXCEPTION_PORT, HYPERCALL_PORT, IMAGE_BASE,
     PAGE_SIZE, PageReportKind, PanicReport, errno, nr, ticket,
@@ -22,8 +23,10 @@ use snowflock_abi::{
 use crate::boot::{self, BootError, GuestLayout};
 use crate::hypercall::{self, GuestRange, Hypercall, HypercallError};
 use crate::hypervisor::{
-    Hypervisor, HypervisorError, StateError, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm, VmState,
+    Hypervisor, HypervisorError, StateError, UserSelectors, Vcpu, VcpuExit, VcpuKicker, VcpuState,
+    Vm, VmState,
 };
+use crate::linux;
 use crate::memory::{
     GuestMemory, HostPages, MemoryError, MemoryImage, PageRuns, ReservedMemory, RestoredMemory,
 };
@@ -68,6 +71,9 @@ pub struct MachineConfig {
     pub console: ConsoleSink,
     /// The host pages behind guest memory, and behind every clone's view.
     pub host_pages: HostPages,
+    /// The Linux personality (`snowflock-linux`), needed to run a static
+    /// Linux executable; flock images run without it.
+    pub personality: Option<Arc<[u8]>>,
 }
 
 impl std::fmt::Debug for MachineConfig {
@@ -87,6 +93,7 @@ impl Default for MachineConfig {
             cmdline: String::new(),
             console: stdout_console(),
             host_pages: HostPages::Base,
+            personality: None,
         }
     }
 }
@@ -183,6 +190,12 @@ pub enum MachineError {
     ReplyPending,
     #[error("reply without a pending request")]
     NoPendingRequest,
+    #[error(
+        "guest executed `syscall` at {site:#x}: a flock image makes hypercalls, not Linux system calls (a static Linux program runs as one with its personality)"
+    )]
+    SyscallInFlockImage { site: u64 },
+    #[error("`syscall` at {site:#x} with the stack pointer {rsp:#x} outside guest memory")]
+    SyscallStack { site: u64, rsp: u64 },
 }
 
 /// The saved state of a VM, without memory contents: the part of a clone
@@ -282,6 +295,7 @@ pub struct Machine {
     free_report: Option<PageRuns>,
     fresh_hook: Option<FreshPagesHook>,
     report_stats: PageReportStats,
+    syscall_traps: u64,
 }
 
 impl Drop for Machine {
@@ -306,6 +320,22 @@ fn monotonic_ns() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+/// The host's `CLOCK_MONOTONIC` (shared by every VM and host daemon on the
+/// machine, unlike [`monotonic_ns`], which counts from this process's start).
+fn host_monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the valid pointer given.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } == 0;
+    if ok {
+        now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+    } else {
+        monotonic_ns()
+    }
+}
+
 impl Machine {
     /// Loads `image` into a new VM, ready to run from its entry point.
     pub fn boot(
@@ -315,7 +345,13 @@ impl Machine {
     ) -> Result<Self, MachineError> {
         let prepared = PreparedVm::new(hv, config.mem_size)?;
         let memory = GuestMemory::new_in(prepared.reserved, config.host_pages)?;
-        let (entry, loaded) = boot::setup(&memory, image, &config.cmdline, hv.tsc_khz())?;
+        let (entry, loaded) = boot::setup(
+            &memory,
+            image,
+            &config.cmdline,
+            hv.tsc_khz(),
+            config.personality.as_deref(),
+        )?;
         let mut machine = Self::assemble(
             hv,
             prepared.vm,
@@ -415,6 +451,7 @@ impl Machine {
             free_report: None,
             fresh_hook: None,
             report_stats: PageReportStats::default(),
+            syscall_traps: 0,
         })
     }
 
@@ -534,6 +571,10 @@ impl Machine {
                     data,
                     ..
                 } => return Err(self.exception(data as u8)),
+                VcpuExit::IoOut {
+                    port: SYSCALL_TRAP_PORT,
+                    ..
+                } => self.syscall_trap()?,
                 VcpuExit::Interrupted => {
                     // The guest may go on and reuse free pages before a
                     // capture of this pause: it cannot use the report.
@@ -553,6 +594,44 @@ impl Machine {
                 }
             }
         }
+    }
+
+    /// A `syscall` reached the CPL0 stub (a site not patched yet, or one the
+    /// personality leaves unpatched): enter the personality's syscall entry
+    /// at CPL3 as if the site had called it, with the return address
+    /// (`rcx`, the site + 2) pushed and the flags `syscall` saved in `r11`.
+    fn syscall_trap(&mut self) -> Result<(), MachineError> {
+        let mut regs = self.vcpu.regs()?;
+        let site = regs.rcx.wrapping_sub(2);
+        let Some(start) = linux::read_start(&self.memory)? else {
+            return Err(MachineError::SyscallInFlockImage { site });
+        };
+        let rsp = regs.rsp.wrapping_sub(8);
+        if !self.layout.is_guest_range(rsp, 8, true) {
+            return Err(MachineError::SyscallStack {
+                site,
+                rsp: regs.rsp,
+            });
+        }
+        self.memory.write_u64(rsp, regs.rcx)?;
+        regs.rsp = rsp;
+        regs.rip = start.syscall_entry;
+        regs.rflags = regs.r11;
+        self.syscall_traps += 1;
+        self.vcpu.enter_user(
+            &regs,
+            UserSelectors {
+                code: boot::USER_CODE_SELECTOR,
+                data: boot::USER_DATA_SELECTOR,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// `syscall`s that exited to the VMM (each site's first, and every call
+    /// of a site the personality does not patch).
+    pub fn syscall_traps(&self) -> u64 {
+        self.syscall_traps
     }
 
     fn bad(&self, source: HypercallError) -> MachineError {
@@ -602,6 +681,23 @@ impl Machine {
             }
             Hypercall::TimeNs => {
                 self.set_return(monotonic_ns(), 0)?;
+                return Ok(None);
+            }
+            Hypercall::Clocks => {
+                let real = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                self.set_return(host_monotonic_ns(), real)?;
+                return Ok(None);
+            }
+            Hypercall::SleepNs { ns } => {
+                std::thread::sleep(std::time::Duration::from_nanos(ns));
+                self.set_return(0, 0)?;
+                return Ok(None);
+            }
+            Hypercall::SetFsBase { base } => {
+                self.vcpu.set_fs_base(base)?;
+                self.set_return(0, 0)?;
                 return Ok(None);
             }
             Hypercall::Exit { code } => return Ok(Some(Stop::Exited(code))),

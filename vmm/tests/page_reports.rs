@@ -126,6 +126,7 @@ fn boot(code: &Code) -> (KvmHypervisor, Machine) {
         cmdline: String::new(),
         console: Arc::new(|_: &[u8]| {}),
         host_pages: HostPages::Base,
+        personality: None,
     };
     let machine = Machine::boot(&hv, &image(code), &config).expect("boot");
     (hv, machine)

@@ -214,7 +214,11 @@ impl Daemon {
 }
 
 /// Starts a daemon from `config` and serves until SIGTERM or SIGINT.
-pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonError> {
+pub fn run(
+    config: DaemonConfig,
+    hv: Arc<dyn Hypervisor>,
+    personality: Option<Arc<[u8]>>,
+) -> Result<(), DaemonError> {
     let key = ClusterKey::load(&config.cluster.key_file).map_err(|source| DaemonError::Key {
         path: config.cluster.key_file.clone(),
         source,
@@ -258,6 +262,7 @@ pub fn run(config: DaemonConfig, hv: Arc<dyn Hypervisor>) -> Result<(), DaemonEr
             cluster: Some(links.clone()),
             populate: config.limits.populate,
             host_pages: config.limits.host_pages,
+            linux_personality: personality,
         },
     );
     let caches = FamilyCaches::new(config.limits.idle_cache_bytes());

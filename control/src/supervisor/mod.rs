@@ -63,6 +63,9 @@ pub struct SupervisorConfig {
     /// The host pages behind the memory of the VMs this supervisor starts
     /// and of their clones.
     pub host_pages: HostPages,
+    /// The Linux personality (`snowflock_guest::images::LINUX_PERSONALITY`),
+    /// which runs static Linux executables; without it only flock images run.
+    pub linux_personality: Option<Arc<[u8]>>,
 }
 
 impl std::fmt::Debug for SupervisorConfig {
@@ -152,6 +155,7 @@ impl Supervisor {
             cmdline: cmdline.to_string(),
             console,
             host_pages: self.host.config.host_pages,
+            personality: self.host.config.linux_personality.clone(),
         };
         let machine =
             Machine::boot(self.host.hv.as_ref(), image, &config).map_err(SupervisorError::Start)?;

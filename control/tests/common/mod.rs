@@ -57,6 +57,7 @@ pub fn supervisor_populating(clone_limit: u32, populate: PopulateMode) -> (Super
             cluster: None,
             populate,
             host_pages: HostPages::Base,
+            linux_personality: Some(snowflock_guest::images::LINUX_PERSONALITY.into()),
         },
     );
     (sup, lines)

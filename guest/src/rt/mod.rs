@@ -1,12 +1,9 @@
-//! The guest runtime (feature `rt`): `_start`, the global allocator, the panic
-//! handler and the C memory functions the compiler calls.
+//! The guest runtime (feature `rt`): `_start` and the global allocator; the
+//! panic handler and the C memory functions come from `lang`.
 //!
 //! A guest names its `fn main() -> i32` with [`entry!`](crate::entry); `_start`
 //! validates the boot information, sets up the heap, runs `main` and ends the
 //! VM with its return value as the `EXIT` code.
-
-mod mem;
-mod panic;
 
 use crate::abi::{
     ABI_VERSION, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, MAX_CMDLINE, PAGE_SIZE, PageReportKind,
@@ -160,16 +157,3 @@ macro_rules! entry {
         static __SNOWFLOCK_START: unsafe extern "C" fn() -> ! = $crate::rt::_start;
     };
 }
-
-// The prebuilt `core`/`alloc` for this target were compiled for unwinding, so
-// their cleanup paths name these two symbols. Images are panic=abort: no
-// unwind ever starts, these are never reached, and only the linker needs them.
-
-#[unsafe(no_mangle)]
-extern "C" fn _Unwind_Resume() -> ! {
-    // SAFETY: `ud2` only raises #UD, which ends the VM with a clear error.
-    unsafe { core::arch::asm!("ud2", options(noreturn, nostack)) }
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn rust_eh_personality() {}

@@ -41,7 +41,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match daemon::run(config, hv) {
+    let personality = Some(snowflock_guest::images::LINUX_PERSONALITY.into());
+    match daemon::run(config, hv, personality) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));

@@ -1,15 +1,19 @@
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_dtable, kvm_segment};
+use kvm_bindings::{Msrs, kvm_dtable, kvm_msr_entry, kvm_segment};
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd, VmFd};
 
 use super::kick::{KickState, install_handler};
 use super::state::{regs_from_kvm, regs_to_kvm, restore_vcpu, save_vcpu};
 use super::{HostCaps, ioctl};
 use crate::hypervisor::{
-    ControlRegs, HypervisorError, LongModeEntry, Regs, StateError, Vcpu, VcpuExit, VcpuKicker,
-    VcpuState,
+    ControlRegs, HypervisorError, LongModeEntry, Regs, StateError, UserSelectors, Vcpu, VcpuExit,
+    VcpuKicker, VcpuState,
 };
+
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 
 /// CPUID.1:ECX bit for XSAVE support.
 const CPUID_1_ECX_XSAVE: u32 = 1 << 26;
@@ -54,6 +58,22 @@ impl KvmVcpu {
             .find(|e| e.function == 0xd && e.index == 0)?;
         let supported = (u64::from(leaf_d.edx) << 32) | u64::from(leaf_d.eax);
         Some((requested & supported & XCR0_GUEST_MASK) | 1)
+    }
+}
+
+impl KvmVcpu {
+    /// Completes a pending I/O exit (KVM finishes the instruction on the
+    /// next entry) without running guest code: immediate_exit makes KVM_RUN
+    /// return EINTR right after the completion.
+    fn complete_pending_io(&mut self) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => Err(kvm_ioctls::Error::new(libc::EPROTO)),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        completed
     }
 }
 
@@ -195,6 +215,28 @@ impl Vcpu for KvmVcpu {
         self.fd
             .set_sregs(&sregs)
             .map_err(|e| ioctl("KVM_SET_SREGS", e))?;
+        // STAR's CS for `syscall` is the kernel's; nothing is masked from RFLAGS.
+        let entries = [
+            (MSR_STAR, u64::from(0x08u16) << 32),
+            (MSR_LSTAR, boot.syscall_entry),
+            (MSR_SYSCALL_MASK, 0),
+        ]
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        });
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|_| HypervisorError::MissingCapability("three MSR entries"))?;
+        let written = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|e| ioctl("KVM_SET_MSRS", e))?;
+        if written != entries.len() {
+            return Err(HypervisorError::MissingCapability(
+                "writable STAR, LSTAR and SYSCALL_MASK MSRs",
+            ));
+        }
         if let Some(xcr0) = xcr0 {
             let mut xcrs = self.fd.get_xcrs().map_err(|e| ioctl("KVM_GET_XCRS", e))?;
             xcrs.nr_xcrs = 1;
@@ -207,23 +249,32 @@ impl Vcpu for KvmVcpu {
         self.set_regs(&boot.regs)
     }
 
+    fn enter_user(&mut self, regs: &Regs, selectors: UserSelectors) -> Result<(), HypervisorError> {
+        self.complete_pending_io()
+            .map_err(|e| ioctl("KVM_RUN", e))?;
+        let mut sregs = self.fd.get_sregs().map_err(|e| ioctl("KVM_GET_SREGS", e))?;
+        sregs.cs = segment(selectors.code, true);
+        sregs.ss = segment(selectors.data, false);
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|e| ioctl("KVM_SET_SREGS", e))?;
+        self.set_regs(regs)
+    }
+
+    fn set_fs_base(&mut self, base: u64) -> Result<(), HypervisorError> {
+        let mut sregs = self.fd.get_sregs().map_err(|e| ioctl("KVM_GET_SREGS", e))?;
+        sregs.fs.base = base;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|e| ioctl("KVM_SET_SREGS", e))
+    }
+
     fn save_state(&mut self) -> Result<VcpuState, StateError> {
-        // Complete a pending I/O exit (KVM finishes the instruction on the
-        // next entry) without running guest code: immediate_exit makes
-        // KVM_RUN return EINTR right after the completion.
-        self.fd.set_kvm_immediate_exit(1);
-        let completed = match self.fd.run() {
-            Err(e) if e.errno() == libc::EINTR => Ok(()),
-            Err(e) => Err(StateError::Save {
+        self.complete_pending_io()
+            .map_err(|source| StateError::Save {
                 what: "pending I/O completion",
-                source: e.into(),
-            }),
-            Ok(exit) => Err(StateError::Inconsistent(format!(
-                "vCPU exited with {exit:?} while completing pending I/O"
-            ))),
-        };
-        self.fd.set_kvm_immediate_exit(0);
-        completed?;
+                source: source.into(),
+            })?;
         save_vcpu(&self.fd, &self.caps.msrs).map(|s| VcpuState::Kvm(Box::new(s)))
     }
 

@@ -1,0 +1,150 @@
+//! The process itself: identity, limits, the FS base, the calls it made
+//! that the personality does not implement, and its end.
+
+use core::fmt::Write as _;
+
+use snowflock_guest::abi::nr;
+use snowflock_guest::hypercall;
+
+use crate::errno::{EINVAL, SysResult};
+use crate::names;
+use crate::user::UserMemory;
+
+const ARCH_SET_GS: u64 = 0x1001;
+const ARCH_SET_FS: u64 = 0x1002;
+const ARCH_GET_FS: u64 = 0x1003;
+const ARCH_GET_GS: u64 = 0x1004;
+
+const RLIMIT_STACK: u64 = 3;
+const RLIMIT_NOFILE: u64 = 7;
+const RLIM_INFINITY: u64 = u64::MAX;
+/// Distinct unimplemented call numbers remembered for the report.
+const UNIMPLEMENTED_SLOTS: usize = 32;
+
+#[derive(Debug)]
+pub(crate) struct Process {
+    fs_base: u64,
+    unimplemented: [(u64, u64); UNIMPLEMENTED_SLOTS],
+}
+
+/// `struct utsname`: six fields of 65 bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Utsname([[u8; 65]; 6]);
+
+fn field(text: &str) -> [u8; 65] {
+    let mut out = [0u8; 65];
+    out[..text.len()].copy_from_slice(text.as_bytes());
+    out
+}
+
+impl Process {
+    pub(crate) fn new() -> Self {
+        Self {
+            fs_base: 0,
+            unimplemented: [(0, 0); UNIMPLEMENTED_SLOTS],
+        }
+    }
+
+    pub(crate) fn arch_prctl(&mut self, user: &UserMemory, code: u64, addr: u64) -> SysResult {
+        match code {
+            ARCH_SET_FS => {
+                // SAFETY: SET_FS_BASE takes a number; the VMM checks it is canonical.
+                let (rax, _) = unsafe { hypercall::call(nr::SET_FS_BASE, addr, 0, 0, 0) };
+                if rax != 0 {
+                    return Err(EINVAL);
+                }
+                self.fs_base = addr;
+                Ok(0)
+            }
+            ARCH_GET_FS => user.write(addr, &self.fs_base),
+            ARCH_SET_GS | ARCH_GET_GS => Err(EINVAL),
+            _ => Err(EINVAL),
+        }
+    }
+
+    pub(crate) fn uname(user: &UserMemory, buf: u64) -> SysResult {
+        let names = Utsname([
+            field("Linux"),
+            field("snowflock"),
+            field("6.1.0-snowflock"),
+            field("#1 SMP snowflock Linux personality"),
+            field("x86_64"),
+            field("(none)"),
+        ]);
+        user.write(buf, &names)
+    }
+
+    /// `prlimit64`: limits can be read; setting them is accepted and ignored.
+    pub(crate) fn prlimit(user: &UserMemory, resource: u64, old: u64) -> SysResult {
+        if old != 0 {
+            let limit: [u64; 2] = match resource {
+                RLIMIT_STACK => [8 << 20, RLIM_INFINITY],
+                RLIMIT_NOFILE => [1024, 1024],
+                _ => [RLIM_INFINITY, RLIM_INFINITY],
+            };
+            user.write(old, &limit)?;
+        }
+        Ok(0)
+    }
+
+    /// Counts an unimplemented call (the caller returns `ENOSYS`).
+    pub(crate) fn unimplemented(&mut self, nr: u64) {
+        for slot in &mut self.unimplemented {
+            if slot.1 == 0 {
+                *slot = (nr, 1);
+                return;
+            }
+            if slot.0 == nr {
+                slot.1 += 1;
+                return;
+            }
+        }
+    }
+
+    /// Ends the VM with the program's exit status, after reporting the
+    /// unimplemented calls it made.
+    pub(crate) fn exit(&self, status: u64) -> ! {
+        let made: usize = self.unimplemented.iter().filter(|s| s.1 > 0).count();
+        if made > 0 {
+            let mut line = Line::default();
+            let _ = write!(line, "sf-linux: unimplemented system calls:");
+            for &(nr, count) in self.unimplemented.iter().filter(|s| s.1 > 0) {
+                let _ = write!(line, " {} ({nr}) x{count}", names::name(nr).unwrap_or("?"));
+            }
+            let _ = writeln!(line);
+            hypercall::console_write(line.text());
+        }
+        hypercall::exit(status & 0xff)
+    }
+}
+
+/// One report line, truncated at its capacity.
+struct Line {
+    buf: [u8; 1024],
+    len: usize,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Self {
+            buf: [0; 1024],
+            len: 0,
+        }
+    }
+}
+
+impl Line {
+    fn text(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl core::fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
