@@ -109,6 +109,8 @@ pub enum BootError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestLayout {
     pub mem_size: u64,
+    /// A Linux-ABI guest: the personality's pages are guest memory too.
+    pub personality: bool,
 }
 
 impl GuestLayout {
@@ -117,7 +119,10 @@ impl GuestLayout {
         {
             return Err(BootError::BadMemorySize { size: mem_size });
         }
-        Ok(Self { mem_size })
+        Ok(Self {
+            mem_size,
+            personality: false,
+        })
     }
 
     /// Lowest address of the stack.
@@ -139,6 +144,7 @@ impl GuestLayout {
         let within = |lo: u64, hi: u64| addr >= lo && end <= hi;
         within(IMAGE_BASE, self.guard_start())
             || within(self.stack_bottom(), self.mem_size)
+            || (self.personality && within(PERSONALITY_BASE, PERSONALITY_END))
             || (!writable && within(BOOT_INFO_ADDR, BOOT_INFO_ADDR + PAGE_SIZE))
     }
 

@@ -296,6 +296,10 @@ pub struct Machine {
     fresh_hook: Option<FreshPagesHook>,
     report_stats: PageReportStats,
     syscall_traps: u64,
+    /// Whether `layout.personality` was read from memory yet (on the first
+    /// hypercall, not at restore: a hollow clone's memory is not readable
+    /// before its fault handler runs).
+    kind_known: bool,
 }
 
 impl Drop for Machine {
@@ -452,6 +456,7 @@ impl Machine {
             fresh_hook: None,
             report_stats: PageReportStats::default(),
             syscall_traps: 0,
+            kind_known: false,
         })
     }
 
@@ -643,6 +648,10 @@ impl Machine {
     fn hypercall(&mut self, size: u8, number: u32) -> Result<Option<Stop>, MachineError> {
         if size != 4 {
             return Err(self.bad(HypercallError::BadAccessSize { size }));
+        }
+        if !self.kind_known {
+            self.layout.personality = linux::read_start(&self.memory)?.is_some();
+            self.kind_known = true;
         }
         let regs = self.vcpu.regs()?;
         let call = hypercall::decode(number, &regs, &self.layout).map_err(|source| {

@@ -1,10 +1,10 @@
 //! The system call table: what each call does, in the guest.
 
+use snowflock_guest::abi::BootInfo;
 use snowflock_guest::abi::linux::LinuxStart;
-use snowflock_guest::abi::{BootInfo, MAX_TRANSFER};
-use snowflock_guest::hypercall;
 
 use crate::clock::{self, Clock, Timespec};
+use crate::console::Stream;
 use crate::entry::Frame;
 use crate::errno::{
     EAGAIN, EBADF, EINVAL, ENODEV, ENOENT, ENOSYS, ENOTTY, ESPIPE, SysResult, to_rax,
@@ -23,6 +23,8 @@ pub(crate) struct Personality {
     sites: Sites,
     process: Process,
     mem_size: u64,
+    stdout: Stream,
+    stderr: Stream,
 }
 
 const STDIN: u64 = 0;
@@ -119,25 +121,25 @@ impl Personality {
             process: Process::new(),
             mem_size: boot.mem_size,
             user,
-        }
-    }
-
-    fn console(&self, bytes: &[u8]) {
-        for chunk in bytes.chunks(MAX_TRANSFER as usize) {
-            hypercall::console_write(chunk);
+            stdout: Stream::default(),
+            stderr: Stream::default(),
         }
     }
 
     fn write(&mut self, fd: u64, buf: u64, len: u64) -> SysResult {
         let bytes = self.user.bytes(buf, len)?;
         match fd {
-            STDOUT | STDERR => {
-                self.console(bytes);
-                Ok(len)
-            }
-            STDIN => Err(EBADF),
-            _ => Err(EBADF),
+            STDOUT => self.stdout.write(bytes),
+            STDERR => self.stderr.write(bytes),
+            _ => return Err(EBADF),
         }
+        Ok(len)
+    }
+
+    fn exit(&mut self, status: u64) -> ! {
+        self.stdout.flush();
+        self.stderr.flush();
+        self.process.exit(status)
     }
 
     fn writev(&mut self, fd: u64, iov: u64, count: u64) -> SysResult {
@@ -354,7 +356,7 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
         39 | 186 => Ok(1),
         56 if a0 & CLONE_THREAD != 0 => Err(EAGAIN),
         56 | 57 | 58 | 59 | 435 => Err(ENOSYS),
-        60 | 231 => p.process.exit(a0),
+        60 | 231 => p.exit(a0),
         63 => Process::uname(&p.user, a0),
         72 => match a1 {
             F_GETFD | F_SETFD if a0 <= STDERR => Ok(0),

@@ -15,6 +15,7 @@
 extern crate alloc;
 
 mod clock;
+mod console;
 mod dispatch;
 mod entry;
 mod errno;

@@ -101,7 +101,10 @@ impl Memory {
 
     fn map_fixed(&mut self, addr: u64, len: u64) -> SysResult {
         let end = addr.checked_add(len).ok_or(EINVAL)?;
-        if !addr.is_multiple_of(PAGE_SIZE) || end > self.top || addr < self.brk_high.saturating_add(GAP) {
+        if !addr.is_multiple_of(PAGE_SIZE)
+            || end > self.top
+            || addr < self.brk_high.saturating_add(GAP)
+        {
             return Err(EINVAL);
         }
         if addr < self.floor {
@@ -134,7 +137,10 @@ impl Memory {
     pub(crate) fn remap(&mut self, old: u64, old_len: u64, new_len: u64, flags: u64) -> SysResult {
         let old_len = page_up(old_len).ok_or(EINVAL)?;
         let new_len = page_up(new_len).filter(|&l| l > 0).ok_or(EINVAL)?;
-        if !old.is_multiple_of(PAGE_SIZE) || old < self.floor || old.saturating_add(old_len) > self.top {
+        if !old.is_multiple_of(PAGE_SIZE)
+            || old < self.floor
+            || old.saturating_add(old_len) > self.top
+        {
             return Err(EINVAL);
         }
         if new_len <= old_len {

@@ -1,0 +1,72 @@
+/* Times system calls from inside the program, the same way natively and as a
+ * snowflock guest: for each call, `rounds` calls, reporting the median over
+ * `runs` of the mean cost per call in nanoseconds, one line per call:
+ *   syscall=<name> ns=<median> first_ns=<first call of the site>
+ * Usage: syscalls [rounds [runs]] (defaults 20000 and 7). */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static int compare(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Each call is its own function, so each has its own `syscall` site(s). */
+static void call_getpid(void) { syscall(SYS_getpid); }
+static void call_clock(void)
+{
+    struct timespec t;
+    syscall(SYS_clock_gettime, CLOCK_MONOTONIC, &t);
+}
+static void call_brk(void) { syscall(SYS_brk, 0); }
+static char byte = 'x';
+static void call_write(void) { syscall(SYS_write, 2, &byte, 0); }
+
+struct bench {
+    const char *name;
+    void (*call)(void);
+};
+
+int main(int argc, char **argv)
+{
+    long rounds = argc > 1 ? atol(argv[1]) : 20000;
+    int runs = argc > 2 ? atoi(argv[2]) : 7;
+    if (rounds < 1 || runs < 1 || runs > 99)
+        return 2;
+    struct bench benches[] = {
+        {"getpid", call_getpid},
+        {"clock_gettime", call_clock},
+        {"brk", call_brk},
+        {"write0", call_write},
+    };
+    for (size_t b = 0; b < sizeof benches / sizeof benches[0]; b++) {
+        uint64_t start = now_ns();
+        benches[b].call();
+        uint64_t first = now_ns() - start;
+        uint64_t per_call[99];
+        for (int r = 0; r < runs; r++) {
+            start = now_ns();
+            for (long i = 0; i < rounds; i++)
+                benches[b].call();
+            per_call[r] = (now_ns() - start) / (uint64_t)rounds;
+        }
+        qsort(per_call, (size_t)runs, sizeof per_call[0], compare);
+        printf("syscall=%s ns=%llu first_ns=%llu\n", benches[b].name,
+               (unsigned long long)per_call[runs / 2], (unsigned long long)first);
+    }
+    return 0;
+}

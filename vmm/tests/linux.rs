@@ -1,0 +1,313 @@
+//! Static Linux executables on the real /dev/kvm, with the personality:
+//! programs compiled here with `gcc -static` (glibc) start with the stack
+//! Linux gives them, make their system calls through the personality (each
+//! site trapping once, then patched), and end with their exit status. Bad
+//! programs get clear errors.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use snowflock_guest::images::LINUX_PERSONALITY;
+use snowflock_vmm::boot::BootError;
+use snowflock_vmm::loader::{self, ImageKind, LoadError};
+use snowflock_vmm::machine::MachineConfig;
+use snowflock_vmm::memory::HostPages;
+use snowflock_vmm::{KvmHypervisor, Machine, MachineError, Stop};
+
+/// Compiles `source` (C) with gcc and `flags` into an executable's bytes.
+fn compile(source: &str, flags: &[&str]) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let c = dir.path().join("program.c");
+    let exe = dir.path().join("program");
+    std::fs::write(&c, source).expect("write the C source");
+    let status = Command::new("gcc")
+        .args(["-O2", "-o"])
+        .arg(&exe)
+        .arg(&c)
+        .args(flags)
+        .status()
+        .expect("gcc runs");
+    assert!(status.success(), "gcc failed on {source}");
+    std::fs::read(&exe).expect("read the executable")
+}
+
+struct Ran {
+    stop: Result<Stop, MachineError>,
+    console: String,
+    syscall_traps: u64,
+}
+
+/// Boots `image` with `cmdline` and runs it until it stops.
+fn run(image: &[u8], cmdline: &str) -> Ran {
+    let hv = KvmHypervisor::open().expect("KVM must be available for these tests");
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let sink = console.clone();
+    let config = MachineConfig {
+        mem_size: 256 << 20,
+        cmdline: cmdline.to_string(),
+        console: Arc::new(move |bytes: &[u8]| sink.lock().unwrap().extend_from_slice(bytes)),
+        host_pages: HostPages::Base,
+        personality: Some(LINUX_PERSONALITY.into()),
+    };
+    let mut machine = Machine::boot(&hv, image, &config).expect("boot");
+    let stop = machine.run();
+    let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+    Ran {
+        stop,
+        console,
+        syscall_traps: machine.syscall_traps(),
+    }
+}
+
+fn exit_code(ran: &Ran) -> i32 {
+    match &ran.stop {
+        Ok(Stop::Exited(code)) => *code,
+        other => panic!("expected an exit, got {other:?}; console:\n{}", ran.console),
+    }
+}
+
+const STARTUP: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/auxv.h>
+#include <unistd.h>
+extern char **environ;
+int main(int argc, char **argv) {
+    printf("argc=%d", argc);
+    for (int i = 0; i < argc; i++) printf(" argv[%d]=%s", i, argv[i]);
+    printf("\n");
+    printf("PATH=%s HOME=%s\n", getenv("PATH"), getenv("HOME"));
+    unsigned char *random = (unsigned char *)getauxval(AT_RANDOM);
+    int nonzero = 0;
+    for (int i = 0; i < 16; i++) nonzero |= random[i];
+    printf("pagesz=%lu random_nonzero=%d execfn=%s platform=%s\n",
+           getauxval(AT_PAGESZ), nonzero != 0, (char *)getauxval(AT_EXECFN),
+           (char *)getauxval(AT_PLATFORM));
+    printf("entry_matches=%d phnum_nonzero=%d\n",
+           getauxval(AT_ENTRY) != 0, getauxval(AT_PHNUM) > 0);
+    /* TLS works: errno lives there, and a thread-local counter. */
+    static __thread int counter = 41;
+    counter++;
+    printf("tls=%d\n", counter);
+    return 7;
+}
+"#;
+
+#[test]
+fn a_static_glibc_program_starts_as_linux_starts_it() {
+    let image = compile(STARTUP, &["-static"]);
+    assert_eq!(loader::kind(&image).unwrap(), ImageKind::Linux);
+    let ran = run(&image, "prog first second");
+    assert_eq!(exit_code(&ran), 7, "console:\n{}", ran.console);
+    let lines: Vec<&str> = ran.console.lines().collect();
+    assert_eq!(lines[0], "argc=3 argv[0]=prog argv[1]=first argv[2]=second");
+    assert_eq!(lines[1], "PATH=/usr/bin:/bin HOME=/");
+    assert_eq!(
+        lines[2],
+        "pagesz=4096 random_nonzero=1 execfn=prog platform=x86_64"
+    );
+    assert_eq!(lines[3], "entry_matches=1 phnum_nonzero=1");
+    assert_eq!(lines[4], "tls=42");
+}
+
+const MEMORY: &str = r#"
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(void) {
+    int bad = 0;
+    /* brk: grows, reads zeros, shrinks, grows again to zeros. */
+    char *base = sbrk(0);
+    if (sbrk(1 << 20) != base) bad |= 1;
+    for (int i = 0; i < 1 << 20; i += 4096) if (base[i]) bad |= 2;
+    memset(base, 0x5a, 1 << 20);
+    if (brk(base) != 0) bad |= 4;
+    if (sbrk(1 << 20) != base) bad |= 8;
+    for (int i = 0; i < 1 << 20; i += 4096) if (base[i]) bad |= 16;
+    /* mmap: distinct, zeroed, reusable after munmap, mremap keeps data. */
+    char *a = mmap(NULL, 3 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *b = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (a == MAP_FAILED || b == MAP_FAILED || (b < a + (3 << 20) && a < b + (1 << 20))) bad |= 32;
+    memset(a, 1, 3 << 20);
+    if (munmap(a, 3 << 20) != 0) bad |= 64;
+    char *c = mmap(NULL, 2 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (int i = 0; i < 2 << 20; i += 512) if (c[i]) { bad |= 128; break; }
+    strcpy(b, "kept across mremap");
+    char *d = mremap(b, 1 << 20, 8 << 20, MREMAP_MAYMOVE);
+    if (d == MAP_FAILED || strcmp(d, "kept across mremap") != 0 || d[(8 << 20) - 1]) bad |= 256;
+    /* madvise(DONTNEED) zeroes. */
+    c[0] = 9;
+    if (madvise(c, 4096, MADV_DONTNEED) != 0 || c[0] != 0) bad |= 512;
+    /* A file mapping is refused (no files yet), not faked. */
+    if (mmap(NULL, 4096, PROT_READ, MAP_PRIVATE, 3, 0) != MAP_FAILED) bad |= 1024;
+    /* Far more than memory: refused. */
+    if (mmap(NULL, 1UL << 40, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) != MAP_FAILED) bad |= 2048;
+    /* malloc of many sizes. */
+    for (int i = 1; i < 2000; i++) { char *p = malloc(i * 97); if (!p) bad |= 4096; p[i * 97 - 1] = 1; free(p); }
+    printf("bad=%d\n", bad);
+    return bad != 0;
+}
+"#;
+
+#[test]
+fn break_and_mappings_behave_as_on_linux() {
+    let ran = run(&compile(MEMORY, &["-static"]), "memory");
+    assert_eq!(exit_code(&ran), 0, "console:\n{}", ran.console);
+    assert_eq!(ran.console, "bad=0\n");
+}
+
+const MANY_CALLS: &str = r#"
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    long sum = 0;
+    for (int i = 0; i < 20000; i++) sum += syscall(SYS_getpid) + getppid();
+    printf("sum=%ld\n", sum);
+    return 0;
+}
+"#;
+
+#[test]
+fn each_syscall_site_exits_to_the_vmm_once() {
+    let ran = run(&compile(MANY_CALLS, &["-static"]), "calls");
+    assert_eq!(exit_code(&ran), 0, "console:\n{}", ran.console);
+    assert_eq!(ran.console, "sum=20000\n");
+    // 40 000 calls in the loop, a few dozen sites in all of glibc's startup.
+    assert!(
+        (1..100).contains(&ran.syscall_traps),
+        "{} syscall traps",
+        ran.syscall_traps
+    );
+}
+
+const UNIMPLEMENTED: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    int fds[2];
+    long r = syscall(SYS_pipe, fds);
+    printf("pipe=%ld errno_enosys=%d\n", r, errno == ENOSYS);
+    syscall(SYS_pipe, fds);
+    return 3;
+}
+"#;
+
+#[test]
+fn unimplemented_calls_fail_with_enosys_and_are_reported() {
+    let ran = run(&compile(UNIMPLEMENTED, &["-static"]), "unimplemented");
+    assert_eq!(exit_code(&ran), 3, "console:\n{}", ran.console);
+    assert!(ran.console.contains("pipe=-1 errno_enosys=1\n"));
+    assert!(
+        ran.console
+            .contains("sf-linux: unimplemented system calls: pipe (22) x2"),
+        "console:\n{}",
+        ran.console
+    );
+}
+
+const BAD_POINTER: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    long r = syscall(SYS_write, 1, (void *)0x10, 100);
+    int efault = errno == EFAULT;
+    r += syscall(SYS_write, 1, (void *)-4096L, 10);
+    efault &= errno == EFAULT;
+    printf("r=%ld efault=%d\n", r, efault);
+    return 0;
+}
+"#;
+
+#[test]
+fn a_bad_pointer_is_efault_to_the_program_not_a_vmm_error() {
+    let ran = run(&compile(BAD_POINTER, &["-static"]), "badptr");
+    assert_eq!(exit_code(&ran), 0, "console:\n{}", ran.console);
+    assert_eq!(ran.console, "r=-2 efault=1\n");
+}
+
+const NULL_CALL: &str = r#"
+#include <stdio.h>
+int main(int argc, char **argv) {
+    (void)argv;
+    void (*volatile function)(void) = (void (*)(void))(long)(argc - 1);
+    printf("calling\n");
+    fflush(stdout);
+    function();
+    return 0;
+}
+"#;
+
+#[test]
+fn a_call_through_a_null_function_pointer_ends_the_vm_with_the_reason() {
+    let ran = run(&compile(NULL_CALL, &["-static"]), "nullcall");
+    let error = ran.stop.expect_err("the VM must fail");
+    let text = error.to_string();
+    assert!(text.contains("null function pointer"), "{text}");
+}
+
+#[test]
+fn a_dynamically_linked_program_is_refused_with_the_fix() {
+    let image = compile("int main(void) { return 0; }", &[]);
+    let error = loader::kind(&image).unwrap_err();
+    assert!(matches!(error, LoadError::DynamicLinux { .. }), "{error:?}");
+    assert!(
+        error.to_string().contains("link it with -static"),
+        "{error}"
+    );
+    let hv = KvmHypervisor::open().expect("KVM");
+    let config = MachineConfig {
+        personality: Some(LINUX_PERSONALITY.into()),
+        ..MachineConfig::default()
+    };
+    let refused = Machine::boot(&hv, &image, &config).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            MachineError::Boot(BootError::Load(LoadError::DynamicLinux { .. }))
+        ),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_linux_program_without_a_personality_is_refused() {
+    let hv = KvmHypervisor::open().expect("KVM");
+    let image = compile(MANY_CALLS, &["-static"]);
+    let refused = Machine::boot(&hv, &image, &MachineConfig::default()).unwrap_err();
+    assert!(
+        matches!(refused, MachineError::Boot(BootError::NoPersonality)),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_flock_image_that_makes_a_linux_system_call_gets_a_clear_error() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/guest.ld");
+    let image = compile(
+        "void _start(void) { __asm__ volatile(\"mov $39, %eax; syscall\"); for (;;) {} }",
+        &[
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-ffreestanding",
+            &format!("-Wl,-T,{}", script.display()),
+        ],
+    );
+    assert_eq!(loader::kind(&image).unwrap(), ImageKind::Flock);
+    let ran = run(&image, "");
+    let error = ran.stop.expect_err("the VM must fail");
+    assert!(
+        matches!(error, MachineError::SyscallInFlockImage { .. }),
+        "{error:?}"
+    );
+}
