@@ -172,6 +172,8 @@ fn build_images(dir: &Path, script: &Path) {
             "-Werror",
             "-static",
         ])
+        .arg("-I")
+        .arg(dir.join("include"))
         .arg(dir.join("c").join("linux").join(format!("{name}.c")))
         .arg("-o")
         .arg(&program);

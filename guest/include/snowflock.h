@@ -10,6 +10,14 @@
  * this header: that file then gets the entry point `_start` (which validates the
  * boot information and calls `int main(void)`, whose return value becomes the
  * EXIT code) and the memcpy/memmove/memset/memcmp that gcc may emit calls to.
+ *
+ * Hosted programs (a static Linux executable built with `gcc -static`, run as
+ * a Linux-ABI guest) use the same header for the clone API: SNOWFLOCK_HOSTED,
+ * which defaults to __STDC_HOSTED__ (1 unless -ffreestanding), leaves out
+ * `_start` and the memory functions (libc has them), and makes sf_clone,
+ * sf_checkpoint, sf_child_exit and sf_exit_vm flush stdio first, so that
+ * output buffered before a clone point is printed once, and a clone's
+ * output is not lost when it ends.
  */
 #ifndef SNOWFLOCK_H
 #define SNOWFLOCK_H
@@ -17,6 +25,16 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#ifndef SNOWFLOCK_HOSTED
+#define SNOWFLOCK_HOSTED __STDC_HOSTED__
+#endif
+#if SNOWFLOCK_HOSTED
+#include <stdio.h>
+#define SF_FLUSH_STDIO() fflush(NULL)
+#else
+#define SF_FLUSH_STDIO() ((void)0)
+#endif
 
 /* ---- ABI constants (must match the abi/ crate) ---- */
 #define SF_ABI_VERSION 2
@@ -148,6 +166,7 @@ static inline uint64_t sf_console_write(const void *buf, uint64_t len)
 /* Ends this VM (a child that calls it counts as failed). */
 __attribute__((noreturn)) static inline void sf_exit_vm(int code)
 {
+    SF_FLUSH_STDIO();
     sf_hypercall_noreturn(SF_NR_EXIT, (uint32_t)code);
 }
 
@@ -202,12 +221,14 @@ static inline int64_t sf_request_ticket(uint32_t n, uint32_t *granted)
 /* 0 in the parent, 1..=m in each child (like fork()). */
 static inline int64_t sf_clone(int64_t ticket)
 {
+    SF_FLUSH_STDIO();
     return sf_result(sf_hypercall(SF_NR_CLONE, (uint64_t)ticket, 0, 0, 0, NULL));
 }
 
 /* 0 in the parent (*checkpoint = its id), 1..=m in children created from it. */
 static inline int64_t sf_checkpoint(uint64_t *checkpoint)
 {
+    SF_FLUSH_STDIO();
     return sf_result(sf_hypercall(SF_NR_CHECKPOINT, 0, 0, 0, 0, checkpoint));
 }
 
@@ -219,6 +240,7 @@ static inline int64_t sf_create_clones(uint64_t checkpoint, int64_t ticket)
 /* Ends this child with `len` result bytes; returns -errno only if not a clone. */
 static inline int64_t sf_child_exit(const void *result, uint64_t len)
 {
+    SF_FLUSH_STDIO();
     return sf_result(sf_hypercall(SF_NR_CHILD_EXIT, (uintptr_t)result, len, 0, 0, NULL));
 }
 
@@ -378,7 +400,7 @@ __attribute__((format(printf, 1, 2))) static inline void sf_printf(const char *f
 }
 
 /* ---- Entry point and C memory functions (one translation unit) ---- */
-#ifdef SNOWFLOCK_IMPLEMENTATION
+#if defined(SNOWFLOCK_IMPLEMENTATION) && !SNOWFLOCK_HOSTED
 
 int main(void);
 
@@ -438,5 +460,5 @@ int memcmp(const void *a, const void *b, size_t n)
     return (int)x[-1] - (int)y[-1];
 }
 
-#endif /* SNOWFLOCK_IMPLEMENTATION */
+#endif /* SNOWFLOCK_IMPLEMENTATION && !SNOWFLOCK_HOSTED */
 #endif /* SNOWFLOCK_H */

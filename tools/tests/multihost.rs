@@ -383,3 +383,40 @@ fn the_next_job_of_an_image_pushes_what_its_clones_asked_for_first_never_to_a_ne
     );
     cluster.down().unwrap();
 }
+
+#[test]
+fn a_static_linux_program_clones_onto_other_hosts_and_its_clones_fetch_the_process_on_demand() {
+    let (cluster, _dir) = cluster(3, 2, |_| {});
+    let h1 = cluster.host(0).unwrap().socket.clone();
+    let vm = start(&h1, "clonesum", 256 << 20, "clonesum 300000 6");
+    let ended = wait(&h1, vm);
+    assert_eq!(ended.outcome, VmOutcome::Exited(0), "{:#?}", ended.lines);
+    let report = &ended.reports[0];
+    assert_eq!(report.clones, 6);
+    let remote = report.children.iter().filter(|c| c.host.is_some()).count();
+    assert!(remote >= 2, "no clone ran on another host: {report:?}");
+    assert!(
+        report
+            .children
+            .iter()
+            .all(|c| matches!(c.outcome, VmOutcome::Result(ref r) if r.len() == 16)),
+        "{report:?}"
+    );
+    assert!(
+        ended
+            .lines
+            .iter()
+            .any(|l| l.contains("clones=6 sum=") && l.ends_with(" match=1")),
+        "{:#?}",
+        ended.lines
+    );
+    // The remote clones faulted the personality and the program in from
+    // the parent's host: nothing of the process travels in the descriptor.
+    let hosts = stats(&h1);
+    let clones: Vec<_> = hosts.iter().flat_map(|h| h.clones.iter()).collect();
+    assert_eq!(clones.len(), remote, "{hosts:#?}");
+    assert!(
+        clones.iter().any(|c| c.stats.pages_fetched > 0),
+        "{hosts:#?}"
+    );
+}
