@@ -19,3 +19,4 @@ pub mod remote;
 pub mod rx_path;
 pub mod stats;
 mod sync;
+pub mod syscall;

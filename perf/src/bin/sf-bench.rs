@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use snowflock_control::size::parse_size;
 use snowflock_perf::record::JsonLines;
-use snowflock_perf::{clone_local, job, mcast, remote, rx_path};
+use snowflock_perf::{clone_local, job, mcast, remote, rx_path, syscall};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,6 +49,19 @@ enum Scenario {
     /// An SVG plot of job time against clone count per mode, from `job`
     /// results (JSON lines), on stdout.
     PlotJob(PlotJob),
+    /// System calls of a static Linux program served in the guest by the
+    /// personality, against the same program run natively.
+    Syscall(SyscallArgs),
+}
+
+#[derive(Debug, Args)]
+struct SyscallArgs {
+    /// Measured runs (each native and as a guest); the figures are their medians.
+    #[arg(long, default_value_t = 5)]
+    runs: u32,
+    /// Calls per timed loop.
+    #[arg(long, default_value_t = 20000)]
+    rounds: u32,
 }
 
 /// Options of every multi-host scenario.
@@ -248,6 +261,7 @@ fn run() -> anyhow::Result<()> {
                 .write_all(job::plot(&text)?.as_bytes())
                 .context("writing the plot")?;
         }
+        Scenario::Syscall(args) => syscall::run(args.runs, args.rounds, &mut out)?,
         Scenario::RxPath(args) => rx_path::run(
             args.runs,
             args.pages,

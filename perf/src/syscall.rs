@@ -1,0 +1,142 @@
+//! Scenario `syscall`: system calls of a static Linux program (the embedded
+//! `syscalls` example) served inside the guest by the personality, against
+//! the same program run natively on this host in the same run, interleaved.
+//!
+//! The program times each call itself (the median over its own repetitions
+//! of the mean per call), so both sides measure the same loop with the same
+//! clock. Per call: `guest_ns`, `native_ns`, `guest_to_native`; and the
+//! guest's `first_call_ns`, the call that trapped to the VMM before its site
+//! was patched. `write1` writes one byte to standard error (in the guest,
+//! into the personality's line buffer). `getpid_unpatched` calls from
+//! writable memory, which the personality never patches: the cost of the
+//! path that exits every time.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, bail};
+use serde_json::{Map, Value, json};
+use snowflock_guest::images;
+use snowflock_vmm::machine::MachineConfig;
+use snowflock_vmm::memory::HostPages;
+use snowflock_vmm::{KvmHypervisor, Machine, Stop};
+
+use crate::record::{Record, Sink};
+use crate::stats::Summary;
+
+const BENCH: &str = "syscall";
+
+/// One run's figures: per call, (mean ns per call, first call ns).
+type Figures = BTreeMap<String, (f64, f64)>;
+
+fn parse(output: &str) -> anyhow::Result<Figures> {
+    let mut figures = Figures::new();
+    for line in output
+        .lines()
+        .filter_map(|l| l.find("syscall=").map(|at| &l[at..]))
+    {
+        let field = |key: &str| -> anyhow::Result<&str> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .with_context(|| format!("no {key} in {line:?}"))
+        };
+        let name = field("syscall=")?.to_string();
+        let ns: f64 = field("ns=")?.parse()?;
+        let first: f64 = field("first_ns=")?.parse()?;
+        figures.insert(name, (ns, first));
+    }
+    if figures.is_empty() {
+        bail!("the program printed no figures: {output:?}");
+    }
+    Ok(figures)
+}
+
+fn native(program: &std::path::Path, args: &[String]) -> anyhow::Result<Figures> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .context("running the program natively")?;
+    if !output.status.success() {
+        bail!("the native run failed: {:?}", output.status);
+    }
+    parse(&String::from_utf8_lossy(&output.stdout))
+}
+
+fn guest(hv: &KvmHypervisor, args: &[String]) -> anyhow::Result<Figures> {
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let sink = console.clone();
+    let config = MachineConfig {
+        mem_size: 256 << 20,
+        cmdline: std::iter::once("syscalls".to_string())
+            .chain(args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" "),
+        console: Arc::new(move |bytes: &[u8]| snowflock_sync::lock(&sink).extend_from_slice(bytes)),
+        host_pages: HostPages::Base,
+        personality: Some(images::LINUX_PERSONALITY.into()),
+    };
+    let mut machine = Machine::boot(hv, images::SYSCALLS, &config)?;
+    match machine.run()? {
+        Stop::Exited(0) => {}
+        other => bail!("the guest stopped with {other:?}"),
+    }
+    let text = String::from_utf8_lossy(&snowflock_sync::lock(&console)).into_owned();
+    parse(&text)
+}
+
+/// Runs the program `runs` times natively and as a guest, interleaved.
+pub fn run(runs: u32, rounds: u32, out: &mut dyn Sink) -> anyhow::Result<()> {
+    let hv = KvmHypervisor::open().context("opening KVM")?;
+    let dir = tempfile::tempdir()?;
+    let program = dir.path().join("syscalls");
+    std::fs::write(&program, images::SYSCALLS)?;
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755))?;
+    let args = vec![rounds.to_string(), "5".to_string()];
+    let mut guest_runs = Vec::new();
+    let mut native_runs = Vec::new();
+    for run in 1..=runs {
+        eprintln!("syscall: run {run}");
+        native_runs.push(native(&program, &args)?);
+        guest_runs.push(guest(&hv, &args)?);
+    }
+    for name in guest_runs[0].keys() {
+        let params: Map<String, Value> = [
+            ("call".to_string(), json!(name)),
+            ("rounds".to_string(), json!(rounds)),
+            ("runs".to_string(), json!(runs)),
+        ]
+        .into_iter()
+        .collect();
+        let of = |figures: &[Figures], pick: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+            figures
+                .iter()
+                .filter_map(|f| f.get(name).map(pick))
+                .collect()
+        };
+        let guest_ns = of(&guest_runs, |f| f.0);
+        let native_ns = of(&native_runs, |f| f.0);
+        let first = of(&guest_runs, |f| f.1);
+        let ratios: Vec<f64> = guest_ns
+            .iter()
+            .zip(&native_ns)
+            .map(|(g, n)| g / n)
+            .collect();
+        for (metric, samples, unit) in [
+            ("guest_ns", &guest_ns, "ns"),
+            ("native_ns", &native_ns, "ns"),
+            ("guest_to_native", &ratios, "ratio"),
+            ("first_call_ns", &first, "ns"),
+        ] {
+            let Some(summary) = Summary::of(samples) else {
+                continue;
+            };
+            let mut params = params.clone();
+            params.insert("min".into(), json!(summary.min));
+            params.insert("max".into(), json!(summary.max));
+            out.emit(Record::new(BENCH, metric, summary.median, unit, &params))?;
+        }
+    }
+    Ok(())
+}
