@@ -96,6 +96,9 @@ pub mod nr {
     pub const CLOCKS: u32 = 15;
     /// `(ns) -> 0`: sleeps `min(ns, MAX_SLEEP_NS)` (a longer sleep is a loop).
     pub const SLEEP_NS: u32 = 16;
+    /// `(op, request: *const HostFileRequest) -> rax (rdx)`: a Linux-ABI
+    /// guest's access to host files, see [`linux::files`].
+    pub const HOST_FILE: u32 = 17;
 }
 
 /// Longest sleep one `SLEEP_NS` takes, so that a sleeping VM can still be
@@ -154,6 +157,72 @@ pub mod linux {
         pub stack_bottom: u64,
     }
     const _: () = assert!(core::mem::size_of::<LinuxStart>() == 64);
+
+    /// Host files: read-only mounts of host directories, and standard input.
+    ///
+    /// The VMM writes the mount table at [`MOUNTS_ADDR`](files::MOUNTS_ADDR)
+    /// (user-readable, read-only): a `u64` count, then [`MountEntry`](files::MountEntry)s.
+    /// The personality resolves a program's paths; a path under a mount goes
+    /// to the VMM as the mount's index and a relative path (no `..`, no
+    /// leading `/`), which the VMM opens beneath the mount's host directory
+    /// (symlinks cannot leave it). Each request names its file: the VMM
+    /// keeps no open-file state a clone would need.
+    pub mod files {
+        pub const MOUNTS_ADDR: u64 = 0x6_2000;
+        pub const MAX_MOUNTS: u64 = 15;
+        pub const MAX_GUEST_PATH: usize = 240;
+        /// Longest relative path in a request.
+        pub const MAX_PATH: u64 = 4096;
+
+        /// `(mount, path) -> 0`, a [`HostStat`] at `buf`.
+        pub const OP_STAT: u64 = 0;
+        /// `(mount, path, offset, buf, len) -> bytes read` (0 at the end).
+        pub const OP_READ: u64 = 1;
+        /// `(mount, path, offset = first entry, buf, len) -> rax: bytes
+        /// written, rdx: the next entry`. Entries are `kind` (b'd', b'f',
+        /// b'l', b'o'), the name, and a NUL byte.
+        pub const OP_READDIR: u64 = 2;
+        /// `(offset, buf, len) -> bytes read` from standard input (0: none or the end).
+        pub const OP_STDIN: u64 = 3;
+
+        /// One entry of the mount table.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct MountEntry {
+            /// Bytes of `path` used.
+            pub len: u64,
+            pub flags: u64,
+            /// The guest path, absolute, without a trailing `/`.
+            pub path: [u8; MAX_GUEST_PATH],
+        }
+        const _: () = assert!(core::mem::size_of::<MountEntry>() == 256);
+
+        /// What a `HOST_FILE` call names.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct HostFileRequest {
+            pub mount: u64,
+            pub path_ptr: u64,
+            pub path_len: u64,
+            pub offset: u64,
+            pub buf: u64,
+            pub len: u64,
+        }
+        const _: () = assert!(core::mem::size_of::<HostFileRequest>() == 48);
+
+        /// What `OP_STAT` writes.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct HostStat {
+            pub size: u64,
+            /// `st_mode`: file type and permissions.
+            pub mode: u64,
+            pub mtime_ns: u64,
+            pub ino: u64,
+            pub nlink: u64,
+        }
+        const _: () = assert!(core::mem::size_of::<HostStat>() == 40);
+    }
 }
 
 /// `REQUEST_TICKET`'s flags: what the caller knows of the ticket's children.

@@ -1,6 +1,7 @@
 //! A blocking client of `sfd`'s local API (see [`crate::protocol`]), for the
 //! CLI, the multi-host tests and the benchmarks.
 
+use snowflock_vmm::files::FilesConfig;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -75,19 +76,22 @@ impl ApiClient {
         Self::answer(&mut self.send(request)?)
     }
 
-    /// Boots an image on the daemon's host; returns the VM id.
+    /// Boots an image on the daemon's host (a Linux-ABI program with
+    /// `files`); returns the VM id.
     pub fn start(
         &self,
         name: &str,
         image: Vec<u8>,
         mem_size: u64,
         cmdline: &str,
+        files: FilesConfig,
     ) -> Result<u64, ApiError> {
         let request = ApiRequest::Start {
             name: name.to_string(),
             image,
             mem_size,
             cmdline: cmdline.to_string(),
+            files,
         };
         match self.call(&request)? {
             ApiResponse::Started { vm } => Ok(vm),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use snowflock_dataplane::mcast::{McastServerStats, ReceiverStats};
 use snowflock_fault_handler::{CloneStats, FamilyStats};
+use snowflock_vmm::files::FilesConfig;
 
 use crate::config::{Distribution, RxPath, XdpAttachMode};
 use crate::outcome::VmOutcome;
@@ -22,6 +23,8 @@ pub enum ApiRequest {
         image: Vec<u8>,
         mem_size: u64,
         cmdline: String,
+        /// A Linux-ABI program's mounts and standard input (host paths absolute).
+        files: FilesConfig,
     },
     /// Stream a VM's console (and its clones') until it ends.
     Wait { vm: u64 },

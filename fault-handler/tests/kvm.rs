@@ -272,6 +272,7 @@ fn parent_at_clone_point(
         console: Arc::new(|_: &[u8]| {}),
         host_pages: HostPages::Base,
         personality: None,
+        files: Default::default(),
     };
     let parent = Machine::boot(hv, &elf(&Code::program()), &config).expect("boot");
     let (mut parent, stop) = run_bounded(parent);

@@ -87,7 +87,7 @@ pub(crate) fn run_job(socket: &Path, image: &str, mem: u64, args: &str) -> Resul
         .with_context(|| format!("no embedded image {image}"))?
         .to_vec();
     let api = client(socket);
-    let vm = api.start(image, bytes, mem, args)?;
+    let vm = api.start(image, bytes, mem, args, Default::default())?;
     let mut lines = Vec::new();
     let end = api.wait(vm, |_, line| lines.push(line.to_string()))?;
     if end.outcome != VmOutcome::Exited(0) {

@@ -76,6 +76,7 @@ fn guest(hv: &KvmHypervisor, args: &[String]) -> anyhow::Result<Figures> {
         console: Arc::new(move |bytes: &[u8]| snowflock_sync::lock(&sink).extend_from_slice(bytes)),
         host_pages: HostPages::Base,
         personality: Some(images::LINUX_PERSONALITY.into()),
+        files: Default::default(),
     };
     let mut machine = Machine::boot(hv, images::SYSCALLS, &config)?;
     match machine.run()? {

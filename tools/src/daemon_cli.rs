@@ -39,6 +39,8 @@ pub struct StartArgs {
     /// (console lines go to stderr).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub files: crate::files_cli::FileArgs,
     #[arg(last = true)]
     pub guest_args: Vec<String>,
 }
@@ -52,8 +54,13 @@ fn one(socket: &Path, request: &ApiRequest) -> Result<ApiResponse> {
 
 pub fn start(socket: &Path, args: StartArgs, image: Vec<u8>) -> Result<ExitCode> {
     let cmdline = crate::guest_cmdline(&args.image, &image, &args.guest_args);
-    let vm =
-        ApiClient::new(socket, Some(CALL_TIMEOUT)).start(&args.image, image, args.mem, &cmdline)?;
+    let vm = ApiClient::new(socket, Some(CALL_TIMEOUT)).start(
+        &args.image,
+        image,
+        args.mem,
+        &cmdline,
+        args.files.config()?,
+    )?;
     if !args.wait {
         println!("{vm}");
         return Ok(ExitCode::SUCCESS);

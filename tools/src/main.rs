@@ -2,6 +2,7 @@
 
 mod cluster_cli;
 mod daemon_cli;
+mod files_cli;
 mod net_cli;
 mod report;
 
@@ -127,6 +128,8 @@ struct RunArgs {
     /// Print a JSON report on stdout (guest console goes to stderr).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    files: files_cli::FileArgs,
     /// Arguments for the guest, e.g. `-- clones=4 mib=64`.
     #[arg(last = true)]
     guest_args: Vec<String>,
@@ -318,10 +321,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     )?;
     let started = Instant::now();
     let vm = sup
-        .launch(
+        .launch_with_files(
             &image,
             args.mem,
             &guest_cmdline(&args.image, &image, &args.guest_args),
+            args.files.config()?,
         )
         .context("starting the VM")?;
     let outcome = vm.wait();

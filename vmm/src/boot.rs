@@ -5,6 +5,7 @@
 //! Low memory (below `IMAGE_BASE`) belongs to the VMM and is not user-accessible,
 //! except the read-only boot information page.
 
+use snowflock_abi::linux::files::MOUNTS_ADDR;
 use snowflock_abi::linux::{PERSONALITY_BASE, PERSONALITY_END, START_ADDR, SYSCALL_TRAP_PORT};
 use snowflock_abi::{
     ABI_VERSION, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, EXCEPTION_PORT, HYPERCALL_PORT,
@@ -289,7 +290,7 @@ fn write_page_tables(
     if kind == ImageKind::Linux {
         // Page 0 (the syscall sled) and the start page, read-only; the
         // personality's own pages, writable.
-        for page in [0, START_ADDR] {
+        for page in [0, START_ADDR, MOUNTS_ADDR] {
             memory.write_u64(LOW_PT + page / PAGE_SIZE * 8, page | PTE_PRESENT | PTE_USER)?;
         }
         for page in (PERSONALITY_BASE..PERSONALITY_END).step_by(PAGE_SIZE as usize) {

@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use snowflock_abi::linux::files::{HostFileRequest, MAX_PATH};
 use snowflock_abi::{
     MAX_REPORT_RUNS, MAX_SLEEP_NS, MAX_TRANSFER, PAGE_SIZE, PageReportKind, PageRun, PanicReport,
     nr, ticket,
@@ -60,6 +61,12 @@ pub enum Hypercall {
     },
     TimeNs,
     Clocks,
+    /// `HOST_FILE`: the request struct passed validation as a guest range;
+    /// its pointers are checked by [`host_file_ranges`] once read.
+    HostFile {
+        op: u64,
+        request: GuestRange,
+    },
     SleepNs {
         ns: u64,
     },
@@ -117,6 +124,28 @@ fn range(
     Ok(GuestRange { addr, len })
 }
 
+/// The path (read) and buffer (written) ranges of a host file request.
+pub fn host_file_ranges(
+    request: &HostFileRequest,
+    layout: &GuestLayout,
+) -> Result<(GuestRange, GuestRange), HypercallError> {
+    if request.path_len > MAX_PATH {
+        return Err(HypercallError::TooLong {
+            what: "host file path",
+            len: request.path_len,
+        });
+    }
+    let path = range(
+        layout,
+        "host file path",
+        request.path_ptr,
+        request.path_len,
+        false,
+    )?;
+    let buf = range(layout, "host file buffer", request.buf, request.len, true)?;
+    Ok((path, buf))
+}
+
 fn narrow(what: &'static str, value: u64) -> Result<u32, HypercallError> {
     u32::try_from(value).map_err(|_| HypercallError::BadValue { what, value })
 }
@@ -171,6 +200,16 @@ pub fn decode(number: u32, regs: &Regs, layout: &GuestLayout) -> Result<Hypercal
         nr::TIME_NS => Hypercall::TimeNs,
         nr::SET_FS_BASE => set_fs_base(a0),
         nr::CLOCKS => Hypercall::Clocks,
+        nr::HOST_FILE => Hypercall::HostFile {
+            op: a0,
+            request: range(
+                layout,
+                "host file request",
+                a1,
+                size_of::<HostFileRequest>() as u64,
+                false,
+            )?,
+        },
         nr::SLEEP_NS => Hypercall::SleepNs {
             ns: a0.min(MAX_SLEEP_NS),
         },

@@ -19,6 +19,7 @@
 
 pub mod background;
 pub mod boot;
+pub mod files;
 pub mod hypercall;
 pub mod hypervisor;
 #[cfg(feature = "kvm")]

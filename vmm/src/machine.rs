@@ -15,12 +15,16 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use snowflock_abi::linux::SYSCALL_TRAP_PORT;
+use snowflock_abi::linux::files::{
+    HostFileRequest, MOUNTS_ADDR, OP_READ, OP_READDIR, OP_STAT, OP_STDIN,
+};
 use snowflock_abi::{
     BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, EXCEPTION_PORT, HYPERCALL_PORT, IMAGE_BASE,
     PAGE_SIZE, PageReportKind, PanicReport, errno, nr, ticket,
 };
 
 use crate::boot::{self, BootError, GuestLayout};
+use crate::files::{FilesConfig, FilesError, HostFiles};
 use crate::hypercall::{self, GuestRange, Hypercall, HypercallError};
 use crate::hypervisor::{
     Hypervisor, HypervisorError, StateError, UserSelectors, Vcpu, VcpuExit, VcpuKicker, VcpuState,
@@ -74,6 +78,8 @@ pub struct MachineConfig {
     /// The Linux personality (`snowflock-linux`), needed to run a static
     /// Linux executable; flock images run without it.
     pub personality: Option<Arc<[u8]>>,
+    /// A Linux-ABI program's host mounts and standard input.
+    pub files: FilesConfig,
 }
 
 impl std::fmt::Debug for MachineConfig {
@@ -94,6 +100,7 @@ impl Default for MachineConfig {
             console: stdout_console(),
             host_pages: HostPages::Base,
             personality: None,
+            files: FilesConfig::default(),
         }
     }
 }
@@ -196,6 +203,10 @@ pub enum MachineError {
     SyscallInFlockImage { site: u64 },
     #[error("`syscall` at {site:#x} with the stack pointer {rsp:#x} outside guest memory")]
     SyscallStack { site: u64, rsp: u64 },
+    #[error("host files")]
+    Files(#[from] FilesError),
+    #[error("mounts and standard input are for Linux-ABI programs; this is a flock image")]
+    FilesForFlockImage,
 }
 
 /// The saved state of a VM, without memory contents: the part of a clone
@@ -215,6 +226,8 @@ pub struct MachineSnapshot {
     /// get zeros instead. Sorted, disjoint, inside the heap; empty without
     /// a report.
     pub free_pages: PageRuns,
+    /// A Linux-ABI guest's host files (its clones open the same mounts).
+    pub files: FilesConfig,
 }
 
 impl MachineSnapshot {
@@ -296,6 +309,7 @@ pub struct Machine {
     fresh_hook: Option<FreshPagesHook>,
     report_stats: PageReportStats,
     syscall_traps: u64,
+    files: HostFiles,
     /// Whether `layout.personality` was read from memory yet (on the first
     /// hypercall, not at restore: a hollow clone's memory is not readable
     /// before its fault handler runs).
@@ -356,12 +370,19 @@ impl Machine {
             hv.tsc_khz(),
             config.personality.as_deref(),
         )?;
+        let files = HostFiles::open(&config.files)?;
+        if linux::read_start(&memory)?.is_some() {
+            memory.write(MOUNTS_ADDR, &files.mount_table())?;
+        } else if config.files != FilesConfig::default() {
+            return Err(MachineError::FilesForFlockImage);
+        }
         let mut machine = Self::assemble(
             hv,
             prepared.vm,
             prepared.vcpu,
             memory,
             config.console.clone(),
+            files,
         )?;
         machine.heap = Some(loaded.end..machine.layout.guard_start());
         machine.vcpu.set_long_mode_entry(&entry)?;
@@ -402,7 +423,8 @@ impl Machine {
             RestoredMemory::View => GuestMemory::from_image_in(image, prepared.reserved)?,
             RestoredMemory::Copy => GuestMemory::copy_of_image_in(image, prepared.reserved)?,
         };
-        let mut machine = Self::assemble(hv, prepared.vm, prepared.vcpu, memory, console)?;
+        let files = HostFiles::open(&snapshot.files)?;
+        let mut machine = Self::assemble(hv, prepared.vm, prepared.vcpu, memory, console, files)?;
         machine.vm.restore_state(&snapshot.vm)?;
         machine.vcpu.restore_state(&snapshot.vcpu)?;
         Ok(machine)
@@ -428,7 +450,8 @@ impl Machine {
             .into());
         }
         let memory = GuestMemory::hollow_in(prepared.reserved, cache)?;
-        let mut machine = Self::assemble(hv, prepared.vm, prepared.vcpu, memory, console)?;
+        let files = HostFiles::open(&snapshot.files)?;
+        let mut machine = Self::assemble(hv, prepared.vm, prepared.vcpu, memory, console, files)?;
         machine.vm.restore_state(&snapshot.vm)?;
         machine.vcpu.restore_state(&snapshot.vcpu)?;
         Ok(machine)
@@ -440,8 +463,10 @@ impl Machine {
         vcpu: Box<dyn Vcpu>,
         memory: GuestMemory,
         console: ConsoleSink,
+        files: HostFiles,
     ) -> Result<Self, MachineError> {
         Ok(Self {
+            files,
             vm,
             vcpu,
             layout: GuestLayout::new(memory.size())?,
@@ -551,6 +576,7 @@ impl Machine {
             vm,
             data_pages: PageRuns::default(),
             free_pages: self.take_free_report(),
+            files: self.files.config().clone(),
         };
         Ok((snapshot, frozen.image))
     }
@@ -633,6 +659,58 @@ impl Machine {
         Ok(())
     }
 
+    /// Serves `HOST_FILE`; a failing host operation is `-errno` to the guest,
+    /// a bad request ends the VM.
+    fn host_file(&mut self, op: u64, request: GuestRange) -> Result<(u64, u64), MachineError> {
+        let raw = self.read_range(request)?;
+        let word =
+            |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let request = HostFileRequest {
+            mount: word(0),
+            path_ptr: word(1),
+            path_len: word(2),
+            offset: word(3),
+            buf: word(4),
+            len: word(5),
+        };
+        let rip = self.vcpu.regs()?.rip;
+        let (path, buf) = hypercall::host_file_ranges(&request, &self.layout)
+            .map_err(|source| MachineError::BadHypercall { rip, source })?;
+        let path = self.read_range(path)?;
+        let mut data = vec![0u8; buf.len as usize];
+        let result = match op {
+            OP_STAT => self.files.stat(request.mount, &path).map(|stat| {
+                let bytes: Vec<u8> = [stat.size, stat.mode, stat.mtime_ns, stat.ino, stat.nlink]
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .collect();
+                let n = bytes.len().min(data.len());
+                data[..n].copy_from_slice(&bytes[..n]);
+                (0, 0, n)
+            }),
+            OP_READ => self
+                .files
+                .read(request.mount, &path, request.offset, &mut data)
+                .map(|n| (n as u64, 0, n)),
+            OP_READDIR => self
+                .files
+                .readdir(request.mount, &path, request.offset, &mut data)
+                .map(|(n, next)| (n as u64, next, n)),
+            OP_STDIN => self
+                .files
+                .read_stdin(request.offset, &mut data)
+                .map(|n| (n as u64, 0, n)),
+            _ => Err(errno::EINVAL),
+        };
+        match result {
+            Ok((rax, rdx, written)) => {
+                self.memory.write(buf.addr, &data[..written])?;
+                Ok((rax, rdx))
+            }
+            Err(errno) => Ok((errno::encode(errno), 0)),
+        }
+    }
+
     /// `syscall`s that exited to the VMM (each site's first, and every call
     /// of a site the personality does not patch).
     pub fn syscall_traps(&self) -> u64 {
@@ -697,6 +775,11 @@ impl Machine {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos() as u64);
                 self.set_return(host_monotonic_ns(), real)?;
+                return Ok(None);
+            }
+            Hypercall::HostFile { op, request } => {
+                let (rax, rdx) = self.host_file(op, request)?;
+                self.set_return(rax, rdx)?;
                 return Ok(None);
             }
             Hypercall::SleepNs { ns } => {

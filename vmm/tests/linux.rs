@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use snowflock_guest::images::LINUX_PERSONALITY;
 use snowflock_vmm::boot::BootError;
+use snowflock_vmm::files::FilesConfig;
 use snowflock_vmm::loader::{self, ImageKind, LoadError};
 use snowflock_vmm::machine::MachineConfig;
 use snowflock_vmm::memory::HostPages;
@@ -49,6 +50,7 @@ fn run(image: &[u8], cmdline: &str) -> Ran {
         console: Arc::new(move |bytes: &[u8]| sink.lock().unwrap().extend_from_slice(bytes)),
         host_pages: HostPages::Base,
         personality: Some(LINUX_PERSONALITY.into()),
+        files: FilesConfig::default(),
     };
     let mut machine = Machine::boot(&hv, image, &config).expect("boot");
     let stop = machine.run();

@@ -127,6 +127,7 @@ fn boot(code: &Code) -> (KvmHypervisor, Machine) {
         console: Arc::new(|_: &[u8]| {}),
         host_pages: HostPages::Base,
         personality: None,
+        files: Default::default(),
     };
     let machine = Machine::boot(&hv, &image(code), &config).expect("boot");
     (hv, machine)

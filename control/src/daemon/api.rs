@@ -1,5 +1,6 @@
 //! The local API: one request per Unix-socket connection from the CLI.
 
+use snowflock_vmm::files::FilesConfig;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,7 +54,8 @@ pub async fn serve_client(daemon: Arc<Daemon>, mut stream: UnixStream) {
             image,
             mem_size,
             cmdline,
-        } => start(&daemon, name, image, mem_size, cmdline).await,
+            files,
+        } => start(&daemon, name, image, mem_size, cmdline, files).await,
         ApiRequest::Clone { vm, clones } => clone(&daemon, vm, clones).await,
         ApiRequest::Ps => ps(&daemon).await,
         ApiRequest::Kill { host, vm } => kill(&daemon, host, vm).await,
@@ -76,11 +78,12 @@ async fn start(
     image: Vec<u8>,
     mem_size: u64,
     cmdline: String,
+    files: FilesConfig,
 ) -> ApiResponse {
     let d = daemon.clone();
     let started = tokio::task::spawn_blocking(move || {
         d.supervisor
-            .launch_labelled(&image, mem_size, &cmdline, |vm| format!("vm{vm}"))
+            .launch_labelled(&image, mem_size, &cmdline, files, |vm| format!("vm{vm}"))
     })
     .await;
     let handle = match started {

@@ -30,6 +30,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use snowflock_vmm::files::FilesConfig;
 use snowflock_vmm::{Hypervisor, Machine, MachineConfig};
 
 pub use self::error::{CaptureError, DescribeError, SupervisorError};
@@ -135,16 +136,31 @@ impl Supervisor {
         mem_size: u64,
         cmdline: &str,
     ) -> Result<VmHandle, SupervisorError> {
-        self.launch_labelled(image, mem_size, cmdline, |_| String::new())
+        self.launch_labelled(image, mem_size, cmdline, FilesConfig::default(), |_| {
+            String::new()
+        })
     }
 
-    /// Like [`Supervisor::launch`], with console lines labelled by
+    /// Like [`Supervisor::launch`], for a Linux-ABI program with host mounts
+    /// and standard input.
+    pub fn launch_with_files(
+        &self,
+        image: &[u8],
+        mem_size: u64,
+        cmdline: &str,
+        files: FilesConfig,
+    ) -> Result<VmHandle, SupervisorError> {
+        self.launch_labelled(image, mem_size, cmdline, files, |_| String::new())
+    }
+
+    /// Like [`Supervisor::launch_with_files`], with console lines labelled by
     /// `label(vm id)`; clones extend the label with their number.
     pub fn launch_labelled(
         &self,
         image: &[u8],
         mem_size: u64,
         cmdline: &str,
+        files: FilesConfig,
         label: impl FnOnce(u64) -> String,
     ) -> Result<VmHandle, SupervisorError> {
         let vm = self.host.fresh_vm();
@@ -156,6 +172,7 @@ impl Supervisor {
             console,
             host_pages: self.host.config.host_pages,
             personality: self.host.config.linux_personality.clone(),
+            files,
         };
         let machine =
             Machine::boot(self.host.hv.as_ref(), image, &config).map_err(SupervisorError::Start)?;

@@ -37,7 +37,9 @@ pub fn call(socket: &Path, req: &ApiRequest) -> ApiResponse {
 
 pub fn start(socket: &Path, image: &str, mem: u64, args: &str) -> u64 {
     let image = snowflock_guest::images::by_name(image).unwrap().to_vec();
-    client(socket).start("test", image, mem, args).unwrap()
+    client(socket)
+        .start("test", image, mem, args, Default::default())
+        .unwrap()
 }
 
 /// Console lines and the end of a VM.

@@ -1,0 +1,85 @@
+//! `--mount` and `--stdin`: the host files of a Linux-ABI program.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use snowflock_vmm::files::{FilesConfig, MountSpec};
+
+#[derive(Debug, Args, Default)]
+pub struct FileArgs {
+    /// Show the host directory HOST to a Linux-ABI program at the guest path
+    /// GUEST, read-only (repeatable). The program cannot reach anything of
+    /// the host outside its mounts.
+    #[arg(long = "mount", value_name = "HOST:GUEST[:ro]")]
+    pub mounts: Vec<String>,
+    /// A host file the program reads as standard input (default: none, it reads the end).
+    #[arg(long, value_name = "FILE")]
+    pub stdin: Option<PathBuf>,
+}
+
+impl FileArgs {
+    /// The configuration, host paths made absolute.
+    pub fn config(&self) -> Result<FilesConfig> {
+        let mut mounts = Vec::with_capacity(self.mounts.len());
+        for spec in &self.mounts {
+            let (host, guest) = match spec.rsplit_once(':') {
+                Some((rest, "ro")) => rest
+                    .split_once(':')
+                    .with_context(|| format!("--mount {spec}: expected HOST:GUEST[:ro]"))?,
+                Some((_, "rw")) => {
+                    bail!("--mount {spec}: writable mounts are not supported; write under /out")
+                }
+                Some(pair) => pair,
+                None => bail!("--mount {spec}: expected HOST:GUEST[:ro]"),
+            };
+            let host = std::fs::canonicalize(host)
+                .with_context(|| format!("--mount {spec}: host directory {host}"))?;
+            mounts.push(MountSpec {
+                host,
+                guest: guest.to_string(),
+                identity: None,
+            });
+        }
+        let stdin = match &self.stdin {
+            None => None,
+            Some(path) => Some(
+                std::fs::canonicalize(path)
+                    .with_context(|| format!("--stdin {}", path.display()))?,
+            ),
+        };
+        Ok(FilesConfig { mounts, stdin })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(mounts: &[&str]) -> FileArgs {
+        FileArgs {
+            mounts: mounts.iter().map(|m| m.to_string()).collect(),
+            stdin: None,
+        }
+    }
+
+    #[test]
+    fn mounts_parse_with_and_without_ro() {
+        let dir = std::env::temp_dir();
+        let host = dir.display();
+        let config = args(&[&format!("{host}:/data"), &format!("{host}:/ref:ro")])
+            .config()
+            .unwrap();
+        let guests: Vec<&str> = config.mounts.iter().map(|m| m.guest.as_str()).collect();
+        assert_eq!(guests, ["/data", "/ref"]);
+        assert!(config.mounts.iter().all(|m| m.host.is_absolute()));
+    }
+
+    #[test]
+    fn bad_mounts_are_refused_with_the_form() {
+        for bad in ["/tmp", "/tmp:/x:rw", "/no/such/dir:/x"] {
+            let error = args(&[bad]).config().unwrap_err();
+            assert!(format!("{error:#}").contains("--mount"), "{bad}: {error:#}");
+        }
+    }
+}
