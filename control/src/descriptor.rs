@@ -26,7 +26,7 @@ use snowflock_vmm::memory::PAGE_SIZE;
 /// `SFLOCKD\0`.
 pub const MAGIC: [u8; 8] = *b"SFLOCKD\0";
 /// Current format version; bump on any incompatible payload change.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 /// Largest payload accepted. A 1 GiB guest's descriptor is ~15 KiB.
 pub const MAX_PAYLOAD: u64 = 16 << 20;
 const HEADER_LEN: usize = 24;

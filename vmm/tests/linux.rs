@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use snowflock_guest::images::LINUX_PERSONALITY;
 use snowflock_vmm::boot::BootError;
-use snowflock_vmm::files::FilesConfig;
+use snowflock_vmm::files::{FilesConfig, MountSpec};
 use snowflock_vmm::loader::{self, ImageKind, LoadError};
 use snowflock_vmm::machine::MachineConfig;
 use snowflock_vmm::memory::HostPages;
@@ -41,6 +41,11 @@ struct Ran {
 
 /// Boots `image` with `cmdline` and runs it until it stops.
 fn run(image: &[u8], cmdline: &str) -> Ran {
+    run_with(image, cmdline, FilesConfig::default())
+}
+
+/// Like [`run`], with host files.
+fn run_with(image: &[u8], cmdline: &str, files: FilesConfig) -> Ran {
     let hv = KvmHypervisor::open().expect("KVM must be available for these tests");
     let console = Arc::new(Mutex::new(Vec::new()));
     let sink = console.clone();
@@ -50,7 +55,7 @@ fn run(image: &[u8], cmdline: &str) -> Ran {
         console: Arc::new(move |bytes: &[u8]| sink.lock().unwrap().extend_from_slice(bytes)),
         host_pages: HostPages::Base,
         personality: Some(LINUX_PERSONALITY.into()),
-        files: FilesConfig::default(),
+        files,
     };
     let mut machine = Machine::boot(&hv, image, &config).expect("boot");
     let stop = machine.run();
@@ -312,4 +317,100 @@ fn a_flock_image_that_makes_a_linux_system_call_gets_a_clear_error() {
         matches!(error, MachineError::SyscallInFlockImage { .. }),
         "{error:?}"
     );
+}
+
+const FILES: &str = r#"
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+int main(void) {
+    int bad = 0;
+    char line[256];
+    FILE *f = fopen("/data/input.txt", "r");
+    if (!f || !fgets(line, sizeof line, f) || strcmp(line, "hello from the host\n") != 0) bad |= 1;
+    if (f) fclose(f);
+    /* A large file, read through stdio in the blocks fstat suggests. */
+    struct stat st;
+    unsigned long sum = 0;
+    f = fopen("/data/sub/big.bin", "rb");
+    if (!f || fstat(fileno(f), &st) != 0 || st.st_size != 3000000 || !S_ISREG(st.st_mode)) bad |= 2;
+    int c;
+    long count = 0;
+    while (f && (c = fgetc(f)) != EOF) { sum += (unsigned long)c; count++; }
+    if (count != 3000000) bad |= 4;
+    if (f) fclose(f);
+    /* pread at an offset, and lseek to the end. */
+    int fd = open("/data/input.txt", O_RDONLY);
+    char word[5] = {0};
+    if (fd < 0 || pread(fd, word, 4, 6) != 4 || strcmp(word, "from") != 0) bad |= 8;
+    if (lseek(fd, 0, SEEK_END) != 20) bad |= 16;
+    close(fd);
+    /* Mounts are read-only; nothing outside them is reachable. */
+    if (open("/data/input.txt", O_WRONLY) >= 0 || errno != EROFS) bad |= 32;
+    if (open("/data/outside/passwd", O_RDONLY) >= 0) bad |= 64;
+    if (open("/data/../../etc/passwd", O_RDONLY) >= 0) bad |= 128;
+    /* Listing a mount. */
+    DIR *dir = opendir("/data");
+    int seen = 0;
+    struct dirent *e;
+    while (dir && (e = readdir(dir))) {
+        if (strcmp(e->d_name, "input.txt") == 0 && e->d_type == DT_REG) seen |= 1;
+        if (strcmp(e->d_name, "sub") == 0 && e->d_type == DT_DIR) seen |= 2;
+    }
+    if (seen != 3) bad |= 256;
+    if (dir) closedir(dir);
+    /* The in-VM file system: write, append, read back, rename, list, unlink. */
+    if (mkdir("/tmp/work", 0755) != 0) bad |= 512;
+    if (chdir("/tmp/work") != 0) bad |= 1024;
+    FILE *w = fopen("notes.txt", "w");
+    for (int i = 0; i < 10000; i++) fprintf(w, "line %d\n", i);
+    fclose(w);
+    w = fopen("/tmp/work/notes.txt", "a");
+    fputs("the end\n", w);
+    fclose(w);
+    if (rename("notes.txt", "kept.txt") != 0) bad |= 2048;
+    f = fopen("kept.txt", "r");
+    int lines = 0;
+    while (f && fgets(line, sizeof line, f)) lines++;
+    if (lines != 10001 || strcmp(line, "the end\n") != 0) bad |= 4096;
+    if (f) fclose(f);
+    char cwd[64];
+    if (!getcwd(cwd, sizeof cwd) || strcmp(cwd, "/tmp/work") != 0) bad |= 8192;
+    if (unlink("kept.txt") != 0 || access("kept.txt", F_OK) == 0 || rmdir("/tmp/work") != 0) bad |= 16384;
+    /* Standard input comes from the host file given. */
+    if (!fgets(line, sizeof line, stdin) || strcmp(line, "from stdin\n") != 0) bad |= 32768;
+    printf("bad=%d sum=%lu\n", bad, sum);
+    return bad != 0;
+}
+"#;
+
+#[test]
+fn a_program_reads_host_mounts_and_writes_its_own_files_in_guest_memory() {
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("input.txt"), "hello from the host\n").unwrap();
+    std::fs::create_dir(host.path().join("sub")).unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(host.path().join("sub/big.bin"), &big).unwrap();
+    // A symlink out of the mount must not be followed.
+    std::os::unix::fs::symlink("/etc", host.path().join("outside")).unwrap();
+    let stdin = host.path().join("stdin.txt");
+    std::fs::write(&stdin, "from stdin\n").unwrap();
+    let files = FilesConfig {
+        mounts: vec![MountSpec {
+            host: host.path().to_path_buf(),
+            guest: "/data".into(),
+            identity: None,
+        }],
+        stdin: Some(stdin),
+    };
+    let ran = run_with(&compile(FILES, &["-static"]), "files", files);
+    let sum: u64 = big.iter().map(|&b| u64::from(b)).sum();
+    assert_eq!(exit_code(&ran), 0, "console:\n{}", ran.console);
+    assert_eq!(ran.console, format!("bad=0 sum={sum}\n"));
 }

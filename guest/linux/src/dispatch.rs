@@ -4,11 +4,9 @@ use snowflock_guest::abi::BootInfo;
 use snowflock_guest::abi::linux::LinuxStart;
 
 use crate::clock::{self, Clock, Timespec};
-use crate::console::Stream;
 use crate::entry::Frame;
-use crate::errno::{
-    EAGAIN, EBADF, EINVAL, ENODEV, ENOENT, ENOSYS, ENOTTY, ESPIPE, SysResult, to_rax,
-};
+use crate::errno::{EAGAIN, EINVAL, ENODEV, ENOSYS, SysResult, to_rax};
+use crate::files::{AT_FDCWD, AT_REMOVEDIR, Env, Files};
 use crate::memory::{MADV_DONTNEED, MAP_ANONYMOUS, Memory};
 use crate::patch::{Arrival, Sites};
 use crate::process::Process;
@@ -23,51 +21,20 @@ pub(crate) struct Personality {
     sites: Sites,
     process: Process,
     mem_size: u64,
-    stdout: Stream,
-    stderr: Stream,
+    files: Files,
 }
 
-const STDIN: u64 = 0;
-const STDOUT: u64 = 1;
-const STDERR: u64 = 2;
-const AT_EMPTY_PATH: u64 = 0x1000;
-const S_IFIFO: u32 = 0o010_000;
 const TIMER_ABSTIME: u64 = 1;
 const CLOCK_REALTIME: u64 = 0;
 const CLOCK_REALTIME_COARSE: u64 = 5;
 const CLONE_THREAD: u64 = 0x1_0000;
 const FUTEX_CMD_MASK: u64 = 0x7f;
 const FUTEX_WAKE: u64 = 1;
-const F_GETFD: u64 = 1;
-const F_SETFD: u64 = 2;
-const F_GETFL: u64 = 3;
-const O_RDWR: u64 = 2;
-const MAX_IOVECS: u64 = 1024;
 const PT_LOAD: u32 = 1;
 const PF_X: u32 = 1;
 const PF_W: u32 = 2;
 const AT_PHDR: u64 = 3;
 const AT_PHNUM: u64 = 5;
-
-/// `struct stat` on x86-64.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct Stat {
-    dev: u64,
-    ino: u64,
-    nlink: u64,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    pad: u32,
-    rdev: u64,
-    size: i64,
-    blksize: i64,
-    blocks: i64,
-    times: [i64; 6],
-    reserved: [i64; 3],
-}
-const _: () = assert!(size_of::<Stat>() == 144);
 
 /// `struct sysinfo` on x86-64.
 #[repr(C)]
@@ -110,71 +77,25 @@ impl Personality {
             data: DATA_START..start.personality_heap,
             stack: start.stack_bottom..boot.mem_size,
         };
+        let mut clock = Clock::new(boot.tsc_khz);
         let mut sites = Sites::new();
         for (start, end) in code_ranges(&user, start.initial_rsp) {
             sites.add_code(start, end);
         }
         Self {
             memory: Memory::new(start.brk_start, start.personality_heap),
-            clock: Clock::new(boot.tsc_khz),
             sites,
             process: Process::new(),
             mem_size: boot.mem_size,
+            files: Files::new(clock.now().real),
+            clock,
             user,
-            stdout: Stream::default(),
-            stderr: Stream::default(),
         }
-    }
-
-    fn write(&mut self, fd: u64, buf: u64, len: u64) -> SysResult {
-        let bytes = self.user.bytes(buf, len)?;
-        match fd {
-            STDOUT => self.stdout.write(bytes),
-            STDERR => self.stderr.write(bytes),
-            _ => return Err(EBADF),
-        }
-        Ok(len)
     }
 
     fn exit(&mut self, status: u64) -> ! {
-        self.stdout.flush();
-        self.stderr.flush();
+        self.files.flush();
         self.process.exit(status)
-    }
-
-    fn writev(&mut self, fd: u64, iov: u64, count: u64) -> SysResult {
-        if count > MAX_IOVECS {
-            return Err(EINVAL);
-        }
-        let mut total = 0;
-        for i in 0..count {
-            let [base, len]: [u64; 2] = self.user.read(iov + 16 * i)?;
-            total += self.write(fd, base, len)?;
-        }
-        Ok(total)
-    }
-
-    fn fstat(&self, fd: u64, buf: u64) -> SysResult {
-        if fd > STDERR {
-            return Err(EBADF);
-        }
-        // Standard streams are pipes to the console: libc buffers stdout fully.
-        let stat = Stat {
-            mode: S_IFIFO | 0o600,
-            nlink: 1,
-            blksize: 4096,
-            ino: fd + 1,
-            ..Stat::default()
-        };
-        self.user.write(buf, &stat)
-    }
-
-    fn newfstatat(&self, dirfd: u64, path: u64, buf: u64, flags: u64) -> SysResult {
-        let empty = self.user.read::<u8>(path)? == 0;
-        if empty && flags & AT_EMPTY_PATH != 0 {
-            return self.fstat(dirfd, buf);
-        }
-        Err(ENOENT)
     }
 
     fn clock_gettime(&mut self, clock_id: u64, out: u64) -> SysResult {
@@ -305,45 +226,95 @@ pub(crate) fn dispatch(p: &mut Personality, frame: &mut Frame) -> u64 {
     to_rax(serve(p, nr, frame.args))
 }
 
+/// The personality's parts a file call needs, borrowed apart from its files.
+fn split(p: &mut Personality) -> (&mut Files, Env<'_>) {
+    let now_ns = p.clock.now().real;
+    (
+        &mut p.files,
+        Env {
+            user: &p.user,
+            memory: &mut p.memory,
+            now_ns,
+        },
+    )
+}
+
 fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
     let [a0, a1, a2, a3, _, _] = args;
     match nr {
-        0 => match a0 {
-            STDIN => Ok(0),
-            STDOUT | STDERR => Err(EBADF),
-            _ => Err(EBADF),
-        },
-        1 => p.write(a0, a1, a2),
-        3 => {
-            if a0 <= STDERR {
-                Ok(0)
-            } else {
-                Err(EBADF)
-            }
+        // Files.
+        0 => p.files.read(&p.user, a0, a1, a2, None),
+        1 => {
+            let (files, mut env) = split(p);
+            files.write(&mut env, a0, a1, a2, None)
         }
-        5 => p.fstat(a0, a1),
-        8 | 17 | 18 => {
-            if a0 <= STDERR {
-                Err(ESPIPE)
-            } else {
-                Err(EBADF)
-            }
+        2 => {
+            let (files, mut env) = split(p);
+            files.openat(&mut env, AT_FDCWD, a0, a1, a2)
         }
+        257 => {
+            let (files, mut env) = split(p);
+            files.openat(&mut env, a0, a1, a2, a3)
+        }
+        3 => p.files.close(&mut p.memory, a0),
+        4 | 6 => p.files.fstatat(&p.user, AT_FDCWD, a0, a1, 0),
+        5 => p.files.fstat(&p.user, a0, a1),
+        262 => p.files.fstatat(&p.user, a0, a1, a2, a3),
+        8 => p.files.lseek(a0, a1, a2),
+        16 => p.files.ioctl(a0),
+        17 => p.files.read(&p.user, a0, a1, a2, Some(a3)),
+        18 => {
+            let (files, mut env) = split(p);
+            files.write(&mut env, a0, a1, a2, Some(a3))
+        }
+        19 | 20 => {
+            let (files, mut env) = split(p);
+            files.vectored(&mut env, a0, a1, a2, nr == 20)
+        }
+        21 => p.files.access(&p.user, AT_FDCWD, a0, a1),
+        269 | 439 => p.files.access(&p.user, a0, a1, a2),
+        32 => p.files.dup(a0, 0, false),
+        33 => p.files.dup3(&mut p.memory, a0, a1, 0),
+        292 if a0 == a1 => Err(EINVAL),
+        292 => p.files.dup3(&mut p.memory, a0, a1, a2),
+        72 => p.files.fcntl(a0, a1, a2),
+        74 | 75 => p.files.check(a0),
+        76 => {
+            let now = p.clock.now().real;
+            p.files.truncate(&p.user, &mut p.memory, a0, a1, now)
+        }
+        77 => {
+            let now = p.clock.now().real;
+            p.files.ftruncate(&mut p.memory, a0, a1, now)
+        }
+        79 => p.files.getcwd(&p.user, a0, a1),
+        80 => p.files.chdir(&p.user, a0),
+        81 => p.files.fchdir(a0),
+        82 => p
+            .files
+            .renameat(&p.user, &mut p.memory, AT_FDCWD, a0, AT_FDCWD, a1),
+        264 | 316 => p.files.renameat(&p.user, &mut p.memory, a0, a1, a2, a3),
+        83 => {
+            let now = p.clock.now().real;
+            p.files.mkdirat(&p.user, AT_FDCWD, a0, a1, now)
+        }
+        258 => {
+            let now = p.clock.now().real;
+            p.files.mkdirat(&p.user, a0, a1, a2, now)
+        }
+        84 => p
+            .files
+            .unlinkat(&p.user, &mut p.memory, AT_FDCWD, a0, AT_REMOVEDIR),
+        87 => p.files.unlinkat(&p.user, &mut p.memory, AT_FDCWD, a0, 0),
+        263 => p.files.unlinkat(&p.user, &mut p.memory, a0, a1, a2),
+        89 => p.files.readlinkat(&p.user, AT_FDCWD, a0),
+        267 => p.files.readlinkat(&p.user, a0, a1),
+        217 => p.files.getdents64(&p.user, a0, a1, a2),
+        // Memory.
         9 => p.mmap(a0, a1, a3),
         10 => Ok(0),
         11 => p.memory.unmap(a0, a1),
         12 => Ok(p.memory.brk(a0)),
-        13 => p.clear::<[u64; 4]>(a2),
-        14 => p.clear::<u64>(a2),
-        16 => {
-            if a0 <= STDERR {
-                Err(ENOTTY)
-            } else {
-                Err(EBADF)
-            }
-        }
-        20 => p.writev(a0, a1, a2),
-        24 => Ok(0),
         25 => p.memory.remap(a0, a1, a2, a3),
         28 => {
             if a2 == MADV_DONTNEED {
@@ -352,28 +323,12 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
                 Ok(0)
             }
         }
+        // Signals, as far as a single-threaded program needs them.
+        13 => p.clear::<[u64; 4]>(a2),
+        14 => p.clear::<u64>(a2),
+        131 => p.clear::<[u64; 3]>(a1),
+        // Time.
         35 => p.sleep(1, 0, a0),
-        39 | 186 => Ok(1),
-        56 if a0 & CLONE_THREAD != 0 => Err(EAGAIN),
-        56 | 57 | 58 | 59 | 435 => Err(ENOSYS),
-        60 | 231 => p.exit(a0),
-        63 => Process::uname(&p.user, a0),
-        72 => match a1 {
-            F_GETFD | F_SETFD if a0 <= STDERR => Ok(0),
-            F_GETFL if a0 <= STDERR => Ok(O_RDWR),
-            _ if a0 > STDERR => Err(EBADF),
-            _ => Err(EINVAL),
-        },
-        79 => {
-            let out = p.user.bytes_mut(a0, a1.min(2))?;
-            if out.len() < 2 {
-                Err(crate::errno::ERANGE)
-            } else {
-                out.copy_from_slice(b"/\0");
-                Ok(2)
-            }
-        }
-        89 | 267 | 257 | 2 => Err(ENOENT),
         96 => {
             let now = p.clock.now().real;
             if a0 != 0 {
@@ -387,11 +342,6 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
             }
             Ok(0)
         }
-        97 => Process::prlimit(&p.user, a0, a1),
-        99 => p.sysinfo(a0),
-        102 | 104 | 107 | 108 | 110 => Ok(0),
-        131 => p.clear::<[u64; 3]>(a1),
-        158 => p.process.arch_prctl(&p.user, a0, a1),
         201 => {
             let secs = p.clock.now().real / 1_000_000_000;
             if a0 != 0 {
@@ -399,6 +349,26 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
             }
             Ok(secs)
         }
+        228 => p.clock_gettime(a0, a1),
+        229 => {
+            if a1 != 0 {
+                p.user.write(a1, &Timespec::from_ns(1))?;
+            }
+            Ok(0)
+        }
+        230 => p.sleep(a0, a1, a2),
+        // The process.
+        24 => Ok(0),
+        39 | 186 => Ok(1),
+        56 if a0 & CLONE_THREAD != 0 => Err(EAGAIN),
+        56 | 57 | 58 | 59 | 435 => Err(ENOSYS),
+        60 | 231 => p.exit(a0),
+        63 => Process::uname(&p.user, a0),
+        97 => Process::prlimit(&p.user, a0, a1),
+        302 => Process::prlimit(&p.user, a1, a3),
+        99 => p.sysinfo(a0),
+        102 | 104 | 107 | 108 | 110 => Ok(0),
+        158 => p.process.arch_prctl(&p.user, a0, a1),
         202 => {
             if a1 & FUTEX_CMD_MASK == FUTEX_WAKE {
                 Ok(0)
@@ -415,18 +385,10 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
             }
         }
         218 => Ok(1),
-        228 => p.clock_gettime(a0, a1),
-        229 => {
-            if a1 != 0 {
-                p.user.write(a1, &Timespec::from_ns(1))?;
-            }
-            Ok(0)
-        }
-        230 => p.sleep(a0, a1, a2),
-        262 => p.newfstatat(a0, a1, a2, a3),
         273 => Ok(0),
-        302 => Process::prlimit(&p.user, a1, a3),
         318 => p.getrandom(a0, a1),
+        // Deliberately absent: rseq (glibc runs without it), statx (glibc
+        // falls back to newfstatat).
         334 | 332 => Err(ENOSYS),
         _ => {
             p.process.unimplemented(nr);

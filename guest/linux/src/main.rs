@@ -19,9 +19,13 @@ mod console;
 mod dispatch;
 mod entry;
 mod errno;
+mod files;
+mod host;
+mod memfs;
 mod memory;
 mod names;
 mod patch;
+mod path;
 mod process;
 mod user;
 

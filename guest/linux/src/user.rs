@@ -71,6 +71,17 @@ impl UserMemory {
         // data for which every bit pattern the callers read is valid.
         Ok(unsafe { core::ptr::read_unaligned(raw.as_ptr().cast::<T>()) })
     }
+
+    /// A NUL-terminated path at `addr`, without the NUL (at most 4095 bytes).
+    pub(crate) fn path(&self, addr: u64) -> Result<&'static [u8], u64> {
+        const PATH_MAX: u64 = 4096;
+        for len in 0..PATH_MAX {
+            if self.bytes(addr + len, 1)?[0] == 0 {
+                return self.bytes(addr, len);
+            }
+        }
+        Err(crate::errno::ENAMETOOLONG)
+    }
 }
 
 /// The lowest address the program's data range starts at.
