@@ -184,6 +184,15 @@ pub mod linux {
         pub const OP_READDIR: u64 = 2;
         /// `(offset, buf, len) -> bytes read` from standard input (0: none or the end).
         pub const OP_STDIN: u64 = 3;
+        /// `(path, offset, buf = data, len) -> 0`: writes a file of the
+        /// guest's `/out` (path relative to it) into the VM's output
+        /// directory, creating it (and its directories) at offset 0 (0
+        /// without an output directory: nothing is kept).
+        pub const OP_OUTPUT: u64 = 4;
+        /// The private system call (not Linux's) by which a program asks the
+        /// personality to flush its output and write `/out` to the host
+        /// before it ends through the clone API (`sf_child_exit`).
+        pub const SYSCALL_FINISH: u64 = 511;
 
         /// One entry of the mount table.
         #[repr(C)]
@@ -398,6 +407,7 @@ mod header_tests {
             ("SF_NR_TIME_NS", u64::from(nr::TIME_NS)),
             ("SF_NR_REPORT_PAGES", u64::from(nr::REPORT_PAGES)),
             ("SF_MAX_REPORT_RUNS", abi::MAX_REPORT_RUNS),
+            ("SF_SYSCALL_FINISH", abi::linux::files::SYSCALL_FINISH),
             ("SF_PAGE_REPORT_FREE", PageReportKind::Free as u64),
             ("SF_PAGE_REPORT_FRESH", PageReportKind::Fresh as u64),
             ("SF_TICKET_CHILDREN_WRITE", ticket::CHILDREN_WRITE),

@@ -17,7 +17,8 @@
  * `_start` and the memory functions (libc has them), and makes sf_clone,
  * sf_checkpoint, sf_child_exit and sf_exit_vm flush stdio first, so that
  * output buffered before a clone point is printed once, and a clone's
- * output is not lost when it ends.
+ * output is not lost when it ends; sf_child_exit and sf_exit_vm also have
+ * the personality write the program's /out to the host, as exit() does.
  */
 #ifndef SNOWFLOCK_H
 #define SNOWFLOCK_H
@@ -29,11 +30,17 @@
 #ifndef SNOWFLOCK_HOSTED
 #define SNOWFLOCK_HOSTED __STDC_HOSTED__
 #endif
+/* The personality's private system call that flushes its output and
+ * writes /out to the host (abi: linux::files::SYSCALL_FINISH). */
+#define SF_SYSCALL_FINISH 511
 #if SNOWFLOCK_HOSTED
 #include <stdio.h>
+#include <unistd.h>
 #define SF_FLUSH_STDIO() fflush(NULL)
+#define SF_FINISH() (fflush(NULL), (void)syscall(SF_SYSCALL_FINISH))
 #else
 #define SF_FLUSH_STDIO() ((void)0)
+#define SF_FINISH() ((void)0)
 #endif
 
 /* ---- ABI constants (must match the abi/ crate) ---- */
@@ -166,7 +173,7 @@ static inline uint64_t sf_console_write(const void *buf, uint64_t len)
 /* Ends this VM (a child that calls it counts as failed). */
 __attribute__((noreturn)) static inline void sf_exit_vm(int code)
 {
-    SF_FLUSH_STDIO();
+    SF_FINISH();
     sf_hypercall_noreturn(SF_NR_EXIT, (uint32_t)code);
 }
 
@@ -240,7 +247,7 @@ static inline int64_t sf_create_clones(uint64_t checkpoint, int64_t ticket)
 /* Ends this child with `len` result bytes; returns -errno only if not a clone. */
 static inline int64_t sf_child_exit(const void *result, uint64_t len)
 {
-    SF_FLUSH_STDIO();
+    SF_FINISH();
     return sf_result(sf_hypercall(SF_NR_CHILD_EXIT, (uintptr_t)result, len, 0, 0, NULL));
 }
 

@@ -16,6 +16,10 @@ pub struct FileArgs {
     /// A host file the program reads as standard input (default: none, it reads the end).
     #[arg(long, value_name = "FILE")]
     pub stdin: Option<PathBuf>,
+    /// Copy what the program wrote under /out here when it ends:
+    /// DIR/ for the VM started, DIR/clone-<generation>-<id>/ for each clone.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 impl FileArgs {
@@ -48,7 +52,17 @@ impl FileArgs {
                     .with_context(|| format!("--stdin {}", path.display()))?,
             ),
         };
-        Ok(FilesConfig { mounts, stdin })
+        let out = match &self.out {
+            None => None,
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("--out {}", dir.display()))?;
+                Some(
+                    std::fs::canonicalize(dir)
+                        .with_context(|| format!("--out {}", dir.display()))?,
+                )
+            }
+        };
+        Ok(FilesConfig { mounts, stdin, out })
     }
 }
 
@@ -60,6 +74,7 @@ mod tests {
         FileArgs {
             mounts: mounts.iter().map(|m| m.to_string()).collect(),
             stdin: None,
+            out: None,
         }
     }
 

@@ -27,6 +27,9 @@ pub struct FilesConfig {
     pub mounts: Vec<MountSpec>,
     /// A host file the program reads as standard input (none: empty).
     pub stdin: Option<PathBuf>,
+    /// Where the guest's `/out` is written when it ends: this directory for
+    /// the VM started, `clone-<generation>-<id>/` in it for each clone.
+    pub out: Option<PathBuf>,
 }
 
 /// A host directory shown read-only at a guest path.
@@ -82,6 +85,8 @@ pub struct HostFiles {
     config: FilesConfig,
     dirs: Vec<OwnedFd>,
     stdin: Option<File>,
+    /// Where this VM's `/out` goes (a clone's own directory).
+    output: Option<PathBuf>,
 }
 
 fn identity_of(meta: &std::fs::Metadata) -> Identity {
@@ -186,11 +191,64 @@ impl HostFiles {
                 source,
             })?),
         };
+        let output = config.out.clone();
         Ok(Self {
             config,
             dirs,
             stdin,
+            output,
         })
+    }
+
+    /// This VM is clone `id` of clone point `generation`: its `/out` goes
+    /// to `clone-<generation>-<id>/` of the output directory.
+    pub fn set_clone(&mut self, generation: u32, id: u32) {
+        self.output = self
+            .config
+            .out
+            .as_ref()
+            .map(|out| out.join(format!("clone-{generation}-{id}")));
+    }
+
+    /// Writes `data` at `offset` of `/out/<path>` into the output directory
+    /// (creating the file at offset 0, and the directories on its way).
+    pub(crate) fn write_output(&self, path: &[u8], offset: u64, data: &[u8]) -> Result<(), u64> {
+        let Some(root) = &self.output else {
+            return Ok(());
+        };
+        let path = relative(path)?;
+        std::fs::create_dir_all(root).map_err(|e| errno_of(&e))?;
+        let mut dir = OwnedFd::from(File::open(root).map_err(|e| errno_of(&e))?);
+        let bytes = path.as_bytes();
+        let parts: Vec<&[u8]> = bytes
+            .split(|&b| b == b'/')
+            .filter(|p| !p.is_empty() && *p != b".")
+            .collect();
+        let (file, dirs) = parts.split_last().ok_or(libc::EISDIR as u64)?;
+        for part in dirs {
+            let name = CString::new(*part).map_err(|_| libc::EINVAL as u64)?;
+            // SAFETY: mkdirat reads the NUL-terminated name; `dir` is an open directory.
+            let made = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
+            if made != 0 {
+                let error = std::io::Error::last_os_error();
+                if error.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(errno_of(&error));
+                }
+            }
+            dir = OwnedFd::from(openat_beneath(
+                &dir,
+                part,
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )?);
+        }
+        let create = if offset == 0 {
+            libc::O_CREAT | libc::O_TRUNC
+        } else {
+            0
+        };
+        let out = openat_beneath(&dir, file, libc::O_WRONLY | create, 0o644)?;
+        out.write_all_at(data, offset).map_err(|e| errno_of(&e))
     }
 
     /// The configuration with every mount's identity.
@@ -211,34 +269,13 @@ impl HostFiles {
         page
     }
 
-    /// Opens `path` beneath mount `mount` (`O_PATH` with `flags` = 0).
+    /// Opens `path` beneath mount `mount`.
     fn open_beneath(&self, mount: u64, path: &[u8], flags: i32) -> Result<File, u64> {
         let dir = self
             .dirs
             .get(usize::try_from(mount).map_err(|_| libc::EBADF as u64)?)
             .ok_or(libc::EBADF as u64)?;
-        let path = relative(path)?;
-        let how = OpenHow {
-            flags: (flags | libc::O_CLOEXEC) as u64,
-            mode: 0,
-            resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
-        };
-        // SAFETY: openat2 reads `path` (NUL-terminated) and `how` (its
-        // size passed), both valid for the call; it returns a new fd or -1.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir.as_raw_fd(),
-                path.as_ptr(),
-                &how as *const OpenHow,
-                size_of::<OpenHow>(),
-            )
-        };
-        if fd < 0 {
-            return Err(errno_of(&std::io::Error::last_os_error()));
-        }
-        // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-        Ok(unsafe { File::from_raw_fd(fd as i32) })
+        openat_beneath(dir, path, flags, 0)
     }
 
     pub(crate) fn stat(&self, mount: u64, path: &[u8]) -> Result<HostStat, u64> {
@@ -314,6 +351,33 @@ impl HostFiles {
             Some(file) => read_at(file, offset, buf),
         }
     }
+}
+
+/// Opens the relative `path` beneath `dir`: neither `..` nor a symlink
+/// (nor a magic link) resolves outside it.
+fn openat_beneath(dir: &OwnedFd, path: &[u8], flags: i32, mode: u64) -> Result<File, u64> {
+    let path = relative(path)?;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode,
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 reads `path` (NUL-terminated) and `how` (its size
+    // passed), both valid for the call; it returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const OpenHow,
+            size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(errno_of(&std::io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fd as i32) })
 }
 
 fn read_at(file: &File, offset: u64, buf: &mut [u8]) -> Result<usize, u64> {

@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use snowflock_abi::linux::SYSCALL_TRAP_PORT;
 use snowflock_abi::linux::files::{
-    HostFileRequest, MOUNTS_ADDR, OP_READ, OP_READDIR, OP_STAT, OP_STDIN,
+    HostFileRequest, MOUNTS_ADDR, OP_OUTPUT, OP_READ, OP_READDIR, OP_STAT, OP_STDIN,
 };
 use snowflock_abi::{
     BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, EXCEPTION_PORT, HYPERCALL_PORT, IMAGE_BASE,
@@ -700,6 +700,14 @@ impl Machine {
                 .files
                 .read_stdin(request.offset, &mut data)
                 .map(|n| (n as u64, 0, n)),
+            OP_OUTPUT => {
+                let data = self.read_range(buf)?;
+                let written = self.files.write_output(&path, request.offset, &data);
+                match written {
+                    Ok(()) => Ok((0, 0, 0)),
+                    Err(errno) => Err(errno),
+                }
+            }
             _ => Err(errno::EINVAL),
         };
         match result {
@@ -709,6 +717,12 @@ impl Machine {
             }
             Err(errno) => Ok((errno::encode(errno), 0)),
         }
+    }
+
+    /// This VM is clone `id` of clone point `generation` (its `/out` goes to
+    /// its own directory).
+    pub fn set_clone(&mut self, generation: u32, id: u32) {
+        self.files.set_clone(generation, id);
     }
 
     /// `syscall`s that exited to the VMM (each site's first, and every call

@@ -408,6 +408,7 @@ fn a_program_reads_host_mounts_and_writes_its_own_files_in_guest_memory() {
             identity: None,
         }],
         stdin: Some(stdin),
+        out: None,
     };
     let ran = run_with(&compile(FILES, &["-static"]), "files", files);
     let sum: u64 = big.iter().map(|&b| u64::from(b)).sum();

@@ -107,6 +107,7 @@ fn restore_hollow(
         console,
     )
     .map_err(HollowError::Restore)?;
+    machine.set_clone(start.descriptor.generation, start.child);
     let avoid = if start.avoidance {
         AvoidMap::new(
             mem_size / PAGE_SIZE,

@@ -228,6 +228,7 @@ impl ChildStart {
         })
         .and_then(|mut m| {
             m.set_return(u64::from(self.cell.id), self.checkpoint)?;
+            m.set_clone(self.generation, self.cell.id);
             Ok(m)
         });
         let restore = begun.elapsed();

@@ -2,6 +2,7 @@
 
 use snowflock_guest::abi::BootInfo;
 use snowflock_guest::abi::linux::LinuxStart;
+use snowflock_guest::abi::linux::files::SYSCALL_FINISH;
 
 use crate::clock::{self, Clock, Timespec};
 use crate::entry::Frame;
@@ -94,7 +95,7 @@ impl Personality {
     }
 
     fn exit(&mut self, status: u64) -> ! {
-        self.files.flush();
+        self.files.finish();
         self.process.exit(status)
     }
 
@@ -363,6 +364,10 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
         56 if a0 & CLONE_THREAD != 0 => Err(EAGAIN),
         56 | 57 | 58 | 59 | 435 => Err(ENOSYS),
         60 | 231 => p.exit(a0),
+        SYSCALL_FINISH => {
+            p.files.finish();
+            Ok(0)
+        }
         63 => Process::uname(&p.user, a0),
         97 => Process::prlimit(&p.user, a0, a1),
         302 => Process::prlimit(&p.user, a1, a3),

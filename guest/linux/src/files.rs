@@ -178,6 +178,29 @@ impl Files {
         self.stderr.flush();
     }
 
+    /// Flushes the console and writes every file under `/out` to the host
+    /// (the VM's output directory), as the program ends. A file that
+    /// cannot be written is reported on standard error; the rest go on.
+    pub(crate) fn finish(&mut self) {
+        self.flush();
+        let Ok(out) = self.fs.lookup(b"/out") else {
+            return;
+        };
+        for (rel, ino) in self.fs.files_under(out) {
+            let Ok(data) = self.fs.data_mut(ino) else {
+                continue;
+            };
+            if let Err(errno) = host::output(&rel, data.bytes()) {
+                let line = alloc::format!(
+                    "sf-linux: writing /out/{} to the host failed: errno {errno}\n",
+                    alloc::string::String::from_utf8_lossy(&rel)
+                );
+                self.stderr.write(line.as_bytes());
+                self.stderr.flush();
+            }
+        }
+    }
+
     fn get(&self, fd: u64) -> Result<Rc<RefCell<Description>>, u64> {
         let slot = self.table.get(fd_index(fd));
         Ok(slot

@@ -3,7 +3,7 @@
 //! than one transfer are split.
 
 use snowflock_guest::abi::linux::files::{
-    HostFileRequest, HostStat, OP_READ, OP_READDIR, OP_STAT, OP_STDIN,
+    HostFileRequest, HostStat, OP_OUTPUT, OP_READ, OP_READDIR, OP_STAT, OP_STDIN,
 };
 use snowflock_guest::abi::{MAX_TRANSFER, errno, nr};
 use snowflock_guest::hypercall;
@@ -91,4 +91,26 @@ pub(crate) fn readdir(
         &request(mount, rel, first, out.as_mut_ptr() as u64, out.len() as u64),
     )?;
     Ok((n as usize, next))
+}
+
+/// Writes one file of `/out` (`rel` to it) to the VM's output directory.
+pub(crate) fn output(rel: &[u8], data: &[u8]) -> Result<(), u64> {
+    let mut offset = 0;
+    loop {
+        let chunk = &data[offset..data.len().min(offset + MAX_TRANSFER as usize)];
+        call(
+            OP_OUTPUT,
+            &request(
+                0,
+                rel,
+                offset as u64,
+                chunk.as_ptr() as u64,
+                chunk.len() as u64,
+            ),
+        )?;
+        offset += chunk.len();
+        if offset >= data.len() {
+            return Ok(());
+        }
+    }
 }

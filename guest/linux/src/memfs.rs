@@ -57,6 +57,15 @@ impl Data {
         n
     }
 
+    /// All of the file's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `[addr, addr + len)` is a mapping this file owns.
+        unsafe { core::slice::from_raw_parts(self.addr as *const u8, self.len as usize) }
+    }
+
     fn reserve(&mut self, memory: &mut Memory, needed: u64) -> SysResult {
         if needed <= self.capacity {
             return Ok(0);
@@ -271,6 +280,29 @@ impl MemFs {
         {
             data.release(memory);
         }
+    }
+
+    /// The files under directory `dir`, depth first, with their paths
+    /// relative to it.
+    pub(crate) fn files_under(&self, dir: Ino) -> Vec<(Vec<u8>, Ino)> {
+        let mut found = Vec::new();
+        let mut pending = alloc::vec![(Vec::new(), dir)];
+        while let Some((prefix, ino)) = pending.pop() {
+            if let Kind::Dir(entries) = &self.node(ino).kind {
+                for (name, &child) in entries {
+                    let mut path = prefix.clone();
+                    if !path.is_empty() {
+                        path.push(b'/');
+                    }
+                    path.extend_from_slice(name);
+                    match self.node(child).kind {
+                        Kind::Dir(_) => pending.push((path, child)),
+                        Kind::File(_) => found.push((path, child)),
+                    }
+                }
+            }
+        }
+        found
     }
 
     pub(crate) fn data_mut(&mut self, ino: Ino) -> Result<&mut Data, u64> {

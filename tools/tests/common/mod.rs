@@ -36,9 +36,20 @@ pub fn call(socket: &Path, req: &ApiRequest) -> ApiResponse {
 }
 
 pub fn start(socket: &Path, image: &str, mem: u64, args: &str) -> u64 {
+    start_with_files(socket, image, mem, args, Default::default())
+}
+
+/// Like [`start`], for a Linux-ABI program with host files.
+pub fn start_with_files(
+    socket: &Path,
+    image: &str,
+    mem: u64,
+    args: &str,
+    files: snowflock_vmm::files::FilesConfig,
+) -> u64 {
     let image = snowflock_guest::images::by_name(image).unwrap().to_vec();
     client(socket)
-        .start("test", image, mem, args, Default::default())
+        .start("test", image, mem, args, files)
         .unwrap()
 }
 
