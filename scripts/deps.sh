@@ -11,6 +11,9 @@ packages=(
   clang-19     # compiles the XDP program in ebpf/
   libbpf-dev   # bpf_helpers.h and friends for the XDP program
   ethtool      # NIC queue and ring inspection in `sf net` tests
+  musl-tools   # musl-gcc: static musl programs in the Linux-ABI tests
+  gfortran     # a static Fortran program in the Linux-ABI tests
+  busybox-static  # programs nobody here wrote, run as Linux-ABI guests in the tests
 )
 
 missing=()

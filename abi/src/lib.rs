@@ -174,8 +174,10 @@ pub mod linux {
         /// Longest relative path in a request.
         pub const MAX_PATH: u64 = 4096;
 
-        /// `(mount, path) -> 0`, a [`HostStat`] at `buf`.
+        /// `(mount, path, offset = STAT_NOFOLLOW or 0) -> 0`, a [`HostStat`]
+        /// at `buf` (of a symlink itself with `STAT_NOFOLLOW`).
         pub const OP_STAT: u64 = 0;
+        pub const STAT_NOFOLLOW: u64 = 1;
         /// `(mount, path, offset, buf, len) -> bytes read` (0 at the end).
         pub const OP_READ: u64 = 1;
         /// `(mount, path, offset = first entry, buf, len) -> rax: bytes
@@ -189,6 +191,10 @@ pub mod linux {
         /// directory, creating it (and its directories) at offset 0 (0
         /// without an output directory: nothing is kept).
         pub const OP_OUTPUT: u64 = 4;
+        /// `(mount, path, buf, len) -> bytes`: the target of a symlink
+        /// (as stored: following it is the personality's business, and
+        /// never leaves the mount on the host).
+        pub const OP_READLINK: u64 = 5;
         /// The private system call (not Linux's) by which a program asks the
         /// personality to flush its output and write `/out` to the host
         /// before it ends through the clone API (`sf_child_exit`).

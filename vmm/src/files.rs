@@ -278,8 +278,10 @@ impl HostFiles {
         openat_beneath(dir, path, flags, 0)
     }
 
-    pub(crate) fn stat(&self, mount: u64, path: &[u8]) -> Result<HostStat, u64> {
-        let file = self.open_beneath(mount, path, libc::O_PATH)?;
+    /// `follow`: of the file a final symlink names, else of the link.
+    pub(crate) fn stat(&self, mount: u64, path: &[u8], follow: bool) -> Result<HostStat, u64> {
+        let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
+        let file = self.open_beneath(mount, path, libc::O_PATH | nofollow)?;
         let meta = file.metadata().map_err(|e| errno_of(&e))?;
         Ok(HostStat {
             size: meta.size(),
@@ -290,6 +292,25 @@ impl HostFiles {
             ino: meta.ino(),
             nlink: meta.nlink(),
         })
+    }
+
+    /// The target of the symlink `path`, truncated to `buf`.
+    pub(crate) fn readlink(&self, mount: u64, path: &[u8], buf: &mut [u8]) -> Result<usize, u64> {
+        let link = self.open_beneath(mount, path, libc::O_PATH | libc::O_NOFOLLOW)?;
+        // SAFETY: readlinkat with an empty path reads the link `link` is
+        // (an O_PATH fd of it) into `buf`, at most `buf.len()` bytes.
+        let n = unsafe {
+            libc::readlinkat(
+                link.as_raw_fd(),
+                c"".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(errno_of(&std::io::Error::last_os_error()));
+        }
+        Ok(n as usize)
     }
 
     pub(crate) fn read(

@@ -16,7 +16,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use snowflock_abi::linux::SYSCALL_TRAP_PORT;
 use snowflock_abi::linux::files::{
-    HostFileRequest, MOUNTS_ADDR, OP_OUTPUT, OP_READ, OP_READDIR, OP_STAT, OP_STDIN,
+    HostFileRequest, MOUNTS_ADDR, OP_OUTPUT, OP_READ, OP_READDIR, OP_READLINK, OP_STAT, OP_STDIN,
+    STAT_NOFOLLOW,
 };
 use snowflock_abi::{
     BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, EXCEPTION_PORT, HYPERCALL_PORT, IMAGE_BASE,
@@ -679,15 +680,19 @@ impl Machine {
         let path = self.read_range(path)?;
         let mut data = vec![0u8; buf.len as usize];
         let result = match op {
-            OP_STAT => self.files.stat(request.mount, &path).map(|stat| {
-                let bytes: Vec<u8> = [stat.size, stat.mode, stat.mtime_ns, stat.ino, stat.nlink]
-                    .iter()
-                    .flat_map(|w| w.to_le_bytes())
-                    .collect();
-                let n = bytes.len().min(data.len());
-                data[..n].copy_from_slice(&bytes[..n]);
-                (0, 0, n)
-            }),
+            OP_STAT => {
+                let follow = request.offset & STAT_NOFOLLOW == 0;
+                self.files.stat(request.mount, &path, follow).map(|stat| {
+                    let bytes: Vec<u8> =
+                        [stat.size, stat.mode, stat.mtime_ns, stat.ino, stat.nlink]
+                            .iter()
+                            .flat_map(|w| w.to_le_bytes())
+                            .collect();
+                    let n = bytes.len().min(data.len());
+                    data[..n].copy_from_slice(&bytes[..n]);
+                    (0, 0, n)
+                })
+            }
             OP_READ => self
                 .files
                 .read(request.mount, &path, request.offset, &mut data)
@@ -696,6 +701,10 @@ impl Machine {
                 .files
                 .readdir(request.mount, &path, request.offset, &mut data)
                 .map(|(n, next)| (n as u64, next, n)),
+            OP_READLINK => self
+                .files
+                .readlink(request.mount, &path, &mut data)
+                .map(|n| (n as u64, 0, n)),
             OP_STDIN => self
                 .files
                 .read_stdin(request.offset, &mut data)

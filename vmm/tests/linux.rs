@@ -18,24 +18,30 @@ use snowflock_vmm::{KvmHypervisor, Machine, MachineError, Stop};
 
 /// Compiles `source` (C) with gcc and `flags` into an executable's bytes.
 fn compile(source: &str, flags: &[&str]) -> Vec<u8> {
+    compile_with("gcc", "program.c", source, flags)
+}
+
+/// Compiles `source`, saved as `file`, with `compiler` and `flags`.
+fn compile_with(compiler: &str, file: &str, source: &str, flags: &[&str]) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let c = dir.path().join("program.c");
+    let c = dir.path().join(file);
     let exe = dir.path().join("program");
-    std::fs::write(&c, source).expect("write the C source");
-    let status = Command::new("gcc")
+    std::fs::write(&c, source).expect("write the source");
+    let status = Command::new(compiler)
         .args(["-O2", "-o"])
         .arg(&exe)
         .arg(&c)
         .args(flags)
         .status()
-        .expect("gcc runs");
-    assert!(status.success(), "gcc failed on {source}");
+        .unwrap_or_else(|e| panic!("{compiler} runs (scripts/deps.sh installs it): {e}"));
+    assert!(status.success(), "{compiler} failed on {source}");
     std::fs::read(&exe).expect("read the executable")
 }
 
 struct Ran {
     stop: Result<Stop, MachineError>,
     console: String,
+    bytes: Vec<u8>,
     syscall_traps: u64,
 }
 
@@ -59,10 +65,11 @@ fn run_with(image: &[u8], cmdline: &str, files: FilesConfig) -> Ran {
     };
     let mut machine = Machine::boot(&hv, image, &config).expect("boot");
     let stop = machine.run();
-    let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+    let bytes = console.lock().unwrap().clone();
     Ran {
         stop,
-        console,
+        console: String::from_utf8_lossy(&bytes).into_owned(),
+        bytes,
         syscall_traps: machine.syscall_traps(),
     }
 }
@@ -307,6 +314,7 @@ fn a_flock_image_that_makes_a_linux_system_call_gets_a_clear_error() {
             "-static",
             "-no-pie",
             "-ffreestanding",
+            "-Wl,--build-id=none",
             &format!("-Wl,-T,{}", script.display()),
         ],
     );
@@ -414,4 +422,113 @@ fn a_program_reads_host_mounts_and_writes_its_own_files_in_guest_memory() {
     let sum: u64 = big.iter().map(|&b| u64::from(b)).sum();
     assert_eq!(exit_code(&ran), 0, "console:\n{}", ran.console);
     assert_eq!(ran.console, format!("bad=0 sum={sum}\n"));
+}
+
+#[test]
+fn a_musl_program_runs_too() {
+    let image = compile_with("musl-gcc", "program.c", STARTUP, &["-static"]);
+    let ran = run(&image, "prog first second");
+    assert_eq!(exit_code(&ran), 7, "console:\n{}", ran.console);
+    let lines: Vec<&str> = ran.console.lines().collect();
+    assert_eq!(lines[0], "argc=3 argv[0]=prog argv[1]=first argv[2]=second");
+    assert_eq!(lines[4], "tls=42");
+}
+
+const FORTRAN: &str = "
+program pisum
+  implicit none
+  integer :: i, n
+  real(8) :: s
+  character(len=32) :: arg
+  call get_command_argument(1, arg)
+  read(arg, *) n
+  s = 0d0
+  do i = 1, n
+    s = s + 1d0 / (dble(i) * dble(i))
+  end do
+  write(*, '(a,i0,a,f11.8)') 'n=', n, ' pi=', sqrt(6d0 * s)
+end program pisum
+";
+
+#[test]
+fn a_fortran_program_runs_and_computes_what_it_does_natively() {
+    let image = compile_with("gfortran", "pisum.f90", FORTRAN, &["-static"]);
+    let ran = run(&image, "pisum 200000");
+    assert_eq!(exit_code(&ran), 0, "console:\n{}", ran.console);
+    assert_eq!(ran.console, "n=200000 pi= 3.14158788\n");
+}
+
+/// Runs a host command and returns its standard output.
+fn host(command: &str, args: &[&str], dir: &Path) -> Vec<u8> {
+    let output = Command::new(command)
+        .args(args)
+        .current_dir(dir)
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap_or_else(|e| panic!("{command}: {e}"));
+    assert!(output.status.success(), "{command} {args:?}");
+    output.stdout
+}
+
+#[test]
+fn busybox_applets_over_a_mount_give_what_the_host_tools_give() {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox (busybox-static, which scripts/deps.sh installs)");
+    let data = tempfile::tempdir().unwrap();
+    let words = ["pear", "apple", "fig", "banana", "cherry", "kiwi", "date"];
+    let text: String = (0..5000)
+        .map(|i| {
+            format!(
+                "{} {} {}\n",
+                words[i * 7 % 7 + i % 3],
+                i * 31 % 997,
+                words[i % 7]
+            )
+        })
+        .collect();
+    std::fs::write(data.path().join("input.txt"), &text).unwrap();
+    let files = || FilesConfig {
+        mounts: vec![MountSpec {
+            host: data.path().to_path_buf(),
+            guest: "/data".into(),
+            identity: None,
+        }],
+        stdin: None,
+        out: None,
+    };
+    let applet = |args: &str| -> Vec<u8> {
+        let ran = run_with(&busybox, &format!("busybox {args}"), files());
+        assert_eq!(exit_code(&ran), 0, "busybox {args}:\n{}", ran.console);
+        ran.bytes
+    };
+    let hash = String::from_utf8(applet("sha256sum /data/input.txt")).unwrap();
+    let expected = String::from_utf8(host("sha256sum", &["input.txt"], data.path())).unwrap();
+    assert_eq!(
+        hash.split_whitespace().next(),
+        expected.split_whitespace().next()
+    );
+    assert_eq!(
+        applet("sort /data/input.txt"),
+        host("sort", &["input.txt"], data.path())
+    );
+    assert_eq!(
+        applet("awk {print$2} /data/input.txt"),
+        host("awk", &["{print$2}", "input.txt"], data.path())
+    );
+    let counts = |out: Vec<u8>| -> Vec<u64> {
+        String::from_utf8(out)
+            .unwrap()
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect()
+    };
+    assert_eq!(
+        counts(applet("wc /data/input.txt")),
+        counts(host("wc", &["input.txt"], data.path()))
+    );
+    // gzip's stream, decompressed by the host's gzip, is the input.
+    let compressed = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(compressed.path(), applet("gzip -c /data/input.txt")).unwrap();
+    let path = compressed.path().to_str().unwrap();
+    assert_eq!(host("gzip", &["-dc", path], data.path()), text.as_bytes());
 }

@@ -7,7 +7,7 @@ use snowflock_guest::abi::linux::files::SYSCALL_FINISH;
 use crate::clock::{self, Clock, Timespec};
 use crate::entry::Frame;
 use crate::errno::{EAGAIN, EINVAL, ENODEV, ENOSYS, SysResult, to_rax};
-use crate::files::{AT_FDCWD, AT_REMOVEDIR, Env, Files};
+use crate::files::{AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_NOFOLLOW, Env, Files};
 use crate::memory::{MADV_DONTNEED, MAP_ANONYMOUS, Memory};
 use crate::patch::{Arrival, Sites};
 use crate::process::Process;
@@ -258,7 +258,10 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
             files.openat(&mut env, a0, a1, a2, a3)
         }
         3 => p.files.close(&mut p.memory, a0),
-        4 | 6 => p.files.fstatat(&p.user, AT_FDCWD, a0, a1, 0),
+        4 => p.files.fstatat(&p.user, AT_FDCWD, a0, a1, 0),
+        6 => p
+            .files
+            .fstatat(&p.user, AT_FDCWD, a0, a1, AT_SYMLINK_NOFOLLOW),
         5 => p.files.fstat(&p.user, a0, a1),
         262 => p.files.fstatat(&p.user, a0, a1, a2, a3),
         8 => p.files.lseek(a0, a1, a2),
@@ -271,6 +274,10 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
         19 | 20 => {
             let (files, mut env) = split(p);
             files.vectored(&mut env, a0, a1, a2, nr == 20)
+        }
+        40 => {
+            let (files, mut env) = split(p);
+            files.sendfile(&mut env, a0, a1, a2, a3)
         }
         21 => p.files.access(&p.user, AT_FDCWD, a0, a1),
         269 | 439 => p.files.access(&p.user, a0, a1, a2),
@@ -308,8 +315,8 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
             .unlinkat(&p.user, &mut p.memory, AT_FDCWD, a0, AT_REMOVEDIR),
         87 => p.files.unlinkat(&p.user, &mut p.memory, AT_FDCWD, a0, 0),
         263 => p.files.unlinkat(&p.user, &mut p.memory, a0, a1, a2),
-        89 => p.files.readlinkat(&p.user, AT_FDCWD, a0),
-        267 => p.files.readlinkat(&p.user, a0, a1),
+        89 => p.files.readlinkat(&p.user, AT_FDCWD, a0, a1, a2),
+        267 => p.files.readlinkat(&p.user, a0, a1, a2, a3),
         217 => p.files.getdents64(&p.user, a0, a1, a2),
         // Memory.
         9 => p.mmap(a0, a1, a3),
@@ -374,6 +381,7 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
         99 => p.sysinfo(a0),
         102 | 104 | 107 | 108 | 110 => Ok(0),
         158 => p.process.arch_prctl(&p.user, a0, a1),
+        157 => p.process.prctl(&p.user, a0, a1),
         202 => {
             if a1 & FUTEX_CMD_MASK == FUTEX_WAKE {
                 Ok(0)

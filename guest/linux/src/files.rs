@@ -19,6 +19,7 @@ use crate::user::UserMemory;
 pub(crate) const AT_FDCWD: u64 = (-100i64) as u64;
 pub(crate) const AT_EMPTY_PATH: u64 = 0x1000;
 pub(crate) const AT_REMOVEDIR: u64 = 0x200;
+pub(crate) const AT_SYMLINK_NOFOLLOW: u64 = 0x100;
 const O_ACCMODE: u64 = 3;
 const O_RDONLY: u64 = 0;
 const O_WRONLY: u64 = 1;
@@ -275,7 +276,7 @@ impl Files {
         let cloexec = flags & O_CLOEXEC != 0;
         let target = match self.mounts.locate(&path) {
             Location::Mount { index, rel } => {
-                let stat = host::stat(index, rel)?;
+                let stat = host::stat(index, rel, true)?;
                 if writes {
                     return Err(EROFS);
                 }
@@ -341,13 +342,17 @@ impl Files {
         len: u64,
         at: Option<u64>,
     ) -> SysResult {
+        let out = user.bytes_mut(buf, len)?;
+        self.read_into(fd, out, at).map(|n| n as u64)
+    }
+
+    fn read_into(&mut self, fd: u64, out: &mut [u8], at: Option<u64>) -> Result<usize, u64> {
         let description = self.get(fd)?;
         let mut d = description.borrow_mut();
         if d.flags & O_ACCMODE == O_WRONLY || d.flags & O_PATH != 0 {
             return Err(EBADF);
         }
         let offset = at.unwrap_or(d.offset);
-        let out = user.bytes_mut(buf, len)?;
         let n = match &d.target {
             Target::Stdin => host::read(None, &[], offset, out)?,
             Target::HostFile { mount, rel } => host::read(Some(*mount), rel, offset, out)?,
@@ -358,7 +363,7 @@ impl Files {
         if at.is_none() {
             d.offset = offset + n as u64;
         }
-        Ok(n as u64)
+        Ok(n)
     }
 
     pub(crate) fn write(
@@ -369,12 +374,17 @@ impl Files {
         len: u64,
         at: Option<u64>,
     ) -> SysResult {
+        let bytes = env.user.bytes(buf, len)?;
+        self.write_at(env, fd, bytes, at)
+    }
+
+    fn write_at(&mut self, env: &mut Env<'_>, fd: u64, bytes: &[u8], at: Option<u64>) -> SysResult {
+        let len = bytes.len() as u64;
         let description = self.get(fd)?;
         let mut d = description.borrow_mut();
         if d.flags & O_ACCMODE == O_RDONLY {
             return Err(EBADF);
         }
-        let bytes = env.user.bytes(buf, len)?;
         match d.target {
             Target::Stdout => self.stdout.write(bytes),
             Target::Stderr => self.stderr.write(bytes),
@@ -394,6 +404,43 @@ impl Files {
             _ => return Err(EBADF),
         }
         Ok(len)
+    }
+
+    /// `sendfile`: copies through a buffer of the personality's (from the
+    /// input's offset, or `*offset` which is then advanced).
+    pub(crate) fn sendfile(
+        &mut self,
+        env: &mut Env<'_>,
+        out_fd: u64,
+        in_fd: u64,
+        offset: u64,
+        count: u64,
+    ) -> SysResult {
+        const CHUNK: usize = 256 << 10;
+        let mut at: Option<u64> = match offset {
+            0 => None,
+            ptr => Some(env.user.read(ptr)?),
+        };
+        let mut buffer = alloc::vec![0u8; CHUNK.min(count as usize)];
+        let mut done = 0u64;
+        while done < count {
+            let want = (count - done).min(buffer.len() as u64) as usize;
+            let n = self.read_into(in_fd, &mut buffer[..want], at)?;
+            if n == 0 {
+                break;
+            }
+            self.write_at(env, out_fd, &buffer[..n], None)?;
+            done += n as u64;
+            if let Some(position) = at.as_mut() {
+                *position += n as u64;
+            }
+        }
+        if let (Some(position), ptr) = (at, offset)
+            && ptr != 0
+        {
+            env.user.write(ptr, &position)?;
+        }
+        Ok(done)
     }
 
     /// `readv`/`writev`: one call per vector, stopping at a short transfer.
@@ -429,7 +476,7 @@ impl Files {
         let mut d = description.borrow_mut();
         let end = match &d.target {
             Target::Stdin | Target::Stdout | Target::Stderr => return Err(ESPIPE),
-            Target::HostFile { mount, rel } => host::stat(*mount, rel)?.size,
+            Target::HostFile { mount, rel } => host::stat(*mount, rel, true)?.size,
             Target::MemFile(ino) => self.fs.data_mut(*ino)?.len,
             Target::HostDir { .. } | Target::MemDir(_) => 0,
         };
@@ -456,14 +503,14 @@ impl Files {
                 ..Stat::default()
             },
             Target::HostFile { mount, rel } | Target::HostDir { mount, rel } => {
-                self.stat_host(*mount, rel)?
+                self.stat_host(*mount, rel, true)?
             }
             Target::MemFile(ino) | Target::MemDir(ino) => self.stat_memory(*ino),
         })
     }
 
-    fn stat_host(&self, mount: u64, rel: &[u8]) -> Result<Stat, u64> {
-        let s = host::stat(mount, rel)?;
+    fn stat_host(&self, mount: u64, rel: &[u8], follow: bool) -> Result<Stat, u64> {
+        let s = host::stat(mount, rel, follow)?;
         Ok(Stat {
             dev: MOUNT_DEV + mount,
             ino: s.ino,
@@ -497,8 +544,12 @@ impl Files {
     }
 
     fn stat_path(&self, path: &[u8]) -> Result<Stat, u64> {
+        self.stat_path_as(path, true)
+    }
+
+    fn stat_path_as(&self, path: &[u8], follow: bool) -> Result<Stat, u64> {
         match self.mounts.locate(path) {
-            Location::Mount { index, rel } => self.stat_host(index, rel),
+            Location::Mount { index, rel } => self.stat_host(index, rel, follow),
             Location::Memory => Ok(self.stat_memory(self.fs.lookup(path)?)),
         }
     }
@@ -528,7 +579,8 @@ impl Files {
             return self.fstat(user, dirfd, buf);
         }
         let path = self.resolve_bytes(dirfd, raw)?;
-        user.write(buf, &self.stat_path(&path)?)
+        let follow = flags & AT_SYMLINK_NOFOLLOW == 0;
+        user.write(buf, &self.stat_path_as(&path, follow)?)
     }
 
     pub(crate) fn access(&self, user: &UserMemory, dirfd: u64, path: u64, mode: u64) -> SysResult {
@@ -735,11 +787,27 @@ impl Files {
         Ok(needed)
     }
 
-    /// `readlinkat`: nothing here is a symbolic link.
-    pub(crate) fn readlinkat(&self, user: &UserMemory, dirfd: u64, path: u64) -> SysResult {
+    /// `readlinkat`: symlinks exist only under mounts (the in-VM file
+    /// system has none).
+    pub(crate) fn readlinkat(
+        &self,
+        user: &UserMemory,
+        dirfd: u64,
+        path: u64,
+        buf: u64,
+        len: u64,
+    ) -> SysResult {
         let path = self.resolve(user, dirfd, path)?;
-        self.stat_path(&path)?;
-        Err(EINVAL)
+        match self.mounts.locate(&path) {
+            Location::Mount { index, rel } => {
+                let out = user.bytes_mut(buf, len)?;
+                host::readlink(index, rel, out).map(|n| n as u64)
+            }
+            Location::Memory => {
+                self.fs.lookup(&path)?;
+                Err(EINVAL)
+            }
+        }
     }
 
     pub(crate) fn dup(&mut self, fd: u64, lowest: u64, cloexec: bool) -> SysResult {

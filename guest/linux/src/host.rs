@@ -3,7 +3,8 @@
 //! than one transfer are split.
 
 use snowflock_guest::abi::linux::files::{
-    HostFileRequest, HostStat, OP_OUTPUT, OP_READ, OP_READDIR, OP_STAT, OP_STDIN,
+    HostFileRequest, HostStat, OP_OUTPUT, OP_READ, OP_READDIR, OP_READLINK, OP_STAT, OP_STDIN,
+    STAT_NOFOLLOW,
 };
 use snowflock_guest::abi::{MAX_TRANSFER, errno, nr};
 use snowflock_guest::hypercall;
@@ -38,12 +39,14 @@ fn request(mount: u64, rel: &[u8], offset: u64, buf: u64, len: u64) -> HostFileR
     }
 }
 
-pub(crate) fn stat(mount: u64, rel: &[u8]) -> Result<HostStat, u64> {
+/// Of the file a final symlink names (`follow`), or of the link.
+pub(crate) fn stat(mount: u64, rel: &[u8], follow: bool) -> Result<HostStat, u64> {
     let mut stat = HostStat::default();
     let len = size_of::<HostStat>() as u64;
+    let flags = if follow { 0 } else { STAT_NOFOLLOW };
     call(
         OP_STAT,
-        &request(mount, rel, 0, &mut stat as *mut HostStat as u64, len),
+        &request(mount, rel, flags, &mut stat as *mut HostStat as u64, len),
     )?;
     Ok(stat)
 }
@@ -113,4 +116,13 @@ pub(crate) fn output(rel: &[u8], data: &[u8]) -> Result<(), u64> {
             return Ok(());
         }
     }
+}
+
+/// The target of the symlink `rel`, truncated to `out`.
+pub(crate) fn readlink(mount: u64, rel: &[u8], out: &mut [u8]) -> Result<usize, u64> {
+    let (n, _) = call(
+        OP_READLINK,
+        &request(mount, rel, 0, out.as_mut_ptr() as u64, out.len() as u64),
+    )?;
+    Ok(n as usize)
 }

@@ -24,6 +24,7 @@ const UNIMPLEMENTED_SLOTS: usize = 32;
 #[derive(Debug)]
 pub(crate) struct Process {
     fs_base: u64,
+    name: [u8; 16],
     unimplemented: [(u64, u64); UNIMPLEMENTED_SLOTS],
 }
 
@@ -42,6 +43,7 @@ impl Process {
     pub(crate) fn new() -> Self {
         Self {
             fs_base: 0,
+            name: *b"program\0\0\0\0\0\0\0\0\0",
             unimplemented: [(0, 0); UNIMPLEMENTED_SLOTS],
         }
     }
@@ -59,6 +61,23 @@ impl Process {
             }
             ARCH_GET_FS => user.write(addr, &self.fs_base),
             ARCH_SET_GS | ARCH_GET_GS => Err(EINVAL),
+            _ => Err(EINVAL),
+        }
+    }
+
+    /// `prctl`: the thread's name (kept, as Linux keeps 16 bytes of it);
+    /// other options are refused.
+    pub(crate) fn prctl(&mut self, user: &UserMemory, option: u64, arg: u64) -> SysResult {
+        const PR_SET_NAME: u64 = 15;
+        const PR_GET_NAME: u64 = 16;
+        match option {
+            PR_SET_NAME => {
+                let name: [u8; 16] = user.read(arg)?;
+                self.name = name;
+                self.name[15] = 0;
+                Ok(0)
+            }
+            PR_GET_NAME => user.write(arg, &self.name),
             _ => Err(EINVAL),
         }
     }
