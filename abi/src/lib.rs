@@ -155,8 +155,13 @@ pub mod linux {
         pub syscall_entry: u64,
         /// Lowest address of the program's stack area.
         pub stack_bottom: u64,
+        /// [`START_STRACE`] or 0.
+        pub flags: u64,
     }
-    const _: () = assert!(core::mem::size_of::<LinuxStart>() == 64);
+    const _: () = assert!(core::mem::size_of::<LinuxStart>() == 72);
+
+    /// `LinuxStart::flags`: print every system call with its result.
+    pub const START_STRACE: u64 = 1;
 
     /// Host files: read-only mounts of host directories, and standard input.
     ///

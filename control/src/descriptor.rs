@@ -219,6 +219,17 @@ impl Descriptor {
                 zero_pages: total - data,
                 data_runs: m.data_pages.runs().len(),
             },
+            guest: if m.linux {
+                "Linux-ABI program"
+            } else {
+                "flock image"
+            },
+            mounts: m
+                .files
+                .mounts
+                .iter()
+                .map(|mount| format!("{} at {}", mount.host.display(), mount.guest))
+                .collect(),
             vcpu: m.vcpu.summary(),
             vm: m.vm.summary(),
         }
@@ -238,6 +249,10 @@ pub struct Summary {
     pub captured_unix_ns: u64,
     pub hypervisor: String,
     pub tsc_khz: Option<u64>,
+    /// What runs in the VM: a flock image or a Linux-ABI program.
+    pub guest: &'static str,
+    /// A Linux-ABI program's read-only host mounts (host at guest path).
+    pub mounts: Vec<String>,
     pub memory: MemorySummary,
     pub vcpu: VcpuSummary,
     pub vm: VmSummary,
@@ -277,6 +292,10 @@ impl std::fmt::Display for Summary {
             self.hypervisor,
             self.tsc_khz.map_or("unknown".into(), |k| k.to_string())
         )?;
+        writeln!(f, "  guest         {}", self.guest)?;
+        for mount in &self.mounts {
+            writeln!(f, "  mount         {mount} (read-only)")?;
+        }
         let m = &self.memory;
         writeln!(
             f,

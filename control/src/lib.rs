@@ -48,6 +48,6 @@ pub use descriptor::{CaptureKind, Descriptor, DescriptorError};
 pub use error_chain::error_chain;
 pub use outcome::{ChildReport, CloneReport, VmOutcome};
 pub use supervisor::{
-    CaptureError, DescribeError, Supervisor, SupervisorConfig, SupervisorError, VmController,
-    VmHandle, VmInfo, VmRole,
+    CaptureError, DescribeError, LinuxOptions, Supervisor, SupervisorConfig, SupervisorError,
+    VmController, VmHandle, VmInfo, VmRole,
 };

@@ -35,6 +35,7 @@ fn a_descriptor_saved_loaded_and_resumed_reaches_the_same_outcome() {
     let (original, descriptor, image) = capture_spin(&sup);
     assert_eq!(descriptor.kind, CaptureKind::External);
     assert_eq!(descriptor.machine.mem_size, MEM);
+    assert_eq!(descriptor.summary(0).guest, "flock image");
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spin.sfdesc");

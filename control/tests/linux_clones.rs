@@ -8,7 +8,7 @@
 mod common;
 
 use common::{run, supervisor};
-use snowflock_control::{CaptureKind, VmOutcome, error_chain};
+use snowflock_control::{CaptureKind, LinuxOptions, VmOutcome, error_chain};
 use snowflock_vmm::files::{FilesConfig, MountSpec};
 
 #[test]
@@ -75,11 +75,14 @@ fn clones_read_a_mount_keep_their_files_apart_and_write_their_own_out_directorie
         out: Some(out.path().to_path_buf()),
     };
     let outcome = sup
-        .launch_with_files(
+        .launch_linux(
             common::image("partsum"),
             common::MEM,
             "partsum /data/numbers.txt 3",
-            files,
+            LinuxOptions {
+                files,
+                strace: false,
+            },
         )
         .expect("partsum starts")
         .wait();
@@ -149,12 +152,26 @@ fn a_clone_whose_host_mount_is_not_the_parents_directory_is_refused() {
         ..FilesConfig::default()
     };
     let vm = sup
-        .launch_with_files(&std::fs::read(&exe).unwrap(), common::MEM, "spin", files)
+        .launch_linux(
+            &std::fs::read(&exe).unwrap(),
+            common::MEM,
+            "spin",
+            LinuxOptions {
+                files,
+                strace: false,
+            },
+        )
         .expect("spin starts");
     std::thread::sleep(std::time::Duration::from_millis(100));
     let (descriptor, image) = vm.capture().expect("capture");
     let recorded = &descriptor.machine.files.mounts[0];
     assert!(recorded.identity.is_some(), "{recorded:?}");
+    let summary = descriptor.summary(0);
+    assert_eq!(summary.guest, "Linux-ABI program");
+    assert_eq!(
+        summary.mounts,
+        [format!("{} at /data", input.path().display())]
+    );
     // The directory changes (a new entry moves its modification time).
     std::thread::sleep(std::time::Duration::from_millis(20));
     std::fs::write(input.path().join("new.txt"), "x").unwrap();

@@ -273,6 +273,7 @@ fn parent_at_clone_point(
         host_pages: HostPages::Base,
         personality: None,
         files: Default::default(),
+        strace: false,
     };
     let parent = Machine::boot(hv, &elf(&Code::program()), &config).expect("boot");
     let (mut parent, stop) = run_bounded(parent);

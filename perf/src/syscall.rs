@@ -77,6 +77,7 @@ fn guest(hv: &KvmHypervisor, args: &[String]) -> anyhow::Result<Figures> {
         host_pages: HostPages::Base,
         personality: Some(images::LINUX_PERSONALITY.into()),
         files: Default::default(),
+        strace: false,
     };
     let mut machine = Machine::boot(hv, images::SYSCALLS, &config)?;
     match machine.run()? {

@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use snowflock_control::config::{PopulateMode, host_cores};
 use snowflock_control::console::{self, LineSink};
-use snowflock_control::{Descriptor, Supervisor, SupervisorConfig, VmOutcome};
+use snowflock_control::{Descriptor, LinuxOptions, Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_vmm::memory::HostPages;
 use snowflock_vmm::{KvmHypervisor, loader};
 
@@ -36,7 +36,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a flock image (a path, or the name of an embedded example) with its console on stdout.
+    /// Run a flock image or a static Linux executable (a path, or the name
+    /// of an embedded example) with its console on stdout.
     Run(RunArgs),
     /// Run the sequence-search demo: a VM builds a DNA index, clones itself, and merges the clones' hits.
     Demo(DemoArgs),
@@ -45,7 +46,8 @@ enum Command {
         #[command(subcommand)]
         command: DescriptorCommand,
     },
-    /// List the example images built into this binary.
+    /// List the example images built into this binary, and their kind
+    /// (flock image, or Linux-ABI program).
     Images,
     /// Run a local test cluster of sfd hosts in network namespaces.
     Cluster {
@@ -130,6 +132,9 @@ struct RunArgs {
     json: bool,
     #[command(flatten)]
     files: files_cli::FileArgs,
+    /// Print every system call of a Linux-ABI program with its result (on the console).
+    #[arg(long)]
+    strace: bool,
     /// Arguments for the guest, e.g. `-- clones=4 mib=64`.
     #[arg(last = true)]
     guest_args: Vec<String>,
@@ -195,7 +200,8 @@ fn main() -> ExitCode {
         Command::Net { command } => net_cli::run(command),
         Command::Images => {
             for (name, bytes) in snowflock_guest::images::ALL {
-                println!("{name:<12} {:>8} bytes", bytes.len());
+                let kind = loader::kind(bytes).map_or("unreadable", loader::ImageKind::name);
+                println!("{name:<12} {:>8} bytes  {kind}", bytes.len());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -321,11 +327,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     )?;
     let started = Instant::now();
     let vm = sup
-        .launch_with_files(
+        .launch_linux(
             &image,
             args.mem,
             &guest_cmdline(&args.image, &image, &args.guest_args),
-            args.files.config()?,
+            LinuxOptions {
+                files: args.files.config()?,
+                strace: args.strace,
+            },
         )
         .context("starting the VM")?;
     let outcome = vm.wait();

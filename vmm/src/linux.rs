@@ -13,7 +13,7 @@
 use goblin::elf::Elf;
 use snowflock_abi::linux::{
     LinuxStart, PERSONALITY_BASE, PERSONALITY_END, PERSONALITY_HEAP, START_ADDR, START_MAGIC,
-    SYSCALL_ENTRY_SYMBOL, SYSCALL_SLED_LEN,
+    START_STRACE, SYSCALL_ENTRY_SYMBOL, SYSCALL_SLED_LEN,
 };
 use snowflock_abi::{IMAGE_BASE, PAGE_SIZE};
 
@@ -48,6 +48,7 @@ pub(crate) fn setup(
     program: &[u8],
     personality: &[u8],
     argv: &[&str],
+    strace: bool,
 ) -> Result<LinuxBoot, BootError> {
     let syscall_entry = syscall_entry(personality)?;
     let (own, _) = loader::load_placed(
@@ -84,6 +85,7 @@ pub(crate) fn setup(
         heap_end,
         syscall_entry,
         stack_bottom: layout.stack_bottom(),
+        flags: if strace { START_STRACE } else { 0 },
     };
     memory.write(START_ADDR, &start_bytes(&start))?;
     Ok(LinuxBoot {
@@ -110,6 +112,7 @@ pub(crate) fn read_start(memory: &GuestMemory) -> Result<Option<LinuxStart>, Mem
         heap_end: word(5),
         syscall_entry: word(6),
         stack_bottom: word(7),
+        flags: word(8),
     }))
 }
 
@@ -123,6 +126,7 @@ fn start_bytes(start: &LinuxStart) -> Vec<u8> {
         start.heap_end,
         start.syscall_entry,
         start.stack_bottom,
+        start.flags,
     ]
     .iter()
     .flat_map(|w| w.to_le_bytes())

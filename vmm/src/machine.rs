@@ -81,6 +81,8 @@ pub struct MachineConfig {
     pub personality: Option<Arc<[u8]>>,
     /// A Linux-ABI program's host mounts and standard input.
     pub files: FilesConfig,
+    /// A Linux-ABI program's system calls are printed with their results.
+    pub strace: bool,
 }
 
 impl std::fmt::Debug for MachineConfig {
@@ -102,6 +104,7 @@ impl Default for MachineConfig {
             host_pages: HostPages::Base,
             personality: None,
             files: FilesConfig::default(),
+            strace: false,
         }
     }
 }
@@ -227,6 +230,9 @@ pub struct MachineSnapshot {
     /// get zeros instead. Sorted, disjoint, inside the heap; empty without
     /// a report.
     pub free_pages: PageRuns,
+    /// A Linux-ABI guest (a static Linux executable with the personality),
+    /// not a flock image.
+    pub linux: bool,
     /// A Linux-ABI guest's host files (its clones open the same mounts).
     pub files: FilesConfig,
 }
@@ -370,6 +376,7 @@ impl Machine {
             &config.cmdline,
             hv.tsc_khz(),
             config.personality.as_deref(),
+            config.strace,
         )?;
         let files = HostFiles::open(&config.files)?;
         if linux::read_start(&memory)?.is_some() {
@@ -577,6 +584,7 @@ impl Machine {
             vm,
             data_pages: PageRuns::default(),
             free_pages: self.take_free_report(),
+            linux: linux::read_start(&self.memory)?.is_some(),
             files: self.files.config().clone(),
         };
         Ok((snapshot, frozen.image))

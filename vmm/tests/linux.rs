@@ -52,6 +52,10 @@ fn run(image: &[u8], cmdline: &str) -> Ran {
 
 /// Like [`run`], with host files.
 fn run_with(image: &[u8], cmdline: &str, files: FilesConfig) -> Ran {
+    run_config(image, cmdline, files, false)
+}
+
+fn run_config(image: &[u8], cmdline: &str, files: FilesConfig, strace: bool) -> Ran {
     let hv = KvmHypervisor::open().expect("KVM must be available for these tests");
     let console = Arc::new(Mutex::new(Vec::new()));
     let sink = console.clone();
@@ -62,6 +66,7 @@ fn run_with(image: &[u8], cmdline: &str, files: FilesConfig) -> Ran {
         host_pages: HostPages::Base,
         personality: Some(LINUX_PERSONALITY.into()),
         files,
+        strace,
     };
     let mut machine = Machine::boot(&hv, image, &config).expect("boot");
     let stop = machine.run();
@@ -531,4 +536,37 @@ fn busybox_applets_over_a_mount_give_what_the_host_tools_give() {
     std::fs::write(compressed.path(), applet("gzip -c /data/input.txt")).unwrap();
     let path = compressed.path().to_str().unwrap();
     assert_eq!(host("gzip", &["-dc", path], data.path()), text.as_bytes());
+}
+
+#[test]
+fn strace_prints_every_call_with_its_result() {
+    let source =
+        "#include <unistd.h>\nint main(void) { write(1, \"hi\\n\", 3); return getppid(); }";
+    let ran = run_config(
+        &compile(source, &["-static"]),
+        "traced",
+        FilesConfig::default(),
+        true,
+    );
+    assert_eq!(exit_code(&ran), 0, "console:\n{}", ran.console);
+    let lines: Vec<&str> = ran.console.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("[strace] write(0x1,") && l.contains(") = 3")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("[strace] getppid(") && l.contains(") = 0")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("[strace] exit_group(0x0") && l.contains(") = ?")),
+        "{lines:?}"
+    );
+    assert!(lines.contains(&"hi"), "{lines:?}");
 }

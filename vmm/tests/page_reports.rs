@@ -128,6 +128,7 @@ fn boot(code: &Code) -> (KvmHypervisor, Machine) {
         host_pages: HostPages::Base,
         personality: None,
         files: Default::default(),
+        strace: false,
     };
     let machine = Machine::boot(&hv, &image(code), &config).expect("boot");
     (hv, machine)

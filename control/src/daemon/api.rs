@@ -1,6 +1,8 @@
 //! The local API: one request per Unix-socket connection from the CLI.
 
 use snowflock_vmm::files::FilesConfig;
+
+use crate::supervisor::LinuxOptions;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,8 +84,16 @@ async fn start(
 ) -> ApiResponse {
     let d = daemon.clone();
     let started = tokio::task::spawn_blocking(move || {
-        d.supervisor
-            .launch_labelled(&image, mem_size, &cmdline, files, |vm| format!("vm{vm}"))
+        d.supervisor.launch_labelled(
+            &image,
+            mem_size,
+            &cmdline,
+            LinuxOptions {
+                files,
+                strace: false,
+            },
+            |vm| format!("vm{vm}"),
+        )
     })
     .await;
     let handle = match started {

@@ -81,6 +81,15 @@ impl std::fmt::Debug for SupervisorConfig {
     }
 }
 
+/// What a Linux-ABI program starts with besides its image and arguments
+/// (flock images take the default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinuxOptions {
+    pub files: FilesConfig,
+    /// Print every system call with its result.
+    pub strace: bool,
+}
+
 /// How a VM came to run on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmRole {
@@ -136,31 +145,31 @@ impl Supervisor {
         mem_size: u64,
         cmdline: &str,
     ) -> Result<VmHandle, SupervisorError> {
-        self.launch_labelled(image, mem_size, cmdline, FilesConfig::default(), |_| {
+        self.launch_labelled(image, mem_size, cmdline, LinuxOptions::default(), |_| {
             String::new()
         })
     }
 
-    /// Like [`Supervisor::launch`], for a Linux-ABI program with host mounts
-    /// and standard input.
-    pub fn launch_with_files(
+    /// Like [`Supervisor::launch`], for a Linux-ABI program with host
+    /// files (and system call tracing).
+    pub fn launch_linux(
         &self,
         image: &[u8],
         mem_size: u64,
         cmdline: &str,
-        files: FilesConfig,
+        options: LinuxOptions,
     ) -> Result<VmHandle, SupervisorError> {
-        self.launch_labelled(image, mem_size, cmdline, files, |_| String::new())
+        self.launch_labelled(image, mem_size, cmdline, options, |_| String::new())
     }
 
-    /// Like [`Supervisor::launch_with_files`], with console lines labelled by
+    /// Like [`Supervisor::launch_linux`], with console lines labelled by
     /// `label(vm id)`; clones extend the label with their number.
     pub fn launch_labelled(
         &self,
         image: &[u8],
         mem_size: u64,
         cmdline: &str,
-        files: FilesConfig,
+        options: LinuxOptions,
         label: impl FnOnce(u64) -> String,
     ) -> Result<VmHandle, SupervisorError> {
         let vm = self.host.fresh_vm();
@@ -172,7 +181,8 @@ impl Supervisor {
             console,
             host_pages: self.host.config.host_pages,
             personality: self.host.config.linux_personality.clone(),
-            files,
+            files: options.files,
+            strace: options.strace,
         };
         let machine =
             Machine::boot(self.host.hv.as_ref(), image, &config).map_err(SupervisorError::Start)?;

@@ -2,7 +2,9 @@
 
 use snowflock_guest::abi::BootInfo;
 use snowflock_guest::abi::linux::LinuxStart;
+use snowflock_guest::abi::linux::START_STRACE;
 use snowflock_guest::abi::linux::files::SYSCALL_FINISH;
+use snowflock_guest::hypercall;
 
 use crate::clock::{self, Clock, Timespec};
 use crate::entry::Frame;
@@ -23,6 +25,7 @@ pub(crate) struct Personality {
     process: Process,
     mem_size: u64,
     files: Files,
+    strace: bool,
 }
 
 const TIMER_ABSTIME: u64 = 1;
@@ -89,6 +92,7 @@ impl Personality {
             process: Process::new(),
             mem_size: boot.mem_size,
             files: Files::new(clock.now().real),
+            strace: start.flags & START_STRACE != 0,
             clock,
             user,
         }
@@ -218,13 +222,50 @@ fn random_word() -> u64 {
 /// Serves one system call; returns `rax`.
 pub(crate) fn dispatch(p: &mut Personality, frame: &mut Frame) -> u64 {
     let nr = frame.nr;
-    if p.sites.arrive(frame.return_address, nr) == Arrival::Wild {
+    let arrival = p.sites.arrive(frame.return_address, nr);
+    if arrival == Arrival::Wild {
         panic!(
             "the program called address {nr:#x} from {:#x} (a null function pointer?)",
             frame.return_address
         );
     }
-    to_rax(serve(p, nr, frame.args))
+    if !p.strace {
+        return to_rax(serve(p, nr, frame.args));
+    }
+    let trapped = matches!(arrival, Arrival::Trap { .. });
+    if matches!(nr, 60 | 231) {
+        trace(nr, &frame.args, None, trapped);
+    }
+    let result = serve(p, nr, frame.args);
+    trace(nr, &frame.args, Some(result), trapped);
+    to_rax(result)
+}
+
+/// One `--strace` line: the call, its first arguments, and its result
+/// (`None`: a call that does not return), straight to the console.
+fn trace(nr: u64, args: &[u64; 6], result: Option<SysResult>, trapped: bool) {
+    let name = crate::names::name(nr);
+    let mut line = match name {
+        Some(name) => alloc::format!("[strace] {name}("),
+        None => alloc::format!("[strace] syscall_{nr}("),
+    };
+    let shown = args
+        .iter()
+        .take(4)
+        .map(|a| alloc::format!("{a:#x}"))
+        .collect::<alloc::vec::Vec<_>>()
+        .join(", ");
+    line.push_str(&shown);
+    match result {
+        None => line.push_str(") = ?"),
+        Some(Ok(value)) => line.push_str(&alloc::format!(") = {value}")),
+        Some(Err(errno)) => line.push_str(&alloc::format!(") = -{errno}")),
+    }
+    if trapped {
+        line.push_str(" [trapped]");
+    }
+    line.push('\n');
+    hypercall::console_write(line.as_bytes());
 }
 
 /// The personality's parts a file call needs, borrowed apart from its files.
