@@ -570,3 +570,51 @@ fn strace_prints_every_call_with_its_result() {
     );
     assert!(lines.contains(&"hi"), "{lines:?}");
 }
+
+const RUST: &str = r#"
+use std::io::Read;
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mut values: Vec<u64> = (0..100_000u64).map(|i| i * 7919 % 10007).collect();
+    values.sort_unstable();
+    std::fs::create_dir_all("/out/rust").unwrap();
+    std::fs::write("/out/rust/sum", values.iter().sum::<u64>().to_string()).unwrap();
+    let mut back = String::new();
+    std::fs::File::open("/out/rust/sum").unwrap().read_to_string(&mut back).unwrap();
+    let threads = std::thread::Builder::new().spawn(|| ()).is_err();
+    println!("args={args:?} sum={back} threads_refused={threads}");
+}
+"#;
+
+#[test]
+fn a_static_rust_std_program_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("main.rs");
+    let exe = dir.path().join("main");
+    std::fs::write(&source, RUST).unwrap();
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let status = Command::new(rustc)
+        .args(["-O", "-C", "target-feature=+crt-static", "-o"])
+        .arg(&exe)
+        .arg(&source)
+        .status()
+        .expect("rustc runs");
+    assert!(status.success());
+    let ran = run(&std::fs::read(&exe).unwrap(), "main x");
+    assert_eq!(exit_code(&ran), 0, "console:\n{}", ran.console);
+    assert_eq!(
+        ran.console,
+        "args=[\"main\", \"x\"] sum=500304918 threads_refused=true\n"
+    );
+}
+
+#[test]
+fn abort_ends_the_program_with_the_signal_s_status() {
+    let source = "#include <stdlib.h>\nint main(void) { abort(); }";
+    let ran = run(&compile(source, &["-static"]), "aborts");
+    assert_eq!(exit_code(&ran), 128 + 6, "console:\n{}", ran.console);
+    assert!(
+        ran.console
+            .contains("sf-linux: the program raised signal 6")
+    );
+}

@@ -307,6 +307,14 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
         262 => p.files.fstatat(&p.user, a0, a1, a2, a3),
         8 => p.files.lseek(a0, a1, a2),
         16 => p.files.ioctl(a0),
+        7 | 271 => p.files.poll(&p.user, a0, a1),
+        62 | 200 | 234 => {
+            let (target, signal) = if nr == 234 { (a1, a2) } else { (a0, a1) };
+            if signal != 0 {
+                p.files.finish();
+            }
+            p.process.signal_self(target, signal)
+        }
         17 => p.files.read(&p.user, a0, a1, a2, Some(a3)),
         18 => {
             let (files, mut env) = split(p);

@@ -1,6 +1,7 @@
 //! Linux error numbers the personality returns (as `-errno` in `rax`).
 
 pub(crate) const ENOENT: u64 = 2;
+pub(crate) const ESRCH: u64 = 3;
 pub(crate) const EBADF: u64 = 9;
 pub(crate) const EAGAIN: u64 = 11;
 pub(crate) const ENOMEM: u64 = 12;

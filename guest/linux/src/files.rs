@@ -881,6 +881,35 @@ impl Files {
         self.get(fd).map(|_| 0)
     }
 
+    /// `poll`: every open descriptor is ready for what it is asked (reads
+    /// and writes never block here); a closed one is `POLLNVAL`.
+    pub(crate) fn poll(&self, user: &UserMemory, fds: u64, count: u64) -> SysResult {
+        const POLLIN: u16 = 1;
+        const POLLOUT: u16 = 4;
+        const POLLNVAL: u16 = 0x20;
+        if count > MAX_FDS as u64 {
+            return Err(EINVAL);
+        }
+        let mut ready = 0;
+        for i in 0..count {
+            let at = fds + 8 * i;
+            let [fd, events_and_revents]: [u32; 2] = user.read(at)?;
+            let events = events_and_revents as u16;
+            let revents = if (fd as i32) < 0 {
+                0
+            } else if self.get(u64::from(fd)).is_err() {
+                POLLNVAL
+            } else {
+                events & (POLLIN | POLLOUT)
+            };
+            user.write(at + 6, &revents)?;
+            if revents != 0 {
+                ready += 1;
+            }
+        }
+        Ok(ready)
+    }
+
     pub(crate) fn ioctl(&self, fd: u64) -> SysResult {
         self.get(fd)?;
         Err(ENOTTY)

@@ -107,6 +107,24 @@ impl Process {
         Ok(0)
     }
 
+    /// `kill`, `tkill`, `tgkill` to itself: signal 0 checks, any other ends
+    /// the program as its default action would (no handlers run), with the
+    /// status a shell shows (128 + the signal).
+    pub(crate) fn signal_self(&self, target: u64, signal: u64) -> Result<u64, u64> {
+        if target != 1 && target != 0 {
+            return Err(crate::errno::ESRCH);
+        }
+        if signal == 0 {
+            return Ok(0);
+        }
+        if signal > 64 {
+            return Err(EINVAL);
+        }
+        let line = alloc::format!("sf-linux: the program raised signal {signal}\n");
+        hypercall::console_write(line.as_bytes());
+        self.exit(128 + signal)
+    }
+
     /// Counts an unimplemented call (the caller returns `ENOSYS`).
     pub(crate) fn unimplemented(&mut self, nr: u64) {
         for slot in &mut self.unimplemented {
