@@ -183,3 +183,16 @@ fn a_clone_whose_host_mount_is_not_the_parents_directory_is_refused() {
     );
     vm.kill();
 }
+
+#[test]
+fn a_fortran_program_clones_through_the_c_header() {
+    let (sup, lines) = supervisor(2);
+    assert_eq!(
+        run(&sup, "pisum_f", "pisum_f 2000000 2"),
+        VmOutcome::Exited(0),
+        "{:?}",
+        lines.all()
+    );
+    assert_eq!(lines.of(""), ["clones=2 pi= 3.141592176 match=T"]);
+    assert_eq!(sup.reports()[0].clones, 2);
+}

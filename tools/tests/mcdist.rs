@@ -88,7 +88,13 @@ fn run_and_check(socket: &Path, ref_mib: u32, expected_hits: &str) {
 }
 
 fn lossy_runs_stay_correct(path: &str) {
-    let (cluster, _dir) = cluster(4, 2, rx_path(path));
+    // Correctness under loss, not speed: on a loaded 2-core machine a page
+    // lost several times over can take longer than the default 5 s
+    // (`fetch_timeout` failing clones is tested in multihost.rs).
+    let (cluster, _dir) = cluster(4, 2, |spec| {
+        rx_path(path)(spec);
+        spec.fetch_timeout_ms = 20_000;
+    });
     let h1 = cluster.host(0).unwrap().socket.clone();
     for (loss, ref_mib) in [(5, 16), (20, 8)] {
         let expected = serial_hits(ref_mib);

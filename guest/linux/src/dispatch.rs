@@ -151,11 +151,35 @@ impl Personality {
         self.user.write(buf, &info)
     }
 
-    fn mmap(&mut self, addr: u64, len: u64, flags: u64) -> SysResult {
-        if flags & MAP_ANONYMOUS == 0 {
+    /// `mmap`: anonymous memory, or a private copy of a file's bytes (a
+    /// shared mapping only read-only: writes to it could not reach the file).
+    fn mmap(
+        &mut self,
+        addr: u64,
+        len: u64,
+        prot: u64,
+        flags: u64,
+        fd: u64,
+        offset: u64,
+    ) -> SysResult {
+        const PROT_WRITE: u64 = 2;
+        const MAP_SHARED: u64 = 1;
+        if flags & MAP_ANONYMOUS != 0 {
+            return self.memory.map(addr, len, flags);
+        }
+        if flags & MAP_SHARED != 0 && prot & PROT_WRITE != 0 {
             return Err(ENODEV);
         }
-        self.memory.map(addr, len, flags)
+        if !offset.is_multiple_of(4096) {
+            return Err(EINVAL);
+        }
+        let start = self.memory.map(addr, len, flags)?;
+        let out = self.user.bytes_mut(start, len)?;
+        if let Err(errno) = self.files.map_file(fd, offset, out) {
+            let _ = self.memory.unmap(start, len);
+            return Err(errno);
+        }
+        Ok(start)
     }
 
     fn clear<T: Copy + Default>(&self, addr: u64) -> SysResult {
@@ -282,7 +306,7 @@ fn split(p: &mut Personality) -> (&mut Files, Env<'_>) {
 }
 
 fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
-    let [a0, a1, a2, a3, _, _] = args;
+    let [a0, a1, a2, a3, a4, a5] = args;
     match nr {
         // Files.
         0 => p.files.read(&p.user, a0, a1, a2, None),
@@ -368,7 +392,7 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
         267 => p.files.readlinkat(&p.user, a0, a1, a2, a3),
         217 => p.files.getdents64(&p.user, a0, a1, a2),
         // Memory.
-        9 => p.mmap(a0, a1, a3),
+        9 => p.mmap(a0, a1, a2, a3, a4, a5),
         10 => Ok(0),
         11 => p.memory.unmap(a0, a1),
         12 => Ok(p.memory.brk(a0)),
@@ -449,9 +473,9 @@ fn serve(p: &mut Personality, nr: u64, args: [u64; 6]) -> SysResult {
         218 => Ok(1),
         273 => Ok(0),
         318 => p.getrandom(a0, a1),
-        // Deliberately absent: rseq (glibc runs without it), statx (glibc
-        // falls back to newfstatat).
-        334 | 332 => Err(ENOSYS),
+        332 => p.files.statx(&p.user, a0, a1, a2, a4),
+        // Deliberately absent: rseq (glibc runs without it).
+        334 => Err(ENOSYS),
         _ => {
             p.process.unimplemented(nr);
             Err(ENOSYS)

@@ -568,19 +568,67 @@ impl Files {
         buf: u64,
         flags: u64,
     ) -> SysResult {
+        user.write(buf, &self.stat_at(user, dirfd, path, flags)?)
+    }
+
+    fn stat_at(&self, user: &UserMemory, dirfd: u64, path: u64, flags: u64) -> Result<Stat, u64> {
         let raw = user.path(path)?;
         if raw.is_empty() {
             if flags & AT_EMPTY_PATH == 0 {
                 return Err(ENOENT);
             }
             if is_cwd(dirfd) {
-                return user.write(buf, &self.stat_path(&self.cwd)?);
+                return self.stat_path(&self.cwd);
             }
-            return self.fstat(user, dirfd, buf);
+            let description = self.get(dirfd)?;
+            return self.stat_target(&description.borrow().target);
         }
         let path = self.resolve_bytes(dirfd, raw)?;
         let follow = flags & AT_SYMLINK_NOFOLLOW == 0;
-        user.write(buf, &self.stat_path_as(&path, follow)?)
+        self.stat_path_as(&path, follow)
+    }
+
+    /// `statx`: the same facts as `newfstatat`, in `struct statx`.
+    pub(crate) fn statx(
+        &self,
+        user: &UserMemory,
+        dirfd: u64,
+        path: u64,
+        flags: u64,
+        buf: u64,
+    ) -> SysResult {
+        const STATX_BASIC_STATS: u32 = 0x7ff;
+        let stat = self.stat_at(user, dirfd, path, flags)?;
+        let mut out = [0u8; 256];
+        let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
+        put(0, &STATX_BASIC_STATS.to_le_bytes());
+        put(4, &(stat.blksize as u32).to_le_bytes());
+        put(16, &(stat.nlink as u32).to_le_bytes());
+        put(28, &(stat.mode as u16).to_le_bytes());
+        put(32, &stat.ino.to_le_bytes());
+        put(40, &(stat.size as u64).to_le_bytes());
+        put(48, &(stat.blocks as u64).to_le_bytes());
+        // atime, btime, ctime, mtime: seconds and nanoseconds.
+        for at in [64, 80, 96, 112] {
+            put(at, &stat.times[4].to_le_bytes());
+            put(at + 8, &(stat.times[5] as u32).to_le_bytes());
+        }
+        put(140, &(stat.dev as u32).to_le_bytes());
+        user.write(buf, &out)
+    }
+
+    /// Reads a file into `out` from `offset` for a private mapping of it;
+    /// the part past its end stays as it is (zeros).
+    pub(crate) fn map_file(&mut self, fd: u64, offset: u64, out: &mut [u8]) -> SysResult {
+        let mut done = 0;
+        while done < out.len() {
+            let n = self.read_into(fd, &mut out[done..], Some(offset + done as u64))?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(0)
     }
 
     pub(crate) fn access(&self, user: &UserMemory, dirfd: u64, path: u64, mode: u64) -> SysResult {
