@@ -11,7 +11,10 @@
 //! writable memory, which the personality never patches: the cost of the
 //! path that exits every time. `read_mib_s`: a 256 MiB host file read
 //! whole in 1 MiB reads, from a mount in the guest and directly natively
-//! (both from the host's page cache).
+//! (both from the host's page cache). `clonesum_*`: the `clonesum`
+//! example (a static C program) clones itself into 2 local clones that
+//! sort and sum halves of a table, against its own serial pass over the
+//! same halves, timed by the program (`speedup_vs_serial`).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -20,6 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
+use snowflock_control::config::PopulateMode;
+use snowflock_control::{LinuxOptions, Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_guest::images;
 use snowflock_vmm::files::{FilesConfig, MountSpec};
 use snowflock_vmm::machine::MachineConfig;
@@ -105,6 +110,41 @@ fn guest(hv: &KvmHypervisor, args: &[String], files: &FilesConfig) -> anyhow::Re
     parse(&text)
 }
 
+/// Values `clonesum` sorts, over 2 clones.
+const CLONESUM_VALUES: u32 = 4_000_000;
+
+/// One `clonesum` run on local clones: (job ms, serial ms).
+fn clonesum(
+    supervisor: &Supervisor,
+    lines: &Arc<Mutex<Vec<String>>>,
+) -> anyhow::Result<(f64, f64)> {
+    snowflock_sync::lock(lines).clear();
+    let outcome = supervisor
+        .launch_linux(
+            images::CLONESUM,
+            512 << 20,
+            &format!("clonesum {CLONESUM_VALUES} 2"),
+            LinuxOptions::default(),
+        )?
+        .wait();
+    let lines = snowflock_sync::lock(lines).clone();
+    if outcome != VmOutcome::Exited(0) {
+        bail!("clonesum ended with {outcome:?}: {lines:?}");
+    }
+    let line = lines
+        .iter()
+        .find(|l| l.starts_with("clonesum: job_ms="))
+        .with_context(|| format!("no timing line in {lines:?}"))?;
+    let field = |key: &str| -> anyhow::Result<f64> {
+        Ok(line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .with_context(|| format!("no {key} in {line}"))?
+            .parse()?)
+    };
+    Ok((field("job_ms=")?, field("serial_ms=")?))
+}
+
 /// Runs the program `runs` times natively and as a guest, interleaved.
 pub fn run(runs: u32, rounds: u32, out: &mut dyn Sink) -> anyhow::Result<()> {
     let hv = KvmHypervisor::open().context("opening KVM")?;
@@ -136,6 +176,61 @@ pub fn run(runs: u32, rounds: u32, out: &mut dyn Sink) -> anyhow::Result<()> {
         native_runs.push(native(&program, &native_args)?);
         guest_runs.push(guest(&hv, &guest_args, &files)?);
     }
+    emit_calls(&guest_runs, &native_runs, rounds, runs, out)?;
+
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    let supervisor = Supervisor::new(
+        Arc::new(hv),
+        SupervisorConfig {
+            clone_limit: 2,
+            lines: Arc::new(move |_label: &str, line: &str| {
+                snowflock_sync::lock(&sink).push(line.to_string())
+            }),
+            descriptor_dir: None,
+            cluster: None,
+            populate: PopulateMode::Read,
+            host_pages: HostPages::Huge,
+            linux_personality: Some(images::LINUX_PERSONALITY.into()),
+        },
+    );
+    let mut jobs = Vec::new();
+    for run in 1..=runs {
+        eprintln!("syscall: clonesum run {run}");
+        jobs.push(clonesum(&supervisor, &lines)?);
+    }
+    let params: Map<String, Value> = [
+        ("values".to_string(), json!(CLONESUM_VALUES)),
+        ("clones".to_string(), json!(2)),
+        ("runs".to_string(), json!(runs)),
+    ]
+    .into_iter()
+    .collect();
+    let job: Vec<f64> = jobs.iter().map(|j| j.0).collect();
+    let serial: Vec<f64> = jobs.iter().map(|j| j.1).collect();
+    let speedup: Vec<f64> = jobs.iter().map(|j| j.1 / j.0).collect();
+    for (metric, samples, unit) in [
+        ("clonesum_job_ms", &job, "ms"),
+        ("clonesum_serial_ms", &serial, "ms"),
+        ("speedup_vs_serial", &speedup, "ratio"),
+    ] {
+        if let Some(summary) = Summary::of(samples) {
+            let mut params = params.clone();
+            params.insert("min".into(), json!(summary.min));
+            params.insert("max".into(), json!(summary.max));
+            out.emit(Record::new(BENCH, metric, summary.median, unit, &params))?;
+        }
+    }
+    Ok(())
+}
+
+fn emit_calls(
+    guest_runs: &[Figures],
+    native_runs: &[Figures],
+    rounds: u32,
+    runs: u32,
+    out: &mut dyn Sink,
+) -> anyhow::Result<()> {
     for name in guest_runs[0].keys() {
         let params: Map<String, Value> = [
             ("call".to_string(), json!(name)),
@@ -150,9 +245,9 @@ pub fn run(runs: u32, rounds: u32, out: &mut dyn Sink) -> anyhow::Result<()> {
                 .filter_map(|f| f.get(name).map(pick))
                 .collect()
         };
-        let guest_ns = of(&guest_runs, |f| f.0);
-        let native_ns = of(&native_runs, |f| f.0);
-        let first = of(&guest_runs, |f| f.1);
+        let guest_ns = of(guest_runs, |f| f.0);
+        let native_ns = of(native_runs, |f| f.0);
+        let first = of(guest_runs, |f| f.1);
         let ratios: Vec<f64> = guest_ns
             .iter()
             .zip(&native_ns)
