@@ -118,3 +118,44 @@ fn run_json_reports_clone_operations() {
         2
     );
 }
+
+#[test]
+fn run_takes_a_static_linux_program_with_a_mount_and_an_output_directory() {
+    let input = tempfile::tempdir().unwrap();
+    let text_in: String = (1..=1000u64).map(|i| format!("{i}\n")).collect();
+    std::fs::write(input.path().join("numbers.txt"), text_in).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let results = out.path().join("results");
+    let mount = format!("{}:/data", input.path().display());
+    let run = sf(&[
+        "run",
+        "partsum",
+        "--clone-limit",
+        "2",
+        "--mount",
+        &mount,
+        "--out",
+        results.to_str().unwrap(),
+        "--",
+        "/data/numbers.txt",
+        "2",
+    ]);
+    let stdout = text(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", text(&run.stderr));
+    assert!(
+        stdout.contains("clones=2 total=500500 match=1 inherited=1 kept=1"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(results.join("total")).unwrap(),
+        "500500\n"
+    );
+}
+
+#[test]
+fn a_dynamically_linked_program_is_refused_naming_the_fix() {
+    let out = sf(&["run", "/bin/true"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("link it with -static"), "{stderr}");
+}
