@@ -56,6 +56,8 @@ fn build_images(dir: &Path, script: &Path) {
         "linux/build.rs",
         "linux/linux.ld",
         "linux/src",
+        "rust-std/Cargo.toml",
+        "rust-std/src",
     ] {
         println!("cargo::rerun-if-changed={}", dir.join(input).display());
     }
@@ -126,6 +128,37 @@ fn build_images(dir: &Path, script: &Path) {
         &mut personality,
         "nested cargo build of the Linux personality",
     );
+    // The Rust std example: a static Linux program (crt-static), in a target
+    // directory of its own since its flags differ from the guests'.
+    let std_target = out.join("std-target");
+    let mut std_example = Command::new(nested.get_program());
+    std_example
+        .current_dir(dir)
+        .args([
+            "build",
+            "--release",
+            "--offline",
+            "-p",
+            "snowflock-std-example",
+        ])
+        .arg("--manifest-path")
+        .arg(dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&std_target);
+    for (key, value) in nested.get_envs() {
+        match value {
+            Some(value) => std_example.env(key, value),
+            None => std_example.env_remove(key),
+        };
+    }
+    std_example.env(
+        "RUSTFLAGS",
+        "-C relocation-model=static -C target-cpu=x86-64-v2 -C target-feature=+crt-static",
+    );
+    run(
+        &mut std_example,
+        "nested cargo build of the Rust std example",
+    );
 
     let release = target_dir.join("release").join("examples");
     let mut images: Vec<(String, PathBuf)> = stems(&dir.join("examples"), "rs")
@@ -181,6 +214,11 @@ fn build_images(dir: &Path, script: &Path) {
         run(&mut gcc, &format!("gcc -static of c/linux/{name}.c"));
         images.push((name, program));
     }
+
+    images.push((
+        "clonestd".into(),
+        std_target.join("release").join("clonestd"),
+    ));
 
     // The Fortran example, with the C shim that gives it the clone API.
     let fortran = dir.join("fortran");

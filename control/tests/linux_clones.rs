@@ -196,3 +196,45 @@ fn a_fortran_program_clones_through_the_c_header() {
     assert_eq!(lines.of(""), ["clones=2 pi= 3.141592176 match=T"]);
     assert_eq!(sup.reports()[0].clones, 2);
 }
+
+#[test]
+fn a_rust_std_program_clones_through_the_sdk_and_its_clones_write_their_output() {
+    let (sup, lines) = supervisor(2);
+    let out = tempfile::tempdir().unwrap();
+    let options = LinuxOptions {
+        files: FilesConfig {
+            out: Some(out.path().to_path_buf()),
+            ..FilesConfig::default()
+        },
+        strace: false,
+    };
+    let outcome = sup
+        .launch_linux(
+            common::image("clonestd"),
+            common::MEM,
+            "clonestd - 2",
+            options,
+        )
+        .expect("clonestd starts")
+        .wait();
+    assert_eq!(outcome, VmOutcome::Exited(0), "{:?}", lines.all());
+    assert!(
+        lines
+            .of("")
+            .contains(&"clonestd: clones=2 words=220000 distinct=105 match=true".to_string()),
+        "{:?}",
+        lines.all()
+    );
+    let mut written = Vec::new();
+    for entry in std::fs::read_dir(out.path()).unwrap() {
+        let dir = entry.unwrap().path();
+        for file in std::fs::read_dir(&dir).unwrap() {
+            let file = file.unwrap().path();
+            let text = std::fs::read_to_string(&file).unwrap();
+            assert!(text.lines().all(|l| l.split(' ').count() == 2), "{text}");
+            written.push(file.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    written.sort();
+    assert_eq!(written, ["counts-1.txt", "counts-2.txt"]);
+}

@@ -244,6 +244,8 @@ pub fn create_clones(checkpoint: &Checkpoint, ticket: &Ticket) -> Result<(), Err
 /// # Panics
 /// If this VM is not a clone: the VMM refuses, and a `-> !` cannot go on.
 pub fn exit(result: &[u8]) -> ! {
+    #[cfg(feature = "hosted")]
+    hypercall::linux_finish();
     let rax = hypercall::child_exit(result);
     match errno::decode(rax) {
         Some(e) => panic!(
@@ -257,6 +259,8 @@ pub fn exit(result: &[u8]) -> ! {
 /// Ends this VM with `code` (the exit status of a top-level VM; a child that
 /// calls it counts as failed).
 pub fn exit_vm(code: i32) -> ! {
+    #[cfg(feature = "hosted")]
+    hypercall::linux_finish();
     hypercall::exit(u64::from(code as u32))
 }
 

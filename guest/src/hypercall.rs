@@ -193,3 +193,22 @@ pub fn report_pages(runs: &[PageRun], kind: PageReportKind) -> u64 {
         .0
     }
 }
+
+/// In a Linux-ABI program (feature `hosted`): asks the personality to flush
+/// its console buffers and write `/out` to the host, as `exit` would, before
+/// the program ends through the clone API. Elsewhere it is an unknown
+/// system call (`ENOSYS`), harmless.
+#[cfg(feature = "hosted")]
+pub fn linux_finish() {
+    // SAFETY: a `syscall` with a number the personality serves without
+    // touching the program's memory; `syscall` clobbers rcx and r11.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") crate::abi::linux::files::SYSCALL_FINISH => _,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+}

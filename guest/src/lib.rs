@@ -7,6 +7,10 @@
 //! allocator, the panic handler and the C memory functions; `entry!` names
 //! the guest's `fn main() -> i32`.
 //!
+//! Without `rt`, the crate is usable from a Linux-ABI program, `std` ones
+//! included (feature `hosted`: ending through the clone API first has the
+//! personality flush its output and write `/out`).
+//!
 //! [`abi`] re-exports `snowflock-abi`, the interface shared with the VMM;
 //! everything else expects to run inside a guest. With `images` the crate embeds the example guests (module
 //! `images`), built by a nested cargo build in build.rs.
