@@ -540,8 +540,8 @@ fn busybox_applets_over_a_mount_give_what_the_host_tools_give() {
 
 #[test]
 fn strace_prints_every_call_with_its_result() {
-    let source =
-        "#include <unistd.h>\nint main(void) { write(1, \"hi\\n\", 3); return getppid(); }";
+    let source = "#include <unistd.h>\nint main(void) { write(1, \"hi\\n\", 3); \
+                  if (fork() >= 0) return 9; return getppid(); }";
     let ran = run_config(
         &compile(source, &["-static"]),
         "traced",
@@ -569,6 +569,13 @@ fn strace_prints_every_call_with_its_result() {
         "{lines:?}"
     );
     assert!(lines.contains(&"hi"), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("[strace] clone(")
+            && l.contains(
+                ") = -38 (one process per VM: threads, fork and exec are not supported)"
+            )),
+        "{lines:?}"
+    );
 }
 
 const RUST: &str = r#"

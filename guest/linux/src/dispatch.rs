@@ -285,6 +285,9 @@ fn trace(nr: u64, args: &[u64; 6], result: Option<SysResult>, trapped: bool) {
         Some(Ok(value)) => line.push_str(&alloc::format!(") = {value}")),
         Some(Err(errno)) => line.push_str(&alloc::format!(") = -{errno}")),
     }
+    if matches!(nr, 56 | 57 | 58 | 59 | 435) && matches!(result, Some(Err(_))) {
+        line.push_str(" (one process per VM: threads, fork and exec are not supported)");
+    }
     if trapped {
         line.push_str(" [trapped]");
     }
