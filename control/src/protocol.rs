@@ -128,6 +128,10 @@ pub struct HostStats {
     #[serde(default)]
     pub push_led_pages: u64,
     pub served_families: u32,
+    /// Bytes of `/out` files that clones on other hosts sent here and this
+    /// host wrote into its jobs' output directories.
+    #[serde(default)]
+    pub clone_output_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -249,6 +253,15 @@ pub enum FromHost {
     ChildConsole {
         label: String,
         line: String,
+    },
+    /// Bytes of a file of a Linux-ABI clone's `/out` (path relative to it),
+    /// for the parent host to write into the job's output directory.
+    ChildOutput {
+        family: u64,
+        child: u32,
+        path: Vec<u8>,
+        offset: u64,
+        data: Vec<u8>,
     },
     ChildEnded {
         family: u64,

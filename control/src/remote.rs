@@ -162,6 +162,9 @@ pub struct HollowStart {
     pub label: String,
     /// Where its console lines go, if not to the supervisor's sink.
     pub lines: Option<crate::console::LineSink>,
+    /// Where a Linux-ABI clone's `/out` goes, if not to this host's disk:
+    /// to the host that started the job.
+    pub output: Option<snowflock_vmm::files::OutputSink>,
     pub events: Arc<dyn HollowEvents>,
 }
 

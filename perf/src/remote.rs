@@ -232,6 +232,7 @@ impl Cluster for LoopbackCluster {
                 external: launch.external,
                 label: child.label().to_string(),
                 lines: None,
+                output: None,
                 events: Arc::new(LoopbackChild {
                     child,
                     stats: self.stats.clone(),

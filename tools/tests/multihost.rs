@@ -441,9 +441,35 @@ fn a_static_linux_program_clones_onto_other_hosts_which_read_its_mount_and_write
         }
     }
     assert_eq!((clones, parts), (6, 45_000_150_000));
+    // The remote clones' files came back over the control connections:
+    // the parent's host wrote exactly their bytes.
+    let remote_bytes: u64 = report
+        .children
+        .iter()
+        .filter(|c| c.host.is_some())
+        .map(|c| {
+            let dir = std::fs::read_dir(out.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.to_string_lossy().ends_with(&format!("-{}", c.id)))
+                .unwrap();
+            std::fs::metadata(dir.join(format!("part-{}", c.id)))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    let hosts = stats(&h1);
+    let parent_host = hosts.iter().find(|h| h.host == "h1").expect("h1's stats");
+    assert_eq!(parent_host.clone_output_bytes, remote_bytes, "{hosts:#?}");
+    assert!(
+        hosts
+            .iter()
+            .filter(|h| h.host != "h1")
+            .all(|h| h.clone_output_bytes == 0),
+        "{hosts:#?}"
+    );
     // The remote clones faulted the personality, the program and its
     // in-VM state in from the parent's host.
-    let hosts = stats(&h1);
     let fetched: Vec<_> = hosts.iter().flat_map(|h| h.clones.iter()).collect();
     assert_eq!(fetched.len(), remote, "{hosts:#?}");
     assert!(

@@ -15,7 +15,8 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use snowflock_abi::PAGE_SIZE;
@@ -79,6 +80,30 @@ pub enum FilesError {
     },
 }
 
+/// Takes the files of a VM's `/out` (path relative to it, offset, bytes)
+/// where the VM does not write them itself: a clone on another host hands
+/// them to the host that started the job.
+pub type OutputSink = Arc<dyn Fn(&[u8], u64, &[u8]) -> Result<(), u64> + Send + Sync>;
+
+/// Where a VM's `/out` goes.
+enum Output {
+    /// No output directory: nothing is kept.
+    None,
+    /// Written beneath this directory on this host.
+    Local(PathBuf),
+    Forward(OutputSink),
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Local(dir) => f.debug_tuple("Local").field(dir).finish(),
+            Self::Forward(_) => f.write_str("Forward"),
+        }
+    }
+}
+
 /// The opened mounts and standard input of one VM.
 #[derive(Debug)]
 pub struct HostFiles {
@@ -86,7 +111,7 @@ pub struct HostFiles {
     dirs: Vec<OwnedFd>,
     stdin: Option<File>,
     /// Where this VM's `/out` goes (a clone's own directory).
-    output: Option<PathBuf>,
+    output: Output,
 }
 
 fn identity_of(meta: &std::fs::Metadata) -> Identity {
@@ -115,6 +140,51 @@ fn relative(path: &[u8]) -> Result<CString, u64> {
     }
     let text = if path.is_empty() { b"." as &[u8] } else { path };
     CString::new(text).map_err(|_| libc::EINVAL as u64)
+}
+
+/// Where clone `id` of clone point `generation` writes its `/out`, in the
+/// output directory `out`.
+pub fn clone_output_dir(out: &Path, generation: u32, id: u32) -> PathBuf {
+    out.join(format!("clone-{generation}-{id}"))
+}
+
+/// Writes `data` at `offset` of the relative `path` beneath `root`
+/// (creating `root`, the file at offset 0, and the directories on its way);
+/// nothing resolves outside `root`. Errors are `errno` values.
+pub fn write_beneath(root: &Path, path: &[u8], offset: u64, data: &[u8]) -> Result<(), u64> {
+    let path = relative(path)?;
+    std::fs::create_dir_all(root).map_err(|e| errno_of(&e))?;
+    let mut dir = OwnedFd::from(File::open(root).map_err(|e| errno_of(&e))?);
+    let bytes = path.as_bytes();
+    let parts: Vec<&[u8]> = bytes
+        .split(|&b| b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+        .collect();
+    let (file, dirs) = parts.split_last().ok_or(libc::EISDIR as u64)?;
+    for part in dirs {
+        let name = CString::new(*part).map_err(|_| libc::EINVAL as u64)?;
+        // SAFETY: mkdirat reads the NUL-terminated name; `dir` is an open directory.
+        let made = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
+        if made != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EEXIST) {
+                return Err(errno_of(&error));
+            }
+        }
+        dir = OwnedFd::from(openat_beneath(
+            &dir,
+            part,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?);
+    }
+    let create = if offset == 0 {
+        libc::O_CREAT | libc::O_TRUNC
+    } else {
+        0
+    };
+    let out = openat_beneath(&dir, file, libc::O_WRONLY | create, 0o644)?;
+    out.write_all_at(data, offset).map_err(|e| errno_of(&e))
 }
 
 /// `struct open_how` of openat2(2), the first version of it (libc's is non-exhaustive).
@@ -184,7 +254,7 @@ impl HostFiles {
                 source,
             })?),
         };
-        let output = config.out.clone();
+        let output = config.out.clone().map_or(Output::None, Output::Local);
         Ok(Self {
             config,
             dirs,
@@ -196,52 +266,30 @@ impl HostFiles {
     /// This VM is clone `id` of clone point `generation`: its `/out` goes
     /// to `clone-<generation>-<id>/` of the output directory.
     pub fn set_clone(&mut self, generation: u32, id: u32) {
-        self.output = self
-            .config
-            .out
-            .as_ref()
-            .map(|out| out.join(format!("clone-{generation}-{id}")));
+        self.output = match &self.config.out {
+            Some(out) => Output::Local(clone_output_dir(out, generation, id)),
+            None => Output::None,
+        };
     }
 
-    /// Writes `data` at `offset` of `/out/<path>` into the output directory
-    /// (creating the file at offset 0, and the directories on its way).
-    pub(crate) fn write_output(&self, path: &[u8], offset: u64, data: &[u8]) -> Result<(), u64> {
-        let Some(root) = &self.output else {
-            return Ok(());
-        };
-        let path = relative(path)?;
-        std::fs::create_dir_all(root).map_err(|e| errno_of(&e))?;
-        let mut dir = OwnedFd::from(File::open(root).map_err(|e| errno_of(&e))?);
-        let bytes = path.as_bytes();
-        let parts: Vec<&[u8]> = bytes
-            .split(|&b| b == b'/')
-            .filter(|p| !p.is_empty() && *p != b".")
-            .collect();
-        let (file, dirs) = parts.split_last().ok_or(libc::EISDIR as u64)?;
-        for part in dirs {
-            let name = CString::new(*part).map_err(|_| libc::EINVAL as u64)?;
-            // SAFETY: mkdirat reads the NUL-terminated name; `dir` is an open directory.
-            let made = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
-            if made != 0 {
-                let error = std::io::Error::last_os_error();
-                if error.raw_os_error() != Some(libc::EEXIST) {
-                    return Err(errno_of(&error));
-                }
-            }
-            dir = OwnedFd::from(openat_beneath(
-                &dir,
-                part,
-                libc::O_PATH | libc::O_DIRECTORY,
-                0,
-            )?);
+    /// Hands this VM's `/out` to `sink` instead of writing it here (if it
+    /// has an output directory at all).
+    pub fn forward_output(&mut self, sink: OutputSink) {
+        if !matches!(self.output, Output::None) {
+            self.output = Output::Forward(sink);
         }
-        let create = if offset == 0 {
-            libc::O_CREAT | libc::O_TRUNC
-        } else {
-            0
-        };
-        let out = openat_beneath(&dir, file, libc::O_WRONLY | create, 0o644)?;
-        out.write_all_at(data, offset).map_err(|e| errno_of(&e))
+    }
+
+    /// Writes `data` at `offset` of `/out/<path>` where this VM's output goes.
+    pub(crate) fn write_output(&self, path: &[u8], offset: u64, data: &[u8]) -> Result<(), u64> {
+        match &self.output {
+            Output::None => Ok(()),
+            Output::Local(root) => write_beneath(root, path, offset, data),
+            Output::Forward(sink) => {
+                relative(path)?;
+                sink(path, offset, data)
+            }
+        }
     }
 
     /// The configuration with every mount's identity.

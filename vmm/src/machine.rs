@@ -742,6 +742,12 @@ impl Machine {
         self.files.set_clone(generation, id);
     }
 
+    /// Hands this VM's `/out` to `sink` instead of writing it on this host
+    /// (a clone on another host than the job's).
+    pub fn forward_output(&mut self, sink: crate::files::OutputSink) {
+        self.files.forward_output(sink);
+    }
+
     /// `syscall`s that exited to the VMM (each site's first, and every call
     /// of a site the personality does not patch).
     pub fn syscall_traps(&self) -> u64 {

@@ -260,6 +260,33 @@ fn launch(
             _fetch: fetch.clone(),
         });
         let lines_out = out.clone();
+        let output = descriptor.machine.files.out.is_some().then(|| {
+            let output_out = out.clone();
+            let family = order.family;
+            let sink: snowflock_vmm::files::OutputSink =
+                Arc::new(move |path: &[u8], offset: u64, data: &[u8]| {
+                    // Frames stay well under the control protocol's limit.
+                    const CHUNK: usize = 4 << 20;
+                    let mut at = 0;
+                    loop {
+                        let end = data.len().min(at + CHUNK);
+                        output_out
+                            .send(FromHost::ChildOutput {
+                                family,
+                                child,
+                                path: path.to_vec(),
+                                offset: offset + at as u64,
+                                data: data[at..end].to_vec(),
+                            })
+                            .map_err(|_| libc::EPIPE as u64)?;
+                        at = end;
+                        if at >= data.len() {
+                            return Ok(());
+                        }
+                    }
+                });
+            sink
+        });
         let vm = daemon.supervisor.start_hollow(HollowStart {
             descriptor: descriptor.clone(),
             family: fetch.link().family.clone(),
@@ -275,6 +302,7 @@ fn launch(
                     line: line.to_string(),
                 });
             })),
+            output,
             events,
         });
         let killed = {

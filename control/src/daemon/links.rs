@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use snowflock_dataplane::auth::{self, ClusterKey};
 use snowflock_dataplane::mcast::{McastServer, Recording};
 use snowflock_dataplane::server::MemoryServer;
+use snowflock_vmm::files::{clone_output_dir, write_beneath};
 use snowflock_vmm::memory::MemoryImage;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -65,6 +67,10 @@ struct Link {
     pending: Mutex<HashMap<u64, oneshot::Sender<HostResponse>>>,
     /// Clones running there for parents on this host.
     children: Mutex<HashMap<(u64, u32), RemoteChild>>,
+    /// Where the `/out` of each of those clones that has one is written.
+    outputs: Mutex<HashMap<(u64, u32), PathBuf>>,
+    /// Bytes of that output written (shared by every link of the host).
+    output_bytes: Arc<AtomicU64>,
     /// Why the link closed, once it has.
     closed: Mutex<Option<String>>,
 }
@@ -129,6 +135,7 @@ impl Link {
         }
         tracing::warn!(host = %self.host, %reason, "link to host closed");
         lock(&self.pending).clear();
+        lock(&self.outputs).clear();
         let children: Vec<RemoteChild> = lock(&self.children).drain().map(|(_, c)| c).collect();
         for child in children {
             child.ended(
@@ -157,12 +164,45 @@ impl Link {
                 }
             }
             FromHost::ChildConsole { label, line } => lines(&label, &line),
+            FromHost::ChildOutput {
+                family,
+                child,
+                path,
+                offset,
+                data,
+            } => {
+                let dir = lock(&self.outputs).get(&(family, child)).cloned();
+                match dir {
+                    Some(dir) => {
+                        let written = write_beneath(&dir, &path, offset, &data);
+                        if written.is_ok() {
+                            self.output_bytes
+                                .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
+                        if let Err(errno) = written {
+                            tracing::warn!(
+                                host = %self.host,
+                                child,
+                                path = %String::from_utf8_lossy(&path),
+                                errno,
+                                "writing a clone's output failed"
+                            );
+                        }
+                    }
+                    None => tracing::warn!(
+                        host = %self.host,
+                        child,
+                        "output from a clone without an output directory dropped"
+                    ),
+                }
+            }
             FromHost::ChildEnded {
                 family,
                 child,
                 outcome,
                 runtime,
             } => {
+                lock(&self.outputs).remove(&(family, child));
                 if let Some(c) = lock(&self.children).remove(&(family, child)) {
                     c.ended(outcome, runtime);
                 }
@@ -191,6 +231,8 @@ pub struct Links {
     /// What the clones of clone points served before asked for.
     working_sets: Mutex<WorkingSets>,
     lines: crate::console::LineSink,
+    /// Bytes of clones' `/out` received from other hosts and written here.
+    output_bytes: Arc<AtomicU64>,
 }
 
 /// A frozen image this host serves, with the clones (and checkpoints)
@@ -240,6 +282,7 @@ impl Links {
                 config.mcdist.recorded_working_sets as usize,
             )),
             lines,
+            output_bytes: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -249,6 +292,11 @@ impl Links {
     }
 
     /// Families served and their reference counts.
+    /// Bytes of clones' `/out` files received from other hosts and written here.
+    pub fn clone_output_bytes(&self) -> u64 {
+        self.output_bytes.load(Ordering::Relaxed)
+    }
+
     pub fn served_families(&self) -> u32 {
         lock(&self.served).len() as u32
     }
@@ -309,6 +357,8 @@ impl Links {
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             children: Mutex::new(HashMap::new()),
+            outputs: Mutex::new(HashMap::new()),
+            output_bytes: self.output_bytes.clone(),
             closed: Mutex::new(None),
         });
         // Hello first; the writer task sends everything else in order.
@@ -573,6 +623,13 @@ impl Cluster for Links {
                 let mut children = lock(&link.children);
                 for child in &launch.children {
                     children.insert((family, child.id()), child.clone());
+                }
+            }
+            if let Some(out) = &launch.descriptor.machine.files.out {
+                let mut outputs = lock(&link.outputs);
+                for child in &launch.children {
+                    let dir = clone_output_dir(out, launch.descriptor.generation, child.id());
+                    outputs.insert((family, child.id()), dir);
                 }
             }
             let order = CloneOrder {

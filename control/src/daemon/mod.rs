@@ -209,6 +209,7 @@ impl Daemon {
             pushed_pages: multicast.as_ref().map_or(0, |m| m.pushed_pages),
             push_led_pages: multicast.as_ref().map_or(0, |m| m.push_led_pages),
             served_families: self.links.served_families(),
+            clone_output_bytes: self.links.clone_output_bytes(),
         }
     }
 }

@@ -108,6 +108,9 @@ fn restore_hollow(
     )
     .map_err(HollowError::Restore)?;
     machine.set_clone(start.descriptor.generation, start.child);
+    if let Some(sink) = &start.output {
+        machine.forward_output(sink.clone());
+    }
     let avoid = if start.avoidance {
         AvoidMap::new(
             mem_size / PAGE_SIZE,
