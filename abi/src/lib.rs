@@ -155,13 +155,17 @@ pub mod linux {
         pub syscall_entry: u64,
         /// Lowest address of the program's stack area.
         pub stack_bottom: u64,
-        /// [`START_STRACE`] or 0.
+        /// [`START_STRACE`], [`START_NO_PATCH`].
         pub flags: u64,
     }
     const _: () = assert!(core::mem::size_of::<LinuxStart>() == 72);
 
     /// `LinuxStart::flags`: print every system call with its result.
     pub const START_STRACE: u64 = 1;
+    /// `LinuxStart::flags`: never patch a `syscall` site; every call traps
+    /// to the VMM (for programs that checksum their code or keep data in
+    /// the red zone across a system call).
+    pub const START_NO_PATCH: u64 = 2;
 
     /// Host files: read-only mounts of host directories, and standard input.
     ///

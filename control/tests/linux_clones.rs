@@ -82,6 +82,7 @@ fn clones_read_a_mount_keep_their_files_apart_and_write_their_own_out_directorie
             LinuxOptions {
                 files,
                 strace: false,
+                trap_syscalls: false,
             },
         )
         .expect("partsum starts")
@@ -159,6 +160,7 @@ fn a_clone_whose_host_mount_is_not_the_parents_directory_is_refused() {
             LinuxOptions {
                 files,
                 strace: false,
+                trap_syscalls: false,
             },
         )
         .expect("spin starts");
@@ -207,6 +209,7 @@ fn a_rust_std_program_clones_through_the_sdk_and_its_clones_write_their_output()
             ..FilesConfig::default()
         },
         strace: false,
+        trap_syscalls: false,
     };
     let outcome = sup
         .launch_linux(

@@ -274,6 +274,7 @@ fn parent_at_clone_point(
         personality: None,
         files: Default::default(),
         strace: false,
+        trap_syscalls: false,
     };
     let parent = Machine::boot(hv, &elf(&Code::program()), &config).expect("boot");
     let (mut parent, stop) = run_bounded(parent);

@@ -100,6 +100,7 @@ fn guest(hv: &KvmHypervisor, args: &[String], files: &FilesConfig) -> anyhow::Re
         personality: Some(images::LINUX_PERSONALITY.into()),
         files: files.clone(),
         strace: false,
+        trap_syscalls: false,
     };
     let mut machine = Machine::boot(hv, images::SYSCALLS, &config)?;
     match machine.run()? {

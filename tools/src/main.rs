@@ -135,6 +135,11 @@ struct RunArgs {
     /// Print every system call of a Linux-ABI program with its result (on the console).
     #[arg(long)]
     strace: bool,
+    /// Never patch a Linux-ABI program's system-call sites: every call exits
+    /// to the VMM (~50 µs). For code that checksums itself or keeps data in
+    /// the red zone across a system call.
+    #[arg(long)]
+    trap_syscalls: bool,
     /// Arguments for the guest, e.g. `-- clones=4 mib=64`.
     #[arg(last = true)]
     guest_args: Vec<String>,
@@ -334,6 +339,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             LinuxOptions {
                 files: args.files.config()?,
                 strace: args.strace,
+                trap_syscalls: args.trap_syscalls,
             },
         )
         .context("starting the VM")?;

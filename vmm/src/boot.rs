@@ -157,8 +157,8 @@ impl GuestLayout {
 
 /// Loads `image` into fresh `memory` and builds everything around it.
 /// A Linux-ABI program (see [`loader::kind`]) is started through
-/// `personality`, with `cmdline`'s words as its `argv` (and every system
-/// call printed with `strace`). Returns the vCPU
+/// `personality`, with `cmdline`'s words as its `argv` and its system
+/// calls treated as `flags` say. Returns the vCPU
 /// entry state and the heap the guest's allocator owns (a flock image's).
 pub fn setup(
     memory: &GuestMemory,
@@ -166,7 +166,7 @@ pub fn setup(
     cmdline: &str,
     tsc_khz: Option<u64>,
     personality: Option<&[u8]>,
-    strace: bool,
+    flags: linux::LinuxFlags,
 ) -> Result<(LongModeEntry, LoadedImage), BootError> {
     let layout = GuestLayout::new(memory.size())?;
     if cmdline.len() as u64 > MAX_CMDLINE {
@@ -178,7 +178,7 @@ pub fn setup(
         ImageKind::Linux => {
             let personality = personality.ok_or(BootError::NoPersonality)?;
             let argv: Vec<&str> = cmdline.split_whitespace().collect();
-            let boot = linux::setup(memory, &layout, image, personality, &argv, strace)?;
+            let boot = linux::setup(memory, &layout, image, personality, &argv, flags)?;
             let loaded = LoadedImage {
                 entry: boot.start.program_entry,
                 end: boot.start.brk_start,

@@ -24,7 +24,7 @@ pub mod hypercall;
 pub mod hypervisor;
 #[cfg(feature = "kvm")]
 pub mod kvm;
-mod linux;
+pub mod linux;
 pub mod loader;
 pub mod machine;
 pub mod memory;

@@ -13,7 +13,7 @@
 use goblin::elf::Elf;
 use snowflock_abi::linux::{
     LinuxStart, PERSONALITY_BASE, PERSONALITY_END, PERSONALITY_HEAP, START_ADDR, START_MAGIC,
-    START_STRACE, SYSCALL_ENTRY_SYMBOL, SYSCALL_SLED_LEN,
+    START_NO_PATCH, START_STRACE, SYSCALL_ENTRY_SYMBOL, SYSCALL_SLED_LEN,
 };
 use snowflock_abi::{IMAGE_BASE, PAGE_SIZE};
 
@@ -30,6 +30,15 @@ const CLOCK_TICKS: u64 = 100;
 const JMP_REL32: u8 = 0xe9;
 const NOP: u8 = 0x90;
 const INT3: u8 = 0xcc;
+
+/// How the personality treats the program's system calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinuxFlags {
+    /// Print every call with its result.
+    pub strace: bool,
+    /// Never patch a site: every call traps to the VMM.
+    pub trap_syscalls: bool,
+}
 
 /// Where the personality and the program went, and how the vCPU starts.
 #[derive(Debug, Clone, Copy)]
@@ -48,7 +57,7 @@ pub(crate) fn setup(
     program: &[u8],
     personality: &[u8],
     argv: &[&str],
-    strace: bool,
+    options: LinuxFlags,
 ) -> Result<LinuxBoot, BootError> {
     let syscall_entry = syscall_entry(personality)?;
     let (own, _) = loader::load_placed(
@@ -85,7 +94,12 @@ pub(crate) fn setup(
         heap_end,
         syscall_entry,
         stack_bottom: layout.stack_bottom(),
-        flags: if strace { START_STRACE } else { 0 },
+        flags: if options.strace { START_STRACE } else { 0 }
+            | if options.trap_syscalls {
+                START_NO_PATCH
+            } else {
+                0
+            },
     };
     memory.write(START_ADDR, &start_bytes(&start))?;
     Ok(LinuxBoot {

@@ -83,6 +83,9 @@ pub struct MachineConfig {
     pub files: FilesConfig,
     /// A Linux-ABI program's system calls are printed with their results.
     pub strace: bool,
+    /// A Linux-ABI program's `syscall` sites are never patched: every call
+    /// traps to the VMM (tens of microseconds each).
+    pub trap_syscalls: bool,
 }
 
 impl std::fmt::Debug for MachineConfig {
@@ -105,6 +108,7 @@ impl Default for MachineConfig {
             personality: None,
             files: FilesConfig::default(),
             strace: false,
+            trap_syscalls: false,
         }
     }
 }
@@ -376,7 +380,10 @@ impl Machine {
             &config.cmdline,
             hv.tsc_khz(),
             config.personality.as_deref(),
-            config.strace,
+            linux::LinuxFlags {
+                strace: config.strace,
+                trap_syscalls: config.trap_syscalls,
+            },
         )?;
         let files = HostFiles::open(&config.files)?;
         if linux::read_start(&memory)?.is_some() {

@@ -56,6 +56,16 @@ fn run_with(image: &[u8], cmdline: &str, files: FilesConfig) -> Ran {
 }
 
 fn run_config(image: &[u8], cmdline: &str, files: FilesConfig, strace: bool) -> Ran {
+    run_flags(image, cmdline, files, strace, false)
+}
+
+fn run_flags(
+    image: &[u8],
+    cmdline: &str,
+    files: FilesConfig,
+    strace: bool,
+    trap_syscalls: bool,
+) -> Ran {
     let hv = KvmHypervisor::open().expect("KVM must be available for these tests");
     let console = Arc::new(Mutex::new(Vec::new()));
     let sink = console.clone();
@@ -67,6 +77,7 @@ fn run_config(image: &[u8], cmdline: &str, files: FilesConfig, strace: bool) -> 
         personality: Some(LINUX_PERSONALITY.into()),
         files,
         strace,
+        trap_syscalls,
     };
     let mut machine = Machine::boot(&hv, image, &config).expect("boot");
     let stop = machine.run();
@@ -676,4 +687,21 @@ fn private_file_mappings_statx_and_unpatched_sites_work() {
     assert_eq!(exit_code(&ran), 0, "console:\n{}", ran.console);
     assert_eq!(ran.console, "bad=0\n");
     assert!(ran.syscall_traps >= 200, "{} traps", ran.syscall_traps);
+}
+
+#[test]
+fn with_patching_off_every_call_traps_and_the_program_is_unchanged() {
+    let source = "#include <stdio.h>\n#include <unistd.h>\n\
+                  int main(void) { long s = 0; for (int i = 0; i < 300; i++) s += getppid() + 1; \
+                  printf(\"s=%ld\\n\", s); return 0; }";
+    let ran = run_flags(
+        &compile(source, &["-static"]),
+        "trapped",
+        FilesConfig::default(),
+        false,
+        true,
+    );
+    assert_eq!(exit_code(&ran), 0, "console:\n{}", ran.console);
+    assert_eq!(ran.console, "s=300\n");
+    assert!(ran.syscall_traps >= 300, "{} traps", ran.syscall_traps);
 }

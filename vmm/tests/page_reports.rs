@@ -129,6 +129,7 @@ fn boot(code: &Code) -> (KvmHypervisor, Machine) {
         personality: None,
         files: Default::default(),
         strace: false,
+        trap_syscalls: false,
     };
     let machine = Machine::boot(&hv, &image(code), &config).expect("boot");
     (hv, machine)

@@ -91,6 +91,7 @@ async fn start(
             LinuxOptions {
                 files,
                 strace: false,
+                trap_syscalls: false,
             },
             |vm| format!("vm{vm}"),
         )

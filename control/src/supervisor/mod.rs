@@ -88,6 +88,8 @@ pub struct LinuxOptions {
     pub files: FilesConfig,
     /// Print every system call with its result.
     pub strace: bool,
+    /// Never patch system-call sites: every call traps to the VMM.
+    pub trap_syscalls: bool,
 }
 
 /// How a VM came to run on this host.
@@ -183,6 +185,7 @@ impl Supervisor {
             personality: self.host.config.linux_personality.clone(),
             files: options.files,
             strace: options.strace,
+            trap_syscalls: options.trap_syscalls,
         };
         let machine =
             Machine::boot(self.host.hv.as_ref(), image, &config).map_err(SupervisorError::Start)?;

@@ -2,8 +2,8 @@
 
 use snowflock_guest::abi::BootInfo;
 use snowflock_guest::abi::linux::LinuxStart;
-use snowflock_guest::abi::linux::START_STRACE;
 use snowflock_guest::abi::linux::files::SYSCALL_FINISH;
+use snowflock_guest::abi::linux::{START_NO_PATCH, START_STRACE};
 use snowflock_guest::hypercall;
 
 use crate::clock::{self, Clock, Timespec};
@@ -82,7 +82,7 @@ impl Personality {
             stack: start.stack_bottom..boot.mem_size,
         };
         let mut clock = Clock::new(boot.tsc_khz);
-        let mut sites = Sites::new();
+        let mut sites = Sites::new(start.flags & START_NO_PATCH == 0);
         for (start, end) in code_ranges(&user, start.initial_rsp) {
             sites.add_code(start, end);
         }

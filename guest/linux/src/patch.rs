@@ -34,18 +34,18 @@ pub(crate) struct Sites {
     code_ranges: usize,
     table: [u64; TABLE],
     patched: usize,
-    /// Sites left trapping (outside code, number without a slot, table full).
-    pub(crate) unpatched_traps: u64,
+    /// Off (`START_NO_PATCH`): every site keeps trapping.
+    patching: bool,
 }
 
 impl Sites {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(patching: bool) -> Self {
         Self {
             code: [(0, 0); MAX_CODE_RANGES],
             code_ranges: 0,
             table: [0; TABLE],
             patched: 0,
-            unpatched_traps: 0,
+            patching,
         }
     }
 
@@ -81,7 +81,6 @@ impl Sites {
         let site = return_address.wrapping_sub(2);
         if !self.in_code(site) {
             // Sites outside the program's code (e.g. generated code) trap.
-            self.unpatched_traps += 1;
             return Arrival::Trap { patched_now: false };
         }
         // SAFETY: `site..site + 2` lies in the program's code segment, which is
@@ -89,9 +88,8 @@ impl Sites {
         let bytes = unsafe { core::ptr::read_unaligned(site as *const [u8; 2]) };
         match bytes {
             SYSCALL => {
-                let patchable = nr < SYSCALL_SLED_LEN && self.patched * 2 < TABLE;
+                let patchable = self.patching && nr < SYSCALL_SLED_LEN && self.patched * 2 < TABLE;
                 if !patchable {
-                    self.unpatched_traps += 1;
                     return Arrival::Trap { patched_now: false };
                 }
                 let (index, _) = self.slot(site);
