@@ -160,6 +160,11 @@ pub mod linux {
     }
     const _: () = assert!(core::mem::size_of::<LinuxStart>() == 72);
 
+    /// How the personality's line at a program's end that lists the system
+    /// calls it made but the personality does not implement begins; each
+    /// call follows as ` name (number) xcount`.
+    pub const UNIMPLEMENTED_REPORT: &str = "sf-linux: unimplemented system calls:";
+
     /// `LinuxStart::flags`: print every system call with its result.
     pub const START_STRACE: u64 = 1;
     /// `LinuxStart::flags`: never patch a `syscall` site; every call traps

@@ -8,7 +8,7 @@ mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -20,7 +20,7 @@ use snowflock_control::{Descriptor, LinuxOptions, Supervisor, SupervisorConfig, 
 use snowflock_vmm::memory::HostPages;
 use snowflock_vmm::{KvmHypervisor, loader};
 
-use crate::report::RunReport;
+use crate::report::{RunReport, Unimplemented};
 use snowflock_control::size::parse_size;
 
 #[derive(Debug, Parser)]
@@ -295,6 +295,20 @@ fn console_lines(to_stderr: bool, bar: Option<ProgressBar>) -> LineSink {
     })
 }
 
+/// Passes every line on to `sink`, keeping the Linux personality's reports
+/// of system calls it does not implement for the run's report.
+fn keeping_unimplemented(sink: LineSink, found: Arc<Mutex<Vec<Unimplemented>>>) -> LineSink {
+    Arc::new(move |label: &str, line: &str| {
+        if let Some(report) = Unimplemented::parse(label, line) {
+            found
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(report);
+        }
+        sink(label, line);
+    })
+}
+
 fn exit_code(outcome: &VmOutcome) -> ExitCode {
     match outcome {
         VmOutcome::Exited(0) => ExitCode::SUCCESS,
@@ -319,9 +333,13 @@ fn spinner(message: String) -> ProgressBar {
 fn run(args: RunArgs) -> Result<ExitCode> {
     let image = load_image(&args.image)?;
     let bar = spinner(format!("running {}", args.image));
+    let unimplemented = Arc::new(Mutex::new(Vec::new()));
     let sup = supervisor(
         args.clone_limit.unwrap_or_else(host_cores),
-        console_lines(args.json, Some(bar.clone())),
+        keeping_unimplemented(
+            console_lines(args.json, Some(bar.clone())),
+            unimplemented.clone(),
+        ),
         args.descriptor_dir,
         args.populate,
         if args.no_huge_pages {
@@ -345,7 +363,15 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         .context("starting the VM")?;
     let outcome = vm.wait();
     bar.finish_and_clear();
-    let report = RunReport::new(&args.image, &outcome, started.elapsed(), &sup.reports());
+    let unimplemented =
+        std::mem::take(&mut *unimplemented.lock().unwrap_or_else(PoisonError::into_inner));
+    let report = RunReport::new(
+        &args.image,
+        &outcome,
+        started.elapsed(),
+        &sup.reports(),
+        unimplemented,
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -386,7 +412,13 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         .context("starting the VM")?;
     let outcome = vm.wait();
     bar.finish_and_clear();
-    let report = RunReport::new("seqsearch", &outcome, started.elapsed(), &sup.reports());
+    let report = RunReport::new(
+        "seqsearch",
+        &outcome,
+        started.elapsed(),
+        &sup.reports(),
+        Vec::new(),
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use snowflock_control::{CloneReport, VmOutcome};
+use snowflock_guest::abi::linux::UNIMPLEMENTED_REPORT;
 
 #[derive(Debug, Serialize)]
 pub struct RunReport {
@@ -14,6 +15,36 @@ pub struct RunReport {
     pub check_passed: bool,
     pub total_ms: f64,
     pub clone_operations: Vec<CloneOp>,
+    /// System calls a Linux-ABI program (or one of its clones) made that
+    /// the personality does not implement, by VM (console label: empty for
+    /// the VM started).
+    pub unimplemented_syscalls: Vec<Unimplemented>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unimplemented {
+    pub vm: String,
+    /// `name (number) xcount` each.
+    pub calls: Vec<String>,
+}
+
+impl Unimplemented {
+    /// The personality's report line, if `line` is one.
+    pub fn parse(vm: &str, line: &str) -> Option<Self> {
+        let rest = line.strip_prefix(UNIMPLEMENTED_REPORT)?;
+        // ` name (nr) xN` repeated: split before each name, after each count.
+        let mut calls = Vec::new();
+        let mut words = rest.split_whitespace().peekable();
+        while let Some(name) = words.next() {
+            let number = words.next()?;
+            let count = words.next()?;
+            calls.push(format!("{name} {number} {count}"));
+        }
+        Some(Self {
+            vm: vm.to_string(),
+            calls,
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -78,8 +109,15 @@ impl std::fmt::Display for Outcome {
 }
 
 impl RunReport {
-    pub fn new(image: &str, outcome: &VmOutcome, total: Duration, clones: &[CloneReport]) -> Self {
+    pub fn new(
+        image: &str,
+        outcome: &VmOutcome,
+        total: Duration,
+        clones: &[CloneReport],
+        unimplemented: Vec<Unimplemented>,
+    ) -> Self {
         Self {
+            unimplemented_syscalls: unimplemented,
             image: image.to_string(),
             outcome: outcome.into(),
             check_passed: *outcome == VmOutcome::Exited(0),
@@ -129,6 +167,18 @@ impl RunReport {
                 op.all_running_ms
                     .map_or("-".into(), |v| format!("{v:.1} ms")),
                 failed
+            );
+        }
+        for report in &self.unimplemented_syscalls {
+            let vm = if report.vm.is_empty() {
+                self.image.as_str()
+            } else {
+                report.vm.as_str()
+            };
+            let _ = writeln!(
+                out,
+                "sf: {vm} made system calls snowflock does not implement (they failed with ENOSYS): {}",
+                report.calls.join(", ")
             );
         }
         let _ = writeln!(
@@ -181,5 +231,23 @@ impl RunReport {
         let _ = writeln!(out, "result check: {verdict}; guest {}", self.outcome);
         let _ = writeln!(out, "total time: {:.2} s", self.total_ms / 1e3);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_personality_s_report_line_becomes_the_list_of_calls() {
+        let line = format!("{UNIMPLEMENTED_REPORT} pipe (22) x2 ? (400) x1");
+        assert_eq!(
+            Unimplemented::parse("clone 2", &line),
+            Some(Unimplemented {
+                vm: "clone 2".into(),
+                calls: vec!["pipe (22) x2".into(), "? (400) x1".into()],
+            })
+        );
+        assert_eq!(Unimplemented::parse("", "hello"), None);
     }
 }

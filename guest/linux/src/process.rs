@@ -3,6 +3,7 @@
 
 use core::fmt::Write as _;
 
+use snowflock_guest::abi::linux::UNIMPLEMENTED_REPORT;
 use snowflock_guest::abi::nr;
 use snowflock_guest::hypercall;
 
@@ -145,7 +146,7 @@ impl Process {
         let made: usize = self.unimplemented.iter().filter(|s| s.1 > 0).count();
         if made > 0 {
             let mut line = Line::default();
-            let _ = write!(line, "sf-linux: unimplemented system calls:");
+            let _ = write!(line, "{UNIMPLEMENTED_REPORT}");
             for &(nr, count) in self.unimplemented.iter().filter(|s| s.1 > 0) {
                 let _ = write!(line, " {} ({nr}) x{count}", names::name(nr).unwrap_or("?"));
             }
