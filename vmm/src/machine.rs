@@ -693,6 +693,11 @@ impl Machine {
         let (path, buf) = hypercall::host_file_ranges(&request, &self.layout)
             .map_err(|source| MachineError::BadHypercall { rip, source })?;
         let path = self.read_range(path)?;
+        if op == OP_OUTPUT {
+            let data = self.read_range(buf)?;
+            let written = self.files.write_output(&path, request.offset, &data);
+            return Ok(written.map_or_else(|errno| (errno::encode(errno), 0), |()| (0, 0)));
+        }
         let mut data = vec![0u8; buf.len as usize];
         let result = match op {
             OP_STAT => {
@@ -724,14 +729,6 @@ impl Machine {
                 .files
                 .read_stdin(request.offset, &mut data)
                 .map(|n| (n as u64, 0, n)),
-            OP_OUTPUT => {
-                let data = self.read_range(buf)?;
-                let written = self.files.write_output(&path, request.offset, &data);
-                match written {
-                    Ok(()) => Ok((0, 0, 0)),
-                    Err(errno) => Err(errno),
-                }
-            }
             _ => Err(errno::EINVAL),
         };
         match result {

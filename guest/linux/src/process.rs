@@ -1,8 +1,6 @@
 //! The process itself: identity, limits, the FS base, the calls it made
 //! that the personality does not implement, and its end.
 
-use core::fmt::Write as _;
-
 use snowflock_guest::abi::linux::UNIMPLEMENTED_REPORT;
 use snowflock_guest::abi::nr;
 use snowflock_guest::hypercall;
@@ -143,46 +141,18 @@ impl Process {
     /// Ends the VM with the program's exit status, after reporting the
     /// unimplemented calls it made.
     pub(crate) fn exit(&self, status: u64) -> ! {
-        let made: usize = self.unimplemented.iter().filter(|s| s.1 > 0).count();
-        if made > 0 {
-            let mut line = Line::default();
-            let _ = write!(line, "{UNIMPLEMENTED_REPORT}");
-            for &(nr, count) in self.unimplemented.iter().filter(|s| s.1 > 0) {
-                let _ = write!(line, " {} ({nr}) x{count}", names::name(nr).unwrap_or("?"));
-            }
-            let _ = writeln!(line);
-            hypercall::console_write(line.text());
+        let made: alloc::vec::Vec<alloc::string::String> = self
+            .unimplemented
+            .iter()
+            .filter(|s| s.1 > 0)
+            .map(|&(nr, count)| {
+                alloc::format!(" {} ({nr}) x{count}", names::name(nr).unwrap_or("?"))
+            })
+            .collect();
+        if !made.is_empty() {
+            let line = alloc::format!("{UNIMPLEMENTED_REPORT}{}\n", made.concat());
+            hypercall::console_write(line.as_bytes());
         }
         hypercall::exit(status & 0xff)
-    }
-}
-
-/// One report line, truncated at its capacity.
-struct Line {
-    buf: [u8; 1024],
-    len: usize,
-}
-
-impl Default for Line {
-    fn default() -> Self {
-        Self {
-            buf: [0; 1024],
-            len: 0,
-        }
-    }
-}
-
-impl Line {
-    fn text(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl core::fmt::Write for Line {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let n = s.len().min(self.buf.len() - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-        self.len += n;
-        Ok(())
     }
 }
