@@ -1,7 +1,7 @@
 //! A blocking client of `sfd`'s local API (see [`crate::protocol`]), for the
 //! CLI, the multi-host tests and the benchmarks.
 
-use snowflock_vmm::files::FilesConfig;
+use crate::supervisor::LinuxOptions;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -77,21 +77,21 @@ impl ApiClient {
     }
 
     /// Boots an image on the daemon's host (a Linux-ABI program with
-    /// `files`); returns the VM id.
+    /// `linux`'s files and options); returns the VM id.
     pub fn start(
         &self,
         name: &str,
         image: Vec<u8>,
         mem_size: u64,
         cmdline: &str,
-        files: FilesConfig,
+        linux: LinuxOptions,
     ) -> Result<u64, ApiError> {
         let request = ApiRequest::Start {
             name: name.to_string(),
             image,
             mem_size,
             cmdline: cmdline.to_string(),
-            files,
+            linux,
         };
         match self.call(&request)? {
             ApiResponse::Started { vm } => Ok(vm),

@@ -8,11 +8,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use snowflock_dataplane::mcast::{McastServerStats, ReceiverStats};
 use snowflock_fault_handler::{CloneStats, FamilyStats};
-use snowflock_vmm::files::FilesConfig;
 
 use crate::config::{Distribution, RxPath, XdpAttachMode};
 use crate::outcome::VmOutcome;
-use crate::supervisor::VmInfo;
+use crate::supervisor::{LinuxOptions, VmInfo};
 
 /// A request from the CLI to its host's daemon. One per connection.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,8 +22,9 @@ pub enum ApiRequest {
         image: Vec<u8>,
         mem_size: u64,
         cmdline: String,
-        /// A Linux-ABI program's mounts and standard input (host paths absolute).
-        files: FilesConfig,
+        /// A Linux-ABI program's host files (host paths absolute) and
+        /// system-call options.
+        linux: LinuxOptions,
     },
     /// Stream a VM's console (and its clones') until it ends.
     Wait { vm: u64 },

@@ -11,7 +11,9 @@ use snowflock_control::client::{ApiClient, VmEnd};
 use snowflock_control::console::line_text;
 use snowflock_control::protocol::{ApiRequest, ApiResponse, HostStats};
 use snowflock_control::size::parse_size;
-use snowflock_control::{VmOutcome, VmRole};
+use snowflock_control::{LinuxOptions, VmOutcome, VmRole};
+
+use crate::report::Unimplemented;
 
 /// Where the daemon's socket is.
 #[derive(Debug, Args)]
@@ -41,6 +43,12 @@ pub struct StartArgs {
     pub json: bool,
     #[command(flatten)]
     pub files: crate::files_cli::FileArgs,
+    /// Print every system call of a Linux-ABI program with its result (on the console).
+    #[arg(long)]
+    pub strace: bool,
+    /// Never patch a Linux-ABI program's system-call sites: every call exits to the VMM.
+    #[arg(long)]
+    pub trap_syscalls: bool,
     #[arg(last = true)]
     pub guest_args: Vec<String>,
 }
@@ -59,7 +67,11 @@ pub fn start(socket: &Path, args: StartArgs, image: Vec<u8>) -> Result<ExitCode>
         image,
         args.mem,
         &cmdline,
-        args.files.config()?,
+        LinuxOptions {
+            files: args.files.config()?,
+            strace: args.strace,
+            trap_syscalls: args.trap_syscalls,
+        },
     )?;
     if !args.wait {
         println!("{vm}");
@@ -70,7 +82,11 @@ pub fn start(socket: &Path, args: StartArgs, image: Vec<u8>) -> Result<ExitCode>
 
 pub fn wait(socket: &Path, vm: u64, json: bool) -> Result<ExitCode> {
     // A job runs as long as it runs: no read timeout.
+    let mut unimplemented = Vec::new();
     let VmEnd { outcome, reports } = ApiClient::new(socket, None).wait(vm, |label, line| {
+        if let Some(report) = Unimplemented::parse(label, line) {
+            unimplemented.push(report);
+        }
         let text = line_text(label, line);
         if json {
             eprintln!("{text}");
@@ -83,6 +99,7 @@ pub fn wait(socket: &Path, vm: u64, json: bool) -> Result<ExitCode> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "vm": vm, "outcome": outcome, "clones": reports,
+                "unimplemented_syscalls": unimplemented,
             }))?
         );
     } else {
@@ -97,6 +114,9 @@ pub fn wait(socket: &Path, vm: u64, json: bool) -> Result<ExitCode> {
                 r.all_running
                     .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
             );
+        }
+        for report in &unimplemented {
+            eprintln!("sf: {}", report.describe());
         }
         eprintln!("sf: vm {vm}: {outcome:?}");
     }

@@ -29,6 +29,19 @@ pub struct Unimplemented {
 }
 
 impl Unimplemented {
+    /// One line for people: which VM, which calls.
+    pub fn describe(&self) -> String {
+        let vm = if self.vm.is_empty() {
+            "the program"
+        } else {
+            self.vm.as_str()
+        };
+        format!(
+            "{vm} made system calls snowflock does not implement (they failed with ENOSYS): {}",
+            self.calls.join(", ")
+        )
+    }
+
     /// The personality's report line, if `line` is one.
     pub fn parse(vm: &str, line: &str) -> Option<Self> {
         let rest = line.strip_prefix(UNIMPLEMENTED_REPORT)?;
@@ -170,16 +183,7 @@ impl RunReport {
             );
         }
         for report in &self.unimplemented_syscalls {
-            let vm = if report.vm.is_empty() {
-                self.image.as_str()
-            } else {
-                report.vm.as_str()
-            };
-            let _ = writeln!(
-                out,
-                "sf: {vm} made system calls snowflock does not implement (they failed with ENOSYS): {}",
-                report.calls.join(", ")
-            );
+            let _ = writeln!(out, "sf: {}", report.describe());
         }
         let _ = writeln!(
             out,

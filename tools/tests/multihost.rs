@@ -477,3 +477,43 @@ fn a_static_linux_program_clones_onto_other_hosts_which_read_its_mount_and_write
         "{hosts:#?}"
     );
 }
+
+#[test]
+fn sf_start_runs_a_linux_program_with_strace_and_reports_its_unimplemented_calls() {
+    let (cluster, _dir) = cluster(2, 2, |_| {});
+    let socket = cluster.host(0).unwrap().socket.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("pipe.c");
+    let program = dir.path().join("pipe");
+    std::fs::write(
+        &source,
+        "#include <unistd.h>\nint main(void) { int fds[2]; return pipe(fds) == 0; }\n",
+    )
+    .unwrap();
+    let gcc = std::process::Command::new("gcc")
+        .args(["-O2", "-static", "-o"])
+        .arg(&program)
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(gcc.success());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sf"))
+        .env("SNOWFLOCK_SOCKET", &socket)
+        .args(["start", "--wait", "--json", "--strace"])
+        .arg(&program)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // glibc's pipe() is pipe2.
+    assert!(
+        stderr.contains("[strace] pipe2(") && stderr.contains(") = -38"),
+        "{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["unimplemented_syscalls"],
+        serde_json::json!([{"vm": "vm1", "calls": ["pipe2 (293) x1"]}]),
+        "{report:#}"
+    );
+}

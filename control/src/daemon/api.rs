@@ -1,7 +1,5 @@
 //! The local API: one request per Unix-socket connection from the CLI.
 
-use snowflock_vmm::files::FilesConfig;
-
 use crate::supervisor::LinuxOptions;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,8 +54,8 @@ pub async fn serve_client(daemon: Arc<Daemon>, mut stream: UnixStream) {
             image,
             mem_size,
             cmdline,
-            files,
-        } => start(&daemon, name, image, mem_size, cmdline, files).await,
+            linux,
+        } => start(&daemon, name, image, mem_size, cmdline, linux).await,
         ApiRequest::Clone { vm, clones } => clone(&daemon, vm, clones).await,
         ApiRequest::Ps => ps(&daemon).await,
         ApiRequest::Kill { host, vm } => kill(&daemon, host, vm).await,
@@ -80,21 +78,12 @@ async fn start(
     image: Vec<u8>,
     mem_size: u64,
     cmdline: String,
-    files: FilesConfig,
+    linux: LinuxOptions,
 ) -> ApiResponse {
     let d = daemon.clone();
     let started = tokio::task::spawn_blocking(move || {
-        d.supervisor.launch_labelled(
-            &image,
-            mem_size,
-            &cmdline,
-            LinuxOptions {
-                files,
-                strace: false,
-                trap_syscalls: false,
-            },
-            |vm| format!("vm{vm}"),
-        )
+        d.supervisor
+            .launch_labelled(&image, mem_size, &cmdline, linux, |vm| format!("vm{vm}"))
     })
     .await;
     let handle = match started {

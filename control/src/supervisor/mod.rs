@@ -83,7 +83,7 @@ impl std::fmt::Debug for SupervisorConfig {
 
 /// What a Linux-ABI program starts with besides its image and arguments
 /// (flock images take the default).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinuxOptions {
     pub files: FilesConfig,
     /// Print every system call with its result.

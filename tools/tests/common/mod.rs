@@ -49,7 +49,16 @@ pub fn start_with_files(
 ) -> u64 {
     let image = snowflock_guest::images::by_name(image).unwrap().to_vec();
     client(socket)
-        .start("test", image, mem, args, files)
+        .start(
+            "test",
+            image,
+            mem,
+            args,
+            snowflock_control::LinuxOptions {
+                files,
+                ..Default::default()
+            },
+        )
         .unwrap()
 }
 
