@@ -1,5 +1,7 @@
 //! `sf` end to end, as users run it (real /dev/kvm).
 
+mod common;
+
 use std::process::{Command, Output};
 
 fn sf(args: &[&str]) -> Output {
@@ -162,21 +164,7 @@ fn a_dynamically_linked_program_is_refused_naming_the_fix() {
 
 #[test]
 fn the_json_report_lists_the_system_calls_snowflock_does_not_implement() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("pipe.c");
-    let program = dir.path().join("pipe");
-    std::fs::write(
-        &source,
-        "#include <unistd.h>\nint main(void) { int fds[2]; return pipe(fds) == 0; }\n", // glibc: pipe2
-    )
-    .unwrap();
-    let gcc = Command::new("gcc")
-        .args(["-O2", "-static", "-o"])
-        .arg(&program)
-        .arg(&source)
-        .status()
-        .unwrap();
-    assert!(gcc.success());
+    let (_dir, program) = common::pipe_program();
     let out = sf(&["run", "--json", program.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -482,21 +482,7 @@ fn a_static_linux_program_clones_onto_other_hosts_which_read_its_mount_and_write
 fn sf_start_runs_a_linux_program_with_strace_and_reports_its_unimplemented_calls() {
     let (cluster, _dir) = cluster(2, 2, |_| {});
     let socket = cluster.host(0).unwrap().socket.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("pipe.c");
-    let program = dir.path().join("pipe");
-    std::fs::write(
-        &source,
-        "#include <unistd.h>\nint main(void) { int fds[2]; return pipe(fds) == 0; }\n",
-    )
-    .unwrap();
-    let gcc = std::process::Command::new("gcc")
-        .args(["-O2", "-static", "-o"])
-        .arg(&program)
-        .arg(&source)
-        .status()
-        .unwrap();
-    assert!(gcc.success());
+    let (_dir, program) = pipe_program();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sf"))
         .env("SNOWFLOCK_SOCKET", &socket)
         .args(["start", "--wait", "--json", "--strace"])

@@ -52,11 +52,7 @@ fn run(image: &[u8], cmdline: &str) -> Ran {
 
 /// Like [`run`], with host files.
 fn run_with(image: &[u8], cmdline: &str, files: FilesConfig) -> Ran {
-    run_config(image, cmdline, files, false)
-}
-
-fn run_config(image: &[u8], cmdline: &str, files: FilesConfig, strace: bool) -> Ran {
-    run_flags(image, cmdline, files, strace, false)
+    run_flags(image, cmdline, files, false, false)
 }
 
 fn run_flags(
@@ -553,11 +549,12 @@ fn busybox_applets_over_a_mount_give_what_the_host_tools_give() {
 fn strace_prints_every_call_with_its_result() {
     let source = "#include <unistd.h>\nint main(void) { write(1, \"hi\\n\", 3); \
                   if (fork() >= 0) return 9; return getppid(); }";
-    let ran = run_config(
+    let ran = run_flags(
         &compile(source, &["-static"]),
         "traced",
         FilesConfig::default(),
         true,
+        false,
     );
     assert_eq!(exit_code(&ran), 0, "console:\n{}", ran.console);
     let lines: Vec<&str> = ran.console.lines().collect();

@@ -140,3 +140,25 @@ pub fn wait_for_stats(socket: &Path, what: &str, pred: impl Fn(&[HostStats]) -> 
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A static C program (glibc) that calls `pipe()`, which the Linux
+/// personality does not implement (glibc makes it `pipe2`), built with gcc
+/// into a temporary directory (kept alive by the returned handle).
+pub fn pipe_program() -> (TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("pipe.c");
+    let program = dir.path().join("pipe");
+    std::fs::write(
+        &source,
+        "#include <unistd.h>\nint main(void) { int fds[2]; return pipe(fds) == 0; }\n",
+    )
+    .unwrap();
+    let gcc = Command::new("gcc")
+        .args(["-O2", "-static", "-o"])
+        .arg(&program)
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(gcc.success());
+    (dir, program)
+}
