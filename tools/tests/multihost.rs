@@ -490,7 +490,12 @@ fn sf_start_runs_a_linux_program_with_strace_and_reports_its_unimplemented_calls
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    assert!(
+        out.status.success(),
+        "{:?}\nstdout: {}\nstderr: {stderr}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
     // glibc's pipe() is pipe2.
     assert!(
         stderr.contains("[strace] pipe2(") && stderr.contains(") = -38"),
