@@ -92,6 +92,7 @@ impl ApiClient {
             mem_size,
             cmdline: cmdline.to_string(),
             linux,
+            wait: false,
         };
         match self.call(&request)? {
             ApiResponse::Started { vm } => Ok(vm),
@@ -99,12 +100,49 @@ impl ApiClient {
         }
     }
 
+    /// Like [`ApiClient::start`], then follows the VM until it ends as
+    /// [`ApiClient::wait`] does, on one connection, from its first console
+    /// line. `on_start` gets the VM id first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_and_wait(
+        &self,
+        name: &str,
+        image: Vec<u8>,
+        mem_size: u64,
+        cmdline: &str,
+        linux: LinuxOptions,
+        on_start: impl FnOnce(u64),
+        on_line: impl FnMut(&str, &str),
+    ) -> Result<VmEnd, ApiError> {
+        let request = ApiRequest::Start {
+            name: name.to_string(),
+            image,
+            mem_size,
+            cmdline: cmdline.to_string(),
+            linux,
+            wait: true,
+        };
+        let mut stream = self.send(&request)?;
+        match Self::answer(&mut stream)? {
+            ApiResponse::Started { vm } => on_start(vm),
+            other => return Err(ApiError::Unexpected(format!("{other:?}"))),
+        }
+        Self::follow(&mut stream, on_line)
+    }
+
     /// Follows VM `vm` until it ends, passing each console line (label,
     /// line) of it and its clones to `on_line`.
-    pub fn wait(&self, vm: u64, mut on_line: impl FnMut(&str, &str)) -> Result<VmEnd, ApiError> {
+    pub fn wait(&self, vm: u64, on_line: impl FnMut(&str, &str)) -> Result<VmEnd, ApiError> {
         let mut stream = self.send(&ApiRequest::Wait { vm })?;
+        Self::follow(&mut stream, on_line)
+    }
+
+    fn follow(
+        stream: &mut std::os::unix::net::UnixStream,
+        mut on_line: impl FnMut(&str, &str),
+    ) -> Result<VmEnd, ApiError> {
         loop {
-            match Self::answer(&mut stream)? {
+            match Self::answer(stream)? {
                 ApiResponse::Console { label, line } => on_line(&label, &line),
                 ApiResponse::Ended { outcome, reports } => return Ok(VmEnd { outcome, reports }),
                 other => return Err(ApiError::Unexpected(format!("{other:?}"))),

@@ -25,6 +25,10 @@ pub enum ApiRequest {
         /// A Linux-ABI program's host files (host paths absolute) and
         /// system-call options.
         linux: LinuxOptions,
+        /// Stream the VM's console on this connection after `Started`, as
+        /// `Wait` does, from its first line: a short VM may end before a
+        /// separate `Wait` could attach.
+        wait: bool,
     },
     /// Stream a VM's console (and its clones') until it ends.
     Wait { vm: u64 },

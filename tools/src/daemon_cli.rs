@@ -62,68 +62,105 @@ fn one(socket: &Path, request: &ApiRequest) -> Result<ApiResponse> {
 
 pub fn start(socket: &Path, args: StartArgs, image: Vec<u8>) -> Result<ExitCode> {
     let cmdline = crate::guest_cmdline(&args.image, &image, &args.guest_args);
-    let vm = ApiClient::new(socket, Some(CALL_TIMEOUT)).start(
+    let linux = LinuxOptions {
+        files: args.files.config()?,
+        strace: args.strace,
+        trap_syscalls: args.trap_syscalls,
+    };
+    if !args.wait {
+        let vm = ApiClient::new(socket, Some(CALL_TIMEOUT)).start(
+            &args.image,
+            image,
+            args.mem,
+            &cmdline,
+            linux,
+        )?;
+        println!("{vm}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    // One connection from the start, so that a short VM's lines are not
+    // missed; a job runs as long as it runs: no read timeout.
+    let mut vm = 0;
+    let mut console = Console::new(args.json);
+    let end = ApiClient::new(socket, None).start_and_wait(
         &args.image,
         image,
         args.mem,
         &cmdline,
-        LinuxOptions {
-            files: args.files.config()?,
-            strace: args.strace,
-            trap_syscalls: args.trap_syscalls,
-        },
+        linux,
+        |id| vm = id,
+        |label, line| console.line(label, line),
     )?;
-    if !args.wait {
-        println!("{vm}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    wait(socket, vm, args.json)
+    console.end(vm, end)
 }
 
 pub fn wait(socket: &Path, vm: u64, json: bool) -> Result<ExitCode> {
     // A job runs as long as it runs: no read timeout.
-    let mut unimplemented = Vec::new();
-    let VmEnd { outcome, reports } = ApiClient::new(socket, None).wait(vm, |label, line| {
+    let mut console = Console::new(json);
+    let end = ApiClient::new(socket, None).wait(vm, |label, line| console.line(label, line))?;
+    console.end(vm, end)
+}
+
+/// What `sf start --wait` and `sf wait` print of a VM they follow.
+struct Console {
+    json: bool,
+    unimplemented: Vec<Unimplemented>,
+}
+
+impl Console {
+    fn new(json: bool) -> Self {
+        Self {
+            json,
+            unimplemented: Vec::new(),
+        }
+    }
+
+    fn line(&mut self, label: &str, line: &str) {
         if let Some(report) = Unimplemented::parse(label, line) {
-            unimplemented.push(report);
+            self.unimplemented.push(report);
         }
         let text = line_text(label, line);
-        if json {
+        if self.json {
             eprintln!("{text}");
         } else {
             println!("{text}");
         }
-    })?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "vm": vm, "outcome": outcome, "clones": reports,
-                "unimplemented_syscalls": unimplemented,
-            }))?
-        );
-    } else {
-        for r in &reports {
-            let remote = r.children.iter().filter(|c| c.host.is_some()).count();
-            eprintln!(
-                "sf: ticket {}: {} clones ({} on other hosts), paused {:.2} ms, all running after {}",
-                r.ticket,
-                r.clones,
-                remote,
-                r.capture_pause.as_secs_f64() * 1e3,
-                r.all_running
-                    .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
-            );
-        }
-        for report in &unimplemented {
-            eprintln!("sf: {}", report.describe());
-        }
-        eprintln!("sf: vm {vm}: {outcome:?}");
     }
-    Ok(match outcome {
-        VmOutcome::Exited(0) => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
-    })
+
+    fn end(self, vm: u64, end: VmEnd) -> Result<ExitCode> {
+        let VmEnd { outcome, reports } = end;
+        let (json, unimplemented) = (self.json, self.unimplemented);
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "vm": vm, "outcome": outcome, "clones": reports,
+                    "unimplemented_syscalls": unimplemented,
+                }))?
+            );
+        } else {
+            for r in &reports {
+                let remote = r.children.iter().filter(|c| c.host.is_some()).count();
+                eprintln!(
+                    "sf: ticket {}: {} clones ({} on other hosts), paused {:.2} ms, all running after {}",
+                    r.ticket,
+                    r.clones,
+                    remote,
+                    r.capture_pause.as_secs_f64() * 1e3,
+                    r.all_running
+                        .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+                );
+            }
+            for report in &unimplemented {
+                eprintln!("sf: {}", report.describe());
+            }
+            eprintln!("sf: vm {vm}: {outcome:?}");
+        }
+        Ok(match outcome {
+            VmOutcome::Exited(0) => ExitCode::SUCCESS,
+            _ => ExitCode::FAILURE,
+        })
+    }
 }
 
 pub fn clone(socket: &Path, vm: u64, clones: u32) -> Result<ExitCode> {

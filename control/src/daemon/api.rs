@@ -55,6 +55,30 @@ pub async fn serve_client(daemon: Arc<Daemon>, mut stream: UnixStream) {
             mem_size,
             cmdline,
             linux,
+            wait: true,
+        } => {
+            // Subscribed before the VM starts, so no line is missed.
+            let lines = daemon.lines.subscribe();
+            let started = start(&daemon, name, image, mem_size, cmdline, linux).await;
+            let vm = match &started {
+                ApiResponse::Started { vm } => Some(*vm),
+                _ => None,
+            };
+            if wire::send(&mut stream, &started).await.is_err() {
+                return;
+            }
+            if let Some(vm) = vm {
+                follow(&daemon, &mut stream, vm, lines).await;
+            }
+            return;
+        }
+        ApiRequest::Start {
+            name,
+            image,
+            mem_size,
+            cmdline,
+            linux,
+            wait: false,
         } => start(&daemon, name, image, mem_size, cmdline, linux).await,
         ApiRequest::Clone { vm, clones } => clone(&daemon, vm, clones).await,
         ApiRequest::Ps => ps(&daemon).await,
@@ -152,7 +176,18 @@ fn register_root(daemon: &Arc<Daemon>, handle: VmHandle, label: String, mem_size
 }
 
 async fn wait(daemon: &Arc<Daemon>, stream: &mut UnixStream, vm: u64) {
-    let mut lines = daemon.lines.subscribe();
+    let lines = daemon.lines.subscribe();
+    follow(daemon, stream, vm, lines).await;
+}
+
+/// Streams VM `vm`'s console (and its clones') from `lines` until it ends,
+/// then its end.
+async fn follow(
+    daemon: &Arc<Daemon>,
+    stream: &mut UnixStream,
+    vm: u64,
+    mut lines: broadcast::Receiver<(String, String)>,
+) {
     let root = {
         let roots = lock(&daemon.roots);
         roots.get(&vm).map(|r| (r.label.clone(), r.done.clone()))
