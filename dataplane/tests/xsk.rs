@@ -250,8 +250,19 @@ fn socket_option(socket: &XskSocket, name: libc::c_int) -> libc::c_int {
     value
 }
 
-fn open_fds() -> usize {
-    fs::read_dir("/proc/self/fd").unwrap().count()
+/// The sockets and anonymous-inode objects (BPF programs and maps, eventfds) this process
+/// holds, by target. Only kinds the sockets and programs under test own are counted: a
+/// descriptor another thread holds for a moment (a pipe while it spawns `ip`, a `/proc` file
+/// while a thread starts) is not a leak.
+fn open_fds() -> Vec<String> {
+    let mut targets: Vec<String> = fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|target| target.starts_with("socket:") || target.starts_with("anon_inode:"))
+        .collect();
+    targets.sort();
+    targets
 }
 
 /// Mappings of socket memory (AF_XDP rings) in this process.
