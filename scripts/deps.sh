@@ -14,6 +14,8 @@ packages=(
   musl-tools   # musl-gcc: static musl programs in the Linux-ABI tests
   gfortran     # a static Fortran program in the Linux-ABI tests
   busybox-static  # programs nobody here wrote, run as Linux-ABI guests in the tests
+  prometheus   # promtool, and a real server scraping sfd in the metrics tests
+  curl         # HTTP requests from inside test hosts (metrics, Prometheus queries)
 )
 
 missing=()

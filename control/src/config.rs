@@ -93,6 +93,18 @@ pub struct DaemonConfig {
     pub limits: Limits,
     #[serde(default)]
     pub mcdist: McdistSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where `GET /metrics` is served; off when unset. Metrics say what runs
+    /// on the host: keep it on loopback or a management network.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -643,6 +655,10 @@ mod tests {
         assert_eq!(config.mcdist.send_threads, 1);
         assert_eq!(config.limits.populate, PopulateMode::Read);
         assert_eq!(config.limits.host_pages, HostPages::Huge);
+        assert_eq!(
+            config.metrics.listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
         let other = include_str!("../../dist/sfd.toml")
             .replace(r#"populate = "read""#, r#"populate = "write""#)
             .replace(r#"host_pages = "huge""#, r#"host_pages = "base""#);

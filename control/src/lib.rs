@@ -35,6 +35,7 @@ pub mod console;
 pub mod daemon;
 pub mod descriptor;
 mod error_chain;
+pub mod metrics;
 pub mod outcome;
 pub mod protocol;
 pub mod remote;

@@ -22,6 +22,19 @@ pub enum VmOutcome {
     Lost(String),
 }
 
+impl VmOutcome {
+    /// How it ended, as a label value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VmOutcome::Exited(_) => "exited",
+            VmOutcome::Result(_) => "result",
+            VmOutcome::Failed(_) => "failed",
+            VmOutcome::Killed => "killed",
+            VmOutcome::Lost(_) => "lost",
+        }
+    }
+}
+
 /// One child of a clone operation, as the parent's join saw it.
 #[derive(Debug, Clone)]
 pub struct ChildReport {

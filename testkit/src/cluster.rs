@@ -63,7 +63,12 @@ impl NetnsCluster {
         };
         // Claim the state file first, so that `sf cluster down --dir` can always clean up.
         cluster.record.save()?;
-        files::write(&cluster.record, &spec.limits(), &spec.mcdist)?;
+        files::write(
+            &cluster.record,
+            &spec.limits(),
+            &spec.mcdist,
+            spec.metrics_port,
+        )?;
         network::build(&cluster.record, &mut cluster.namespaces)?;
         for i in 0..cluster.record.hosts.len() {
             cluster.spawn(i)?;

@@ -24,6 +24,7 @@ pub(crate) fn render(
     key_file: &Path,
     limits: &Limits,
     mcdist: &toml::Table,
+    metrics_port: Option<u16>,
 ) -> String {
     let mut text = String::new();
     // Writing to a String cannot fail.
@@ -59,6 +60,11 @@ pub(crate) fn render(
         for (key, value) in mcdist {
             let _ = writeln!(text, "{} = {}", string(key), value);
         }
+    }
+    if let Some(port) = metrics_port {
+        let listen = std::net::SocketAddr::new(host.control.ip(), port);
+        let _ = writeln!(text, "[metrics]");
+        let _ = writeln!(text, "listen = {}", string(&listen.to_string()));
     }
     text
 }
@@ -98,6 +104,7 @@ mod tests {
             &record.key_file,
             &limits,
             &mcdist,
+            Some(9464),
         );
         let doc: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(doc["host"]["name"].as_str(), Some("h2"));
@@ -117,6 +124,7 @@ mod tests {
         assert_eq!(doc["limits"]["peer_timeout_ms"].as_integer(), Some(700));
         assert_eq!(doc["limits"]["prefetch_pages"].as_integer(), Some(3));
         assert_eq!(doc["mcdist"]["rx_path"].as_str(), Some("sockets"));
+        assert_eq!(doc["metrics"]["listen"].as_str(), Some("10.77.0.2:9464"));
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub(crate) fn write(
     record: &ClusterRecord,
     limits: &Limits,
     mcdist: &toml::Table,
+    metrics_port: Option<u16>,
 ) -> Result<(), UpError> {
     for host in &record.hosts {
         fs::create_dir_all(&host.state_dir).map_err(|source| UpError::CreateDir {
@@ -37,7 +38,14 @@ pub(crate) fn write(
         .save(&record.key_file)
         .map_err(|source| UpError::Key { source })?;
     for host in &record.hosts {
-        let text = config::render(host, &record.hosts, &record.key_file, limits, mcdist);
+        let text = config::render(
+            host,
+            &record.hosts,
+            &record.key_file,
+            limits,
+            mcdist,
+            metrics_port,
+        );
         fs::write(&host.config, text).map_err(|source| UpError::WriteConfig {
             path: host.config.clone(),
             source,

@@ -46,6 +46,9 @@ pub struct ClusterSpec {
     pub extra_limits: toml::Table,
     /// Keys of the `[mcdist]` section, written as given (scalars and arrays only).
     pub mcdist: toml::Table,
+    /// Every daemon serves Prometheus metrics on this port of its control address
+    /// (`[metrics] listen`); `None` leaves them off.
+    pub metrics_port: Option<u16>,
     /// `RUST_LOG` of the daemons.
     pub log_filter: String,
     /// One deadline for every daemon's socket to accept a connection.
@@ -69,6 +72,7 @@ impl ClusterSpec {
             peer_timeout_ms: None,
             extra_limits: toml::Table::new(),
             mcdist: toml::Table::new(),
+            metrics_port: None,
             log_filter: "info".to_owned(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
             stop_timeout: DEFAULT_STOP_TIMEOUT,

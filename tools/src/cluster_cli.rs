@@ -76,6 +76,10 @@ pub struct UpArgs {
     /// mcdist receive path of every host: sockets, xdp, or auto.
     #[arg(long, value_enum, default_value = "auto")]
     pub rx_path: RxPath,
+    /// Every daemon serves Prometheus metrics at http://ADDRESS:PORT/metrics, ADDRESS its
+    /// control address in the cluster.
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
     /// Print the cluster's state (as in cluster.json) as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -166,6 +170,7 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     spec.fetch_timeout_ms = args.fetch_timeout_ms;
     spec.log_filter = args.log;
     spec.mcdist = mcdist_table(args.distribution, args.rx_path);
+    spec.metrics_port = args.metrics_port;
     let cluster = NetnsCluster::up(spec).context("starting the cluster")?;
     let record = cluster.detach();
     if args.json {
@@ -179,6 +184,13 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                 first.socket.display()
             );
             println!("run on a host:   ip netns exec {} COMMAND", first.netns);
+            if let Some(port) = args.metrics_port {
+                println!(
+                    "metrics:         ip netns exec {} curl -s http://{}:{port}/metrics",
+                    first.netns,
+                    first.control.ip()
+                );
+            }
             println!(
                 "tear down:       sf cluster down --dir {}",
                 record.dir.display()

@@ -5,6 +5,7 @@ mod daemon_cli;
 mod files_cli;
 mod net_cli;
 mod report;
+mod shell_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -103,6 +104,10 @@ enum Command {
         #[command(subcommand)]
         command: net_cli::NetCommand,
     },
+    /// Print the completion script of a shell on stdout.
+    Completions(shell_cli::CompletionsArgs),
+    /// Print the man page on stdout, or write every page into a directory.
+    Man(shell_cli::ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -203,6 +208,8 @@ fn main() -> ExitCode {
         Command::Kill { target, vm } => daemon_cli::kill(&target.socket, &vm),
         Command::Stats { target, json } => daemon_cli::stats(&target.socket, json),
         Command::Net { command } => net_cli::run(command),
+        Command::Completions(args) => shell_cli::completions(&args),
+        Command::Man(args) => shell_cli::man(&args),
         Command::Images => {
             for (name, bytes) in snowflock_guest::images::ALL {
                 let kind = loader::kind(bytes).map_or("unreadable", loader::ImageKind::name);

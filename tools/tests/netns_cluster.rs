@@ -34,6 +34,7 @@ fn the_cli_brings_a_cluster_up_reports_it_and_takes_it_down() {
         log: "debug".into(),
         distribution: snowflock_control::config::Distribution::Unicast,
         rx_path: snowflock_control::config::RxPath::Sockets,
+        metrics_port: Some(9464),
         json: false,
     };
     assert_eq!(cluster_cli::up(up).unwrap(), ExitCode::SUCCESS);
@@ -51,6 +52,10 @@ fn the_cli_brings_a_cluster_up_reports_it_and_takes_it_down() {
     assert_eq!(
         (config.limits.clone_slots, config.limits.fetch_timeout_ms),
         (4, 2500)
+    );
+    assert_eq!(
+        config.metrics.listen,
+        Some(std::net::SocketAddr::new(record.hosts[0].control.ip(), 9464))
     );
     let status = |json| {
         cluster_cli::status(cluster_cli::StatusArgs {

@@ -65,6 +65,27 @@ pub struct FamilyCaches {
     /// Most bytes of pages idle caches keep; 0 keeps none.
     idle_budget: u64,
     table: Mutex<CacheTable>,
+    /// Bytes the caches that went had received, so that the totals a scrape
+    /// reads never go back.
+    retired: Mutex<ReceivedBytes>,
+}
+
+/// Page bytes received from memory servers, by how they came.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceivedBytes {
+    pub unicast: u64,
+    pub multicast: u64,
+}
+
+impl ReceivedBytes {
+    fn add(&mut self, link: &FetchLink) {
+        let bytes = link.family.stats().bytes_received;
+        if link.by_multicast() {
+            self.multicast += bytes;
+        } else {
+            self.unicast += bytes;
+        }
+    }
 }
 
 impl std::fmt::Debug for FamilyCaches {
@@ -109,6 +130,7 @@ impl FamilyCaches {
         Arc::new(Self {
             idle_budget,
             table: Mutex::new(CacheTable::default()),
+            retired: Mutex::new(ReceivedBytes::default()),
         })
     }
 
@@ -161,7 +183,7 @@ impl FamilyCaches {
             }
         };
         drop(table);
-        drop(gone);
+        self.retire(gone);
         Ok(CacheUse {
             caches: self.clone(),
             key,
@@ -199,7 +221,7 @@ impl FamilyCaches {
                 self.trim(&mut table, &mut gone);
             }
         }
-        drop(gone);
+        self.retire(gone);
     }
 
     /// Drops idle caches, oldest first, until they fit the budget.
@@ -264,8 +286,30 @@ impl FamilyCaches {
                 }
             }
         }
-        drop(gone);
+        self.retire(gone);
         found
+    }
+
+    /// Closes the links of caches that went, counting what they received.
+    fn retire(&self, gone: Vec<Arc<FetchLink>>) {
+        if gone.is_empty() {
+            return;
+        }
+        let mut retired = lock(&self.retired);
+        for link in &gone {
+            retired.add(link);
+        }
+        drop(retired);
+        drop(gone);
+    }
+
+    /// Page bytes received by every cache since the daemon started.
+    pub fn received_bytes(&self) -> ReceivedBytes {
+        let mut total = *lock(&self.retired);
+        for entry in lock(&self.table).entries.values() {
+            total.add(&entry.link);
+        }
+        total
     }
 
     /// Every cache here, in use or idle.

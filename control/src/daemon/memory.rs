@@ -150,6 +150,11 @@ enum Membership {
 }
 
 impl FetchLink {
+    /// Whether its pages come by mcdist rather than over its TCP connection.
+    pub fn by_multicast(&self) -> bool {
+        self.receiver.is_some()
+    }
+
     /// Fetches `family_id` from the memory server at `server`: by mcdist
     /// through `mcast` when given, else over the TCP connection.
     pub fn connect(

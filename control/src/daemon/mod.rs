@@ -14,6 +14,7 @@ pub mod caches;
 pub mod host;
 pub mod links;
 pub mod memory;
+mod metrics;
 pub mod net;
 
 use std::collections::{HashMap, VecDeque};
@@ -95,6 +96,8 @@ pub struct Daemon {
     pub(crate) caches: Arc<FamilyCaches>,
     hollow: Mutex<HashMap<u64, HollowRecord>>,
     recent: Mutex<VecDeque<HollowRecord>>,
+    /// Fault counters of the hollow clones that ended, summed.
+    ended_faults: Mutex<metrics::FaultTotals>,
     pub(crate) roots: Mutex<HashMap<u64, api::RootVm>>,
     pub(crate) lines: broadcast::Sender<(String, String)>,
 }
@@ -156,7 +159,15 @@ impl Daemon {
     }
 
     pub(crate) fn hollow_ended(&self, record: HollowRecord) {
-        lock(&self.hollow).remove(&record.vm);
+        {
+            // Under the lock of the running ones, as a scrape reads both: a
+            // clone is counted in one or the other, never both or neither.
+            let mut hollow = lock(&self.hollow);
+            hollow.remove(&record.vm);
+            if let Some(stats) = &record.final_stats {
+                lock(&self.ended_faults).add(stats);
+            }
+        }
         let mut recent = lock(&self.recent);
         if recent.len() == RECENT_CLONES {
             recent.pop_front();
@@ -278,6 +289,7 @@ pub fn run(
         caches,
         hollow: Mutex::new(HashMap::new()),
         recent: Mutex::new(VecDeque::new()),
+        ended_faults: Mutex::new(metrics::FaultTotals::default()),
         roots: Mutex::new(HashMap::new()),
         lines: lines_tx,
     });
@@ -350,6 +362,18 @@ async fn serve(daemon: Arc<Daemon>) -> Result<(), DaemonError> {
         slots = daemon.config.limits.clone_slots,
         "sfd ready"
     );
+    if let Some(addr) = daemon.config.metrics.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                what: "metrics address",
+                addr: addr.to_string(),
+                source,
+            })?;
+        let registry = metrics::registry(daemon.supervisor.metrics(), &daemon);
+        tracing::info!(metrics = %addr, "serving Prometheus metrics at /metrics");
+        tokio::spawn(metrics::serve(listener, Arc::new(registry)));
+    }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| DaemonError::Listen {
         what: "signal",

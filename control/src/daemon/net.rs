@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use snowflock_dataplane::auth::ClusterKey;
 use snowflock_dataplane::mcast::{
-    McastReceiver, McastServer, McastServerConfig, ReceiverConfig, ReceiverStats, XdpReceiveConfig,
+    McastReceiver, McastServer, McastServerConfig, McastServerStats, ReceiverConfig, ReceiverStats,
+    XdpReceiveConfig,
 };
 use snowflock_dataplane::netdev;
 use snowflock_dataplane::xdp::{BusyPoll, XskConfig, ZeroCopy};
@@ -97,6 +98,14 @@ impl std::fmt::Debug for NetPlane {
             .field("local", &self.local)
             .finish_non_exhaustive()
     }
+}
+
+/// What the receive path reports.
+struct Receiving {
+    rx: ReceiverStats,
+    xdp: Option<XdpStatus>,
+    fallback: Option<String>,
+    families: u32,
 }
 
 impl NetPlane {
@@ -302,48 +311,14 @@ impl NetPlane {
                     netdev::XdpAttachment::Unrecognized => "attached, mode unknown".into(),
                 },
             });
-        let guard = read(&self.receiver);
-        let rx_path = path_name(guard.as_ref());
-        let (rx, xdp, fallback, receiving) = match guard.as_ref() {
-            Some(active) => {
-                let rx = active.receiver.stats();
-                let xdp = active.receiver.xdp_status().map(|x| XdpStatus {
-                    mode: match x.mode {
-                        XdpMode::Native => XdpAttachMode::Native,
-                        XdpMode::Generic => XdpAttachMode::Generic,
-                    },
-                    program_id: x.program_id,
-                    queues: x.queues.clone(),
-                    zero_copy: x.zero_copy,
-                    umem_frames: settings.umem_frames,
-                    frame_size: x.frame_size,
-                    fill_ring: settings.fill_ring,
-                    rx_ring: settings.rx_ring,
-                    busy_poll_us: settings.busy_poll_us,
-                    received: x.counters.received,
-                    redirected: x.counters.redirected,
-                    duplicate_dropped: x.counters.duplicate_dropped,
-                    passed: x.counters.passed,
-                    malformed: x.counters.malformed,
-                    socket_dropped: x.socket_dropped,
-                    rx_ring_full: x.rx_ring_full,
-                    fill_ring_empty: x.fill_ring_empty,
-                });
-                (
-                    rx,
-                    xdp,
-                    active.fallback.clone(),
-                    active.receiver.family_count() as u32,
-                )
-            }
-            None => (ReceiverStats::default(), None, None, 0),
-        };
-        drop(guard);
-        let tx = self
-            .server
-            .as_ref()
-            .map(|server| server.stats())
-            .unwrap_or_default();
+        let rx_path = self.rx_path_name();
+        let Receiving {
+            rx,
+            xdp,
+            fallback,
+            families,
+        } = self.receiving(&settings);
+        let tx = self.server_stats();
         NetStatus {
             host: self.host.clone(),
             distribution: settings.distribution,
@@ -354,8 +329,64 @@ impl NetPlane {
             xdp,
             rx,
             tx,
-            families_receiving: receiving,
+            families_receiving: families,
             families_serving,
+        }
+    }
+
+    /// What this host's server did (all families since it started).
+    pub fn server_stats(&self) -> McastServerStats {
+        self.server
+            .as_ref()
+            .map(|server| server.stats())
+            .unwrap_or_default()
+    }
+
+    /// What this host's receiver and its XDP program saw: cheap enough for every scrape,
+    /// unlike [`NetPlane::status`], which asks the kernel about the device.
+    pub fn receiving_counters(&self) -> (ReceiverStats, Option<XdpStatus>) {
+        let settings = lock(&self.settings).clone();
+        let receiving = self.receiving(&settings);
+        (receiving.rx, receiving.xdp)
+    }
+
+    fn receiving(&self, settings: &McdistSection) -> Receiving {
+        let guard = read(&self.receiver);
+        let Some(active) = guard.as_ref() else {
+            return Receiving {
+                rx: ReceiverStats::default(),
+                xdp: None,
+                fallback: None,
+                families: 0,
+            };
+        };
+        let xdp = active.receiver.xdp_status().map(|x| XdpStatus {
+            mode: match x.mode {
+                XdpMode::Native => XdpAttachMode::Native,
+                XdpMode::Generic => XdpAttachMode::Generic,
+            },
+            program_id: x.program_id,
+            queues: x.queues.clone(),
+            zero_copy: x.zero_copy,
+            umem_frames: settings.umem_frames,
+            frame_size: x.frame_size,
+            fill_ring: settings.fill_ring,
+            rx_ring: settings.rx_ring,
+            busy_poll_us: settings.busy_poll_us,
+            received: x.counters.received,
+            redirected: x.counters.redirected,
+            duplicate_dropped: x.counters.duplicate_dropped,
+            passed: x.counters.passed,
+            malformed: x.counters.malformed,
+            socket_dropped: x.socket_dropped,
+            rx_ring_full: x.rx_ring_full,
+            fill_ring_empty: x.fill_ring_empty,
+        });
+        Receiving {
+            rx: active.receiver.stats(),
+            xdp,
+            fallback: active.fallback.clone(),
+            families: active.receiver.family_count() as u32,
         }
     }
 

@@ -13,6 +13,7 @@ use snowflock_vmm::{Hypervisor, VcpuKicker};
 
 use super::slots::{Slots, WarmPool};
 use super::{SupervisorConfig, VmRole};
+use crate::metrics::ControlMetrics;
 use crate::outcome::CloneReport;
 
 pub(super) struct HostState {
@@ -29,6 +30,7 @@ pub(super) struct HostState {
     next_vm: AtomicU64,
     next_id: AtomicU64,
     pub(super) reports: Mutex<Vec<CloneReport>>,
+    pub(super) metrics: Arc<ControlMetrics>,
     /// Every VM running on this host.
     pub(super) vms: Mutex<HashMap<u64, VmEntry>>,
 }
@@ -55,6 +57,7 @@ impl HostState {
             next_vm: AtomicU64::new(1),
             next_id: AtomicU64::new(1),
             reports: Mutex::new(Vec::new()),
+            metrics: Arc::new(ControlMetrics::default()),
             vms: Mutex::new(HashMap::new()),
         }
     }

@@ -69,10 +69,14 @@ impl VmContext {
             // be frozen and served again.
             return machine.reply(errno::encode(errno::EPERM), 0);
         }
+        let asked = Instant::now();
         let plan = self.plan(clones, machine.memory().size());
         let local = self.host.slots.reserve(plan.local);
         let remote_slots: u32 = plan.remote.iter().map(|g| g.slots).sum();
         let granted = local + remote_slots;
+        self.host
+            .metrics
+            .ticket(clones, local, remote_slots, asked.elapsed());
         let id = self.host.fresh_id();
         self.tickets.insert(
             id,
@@ -100,8 +104,14 @@ impl VmContext {
             Err(code) => return machine.reply(errno::encode(code), 0),
         };
         if granted == 0 {
-            self.tickets
-                .mark_spawned(ticket, self.vm, stopped_at, CaptureKind::Clone, None);
+            self.tickets.mark_spawned(
+                ticket,
+                self.vm,
+                stopped_at,
+                CaptureKind::Clone,
+                None,
+                &self.host.metrics,
+            );
             return machine.reply(0, 0);
         }
         let (descriptor, image) = self.capture(machine, CaptureKind::Clone)?;
@@ -113,6 +123,7 @@ impl VmContext {
             stopped_at,
             CaptureKind::Clone,
             Some(launched),
+            &self.host.metrics,
         );
         self.tickets.set_pause(ticket, stopped_at.elapsed());
         Ok(())
@@ -180,6 +191,7 @@ impl VmContext {
             stopped_at,
             CaptureKind::Checkpoint,
             Some(launched),
+            &self.host.metrics,
         );
         self.tickets.set_pause(ticket, pause);
         machine.reply(0, 0)

@@ -40,6 +40,7 @@ use self::vm::VmContext;
 use crate::config::PopulateMode;
 use crate::console::{ConsoleFlush, LineSink, labelled};
 use crate::descriptor::Descriptor;
+use crate::metrics::ControlMetrics;
 use crate::outcome::CloneReport;
 use crate::remote::Cluster;
 use crate::sync::lock;
@@ -257,6 +258,11 @@ impl Supervisor {
     /// Clone operations so far, oldest first (each complete once joined).
     pub fn reports(&self) -> Vec<CloneReport> {
         lock(&self.host.reports).clone()
+    }
+
+    /// What this host's control plane counted (tickets, clone operations).
+    pub fn metrics(&self) -> &Arc<ControlMetrics> {
+        &self.host.metrics
     }
 
     /// VMs prepared ahead of clone points (all memory sizes).

@@ -15,6 +15,7 @@ use super::describe::{Described, Description};
 use super::host::HostState;
 use crate::child::ChildCell;
 use crate::descriptor::{CaptureKind, Descriptor};
+use crate::metrics::ControlMetrics;
 use crate::outcome::{CloneReport, VmOutcome};
 use crate::remote::RemoteGrant;
 use crate::sync::lock;
@@ -121,6 +122,7 @@ impl Tickets {
         started: Instant,
         kind: CaptureKind,
         launched: Option<(Launch, Described)>,
+        metrics: &ControlMetrics,
     ) {
         let t = self.0.get_mut(&ticket).expect("ticket checked by caller");
         let (children, launcher, describer, served_family) = match launched {
@@ -135,6 +137,7 @@ impl Tickets {
         // Each local child now owns one slot and returns it when it ends;
         // remote reservations were handed to their hosts.
         let local = children.iter().filter(|c| c.remote.is_none()).count() as u32;
+        metrics.clones_started(u64::from(local), (children.len() as u32 - local).into());
         t.unused_slots -= local;
         t.spawned = Some(Spawned {
             started,
@@ -186,6 +189,7 @@ impl Tickets {
         {
             cluster.retire_image(family);
         }
+        host.metrics.operation_done(&spawned.report);
         lock(&host.reports).push(spawned.report.clone());
     }
 
