@@ -1,13 +1,13 @@
 //! A blocking client of `sfd`'s local API (see [`crate::protocol`]), for the
 //! CLI, the multi-host tests and the benchmarks.
 
-use crate::supervisor::LinuxOptions;
+use crate::supervisor::StartOptions;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::outcome::VmOutcome;
-use crate::protocol::{ApiRequest, ApiResponse, CloneSummary, HostStats};
+use crate::protocol::{ApiRequest, ApiResponse, CloneSummary, HostStats, VmProgress};
 use crate::wire::{self, WireError};
 
 /// A failed API exchange.
@@ -84,7 +84,7 @@ impl ApiClient {
         image: Vec<u8>,
         mem_size: u64,
         cmdline: &str,
-        linux: LinuxOptions,
+        linux: StartOptions,
     ) -> Result<u64, ApiError> {
         let request = ApiRequest::Start {
             name: name.to_string(),
@@ -110,7 +110,7 @@ impl ApiClient {
         image: Vec<u8>,
         mem_size: u64,
         cmdline: &str,
-        linux: LinuxOptions,
+        linux: StartOptions,
         on_start: impl FnOnce(u64),
         on_line: impl FnMut(&str, &str),
     ) -> Result<VmEnd, ApiError> {
@@ -147,6 +147,14 @@ impl ApiClient {
                 ApiResponse::Ended { outcome, reports } => return Ok(VmEnd { outcome, reports }),
                 other => return Err(ApiError::Unexpected(format!("{other:?}"))),
             }
+        }
+    }
+
+    /// What VM `vm`'s clone operations got so far.
+    pub fn progress(&self, vm: u64) -> Result<VmProgress, ApiError> {
+        match self.call(&ApiRequest::Progress { vm })? {
+            ApiResponse::Progress(progress) => Ok(progress),
+            other => Err(ApiError::Unexpected(format!("{other:?}"))),
         }
     }
 

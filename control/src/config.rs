@@ -95,6 +95,59 @@ pub struct DaemonConfig {
     pub mcdist: McdistSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub allocation: AllocationSection,
+}
+
+/// Where a ticket's clone slots come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocationBackend {
+    /// Each member's own `[limits] clone_slots`, spread over the members.
+    #[default]
+    Static,
+    /// An allocation from Slurm per ticket: CPUs on the nodes Slurm grants,
+    /// one clone per CPU, released when the ticket is joined or its VM ends.
+    Slurm,
+}
+
+/// The `[allocation]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllocationSection {
+    #[serde(default)]
+    pub backend: AllocationBackend,
+    /// Longest wait for a grant, in milliseconds; past it the ticket gets
+    /// what was granted (possibly nothing).
+    #[serde(default = "default_allocation_timeout_ms")]
+    pub timeout_ms: u64,
+    /// `slurm.conf` for the Slurm commands (`SLURM_CONF`); unset: Slurm's default.
+    #[serde(default)]
+    pub slurm_conf: Option<PathBuf>,
+    /// Partition to allocate in; unset: the cluster's default.
+    #[serde(default)]
+    pub partition: Option<String>,
+}
+
+fn default_allocation_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Default for AllocationSection {
+    fn default() -> Self {
+        Self {
+            backend: AllocationBackend::Static,
+            timeout_ms: default_allocation_timeout_ms(),
+            slurm_conf: None,
+            partition: None,
+        }
+    }
+}
+
+impl AllocationSection {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
 }
 
 /// The Prometheus endpoint.

@@ -68,5 +68,7 @@ pub struct CloneReport {
     pub data_pages: u64,
     /// From the clone hypercall to the last child executing guest code.
     pub all_running: Option<Duration>,
+    /// The Slurm allocation its clones ran in.
+    pub slurm_job: Option<u64>,
     pub children: Vec<ChildReport>,
 }

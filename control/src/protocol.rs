@@ -11,7 +11,7 @@ use snowflock_fault_handler::{CloneStats, FamilyStats};
 
 use crate::config::{Distribution, RxPath, XdpAttachMode};
 use crate::outcome::VmOutcome;
-use crate::supervisor::{LinuxOptions, VmInfo};
+use crate::supervisor::{StartOptions, VmInfo};
 
 /// A request from the CLI to its host's daemon. One per connection.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,7 +24,7 @@ pub enum ApiRequest {
         cmdline: String,
         /// A Linux-ABI program's host files (host paths absolute) and
         /// system-call options.
-        linux: LinuxOptions,
+        linux: StartOptions,
         /// Stream the VM's console on this connection after `Started`, as
         /// `Wait` does, from its first line: a short VM may end before a
         /// separate `Wait` could attach.
@@ -32,6 +32,8 @@ pub enum ApiRequest {
     },
     /// Stream a VM's console (and its clones') until it ends.
     Wait { vm: u64 },
+    /// What a VM's clone operations got so far.
+    Progress { vm: u64 },
     /// Clone a running VM from outside: `clones` copies spread over the cluster.
     Clone { vm: u64, clones: u32 },
     /// VMs on every host of the cluster.
@@ -72,6 +74,7 @@ pub enum ApiResponse {
     Ps {
         hosts: Vec<HostVms>,
     },
+    Progress(VmProgress),
     Killed,
     Stats {
         hosts: Vec<HostStats>,
@@ -80,6 +83,20 @@ pub enum ApiResponse {
     Error {
         message: String,
     },
+}
+
+/// A VM's clones so far, as `sf start --wait` shows them while it runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmProgress {
+    /// Clones its tickets asked for.
+    pub requested: u64,
+    /// Slots they were granted.
+    pub granted: u64,
+    /// Clones started (children of clone calls), running or not.
+    pub started: u64,
+    /// Of those, clones running guest code now.
+    pub running: u64,
+    pub ended: u64,
 }
 
 /// One clone operation of a VM, as the API reports it.
@@ -93,6 +110,9 @@ pub struct CloneSummary {
     pub data_pages: u64,
     /// From the clone call to the last child running guest code.
     pub all_running: Option<Duration>,
+    /// The Slurm allocation its clones ran in.
+    #[serde(default)]
+    pub slurm_job: Option<u64>,
     pub children: Vec<ChildSummary>,
 }
 

@@ -29,12 +29,22 @@ pub struct RemoteGrant {
     pub slots: u32,
 }
 
+/// A Slurm job a VM runs in (`sf start --slurm-job` inside a batch job):
+/// its id, and its CPUs per node (node names are member names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobScope {
+    pub job: u64,
+    pub cpus: Vec<(String, u32)>,
+}
+
 /// Where a ticket's slots are.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     /// Slots to take on this host.
     pub local: u32,
     pub remote: Vec<RemoteGrant>,
+    /// The Slurm allocation the slots belong to, released with the ticket.
+    pub slurm_job: Option<u64>,
 }
 
 /// Clones to start on one host from one clone point.
@@ -56,8 +66,19 @@ pub struct RemoteLaunch {
 pub trait Cluster: Send + Sync {
     /// Plans `wanted` slots for clones of a VM with `mem_size` bytes of
     /// memory, this host having `local_free` free slots. Remote shares are
-    /// already reserved.
-    fn plan(&self, wanted: u32, mem_size: u64, local_free: u32) -> Plan;
+    /// already reserved. `owner` names the VM asking, for the scheduler;
+    /// `scope`, the Slurm job it runs in, bounds where its slots may be.
+    fn plan(
+        &self,
+        wanted: u32,
+        mem_size: u64,
+        local_free: u32,
+        owner: &str,
+        scope: Option<&JobScope>,
+    ) -> Plan;
+    /// Ends the scheduler's allocation of a [`Plan`] (its ticket was
+    /// joined, or its VM ended).
+    fn release_allocation(&self, slurm_job: u64);
     /// Returns a reservation that will not be used.
     fn release(&self, grant: RemoteGrant);
     /// Serves `image` to other hosts under `family` until a matching

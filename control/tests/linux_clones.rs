@@ -8,7 +8,7 @@
 mod common;
 
 use common::{run, supervisor};
-use snowflock_control::{CaptureKind, LinuxOptions, VmOutcome, error_chain};
+use snowflock_control::{CaptureKind, StartOptions, VmOutcome, error_chain};
 use snowflock_vmm::files::{FilesConfig, MountSpec};
 
 #[test]
@@ -79,10 +79,11 @@ fn clones_read_a_mount_keep_their_files_apart_and_write_their_own_out_directorie
             common::image("partsum"),
             common::MEM,
             "partsum /data/numbers.txt 3",
-            LinuxOptions {
+            StartOptions {
                 files,
                 strace: false,
                 trap_syscalls: false,
+                slurm_job: None,
             },
         )
         .expect("partsum starts")
@@ -157,10 +158,11 @@ fn a_clone_whose_host_mount_is_not_the_parents_directory_is_refused() {
             &std::fs::read(&exe).unwrap(),
             common::MEM,
             "spin",
-            LinuxOptions {
+            StartOptions {
                 files,
                 strace: false,
                 trap_syscalls: false,
+                slurm_job: None,
             },
         )
         .expect("spin starts");
@@ -203,13 +205,14 @@ fn a_fortran_program_clones_through_the_c_header() {
 fn a_rust_std_program_clones_through_the_sdk_and_its_clones_write_their_output() {
     let (sup, lines) = supervisor(2);
     let out = tempfile::tempdir().unwrap();
-    let options = LinuxOptions {
+    let options = StartOptions {
         files: FilesConfig {
             out: Some(out.path().to_path_buf()),
             ..FilesConfig::default()
         },
         strace: false,
         trap_syscalls: false,
+        slurm_job: None,
     };
     let outcome = sup
         .launch_linux(

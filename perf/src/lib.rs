@@ -14,6 +14,7 @@ pub mod clone_local;
 pub mod cpu;
 pub mod job;
 pub mod mcast;
+pub mod plot;
 pub mod record;
 pub mod remote;
 pub mod rx_path;

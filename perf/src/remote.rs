@@ -24,7 +24,7 @@ use snowflock_control::console::LineSink;
 use snowflock_control::daemon::memory::LocalImageSource;
 use snowflock_control::protocol::CloneSummary;
 use snowflock_control::remote::{
-    Cluster, HollowEvents, HollowStart, Plan, RemoteChild, RemoteGrant, RemoteLaunch,
+    Cluster, HollowEvents, HollowStart, JobScope, Plan, RemoteChild, RemoteGrant, RemoteLaunch,
 };
 use snowflock_control::working_sets::ClonePointKey;
 use snowflock_control::{Supervisor, SupervisorConfig, VmOutcome};
@@ -168,7 +168,14 @@ impl HollowEvents for LoopbackChild {
 }
 
 impl Cluster for LoopbackCluster {
-    fn plan(&self, wanted: u32, _mem_size: u64, _local_free: u32) -> Plan {
+    fn plan(
+        &self,
+        wanted: u32,
+        _mem_size: u64,
+        _local_free: u32,
+        _owner: &str,
+        _scope: Option<&JobScope>,
+    ) -> Plan {
         Plan {
             local: 0,
             remote: vec![RemoteGrant {
@@ -176,10 +183,13 @@ impl Cluster for LoopbackCluster {
                 reservation: 0,
                 slots: wanted,
             }],
+            slurm_job: None,
         }
     }
 
     fn release(&self, _grant: RemoteGrant) {}
+
+    fn release_allocation(&self, _slurm_job: u64) {}
 
     fn serve_image(&self, family: u64, image: Arc<MemoryImage>, _key: Option<ClonePointKey>) {
         lock(&self.images).push((family, image));

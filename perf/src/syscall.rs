@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 use snowflock_control::config::PopulateMode;
-use snowflock_control::{LinuxOptions, Supervisor, SupervisorConfig, VmOutcome};
+use snowflock_control::{StartOptions, Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_guest::images;
 use snowflock_vmm::files::{FilesConfig, MountSpec};
 use snowflock_vmm::machine::MachineConfig;
@@ -125,7 +125,7 @@ fn clonesum(
             images::CLONESUM,
             512 << 20,
             &format!("clonesum {CLONESUM_VALUES} 2"),
-            LinuxOptions::default(),
+            StartOptions::default(),
         )?
         .wait();
     let lines = snowflock_sync::lock(lines).clone();

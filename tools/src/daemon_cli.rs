@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -11,8 +13,9 @@ use snowflock_control::client::{ApiClient, VmEnd};
 use snowflock_control::console::line_text;
 use snowflock_control::protocol::{ApiRequest, ApiResponse, HostStats};
 use snowflock_control::size::parse_size;
-use snowflock_control::{LinuxOptions, VmOutcome, VmRole};
+use snowflock_control::{StartOptions, VmOutcome, VmRole};
 
+use crate::progress::{ProgressOutput, ProgressWatch};
 use crate::report::Unimplemented;
 
 /// Where the daemon's socket is.
@@ -49,6 +52,15 @@ pub struct StartArgs {
     /// Never patch a Linux-ABI program's system-call sites: every call exits to the VMM.
     #[arg(long)]
     pub trap_syscalls: bool,
+    /// Run as part of the Slurm job this runs in (a batch script): clones go only to the
+    /// job's nodes, at most one per CPU it holds there (SLURM_JOB_ID, SLURM_JOB_NODELIST,
+    /// SLURM_JOB_CPUS_PER_NODE).
+    #[arg(long)]
+    pub slurm_job: bool,
+    /// With --wait: print the job's progress (clones requested, granted, running, ended;
+    /// pages fetched) as lines on stderr; without it, a terminal shows it in a status line.
+    #[arg(long)]
+    pub progress: bool,
     #[arg(last = true)]
     pub guest_args: Vec<String>,
 }
@@ -62,10 +74,14 @@ fn one(socket: &Path, request: &ApiRequest) -> Result<ApiResponse> {
 
 pub fn start(socket: &Path, args: StartArgs, image: Vec<u8>) -> Result<ExitCode> {
     let cmdline = crate::guest_cmdline(&args.image, &image, &args.guest_args);
-    let linux = LinuxOptions {
+    let linux = StartOptions {
         files: args.files.config()?,
         strace: args.strace,
         trap_syscalls: args.trap_syscalls,
+        slurm_job: match args.slurm_job {
+            true => Some(crate::slurm_cli::job_scope()?),
+            false => None,
+        },
     };
     if !args.wait {
         let vm = ApiClient::new(socket, Some(CALL_TIMEOUT)).start(
@@ -80,18 +96,34 @@ pub fn start(socket: &Path, args: StartArgs, image: Vec<u8>) -> Result<ExitCode>
     }
     // One connection from the start, so that a short VM's lines are not
     // missed; a job runs as long as it runs: no read timeout.
-    let mut vm = 0;
+    let vm = Arc::new(AtomicU64::new(0));
+    let (output, bar) = if args.progress {
+        (Some(ProgressOutput::Lines), None)
+    } else if args.json {
+        (None, None)
+    } else {
+        let bar = crate::spinner(format!("starting {}", args.image));
+        (Some(ProgressOutput::Bar(bar.clone())), Some(bar))
+    };
+    let watch = output.map(|output| ProgressWatch::start(socket.to_path_buf(), vm.clone(), output));
     let mut console = Console::new(args.json);
+    console.bar = bar.clone();
     let end = ApiClient::new(socket, None).start_and_wait(
         &args.image,
         image,
         args.mem,
         &cmdline,
         linux,
-        |id| vm = id,
+        |id| vm.store(id, Ordering::Release),
         |label, line| console.line(label, line),
-    )?;
-    console.end(vm, end)
+    );
+    if let Some(watch) = watch {
+        watch.stop();
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    console.end(vm.load(Ordering::Acquire), end?)
 }
 
 pub fn wait(socket: &Path, vm: u64, json: bool) -> Result<ExitCode> {
@@ -105,6 +137,8 @@ pub fn wait(socket: &Path, vm: u64, json: bool) -> Result<ExitCode> {
 struct Console {
     json: bool,
     unimplemented: Vec<Unimplemented>,
+    /// The status line lines are printed above, if one is shown.
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl Console {
@@ -112,6 +146,7 @@ impl Console {
         Self {
             json,
             unimplemented: Vec::new(),
+            bar: None,
         }
     }
 
@@ -120,10 +155,16 @@ impl Console {
             self.unimplemented.push(report);
         }
         let text = line_text(label, line);
-        if self.json {
-            eprintln!("{text}");
-        } else {
-            println!("{text}");
+        let print = || {
+            if self.json {
+                eprintln!("{text}");
+            } else {
+                println!("{text}");
+            }
+        };
+        match &self.bar {
+            Some(bar) => bar.suspend(print),
+            None => print(),
         }
     }
 
@@ -142,13 +183,15 @@ impl Console {
             for r in &reports {
                 let remote = r.children.iter().filter(|c| c.host.is_some()).count();
                 eprintln!(
-                    "sf: ticket {}: {} clones ({} on other hosts), paused {:.2} ms, all running after {}",
+                    "sf: ticket {}: {} clones ({} on other hosts), paused {:.2} ms, all running after {}{}",
                     r.ticket,
                     r.clones,
                     remote,
                     r.capture_pause.as_secs_f64() * 1e3,
                     r.all_running
-                        .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+                        .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3)),
+                    r.slurm_job
+                        .map_or(String::new(), |job| format!(", Slurm job {job}"))
                 );
             }
             for report in &unimplemented {
@@ -191,8 +234,8 @@ pub fn ps(socket: &Path, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<10} {:>6} {:<8} {:>8} {:>10}  LABEL",
-        "HOST", "VM", "ROLE", "MEM", "UPTIME"
+        "{:<10} {:>6} {:<8} {:>8} {:>10} {:<12} LABEL",
+        "HOST", "VM", "ROLE", "MEM", "UPTIME", "SLURM JOBS"
     );
     for host in hosts {
         match host.vms {
@@ -204,13 +247,23 @@ pub fn ps(socket: &Path, json: bool) -> Result<ExitCode> {
                         VmRole::Clone => "clone",
                         VmRole::Hollow => "hollow",
                     };
+                    let jobs = if v.slurm_jobs.is_empty() {
+                        "-".to_string()
+                    } else {
+                        v.slurm_jobs
+                            .iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
                     println!(
-                        "{:<10} {:>6} {:<8} {:>7}M {:>9.1}s  {}",
+                        "{:<10} {:>6} {:<8} {:>7}M {:>9.1}s {:<12} {}",
                         host.host,
                         v.vm,
                         role,
                         v.mem_size >> 20,
                         v.uptime.as_secs_f64(),
+                        jobs,
                         v.label
                     );
                 }

@@ -4,8 +4,10 @@ mod cluster_cli;
 mod daemon_cli;
 mod files_cli;
 mod net_cli;
+mod progress;
 mod report;
 mod shell_cli;
+mod slurm_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use snowflock_control::config::{PopulateMode, host_cores};
 use snowflock_control::console::{self, LineSink};
-use snowflock_control::{Descriptor, LinuxOptions, Supervisor, SupervisorConfig, VmOutcome};
+use snowflock_control::{Descriptor, StartOptions, Supervisor, SupervisorConfig, VmOutcome};
 use snowflock_vmm::memory::HostPages;
 use snowflock_vmm::{KvmHypervisor, loader};
 
@@ -361,10 +363,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             &image,
             args.mem,
             &guest_cmdline(&args.image, &image, &args.guest_args),
-            LinuxOptions {
+            StartOptions {
                 files: args.files.config()?,
                 strace: args.strace,
                 trap_syscalls: args.trap_syscalls,
+                slurm_job: None,
             },
         )
         .context("starting the VM")?;

@@ -508,3 +508,37 @@ fn sf_start_runs_a_linux_program_with_strace_and_reports_its_unimplemented_calls
         "{report:#}"
     );
 }
+
+#[test]
+fn sf_start_wait_reports_the_jobs_progress() {
+    let (cluster, _dir) = cluster(2, 2, |_| {});
+    let socket = cluster.host(0).unwrap().socket.clone();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sf"))
+        .env("SNOWFLOCK_SOCKET", &socket)
+        .args(["start", "--wait", "--progress", "--mem", "256M", "seqsearch"])
+        .args(["--", "ref_mib=16", "queries=32000", "clones=3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\nstderr: {stderr}", out.status);
+    let progress: Vec<&str> = stderr
+        .lines()
+        .filter_map(|line| line.strip_prefix("sf: progress: vm1: "))
+        .collect();
+    // Figures only grow, and the ticket's grant shows while the clones run.
+    assert!(
+        progress
+            .iter()
+            .any(|line| line.starts_with("clones 3 requested, 3 granted")),
+        "{stderr}"
+    );
+    let ended: Vec<u64> = progress
+        .iter()
+        .map(|line| {
+            let (_, rest) = line.split_once(" running, ").unwrap();
+            rest.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(ended.windows(2).all(|w| w[0] <= w[1]), "{stderr}");
+    cluster.down().unwrap();
+}

@@ -1,6 +1,6 @@
 //! The local API: one request per Unix-socket connection from the CLI.
 
-use crate::supervisor::LinuxOptions;
+use crate::supervisor::StartOptions;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,10 @@ pub async fn serve_client(daemon: Arc<Daemon>, mut stream: UnixStream) {
         } => start(&daemon, name, image, mem_size, cmdline, linux).await,
         ApiRequest::Clone { vm, clones } => clone(&daemon, vm, clones).await,
         ApiRequest::Ps => ps(&daemon).await,
+        ApiRequest::Progress { vm } => match daemon.supervisor.progress(vm) {
+            Some(progress) => ApiResponse::Progress(progress),
+            None => error(format!("no VM {vm} runs here")),
+        },
         ApiRequest::Kill { host, vm } => kill(&daemon, host, vm).await,
         ApiRequest::Stats => stats(&daemon).await,
         ApiRequest::NetShow => net_status(&daemon).await,
@@ -102,7 +106,7 @@ async fn start(
     image: Vec<u8>,
     mem_size: u64,
     cmdline: String,
-    linux: LinuxOptions,
+    linux: StartOptions,
 ) -> ApiResponse {
     let d = daemon.clone();
     let started = tokio::task::spawn_blocking(move || {
@@ -154,6 +158,7 @@ fn register_root(daemon: &Arc<Daemon>, handle: VmHandle, label: String, mem_size
                             descriptor_bytes: r.descriptor_bytes as u64,
                             data_pages: r.data_pages,
                             all_running: r.all_running,
+                            slurm_job: r.slurm_job,
                             children: r
                                 .children
                                 .into_iter()
@@ -236,6 +241,11 @@ async fn follow(
 enum CloneVmError {
     #[error("no free clone slots in the cluster")]
     NoSlots,
+    #[error(
+        "copies from outside outlive any ticket, so Slurm cannot allocate them \
+         ([allocation] backend = \"slurm\"): clone from inside the guest"
+    )]
+    UnderSlurm,
     #[error(transparent)]
     Capture(SupervisorError),
 }
@@ -252,12 +262,21 @@ async fn clone(daemon: &Arc<Daemon>, vm: u64, clones: u32) -> ApiResponse {
     };
     let d = daemon.clone();
     let result = tokio::task::spawn_blocking(move || {
+        if d.links.slurm().is_some() {
+            return Err(CloneVmError::UnderSlurm);
+        }
         let free = d
             .config
             .limits
             .clone_slots
             .saturating_sub(d.supervisor.slots_in_use());
-        let plan = d.links.plan(clones, mem_size, free);
+        let plan = d.links.plan(
+            clones,
+            mem_size,
+            free,
+            &format!("vm {vm}, cloned from outside"),
+            None,
+        );
         let local = d.supervisor.reserve_slots(plan.local);
         let release_all = |d: &Daemon, plan: Plan| {
             d.supervisor.release_slots(local);

@@ -108,6 +108,13 @@ pub async fn serve_peer(daemon: Arc<Daemon>, stream: TcpStream, peer: std::net::
     };
     daemon.supervisor.release_slots(unused);
     daemon.caches.parent_lost(&parent);
+    if let Some(slurm) = daemon.links.slurm()
+        && !parent.is_empty()
+    {
+        // Its VMs cannot release their allocations any more; their clones
+        // here were just killed.
+        slurm.release_all_of(&parent).await;
+    }
     // Nobody can take their results any more.
     for vm in orphans {
         daemon.supervisor.kill_vm(vm);

@@ -19,11 +19,12 @@ use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{DaemonConfig, McdistSection, Member};
+use super::slurm::Slurm;
+use crate::config::{AllocationBackend, DaemonConfig, McdistSection, Member};
 use crate::daemon::memory::ImageStore;
 use crate::outcome::VmOutcome;
 use crate::protocol::{CloneOrder, FromHost, HostRequest, HostResponse, McastOrder, ToHost};
-use crate::remote::{Cluster, Plan, RemoteChild, RemoteGrant, RemoteLaunch};
+use crate::remote::{Cluster, JobScope, Plan, RemoteChild, RemoteGrant, RemoteLaunch};
 use crate::sync::lock;
 use crate::wire::{self, Direction, FrameSealer};
 use crate::working_sets::{ClonePointKey, WorkingSets};
@@ -233,6 +234,8 @@ pub struct Links {
     lines: crate::console::LineSink,
     /// Bytes of clones' `/out` received from other hosts and written here.
     output_bytes: Arc<AtomicU64>,
+    /// Where tickets come from when Slurm allocates them.
+    slurm: Option<Slurm>,
 }
 
 /// A frozen image this host serves, with the clones (and checkpoints)
@@ -283,7 +286,14 @@ impl Links {
             )),
             lines,
             output_bytes: Arc::new(AtomicU64::new(0)),
+            slurm: (config.allocation.backend == AllocationBackend::Slurm)
+                .then(|| Slurm::new(&config.allocation)),
         }
+    }
+
+    /// The Slurm commands, when tickets come from Slurm.
+    pub fn slurm(&self) -> Option<&Slurm> {
+        self.slurm.as_ref()
     }
 
     /// Names of the other members.
@@ -421,8 +431,32 @@ impl Links {
         self.link(host).await?.call(request).await
     }
 
-    async fn plan_async(&self, wanted: u32, mem_size: u64, local_free: u32) -> Plan {
-        let asks = self.members.iter().map(|m| async move {
+    async fn plan_async(
+        &self,
+        wanted: u32,
+        mem_size: u64,
+        local_free: u32,
+        owner: &str,
+        scope: Option<&JobScope>,
+    ) -> Plan {
+        if scope.is_none()
+            && let Some(slurm) = &self.slurm
+        {
+            return self.plan_from_slurm(slurm, wanted, mem_size, owner).await;
+        }
+        // Inside a Slurm job: only its nodes, at most its CPUs on each.
+        let allowed = |host: &str| -> Option<u32> {
+            match scope {
+                None => Some(u32::MAX),
+                Some(scope) => scope
+                    .cpus
+                    .iter()
+                    .find(|(node, _)| node == host)
+                    .map(|&(_, cpus)| cpus),
+            }
+        };
+        let members = self.members.iter().filter(|m| allowed(&m.name).is_some());
+        let asks = members.map(|m| async move {
             let free = match self.call(&m.name, HostRequest::Capacity).await {
                 Ok(HostResponse::Capacity { free, .. }) => free,
                 Ok(other) => {
@@ -438,7 +472,55 @@ impl Links {
         });
         let mut hosts: Vec<(String, u32)> = vec![(self.me.clone(), local_free)];
         hosts.extend(futures::future::join_all(asks).await);
+        for (host, free) in &mut hosts {
+            *free = (*free).min(allowed(host).unwrap_or(0));
+        }
         let shares = spread(wanted, &hosts);
+        self.reserve(&shares, mem_size).await
+    }
+
+    /// A plan of what Slurm grants now for `wanted` clones: one clone per
+    /// CPU, on the nodes it chose (member names).
+    async fn plan_from_slurm(
+        &self,
+        slurm: &Slurm,
+        wanted: u32,
+        mem_size: u64,
+        owner: &str,
+    ) -> Plan {
+        let comment = format!("snowflock: clones of {owner} on {}", self.me);
+        let grant = match slurm.allocate(&self.me, wanted, &comment).await {
+            Ok(Some(grant)) => grant,
+            Ok(None) => {
+                tracing::info!(wanted, "Slurm has no free CPU: the ticket gets none");
+                return Plan::default();
+            }
+            Err(error) => {
+                tracing::warn!(
+                    wanted,
+                    "no Slurm allocation: {}",
+                    crate::error_chain(&error)
+                );
+                return Plan::default();
+            }
+        };
+        tracing::info!(job = grant.job, wanted, cpus = ?grant.cpus, "Slurm granted an allocation");
+        let mut shares = Vec::new();
+        for (node, cpus) in &grant.cpus {
+            if *node == self.me || self.members.iter().any(|m| m.name == *node) {
+                shares.push((node.clone(), *cpus));
+            } else {
+                tracing::warn!(%node, job = grant.job, "Slurm granted a node that is no member: not used");
+            }
+        }
+        let mut plan = self.reserve(&shares, mem_size).await;
+        plan.slurm_job = Some(grant.job);
+        plan
+    }
+
+    /// Reserves each share on its host (this host's is taken by the
+    /// supervisor).
+    async fn reserve(&self, shares: &[(String, u32)], mem_size: u64) -> Plan {
         let mut plan = Plan::default();
         let reserving =
             shares
@@ -501,9 +583,24 @@ pub fn spread(wanted: u32, hosts: &[(String, u32)]) -> Vec<(String, u32)> {
 }
 
 impl Cluster for Links {
-    fn plan(&self, wanted: u32, mem_size: u64, local_free: u32) -> Plan {
+    fn plan(
+        &self,
+        wanted: u32,
+        mem_size: u64,
+        local_free: u32,
+        owner: &str,
+        scope: Option<&JobScope>,
+    ) -> Plan {
         self.rt
-            .block_on(self.plan_async(wanted, mem_size, local_free))
+            .block_on(self.plan_async(wanted, mem_size, local_free, owner, scope))
+    }
+
+    fn release_allocation(&self, slurm_job: u64) {
+        if let Some(slurm) = self.slurm.clone() {
+            // Waited for: a job that ends right after its join must find its
+            // CPUs free again.
+            self.rt.block_on(slurm.release(slurm_job));
+        }
     }
 
     fn release(&self, grant: RemoteGrant) {

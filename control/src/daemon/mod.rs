@@ -16,6 +16,7 @@ pub mod links;
 pub mod memory;
 mod metrics;
 pub mod net;
+pub mod slurm;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -362,6 +363,11 @@ async fn serve(daemon: Arc<Daemon>) -> Result<(), DaemonError> {
         slots = daemon.config.limits.clone_slots,
         "sfd ready"
     );
+    if let Some(slurm) = daemon.links.slurm() {
+        // Allocations a crashed daemon of this host left behind: its VMs
+        // are gone.
+        slurm.release_all_of(&daemon.config.host.name).await;
+    }
     if let Some(addr) = daemon.config.metrics.listen {
         let listener = TcpListener::bind(addr)
             .await

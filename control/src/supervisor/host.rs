@@ -13,8 +13,10 @@ use snowflock_vmm::{Hypervisor, VcpuKicker};
 
 use super::slots::{Slots, WarmPool};
 use super::{SupervisorConfig, VmRole};
+use crate::child::ChildCell;
 use crate::metrics::ControlMetrics;
 use crate::outcome::CloneReport;
+use crate::protocol::VmProgress;
 
 pub(super) struct HostState {
     pub(super) hv: Arc<dyn Hypervisor>,
@@ -31,8 +33,40 @@ pub(super) struct HostState {
     next_id: AtomicU64,
     pub(super) reports: Mutex<Vec<CloneReport>>,
     pub(super) metrics: Arc<ControlMetrics>,
+    /// The Slurm allocations each VM's tickets hold now.
+    pub(super) slurm_jobs: Mutex<HashMap<u64, Vec<u64>>>,
+    /// What each running VM's clone operations got so far.
+    pub(super) progress: Mutex<HashMap<u64, CloneProgress>>,
     /// Every VM running on this host.
     pub(super) vms: Mutex<HashMap<u64, VmEntry>>,
+}
+
+/// A VM's clone operations so far: what its tickets asked for and got, and
+/// its children not joined yet (those joined are counted).
+#[derive(Default)]
+pub(super) struct CloneProgress {
+    pub(super) requested: u64,
+    pub(super) granted: u64,
+    pub(super) joined: u64,
+    pub(super) children: Vec<Arc<ChildCell>>,
+}
+
+impl CloneProgress {
+    pub(super) fn summary(&self) -> VmProgress {
+        let ended = self.children.iter().filter(|c| c.has_ended()).count() as u64;
+        let running = self
+            .children
+            .iter()
+            .filter(|c| c.first_run().is_some() && !c.has_ended())
+            .count() as u64;
+        VmProgress {
+            requested: self.requested,
+            granted: self.granted,
+            started: self.joined + self.children.len() as u64,
+            running,
+            ended: self.joined + ended,
+        }
+    }
 }
 
 /// A running VM, as [`super::Supervisor::vms`] lists it.
@@ -58,6 +92,8 @@ impl HostState {
             next_id: AtomicU64::new(1),
             reports: Mutex::new(Vec::new()),
             metrics: Arc::new(ControlMetrics::default()),
+            slurm_jobs: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
             vms: Mutex::new(HashMap::new()),
         }
     }

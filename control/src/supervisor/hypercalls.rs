@@ -17,6 +17,7 @@ use super::vm::{JoinError, VmContext};
 use crate::descriptor::CaptureKind;
 use crate::outcome::VmOutcome;
 use crate::remote::Plan;
+use crate::sync::lock;
 
 impl VmContext {
     pub(super) fn serve_request(
@@ -48,10 +49,20 @@ impl VmContext {
     /// Where the slots of a ticket for `wanted` clones come from.
     fn plan(&self, wanted: u32, mem_size: u64) -> Plan {
         match &self.host.config.cluster {
-            Some(cluster) => cluster.plan(wanted, mem_size, self.host.slots.free()),
+            Some(cluster) => {
+                let owner = format!("vm {} ({})", self.vm, self.label);
+                cluster.plan(
+                    wanted,
+                    mem_size,
+                    self.host.slots.free(),
+                    &owner,
+                    self.slurm_job.as_ref(),
+                )
+            }
             None => Plan {
                 local: wanted,
                 remote: Vec::new(),
+                slurm_job: None,
             },
         }
     }
@@ -78,12 +89,26 @@ impl VmContext {
             .metrics
             .ticket(clones, local, remote_slots, asked.elapsed());
         let id = self.host.fresh_id();
+        {
+            let mut progress = lock(&self.host.progress);
+            let progress = progress.entry(self.vm).or_default();
+            progress.requested += u64::from(clones);
+            progress.granted += u64::from(granted);
+        }
+        if let Some(job) = plan.slurm_job {
+            lock(&self.host.slurm_jobs)
+                .entry(self.vm)
+                .or_default()
+                .push(job);
+        }
         self.tickets.insert(
             id,
             Ticket {
+                vm: self.vm,
                 granted,
                 unused_slots: local,
                 remote: plan.remote,
+                slurm_job: plan.slurm_job,
                 children_write,
                 spawned: None,
             },
@@ -110,7 +135,7 @@ impl VmContext {
                 stopped_at,
                 CaptureKind::Clone,
                 None,
-                &self.host.metrics,
+                &self.host,
             );
             return machine.reply(0, 0);
         }
@@ -123,7 +148,7 @@ impl VmContext {
             stopped_at,
             CaptureKind::Clone,
             Some(launched),
-            &self.host.metrics,
+            &self.host,
         );
         self.tickets.set_pause(ticket, stopped_at.elapsed());
         Ok(())
@@ -191,7 +216,7 @@ impl VmContext {
             stopped_at,
             CaptureKind::Checkpoint,
             Some(launched),
-            &self.host.metrics,
+            &self.host,
         );
         self.tickets.set_pause(ticket, pause);
         machine.reply(0, 0)

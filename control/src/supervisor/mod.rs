@@ -35,14 +35,15 @@ use snowflock_vmm::{Hypervisor, Machine, MachineConfig};
 
 pub use self::error::{CaptureError, DescribeError, SupervisorError};
 pub use self::handle::{VmController, VmHandle};
-use self::host::HostState;
+use self::host::{CloneProgress, HostState};
 use self::vm::VmContext;
 use crate::config::PopulateMode;
 use crate::console::{ConsoleFlush, LineSink, labelled};
 use crate::descriptor::Descriptor;
 use crate::metrics::ControlMetrics;
 use crate::outcome::CloneReport;
-use crate::remote::Cluster;
+use crate::protocol::VmProgress;
+use crate::remote::{Cluster, JobScope};
 use crate::sync::lock;
 use crate::working_sets::ImageDigest;
 use snowflock_vmm::memory::{HostPages, MemoryImage};
@@ -82,15 +83,20 @@ impl std::fmt::Debug for SupervisorConfig {
     }
 }
 
-/// What a Linux-ABI program starts with besides its image and arguments
-/// (flock images take the default).
+/// What a root VM starts with besides its image and arguments: a Linux-ABI
+/// program's host files and system-call options (flock images take the
+/// default), and the Slurm job its clones must stay in.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LinuxOptions {
+pub struct StartOptions {
     pub files: FilesConfig,
     /// Print every system call with its result.
     pub strace: bool,
     /// Never patch system-call sites: every call traps to the VMM.
     pub trap_syscalls: bool,
+    /// The VM runs as (part of) this Slurm job: its tickets take slots on
+    /// the job's nodes only, at most the job's CPUs there, and allocate
+    /// nothing themselves.
+    pub slurm_job: Option<JobScope>,
 }
 
 /// How a VM came to run on this host.
@@ -112,6 +118,9 @@ pub struct VmInfo {
     pub role: VmRole,
     pub mem_size: u64,
     pub uptime: Duration,
+    /// The Slurm allocations its tickets hold.
+    #[serde(default)]
+    pub slurm_jobs: Vec<u64>,
 }
 
 /// Runs VMs on this host and serves their clone requests.
@@ -148,7 +157,7 @@ impl Supervisor {
         mem_size: u64,
         cmdline: &str,
     ) -> Result<VmHandle, SupervisorError> {
-        self.launch_labelled(image, mem_size, cmdline, LinuxOptions::default(), |_| {
+        self.launch_labelled(image, mem_size, cmdline, StartOptions::default(), |_| {
             String::new()
         })
     }
@@ -160,7 +169,7 @@ impl Supervisor {
         image: &[u8],
         mem_size: u64,
         cmdline: &str,
-        options: LinuxOptions,
+        options: StartOptions,
     ) -> Result<VmHandle, SupervisorError> {
         self.launch_labelled(image, mem_size, cmdline, options, |_| String::new())
     }
@@ -172,7 +181,7 @@ impl Supervisor {
         image: &[u8],
         mem_size: u64,
         cmdline: &str,
-        options: LinuxOptions,
+        options: StartOptions,
         label: impl FnOnce(u64) -> String,
     ) -> Result<VmHandle, SupervisorError> {
         let vm = self.host.fresh_vm();
@@ -192,7 +201,14 @@ impl Supervisor {
             Machine::boot(self.host.hv.as_ref(), image, &config).map_err(SupervisorError::Start)?;
         self.host.warm_up(mem_size);
         let image = ImageDigest::of(image, mem_size, cmdline);
-        Ok(self.spawn_root(vm, machine, flush, (0, Some(image)), label))
+        Ok(self.spawn_root(
+            vm,
+            machine,
+            flush,
+            (0, Some(image)),
+            label,
+            options.slurm_job,
+        ))
     }
 
     /// Starts a new VM from `descriptor` on a private view of `image`.
@@ -217,7 +233,14 @@ impl Supervisor {
         let machine = Machine::restore(self.host.hv.as_ref(), &descriptor.machine, image, console)
             .map_err(SupervisorError::Start)?;
         self.host.warm_up(descriptor.machine.mem_size);
-        Ok(self.spawn_root(vm, machine, flush, (descriptor.generation, None), label))
+        Ok(self.spawn_root(
+            vm,
+            machine,
+            flush,
+            (descriptor.generation, None),
+            label,
+            None,
+        ))
     }
 
     fn spawn_root(
@@ -227,6 +250,7 @@ impl Supervisor {
         flush: ConsoleFlush,
         (generation, image): (u32, Option<ImageDigest>),
         label: String,
+        slurm_job: Option<JobScope>,
     ) -> VmHandle {
         let (control, requests) = mpsc::channel();
         let kill = Arc::new(AtomicBool::new(false));
@@ -241,7 +265,8 @@ impl Supervisor {
             generation,
         )
         .with_requests(requests)
-        .with_image(image);
+        .with_image(image)
+        .with_slurm_job(slurm_job);
         let thread = std::thread::Builder::new()
             .name(format!("vm{vm}"))
             .spawn(move || ctx.drive(machine))
@@ -265,6 +290,20 @@ impl Supervisor {
         &self.host.metrics
     }
 
+    /// What VM `vm`'s clone operations got so far; `None` if it does not
+    /// run here.
+    pub fn progress(&self, vm: u64) -> Option<VmProgress> {
+        if !lock(&self.host.vms).contains_key(&vm) {
+            return None;
+        }
+        Some(
+            lock(&self.host.progress)
+                .get(&vm)
+                .map(CloneProgress::summary)
+                .unwrap_or_default(),
+        )
+    }
+
     /// VMs prepared ahead of clone points (all memory sizes).
     pub fn warm_vms(&self) -> usize {
         self.host.warm_vms()
@@ -272,6 +311,7 @@ impl Supervisor {
 
     /// The VMs running on this host, by id.
     pub fn vms(&self) -> Vec<VmInfo> {
+        let slurm_jobs = lock(&self.host.slurm_jobs).clone();
         let mut list: Vec<VmInfo> = lock(&self.host.vms)
             .iter()
             .map(|(&vm, e)| VmInfo {
@@ -280,6 +320,7 @@ impl Supervisor {
                 role: e.role,
                 mem_size: e.mem_size,
                 uptime: e.started.elapsed(),
+                slurm_jobs: slurm_jobs.get(&vm).cloned().unwrap_or_default(),
             })
             .collect();
         list.sort_by_key(|v| v.vm);

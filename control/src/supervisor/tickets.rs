@@ -15,7 +15,6 @@ use super::describe::{Described, Description};
 use super::host::HostState;
 use crate::child::ChildCell;
 use crate::descriptor::{CaptureKind, Descriptor};
-use crate::metrics::ControlMetrics;
 use crate::outcome::{CloneReport, VmOutcome};
 use crate::remote::RemoteGrant;
 use crate::sync::lock;
@@ -25,11 +24,15 @@ use crate::sync::lock;
 pub(super) struct Tickets(HashMap<u64, Ticket>);
 
 pub(super) struct Ticket {
+    /// The VM holding it.
+    pub(super) vm: u64,
     pub(super) granted: u32,
     /// Slots on this host reserved but not yet handed to running children.
     pub(super) unused_slots: u32,
     /// Reservations on other hosts not yet used.
     pub(super) remote: Vec<RemoteGrant>,
+    /// The Slurm allocation holding the ticket's slots, until it is joined.
+    pub(super) slurm_job: Option<u64>,
     /// The guest said the children will write much of their state: local
     /// ones get memory of their own (`abi::ticket::CHILDREN_WRITE`).
     pub(super) children_write: bool,
@@ -67,6 +70,23 @@ impl Spawned {
             self.report.children.push(cell.take_report());
         }
         self.report.all_running = last_start.map(|t| t.duration_since(self.started));
+    }
+}
+
+/// Ends the Slurm allocation `(vm, job)` of a ticket, if it had one.
+fn release_allocation(host: &HostState, slurm_job: Option<(u64, u64)>) {
+    let Some((vm, job)) = slurm_job else {
+        return;
+    };
+    if let Some(cluster) = &host.config.cluster {
+        cluster.release_allocation(job);
+    }
+    let mut jobs = lock(&host.slurm_jobs);
+    if let Some(held) = jobs.get_mut(&vm) {
+        held.retain(|&held| held != job);
+        if held.is_empty() {
+            jobs.remove(&vm);
+        }
     }
 }
 
@@ -122,7 +142,7 @@ impl Tickets {
         started: Instant,
         kind: CaptureKind,
         launched: Option<(Launch, Described)>,
-        metrics: &ControlMetrics,
+        host: &HostState,
     ) {
         let t = self.0.get_mut(&ticket).expect("ticket checked by caller");
         let (children, launcher, describer, served_family) = match launched {
@@ -137,7 +157,13 @@ impl Tickets {
         // Each local child now owns one slot and returns it when it ends;
         // remote reservations were handed to their hosts.
         let local = children.iter().filter(|c| c.remote.is_none()).count() as u32;
-        metrics.clones_started(u64::from(local), (children.len() as u32 - local).into());
+        host.metrics
+            .clones_started(u64::from(local), (children.len() as u32 - local).into());
+        lock(&host.progress)
+            .entry(t.vm)
+            .or_default()
+            .children
+            .extend(children.iter().cloned());
         t.unused_slots -= local;
         t.spawned = Some(Spawned {
             started,
@@ -150,6 +176,7 @@ impl Tickets {
                 descriptor_bytes: 0,
                 data_pages: 0,
                 all_running: None,
+                slurm_job: None,
                 children: Vec::new(),
             },
             children,
@@ -177,14 +204,26 @@ impl Tickets {
                 cluster.release(grant);
             }
         }
+        let slurm_job = t.slurm_job.take().map(|job| (t.vm, job));
         let Some(spawned) = t.spawned.as_mut() else {
+            release_allocation(host, slurm_job);
             return;
         };
         if spawned.joined {
+            release_allocation(host, slurm_job);
             return;
         }
         spawned.joined = true;
         spawned.complete_report();
+        if let Some(progress) = lock(&host.progress).get_mut(&t.vm) {
+            progress
+                .children
+                .retain(|cell| !spawned.children.iter().any(|c| Arc::ptr_eq(c, cell)));
+            progress.joined += spawned.children.len() as u64;
+        }
+        // After the children ended: the allocation covers them to the last.
+        release_allocation(host, slurm_job);
+        spawned.report.slurm_job = slurm_job.map(|(_, job)| job);
         if let (Some(family), Some(cluster)) = (spawned.served_family.take(), &host.config.cluster)
         {
             cluster.retire_image(family);

@@ -27,6 +27,7 @@ use crate::console::ConsoleFlush;
 use crate::descriptor::{CaptureKind, Descriptor};
 use crate::error_chain;
 use crate::outcome::VmOutcome;
+use crate::remote::JobScope;
 use crate::sync::{lock, wait_timeout};
 use crate::working_sets::{ClonePointKey, ImageDigest};
 
@@ -50,6 +51,8 @@ pub(super) struct VmContext {
     pub(super) checkpoints: HashMap<u64, Checkpoint>,
     /// The image a root VM booted: its clone points' working sets are recorded under it.
     image: Option<ImageDigest>,
+    /// The Slurm job whose nodes its clones must stay on.
+    pub(super) slurm_job: Option<JobScope>,
 }
 
 pub(super) enum JoinError {
@@ -89,7 +92,13 @@ impl VmContext {
             tickets: Tickets::default(),
             checkpoints: HashMap::new(),
             image: None,
+            slurm_job: None,
         }
+    }
+
+    /// A root VM started inside Slurm job `slurm_job`.
+    pub(super) fn with_slurm_job(self, slurm_job: Option<JobScope>) -> Self {
+        Self { slurm_job, ..self }
     }
 
     /// A root VM booted from the image `image` digests.
@@ -148,6 +157,7 @@ impl VmContext {
         );
         let outcome = self.serve(&mut machine);
         lock(&self.host.vms).remove(&self.vm);
+        lock(&self.host.progress).remove(&self.vm);
         self.flush.flush();
         self.tickets.end_all(&self.host);
         for (_, cp) in self.checkpoints.drain() {

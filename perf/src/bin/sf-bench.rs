@@ -1,7 +1,8 @@
 //! `sf-bench`: runs a snowflock benchmark scenario on this host.
 //!
 //! Results go to stdout as JSON lines (the benchmark output contract in
-//! DESIGN.md); progress and errors go to stderr.
+//! DESIGN.md); progress and errors go to stderr. `sf-bench plot` draws such
+//! results as SVG charts and prints the paths it wrote.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use snowflock_control::size::parse_size;
 use snowflock_perf::record::JsonLines;
-use snowflock_perf::{clone_local, job, mcast, remote, rx_path, syscall};
+use snowflock_perf::{clone_local, job, mcast, plot, remote, rx_path, syscall};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,9 +47,9 @@ enum Scenario {
     /// already in memory and against the serial job, on one host and on 4
     /// netns hosts.
     Job(JobArgs),
-    /// An SVG plot of job time against clone count per mode, from `job`
-    /// results (JSON lines), on stdout.
-    PlotJob(PlotJob),
+    /// SVG charts of results files (JSON lines), one or more per bench,
+    /// named after the file; prints the paths it wrote.
+    Plot(PlotArgs),
     /// System calls of a static Linux program served in the guest by the
     /// personality, against the same program run natively.
     Syscall(SyscallArgs),
@@ -158,9 +159,13 @@ struct JobArgs {
 }
 
 #[derive(Debug, Args)]
-struct PlotJob {
-    /// Results of `sf-bench job` (JSON lines).
-    results: std::path::PathBuf,
+struct PlotArgs {
+    /// Results files (JSON lines).
+    #[arg(required = true)]
+    results: Vec<std::path::PathBuf>,
+    /// Directory for the charts (created if missing).
+    #[arg(short, long)]
+    out: std::path::PathBuf,
 }
 
 fn setup(remote: &Remote) -> anyhow::Result<remote::Setup> {
@@ -254,12 +259,14 @@ fn run() -> anyhow::Result<()> {
             };
             job::run(&config, &mut out)?;
         }
-        Scenario::PlotJob(args) => {
-            let text = std::fs::read_to_string(&args.results)
-                .with_context(|| format!("reading {}", args.results.display()))?;
-            out.0
-                .write_all(job::plot(&text)?.as_bytes())
-                .context("writing the plot")?;
+        Scenario::Plot(args) => {
+            let outcome = plot::plot_files(&args.results, &args.out)?;
+            for skipped in &outcome.skipped {
+                eprintln!("sf-bench: {skipped}");
+            }
+            for path in &outcome.written {
+                writeln!(out.0, "{}", path.display()).context("writing the chart paths")?;
+            }
         }
         Scenario::Syscall(args) => syscall::run(args.runs, args.rounds, &mut out)?,
         Scenario::RxPath(args) => rx_path::run(

@@ -54,7 +54,7 @@ pub fn start_with_files(
             image,
             mem,
             args,
-            snowflock_control::LinuxOptions {
+            snowflock_control::StartOptions {
                 files,
                 ..Default::default()
             },
