@@ -16,6 +16,7 @@ packages=(
   busybox-static  # programs nobody here wrote, run as Linux-ABI guests in the tests
   prometheus   # promtool, and a real server scraping sfd in the metrics tests
   curl         # HTTP requests from inside test hosts (metrics, Prometheus queries)
+  slurmctld slurmd slurm-client munge   # a real Slurm in the test cluster (sf cluster up --slurm)
 )
 
 missing=()

@@ -1,24 +1,27 @@
-//! [`NetnsCluster`], the handle of a running cluster: bringing it up, adopting one another
-//! process started, looking at its hosts, stopping and starting their daemons, and tearing it
-//! all down, on request or when the handle is dropped.
+//! [`NetnsCluster`], the handle of a running cluster: bringing it up (with its Slurm, if asked),
+//! adopting one another process started, looking at its hosts, stopping and starting their
+//! daemons, running Slurm's commands, and tearing it all down, on request or when the handle is
+//! dropped.
 
 use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use snowflock_control::error_chain;
 
+use crate::command::IP_TIMEOUT;
 use crate::error::{
     HostError, ImpairCountsError, ImpairError, LoadError, MtuError, NoSuchHost, SaveRecordError,
-    StartDaemonError, StopDaemonError, TeardownError, TeardownFailure, UpError,
+    SlurmCommandError, StartDaemonError, StopDaemonError, TeardownError, TeardownFailure, UpError,
 };
 use crate::impair::ImpairmentCounts;
-use crate::process::{self, Daemon, KILL_TIMEOUT};
+use crate::process::{self, Daemon, KILL_TIMEOUT, StopFailure};
 use crate::record::{ClusterRecord, HostInfo, HostStatus, STATE_FILE};
 use crate::spec::{ClusterSpec, DEFAULT_READY_TIMEOUT, DEFAULT_STOP_TIMEOUT};
-use crate::{files, impair, netns, network};
+use crate::{files, impair, netns, network, slurm};
 
 /// Lines of a daemon's log quoted in errors.
 const LOG_TAIL_LINES: usize = 20;
@@ -33,6 +36,9 @@ pub struct NetnsCluster {
     record: ClusterRecord,
     /// One slot per host; `None` when no daemon runs (not started yet, or stopped).
     daemons: Vec<Option<Daemon>>,
+    /// One slot per Slurm daemon of the record (none without Slurm); `None` when it does not
+    /// run.
+    slurm_daemons: Vec<Option<Daemon>>,
     /// Namespaces this handle must delete: those it created, or for a loaded cluster every
     /// namespace of its prefix.
     namespaces: Vec<String>,
@@ -50,11 +56,21 @@ impl NetnsCluster {
     /// is returned.
     pub fn up(spec: ClusterSpec) -> Result<NetnsCluster, UpError> {
         let record = spec.checked_record()?;
+        let slurm_programs = match spec.slurm {
+            true => Some(slurm::Programs::find()?),
+            false => None,
+        };
         claim(&record)?;
 
         // From here on, dropping `cluster` undoes whatever was done.
         let mut cluster = NetnsCluster {
             daemons: record.hosts.iter().map(|_| None).collect(),
+            slurm_daemons: record
+                .slurm
+                .iter()
+                .flat_map(|s| &s.daemons)
+                .map(|_| None)
+                .collect(),
             record,
             namespaces: Vec::new(),
             ready_timeout: spec.ready_timeout,
@@ -70,6 +86,15 @@ impl NetnsCluster {
             spec.metrics_port,
         )?;
         network::build(&cluster.record, &mut cluster.namespaces)?;
+        if let Some(programs) = &slurm_programs {
+            // Before the daemons, which allocate from it as soon as they run.
+            slurm::start(
+                &mut cluster.record,
+                &mut cluster.slurm_daemons,
+                programs,
+                spec.slurm_node_cpus(),
+            )?;
+        }
         for i in 0..cluster.record.hosts.len() {
             cluster.spawn(i)?;
         }
@@ -80,8 +105,8 @@ impl NetnsCluster {
     }
 
     /// Takes charge of the cluster described by `DIR/cluster.json` (started by another
-    /// process, e.g. `sf cluster up`). Daemons still running are adopted through pidfds; the
-    /// namespaces to delete are every existing `{prefix}-sw` / `{prefix}-h{N}`.
+    /// process, e.g. `sf cluster up`). Daemons still running (Slurm's too) are adopted through
+    /// pidfds; the namespaces to delete are every existing `{prefix}-sw` / `{prefix}-h{N}`.
     ///
     /// The returned handle tears the cluster down when dropped; use [`ClusterRecord::load`]
     /// to only look.
@@ -100,6 +125,10 @@ impl NetnsCluster {
             };
             daemons.push(daemon);
         }
+        let slurm_daemons = match &record.slurm {
+            Some(slurm) => slurm::adopt(slurm)?,
+            None => Vec::new(),
+        };
         let mut namespaces =
             netns::list(&record.prefix).map_err(|source| LoadError::ListNamespaces { source })?;
         // Creation order (switch first): teardown walks it backwards, hosts before the switch.
@@ -107,6 +136,7 @@ impl NetnsCluster {
         Ok(NetnsCluster {
             record,
             daemons,
+            slurm_daemons,
             namespaces,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
@@ -155,6 +185,34 @@ impl NetnsCluster {
     /// Which daemons are alive and accepting connections.
     pub fn status(&self) -> Vec<HostStatus> {
         self.record.status()
+    }
+
+    /// The configuration of the cluster's Slurm (`DIR/slurm/slurm.conf`), `None` if it runs
+    /// none. Slurm's commands find the cluster with `SLURM_CONF` set to it, run inside a
+    /// host's namespace.
+    pub fn slurm_conf(&self) -> Option<&Path> {
+        self.record.slurm.as_ref().map(|slurm| slurm.conf.as_path())
+    }
+
+    /// Runs the Slurm command `program` (`squeue`, `sinfo`, `sbatch`, `salloc`, `scancel`,
+    /// `scontrol`, ...) with `args` in `h1`'s namespace against the cluster's Slurm
+    /// (`SLURM_CONF` set, the caller's own Slurm variables removed), killing it after
+    /// [`IP_TIMEOUT`]. Returns how it ended and what it printed, whatever its exit status.
+    pub fn slurm(&self, program: &str, args: &[&str]) -> Result<Output, SlurmCommandError> {
+        let slurm = self
+            .record
+            .slurm
+            .as_ref()
+            .ok_or_else(|| SlurmCommandError::NoSlurm {
+                prefix: self.record.prefix.clone(),
+            })?;
+        Ok(slurm::run(
+            &self.record.hosts[0],
+            slurm,
+            program,
+            args,
+            IP_TIMEOUT,
+        )?)
     }
 
     /// SIGKILLs host `index`'s daemon and waits up to [`KILL_TIMEOUT`] for it to die (for
@@ -307,61 +365,23 @@ impl NetnsCluster {
         }
     }
 
-    /// Stops the daemons of hosts `which`: SIGTERM and up to `grace` (skipped when zero), then
-    /// SIGKILL for survivors and up to [`KILL_TIMEOUT`]. Daemons that ended are dropped from
-    /// their slot. Returns the failures.
+    /// Stops the daemons of hosts `which` (see [`process::stop`]). Returns the failures.
     fn stop(&mut self, which: &[usize], grace: Duration) -> Vec<StopDaemonError> {
-        let mut failures = Vec::new();
-        let mut phases = vec![(libc::SIGKILL, KILL_TIMEOUT)];
-        if !grace.is_zero() {
-            phases.insert(0, (libc::SIGTERM, grace));
-        }
-        for (signal, bound) in phases {
-            let mut signalled = Vec::new();
-            for &i in which {
-                let name = &self.record.hosts[i].name;
-                let Some(daemon) = self.daemons[i].as_mut() else {
-                    continue;
-                };
-                match daemon.signal(signal) {
-                    Ok(()) => signalled.push(i),
-                    Err(source) => failures.push(StopDaemonError::Signal {
-                        host: name.clone(),
-                        pid: daemon.pid(),
-                        source,
-                    }),
-                }
-            }
-            let deadline = Instant::now() + bound;
-            let mut pause = Duration::from_millis(5);
-            loop {
-                signalled.retain(
-                    |&i| match self.daemons[i].as_mut().map(Daemon::exit_status) {
-                        Some(Ok(None)) => true,
-                        _ => {
-                            self.daemons[i] = None;
-                            false
-                        }
-                    },
-                );
-                let now = Instant::now();
-                if signalled.is_empty() || now >= deadline {
-                    break;
-                }
-                thread::sleep(pause.min(deadline - now));
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
-        }
-        for &i in which {
-            if let Some(daemon) = &self.daemons[i] {
-                failures.push(StopDaemonError::StillRunning {
-                    host: self.record.hosts[i].name.clone(),
-                    pid: daemon.pid(),
+        process::stop(&mut self.daemons, which, grace)
+            .into_iter()
+            .map(|failure| match failure {
+                StopFailure::Signal { slot, pid, source } => StopDaemonError::Signal {
+                    host: self.record.hosts[slot].name.clone(),
+                    pid,
+                    source,
+                },
+                StopFailure::Survived { slot, pid } => StopDaemonError::StillRunning {
+                    host: self.record.hosts[slot].name.clone(),
+                    pid,
                     waited: KILL_TIMEOUT,
-                });
-            }
-        }
-        failures
+                },
+            })
+            .collect()
     }
 
     /// Records that host `index` has no daemon (if it has none left).
@@ -380,6 +400,14 @@ impl NetnsCluster {
             .into_iter()
             .map(TeardownFailure::from)
             .collect();
+        // After the daemons, which may still release their allocations on the way out.
+        if let Some(slurm) = &self.record.slurm {
+            failures.extend(
+                slurm::stop(slurm, &mut self.slurm_daemons, self.stop_timeout)
+                    .into_iter()
+                    .map(TeardownFailure::from),
+            );
+        }
         let namespaces: Vec<String> = self.namespaces.drain(..).rev().collect();
         network::remove_namespaces(&namespaces, &mut failures);
         failures.extend(files::remove(&self.record));
@@ -465,5 +493,20 @@ mod tests {
             ClusterSpec::new(1, state.join("x".repeat(100)), &sfd),
             "longer than",
         );
+        let mut spec = ClusterSpec::new(1, state.join("with space"), &sfd);
+        spec.slurm = true;
+        check(spec, "slurm.conf cannot carry");
+        // A directory whose `h1/sfd.sock` just fits, and `slurm/munge/munge.socket` does not.
+        let fitting = 107 - state.as_os_str().len() - "/".len() - "/h1/sfd.sock".len();
+        let mut spec = ClusterSpec::new(1, state.join("x".repeat(fitting)), &sfd);
+        spec.slurm = true;
+        check(spec, "munge.socket is longer than");
+        let mut spec = ClusterSpec::new(1, &state, &sfd);
+        spec.slurm_cpus = Some(0);
+        check(spec, "positive");
+        let mut spec = ClusterSpec::new(1, &state, &sfd);
+        spec.slurm = true;
+        spec.clone_slots = 70_000;
+        check(spec, "at most 65535 CPUs");
     }
 }

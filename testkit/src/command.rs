@@ -1,12 +1,12 @@
 //! The helper commands a cluster is built with, iproute2's `ip` and `tc`, each run with a time
 //! bound ([`IP_TIMEOUT`]) and, when it fails, reported with its command line, how it ended and
-//! what it printed on stderr.
+//! what it printed on stderr; and the bounded runner they share with the Slurm commands.
 
 use std::ffi::OsStr;
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -37,18 +37,20 @@ impl fmt::Display for CommandError {
 
 impl std::error::Error for CommandError {}
 
-/// The `ip` binary: the first on `PATH`, else `/usr/sbin/ip` or `/sbin/ip` (a `PATH` without
-/// the sbin directories is common).
+/// The `ip` binary: the first on `PATH`, else in the sbin directories (see [`find_program`]).
 pub(crate) fn ip_program() -> &'static Path {
     static IP: OnceLock<PathBuf> = OnceLock::new();
-    IP.get_or_init(|| {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("ip"))
-            .chain(["/usr/sbin/ip", "/sbin/ip"].map(PathBuf::from))
-            .find(|candidate| candidate.is_file())
-            .unwrap_or_else(|| PathBuf::from("ip"))
-    })
+    IP.get_or_init(|| find_program("ip").unwrap_or_else(|| PathBuf::from("ip")))
+}
+
+/// The program `name`: the first on `PATH`, else in `/usr/sbin`, `/sbin`, `/usr/bin` or `/bin`
+/// (a `PATH` without the sbin directories is common, and daemons live there).
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
 }
 
 /// Runs `ip ARGS...`, bounded by [`IP_TIMEOUT`]; returns its stdout.
@@ -70,8 +72,28 @@ pub(crate) fn tc<S: AsRef<OsStr>>(netns: &str, args: &[S]) -> Result<String, Com
     run_bounded(&mut command, IP_TIMEOUT)
 }
 
-/// Runs `command` to completion with piped output, killing it after `timeout`.
+/// Runs `command` to completion with piped output, killing it after `timeout`; returns its
+/// stdout if it succeeded.
 fn run_bounded(command: &mut Command, timeout: Duration) -> Result<String, CommandError> {
+    let output = output_bounded(command, timeout)?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        return Ok(stdout);
+    }
+    Err(CommandError {
+        command: render(command),
+        outcome: output.status.to_string(),
+        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    })
+}
+
+/// Runs `command` to completion with stdin `/dev/null` and piped output, killing it after
+/// `timeout`; returns how it ended and what it printed, whatever its exit status. Fails only if
+/// it cannot start, cannot be waited for, or runs past `timeout`.
+pub(crate) fn output_bounded(
+    command: &mut Command,
+    timeout: Duration,
+) -> Result<Output, CommandError> {
     let line = render(command);
     let fail = |outcome: String, stderr: String| CommandError {
         command: line.clone(),
@@ -108,23 +130,26 @@ fn run_bounded(command: &mut Command, timeout: Duration) -> Result<String, Comma
             }
         }
     };
-    let collect = |reader: Option<thread::JoinHandle<String>>| {
+    let collect = |reader: Option<thread::JoinHandle<Vec<u8>>>| {
         reader.and_then(|r| r.join().ok()).unwrap_or_default()
     };
-    let out = collect(stdout);
-    let err = collect(stderr);
+    let stdout = collect(stdout);
+    let stderr = collect(stderr);
     match status {
-        Ok(status) if status.success() => Ok(out),
-        Ok(status) => Err(fail(status.to_string(), err)),
-        Err(outcome) => Err(fail(outcome, err)),
+        Ok(status) => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
+        Err(outcome) => Err(fail(outcome, String::from_utf8_lossy(&stderr).into_owned())),
     }
 }
 
-fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
     thread::spawn(move || {
         let mut bytes = Vec::new();
         let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
+        bytes
     })
 }
 

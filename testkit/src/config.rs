@@ -18,6 +18,7 @@ pub(crate) struct Limits<'a> {
 }
 
 /// Renders the configuration of `host`, a member of `members` (every host, `host` included).
+/// With `slurm_conf`, the daemon allocates clone slots from the Slurm cluster it names.
 pub(crate) fn render(
     host: &HostInfo,
     members: &[HostInfo],
@@ -25,6 +26,7 @@ pub(crate) fn render(
     limits: &Limits,
     mcdist: &toml::Table,
     metrics_port: Option<u16>,
+    slurm_conf: Option<&Path>,
 ) -> String {
     let mut text = String::new();
     // Writing to a String cannot fail.
@@ -66,6 +68,11 @@ pub(crate) fn render(
         let _ = writeln!(text, "[metrics]");
         let _ = writeln!(text, "listen = {}", string(&listen.to_string()));
     }
+    if let Some(conf) = slurm_conf {
+        let _ = writeln!(text, "[allocation]");
+        let _ = writeln!(text, "backend = {}", string("slurm"));
+        let _ = writeln!(text, "slurm_conf = {}", path(conf));
+    }
     text
 }
 
@@ -105,6 +112,7 @@ mod tests {
             &limits,
             &mcdist,
             Some(9464),
+            Some(Path::new("/run/c/slurm/slurm.conf")),
         );
         let doc: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(doc["host"]["name"].as_str(), Some("h2"));
@@ -125,6 +133,11 @@ mod tests {
         assert_eq!(doc["limits"]["prefetch_pages"].as_integer(), Some(3));
         assert_eq!(doc["mcdist"]["rx_path"].as_str(), Some("sockets"));
         assert_eq!(doc["metrics"]["listen"].as_str(), Some("10.77.0.2:9464"));
+        assert_eq!(doc["allocation"]["backend"].as_str(), Some("slurm"));
+        assert_eq!(
+            doc["allocation"]["slurm_conf"].as_str(),
+            Some("/run/c/slurm/slurm.conf")
+        );
     }
 
     #[test]

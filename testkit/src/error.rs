@@ -108,6 +108,77 @@ pub enum StopDaemonError {
     },
 }
 
+/// Bringing up a cluster's Slurm (munged, slurmctld, one slurmd per host) until every node is
+/// idle.
+#[derive(Debug, thiserror::Error)]
+pub enum StartSlurmError {
+    #[error(
+        "{program} is not installed: not on PATH nor in /usr/sbin, /sbin, /usr/bin or /bin \
+         (Debian packages: {})",
+        crate::slurm::DEBIAN_PACKAGES
+    )]
+    MissingProgram { program: String },
+    #[error("creating directory {}", .path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing {}", .path.display())]
+    WriteFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("drawing the munge key")]
+    MungeKey(#[source] RandomSourceError),
+    #[error("starting {daemon}")]
+    Spawn {
+        daemon: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("watching {daemon}")]
+    Watch {
+        daemon: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{daemon} exited while Slurm was coming up ({status}); last lines of {}:\n{tail}", .log.display())]
+    DaemonExited {
+        daemon: String,
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("Slurm was not up within {waited:?}: still waiting for {waiting_for}{logs}")]
+    NotReady {
+        waited: Duration,
+        /// What was missing at the deadline, with the last observation.
+        waiting_for: String,
+        /// The last lines of every Slurm daemon's log, each under a heading.
+        logs: String,
+    },
+}
+
+/// Stopping one of a cluster's Slurm daemons (SIGTERM, then SIGKILL).
+#[derive(Debug, thiserror::Error)]
+pub enum StopSlurmError {
+    #[error("signalling {daemon} (pid {pid})")]
+    Signal {
+        daemon: String,
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{daemon} (pid {pid}) survived SIGKILL for {waited:?}")]
+    StillRunning {
+        daemon: String,
+        pid: u32,
+        waited: Duration,
+    },
+}
+
 /// [`NetnsCluster::up`](crate::NetnsCluster::up).
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
@@ -191,6 +262,8 @@ pub enum UpError {
         source: CommandError,
     },
     #[error(transparent)]
+    StartSlurm(#[from] StartSlurmError),
+    #[error(transparent)]
     StartDaemon(#[from] StartDaemonError),
 }
 
@@ -202,6 +275,12 @@ pub enum LoadError {
     #[error("watching sfd of {host}")]
     Watch {
         host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("watching {daemon}")]
+    WatchSlurm {
+        daemon: String,
         #[source]
         source: io::Error,
     },
@@ -264,6 +343,15 @@ pub enum ImpairCountsError {
     },
 }
 
+/// [`NetnsCluster::slurm`](crate::NetnsCluster::slurm).
+#[derive(Debug, thiserror::Error)]
+pub enum SlurmCommandError {
+    #[error("cluster {prefix} runs no Slurm (it was brought up without it)")]
+    NoSlurm { prefix: String },
+    #[error(transparent)]
+    Run(#[from] CommandError),
+}
+
 /// [`NetnsCluster::set_mtu`](crate::NetnsCluster::set_mtu).
 #[derive(Debug, thiserror::Error)]
 #[error("setting the MTU of {host}")]
@@ -278,6 +366,8 @@ pub struct MtuError {
 pub enum TeardownFailure {
     #[error(transparent)]
     StopDaemon(#[from] StopDaemonError),
+    #[error(transparent)]
+    StopSlurm(#[from] StopSlurmError),
     #[error("processes {pids:?} in namespace {netns} survived SIGKILL for {waited:?}")]
     NamespaceBusy {
         netns: String,

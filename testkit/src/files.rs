@@ -1,7 +1,7 @@
 //! The runtime files of a cluster in its directory `DIR`: each host's `DIR/h{i}` (configuration,
 //! socket, log, daemon state) and the cluster key, written when the cluster comes up, and all of
-//! them with `cluster.json` removed when it goes down. `DIR` itself is only removed if that
-//! leaves it empty.
+//! them with `cluster.json` and the Slurm files (`DIR/slurm`, written by the `slurm` module)
+//! removed when it goes down. `DIR` itself is only removed if that leaves it empty.
 
 use std::fs;
 use std::io;
@@ -13,7 +13,8 @@ use crate::config::{self, Limits};
 use crate::error::{TeardownFailure, UpError};
 use crate::record::{ClusterRecord, STATE_FILE};
 
-/// Set to anything but empty or `0` to keep each host's `sfd.log` when a cluster goes down.
+/// Set to anything but empty or `0` to keep each host's `sfd.log` (and the Slurm daemons' logs)
+/// when a cluster goes down.
 pub const KEEP_LOGS_ENV: &str = "SF_KEEP_LOGS";
 
 /// Writes each host's directory and configuration and a fresh cluster key.
@@ -45,6 +46,7 @@ pub(crate) fn write(
             limits,
             mcdist,
             metrics_port,
+            record.slurm.as_ref().map(|slurm| slurm.conf.as_path()),
         );
         fs::write(&host.config, text).map_err(|source| UpError::WriteConfig {
             path: host.config.clone(),
@@ -58,19 +60,28 @@ pub(crate) fn write(
 /// failures.
 pub(crate) fn remove(record: &ClusterRecord) -> Vec<TeardownFailure> {
     let keep_logs = std::env::var_os(KEEP_LOGS_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+    let mut trees: Vec<(&Path, Vec<&Path>)> = record
+        .hosts
+        .iter()
+        .map(|host| (host.state_dir.as_path(), vec![host.log.as_path()]))
+        .collect();
+    if let Some(slurm) = &record.slurm {
+        let logs = slurm.daemons.iter().map(|d| d.log.as_path()).collect();
+        trees.push((&slurm.dir, logs));
+    }
     let mut failures = Vec::new();
-    for host in &record.hosts {
+    for (dir, logs) in trees {
         let result = if keep_logs {
-            remove_all_but(&host.state_dir, &host.log)
+            remove_all_but(dir, &logs)
         } else {
-            match fs::remove_dir_all(&host.state_dir) {
+            match fs::remove_dir_all(dir) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 other => other,
             }
         };
         if let Err(source) = result {
             failures.push(TeardownFailure::RemoveFile {
-                path: host.state_dir.clone(),
+                path: dir.to_path_buf(),
                 source,
             });
         }
@@ -96,8 +107,8 @@ pub(crate) fn remove_if_present(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Removes everything in `dir` except the file `keep`.
-fn remove_all_but(dir: &Path, keep: &Path) -> io::Result<()> {
+/// Removes everything in `dir` except the files `keep` (and the directories leading to them).
+fn remove_all_but(dir: &Path, keep: &[&Path]) -> io::Result<()> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -105,11 +116,15 @@ fn remove_all_but(dir: &Path, keep: &Path) -> io::Result<()> {
     };
     for entry in entries {
         let path = entry?.path();
-        if path == keep {
+        if keep.contains(&path.as_path()) {
             continue;
         }
         if fs::symlink_metadata(&path)?.is_dir() {
-            fs::remove_dir_all(&path)?;
+            if keep.iter().any(|k| k.starts_with(&path)) {
+                remove_all_but(&path, keep)?;
+            } else {
+                fs::remove_dir_all(&path)?;
+            }
         } else {
             fs::remove_file(&path)?;
         }
@@ -129,12 +144,42 @@ mod tests {
         for file in ["sfd.log", "sfd.toml", "sfd.sock", "vms/1/state"] {
             fs::write(host.join(file), "x").unwrap();
         }
-        remove_all_but(&host, &host.join("sfd.log")).unwrap();
+        remove_all_but(&host, &[&host.join("sfd.log")]).unwrap();
         let left: Vec<_> = fs::read_dir(&host)
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, ["sfd.log"]);
-        remove_all_but(&dir.path().join("missing"), &host).unwrap();
+        remove_all_but(&dir.path().join("missing"), &[&host]).unwrap();
+    }
+
+    #[test]
+    fn kept_logs_in_subdirectories_keep_their_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let slurm = dir.path().join("slurm");
+        fs::create_dir_all(slurm.join("h1/spool")).unwrap();
+        fs::create_dir_all(slurm.join("state")).unwrap();
+        for file in [
+            "slurm.conf",
+            "slurmctld.log",
+            "h1/slurmd.log",
+            "h1/spool/x",
+            "state/y",
+        ] {
+            fs::write(slurm.join(file), "x").unwrap();
+        }
+        let (ctld, slurmd) = (slurm.join("slurmctld.log"), slurm.join("h1/slurmd.log"));
+        remove_all_but(&slurm, &[&ctld, &slurmd]).unwrap();
+        let mut left: Vec<_> = fs::read_dir(&slurm)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["h1", "slurmctld.log"]);
+        let left: Vec<_> = fs::read_dir(slurm.join("h1"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["slurmd.log"]);
     }
 }

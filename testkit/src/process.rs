@@ -1,12 +1,12 @@
-//! The `sfd` processes of a cluster: starting them detached, signalling them through pidfds,
-//! and waiting for them with a bound.
+//! The daemons of a cluster (`sfd`, and the Slurm daemons): starting them detached, signalling
+//! them through pidfds, and stopping them with a bound.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::record::HostInfo;
@@ -97,21 +97,25 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `ip netns exec {netns} {sfd} --config {config}` for `host`, in a session of its
-    /// own (so it outlives the caller and ignores the caller's terminal), stdin from
-    /// `/dev/null`, stdout and stderr appended to the host's log, `RUST_LOG=log_filter`.
-    ///
-    /// `ip netns exec` execs the daemon in place, so the pid is the daemon's.
+    /// Starts `ip netns exec {netns} {sfd} --config {config}` for `host` (see [`Daemon::start`]),
+    /// stdout and stderr appended to the host's log, `RUST_LOG=log_filter`.
     pub(crate) fn spawn(host: &HostInfo, sfd: &Path, log_filter: &str) -> io::Result<Daemon> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&host.log)?;
         let mut command = host.command(sfd);
         command
             .arg("--config")
             .arg(&host.config)
-            .env("RUST_LOG", log_filter)
+            .env("RUST_LOG", log_filter);
+        Daemon::start(command, &host.log)
+    }
+
+    /// Starts `command` in a session of its own (so it outlives the caller and ignores the
+    /// caller's terminal), stdin from `/dev/null`, stdout and stderr appended to `log`.
+    ///
+    /// Commands are `ip netns exec ...`, which execs the program in place, so the pid is the
+    /// daemon's.
+    pub(crate) fn start(mut command: Command, log: &Path) -> io::Result<Daemon> {
+        let log = OpenOptions::new().create(true).append(true).open(log)?;
+        command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -136,9 +140,10 @@ impl Daemon {
     }
 
     /// Takes hold of a daemon started by another process, if `pid` is still running with
-    /// `config` on its command line. `Ok(None)`: it is gone (or the pid now names something
-    /// else, which is then left alone).
-    pub(crate) fn adopt(pid: u32, config: &Path) -> io::Result<Option<Daemon>> {
+    /// `identity` (a path only it has as an argument, e.g. its configuration file) on its
+    /// command line. `Ok(None)`: it is gone (or the pid now names something else, which is then
+    /// left alone).
+    pub(crate) fn adopt(pid: u32, identity: &Path) -> io::Result<Option<Daemon>> {
         let pidfd = match pidfd_open(pid) {
             Ok(pidfd) => pidfd,
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
@@ -146,7 +151,7 @@ impl Daemon {
         };
         // Checked after the pidfd pins the process: if the pid was reused in between, the
         // command line read here is the newcomer's and does not match.
-        if !runs_with_config(pid, config) || pidfd_wait(&pidfd, Duration::ZERO)? {
+        if !runs_with_argument(pid, identity) || pidfd_wait(&pidfd, Duration::ZERO)? {
             return Ok(None);
         }
         Ok(Some(Daemon {
@@ -185,6 +190,79 @@ impl Daemon {
     }
 }
 
+/// A daemon [`stop`] could not stop.
+#[derive(Debug)]
+pub(crate) enum StopFailure {
+    /// Sending it a signal failed.
+    Signal {
+        slot: usize,
+        pid: u32,
+        source: io::Error,
+    },
+    /// It still ran [`KILL_TIMEOUT`] after SIGKILL.
+    Survived { slot: usize, pid: u32 },
+}
+
+/// Stops the daemons in `slots` at positions `which`: SIGTERM and up to `grace` (skipped when
+/// zero), then SIGKILL for survivors and up to [`KILL_TIMEOUT`]; one deadline per phase for
+/// all of them. Daemons that ended are taken out of their slot; empty slots are skipped.
+/// Returns the failures.
+pub(crate) fn stop(
+    slots: &mut [Option<Daemon>],
+    which: &[usize],
+    grace: Duration,
+) -> Vec<StopFailure> {
+    let mut failures = Vec::new();
+    let mut phases = vec![(libc::SIGKILL, KILL_TIMEOUT)];
+    if !grace.is_zero() {
+        phases.insert(0, (libc::SIGTERM, grace));
+    }
+    for (signal, bound) in phases {
+        let mut signalled = Vec::new();
+        for &slot in which {
+            let Some(daemon) = slots[slot].as_mut() else {
+                continue;
+            };
+            match daemon.signal(signal) {
+                Ok(()) => signalled.push(slot),
+                Err(source) => failures.push(StopFailure::Signal {
+                    slot,
+                    pid: daemon.pid(),
+                    source,
+                }),
+            }
+        }
+        let deadline = Instant::now() + bound;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            signalled.retain(
+                |&slot| match slots[slot].as_mut().map(Daemon::exit_status) {
+                    Some(Ok(None)) => true,
+                    _ => {
+                        slots[slot] = None;
+                        false
+                    }
+                },
+            );
+            let now = Instant::now();
+            if signalled.is_empty() || now >= deadline {
+                break;
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+    for &slot in which {
+        if let Some(daemon) = &slots[slot] {
+            failures.push(StopFailure::Survived {
+                slot,
+                pid: daemon.pid(),
+            });
+        }
+    }
+    failures
+}
+
 /// Puts the calling process in a new session (runs in the forked child before exec).
 fn new_session() -> io::Result<()> {
     // SAFETY: setsid takes no arguments and touches no memory.
@@ -194,12 +272,12 @@ fn new_session() -> io::Result<()> {
     Ok(())
 }
 
-/// Whether process `pid` has `config` as one of its arguments.
-fn runs_with_config(pid: u32, config: &Path) -> bool {
+/// Whether process `pid` has `argument` as one of its arguments.
+fn runs_with_argument(pid: u32, argument: &Path) -> bool {
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let wanted = config.as_os_str().as_encoded_bytes();
+    let wanted = argument.as_os_str().as_encoded_bytes();
     cmdline.split(|&b| b == 0).any(|arg| arg == wanted)
 }
 

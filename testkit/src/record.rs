@@ -1,5 +1,5 @@
-//! The record of a cluster: its hosts (names, namespaces, addresses, paths, daemon pids) and
-//! `cluster.json`, the file that holds them, so that another process can find, inspect and tear
+//! The record of a cluster: its hosts (names, namespaces, addresses, paths, daemon pids), its
+//! Slurm daemons if it runs Slurm, and `cluster.json`, the file that holds them, so that another process can find, inspect and tear
 //! down a cluster it did not start. Every name and path follows from the cluster's prefix and
 //! directory; loading a record checks that they still do.
 
@@ -92,6 +92,104 @@ impl HostInfo {
     }
 }
 
+/// One of the daemons of a cluster's Slurm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlurmDaemonKind {
+    /// The munge daemon that authenticates every Slurm message (on `h1`).
+    Munged,
+    /// The Slurm controller (on `h1`).
+    Slurmctld,
+    /// A Slurm node daemon (one per host).
+    Slurmd,
+}
+
+impl SlurmDaemonKind {
+    /// The daemon's program name.
+    pub fn program(self) -> &'static str {
+        match self {
+            SlurmDaemonKind::Munged => "munged",
+            SlurmDaemonKind::Slurmctld => "slurmctld",
+            SlurmDaemonKind::Slurmd => "slurmd",
+        }
+    }
+}
+
+/// One Slurm daemon of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlurmDaemonInfo {
+    pub kind: SlurmDaemonKind,
+    /// The host whose namespaces it runs in (network, and a UTS namespace of its own with the
+    /// host's name as hostname).
+    pub host: String,
+    /// Its stdout and stderr, where it logs.
+    pub log: PathBuf,
+    /// Its pid, when one was started.
+    pub pid: Option<u32>,
+}
+
+impl SlurmDaemonInfo {
+    /// How messages name it, e.g. `slurmd on h2`.
+    pub fn label(&self) -> String {
+        format!("{} on {}", self.kind.program(), self.host)
+    }
+}
+
+/// The Slurm cluster that runs on a cluster's hosts (see
+/// [`ClusterSpec::slurm`](crate::ClusterSpec::slurm)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlurmRecord {
+    /// `DIR/slurm`: configuration, munge key and socket, controller state, node spool
+    /// directories, pid files and logs.
+    pub dir: PathBuf,
+    /// `DIR/slurm/slurm.conf`; Slurm's commands find the cluster with `SLURM_CONF` set to it.
+    pub conf: PathBuf,
+    /// munged's socket, `DIR/slurm/munge/munge.socket`.
+    pub munge_socket: PathBuf,
+    /// munged and slurmctld (both on `h1`), then each host's slurmd, `h1` first.
+    pub daemons: Vec<SlurmDaemonInfo>,
+}
+
+impl SlurmRecord {
+    fn new(dir: &Path, hosts: &[HostInfo]) -> SlurmRecord {
+        let dir = dir.join("slurm");
+        let munge = dir.join("munge");
+        let first = hosts.first().map_or("h1", |h| h.name.as_str());
+        let daemon = |kind, host: &str, log: PathBuf| SlurmDaemonInfo {
+            kind,
+            host: host.to_owned(),
+            log,
+            pid: None,
+        };
+        let mut daemons = vec![
+            daemon(SlurmDaemonKind::Munged, first, munge.join("munged.log")),
+            daemon(SlurmDaemonKind::Slurmctld, first, dir.join("slurmctld.log")),
+        ];
+        daemons.extend(hosts.iter().map(|host| {
+            daemon(
+                SlurmDaemonKind::Slurmd,
+                &host.name,
+                dir.join(&host.name).join("slurmd.log"),
+            )
+        }));
+        SlurmRecord {
+            conf: dir.join("slurm.conf"),
+            munge_socket: munge.join("munge.socket"),
+            daemons,
+            dir,
+        }
+    }
+
+    /// The argument that identifies the daemon `kind` of this cluster on its command line:
+    /// munged's socket, the others' configuration file.
+    pub(crate) fn identity(&self, kind: SlurmDaemonKind) -> &Path {
+        match kind {
+            SlurmDaemonKind::Munged => &self.munge_socket,
+            SlurmDaemonKind::Slurmctld | SlurmDaemonKind::Slurmd => &self.conf,
+        }
+    }
+}
+
 /// What `cluster.json` holds: enough for another process to find, inspect and tear down a
 /// cluster. Loading checks the format tag and version, and that every name and path is the
 /// one the prefix and directory imply, so a damaged file cannot point teardown elsewhere.
@@ -115,6 +213,10 @@ pub struct ClusterRecord {
     pub log_filter: String,
     /// The hosts, `h1` first.
     pub hosts: Vec<HostInfo>,
+    /// The Slurm cluster on the hosts; `None` unless brought up with
+    /// [`ClusterSpec::slurm`](crate::ClusterSpec::slurm).
+    #[serde(default)]
+    pub slurm: Option<SlurmRecord>,
 }
 
 /// What [`ClusterRecord::status`] found for one host.
@@ -132,6 +234,18 @@ pub struct HostStatus {
     pub running: bool,
     /// Whether the daemon's socket accepts a connection.
     pub accepting: bool,
+}
+
+/// What [`ClusterRecord::slurm_status`] found for one Slurm daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlurmDaemonStatus {
+    pub kind: SlurmDaemonKind,
+    /// The host it runs on.
+    pub host: String,
+    /// The recorded pid.
+    pub pid: Option<u32>,
+    /// Whether that pid is still this daemon and has not exited.
+    pub running: bool,
 }
 
 impl ClusterRecord {
@@ -152,7 +266,14 @@ impl ClusterRecord {
             sfd: sfd.to_path_buf(),
             log_filter: log_filter.to_owned(),
             hosts: (1..=hosts).map(|i| HostInfo::new(prefix, dir, i)).collect(),
+            slurm: None,
         }
+    }
+
+    /// The same cluster with a Slurm cluster on its hosts (no daemon started yet).
+    pub(crate) fn with_slurm(mut self) -> ClusterRecord {
+        self.slurm = Some(SlurmRecord::new(&self.dir, &self.hosts));
+        self
     }
 
     /// Reads and checks `DIR/cluster.json`.
@@ -204,16 +325,22 @@ impl ClusterRecord {
             return Err(bad(format!("{} hosts", record.hosts.len())));
         }
         // Everything teardown acts on must be what the prefix and directory imply.
-        let expected = ClusterRecord::new(
+        let mut expected = ClusterRecord::new(
             &record.prefix,
             &dir,
             record.hosts.len(),
             &record.sfd,
             &record.log_filter,
         );
+        if record.slurm.is_some() {
+            expected = expected.with_slurm();
+        }
         let mut comparable = record.clone();
         for host in &mut comparable.hosts {
             host.pid = None;
+        }
+        for daemon in comparable.slurm.iter_mut().flat_map(|s| &mut s.daemons) {
+            daemon.pid = None;
         }
         if comparable != expected {
             return Err(bad(
@@ -255,6 +382,25 @@ impl ClusterRecord {
             })
             .collect()
     }
+
+    /// Which Slurm daemons are alive (none without Slurm). Changes nothing.
+    pub fn slurm_status(&self) -> Vec<SlurmDaemonStatus> {
+        let Some(slurm) = &self.slurm else {
+            return Vec::new();
+        };
+        slurm
+            .daemons
+            .iter()
+            .map(|daemon| SlurmDaemonStatus {
+                kind: daemon.kind,
+                host: daemon.host.clone(),
+                pid: daemon.pid,
+                running: daemon.pid.is_some_and(|pid| {
+                    matches!(Daemon::adopt(pid, slurm.identity(daemon.kind)), Ok(Some(_)))
+                }),
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -279,5 +425,22 @@ mod tests {
         record.save().unwrap();
         let err = ClusterRecord::load(dir.path()).unwrap_err();
         assert!(err.to_string().contains("version 99"), "{err}");
+    }
+
+    #[test]
+    fn a_slurm_record_round_trips_and_a_misplaced_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut record =
+            ClusterRecord::new("sft", dir.path(), 2, Path::new("/bin/sfd"), "info").with_slurm();
+        let slurm = record.slurm.as_mut().unwrap();
+        assert_eq!(slurm.conf, dir.path().join("slurm/slurm.conf"));
+        slurm.daemons[1].pid = Some(4321);
+        record.save().unwrap();
+        assert_eq!(ClusterRecord::load(dir.path()).unwrap(), record);
+
+        record.slurm.as_mut().unwrap().daemons[2].log = "/var/log/elsewhere.log".into();
+        record.save().unwrap();
+        let err = ClusterRecord::load(dir.path()).unwrap_err();
+        assert!(matches!(err, LoadRecordError::BadState { .. }), "{err}");
     }
 }

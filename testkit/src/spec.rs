@@ -19,6 +19,8 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default bound on waiting for daemons to exit after SIGTERM.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most CPUs a Slurm node may declare (slurmctld refuses more).
+const MAX_SLURM_CPUS: u32 = 65535;
 /// `sockaddr_un.sun_path` holds 108 bytes, the terminating NUL included.
 const MAX_SOCKET_PATH_LEN: usize = 107;
 
@@ -55,12 +57,19 @@ pub struct ClusterSpec {
     pub ready_timeout: Duration,
     /// How long daemons get after SIGTERM before SIGKILL.
     pub stop_timeout: Duration,
+    /// Also run a Slurm cluster on the hosts (munged and slurmctld on `h1`, a slurmd on every
+    /// host, node names the host names) before the daemons start, and point every daemon's
+    /// `[allocation]` at it. Needs Slurm and munge installed.
+    pub slurm: bool,
+    /// CPUs each Slurm node declares (Slurm grants one clone per CPU); `None`: the host's
+    /// clone slots.
+    pub slurm_cpus: Option<u32>,
 }
 
 impl ClusterSpec {
     /// `hosts` hosts with state in `dir` running the daemon binary `sfd`; everything else at
     /// its default (random prefix, 16 clone slots, fetch timeout 5 s, `RUST_LOG=info`, 20 s to
-    /// become ready, 10 s to stop).
+    /// become ready, 10 s to stop, no Slurm).
     pub fn new(hosts: usize, dir: impl Into<PathBuf>, sfd: impl Into<PathBuf>) -> ClusterSpec {
         ClusterSpec {
             hosts,
@@ -76,6 +85,8 @@ impl ClusterSpec {
             log_filter: "info".to_owned(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
+            slurm: false,
+            slurm_cpus: None,
         }
     }
 
@@ -99,15 +110,28 @@ impl ClusterSpec {
         if dir.to_str().is_none() {
             return Err(invalid(format!("directory {} is not UTF-8", dir.display())).into());
         }
-        let record = ClusterRecord::new(&prefix, &dir, self.hosts, &sfd, &self.log_filter);
-        if let Some(long) = record
-            .hosts
-            .iter()
-            .find(|h| h.socket.as_os_str().len() > MAX_SOCKET_PATH_LEN)
+        let mut record = ClusterRecord::new(&prefix, &dir, self.hosts, &sfd, &self.log_filter);
+        if self.slurm {
+            // Slurm's configuration format has no quoting: a path holding a separator would be
+            // read as something else.
+            if !dir.to_string_lossy().chars().all(slurm_conf_safe) {
+                return Err(invalid(format!(
+                    "directory {} holds characters slurm.conf cannot carry; with Slurm use only \
+                     letters, digits and /._-+@:~",
+                    dir.display()
+                ))
+                .into());
+            }
+            record = record.with_slurm();
+        }
+        let sockets = record.hosts.iter().map(|h| &h.socket);
+        if let Some(long) = sockets
+            .chain(record.slurm.as_ref().map(|s| &s.munge_socket))
+            .find(|socket| socket.as_os_str().len() > MAX_SOCKET_PATH_LEN)
         {
             return Err(invalid(format!(
                 "socket path {} is longer than {MAX_SOCKET_PATH_LEN} bytes; use a shorter directory",
-                long.socket.display()
+                long.display()
             ))
             .into());
         }
@@ -123,8 +147,14 @@ impl ClusterSpec {
                 self.hosts
             )));
         }
-        if self.clone_slots == 0 || self.fetch_timeout_ms == 0 || self.peer_timeout_ms == Some(0) {
-            return Err(invalid("clone slots and timeouts must be positive".into()));
+        if self.clone_slots == 0
+            || self.fetch_timeout_ms == 0
+            || self.peer_timeout_ms == Some(0)
+            || self.slurm_cpus == Some(0)
+        {
+            return Err(invalid(
+                "clone slots, Slurm CPUs and timeouts must be positive".into(),
+            ));
         }
         for (key, value) in &self.extra_limits {
             if value.is_table()
@@ -135,12 +165,23 @@ impl ClusterSpec {
                 )));
             }
         }
+        if self.slurm && self.slurm_node_cpus() > MAX_SLURM_CPUS {
+            return Err(invalid(format!(
+                "Slurm nodes declare at most {MAX_SLURM_CPUS} CPUs, not {}",
+                self.slurm_node_cpus()
+            )));
+        }
         if let Some((key, _)) = self.mcdist.iter().find(|(_, v)| v.is_table()) {
             return Err(invalid(format!(
                 "mcdist key {key:?} must be a scalar or array"
             )));
         }
         Ok(())
+    }
+
+    /// CPUs each Slurm node declares.
+    pub(crate) fn slurm_node_cpus(&self) -> u32 {
+        self.slurm_cpus.unwrap_or(self.clone_slots)
     }
 
     /// The `[limits]` section every host's configuration gets.
@@ -152,4 +193,9 @@ impl ClusterSpec {
             extra: &self.extra_limits,
         }
     }
+}
+
+/// Whether `c` may appear in a path written into `slurm.conf`.
+fn slurm_conf_safe(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "/._-+@:~".contains(c)
 }

@@ -33,14 +33,15 @@ pub const DEFAULT_DIR: &str = "/run/snowflock/cluster";
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
-    /// Start N sfd hosts, each in its own network namespace on one bridge (10.77.0.1..N);
-    /// returns once every daemon accepts connections, leaving them running.
+    /// Start N sfd hosts, each in its own network namespace on one bridge (10.77.0.1..N),
+    /// optionally with a Slurm cluster on them; returns once every daemon accepts connections,
+    /// leaving them running.
     Up(UpArgs),
-    /// Stop a cluster's daemons and remove its namespaces and runtime files
-    /// (set SF_KEEP_LOGS=1 to keep each host's sfd.log).
+    /// Stop a cluster's daemons (Slurm's too) and remove its namespaces and runtime files
+    /// (set SF_KEEP_LOGS=1 to keep each host's sfd.log and the Slurm logs).
     Down(DownArgs),
-    /// Show which daemons of a cluster are alive; exits 1 unless all are running and accept
-    /// connections.
+    /// Show which daemons of a cluster (and of its Slurm) are alive; exits 1 unless all are
+    /// running and the sfd daemons accept connections.
     Status(StatusArgs),
     /// Make the switch lose and reorder UDP datagrams on their way to every host (0 0 removes it).
     Impair(ImpairArgs),
@@ -80,6 +81,14 @@ pub struct UpArgs {
     /// control address in the cluster.
     #[arg(long)]
     pub metrics_port: Option<u16>,
+    /// Also run a Slurm cluster on the hosts (munged and slurmctld on h1, a slurmd on every
+    /// host, nodes named like the hosts) and have every daemon allocate clone slots from it.
+    /// Needs munge and Slurm installed (Debian: munge slurmctld slurmd slurm-client).
+    #[arg(long)]
+    pub slurm: bool,
+    /// CPUs each Slurm node declares (default: --slots).
+    #[arg(long, requires = "slurm")]
+    pub slurm_cpus: Option<u32>,
     /// Print the cluster's state (as in cluster.json) as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -171,6 +180,8 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     spec.log_filter = args.log;
     spec.mcdist = mcdist_table(args.distribution, args.rx_path);
     spec.metrics_port = args.metrics_port;
+    spec.slurm = args.slurm;
+    spec.slurm_cpus = args.slurm_cpus;
     let cluster = NetnsCluster::up(spec).context("starting the cluster")?;
     let record = cluster.detach();
     if args.json {
@@ -184,6 +195,13 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                 first.socket.display()
             );
             println!("run on a host:   ip netns exec {} COMMAND", first.netns);
+            if let Some(slurm) = &record.slurm {
+                println!(
+                    "slurm commands:  SLURM_CONF={} ip netns exec {} squeue",
+                    slurm.conf.display(),
+                    first.netns
+                );
+            }
             if let Some(port) = args.metrics_port {
                 println!(
                     "metrics:         ip netns exec {} curl -s http://{}:{port}/metrics",
@@ -229,13 +247,18 @@ pub fn down(args: DownArgs) -> Result<ExitCode> {
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
     let record = ClusterRecord::load(&args.dir)?;
     let hosts = record.status();
-    let healthy = hosts.iter().all(|h| h.running && h.accepting);
+    let slurm = record.slurm_status();
+    let healthy = hosts.iter().all(|h| h.running && h.accepting) && slurm.iter().all(|d| d.running);
     if args.json {
         let report = serde_json::json!({
             "prefix": record.prefix,
             "dir": record.dir,
             "healthy": healthy,
             "hosts": hosts,
+            "slurm": record.slurm.as_ref().map(|s| serde_json::json!({
+                "conf": s.conf,
+                "daemons": slurm,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -260,6 +283,25 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                 pid
             );
         }
+        if let Some(conf) = record.slurm.as_ref().map(|s| &s.conf) {
+            println!();
+            println!("slurm {}", conf.display());
+            println!("{:<10} {:<5} {:>8}  STATE", "DAEMON", "HOST", "PID");
+            for daemon in &slurm {
+                let pid = daemon.pid.map_or("-".to_owned(), |p| p.to_string());
+                let state = if daemon.running {
+                    "running"
+                } else {
+                    "not running"
+                };
+                println!(
+                    "{:<10} {:<5} {:>8}  {state}",
+                    daemon.kind.program(),
+                    daemon.host,
+                    pid
+                );
+            }
+        }
     }
     Ok(if healthy {
         ExitCode::SUCCESS
@@ -269,8 +311,13 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
 }
 
 fn print_hosts(record: &ClusterRecord) {
+    let slurm = if record.slurm.is_some() {
+        ", Slurm"
+    } else {
+        ""
+    };
     println!(
-        "cluster {} up: {} hosts, switch {}",
+        "cluster {} up: {} hosts, switch {}{slurm}",
         record.prefix,
         record.hosts.len(),
         record.switch

@@ -515,7 +515,14 @@ fn sf_start_wait_reports_the_jobs_progress() {
     let socket = cluster.host(0).unwrap().socket.clone();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sf"))
         .env("SNOWFLOCK_SOCKET", &socket)
-        .args(["start", "--wait", "--progress", "--mem", "256M", "seqsearch"])
+        .args([
+            "start",
+            "--wait",
+            "--progress",
+            "--mem",
+            "256M",
+            "seqsearch",
+        ])
         .args(["--", "ref_mib=16", "queries=32000", "clones=3"])
         .output()
         .unwrap();

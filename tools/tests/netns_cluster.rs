@@ -35,6 +35,8 @@ fn the_cli_brings_a_cluster_up_reports_it_and_takes_it_down() {
         distribution: snowflock_control::config::Distribution::Unicast,
         rx_path: snowflock_control::config::RxPath::Sockets,
         metrics_port: Some(9464),
+        slurm: false,
+        slurm_cpus: None,
         json: false,
     };
     assert_eq!(cluster_cli::up(up).unwrap(), ExitCode::SUCCESS);
@@ -55,7 +57,10 @@ fn the_cli_brings_a_cluster_up_reports_it_and_takes_it_down() {
     );
     assert_eq!(
         config.metrics.listen,
-        Some(std::net::SocketAddr::new(record.hosts[0].control.ip(), 9464))
+        Some(std::net::SocketAddr::new(
+            record.hosts[0].control.ip(),
+            9464
+        ))
     );
     let status = |json| {
         cluster_cli::status(cluster_cli::StatusArgs {
