@@ -20,7 +20,7 @@ use crate::error::{
 use crate::impair::ImpairmentCounts;
 use crate::process::{self, Daemon, KILL_TIMEOUT, StopFailure};
 use crate::record::{ClusterRecord, HostInfo, HostStatus, STATE_FILE};
-use crate::spec::{ClusterSpec, DEFAULT_READY_TIMEOUT, DEFAULT_STOP_TIMEOUT};
+use crate::spec::{ClusterSpec, DEFAULT_READY_TIMEOUT, DEFAULT_STOP_TIMEOUT, UpProgress};
 use crate::{files, impair, netns, network, slurm};
 
 /// Lines of a daemon's log quoted in errors.
@@ -77,6 +77,8 @@ impl NetnsCluster {
             stop_timeout: spec.stop_timeout,
             finished: false,
         };
+        let progress = spec.progress.as_ref();
+        let hosts = cluster.record.hosts.len();
         // Claim the state file first, so that `sf cluster down --dir` can always clean up.
         cluster.record.save()?;
         files::write(
@@ -85,8 +87,13 @@ impl NetnsCluster {
             &spec.mcdist,
             spec.metrics_port,
         )?;
+        UpProgress::step(
+            progress,
+            &format!("building {hosts} host namespaces and the switch"),
+        );
         network::build(&cluster.record, &mut cluster.namespaces)?;
         if let Some(programs) = &slurm_programs {
+            UpProgress::step(progress, "starting Slurm (munged, slurmctld, slurmds)");
             // Before the daemons, which allocate from it as soon as they run.
             slurm::start(
                 &mut cluster.record,
@@ -95,12 +102,13 @@ impl NetnsCluster {
                 spec.slurm_node_cpus(),
             )?;
         }
+        UpProgress::step(progress, &format!("starting {hosts} daemons"));
         for i in 0..cluster.record.hosts.len() {
             cluster.spawn(i)?;
         }
         cluster.record.save()?;
         let all: Vec<usize> = (0..cluster.record.hosts.len()).collect();
-        cluster.wait_ready(&all, cluster.ready_timeout)?;
+        cluster.wait_ready(&all, cluster.ready_timeout, progress)?;
         Ok(cluster)
     }
 
@@ -254,7 +262,7 @@ impl NetnsCluster {
         }
         self.spawn(index)?;
         self.record.save()?;
-        self.wait_ready(&[index], self.ready_timeout)?;
+        self.wait_ready(&[index], self.ready_timeout, None)?;
         Ok(())
     }
 
@@ -317,9 +325,15 @@ impl NetnsCluster {
 
     /// Waits until the sockets of hosts `which` accept a connection, failing early if one of
     /// their daemons exits; one deadline for all.
-    fn wait_ready(&mut self, which: &[usize], timeout: Duration) -> Result<(), StartDaemonError> {
+    fn wait_ready(
+        &mut self,
+        which: &[usize],
+        timeout: Duration,
+        progress: Option<&UpProgress>,
+    ) -> Result<(), StartDaemonError> {
         let deadline = Instant::now() + timeout;
         let mut pending = which.to_vec();
+        let mut reported = None;
         let mut pause = Duration::from_millis(5);
         loop {
             let mut still = Vec::new();
@@ -344,6 +358,14 @@ impl NetnsCluster {
                 if UnixStream::connect(&host.socket).is_err() {
                     still.push(i);
                 }
+            }
+            if reported != Some(still.len()) {
+                reported = Some(still.len());
+                let ready = which.len() - still.len();
+                UpProgress::step(
+                    progress,
+                    &format!("{ready} of {} daemons ready", which.len()),
+                );
             }
             let Some(&first) = still.first() else {
                 return Ok(());

@@ -2,6 +2,7 @@
 //! [`NetnsCluster::up`](crate::NetnsCluster::up) runs on it before creating anything.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Limits;
@@ -64,6 +65,27 @@ pub struct ClusterSpec {
     /// CPUs each Slurm node declares (Slurm grants one clone per CPU); `None`: the host's
     /// clone slots.
     pub slurm_cpus: Option<u32>,
+    /// Told each step of [`NetnsCluster::up`](crate::NetnsCluster::up) as it begins, and
+    /// how many daemons are ready while it waits for them (`sf cluster up` shows them).
+    pub progress: Option<UpProgress>,
+}
+
+/// Receives [`NetnsCluster::up`](crate::NetnsCluster::up)'s steps, one line each.
+#[derive(Clone)]
+pub struct UpProgress(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for UpProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UpProgress")
+    }
+}
+
+impl UpProgress {
+    pub(crate) fn step(progress: Option<&UpProgress>, line: &str) {
+        if let Some(progress) = progress {
+            (progress.0)(line);
+        }
+    }
 }
 
 impl ClusterSpec {
@@ -87,6 +109,7 @@ impl ClusterSpec {
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             slurm: false,
             slurm_cpus: None,
+            progress: None,
         }
     }
 

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use snowflock_control::config::DaemonConfig;
 use snowflock_control::error_chain;
 use snowflock_testkit::{
     self as testkit, ClusterRecord, HostError, HostInfo, NetnsCluster, NoSuchHost,
-    StartDaemonError, UpError,
+    StartDaemonError, UpError, UpProgress,
 };
 use support::*;
 
@@ -106,10 +106,24 @@ fn reap(mut child: Child) {
 #[test]
 fn up_builds_the_topology_and_down_removes_everything() {
     let fixture = Fixture::new();
-    let spec = fixture.spec("c", 3, StandIn::Listens);
+    let mut spec = fixture.spec("c", 3, StandIn::Listens);
+    let steps = Arc::new(Mutex::new(Vec::new()));
+    spec.progress = Some(UpProgress(Arc::new({
+        let steps = steps.clone();
+        move |step: &str| steps.lock().unwrap().push(step.to_string())
+    })));
     let dir = spec.dir.clone();
     let cluster = NetnsCluster::up(spec).unwrap();
     let prefix = cluster.prefix().to_owned();
+
+    // `up` said what it did, in order, and ended with every daemon ready.
+    let steps = steps.lock().unwrap().clone();
+    assert_eq!(
+        steps[0], "building 3 host namespaces and the switch",
+        "{steps:?}"
+    );
+    assert_eq!(steps[1], "starting 3 daemons", "{steps:?}");
+    assert_eq!(steps.last().unwrap(), "3 of 3 daemons ready", "{steps:?}");
 
     // Namespaces: a switch and one per host.
     let mut expected = vec![

@@ -19,13 +19,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use snowflock_control::config::{Distribution, RxPath};
 use snowflock_testkit::{
     self as testkit, ClusterRecord, ClusterSpec, DEFAULT_CLONE_SLOTS, DEFAULT_FETCH_TIMEOUT_MS,
-    HostInfo, NetnsCluster,
+    HostInfo, NetnsCluster, UpProgress,
 };
 
 /// Where `sf cluster` keeps a cluster's state unless told otherwise.
@@ -182,7 +183,14 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     spec.metrics_port = args.metrics_port;
     spec.slurm = args.slurm;
     spec.slurm_cpus = args.slurm_cpus;
-    let cluster = NetnsCluster::up(spec).context("starting the cluster")?;
+    let bar = crate::status_line::spinner(format!("cluster of {} hosts", args.hosts));
+    spec.progress = Some(UpProgress(Arc::new({
+        let bar = bar.clone();
+        move |step: &str| bar.set_message(step.to_string())
+    })));
+    let cluster = NetnsCluster::up(spec);
+    bar.finish_and_clear();
+    let cluster = cluster.context("starting the cluster")?;
     let record = cluster.detach();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&record)?);

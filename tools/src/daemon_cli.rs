@@ -102,7 +102,7 @@ pub fn start(socket: &Path, args: StartArgs, image: Vec<u8>) -> Result<ExitCode>
     } else if args.json {
         (None, None)
     } else {
-        let bar = crate::spinner(format!("starting {}", args.image));
+        let bar = crate::status_line::spinner(format!("starting {}", args.image));
         (Some(ProgressOutput::Bar(bar.clone())), Some(bar))
     };
     let watch = output.map(|output| ProgressWatch::start(socket.to_path_buf(), vm.clone(), output));

@@ -8,15 +8,16 @@ mod progress;
 mod report;
 mod shell_cli;
 mod slurm_cli;
+mod status_line;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use snowflock_control::config::{PopulateMode, host_cores};
 use snowflock_control::console::{self, LineSink};
 use snowflock_control::{Descriptor, StartOptions, Supervisor, SupervisorConfig, VmOutcome};
@@ -24,6 +25,7 @@ use snowflock_vmm::memory::HostPages;
 use snowflock_vmm::{KvmHypervisor, loader};
 
 use crate::report::{RunReport, Unimplemented};
+use crate::status_line::spinner;
 use snowflock_control::size::parse_size;
 
 #[derive(Debug, Parser)]
@@ -326,17 +328,6 @@ fn exit_code(outcome: &VmOutcome) -> ExitCode {
         }
         _ => ExitCode::FAILURE,
     }
-}
-
-/// A spinner on stderr with the elapsed time (hidden when stderr is not a terminal).
-fn spinner(message: String) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").expect("static template"),
-    );
-    bar.set_message(message);
-    bar.enable_steady_tick(Duration::from_millis(100));
-    bar
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {

@@ -5,6 +5,8 @@
 #[allow(dead_code)]
 #[path = "../src/cluster_cli.rs"]
 mod cluster_cli;
+#[path = "../src/status_line.rs"]
+mod status_line;
 #[allow(dead_code)]
 #[path = "../../testkit/tests/support/mod.rs"]
 mod support;
