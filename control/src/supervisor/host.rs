@@ -2,7 +2,7 @@
 //! thread share: the hypervisor, the launcher thread, clone slots and
 //! prepared VMs, the registry of running VMs and the clone reports.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -31,7 +31,8 @@ pub(super) struct HostState {
     pub(super) slots: Slots,
     next_vm: AtomicU64,
     next_id: AtomicU64,
-    pub(super) reports: Mutex<Vec<CloneReport>>,
+    /// The latest [`MAX_REPORTS`] clone reports, oldest first.
+    pub(super) reports: Mutex<VecDeque<CloneReport>>,
     pub(super) metrics: Arc<ControlMetrics>,
     /// The Slurm allocations each VM's tickets hold now.
     pub(super) slurm_jobs: Mutex<HashMap<u64, Vec<u64>>>,
@@ -40,6 +41,10 @@ pub(super) struct HostState {
     /// Every VM running on this host.
     pub(super) vms: Mutex<HashMap<u64, VmEntry>>,
 }
+
+/// Clone reports kept: a long-running daemon files one per clone operation,
+/// and the report of a VM is read when the VM ends.
+pub(super) const MAX_REPORTS: usize = 4096;
 
 /// A VM's clone operations so far: what its tickets asked for and got, and
 /// its children not joined yet (those joined are counted).
@@ -90,7 +95,7 @@ impl HostState {
             config,
             next_vm: AtomicU64::new(1),
             next_id: AtomicU64::new(1),
-            reports: Mutex::new(Vec::new()),
+            reports: Mutex::new(VecDeque::new()),
             metrics: Arc::new(ControlMetrics::default()),
             slurm_jobs: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),

@@ -280,9 +280,9 @@ impl Supervisor {
         }
     }
 
-    /// Clone operations so far, oldest first (each complete once joined).
+    /// The latest clone operations (up to 4096), oldest first; each is filed when joined.
     pub fn reports(&self) -> Vec<CloneReport> {
-        lock(&self.host.reports).clone()
+        lock(&self.host.reports).iter().cloned().collect()
     }
 
     /// What this host's control plane counted (tickets, clone operations).

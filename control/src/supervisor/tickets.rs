@@ -12,7 +12,7 @@ use snowflock_vmm::background::Job;
 use snowflock_vmm::memory::MemoryImage;
 
 use super::describe::{Described, Description};
-use super::host::HostState;
+use super::host::{HostState, MAX_REPORTS};
 use crate::child::ChildCell;
 use crate::descriptor::{CaptureKind, Descriptor};
 use crate::outcome::{CloneReport, VmOutcome};
@@ -229,7 +229,11 @@ impl Tickets {
             cluster.retire_image(family);
         }
         host.metrics.operation_done(&spawned.report);
-        lock(&host.reports).push(spawned.report.clone());
+        let mut reports = lock(&host.reports);
+        if reports.len() == MAX_REPORTS {
+            reports.pop_front();
+        }
+        reports.push_back(spawned.report.clone());
     }
 
     /// A joined child's outcome; `EBUSY` while the ticket's children have not
