@@ -4,7 +4,10 @@
 //! authenticates the peer (context `b"pages"`, bounded by [`ServerConfig::handshake_timeout`])
 //! and then answers REQUEST frames until the peer closes. Connections are few (one per clone
 //! host and family), so a thread each is cheap and keeps a slow store read on one connection
-//! from delaying the others.
+//! from delaying the others. Connections still authenticating are bounded apart from the
+//! authenticated ones, in all and per peer address, and a handshake's whole time is bounded:
+//! half-open connections from anyone who can reach the port never take an authenticated
+//! client's place.
 //!
 //! For each REQUEST the server reads every page from the family's [`PageStore`] into one reply
 //! buffer, and writes the replies to all the requests received so far with one `write` call
@@ -14,13 +17,13 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::auth::{self, ClusterKey};
 use crate::sync::{Never, lock, read, write};
@@ -50,13 +53,20 @@ pub trait PageStore: Send + Sync {
 /// Tunables of a [`MemoryServer`].
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// How long a new connection may take to authenticate before it is closed.
+    /// How long a new connection may take to authenticate, in all, before it is closed
+    /// (a peer sending a byte at a time does not extend it).
     pub handshake_timeout: Duration,
     /// How long one write of replies may block (a client that stops reading) before the
     /// connection is closed.
     pub write_timeout: Duration,
-    /// Most connections served at once; more are closed at once.
+    /// Most authenticated connections served at once; a new connection while they are all
+    /// taken is closed at once.
     pub max_connections: usize,
+    /// Most connections still authenticating at once, and from one peer address: more are
+    /// closed at once. Connections that have not proved the cluster key never take an
+    /// authenticated client's place, and one peer cannot take every handshake's.
+    pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_peer: usize,
     /// How long [`MemoryServer::shutdown`] waits for its threads to finish.
     pub shutdown_timeout: Duration,
 }
@@ -67,6 +77,8 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(30),
             max_connections: 256,
+            max_unauthenticated: 64,
+            max_unauthenticated_per_peer: 8,
             shutdown_timeout: Duration::from_secs(5),
         }
     }
@@ -92,6 +104,9 @@ pub struct ServerStats {
     pub auth_failures: u64,
     /// Connections refused because [`ServerConfig::max_connections`] were open.
     pub refused: u64,
+    /// Connections refused because [`ServerConfig::max_unauthenticated`] (or as many from
+    /// their peer's address) were still authenticating.
+    pub refused_unauthenticated: u64,
 }
 
 /// Why [`MemoryServer::bind`] failed.
@@ -129,6 +144,15 @@ struct Counters {
     protocol_errors: AtomicU64,
     auth_failures: AtomicU64,
     refused: AtomicU64,
+    refused_unauthenticated: AtomicU64,
+}
+
+/// An open connection, as the acceptor and shutdown see it.
+struct Tracked {
+    /// A handle on its socket, to close it on shutdown.
+    handle: TcpStream,
+    peer: IpAddr,
+    authenticated: bool,
 }
 
 /// A running memory server: the listener, the families served, the open connections and the
@@ -138,8 +162,8 @@ struct MemoryService {
     config: ServerConfig,
     listener: TcpListener,
     families: RwLock<HashMap<u64, Arc<dyn PageStore>>>,
-    /// Handles of the open connections, to close them on shutdown; `None` once shut down.
-    connections: Mutex<Option<HashMap<u64, TcpStream>>>,
+    /// The open connections; `None` once shut down.
+    connections: Mutex<Option<HashMap<u64, Tracked>>>,
     stopping: AtomicBool,
     next_connection: AtomicU64,
     counters: Counters,
@@ -255,6 +279,7 @@ impl MemoryServer {
             protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
             auth_failures: c.auth_failures.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
+            refused_unauthenticated: c.refused_unauthenticated.load(Ordering::Relaxed),
         }
     }
 
@@ -277,9 +302,9 @@ impl MemoryServer {
             );
         }
         let connections = lock(&self.service.connections).take().unwrap_or_default();
-        for stream in connections.values() {
+        for connection in connections.values() {
             // The connection may already be closing; its thread handles the outcome.
-            let _ = stream.shutdown(Shutdown::Both);
+            let _ = connection.handle.shutdown(Shutdown::Both);
         }
         let all_exited =
             match lock(&self.threads_exited).recv_timeout(self.service.config.shutdown_timeout) {
@@ -360,7 +385,8 @@ fn start_connection(
         let Some(connections) = connections.as_mut() else {
             return;
         };
-        if connections.len() >= service.config.max_connections {
+        let authenticated = connections.values().filter(|c| c.authenticated).count();
+        if authenticated >= service.config.max_connections {
             counters.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 %peer,
@@ -369,7 +395,32 @@ fn start_connection(
             );
             return;
         }
-        connections.insert(id, handle);
+        let authenticating = connections.values().filter(|c| !c.authenticated);
+        let (all, from_peer) = authenticating.fold((0, 0), |(all, from_peer), c| {
+            (all + 1, from_peer + usize::from(c.peer == peer.ip()))
+        });
+        if all >= service.config.max_unauthenticated
+            || from_peer >= service.config.max_unauthenticated_per_peer
+        {
+            counters
+                .refused_unauthenticated
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                %peer,
+                authenticating = all,
+                from_peer,
+                "too many memory connections still authenticating; closing the new one"
+            );
+            return;
+        }
+        connections.insert(
+            id,
+            Tracked {
+                handle,
+                peer: peer.ip(),
+                authenticated: false,
+            },
+        );
     }
     counters.active_connections.fetch_add(1, Ordering::Relaxed);
     let thread_service = Arc::clone(service);
@@ -378,7 +429,7 @@ fn start_connection(
         .name(format!("sf-mem-conn-{id}"))
         .spawn(move || {
             let _alive = alive;
-            serve_connection(&thread_service, stream, peer);
+            serve_connection(&thread_service, stream, peer, id);
             end_connection(&thread_service, id);
         });
     if let Err(error) = spawned {
@@ -408,6 +459,8 @@ const MAX_PENDING_REPLY_LEN: usize = 256 * 1024;
 enum ConnectionError {
     #[error("authentication failed")]
     Auth(#[source] auth::AuthError),
+    #[error("authenticated, but {max} authenticated connections are open")]
+    Full { max: usize },
     #[error("configuring the socket")]
     Configure(#[source] io::Error),
     #[error("reading requests")]
@@ -420,18 +473,27 @@ enum ConnectionError {
     UnexpectedFrame { kind: &'static str },
 }
 
-fn serve_connection(service: &MemoryService, mut stream: TcpStream, peer: SocketAddr) {
+fn serve_connection(service: &MemoryService, mut stream: TcpStream, peer: SocketAddr, id: u64) {
     let span = tracing::debug_span!("memory_connection", %peer);
     let _entered = span.enter();
-    let result = authenticate(service, &mut stream).and_then(|()| {
-        tracing::debug!("client authenticated");
-        serve_requests(service, &mut stream)
-    });
+    let result = authenticate(service, &mut stream)
+        .and_then(|()| admit_authenticated(service, id))
+        .and_then(|()| {
+            tracing::debug!("client authenticated");
+            serve_requests(service, &mut stream)
+        });
     let counters = &service.counters;
     match result {
         Ok(()) => tracing::debug!("client closed the connection"),
         Err(_) if service.stopping.load(Ordering::SeqCst) => {
             tracing::debug!("connection closed by shutdown");
+        }
+        Err(error @ ConnectionError::Full { .. }) => {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "closing memory connection"
+            );
         }
         Err(ConnectionError::Auth(error)) => {
             counters.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -450,17 +512,69 @@ fn serve_connection(service: &MemoryService, mut stream: TcpStream, peer: Socket
     }
 }
 
+/// Counts connection `id` as authenticated, unless the authenticated ones are all taken
+/// (several handshakes may have finished since it was accepted).
+fn admit_authenticated(service: &MemoryService, id: u64) -> Result<(), ConnectionError> {
+    let mut connections = lock(&service.connections);
+    let Some(connections) = connections.as_mut() else {
+        // Shutting down: the socket is closed already.
+        return Ok(());
+    };
+    let max = service.config.max_connections;
+    if connections.values().filter(|c| c.authenticated).count() >= max {
+        return Err(ConnectionError::Full { max });
+    }
+    if let Some(connection) = connections.get_mut(&id) {
+        connection.authenticated = true;
+    }
+    Ok(())
+}
+
 fn authenticate(service: &MemoryService, stream: &mut TcpStream) -> Result<(), ConnectionError> {
     stream
         .set_nodelay(true)
-        .and_then(|()| stream.set_read_timeout(Some(service.config.handshake_timeout)))
         .and_then(|()| stream.set_write_timeout(Some(service.config.write_timeout)))
         .map_err(ConnectionError::Configure)?;
-    auth::server_handshake(stream, &service.key, PAGES_CONTEXT).map_err(ConnectionError::Auth)?;
+    let mut bounded = Deadline {
+        stream,
+        at: Instant::now() + service.config.handshake_timeout,
+    };
+    auth::server_handshake(&mut bounded, &service.key, PAGES_CONTEXT)
+        .map_err(ConnectionError::Auth)?;
     // Authenticated clients ask for pages whenever their guests fault: no read deadline.
     stream
         .set_read_timeout(None)
         .map_err(ConnectionError::Configure)
+}
+
+/// A stream whose reads all end by one deadline: each read waits at most what is left.
+struct Deadline<'a> {
+    stream: &'a mut TcpStream,
+    at: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake's time is up",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
 }
 
 fn serve_requests(service: &MemoryService, stream: &mut TcpStream) -> Result<(), ConnectionError> {

@@ -619,3 +619,72 @@ fn round_trip_latency() {
         64.0 / elapsed.as_secs_f64()
     );
 }
+
+/// A connection to `server` from `source` (another loopback address than the clients').
+fn connect_from(source: &str, server: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let source: SocketAddr = format!("{source}:0").parse().unwrap();
+    socket.bind(&source.into()).unwrap();
+    socket.connect_timeout(&server.into(), TIMEOUT).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream
+}
+
+#[test]
+fn half_open_connections_are_bounded_per_peer_and_in_time_and_never_stop_clients() {
+    let key = key(15);
+    let handshake_timeout = Duration::from_millis(400);
+    let config = ServerConfig {
+        handshake_timeout,
+        max_connections: 4,
+        max_unauthenticated: 16,
+        max_unauthenticated_per_peer: 4,
+        ..ServerConfig::default()
+    };
+    let server = server_with(key.clone(), config);
+    server.register(15, Arc::new(VecStore::new(15, 4)));
+    let addr = server.local_addr();
+
+    // A flood from one address, more connections than any limit: one sends a valid hello
+    // and then a proof a byte every 100 ms (each read ends well within a per-read timeout,
+    // and the whole exchange would take seconds), the rest nothing.
+    let started = Instant::now();
+    let mut dribbler = connect_from("127.0.0.2", addr);
+    let flood: Vec<TcpStream> = (0..20).map(|_| connect_from("127.0.0.2", addr)).collect();
+    wait_until("all but the peer's 4 handshakes to be refused", || {
+        server.stats().refused_unauthenticated >= 17
+    });
+    // Meanwhile a client from another address authenticates and is served.
+    assert_still_serving(&server, &key, 15);
+
+    // The dribbler is closed at the handshake's deadline, however often it sends.
+    let mut bytes = Hello::new(b"pages", auth::nonce()).unwrap().encode();
+    bytes.extend([0x5a; auth::PROOF_LEN]);
+    let exchange = Duration::from_millis(100) * bytes.len() as u32;
+    let mut sent = 0;
+    let closed_after = loop {
+        let byte = bytes.get(sent).copied().unwrap_or(0x5a);
+        if dribbler.write(&[byte]).is_err() || started.elapsed() > exchange * 2 {
+            break started.elapsed();
+        }
+        sent += 1;
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        closed_after < exchange / 2,
+        "a byte at a time kept a handshake open for {closed_after:?} ({sent} bytes; the \
+         whole exchange takes {exchange:?})"
+    );
+    // Every other half-open connection is closed too, and nothing leaks.
+    for mut stream in flood {
+        read_until_closed(&mut stream);
+    }
+    wait_until("the half-open connections to be gone", || {
+        server.stats().active_connections == 0
+    });
+    let stats = server.stats();
+    assert_eq!(stats.refused, 0, "{stats:?}");
+    assert!(stats.auth_failures >= 4, "timed-out handshakes: {stats:?}");
+    assert_still_serving(&server, &key, 15);
+}

@@ -409,3 +409,90 @@ fn metrics_are_off_unless_configured() {
     assert!(Path::new(&h1.socket).exists());
     cluster.down().unwrap();
 }
+
+/// Connections that never speak, 300 more every second and each held for 3 s, to `target`
+/// from a thread in network namespace `netns`, until `stop`.
+fn flood_half_open(
+    netns: String,
+    target: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        snowflock_testkit::enter_netns(&netns).unwrap();
+        let mut opened = 0;
+        let mut held = std::collections::VecDeque::new();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !stop.load(std::sync::atomic::Ordering::Acquire) && Instant::now() < deadline {
+            let batch: Vec<std::net::TcpStream> = (0..300)
+                .filter_map(|_| {
+                    std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).ok()
+                })
+                .collect();
+            opened += batch.len() as u64;
+            held.push_back(batch);
+            if held.len() > 3 {
+                held.pop_front();
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        opened
+    })
+}
+
+#[test]
+fn a_flood_of_half_open_connections_does_not_stop_clones() {
+    let (cluster, _dir) = cluster(2, 4, |spec| {
+        spec.metrics_port = Some(METRICS_PORT);
+        spec.mcdist.insert("distribution".into(), "unicast".into());
+    });
+    let hosts = cluster.hosts();
+    let h1 = &hosts[0];
+    // The flood comes from an address of the switch: not a member, not a clone host.
+    let switch = cluster.switch_netns().to_string();
+    let added = Command::new("ip")
+        .args(["-n", &switch, "addr", "add", "10.77.0.250/24", "dev", "br0"])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = flood_half_open(switch, h1.pages, stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+
+    let vm = start(
+        &h1.socket,
+        "seqsearch",
+        256 << 20,
+        "ref_mib=16 queries=4000 clones=6",
+    );
+    let ended = wait(&h1.socket, vm);
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let opened = flood.join().unwrap();
+    assert_eq!(ended.outcome, VmOutcome::Exited(0), "{:#?}", ended.lines);
+    assert_eq!(field(&ended.lines, "seqsearch: ref_mib", "check"), "ok");
+    let report = &ended.reports[0];
+    assert!(
+        report
+            .children
+            .iter()
+            .any(|c| c.host.as_deref() == Some("h2")),
+        "a clone ran on h2, fetching over the flooded port: {report:?}"
+    );
+    assert!(opened >= 250, "the flood opened {opened} connections");
+    let (_, text) = get(h1, &metrics_url(h1), None);
+    let parent = samples(&text);
+    assert!(
+        sample(
+            &parent,
+            "snowflock_memory_server_refused_connections_total{limit=\"authenticating\"}"
+        ) >= 250.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &parent,
+            "snowflock_memory_server_refused_connections_total{limit=\"authenticated\"}"
+        ),
+        0.0
+    );
+    cluster.down().unwrap();
+}

@@ -397,10 +397,22 @@ impl Collector for DaemonCollector {
         single(
             &mut encoder,
             "memory_server_auth_failures",
-            "Connections to the unicast memory server that failed authentication",
+            "Connections to the unicast memory server that failed authentication (or took too long)",
             None,
             counter,
             unicast.auth_failures,
+        )?;
+        labelled(
+            &mut encoder,
+            "memory_server_refused_connections",
+            "Connections the unicast memory server closed at once, by which limit was reached",
+            None,
+            counter,
+            "limit",
+            &[
+                ("authenticated", unicast.refused),
+                ("authenticating", unicast.refused_unauthenticated),
+            ],
         )?;
 
         let (rx, xdp) = daemon.net.receiving_counters();
