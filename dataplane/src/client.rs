@@ -1,10 +1,13 @@
 //! The page client: one authenticated connection from a clone host to a memory server, for one
 //! family.
 //!
-//! [`PageClient::request`] may be called from any thread; it writes REQUEST frames under a lock.
-//! A receiver thread reads the replies. Each `read` returns whatever has arrived (up to
-//! [`RECEIVE_BUFFER_LEN`] bytes); the complete PAGE frames in it are handed to
-//! [`PageSink::deliver_batch`] in one call, straight out of the receive buffer (no copy).
+//! After the handshake every frame travels in sealed records ([`crate::sealed`]).
+//! [`PageClient::request`] may be called from any thread; it seals and writes REQUEST frames
+//! under a lock. A receiver thread reads the replies. Each `read` returns whatever has arrived
+//! (up to [`RECEIVE_BUFFER_LEN`] bytes); the whole records in it are opened in place and their
+//! PAGE frames handed to [`PageSink::deliver_batch`] in one call, straight out of the receive
+//! buffer (no copy). A record that fails to open (forged, altered, replayed) fails the
+//! connection, and none of its pages are delivered.
 //!
 //! The connection fails, and [`PageSink::failed`] is called exactly once, when the server
 //! closes it, a read fails, a frame is malformed or belongs to another family, or the server
@@ -21,19 +24,20 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crate::auth::{self, AuthError, ClusterKey};
+use crate::sealed::{self, End, Opener, Sealer};
 use crate::server::PAGES_CONTEXT;
 use crate::sync::{Never, lock};
-use crate::wire::{self, Frame, PAGE_FRAME_LEN, WireError};
+use crate::wire::{self, Frame};
 
-/// Receive buffer of the receiver thread: the largest batch is this many bytes of PAGE frames
-/// (63 pages).
+/// Receive buffer of the receiver thread: the largest batch is this many bytes of records.
 pub const RECEIVE_BUFFER_LEN: usize = 256 * 1024;
 /// How long one write of requests may block before [`PageClient::request`] fails.
 pub const REQUEST_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dropping a client waits for its receiver thread.
 pub const DROP_TIMEOUT: Duration = Duration::from_secs(2);
 
-const _: () = assert!(RECEIVE_BUFFER_LEN >= 2 * PAGE_FRAME_LEN);
+// A whole record fits, so its frames are opened and delivered in place.
+const _: () = assert!(RECEIVE_BUFFER_LEN >= sealed::MAX_RECORD_LEN);
 
 /// Where received pages go; implemented by the fault handler.
 ///
@@ -140,7 +144,9 @@ pub enum RequestError {
 struct Connection {
     addr: SocketAddr,
     family: u64,
-    writer: Mutex<TcpStream>,
+    /// The socket requests are written to, and the sealer of their records: one lock, so
+    /// records go out in the order they were sealed.
+    writer: Mutex<(TcpStream, Sealer)>,
     /// Set by `Drop`: the connection is being closed on purpose, not failing.
     closing: AtomicBool,
     /// Why the connection failed, once it has.
@@ -198,8 +204,9 @@ impl PageClient {
         stream
             .set_write_timeout(Some(connect_timeout))
             .map_err(configure)?;
-        auth::client_handshake(&mut stream, key, PAGES_CONTEXT)
+        let session = auth::client_handshake(&mut stream, key, PAGES_CONTEXT)
             .map_err(|source| ConnectError::Handshake { addr, source })?;
+        let (sealer, opener) = sealed::record_keys(&session, End::Client);
         // Replies come whenever requests are made: no read deadline from here on.
         stream.set_read_timeout(None).map_err(configure)?;
         stream
@@ -210,7 +217,7 @@ impl PageClient {
         let connection = Arc::new(Connection {
             addr,
             family,
-            writer: Mutex::new(stream),
+            writer: Mutex::new((stream, sealer)),
             closing: AtomicBool::new(false),
             failure: Mutex::new(None),
             requests_sent: AtomicU64::new(0),
@@ -224,7 +231,7 @@ impl PageClient {
             let connection = Arc::clone(&connection);
             thread::Builder::new()
                 .name(format!("sf-pages-{family:x}"))
-                .spawn(move || receive(&connection, reader, sink.as_ref(), alive))
+                .spawn(move || receive(&connection, reader, opener, sink.as_ref(), alive))
                 .map_err(|source| ConnectError::Spawn { addr, source })?
         };
         tracing::debug!(%addr, family = format_args!("{family:#x}"), "page client connected");
@@ -251,8 +258,12 @@ impl PageClient {
         }
         let mut frames = Vec::new();
         let requests = wire::encode_requests(connection.family, pages, &mut frames);
-        lock(&connection.writer)
-            .write_all(&frames)
+        let mut records = Vec::with_capacity(frames.len() + sealed::RECORD_TAG_LEN * 2);
+        let mut writer = lock(&connection.writer);
+        let (stream, sealer) = &mut *writer;
+        sealer.seal_frames(&frames, &mut records);
+        stream
+            .write_all(&records)
             .map_err(|source| RequestError::Send {
                 addr: connection.addr,
                 source,
@@ -316,10 +327,11 @@ impl Drop for PageClient {
 fn receive(
     connection: &Connection,
     mut stream: TcpStream,
+    mut opener: Opener,
     sink: &dyn PageSink,
     _alive: Sender<Never>,
 ) {
-    let reason = receive_until_failure(connection, &mut stream, sink);
+    let reason = receive_until_failure(connection, &mut stream, &mut opener, sink);
     if connection.closing.load(Ordering::SeqCst) {
         return;
     }
@@ -339,6 +351,7 @@ fn receive(
 fn receive_until_failure(
     connection: &Connection,
     stream: &mut TcpStream,
+    opener: &mut Opener,
     sink: &dyn PageSink,
 ) -> String {
     let addr = connection.addr;
@@ -355,38 +368,64 @@ fn receive_until_failure(
             .bytes_received
             .fetch_add(read as u64, Ordering::Relaxed);
         filled += read;
+        // Open every whole record in place first, so that the batch borrows their frames.
         let mut consumed = 0;
-        let mut batch: Vec<(u64, &[u8])> = Vec::new();
-        let stop = loop {
-            match wire::decode(&buf[consumed..filled]) {
-                Ok((Frame::Page(reply), used)) if reply.family == connection.family => {
+        let mut opened = Vec::new();
+        let mut refused = None;
+        loop {
+            match opener.open_in_place(&mut buf[consumed..filled]) {
+                Ok(Some((frames, used))) => {
+                    opened.push(consumed + frames.start..consumed + frames.end);
                     consumed += used;
-                    batch.push((reply.page, reply.data));
                 }
-                Ok((Frame::Error(reply), _)) if reply.family == connection.family => {
-                    break Some(format!(
-                        "server error for page {:#x} of family {:#x}: {}: {}",
-                        reply.page, reply.family, reply.code, reply.message
-                    ));
-                }
-                Ok((Frame::Page(wire::PageReply { family, .. }), _))
-                | Ok((Frame::Error(wire::ErrorReply { family, .. }), _)) => {
-                    break Some(format!(
-                        "memory server {addr} sent a reply for family {family:#x}, not {:#x}",
-                        connection.family
-                    ));
-                }
-                Ok((Frame::Request(_), _)) => {
-                    break Some(format!("memory server {addr} sent a REQUEST frame"));
-                }
-                Err(WireError::Incomplete { .. }) => break None,
+                Ok(None) => break,
                 Err(error) => {
-                    break Some(format!(
-                        "malformed frame from memory server {addr}: {error}"
-                    ));
+                    refused = Some(format!("memory server {addr}: {error}"));
+                    break;
                 }
             }
-        };
+        }
+        let mut batch: Vec<(u64, &[u8])> = Vec::new();
+        let mut stop = None;
+        'records: for range in opened {
+            let mut frames = &buf[range];
+            while !frames.is_empty() {
+                let (frame, used) = match wire::decode(frames) {
+                    Ok(decoded) => decoded,
+                    Err(error) => {
+                        stop = Some(format!(
+                            "malformed frame from memory server {addr}: {error}"
+                        ));
+                        break 'records;
+                    }
+                };
+                frames = &frames[used..];
+                match frame {
+                    Frame::Page(reply) if reply.family == connection.family => {
+                        batch.push((reply.page, reply.data));
+                    }
+                    Frame::Error(reply) if reply.family == connection.family => {
+                        stop = Some(format!(
+                            "server error for page {:#x} of family {:#x}: {}: {}",
+                            reply.page, reply.family, reply.code, reply.message
+                        ));
+                        break 'records;
+                    }
+                    Frame::Page(wire::PageReply { family, .. })
+                    | Frame::Error(wire::ErrorReply { family, .. }) => {
+                        stop = Some(format!(
+                            "memory server {addr} sent a reply for family {family:#x}, not {:#x}",
+                            connection.family
+                        ));
+                        break 'records;
+                    }
+                    Frame::Request(_) => {
+                        stop = Some(format!("memory server {addr} sent a REQUEST frame"));
+                        break 'records;
+                    }
+                }
+            }
+        }
         if !batch.is_empty() {
             connection
                 .pages_received
@@ -394,7 +433,7 @@ fn receive_until_failure(
             connection.batches_delivered.fetch_add(1, Ordering::Relaxed);
             sink.deliver_batch(&batch);
         }
-        if let Some(reason) = stop {
+        if let Some(reason) = stop.or(refused) {
             return reason;
         }
         buf.copy_within(consumed..filled, 0);

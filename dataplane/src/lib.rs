@@ -100,6 +100,7 @@ pub mod auth;
 pub mod client;
 pub mod mcast;
 pub mod netdev;
+pub mod sealed;
 pub mod server;
 mod sync;
 pub mod wire;

@@ -9,6 +9,9 @@
 //! half-open connections from anyone who can reach the port never take an authenticated
 //! client's place.
 //!
+//! After the handshake every frame travels in records sealed under the session key
+//! ([`crate::sealed`]); a record that fails to open closes the connection.
+//!
 //! For each REQUEST the server reads every page from the family's [`PageStore`] into one reply
 //! buffer, and writes the replies to all the requests received so far with one `write` call
 //! (or one per 256 KiB of replies, so the first pages of a long stream go out early). An
@@ -26,6 +29,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, ClusterKey};
+use crate::sealed;
 use crate::sync::{Never, lock, read, write};
 use crate::wire::{self, ErrorCode, Frame, PAGE_SIZE, WireError};
 
@@ -448,8 +452,8 @@ fn end_connection(service: &MemoryService, id: u64) {
         .fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Reads this much at a time; holds many pipelined REQUESTs.
-const READ_BUFFER_LEN: usize = 64 * 1024;
+/// Reads this much at a time: a whole record of pipelined REQUESTs.
+const READ_BUFFER_LEN: usize = sealed::MAX_RECORD_LEN;
 /// Replies are written once this many bytes are pending, even mid-way through the requests
 /// already received, so the reply buffer stays bounded.
 const MAX_PENDING_REPLY_LEN: usize = 256 * 1024;
@@ -469,6 +473,8 @@ enum ConnectionError {
     Write(#[source] io::Error),
     #[error("malformed frame")]
     Malformed(#[source] WireError),
+    #[error("refused a record")]
+    Record(#[source] sealed::RecordError),
     #[error("unexpected {kind} frame from a client")]
     UnexpectedFrame { kind: &'static str },
 }
@@ -476,12 +482,12 @@ enum ConnectionError {
 fn serve_connection(service: &MemoryService, mut stream: TcpStream, peer: SocketAddr, id: u64) {
     let span = tracing::debug_span!("memory_connection", %peer);
     let _entered = span.enter();
-    let result = authenticate(service, &mut stream)
-        .and_then(|()| admit_authenticated(service, id))
-        .and_then(|()| {
-            tracing::debug!("client authenticated");
-            serve_requests(service, &mut stream)
-        });
+    let result = authenticate(service, &mut stream).and_then(|session| {
+        admit_authenticated(service, id)?;
+        tracing::debug!("client authenticated");
+        let mut records = sealed::record_keys(&session, sealed::End::Server);
+        serve_requests(service, &mut stream, &mut records)
+    });
     let counters = &service.counters;
     match result {
         Ok(()) => tracing::debug!("client closed the connection"),
@@ -530,7 +536,11 @@ fn admit_authenticated(service: &MemoryService, id: u64) -> Result<(), Connectio
     Ok(())
 }
 
-fn authenticate(service: &MemoryService, stream: &mut TcpStream) -> Result<(), ConnectionError> {
+/// Runs the handshake; returns the session key the records are sealed under.
+fn authenticate(
+    service: &MemoryService,
+    stream: &mut TcpStream,
+) -> Result<[u8; auth::SESSION_KEY_LEN], ConnectionError> {
     stream
         .set_nodelay(true)
         .and_then(|()| stream.set_write_timeout(Some(service.config.write_timeout)))
@@ -539,12 +549,13 @@ fn authenticate(service: &MemoryService, stream: &mut TcpStream) -> Result<(), C
         stream,
         at: Instant::now() + service.config.handshake_timeout,
     };
-    auth::server_handshake(&mut bounded, &service.key, PAGES_CONTEXT)
+    let session = auth::server_handshake(&mut bounded, &service.key, PAGES_CONTEXT)
         .map_err(ConnectionError::Auth)?;
     // Authenticated clients ask for pages whenever their guests fault: no read deadline.
     stream
         .set_read_timeout(None)
-        .map_err(ConnectionError::Configure)
+        .map_err(ConnectionError::Configure)?;
+    Ok(session)
 }
 
 /// A stream whose reads all end by one deadline: each read waits at most what is left.
@@ -577,10 +588,15 @@ impl Write for Deadline<'_> {
     }
 }
 
-fn serve_requests(service: &MemoryService, stream: &mut TcpStream) -> Result<(), ConnectionError> {
+fn serve_requests(
+    service: &MemoryService,
+    stream: &mut TcpStream,
+    (sealer, opener): &mut (sealed::Sealer, sealed::Opener),
+) -> Result<(), ConnectionError> {
     let mut input = vec![0u8; READ_BUFFER_LEN];
     let mut filled = 0;
     let mut replies = Vec::with_capacity(wire::MAX_REQUEST_LEN);
+    let mut records = Vec::new();
     let mut page = [0u8; PAGE_SIZE];
     loop {
         let read = stream
@@ -596,30 +612,55 @@ fn serve_requests(service: &MemoryService, stream: &mut TcpStream) -> Result<(),
         filled += read;
         let mut consumed = 0;
         let outcome = loop {
-            match wire::decode(&input[consumed..filled]) {
-                Ok((Frame::Request(request), used)) => {
-                    consumed += used;
-                    answer(service, &request, &mut page, &mut replies);
-                    if replies.len() >= MAX_PENDING_REPLY_LEN {
-                        send(service, stream, &mut replies)?;
-                    }
-                }
-                Ok((Frame::Page(_), _)) => {
-                    break Err(ConnectionError::UnexpectedFrame { kind: "PAGE" });
-                }
-                Ok((Frame::Error(_), _)) => {
-                    break Err(ConnectionError::UnexpectedFrame { kind: "ERROR" });
-                }
-                Err(WireError::Incomplete { .. }) => break Ok(()),
-                Err(error) => break Err(ConnectionError::Malformed(error)),
+            let (frames, used) = match opener.open_in_place(&mut input[consumed..filled]) {
+                Ok(Some(opened)) => opened,
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(ConnectionError::Record(error)),
+            };
+            let frames = consumed + frames.start..consumed + frames.end;
+            consumed += used;
+            if let Err(error) = answer_frames(
+                service,
+                &input[frames],
+                &mut page,
+                &mut replies,
+                |replies| send(service, stream, sealer, replies, &mut records),
+            ) {
+                break Err(error);
             }
         };
         // Replies to the well-formed requests before a bad frame still go out.
-        send(service, stream, &mut replies)?;
+        send(service, stream, sealer, &mut replies, &mut records)?;
         outcome?;
         input.copy_within(consumed..filled, 0);
         filled -= consumed;
     }
+}
+
+/// Answers the REQUEST frames of one opened record, sending replies whenever
+/// [`MAX_PENDING_REPLY_LEN`] bytes are pending.
+fn answer_frames(
+    service: &MemoryService,
+    mut frames: &[u8],
+    page: &mut [u8; PAGE_SIZE],
+    replies: &mut Vec<u8>,
+    mut send: impl FnMut(&mut Vec<u8>) -> Result<(), ConnectionError>,
+) -> Result<(), ConnectionError> {
+    while !frames.is_empty() {
+        let (frame, used) = wire::decode(frames).map_err(ConnectionError::Malformed)?;
+        match frame {
+            Frame::Request(request) => {
+                answer(service, &request, page, replies);
+                if replies.len() >= MAX_PENDING_REPLY_LEN {
+                    send(replies)?;
+                }
+            }
+            Frame::Page(_) => return Err(ConnectionError::UnexpectedFrame { kind: "PAGE" }),
+            Frame::Error(_) => return Err(ConnectionError::UnexpectedFrame { kind: "ERROR" }),
+        }
+        frames = &frames[used..];
+    }
+    Ok(())
 }
 
 /// Appends one reply per requested page to `replies`.
@@ -691,19 +732,24 @@ fn answer(
     }
 }
 
+/// Seals `replies` into records (`records` is scratch) and writes them.
 fn send(
     service: &MemoryService,
     stream: &mut TcpStream,
+    sealer: &mut sealed::Sealer,
     replies: &mut Vec<u8>,
+    records: &mut Vec<u8>,
 ) -> Result<(), ConnectionError> {
     if replies.is_empty() {
         return Ok(());
     }
-    stream.write_all(replies).map_err(ConnectionError::Write)?;
+    records.clear();
+    sealer.seal_frames(replies, records);
+    stream.write_all(records).map_err(ConnectionError::Write)?;
     service
         .counters
         .bytes_served
-        .fetch_add(replies.len() as u64, Ordering::Relaxed);
+        .fetch_add(records.len() as u64, Ordering::Relaxed);
     replies.clear();
     Ok(())
 }

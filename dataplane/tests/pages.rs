@@ -12,6 +12,7 @@ use common::{
     BrokenStore, MemfdStore, RecordingSink, SlowStore, TIMEOUT, VecStore, pattern, wait_until,
 };
 use snowflock_dataplane::auth::{self, AuthError, Hello};
+use snowflock_dataplane::sealed::{self, End, Opener, Sealer};
 use snowflock_dataplane::wire::{self, ErrorCode, Frame, WireError};
 use snowflock_dataplane::{
     ClusterKey, ConnectError, MemoryServer, PAGE_SIZE, PageClient, RequestError, ServerConfig,
@@ -47,11 +48,70 @@ fn raw_connect(addr: SocketAddr) -> TcpStream {
     stream
 }
 
-/// A raw connection that has passed the handshake.
-fn raw_authenticated(addr: SocketAddr, key: &ClusterKey) -> TcpStream {
+/// A raw connection that has passed the handshake, with its record keys.
+struct Authenticated {
+    stream: TcpStream,
+    sealer: Sealer,
+    opener: Opener,
+    /// Bytes read and not yet opened.
+    raw: Vec<u8>,
+    /// Frame bytes opened and not yet read.
+    frames: Vec<u8>,
+}
+
+fn raw_authenticated(addr: SocketAddr, key: &ClusterKey) -> Authenticated {
     let mut stream = raw_connect(addr);
-    auth::client_handshake(&mut stream, key, b"pages").unwrap();
-    stream
+    let session = auth::client_handshake(&mut stream, key, b"pages").unwrap();
+    let (sealer, opener) = sealed::record_keys(&session, End::Client);
+    Authenticated {
+        stream,
+        sealer,
+        opener,
+        raw: Vec::new(),
+        frames: Vec::new(),
+    }
+}
+
+impl Authenticated {
+    /// Sends `plaintext` as one sealed record, whatever it holds.
+    fn send_record(&mut self, plaintext: &[u8]) {
+        let mut record = Vec::new();
+        self.sealer.seal(plaintext, &mut record);
+        self.stream.write_all(&record).unwrap();
+    }
+
+    /// Opens the records read so far.
+    fn open(&mut self) {
+        while let Some((range, used)) = self.opener.open_in_place(&mut self.raw).unwrap() {
+            self.frames.extend_from_slice(&self.raw[range]);
+            self.raw.drain(..used);
+        }
+    }
+
+    /// Reads one frame; returns an owned copy of its bytes.
+    fn read_frame(&mut self) -> Vec<u8> {
+        loop {
+            match wire::decode(&self.frames) {
+                Ok((_, used)) => return self.frames.drain(..used).collect(),
+                Err(WireError::Incomplete { .. }) => {}
+                Err(error) => panic!("server sent a malformed frame: {error}"),
+            }
+            let mut chunk = [0u8; 4096];
+            let read = self.stream.read(&mut chunk).unwrap();
+            assert!(read > 0, "server closed the connection");
+            self.raw.extend_from_slice(&chunk[..read]);
+            self.open();
+        }
+    }
+
+    /// Reads until the server closes; returns the frame bytes it sent.
+    fn read_until_closed(&mut self) -> Vec<u8> {
+        let rest = read_until_closed(&mut self.stream);
+        self.raw.extend_from_slice(&rest);
+        self.open();
+        assert!(self.raw.is_empty(), "a record cut short");
+        std::mem::take(&mut self.frames)
+    }
 }
 
 /// Reads until the server closes; returns everything it sent.
@@ -64,24 +124,6 @@ fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
         Err(error) => panic!("server did not close the connection: {error}"),
     }
     rest
-}
-
-/// Reads one frame from a raw connection; returns an owned copy of its bytes.
-fn read_frame(stream: &mut TcpStream) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1];
-    loop {
-        match wire::decode(&buf) {
-            Ok((_, used)) => {
-                assert_eq!(used, buf.len());
-                return buf;
-            }
-            Err(WireError::Incomplete { .. }) => {}
-            Err(error) => panic!("server sent a malformed frame: {error}"),
-        }
-        stream.read_exact(&mut chunk).unwrap();
-        buf.push(chunk[0]);
-    }
 }
 
 /// A good client can still fetch pages: the server survived whatever came before.
@@ -132,11 +174,11 @@ fn many_pages_in_one_request_call() {
     let stats = client.stats();
     assert_eq!(stats.requests_sent, 4);
     assert_eq!(stats.pages_received, 1000);
-    assert_eq!(
-        stats.bytes_received,
-        1000 * wire::PAGE_FRAME_LEN as u64,
-        "every byte is a page frame"
-    );
+    // Every byte is a page frame or a record's header and tag.
+    let overhead = stats.bytes_received - 1000 * wire::PAGE_FRAME_LEN as u64;
+    let per_record = (sealed::RECORD_HEADER_LEN + sealed::RECORD_TAG_LEN) as u64;
+    assert_eq!(overhead % per_record, 0, "{stats:?}");
+    assert!(overhead / per_record <= 100, "{stats:?}");
     // Pages are delivered in batches, not one call each.
     assert!(
         sink.batches() < 1000,
@@ -336,41 +378,55 @@ fn garbage_truncated_and_oversized_input_close_only_that_connection() {
 
     wait_until("four auth failures", || server.stats().auth_failures == 4);
 
-    // After authentication: a request with an oversized count.
+    // After authentication: a request with an oversized count, sealed.
     let mut oversized = raw_authenticated(addr, &key);
     let mut frame = vec![wire::TYPE_REQUEST];
     frame.extend_from_slice(&9u64.to_le_bytes());
     frame.extend_from_slice(&1000u16.to_le_bytes());
-    oversized.write_all(&frame).unwrap();
-    assert!(read_until_closed(&mut oversized).is_empty());
+    oversized.send_record(&frame);
+    assert!(oversized.read_until_closed().is_empty());
 
-    // After authentication: a valid request, then an unknown frame type. The valid request is
-    // still answered before the connection closes.
+    // After authentication: a valid request, then an unknown frame type in the next record.
+    // The valid request is still answered before the connection closes.
     let mut mixed = raw_authenticated(addr, &key);
     let mut bytes = Vec::new();
     wire::encode_request(9, &[3], &mut bytes).unwrap();
-    bytes.extend_from_slice(&[0xee; 32]);
-    mixed.write_all(&bytes).unwrap();
-    let reply = read_until_closed(&mut mixed);
+    mixed.send_record(&bytes);
+    mixed.send_record(&[0xee; 32]);
+    let reply = mixed.read_until_closed();
     let (Frame::Page(page), used) = wire::decode(&reply).unwrap() else {
         panic!("expected a page")
     };
     assert_eq!((page.page, used), (3, reply.len()));
     assert_eq!(page.data.as_slice(), pattern(9, 3));
 
-    // After authentication: a client sending a PAGE frame, then closing mid-frame.
+    // After authentication: a client sending a PAGE frame, then closing mid-record.
     let mut wrong_direction = raw_authenticated(addr, &key);
     let mut page_frame = Vec::new();
     wire::encode_page(9, 0, &[0; PAGE_SIZE], &mut page_frame);
-    wrong_direction.write_all(&page_frame).unwrap();
-    assert!(read_until_closed(&mut wrong_direction).is_empty());
+    wrong_direction.send_record(&page_frame);
+    assert!(wrong_direction.read_until_closed().is_empty());
     let mut cut = raw_authenticated(addr, &key);
-    cut.write_all(&frame[..5]).unwrap();
-    cut.shutdown(Shutdown::Write).unwrap();
-    assert!(read_until_closed(&mut cut).is_empty());
+    let mut record = Vec::new();
+    cut.sealer.seal(&bytes, &mut record);
+    cut.stream.write_all(&record[..10]).unwrap();
+    cut.stream.shutdown(Shutdown::Write).unwrap();
+    assert!(cut.read_until_closed().is_empty());
 
-    wait_until("four protocol errors", || {
-        server.stats().protocol_errors == 4
+    // After authentication: a request not sealed (as before records), and a sealed one
+    // altered on the way. Neither is answered.
+    let mut unsealed = raw_authenticated(addr, &key);
+    unsealed.stream.write_all(&bytes).unwrap();
+    assert!(unsealed.read_until_closed().is_empty());
+    let mut altered = raw_authenticated(addr, &key);
+    let mut record = Vec::new();
+    altered.sealer.seal(&bytes, &mut record);
+    record[6] ^= 0x01;
+    altered.stream.write_all(&record).unwrap();
+    assert!(altered.read_until_closed().is_empty());
+
+    wait_until("six protocol errors", || {
+        server.stats().protocol_errors == 6
     });
     assert_eq!(server.stats().auth_failures, 4);
 
@@ -456,7 +512,7 @@ fn error_replies_keep_the_connection_open() {
     let mut bytes = Vec::new();
     wire::encode_request(77, &[1, 2], &mut bytes).unwrap();
     wire::encode_request(12, &[9, 2], &mut bytes).unwrap();
-    stream.write_all(&bytes).unwrap();
+    stream.send_record(&bytes);
 
     let expected = [
         (77, 1, Some(ErrorCode::UnknownFamily)),
@@ -465,7 +521,7 @@ fn error_replies_keep_the_connection_open() {
         (12, 2, None),
     ];
     for (family, page, code) in expected {
-        let frame = read_frame(&mut stream);
+        let frame = stream.read_frame();
         match (wire::decode(&frame).unwrap().0, code) {
             (Frame::Error(reply), Some(code)) => {
                 assert_eq!((reply.family, reply.page, reply.code), (family, page, code));
@@ -483,8 +539,8 @@ fn error_replies_keep_the_connection_open() {
     assert!(!server.unregister(12));
     bytes.clear();
     wire::encode_request(12, &[0], &mut bytes).unwrap();
-    stream.write_all(&bytes).unwrap();
-    let frame = read_frame(&mut stream);
+    stream.send_record(&bytes);
+    let frame = stream.read_frame();
     assert!(matches!(
         wire::decode(&frame).unwrap().0,
         Frame::Error(wire::ErrorReply {
