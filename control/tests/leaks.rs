@@ -68,6 +68,7 @@ fn release_every_resource(mode: PopulateMode) {
         ("killer", ""),
         ("childfail", ""),
         ("badptr", ""),
+        ("hostile", "rounds=2 calls=300 seed=3"),
         ("cow", "clones=4 mib=8"),
         ("touch", "mib=64 clones=2"),
     ] {

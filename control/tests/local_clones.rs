@@ -338,3 +338,47 @@ fn sse_and_avx_work_in_guests_and_survive_a_clone() {
     };
     assert_eq!(run(&sup, "simd", ""), expected, "{:?}", lines.all());
 }
+
+/// The value of `key=` in `line`.
+fn value_of(line: &str, key: &str) -> u32 {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+#[test]
+fn a_hostile_guest_and_its_clones_end_only_themselves() {
+    let (sup, lines) = supervisor(4);
+    // A well-behaved job alongside: its tickets have the small ids the hostile guest tries.
+    let hello = sup
+        .launch(common::image("hello"), common::MEM, "clones=2")
+        .unwrap();
+    let hostile = sup
+        .launch(
+            common::image("hostile"),
+            common::MEM,
+            "rounds=4 calls=500 seed=2",
+        )
+        .unwrap();
+    assert_eq!(hostile.wait(), VmOutcome::Exited(0), "{:?}", lines.all());
+    assert_eq!(hello.wait(), VmOutcome::Exited(0), "{:?}", lines.all());
+    let summary = lines
+        .all()
+        .into_iter()
+        .map(|(_, line)| line)
+        .find(|line| line.starts_with("hostile: rounds="))
+        .expect("the hostile guest's summary");
+    assert!(summary.ends_with(" ok"), "{summary}");
+    // Every clone ended, by exit or by a call that had to end it, and some of each.
+    let (children, exited, ended) = (
+        value_of(&summary, "children"),
+        value_of(&summary, "exited"),
+        value_of(&summary, "ended"),
+    );
+    assert!(children >= 4 && exited + ended == children, "{summary}");
+    assert!(exited > 0 && ended > 0, "{summary}");
+    assert!(value_of(&summary, "errors") > 0, "{summary}");
+    assert_eq!(sup.slots_in_use(), 0, "every slot came back");
+    assert!(sup.vms().is_empty());
+}

@@ -48,7 +48,7 @@ pub(super) struct Spawned {
     describer: Option<Described>,
     /// The clone point served to other hosts, retired once joined.
     served_family: Option<u64>,
-    joined: bool,
+    pub(super) joined: bool,
 }
 
 impl Spawned {

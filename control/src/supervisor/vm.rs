@@ -279,6 +279,11 @@ impl VmContext {
         let Some(spawned) = self.tickets.spawned(ticket) else {
             return Err(JoinError::Errno(errno::ENOENT));
         };
+        if spawned.joined {
+            // The children's outcomes went into the report at the first join: a second one
+            // has nothing to wait for (waiting on their cells would never end).
+            return Ok(spawned.children.len() as u32);
+        }
         let cells = spawned.children.clone();
         for cell in &cells {
             let mut end = lock(&cell.end);
