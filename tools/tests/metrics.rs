@@ -137,8 +137,8 @@ impl Prometheus {
         std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
     }
 
-    /// The single value of instant query `query`, if it has one yet.
-    fn query(&self, host: &HostInfo, query: &str) -> Option<f64> {
+    /// Prometheus' answer to instant query `query`, as JSON (`None` if it gave none).
+    fn ask(&self, host: &HostInfo, query: &str) -> Option<serde_json::Value> {
         let url = format!(
             "http://{}:{PROMETHEUS_PORT}/api/v1/query",
             host.control.ip()
@@ -148,7 +148,12 @@ impl Prometheus {
             "curl",
             &["-s", "--data-urlencode", &format!("query={query}"), &url],
         );
-        let answer: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        serde_json::from_slice(&output.stdout).ok()
+    }
+
+    /// The single value of instant query `query`, if it has one yet.
+    fn query(&self, host: &HostInfo, query: &str) -> Option<f64> {
+        let answer = self.ask(host, query)?;
         let result = answer["data"]["result"].as_array()?;
         let [only] = result.as_slice() else {
             return None;
@@ -158,17 +163,9 @@ impl Prometheus {
 
     /// Whether Prometheus accepts `query` (it parses and evaluates).
     fn accepts(&self, host: &HostInfo, query: &str) -> Result<(), String> {
-        let url = format!(
-            "http://{}:{PROMETHEUS_PORT}/api/v1/query",
-            host.control.ip()
-        );
-        let output = in_netns(
-            &host.netns,
-            "curl",
-            &["-s", "--data-urlencode", &format!("query={query}"), &url],
-        );
-        let answer: serde_json::Value =
-            serde_json::from_slice(&output.stdout).map_err(|e| format!("{e}: {output:?}"))?;
+        let answer = self
+            .ask(host, query)
+            .ok_or_else(|| format!("no answer to {query}"))?;
         match answer["status"].as_str() {
             Some("success") => Ok(()),
             _ => Err(answer.to_string()),

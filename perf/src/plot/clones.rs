@@ -53,22 +53,7 @@ pub fn clone_local(stem: &str, lines: &[ResultLine]) -> Result<Vec<Chart>> {
         ),
         ("restore_us", "restore of one child", Stroke::Dotted),
     ];
-    let mut marks = Vec::new();
-    for (color, (metric, name, stroke)) in series.into_iter().enumerate() {
-        let points = by_x(lines, metric, "clones", "ms", &|_| true)?;
-        marks.extend(line(name.into(), color, stroke, points));
-    }
-    let panel = Panel {
-        title: String::new(),
-        x: clones_axis(),
-        y_label: "time (ms)".into(),
-        marks,
-    };
-    Ok(one_panel(
-        None,
-        format!("{stem}: clone time against clone count"),
-        panel,
-    ))
+    times_against_clones(stem, "clone time", lines, &series)
 }
 
 /// `clone-remote`: clones over hosts, to all running and to the job's end.
@@ -82,8 +67,18 @@ pub fn clone_remote(stem: &str, lines: &[ResultLine]) -> Result<Vec<Chart>> {
             Stroke::Dashed,
         ),
     ];
+    times_against_clones(stem, "clone and job time", lines, &series)
+}
+
+/// One panel of `series` (metric, legend, stroke), in ms, against the clone count.
+fn times_against_clones(
+    stem: &str,
+    what: &str,
+    lines: &[ResultLine],
+    series: &[(&str, &str, Stroke)],
+) -> Result<Vec<Chart>> {
     let mut marks = Vec::new();
-    for (color, (metric, name, stroke)) in series.into_iter().enumerate() {
+    for (color, &(metric, name, stroke)) in series.iter().enumerate() {
         let points = by_x(lines, metric, "clones", "ms", &|_| true)?;
         marks.extend(line(name.into(), color, stroke, points));
     }
@@ -95,7 +90,7 @@ pub fn clone_remote(stem: &str, lines: &[ResultLine]) -> Result<Vec<Chart>> {
     };
     Ok(one_panel(
         None,
-        format!("{stem}: clone and job time against clone count"),
+        format!("{stem}: {what} against clone count"),
         panel,
     ))
 }
