@@ -20,7 +20,7 @@ use ring::aead::{AES_128_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, Tag, UnboundKe
 use sha2::Sha256;
 
 use crate::auth::SESSION_KEY_LEN;
-use crate::wire::{self, WireError};
+use crate::wire;
 
 /// Bytes of a record's length prefix.
 pub const RECORD_HEADER_LEN: usize = 4;
@@ -50,12 +50,6 @@ pub enum RecordError {
     TooShort { len: usize },
     #[error("record {sequence} failed authentication (forged, altered, replayed or out of order)")]
     Forged { sequence: u64 },
-    #[error("record {sequence} holds a malformed frame: {source}")]
-    Malformed {
-        sequence: u64,
-        #[source]
-        source: WireError,
-    },
 }
 
 /// One direction's key and the number of records sealed or opened with it so far.
@@ -161,7 +155,8 @@ impl Sealer {
 
 impl Opener {
     /// Opens the record at the start of `buf` in place. `Ok(None)` while it is incomplete;
-    /// otherwise where its frames are in `buf` and how many bytes of `buf` it took.
+    /// otherwise where its frames are in `buf` and how many bytes of `buf` it took. The
+    /// frames are the caller's to decode (and to refuse, if they do not decode).
     pub fn open_in_place(
         &mut self,
         buf: &mut [u8],
@@ -190,15 +185,6 @@ impl Opener {
             .open_in_place(nonce, Aad::from(header), record)
             .map_err(|_| RecordError::Forged { sequence })?;
         let frames = RECORD_HEADER_LEN..RECORD_HEADER_LEN + plaintext.len();
-        // Records hold whole frames: anything else is the peer's bug or an attack that
-        // got past the tag, and is refused the same way.
-        let mut at = frames.start;
-        while at < frames.end {
-            match wire::decode(&buf[at..frames.end]) {
-                Ok((_, used)) => at += used,
-                Err(source) => return Err(RecordError::Malformed { sequence, source }),
-            }
-        }
         Ok(Some((frames, total)))
     }
 }

@@ -149,23 +149,29 @@ fn tickets_are_slurm_allocations_spread_over_nodes_released_at_join_and_kill() {
     cluster.down().unwrap();
 }
 
-#[test]
-fn a_ticket_gets_what_slurm_has_free_when_another_job_holds_cpus() {
-    let (cluster, _dir) = slurm_cluster(3);
-    let h1 = cluster.host(0).unwrap().socket.clone();
-    // Another user's job holds 4 of the 6 CPUs.
+/// Another user's job, named `other`, takes `cpus` CPUs.
+fn hold_cpus(cluster: &NetnsCluster, cpus: u32) {
+    let cpus = cpus.to_string();
     slurm(
-        &cluster,
+        cluster,
         "salloc",
         &[
             "--no-shell",
             "--immediate=10",
             "-n",
-            "4",
+            &cpus,
             "--job-name",
             "other",
         ],
     );
+}
+
+#[test]
+fn a_ticket_gets_what_slurm_has_free_when_another_job_holds_cpus() {
+    let (cluster, _dir) = slurm_cluster(3);
+    let h1 = cluster.host(0).unwrap().socket.clone();
+    // Another user's job holds 4 of the 6 CPUs.
+    hold_cpus(&cluster, 4);
     let vm = start(&h1, "hello", 256 << 20, "clones=4");
     let ended = wait(&h1, vm);
     assert_eq!(ended.outcome, VmOutcome::Exited(0), "{:#?}", ended.lines);
@@ -175,18 +181,7 @@ fn a_ticket_gets_what_slurm_has_free_when_another_job_holds_cpus() {
     assert_eq!(left[0].1, "other");
 
     // Nothing free at all: the ticket gets no clone and the guest goes on.
-    slurm(
-        &cluster,
-        "salloc",
-        &[
-            "--no-shell",
-            "--immediate=10",
-            "-n",
-            "2",
-            "--job-name",
-            "other",
-        ],
-    );
+    hold_cpus(&cluster, 2);
     let vm = start(&h1, "hello", 256 << 20, "clones=4");
     let ended = wait(&h1, vm);
     assert_eq!(ended.outcome, VmOutcome::Exited(0), "{:#?}", ended.lines);

@@ -143,16 +143,11 @@ pub fn rx_path(stem: &str, lines: &[ResultLine]) -> Result<Vec<Chart>> {
             marks,
         });
     }
-    if panels.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(vec![Chart {
-        suffix: None,
-        figure: Figure {
-            title: format!("{stem}: receive rates against their ceilings"),
-            panels,
-        },
-    }])
+    Ok(Chart::of(
+        None,
+        format!("{stem}: receive rates against their ceilings"),
+        panels,
+    ))
 }
 
 /// `syscall`: time per call in the guest (patched to the personality)

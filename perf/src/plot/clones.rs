@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use super::Chart;
-use super::figure::{Figure, Mark, Panel, Shape, Spread, Stroke, XAxis};
+use super::figure::{Mark, Panel, Shape, Spread, Stroke, XAxis};
 use super::select::{ResultLine, by_x, distinct};
 
 fn clones_axis() -> XAxis {
@@ -28,13 +28,7 @@ fn one_panel(suffix: Option<&'static str>, title: String, panel: Panel) -> Vec<C
     if panel.marks.is_empty() {
         return Vec::new();
     }
-    vec![Chart {
-        suffix,
-        figure: Figure {
-            title,
-            panels: vec![panel],
-        },
-    }]
+    Chart::of(suffix, title, vec![panel])
 }
 
 /// `clone-local`: time to N running clones against N cold-started VMs.
@@ -204,14 +198,9 @@ pub fn job(stem: &str, lines: &[ResultLine]) -> Result<Vec<Chart>> {
             }
         }
     }
-    if panels.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(vec![Chart {
-        suffix: None,
-        figure: Figure {
-            title: format!("{stem}: job time against {against}"),
-            panels,
-        },
-    }])
+    Ok(Chart::of(
+        None,
+        format!("{stem}: job time against {against}"),
+        panels,
+    ))
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use figure::Figure;
+use figure::{Figure, Panel};
 pub use select::ResultLine;
 
 /// What [`plot_files`] did.
@@ -35,6 +35,19 @@ pub struct Outcome {
 struct Chart {
     suffix: Option<&'static str>,
     figure: Figure,
+}
+
+impl Chart {
+    /// The chart of `panels` titled `title`; none if there are no panels.
+    fn of(suffix: Option<&'static str>, title: String, panels: Vec<Panel>) -> Vec<Chart> {
+        if panels.is_empty() {
+            return Vec::new();
+        }
+        vec![Chart {
+            suffix,
+            figure: Figure { title, panels },
+        }]
+    }
 }
 
 /// The result lines of a results file's `text` (blank lines skipped).
