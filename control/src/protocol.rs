@@ -46,6 +46,11 @@ pub enum ApiRequest {
     NetShow,
     /// Change this host's receive path settings and NIC queues or rings.
     NetTune(NetTune),
+    /// This host's cluster keys and rotation.
+    KeyShow,
+    /// Start moving this host to the cluster key `key` (64 hex digits) over `window`
+    /// (`snowflock_dataplane::keyring`), and save it as the host's key file.
+    KeyRotate { key: String, window: Duration },
 }
 
 /// The daemon's answers.
@@ -80,9 +85,28 @@ pub enum ApiResponse {
         hosts: Vec<HostStats>,
     },
     Net(Box<NetStatus>),
+    Keys(KeyStatus),
     Error {
         message: String,
     },
+}
+
+/// A host's cluster keys, by id (public fingerprints, never the keys).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyStatus {
+    /// The newest key.
+    pub current: String,
+    /// The key this host proves and seals with now.
+    pub sending: String,
+    /// The key being retired, while it is still accepted.
+    pub retiring: Option<String>,
+    /// `settled`, `introducing` (the old key is still sent with) or `retiring` (the old key
+    /// is still accepted).
+    pub phase: String,
+    /// Until the phase ends.
+    pub remaining: Duration,
+    /// The key file the newest key is saved in.
+    pub key_file: std::path::PathBuf,
 }
 
 /// A VM's clones so far, as `sf start --wait` shows them while it runs.
@@ -255,6 +279,8 @@ pub struct McastOrder {
     pub group: std::net::Ipv4Addr,
     /// The server's generation of the family.
     pub generation: u32,
+    /// The id of the cluster key the family's fragments are sealed under.
+    pub key: [u8; 4],
 }
 
 /// What a host tells the parent host whose clones it runs.

@@ -7,7 +7,8 @@
 //! # Handshake
 //!
 //! ```text
-//! client → server  HELLO      magic "SFAUTH1\0" (8) | context_len u8 | context | client_nonce (32)
+//! client → server  HELLO      magic "SFAUTH2\0" (8) | context_len u8 | context | key_id (4)
+//!                             | client_nonce (32)
 //! server → client  CHALLENGE  server_nonce (32) | server_proof (32)
 //! client → server  PROOF      client_proof (32)
 //! server → client  ACCEPT     0x01
@@ -22,7 +23,11 @@
 //!                                 | client_nonce | server_nonce)
 //! ```
 //!
-//! where `role` is one byte, `b'C'` for the client's proof and `b'S'` for the server's.
+//! where `role` is one byte, `b'C'` for the client's proof and `b'S'` for the server's, and `key`
+//! is the cluster key whose [`KeyId`] the HELLO names. A host holds one key, or two while a
+//! rotation is under way ([`crate::keyring::KeyRing`]): the client proves with the key it sends
+//! with now, and the server answers with that key if it accepts it, so two hosts that hold a key
+//! in common agree on it in the same three messages.
 //!
 //! - The client checks the server's proof *before* it sends its own, so a server without the
 //!   key learns nothing that it could replay elsewhere.
@@ -32,6 +37,8 @@
 //! - The context (`b"pages"`, `b"control"`) is both announced in the HELLO (the server refuses
 //!   a context it does not serve) and bound into every proof, so a proof made for one protocol
 //!   is useless on the other.
+//! - A HELLO naming a key the server does not hold is refused like a bad proof
+//!   ([`AuthError::UnknownKey`] on the server). The id is the key's public fingerprint.
 //! - Each side contributes a fresh nonce, so a recorded exchange cannot be replayed to either
 //!   side. The role byte stops a peer from reflecting a proof back at its maker.
 //!
@@ -68,7 +75,9 @@ pub const PROOF_LEN: usize = 32;
 /// Length of a session key in bytes.
 pub const SESSION_KEY_LEN: usize = 32;
 /// First bytes of every HELLO.
-pub const MAGIC: [u8; 8] = *b"SFAUTH1\0";
+pub const MAGIC: [u8; 8] = *b"SFAUTH2\0";
+/// Length of a [`KeyId`] in bytes.
+pub const KEY_ID_LEN: usize = 4;
 /// Longest protocol context a HELLO may carry.
 pub const MAX_CONTEXT_LEN: usize = 64;
 /// The fixed part of a HELLO that says how long the rest is: magic + context length.
@@ -221,8 +230,7 @@ impl ClusterKey {
     ///
     /// Lets operators check that two hosts hold the same key without showing it.
     pub fn fingerprint(&self) -> String {
-        let digest = Sha256::digest(self.bytes);
-        digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+        self.id().to_string()
     }
 
     /// Reads a key file: 64 hex digits, optionally followed by one line ending.
@@ -332,6 +340,48 @@ impl PartialEq for ClusterKey {
 }
 
 impl Eq for ClusterKey {}
+
+/// The public name of a cluster key: the first 4 bytes of its SHA-256 (its fingerprint).
+///
+/// Two different keys share an id with probability 2^-32; a host holds at most two keys, and a
+/// wrong pick only fails the handshake's proofs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeyId(pub [u8; KEY_ID_LEN]);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl ClusterKey {
+    /// This key's [`KeyId`].
+    pub fn id(&self) -> KeyId {
+        let digest = Sha256::digest(self.bytes);
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&digest[..KEY_ID_LEN]);
+        KeyId(id)
+    }
+}
+
+/// The cluster keys a host proves with and accepts: one [`ClusterKey`], or a
+/// [`crate::keyring::KeyRing`] during a rotation.
+pub trait KeySource {
+    /// The key this host proves with and seals with now.
+    fn sending(&self) -> ClusterKey;
+    /// The key named `id`, if this host accepts it now.
+    fn accepted(&self, id: KeyId) -> Option<ClusterKey>;
+}
+
+impl KeySource for ClusterKey {
+    fn sending(&self) -> ClusterKey {
+        self.clone()
+    }
+
+    fn accepted(&self, id: KeyId) -> Option<ClusterKey> {
+        (self.id() == id).then(|| self.clone())
+    }
+}
 
 fn hex_value(digit: u8) -> Option<u8> {
     match digit {
@@ -548,6 +598,15 @@ pub enum AuthError {
         /// The context this server serves.
         served: String,
     },
+    /// The client proves with a key this server does not hold (or no longer accepts).
+    #[error(
+        "the client proves with cluster key {id}, which this host does not hold \
+         (a key rotation not done on every host?)"
+    )]
+    UnknownKey {
+        /// The id the HELLO names.
+        id: KeyId,
+    },
     /// The server's proof is wrong: it does not hold our cluster key.
     #[error("the server's proof does not verify (it holds a different cluster key)")]
     BadServerProof,
@@ -567,6 +626,8 @@ pub enum AuthError {
 pub struct Hello<'a> {
     /// The protocol the client asks for.
     pub context: &'a [u8],
+    /// The cluster key the client proves with.
+    pub key_id: KeyId,
     /// The client's nonce.
     pub client_nonce: [u8; NONCE_LEN],
 }
@@ -588,15 +649,20 @@ pub fn hello_remaining_len(header: &[u8; HELLO_HEADER_LEN]) -> Result<usize, Aut
     if context_len == 0 || context_len > MAX_CONTEXT_LEN {
         return Err(AuthError::ContextLength { len: context_len });
     }
-    Ok(context_len + NONCE_LEN)
+    Ok(context_len + KEY_ID_LEN + NONCE_LEN)
 }
 
 impl<'a> Hello<'a> {
     /// Builds the HELLO for `context`.
-    pub fn new(context: &'a [u8], client_nonce: [u8; NONCE_LEN]) -> Result<Hello<'a>, AuthError> {
+    pub fn new(
+        context: &'a [u8],
+        key_id: KeyId,
+        client_nonce: [u8; NONCE_LEN],
+    ) -> Result<Hello<'a>, AuthError> {
         check_context(context)?;
         Ok(Hello {
             context,
+            key_id,
             client_nonce,
         })
     }
@@ -616,25 +682,28 @@ impl<'a> Hello<'a> {
                 expected: HELLO_HEADER_LEN + remaining,
             });
         }
-        let Some((context, client_nonce)) = body.split_last_chunk::<NONCE_LEN>() else {
-            return Err(AuthError::HelloLength {
-                len: bytes.len(),
-                expected: HELLO_HEADER_LEN + remaining,
-            });
+        let short = || AuthError::HelloLength {
+            len: bytes.len(),
+            expected: HELLO_HEADER_LEN + remaining,
         };
+        let (rest, client_nonce) = body.split_last_chunk::<NONCE_LEN>().ok_or_else(short)?;
+        let (context, key_id) = rest.split_last_chunk::<KEY_ID_LEN>().ok_or_else(short)?;
         Ok(Hello {
             context,
+            key_id: KeyId(*key_id),
             client_nonce: *client_nonce,
         })
     }
 
     /// The HELLO's bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(HELLO_HEADER_LEN + self.context.len() + NONCE_LEN);
+        let mut bytes =
+            Vec::with_capacity(HELLO_HEADER_LEN + self.context.len() + KEY_ID_LEN + NONCE_LEN);
         bytes.extend_from_slice(&MAGIC);
         // `new` and `parse` bound the context by MAX_CONTEXT_LEN, which fits in a byte.
         bytes.push(self.context.len() as u8);
         bytes.extend_from_slice(self.context);
+        bytes.extend_from_slice(&self.key_id.0);
         bytes.extend_from_slice(&self.client_nonce);
         bytes
     }
@@ -655,11 +724,12 @@ pub struct ClientHandshake {
 }
 
 impl ClientHandshake {
-    /// Starts a handshake for `context` with a fresh nonce.
-    pub fn new(key: &ClusterKey, context: &[u8]) -> Result<ClientHandshake, AuthError> {
+    /// Starts a handshake for `context` with a fresh nonce, proving with the key `keys` sends
+    /// with now.
+    pub fn new(keys: &impl KeySource, context: &[u8]) -> Result<ClientHandshake, AuthError> {
         check_context(context)?;
         Ok(ClientHandshake {
-            key: key.clone(),
+            key: keys.sending(),
             context: context.to_vec(),
             client_nonce: nonce(),
         })
@@ -669,6 +739,7 @@ impl ClientHandshake {
     pub fn hello(&self) -> Vec<u8> {
         Hello {
             context: &self.context,
+            key_id: self.key.id(),
             client_nonce: self.client_nonce,
         }
         .encode()
@@ -754,9 +825,10 @@ impl fmt::Debug for ServerHandshake {
 }
 
 impl ServerHandshake {
-    /// Answers a HELLO for the protocol `served`: returns the CHALLENGE to send.
+    /// Answers a HELLO for the protocol `served` with the key it names, if `keys` accepts it:
+    /// returns the CHALLENGE to send.
     pub fn respond(
-        key: &ClusterKey,
+        keys: &impl KeySource,
         served: &[u8],
         hello: &Hello<'_>,
     ) -> Result<(ServerHandshake, [u8; CHALLENGE_LEN]), AuthError> {
@@ -766,6 +838,9 @@ impl ServerHandshake {
                 served: String::from_utf8_lossy(served).into_owned(),
             });
         }
+        let key = &keys
+            .accepted(hello.key_id)
+            .ok_or(AuthError::UnknownKey { id: hello.key_id })?;
         let server_nonce = nonce();
         let mut challenge = [0u8; CHALLENGE_LEN];
         let (nonce_part, proof_part) = challenge.split_at_mut(NONCE_LEN);
@@ -838,7 +913,7 @@ fn write(stream: &mut impl Write, bytes: &[u8], step: Step) -> Result<(), AuthEr
 /// Bound the time it may take with the stream's read and write timeouts.
 pub fn client_handshake<S: Read + Write>(
     stream: &mut S,
-    key: &ClusterKey,
+    key: &impl KeySource,
     context: &[u8],
 ) -> Result<[u8; SESSION_KEY_LEN], AuthError> {
     let handshake = ClientHandshake::new(key, context)?;
@@ -858,7 +933,7 @@ pub fn client_handshake<S: Read + Write>(
 /// silent client may hold the connection with the stream's read timeout.
 pub fn server_handshake<S: Read + Write>(
     stream: &mut S,
-    key: &ClusterKey,
+    key: &impl KeySource,
     context: &[u8],
 ) -> Result<[u8; SESSION_KEY_LEN], AuthError> {
     let read = |stream: &mut S, buf: &mut [u8], step| {
@@ -869,7 +944,7 @@ pub fn server_handshake<S: Read + Write>(
     let mut header = [0u8; HELLO_HEADER_LEN];
     read(stream, &mut header, Step::ReadHello)?;
     let len = HELLO_HEADER_LEN + hello_remaining_len(&header)?;
-    let mut hello = [0u8; HELLO_HEADER_LEN + MAX_CONTEXT_LEN + NONCE_LEN];
+    let mut hello = [0u8; HELLO_HEADER_LEN + MAX_CONTEXT_LEN + KEY_ID_LEN + NONCE_LEN];
     hello[..HELLO_HEADER_LEN].copy_from_slice(&header);
     // `hello_remaining_len` bounds the context by MAX_CONTEXT_LEN, so `len` fits the buffer.
     let body = hello
@@ -1008,7 +1083,7 @@ mod tests {
 
     #[test]
     fn hello_round_trip_and_bounds() {
-        let hello = Hello::new(b"pages", nonce()).unwrap();
+        let hello = Hello::new(b"pages", key(1).id(), nonce()).unwrap();
         let bytes = hello.encode();
         assert_eq!(Hello::parse(&bytes).unwrap(), hello);
         for len in 0..bytes.len() {
@@ -1038,8 +1113,8 @@ mod tests {
             Hello::parse(&huge_context),
             Err(AuthError::ContextLength { len: 200 })
         ));
-        assert!(Hello::new(&[b'x'; MAX_CONTEXT_LEN + 1], nonce()).is_err());
-        assert!(Hello::new(b"", nonce()).is_err());
+        assert!(Hello::new(&[b'x'; MAX_CONTEXT_LEN + 1], key(1).id(), nonce()).is_err());
+        assert!(Hello::new(b"", key(1).id(), nonce()).is_err());
     }
 
     #[test]
@@ -1051,7 +1126,9 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let valid = Hello::new(b"control", nonce()).unwrap().encode();
+        let valid = Hello::new(b"control", key(1).id(), nonce())
+            .unwrap()
+            .encode();
         for _ in 0..20_000 {
             let mut bytes = valid.clone();
             bytes.truncate((next() % (valid.len() as u64 + 2)) as usize);
@@ -1096,9 +1173,42 @@ mod tests {
     #[test]
     fn handshake_with_different_keys_fails_on_both_sides() {
         let (client, server) = handshake(key(7), key(8), b"pages");
+        assert!(matches!(
+            client,
+            Err(AuthError::Rejected {
+                step: Step::ReadChallenge
+            })
+        ));
+        assert!(matches!(server, Err(AuthError::UnknownKey { id }) if id == key(7).id()));
+    }
+
+    #[test]
+    fn a_server_that_lies_about_its_key_is_caught_by_its_proof() {
+        // A HELLO names the key by its public id; a server that accepts any id but does not
+        // hold the key cannot make the proof.
+        struct Impostor;
+        impl KeySource for Impostor {
+            fn sending(&self) -> ClusterKey {
+                key(8)
+            }
+            fn accepted(&self, _: KeyId) -> Option<ClusterKey> {
+                Some(key(8))
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+            server_handshake(&mut stream, &Impostor, b"pages")
+        });
+        let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let client = client_handshake(&mut stream, &key(7), b"pages");
+        drop(stream);
         assert!(matches!(client, Err(AuthError::BadServerProof)));
         assert!(matches!(
-            server,
+            server.join().unwrap(),
             Err(AuthError::Closed {
                 step: Step::ReadProof
             })
@@ -1129,7 +1239,7 @@ mod tests {
         let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
         stream
-            .write_all(&Hello::new(b"pages", nonce()).unwrap().encode())
+            .write_all(&Hello::new(b"pages", key(1).id(), nonce()).unwrap().encode())
             .unwrap();
         let mut challenge = [0u8; CHALLENGE_LEN];
         stream.read_exact(&mut challenge).unwrap();

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crate::auth::{self, AuthError, ClusterKey};
+use crate::auth::{self, AuthError, KeySource};
 use crate::sealed::{self, End, Opener, Sealer};
 use crate::server::PAGES_CONTEXT;
 use crate::sync::{Never, lock};
@@ -189,7 +189,7 @@ impl PageClient {
     /// each read and write of the handshake.
     pub fn connect(
         addr: SocketAddr,
-        key: &ClusterKey,
+        key: &impl KeySource,
         family: u64,
         sink: Arc<dyn PageSink>,
         connect_timeout: Duration,

@@ -98,6 +98,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod keyring;
 pub mod mcast;
 pub mod netdev;
 pub mod sealed;

@@ -28,7 +28,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, ClusterKey};
+use crate::auth;
+use crate::keyring::KeyRing;
 use crate::sealed;
 use crate::sync::{Never, lock, read, write};
 use crate::wire::{self, ErrorCode, Frame, PAGE_SIZE, WireError};
@@ -162,7 +163,7 @@ struct Tracked {
 /// A running memory server: the listener, the families served, the open connections and the
 /// counters, shared by the front end, the acceptor and the connection threads.
 struct MemoryService {
-    key: ClusterKey,
+    key: KeyRing,
     config: ServerConfig,
     listener: TcpListener,
     families: RwLock<HashMap<u64, Arc<dyn PageStore>>>,
@@ -199,15 +200,16 @@ impl std::fmt::Debug for MemoryServer {
 }
 
 impl MemoryServer {
-    /// Binds `addr` and starts serving with the default [`ServerConfig`].
-    pub fn bind(addr: SocketAddr, key: ClusterKey) -> Result<MemoryServer, BindError> {
+    /// Binds `addr` and starts serving with the default [`ServerConfig`], accepting the keys of
+    /// `key` (a [`crate::auth::ClusterKey`], or a host's [`KeyRing`]).
+    pub fn bind(addr: SocketAddr, key: impl Into<KeyRing>) -> Result<MemoryServer, BindError> {
         MemoryServer::bind_with_config(addr, key, ServerConfig::default())
     }
 
     /// Binds `addr` and starts serving.
     pub fn bind_with_config(
         addr: SocketAddr,
-        key: ClusterKey,
+        key: impl Into<KeyRing>,
         config: ServerConfig,
     ) -> Result<MemoryServer, BindError> {
         let listener =
@@ -216,7 +218,7 @@ impl MemoryServer {
             .local_addr()
             .map_err(|source| BindError::LocalAddr { source })?;
         let service = Arc::new(MemoryService {
-            key,
+            key: key.into(),
             config,
             listener,
             families: RwLock::new(HashMap::new()),

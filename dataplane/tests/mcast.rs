@@ -392,13 +392,13 @@ fn receiver_config(host: usize) -> ReceiverConfig {
 
 fn start_server(net: &Net, config: McastServerConfig) -> McastServer {
     net.in_host(1, || {
-        McastServer::bind(config, &key()).expect("binding the server")
+        McastServer::bind(config, key()).expect("binding the server")
     })
 }
 
 fn start_receiver(net: &Net, host: usize) -> McastReceiver {
     net.in_host(host, || {
-        McastReceiver::start(receiver_config(host), &key()).expect("starting a receiver")
+        McastReceiver::start(receiver_config(host), key()).expect("starting a receiver")
     })
 }
 
@@ -408,6 +408,7 @@ fn serve(server: &McastServer, family: u64, group: Ipv4Addr, pages: u64) -> Fami
     FamilyJoin {
         family,
         generation,
+        key: key().id(),
         group,
         server: server.local_addr(),
         pages,
@@ -555,7 +556,7 @@ fn duplicate_requests_within_the_window_are_suppressed() {
         sender: 0xdead,
     };
     let pages: Vec<u64> = (0..PAGES).collect();
-    wire::encode_request(&McastKey::new(&key()), &mut request, &header, 0, &pages).unwrap();
+    wire::encode_request(&McastKey::new(key()), &mut request, &header, 0, &pages).unwrap();
     for _ in 0..3 {
         requester.send_to(&request, family.server).unwrap();
     }
@@ -697,6 +698,7 @@ fn serve_pushing(
     FamilyJoin {
         family,
         generation,
+        key: key().id(),
         group,
         server: server.local_addr(),
         pages,
@@ -842,7 +844,7 @@ fn every_page_arrives_through_loss_and_reordering() {
                     initial_rate: 100_000,
                     ..receiver_config(host)
                 };
-                McastReceiver::start(config, &key()).expect("starting a receiver")
+                McastReceiver::start(config, key()).expect("starting a receiver")
             })
         })
         .collect();
@@ -977,8 +979,8 @@ fn forged_datagrams_are_counted_and_never_delivered() {
             })
             .collect()
     };
-    let real_key = McastKey::new(&key());
-    let wrong_key = McastKey::new(&ClusterKey::from_bytes([0x66; 32]));
+    let real_key = McastKey::new(key());
+    let wrong_key = McastKey::new(ClusterKey::from_bytes([0x66; 32]));
     let mut forged: Vec<Vec<u8>> = Vec::new();
     // Another cluster's key: 3 tag failures.
     forged.extend(fragments(&wrong_key, FAMILY, family.generation, 5));
@@ -1078,7 +1080,7 @@ fn af_xdp_receives_a_gso_sender(mode: snowflock_ebpf::XdpMode) {
         socket: XskConfig::default(),
     };
     let receiver = net.in_host(2, || {
-        McastReceiver::start_xdp(receiver_config(2), &key(), &xdp).expect("starting AF_XDP")
+        McastReceiver::start_xdp(receiver_config(2), key(), &xdp).expect("starting AF_XDP")
     });
     let sink = join(&receiver, family);
     receiver.request(FAMILY, &(0..PAGES).collect::<Vec<_>>());
@@ -1130,7 +1132,7 @@ fn af_xdp_frames_too_small_for_the_mtu_are_refused_before_anything_attaches() {
         },
     };
     let started = net.in_host(1, || {
-        McastReceiver::start_xdp(receiver_config(1), &key(), &xdp)
+        McastReceiver::start_xdp(receiver_config(1), key(), &xdp)
     });
     match started {
         Err(ReceiverError::Xdp(error)) => {

@@ -36,7 +36,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use memmap2::{MmapOptions, MmapRaw};
 use serde_json::{Map, Value, json};
 use snowflock_control::daemon::memory::FamilySink;
-use snowflock_dataplane::auth::ClusterKey;
+use snowflock_dataplane::auth::{ClusterKey, KeyId};
 use snowflock_dataplane::mcast::wire::{
     self, Fragmentation, Header, MAX_REQUEST_PAGES, McastKey, REQUEST_JOIN, REQUEST_LEAVE,
 };
@@ -350,6 +350,7 @@ fn receiver_config(local: Ipv4Addr) -> ReceiverConfig {
 fn over_network(
     receiver: &Arc<McastReceiver>,
     server: SocketAddrV4,
+    key: KeyId,
     generation: u32,
     pages: u64,
 ) -> Result<f64> {
@@ -360,6 +361,7 @@ fn over_network(
             FamilyJoin {
                 family: FAMILY,
                 generation,
+                key,
                 group: GROUP,
                 server,
                 pages,
@@ -568,7 +570,13 @@ pub fn run(
                                 receiver_config(local),
                                 &key_for_receiver,
                             )?);
-                            let rate = over_network(&sockets, server_addr, register()?, pages);
+                            let rate = over_network(
+                                &sockets,
+                                server_addr,
+                                key_for_receiver.id(),
+                                register()?,
+                                pages,
+                            );
                             sockets.shutdown();
                             rate?
                         }
@@ -586,7 +594,13 @@ pub fn run(
                                 )
                                 .context("on the receiving host")?,
                             );
-                            let rate = over_network(&xdp, server_addr, register()?, pages);
+                            let rate = over_network(
+                                &xdp,
+                                server_addr,
+                                key_for_receiver.id(),
+                                register()?,
+                                pages,
+                            );
                             xdp.shutdown();
                             rate?
                         }

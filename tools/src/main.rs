@@ -3,6 +3,7 @@
 mod cluster_cli;
 mod daemon_cli;
 mod files_cli;
+mod key_cli;
 mod net_cli;
 mod progress;
 mod report;
@@ -108,6 +109,11 @@ enum Command {
         #[command(subcommand)]
         command: net_cli::NetCommand,
     },
+    /// Cluster keys: generate one, show the host's, rotate the cluster to a new one.
+    Key {
+        #[command(subcommand)]
+        command: key_cli::KeyCommand,
+    },
     /// Print the completion script of a shell on stdout.
     Completions(shell_cli::CompletionsArgs),
     /// Print the man page on stdout, or write every page into a directory.
@@ -212,6 +218,7 @@ fn main() -> ExitCode {
         Command::Kill { target, vm } => daemon_cli::kill(&target.socket, &vm),
         Command::Stats { target, json } => daemon_cli::stats(&target.socket, json),
         Command::Net { command } => net_cli::run(command),
+        Command::Key { command } => key_cli::run(command),
         Command::Completions(args) => shell_cli::completions(&args),
         Command::Man(args) => shell_cli::man(&args),
         Command::Images => {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, watch};
 
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, keys};
 use crate::descriptor::Descriptor;
 use crate::error_chain;
 use crate::protocol::{
@@ -90,6 +90,8 @@ pub async fn serve_client(daemon: Arc<Daemon>, mut stream: UnixStream) {
         ApiRequest::Stats => stats(&daemon).await,
         ApiRequest::NetShow => net_status(&daemon).await,
         ApiRequest::NetTune(tune) => net_tune(&daemon, tune).await,
+        ApiRequest::KeyShow => ApiResponse::Keys(keys::status(&daemon)),
+        ApiRequest::KeyRotate { key, window } => keys::rotate(&daemon, &key, window),
     };
     let _ = wire::send(&mut stream, &answer).await;
 }

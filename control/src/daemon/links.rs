@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use snowflock_dataplane::auth::{self, ClusterKey};
+use snowflock_dataplane::auth;
+use snowflock_dataplane::keyring::KeyRing;
 use snowflock_dataplane::mcast::{McastServer, Recording};
 use snowflock_dataplane::server::MemoryServer;
 use snowflock_vmm::files::{clone_output_dir, write_beneath};
@@ -218,7 +219,7 @@ pub struct Links {
     rt: Handle,
     me: String,
     members: Vec<Member>,
-    key: ClusterKey,
+    key: KeyRing,
     peer_timeout: Duration,
     open: Mutex<HashMap<String, Arc<Link>>>,
     /// Held while connecting, so that two callers do not both connect.
@@ -263,7 +264,7 @@ impl Links {
     pub fn new(
         rt: Handle,
         config: &DaemonConfig,
-        key: ClusterKey,
+        key: KeyRing,
         memory: Arc<MemoryServer>,
         mcast: Option<Arc<McastServer>>,
         lines: crate::console::LineSink,
@@ -630,11 +631,12 @@ impl Cluster for Links {
                     lead: key.as_ref().and_then(|key| sets.get(key)),
                     record: key.is_some() && sets.capacity() > 0,
                 };
-                let generation = server.register_led(family, group, store, recording);
+                let registration = server.register_led(family, group, store, recording);
                 McastOrder {
                     server: server.local_addr(),
                     group,
-                    generation,
+                    generation: registration.generation,
+                    key: registration.key.0,
                 }
             });
             ServedImage {
@@ -783,7 +785,7 @@ pub enum HandshakeError {
 /// and the session key.
 pub async fn handshake(
     stream: TcpStream,
-    key: &ClusterKey,
+    key: &KeyRing,
     role: auth::Role,
 ) -> Result<(TcpStream, [u8; 32]), HandshakeError> {
     let std_stream = stream.into_std().map_err(HandshakeError::Io)?;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use snowflock_dataplane::auth::ClusterKey;
+use snowflock_dataplane::auth::{KeyId, KeySource};
 use snowflock_dataplane::client::{PageClient, PageSink};
 use snowflock_dataplane::mcast::{FamilyJoin, McastReceiver};
 use snowflock_dataplane::server::PageStore;
@@ -161,7 +161,7 @@ impl FetchLink {
         family_id: u64,
         mem_size: u64,
         server: SocketAddr,
-        key: &ClusterKey,
+        key: &impl KeySource,
         config: FetchConfig,
         mcast: Option<(&Arc<McastReceiver>, McastOrder)>,
     ) -> Result<Self, FetchLinkError> {
@@ -207,6 +207,7 @@ impl FetchLink {
                 FamilyJoin {
                     family: self.family.id(),
                     generation: order.generation,
+                    key: KeyId(order.key),
                     group: order.group,
                     server: order.server,
                     pages: self.family.cache().page_count(),

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod caches;
 pub mod host;
+mod keys;
 pub mod links;
 pub mod memory;
 mod metrics;
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use snowflock_dataplane::auth::ClusterKey;
+use snowflock_dataplane::keyring::KeyRing;
 use snowflock_dataplane::server::MemoryServer;
 use snowflock_fault_handler::{CloneStats, FaultHandler};
 use snowflock_vmm::Hypervisor;
@@ -87,7 +89,7 @@ pub struct HollowRecord {
 /// Shared state of a running daemon.
 pub struct Daemon {
     pub(crate) config: DaemonConfig,
-    pub(crate) key: ClusterKey,
+    pub(crate) key: KeyRing,
     pub(crate) supervisor: Supervisor,
     pub(crate) links: Arc<Links>,
     memory: Arc<MemoryServer>,
@@ -236,6 +238,8 @@ pub fn run(
         path: config.cluster.key_file.clone(),
         source,
     })?;
+    tracing::info!(key = %key.id(), "cluster key loaded");
+    let key = KeyRing::new(key);
     std::fs::create_dir_all(&config.host.state_dir).map_err(|source| DaemonError::StateDir {
         path: config.host.state_dir.clone(),
         source,

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use snowflock_dataplane::auth::ClusterKey;
+use snowflock_dataplane::keyring::KeyRing;
 use snowflock_dataplane::mcast::{
     McastReceiver, McastServer, McastServerConfig, McastServerStats, ReceiverConfig, ReceiverStats,
     XdpReceiveConfig,
@@ -82,7 +82,7 @@ pub struct NetPlane {
     host: String,
     interface: String,
     local: Ipv4Addr,
-    key: ClusterKey,
+    key: KeyRing,
     settings: Mutex<McdistSection>,
     /// The fault-around block of this host's clones (`[limits] fault_around_pages`), whose
     /// pages one REQUEST asks for in ascending runs: the receiver reads loss from them.
@@ -110,7 +110,7 @@ struct Receiving {
 
 impl NetPlane {
     /// Starts the sender and the receiver of this host (none by unicast).
-    pub fn start(config: &DaemonConfig, key: &ClusterKey) -> Result<NetPlane, NetError> {
+    pub fn start(config: &DaemonConfig, key: &KeyRing) -> Result<NetPlane, NetError> {
         let settings = config.mcdist.clone();
         let local = match config.listen.pages.ip() {
             IpAddr::V4(ip) => ip,

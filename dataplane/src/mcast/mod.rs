@@ -29,5 +29,5 @@ pub use receiver::{
 };
 pub use server::{
     FamilyServerStats, McastBindError, McastServer, McastServerConfig, McastServerStats, Recording,
-    WorkingSet,
+    Registration, WorkingSet,
 };

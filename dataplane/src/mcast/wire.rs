@@ -16,13 +16,16 @@
 //! FRAGMENT is decrypted in place, so decoding takes the datagram mutably and borrows from it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use ring::aead::{AES_128_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, Tag, UnboundKey};
 use sha2::Sha256;
 
-use crate::auth::ClusterKey;
+use crate::auth::{ClusterKey, KeyId, KeySource};
+use crate::keyring::KeyRing;
+use crate::sync::{read, write};
 use crate::wire::PAGE_SIZE;
 
 /// First bytes of every datagram.
@@ -111,11 +114,17 @@ pub fn fragment_entry(page: u64, mask: u16) -> u64 {
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The key that tags mcdist datagrams, derived from the cluster key.
+/// The keys that tag mcdist datagrams, derived from the host's cluster keys.
+///
+/// Datagrams are tagged under the cluster key the host sends with now and verified under any
+/// key it accepts ([`KeyRing`]), so a rotation does not drop the datagrams of hosts that are a
+/// half-window behind or ahead.
 #[derive(Clone)]
 pub struct McastKey {
-    /// The keyed HMAC state, cloned for every datagram (cheaper than keying anew).
-    keyed: HmacSha256,
+    ring: KeyRing,
+    /// The keyed HMAC state of each cluster key used so far, cloned for every datagram
+    /// (cheaper than keying anew).
+    keyed: Arc<RwLock<Vec<(KeyId, HmacSha256)>>>,
 }
 
 impl std::fmt::Debug for McastKey {
@@ -125,17 +134,30 @@ impl std::fmt::Debug for McastKey {
 }
 
 impl McastKey {
-    /// The mcdist key of a cluster.
-    pub fn new(cluster: &ClusterKey) -> McastKey {
-        let derived = cluster.derive(KEY_LABEL);
+    /// The mcdist keys of a host holding `keys` (a [`ClusterKey`], or its [`KeyRing`]).
+    pub fn new(keys: impl Into<KeyRing>) -> McastKey {
         McastKey {
-            keyed: <HmacSha256 as KeyInit>::new_from_slice(&derived)
-                .expect("HMAC takes keys of any length"),
+            ring: keys.into(),
+            keyed: Arc::new(RwLock::new(Vec::new())),
         }
     }
 
+    /// The HMAC state keyed with the mcdist key of `cluster`.
+    fn keyed(&self, cluster: &ClusterKey) -> HmacSha256 {
+        let id = cluster.id();
+        if let Some((_, keyed)) = read(&self.keyed).iter().find(|(k, _)| *k == id) {
+            return keyed.clone();
+        }
+        let keyed = <HmacSha256 as KeyInit>::new_from_slice(&cluster.derive(KEY_LABEL))
+            .expect("HMAC takes keys of any length");
+        let mut all = write(&self.keyed);
+        all.retain(|(k, _)| self.ring.accepted(*k).is_some());
+        all.push((id, keyed.clone()));
+        keyed
+    }
+
     fn tag(&self, bytes: &[u8]) -> [u8; TAG_LEN] {
-        let mut mac = self.keyed.clone();
+        let mut mac = self.keyed(&self.ring.sending());
         mac.update(bytes);
         let full: [u8; 32] = mac.finalize().into_bytes().into();
         let mut tag = [0u8; TAG_LEN];
@@ -144,17 +166,46 @@ impl McastKey {
     }
 
     fn verify(&self, bytes: &[u8], tag: &[u8]) -> bool {
-        let mut mac = self.keyed.clone();
-        mac.update(bytes);
-        mac.verify_truncated_left(tag).is_ok()
+        let (current, old) = self.ring.accepted_keys();
+        std::iter::once(current).chain(old).any(|cluster| {
+            let mut mac = self.keyed(&cluster);
+            mac.update(bytes);
+            mac.verify_truncated_left(tag).is_ok()
+        })
     }
 
-    /// The key that seals the FRAGMENTs of `family` at `generation`: the first 16 bytes of
-    /// the HMAC of [`FRAGMENT_KEY_LABEL`], the family and the generation under this key.
-    /// Every registration of a family draws a new random generation, so each gets its own
-    /// key.
+    /// The key that seals the FRAGMENTs of `family` at `generation` under the cluster key
+    /// sent with now, and that key's id (receivers derive the same key with
+    /// [`McastKey::fragment_key_under`]): the first 16 bytes of the HMAC of
+    /// [`FRAGMENT_KEY_LABEL`], the family and the generation under the mcdist key. Every
+    /// registration of a family draws a new random generation, so each gets its own key.
+    pub fn sending_fragment_key(&self, family: u64, generation: u32) -> (KeyId, FragmentKey) {
+        let cluster = self.ring.sending();
+        (
+            cluster.id(),
+            self.fragment_key_of(&cluster, family, generation),
+        )
+    }
+
+    /// [`McastKey::sending_fragment_key`]'s key alone.
     pub fn fragment_key(&self, family: u64, generation: u32) -> FragmentKey {
-        let mut mac = self.keyed.clone();
+        self.sending_fragment_key(family, generation).1
+    }
+
+    /// The fragment key of `family` at `generation` under the cluster key `id`, if this host
+    /// accepts that key.
+    pub fn fragment_key_under(
+        &self,
+        id: KeyId,
+        family: u64,
+        generation: u32,
+    ) -> Option<FragmentKey> {
+        let cluster = self.ring.accepted(id)?;
+        Some(self.fragment_key_of(&cluster, family, generation))
+    }
+
+    fn fragment_key_of(&self, cluster: &ClusterKey, family: u64, generation: u32) -> FragmentKey {
+        let mut mac = self.keyed(cluster);
         mac.update(FRAGMENT_KEY_LABEL);
         mac.update(&family.to_le_bytes());
         mac.update(&generation.to_le_bytes());
@@ -972,7 +1023,7 @@ mod tests {
     use super::*;
 
     fn key() -> McastKey {
-        McastKey::new(&ClusterKey::from_bytes([7; 32]))
+        McastKey::new(ClusterKey::from_bytes([7; 32]))
     }
 
     fn header(flags: u16) -> Header {
@@ -1071,6 +1122,45 @@ mod tests {
         let prefixes: std::collections::HashSet<[u8; 4]> =
             (0..16).map(|_| self::sealer(&key).prefix).collect();
         assert!(prefixes.len() > 1, "16 sealers drew one prefix");
+    }
+
+    #[test]
+    fn during_a_key_rotation_datagrams_of_either_key_verify_and_families_keep_their_key() {
+        let (old, new, other) = (
+            ClusterKey::from_bytes([1; 32]),
+            ClusterKey::from_bytes([2; 32]),
+            ClusterKey::from_bytes([3; 32]),
+        );
+        let ring = KeyRing::new(old.clone());
+        let rotating = McastKey::new(&ring);
+        // A family registered before the rotation is sealed under the old key.
+        let (sealed_under, before) = rotating.sending_fragment_key(FAMILY, GENERATION);
+        assert_eq!(sealed_under, old.id());
+        ring.rotate(new.clone(), std::time::Duration::from_secs(60))
+            .unwrap();
+        let mut out = Vec::new();
+        for (sender, accepted) in [(&old, true), (&new, true), (&other, false)] {
+            encode_request(&McastKey::new(sender), &mut out, &header(0), 1, &[7]).unwrap();
+            assert_eq!(
+                decode(&rotating, &mut out.to_vec(), |_, _| None).is_ok(),
+                accepted,
+                "a REQUEST under {}",
+                sender.id()
+            );
+        }
+        // Its receivers derive the same fragment key from the id, while the key is accepted.
+        let sealer = FragmentSealer::new(before);
+        let data = [0x42; 64];
+        encode_fragment(&sealer, &mut out, &header(0), &single(3, &data)).unwrap();
+        let receiver_key = McastKey::new(&ring)
+            .fragment_key_under(old.id(), FAMILY, GENERATION)
+            .unwrap();
+        assert!(decode(&rotating, &mut out, |_, _| Some(&receiver_key)).is_ok());
+        assert!(
+            rotating
+                .fragment_key_under(other.id(), FAMILY, GENERATION)
+                .is_none()
+        );
     }
 
     #[test]
@@ -1289,7 +1379,7 @@ mod tests {
                 "bit {bit} flipped was accepted"
             );
         }
-        let other = McastKey::new(&ClusterKey::from_bytes([8; 32]));
+        let other = McastKey::new(ClusterKey::from_bytes([8; 32]));
         let other_family_key = other.fragment_key(FAMILY, GENERATION);
         assert_eq!(
             decode(&other, &mut out.to_vec(), |_, _| Some(&other_family_key)),

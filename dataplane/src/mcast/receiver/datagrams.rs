@@ -675,7 +675,7 @@ mod tests {
         forged[0][last] ^= 1;
         let other_key = {
             let sealer = FragmentSealer::new(
-                McastKey::new(&ClusterKey::from_bytes([4; 32])).fragment_key(FAMILY, GENERATION),
+                McastKey::new(ClusterKey::from_bytes([4; 32])).fragment_key(FAMILY, GENERATION),
             );
             let mut out = Vec::new();
             let header = header(FAMILY, GENERATION);
@@ -712,7 +712,7 @@ mod tests {
     fn a_reject_fails_the_family_once() {
         let (core, recorder, sink) = setup();
         core.request(FAMILY, &[2]);
-        let mkey = McastKey::new(&key());
+        let mkey = McastKey::new(key());
         let mut out = Vec::new();
         let header = header(FAMILY, GENERATION);
         let reject = Reject {

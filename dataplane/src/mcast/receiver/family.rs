@@ -14,6 +14,7 @@ use super::config::ReceiverConfig;
 use super::loss::LossDetector;
 use super::rtt::{Outstanding, RttEstimate};
 use super::stats::ReceiverStats;
+use crate::auth::KeyId;
 use crate::client::PageSink;
 use crate::mcast::bitmap::Bitmap;
 use crate::mcast::rate::AimdRate;
@@ -25,6 +26,9 @@ pub struct FamilyJoin {
     pub family: u64,
     /// The serving daemon's generation of it.
     pub generation: u32,
+    /// The cluster key its fragments are sealed under (the one its server sent with when it
+    /// registered the family).
+    pub key: KeyId,
     /// Its multicast group.
     pub group: Ipv4Addr,
     /// Where its server takes REQUESTs.
@@ -63,6 +67,17 @@ pub enum JoinError {
         interface: Ipv4Addr,
         /// The I/O error.
         source: io::Error,
+    },
+    /// The family is sealed under a cluster key this host does not hold.
+    #[error(
+        "family {family:#x} is sealed under cluster key {key}, which this host does not hold \
+         (a key rotation not done on every host?)"
+    )]
+    UnknownKey {
+        /// The family.
+        family: u64,
+        /// The key it is sealed under.
+        key: KeyId,
     },
     /// The receiver was shut down.
     #[error("the mcdist receiver is shut down")]
@@ -238,6 +253,7 @@ mod tests {
         let join = FamilyJoin {
             family: 1,
             generation: 1,
+            key: crate::auth::ClusterKey::from_bytes([1; 32]).id(),
             group: Ipv4Addr::new(239, 255, 0, 1),
             server: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 7073),
             pages: 8,

@@ -50,8 +50,8 @@ use super::outgoing::{Outgoing, RequestTransport};
 use super::retry::{admit, run_timers};
 use super::state::State;
 use super::stats::{ReceiverStats, count};
-use crate::auth::ClusterKey;
 use crate::client::PageSink;
+use crate::keyring::KeyRing;
 use crate::mcast::wire::{FragmentKey, McastKey, REQUEST_HOLDING, REQUEST_JOIN, REQUEST_LEAVE};
 use crate::sync::{lock, read, write};
 
@@ -81,7 +81,7 @@ impl ReceiverCore {
     /// A core with no families, sending through `transport`.
     pub fn new(
         config: ReceiverConfig,
-        key: &ClusterKey,
+        key: impl Into<KeyRing>,
         transport: Arc<dyn RequestTransport>,
     ) -> ReceiverCore {
         let id = getrandom::u32().unwrap_or_else(|_| {
@@ -143,13 +143,14 @@ impl ReceiverCore {
                 family: join.family,
             });
         }
-        write(&self.fragment_keys).insert(
-            join.family,
-            (
-                join.generation,
-                self.key.fragment_key(join.family, join.generation),
-            ),
-        );
+        let fragment_key = self
+            .key
+            .fragment_key_under(join.key, join.family, join.generation)
+            .ok_or(JoinError::UnknownKey {
+                family: join.family,
+                key: join.key,
+            })?;
+        write(&self.fragment_keys).insert(join.family, (join.generation, fragment_key));
         let long_run_loss = state.long_run_loss;
         let family = state.families.entry(join.family).or_insert_with(|| {
             Family::new(join, sink, hook, &self.config, now).with_long_run_loss(long_run_loss)

@@ -159,7 +159,7 @@ mod tests {
         let shape = Shape::of(Fragmentation::for_mtu(1500)).unwrap();
         let pages: Vec<[u8; PAGE_SIZE]> = fills.iter().map(|&f| [f; PAGE_SIZE]).collect();
         let refs: Vec<&[u8; PAGE_SIZE]> = pages.iter().collect();
-        let sealer = FragmentSealer::new(McastKey::new(&key()).fragment_key(FAMILY, GENERATION));
+        let sealer = FragmentSealer::new(McastKey::new(key()).fragment_key(FAMILY, GENERATION));
         repair::encode(shape, &refs, usize::from(count))
             .unwrap()
             .iter()

@@ -258,7 +258,7 @@ mod tests {
             max_in_flight: 3,
             ..config()
         };
-        let core = ReceiverCore::new(windowed, &key(), recorder.clone());
+        let core = ReceiverCore::new(windowed, key(), recorder.clone());
         let sink = Arc::new(Collect::default());
         core.join(join(), sink.clone(), None).unwrap();
         core.request(FAMILY, &[1, 2, 3, 4, 5, 6, 16]);
@@ -308,7 +308,7 @@ mod tests {
             request_block_pages,
             ..config()
         };
-        let core = ReceiverCore::new(config, &key(), recorder.clone());
+        let core = ReceiverCore::new(config, key(), recorder.clone());
         core.join(join(), Arc::new(Collect::default()), None)
             .unwrap();
         (core, recorder)
@@ -449,7 +449,7 @@ mod tests {
             report_interval: Duration::from_millis(20),
             ..config()
         };
-        let core = ReceiverCore::new(reporting, &key(), recorder.clone());
+        let core = ReceiverCore::new(reporting, key(), recorder.clone());
         let sink = Arc::new(Collect::default());
         core.join(join(), sink.clone(), Some(sink)).unwrap();
         let initial = core.stats().rate;

@@ -59,8 +59,8 @@ use super::receiver_core::ReceiverCore;
 use super::stats::ReceiverStats;
 use super::uring::{self, PathCounters, SocketLoop};
 use super::xdp_path::{XdpPath, XdpPathError, XdpReceiveConfig, XdpReceiveStatus};
-use crate::auth::ClusterKey;
 use crate::client::PageSink;
+use crate::keyring::KeyRing;
 use crate::mcast::sys::EventFd;
 use crate::sync::{Never, lock};
 
@@ -178,7 +178,10 @@ fn bind_socket(config: &ReceiverConfig) -> Result<UdpSocket, ReceiverError> {
 
 impl McastReceiver {
     /// Binds the socket and starts the receive loop thread.
-    pub fn start(config: ReceiverConfig, key: &ClusterKey) -> Result<McastReceiver, ReceiverError> {
+    pub fn start(
+        config: ReceiverConfig,
+        key: impl Into<KeyRing>,
+    ) -> Result<McastReceiver, ReceiverError> {
         let socket = Arc::new(bind_socket(&config)?);
         let wake = Arc::new(EventFd::new().map_err(|source| ReceiverError::EventFd { source })?);
         let transport = Arc::new(SocketTransport {
@@ -222,7 +225,7 @@ impl McastReceiver {
     /// requests and receives everything the program passes.
     pub fn start_xdp(
         config: ReceiverConfig,
-        key: &ClusterKey,
+        key: impl Into<KeyRing>,
         xdp: &XdpReceiveConfig,
     ) -> Result<McastReceiver, ReceiverError> {
         let port = config.port;

@@ -84,6 +84,7 @@ pub(super) fn join() -> FamilyJoin {
     FamilyJoin {
         family: FAMILY,
         generation: GENERATION,
+        key: key().id(),
         group: Ipv4Addr::new(239, 255, 0, 1),
         server: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), DEFAULT_PORT),
         pages: 16,
@@ -93,7 +94,7 @@ pub(super) fn join() -> FamilyJoin {
 
 pub(super) fn setup() -> (ReceiverCore, Arc<Recorder>, Arc<Collect>) {
     let recorder = Arc::new(Recorder::default());
-    let core = ReceiverCore::new(config(), &key(), recorder.clone());
+    let core = ReceiverCore::new(config(), key(), recorder.clone());
     let sink = Arc::new(Collect::default());
     core.join(join(), sink.clone(), Some(sink.clone())).unwrap();
     (core, recorder, sink)
@@ -131,7 +132,7 @@ pub(super) fn fragments_asked_by(
         sender: asked_by,
         ..header(family, generation)
     };
-    let sealer = FragmentSealer::new(McastKey::new(&key()).fragment_key(family, generation));
+    let sealer = FragmentSealer::new(McastKey::new(key()).fragment_key(family, generation));
     let data = [fill; PAGE_SIZE];
     let cut = Fragmentation::for_mtu(1500);
     cut.pieces()
@@ -158,7 +159,7 @@ pub(super) fn decode_request(bytes: &[u8]) -> (u16, Vec<u64>) {
 /// A REQUEST's flags and its pages, each with the fragments it asks for.
 pub(super) fn decode_request_entries(bytes: &[u8]) -> (u16, Vec<(u64, u16)>) {
     let mut bytes = bytes.to_vec();
-    match wire::decode(&McastKey::new(&key()), &mut bytes, |_, _| None).unwrap() {
+    match wire::decode(&McastKey::new(key()), &mut bytes, |_, _| None).unwrap() {
         Datagram::Request(h, r) => (h.flags, r.entries().collect()),
         other => panic!("not a request: {other:?}"),
     }

@@ -88,7 +88,8 @@ use send::send_loop;
 use service::McastService;
 use stats::Counters;
 
-use crate::auth::ClusterKey;
+use crate::auth::KeyId;
+use crate::keyring::KeyRing;
 use crate::mcast::sys::EventFd;
 use crate::mcast::wire::{self, FragmentSealer, Fragmentation, McastKey};
 use crate::server::PageStore;
@@ -128,6 +129,16 @@ pub enum McastBindError {
         /// The I/O error.
         source: io::Error,
     },
+}
+
+/// A family's registration with [`McastServer::register_led`]: what its clone hosts need to
+/// open its fragments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Registration {
+    /// The family's new generation.
+    pub generation: u32,
+    /// The cluster key its fragments are sealed under.
+    pub key: KeyId,
 }
 
 /// Serves the frozen memory of clone points to their clone hosts by multicast.
@@ -184,7 +195,7 @@ impl McastServer {
     /// Binds `config.bind` and starts the request and send threads.
     pub fn bind(
         config: McastServerConfig,
-        key: &ClusterKey,
+        key: impl Into<KeyRing>,
     ) -> Result<McastServer, McastBindError> {
         let (socket, local_addr) = bind_socket(&config)?;
         let stop = EventFd::new().map_err(|source| McastBindError::EventFd { source })?;
@@ -241,6 +252,7 @@ impl McastServer {
     /// one, so requests and fragments of an earlier registration are told apart.
     pub fn register(&self, family: u64, group: Ipv4Addr, store: Arc<dyn PageStore>) -> u32 {
         self.register_led(family, group, store, Recording::default())
+            .generation
     }
 
     /// [`McastServer::register`], recording what the clone hosts ask for if
@@ -255,7 +267,7 @@ impl McastServer {
         group: Ipv4Addr,
         store: Arc<dyn PageStore>,
         recording: Recording<'_>,
-    ) -> u32 {
+    ) -> Registration {
         let lead = recording.lead;
         let now = Instant::now();
         let pages = store.page_count();
@@ -270,7 +282,8 @@ impl McastServer {
         let mut state = lock(&self.service.state);
         let previous = state.families.get(&family).map(|f| f.generation);
         let generation = new_generation(previous);
-        let sealer = FragmentSealer::new(self.service.key.fragment_key(family, generation));
+        let (key, fragment_key) = self.service.key.sending_fragment_key(family, generation);
+        let sealer = FragmentSealer::new(fragment_key);
         let group_addr = SocketAddrV4::new(group, self.service.config.group_port);
         let served = FamilyState::new(
             generation,
@@ -295,9 +308,10 @@ impl McastServer {
             push_pages,
             push_led,
             replaced = previous.is_some(),
+            %key,
             "mcdist serving family"
         );
-        generation
+        Registration { generation, key }
     }
 
     /// What the clone hosts of `family` asked for since it was registered, per host in the

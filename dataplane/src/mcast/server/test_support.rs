@@ -33,7 +33,7 @@ impl PageStore for Blank {
 }
 
 fn key() -> McastKey {
-    McastKey::new(&ClusterKey::from_bytes([9; 32]))
+    McastKey::new(ClusterKey::from_bytes([9; 32]))
 }
 
 /// A server configuration at a documentation address.
