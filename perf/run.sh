@@ -6,6 +6,7 @@
 #   perf/run.sh fault-remote --runs 5
 #   perf/run.sh avoidance
 #   perf/run.sh clone-remote --clones 1,8,32
+#   perf/run.sh soak --cycles 1000
 # Needs root and /dev/kvm; the multi-host scenarios make their own
 # network-namespace hosts and remove them.
 set -eu

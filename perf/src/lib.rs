@@ -18,6 +18,7 @@ pub mod plot;
 pub mod record;
 pub mod remote;
 pub mod rx_path;
+pub mod soak;
 pub mod stats;
 mod sync;
 pub mod syscall;

@@ -1,6 +1,7 @@
 //! The local API: one request per Unix-socket connection from the CLI.
 
 use crate::supervisor::StartOptions;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,19 +128,27 @@ async fn start(
     ApiResponse::Started { vm }
 }
 
-/// Tracks a root VM until it ends.
+/// Ended root VMs remembered for a `Wait` that comes after the end (a short
+/// VM may end before its starter attaches); older ones are forgotten.
+const ENDED_ROOTS_KEPT: usize = 256;
+
+/// Tracks a root VM until it ends, and a while after.
 fn register_root(daemon: &Arc<Daemon>, handle: VmHandle, label: String, mem_size: u64) {
     let vm = handle.id();
     let (done_tx, done) = watch::channel(None);
-    lock(&daemon.roots).insert(
-        vm,
-        RootVm {
-            label,
-            mem_size,
-            controller: handle.controller(),
-            done,
-        },
-    );
+    {
+        let mut roots = lock(&daemon.roots);
+        forget_ended(&mut roots);
+        roots.insert(
+            vm,
+            RootVm {
+                label,
+                mem_size,
+                controller: handle.controller(),
+                done,
+            },
+        );
+    }
     let d = Arc::downgrade(daemon);
     let waiter = std::thread::Builder::new()
         .name(format!("wait-vm{vm}"))
@@ -150,9 +159,8 @@ fn register_root(daemon: &Arc<Daemon>, handle: VmHandle, label: String, mem_size
                 .upgrade()
                 .map(|d| {
                     d.supervisor
-                        .reports()
+                        .reports_of(vm)
                         .into_iter()
-                        .filter(|r| r.parent_vm == vm)
                         .map(|r| CloneSummary {
                             ticket: r.ticket,
                             clones: r.clones,
@@ -179,6 +187,21 @@ fn register_root(daemon: &Arc<Daemon>, handle: VmHandle, label: String, mem_size
         });
     if let Err(e) = waiter {
         tracing::error!(vm, "cannot start a waiter thread: {e}");
+    }
+}
+
+/// Forgets the oldest ended root VMs beyond [`ENDED_ROOTS_KEPT`] (VM ids grow).
+fn forget_ended(roots: &mut HashMap<u64, RootVm>) {
+    let mut ended: Vec<u64> = roots
+        .iter()
+        .filter(|(_, root)| root.done.borrow().is_some())
+        .map(|(&vm, _)| vm)
+        .collect();
+    if ended.len() > ENDED_ROOTS_KEPT {
+        ended.sort_unstable();
+        for vm in &ended[..ended.len() - ENDED_ROOTS_KEPT] {
+            roots.remove(vm);
+        }
     }
 }
 

@@ -285,6 +285,16 @@ impl Supervisor {
         lock(&self.host.reports).iter().cloned().collect()
     }
 
+    /// The kept clone operations of VM `parent_vm`, oldest first (a copy of those only, not of
+    /// the whole history).
+    pub fn reports_of(&self, parent_vm: u64) -> Vec<CloneReport> {
+        lock(&self.host.reports)
+            .iter()
+            .filter(|r| r.parent_vm == parent_vm)
+            .cloned()
+            .collect()
+    }
+
     /// What this host's control plane counted (tickets, clone operations).
     pub fn metrics(&self) -> &Arc<ControlMetrics> {
         &self.host.metrics

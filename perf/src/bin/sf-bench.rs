@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use snowflock_control::size::parse_size;
 use snowflock_perf::record::JsonLines;
-use snowflock_perf::{clone_local, job, mcast, plot, remote, rx_path, syscall};
+use snowflock_perf::{clone_local, job, mcast, plot, remote, rx_path, soak, syscall};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,6 +47,10 @@ enum Scenario {
     /// already in memory and against the serial job, on one host and on 4
     /// netns hosts.
     Job(JobArgs),
+    /// Clone-and-join cycles against real daemons, on one host and across
+    /// hosts, sampling each sfd's memory, descriptors, threads and clone
+    /// slots: they must stay flat. Fails if a result is wrong or one grows.
+    Soak(SoakArgs),
     /// SVG charts of results files (JSON lines), one or more per bench,
     /// named after the file; prints the paths it wrote.
     Plot(PlotArgs),
@@ -159,6 +163,34 @@ struct JobArgs {
 }
 
 #[derive(Debug, Args)]
+struct SoakArgs {
+    /// The sfd binary (default: next to sf-bench).
+    #[arg(long)]
+    sfd: Option<std::path::PathBuf>,
+    /// Variants (comma-separated): clones on the parent's host, or on other hosts.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [soak::Variant::Local, soak::Variant::Remote])]
+    variant: Vec<soak::Variant>,
+    /// Clone-and-join cycles of every variant.
+    #[arg(long, default_value_t = 1000)]
+    cycles: u32,
+    /// Cycles between samples of the daemons.
+    #[arg(long, default_value_t = 25)]
+    every: u32,
+    /// Cycles before the sample that descriptors and threads must come back to.
+    #[arg(long, default_value_t = 50)]
+    warmup: u32,
+    /// Hosts of the remote variant; each cycle runs one clone on every host but the parent's.
+    #[arg(long, default_value_t = 2)]
+    hosts: usize,
+    /// Clones a cycle of the local variant.
+    #[arg(long, default_value_t = 2)]
+    clones: u32,
+    /// Guest memory of the job's VM.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+}
+
+#[derive(Debug, Args)]
 struct PlotArgs {
     /// Results files (JSON lines).
     #[arg(required = true)]
@@ -258,6 +290,22 @@ fn run() -> anyhow::Result<()> {
                 setup: setup(&args.remote)?,
             };
             job::run(&config, &mut out)?;
+        }
+        Scenario::Soak(args) => {
+            let config = soak::Config {
+                variants: args.variant,
+                cycles: args.cycles,
+                every: args.every,
+                warmup: args.warmup,
+                hosts: args.hosts,
+                clones: args.clones,
+                mem: args.mem,
+                sfd: match args.sfd {
+                    Some(path) => path,
+                    None => remote::default_sfd()?,
+                },
+            };
+            soak::run(&config, &mut out)?;
         }
         Scenario::Plot(args) => {
             let outcome = plot::plot_files(&args.results, &args.out)?;

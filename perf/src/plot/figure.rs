@@ -67,6 +67,11 @@ pub enum XAxis {
         label: String,
         names: Vec<String>,
     },
+    /// Numbers on a linear axis from 0 labelled at round values: for many
+    /// measured values (samples every N cycles).
+    Linear {
+        label: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -180,7 +185,7 @@ impl Figure {
 fn panel_width(panel: &Panel) -> u32 {
     match &panel.x {
         XAxis::Categories { names, .. } => (names.len() as u32 * 130 + 110).max(560),
-        XAxis::Numbers { .. } => 560,
+        XAxis::Numbers { .. } | XAxis::Linear { .. } => 560,
     }
 }
 
@@ -238,6 +243,11 @@ impl Scale {
                 ticks,
             };
         }
+        Self::linear(hi)
+    }
+
+    /// From 0 to a round value at least `hi`, with round ticks.
+    fn linear(hi: f64) -> Self {
         let step = round_step(hi.max(f64::MIN_POSITIVE) / 6.0);
         let top = (hi / step).ceil().max(1.0) * step;
         let steps = (top / step).round() as u32;
@@ -358,6 +368,13 @@ fn draw_panel(panel: &Panel, area: &DrawingArea<SVGBackend, Shift>) -> Result<()
         }
         XAxis::Categories { label, names } => {
             (Scale::for_categories(names.len()), label, Some(names))
+        }
+        XAxis::Linear { label } => {
+            let xs = panel.marks.iter().flat_map(|m| match &m.shape {
+                Shape::Line(points) => points.iter().map(|p| p.0).collect(),
+                _ => Vec::new(),
+            });
+            (Scale::linear(xs.fold(0.0, f64::max)), label, None)
         }
     };
     let x_range = x.range.clone();

@@ -11,6 +11,7 @@ mod clones;
 mod figure;
 mod latency;
 mod select;
+mod soak;
 
 use std::collections::HashSet;
 use std::fs;
@@ -146,6 +147,7 @@ fn charts(bench: &str, stem: &str, lines: &[ResultLine]) -> Option<Result<Vec<Ch
         "rx-path" => bars::rx_path(stem, lines),
         "syscall" => bars::syscall(stem, lines),
         "avoidance" => bars::avoidance(stem, lines),
+        crate::soak::BENCH => soak::soak(stem, lines),
         _ => return None,
     })
 }
