@@ -49,6 +49,6 @@ pub use descriptor::{CaptureKind, Descriptor, DescriptorError};
 pub use error_chain::error_chain;
 pub use outcome::{ChildReport, CloneReport, VmOutcome};
 pub use supervisor::{
-    CaptureError, DescribeError, StartOptions, Supervisor, SupervisorConfig, SupervisorError,
-    VmController, VmHandle, VmInfo, VmRole,
+    CaptureError, DescribeError, MemoryShortage, StartOptions, Supervisor, SupervisorConfig,
+    SupervisorError, VmController, VmHandle, VmInfo, VmRole,
 };

@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 
 use snowflock_control::error_chain;
 
-use crate::command::IP_TIMEOUT;
+use crate::command::{IP_TIMEOUT, ip};
 use crate::error::{
-    HostError, ImpairCountsError, ImpairError, LoadError, MtuError, NoSuchHost, SaveRecordError,
-    SlurmCommandError, StartDaemonError, StopDaemonError, TeardownError, TeardownFailure, UpError,
+    HostError, ImpairCountsError, ImpairError, LinkError, LoadError, MangleCountsError,
+    MangleError, MtuError, NoSuchHost, SaveRecordError, SlurmCommandError, StartDaemonError,
+    StopDaemonError, TeardownError, TeardownFailure, UpError,
 };
 use crate::impair::ImpairmentCounts;
+use crate::mangle::{MangleCounts, Mangler};
 use crate::process::{self, Daemon, KILL_TIMEOUT, StopFailure};
 use crate::record::{ClusterRecord, HostInfo, HostStatus, STATE_FILE};
 use crate::spec::{ClusterSpec, DEFAULT_READY_TIMEOUT, DEFAULT_STOP_TIMEOUT, UpProgress};
@@ -44,6 +46,8 @@ pub struct NetnsCluster {
     namespaces: Vec<String>,
     ready_timeout: Duration,
     stop_timeout: Duration,
+    /// The switch's duplication and corruption, while on.
+    mangler: Option<Mangler>,
     /// Torn down or detached: Drop has nothing to do.
     finished: bool,
 }
@@ -75,6 +79,7 @@ impl NetnsCluster {
             namespaces: Vec::new(),
             ready_timeout: spec.ready_timeout,
             stop_timeout: spec.stop_timeout,
+            mangler: None,
             finished: false,
         };
         let progress = spec.progress.as_ref();
@@ -148,6 +153,7 @@ impl NetnsCluster {
             namespaces,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
+            mangler: None,
             finished: false,
         })
     }
@@ -284,6 +290,51 @@ impl NetnsCluster {
         impair::counts(&self.record)
     }
 
+    /// Makes the switch send `duplicate_percent`% of the UDP datagrams (mcdist's traffic) it
+    /// forwards to each host twice, and flip one bit in the payload of `corrupt_percent`% of
+    /// them with the UDP checksum updated to match (so only the receiver's authentication can
+    /// tell), replacing any earlier mangling; 0 and 0 removes it. TCP is left alone. Runs
+    /// before [`Self::impair`]'s loss and reordering, which apply to the duplicates too. An
+    /// eBPF program on each switch port's egress, attached by this handle: it goes when the
+    /// handle does (or the process ends).
+    pub fn mangle(
+        &mut self,
+        duplicate_percent: u32,
+        corrupt_percent: u32,
+    ) -> Result<(), MangleError> {
+        self.mangler = None;
+        if duplicate_percent > 0 || corrupt_percent > 0 {
+            self.mangler = Some(Mangler::attach(
+                &self.record,
+                duplicate_percent,
+                corrupt_percent,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// What the switch's mangling did since [`Self::mangle`] (all 0 when it is off).
+    pub fn mangle_counts(&self) -> Result<MangleCounts, MangleCountsError> {
+        self.mangler
+            .as_ref()
+            .map_or(Ok(MangleCounts::default()), Mangler::counts)
+    }
+
+    /// Takes host `index`'s switch port down (`up` false: the host is cut off the network,
+    /// its daemon keeps running) or brings it back up.
+    pub fn set_link(&self, index: usize, up: bool) -> Result<(), LinkError> {
+        let host = self.host(index)?;
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.record.switch, "link", "set", &host.netns, state]).map_err(|source| {
+            LinkError::Command {
+                host: host.name.clone(),
+                state,
+                source,
+            }
+        })?;
+        Ok(())
+    }
+
     /// Sets the MTU of every host's `eth0`, its switch port and the bridge (jumbo frames:
     /// up to 9000 on veth). Daemons keep the MTU they started with; set it before starting
     /// traffic that should use it.
@@ -416,6 +467,7 @@ impl NetnsCluster {
 
     fn teardown(&mut self) -> Result<(), TeardownError> {
         self.finished = true;
+        self.mangler = None;
         let all: Vec<usize> = (0..self.record.hosts.len()).collect();
         let mut failures: Vec<TeardownFailure> = self
             .stop(&all, self.stop_timeout)

@@ -324,6 +324,54 @@ pub struct ImpairError {
     pub source: CommandError,
 }
 
+/// [`NetnsCluster::mangle`](crate::NetnsCluster::mangle).
+#[derive(Debug, thiserror::Error)]
+pub enum MangleError {
+    #[error("loading the mangling program's object")]
+    Load(#[source] aya::EbpfError),
+    #[error("the mangling program's object has no program `mangle`")]
+    NoProgram,
+    #[error("loading the mangling program into the kernel")]
+    Program(#[source] aya::programs::ProgramError),
+    #[error("entering the switch namespace {netns}")]
+    EnterSwitch {
+        netns: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching the mangling program to the switch port of {host}")]
+    Attach {
+        host: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("the thread attaching the mangling program panicked")]
+    AttachThread,
+    #[error("the mangling program's object has no map `counters`")]
+    NoCounters,
+    #[error("the mangling program's map `counters` is not an array of u64")]
+    Counters(#[source] aya::maps::MapError),
+}
+
+/// [`NetnsCluster::mangle_counts`](crate::NetnsCluster::mangle_counts).
+#[derive(Debug, thiserror::Error)]
+#[error("reading the mangling program's counters")]
+pub struct MangleCountsError(#[source] pub aya::maps::MapError);
+
+/// [`NetnsCluster::set_link`](crate::NetnsCluster::set_link).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    NoSuchHost(#[from] NoSuchHost),
+    #[error("setting the switch port of {host} {state}")]
+    Command {
+        host: String,
+        state: &'static str,
+        #[source]
+        source: CommandError,
+    },
+}
+
 /// [`NetnsCluster::impairment_counts`](crate::NetnsCluster::impairment_counts).
 #[derive(Debug, thiserror::Error)]
 pub enum ImpairCountsError {

@@ -141,7 +141,7 @@ pub(crate) fn apply(
 }
 
 /// The random draw below which `percent`% of packets fall.
-fn threshold(percent: u32) -> u32 {
+pub(crate) fn threshold(percent: u32) -> u32 {
     let below = (u64::from(percent.min(100)) * (1u64 << 32) / 100).min(u64::from(u32::MAX));
     u32::try_from(below).unwrap_or(u32::MAX)
 }

@@ -114,6 +114,7 @@ mod config;
 mod error;
 mod files;
 mod impair;
+mod mangle;
 mod netns;
 mod network;
 mod prefix;
@@ -125,13 +126,14 @@ mod spec;
 pub use cluster::NetnsCluster;
 pub use command::{CommandError, IP_TIMEOUT};
 pub use error::{
-    HostError, ImpairCountsError, ImpairError, InvalidSpec, LoadError, LoadRecordError, MtuError,
-    NoSuchHost, PurgeError, RandomSourceError, SaveRecordError, SlurmCommandError,
-    StartDaemonError, StartSlurmError, StopDaemonError, StopSlurmError, TeardownError,
-    TeardownFailure, UpError,
+    HostError, ImpairCountsError, ImpairError, InvalidSpec, LinkError, LoadError, LoadRecordError,
+    MangleCountsError, MangleError, MtuError, NoSuchHost, PurgeError, RandomSourceError,
+    SaveRecordError, SlurmCommandError, StartDaemonError, StartSlurmError, StopDaemonError,
+    StopSlurmError, TeardownError, TeardownFailure, UpError,
 };
 pub use files::KEEP_LOGS_ENV;
 pub use impair::ImpairmentCounts;
+pub use mangle::MangleCounts;
 pub use netns::enter as enter_netns;
 pub use network::purge_prefix;
 pub use prefix::{MAX_PREFIX_LEN, random_prefix, validate_prefix};

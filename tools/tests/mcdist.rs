@@ -219,7 +219,7 @@ fn sniff_until(stop: &AtomicBool, port: &str, seen: &Seen) {
 /// key (filled with 0xEE), and copies of a real FRAGMENT with one payload bit flipped.
 /// Returns how many it sent.
 fn forge_until(stop: &AtomicBool, seen: &Seen, targets: &[Ipv4Addr], local: Ipv4Addr) -> u64 {
-    let wrong_key = McastKey::new(&ClusterKey::generate());
+    let wrong_key = McastKey::new(ClusterKey::generate());
     let socket = UdpSocket::bind(SocketAddrV4::new(local, 0)).unwrap();
     socket.set_multicast_ttl_v4(1).unwrap();
     let groups = McdistSection::default();

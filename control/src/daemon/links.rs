@@ -75,6 +75,10 @@ struct Link {
     output_bytes: Arc<AtomicU64>,
     /// Why the link closed, once it has.
     closed: Mutex<Option<String>>,
+    /// Told once the link closes: the writer task then ends, and with it the connection. (The
+    /// task holds the link, whose `out` keeps its queue open: it would otherwise wait for
+    /// frames forever and keep the socket of a dead peer.)
+    shutdown: tokio::sync::Notify,
 }
 
 impl Link {
@@ -136,6 +140,8 @@ impl Link {
             *closed = Some(reason.clone());
         }
         tracing::warn!(host = %self.host, %reason, "link to host closed");
+        // A permit is kept if the writer is not waiting yet.
+        self.shutdown.notify_one();
         lock(&self.pending).clear();
         lock(&self.outputs).clear();
         let children: Vec<RemoteChild> = lock(&self.children).drain().map(|(_, c)| c).collect();
@@ -371,6 +377,7 @@ impl Links {
             outputs: Mutex::new(HashMap::new()),
             output_bytes: self.output_bytes.clone(),
             closed: Mutex::new(None),
+            shutdown: tokio::sync::Notify::new(),
         });
         // Hello first; the writer task sends everything else in order.
         out.send(ToHost::Hello {
@@ -379,7 +386,12 @@ impl Links {
         .map_err(|_| connect_err(std::io::ErrorKind::BrokenPipe.into()))?;
         let writer_link = link.clone();
         self.rt.spawn(async move {
-            while let Some(msg) = queue.recv().await {
+            loop {
+                let msg = tokio::select! {
+                    msg = queue.recv() => msg,
+                    () = writer_link.shutdown.notified() => None,
+                };
+                let Some(msg) = msg else { break };
                 let sent = match sealer.seal(&msg) {
                     Ok(frame) => writer.write_all(&frame).await.map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),

@@ -73,6 +73,20 @@ impl PageSource for ClientSource {
     }
 }
 
+/// The family's way to its page client by unicast. Weak: the client's sink holds the family,
+/// so a strong reference would make a cycle that kept the family, its cache and the
+/// connection (with its receiver thread) alive after the family's [`FetchLink`] is gone.
+#[derive(Debug)]
+struct UnicastSource(Weak<ClientSource>);
+
+impl PageSource for UnicastSource {
+    fn request(&self, family: u64, pages: &[u64]) {
+        if let Some(client) = self.0.upgrade() {
+            client.request(family, pages);
+        }
+    }
+}
+
 /// Delivers what a transport receives to the family's clones.
 #[derive(Debug)]
 pub struct FamilySink(pub Arc<Family>);
@@ -132,7 +146,7 @@ impl PageSource for McastSource {
 #[derive(Debug)]
 pub struct FetchLink {
     pub family: Arc<Family>,
-    /// Holds the TCP connection (its only owner by mcdist).
+    /// Holds the TCP connection (its only owner).
     _connection: Arc<ClientSource>,
     /// The host's receiver, when pages come by mcdist.
     receiver: Option<Arc<McastReceiver>>,
@@ -168,7 +182,7 @@ impl FetchLink {
         let client_source = Arc::new(ClientSource::default());
         let source: Arc<dyn PageSource> = match &mcast {
             Some((receiver, _)) => Arc::new(McastSource(Arc::downgrade(receiver))),
-            None => client_source.clone(),
+            None => Arc::new(UnicastSource(Arc::downgrade(&client_source))),
         };
         let family = Family::new(family_id, mem_size, source, config)?;
         let sink = Arc::new(FamilySink(family.clone()));

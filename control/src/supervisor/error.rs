@@ -8,11 +8,14 @@ use snowflock_fault_handler::{AvoidError, StartError};
 use snowflock_vmm::MachineError;
 use snowflock_vmm::memory::MemoryError;
 
+use super::admission::MemoryShortage;
 use crate::descriptor::DescriptorError;
 
 /// Failure of a supervisor operation requested from outside a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
+    #[error("admitting the VM failed")]
+    Admit(#[source] MemoryShortage),
     #[error("starting the VM failed")]
     Start(#[source] MachineError),
     #[error("the VM is no longer running")]

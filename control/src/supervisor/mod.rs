@@ -11,6 +11,7 @@
 //! they all share is the host's state (`host`): slots and prepared VMs
 //! (`slots`), the running VMs and the clone reports.
 
+mod admission;
 mod describe;
 mod error;
 mod handle;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use snowflock_vmm::files::FilesConfig;
 use snowflock_vmm::{Hypervisor, Machine, MachineConfig};
 
+pub use self::admission::MemoryShortage;
 pub use self::error::{CaptureError, DescribeError, SupervisorError};
 pub use self::handle::{VmController, VmHandle};
 use self::host::{CloneProgress, HostState};
@@ -184,6 +186,7 @@ impl Supervisor {
         options: StartOptions,
         label: impl FnOnce(u64) -> String,
     ) -> Result<VmHandle, SupervisorError> {
+        admission::check_memory(mem_size).map_err(SupervisorError::Admit)?;
         let vm = self.host.fresh_vm();
         let label = label(vm);
         let (console, flush) = labelled(label.clone(), self.host.config.lines.clone());

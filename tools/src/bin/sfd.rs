@@ -25,6 +25,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (the log's disk is full) is lost. Reporting it
+        // would print to the same stderr, and printing to a stderr that fails panics: the
+        // thread that logged would die with whatever it was serving.
+        .log_internal_errors(false)
         .init();
     let args = Args::parse();
     let config = match DaemonConfig::load(&args.config) {
