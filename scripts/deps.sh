@@ -5,6 +5,7 @@ set -euo pipefail
 
 packages=(
   gcc          # C example guest, and the linker driver for guest images
+  g++          # libFuzzer, built into the fuzz targets (scripts/fuzz.sh)
   libc6-dev    # crt objects for host binaries
   iproute2     # network-namespace test hosts
   python3      # stand-in daemons and probes in the test-cluster tests

@@ -20,3 +20,8 @@ cargo clippy -p snowflock-vmm --no-default-features --locked -- -D warnings
 (cd guest && cargo clippy --release -p snowflock-std-example --locked -- -D warnings)
 (cd guest && cargo test --lib --locked)
 cargo test --workspace --locked
+# Every parser of bytes from outside, fuzzed for 15 s each (fuzz/, a
+# workspace of its own).
+(cd fuzz && cargo fmt --all -- --check)
+(cd fuzz && cargo clippy --all-targets --locked -- -D warnings)
+./scripts/fuzz.sh 15

@@ -51,6 +51,15 @@ pub enum ConfigError {
     },
 }
 
+/// Configuration text that is not a valid configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("not a valid sfd configuration")]
+    Syntax(#[source] toml::de::Error),
+    #[error(transparent)]
+    Invalid(ConfigProblem),
+}
+
 /// A setting that is out of range or inconsistent with another.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigProblem {
@@ -601,14 +610,22 @@ impl DaemonConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        config.check().map_err(|problem| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            problem,
-        })?;
+        Self::parse(&text).map_err(|error| match error {
+            ParseError::Syntax(source) => ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            },
+            ParseError::Invalid(problem) => ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problem,
+            },
+        })
+    }
+
+    /// Parses and checks the text of a configuration file.
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        let config: Self = toml::from_str(text).map_err(ParseError::Syntax)?;
+        config.check().map_err(ParseError::Invalid)?;
         Ok(config)
     }
 

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use snowflock_control::client::{ApiClient, VmEnd};
 use snowflock_control::console::line_text;
 use snowflock_control::protocol::{ApiRequest, ApiResponse, HostStats};
 use snowflock_control::size::parse_size;
 use snowflock_control::{StartOptions, VmOutcome, VmRole};
+use snowflock_tools::text::parse_vm_ref;
 
 use crate::progress::{ProgressOutput, ProgressWatch};
 use crate::report::Unimplemented;
@@ -271,18 +272,6 @@ pub fn ps(socket: &Path, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `[HOST/]VM`.
-pub fn parse_vm_ref(text: &str) -> Result<(Option<String>, u64)> {
-    let (host, vm) = match text.split_once('/') {
-        Some((host, vm)) => (Some(host.to_string()), vm),
-        None => (None, text),
-    };
-    let vm = vm
-        .parse()
-        .with_context(|| format!("{text:?} is not a VM id (VM or HOST/VM)"))?;
-    Ok((host, vm))
 }
 
 pub fn kill(socket: &Path, target: &str) -> Result<ExitCode> {

@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
+use snowflock_tools::text::mount_spec;
 use snowflock_vmm::files::{FilesConfig, MountSpec};
 
 #[derive(Debug, Args, Default)]
@@ -27,16 +28,7 @@ impl FileArgs {
     pub fn config(&self) -> Result<FilesConfig> {
         let mut mounts = Vec::with_capacity(self.mounts.len());
         for spec in &self.mounts {
-            let (host, guest) = match spec.rsplit_once(':') {
-                Some((rest, "ro")) => rest
-                    .split_once(':')
-                    .with_context(|| format!("--mount {spec}: expected HOST:GUEST[:ro]"))?,
-                Some((_, "rw")) => {
-                    bail!("--mount {spec}: writable mounts are not supported; write under /out")
-                }
-                Some(pair) => pair,
-                None => bail!("--mount {spec}: expected HOST:GUEST[:ro]"),
-            };
+            let (host, guest) = mount_spec(spec)?;
             let host = std::fs::canonicalize(host)
                 .with_context(|| format!("--mount {spec}: host directory {host}"))?;
             mounts.push(MountSpec {

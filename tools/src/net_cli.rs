@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use snowflock_control::client::ApiClient;
 use snowflock_control::config::{RxPath, XdpAttachMode};
 use snowflock_control::protocol::{ApiRequest, ApiResponse, NetStatus, NetTune};
+use snowflock_tools::text::queue_list;
 
 use crate::daemon_cli::Target;
 
@@ -96,15 +97,7 @@ fn tune_request(args: TuneArgs) -> Result<NetTune> {
     let queues = match args.queues.as_deref() {
         None => None,
         Some("all") => Some(Vec::new()),
-        Some(list) => Some(
-            list.split(',')
-                .map(|q| {
-                    q.trim()
-                        .parse::<u32>()
-                        .map_err(|_| anyhow::anyhow!("{q:?} is not a queue number"))
-                })
-                .collect::<Result<Vec<u32>>>()?,
-        ),
+        Some(list) => Some(queue_list(list)?),
     };
     let tune = NetTune {
         rx_path: args.rx_path,

@@ -5,6 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use snowflock_control::remote::JobScope;
+use snowflock_tools::text::cpus_per_node;
 
 /// The job of this environment: `SLURM_JOB_ID`, its nodes
 /// (`SLURM_JOB_NODELIST`, expanded by `scontrol show hostnames`) and their
@@ -43,38 +44,4 @@ pub fn job_scope() -> Result<JobScope> {
         job,
         cpus: nodes.into_iter().zip(cpus).collect(),
     })
-}
-
-/// Expands Slurm's CPU counts per node (`4(x2),2` is 4, 4, 2).
-fn cpus_per_node(text: &str) -> Result<Vec<u32>> {
-    let mut cpus = Vec::new();
-    for part in text.split(',') {
-        let (count, times) = match part.split_once("(x") {
-            Some((count, rest)) => {
-                let times = rest
-                    .strip_suffix(')')
-                    .with_context(|| format!("unreadable CPU count {part:?}"))?;
-                (count, times.parse::<usize>()?)
-            }
-            None => (part, 1),
-        };
-        let count: u32 = count
-            .parse()
-            .with_context(|| format!("unreadable CPU count {part:?}"))?;
-        cpus.extend(std::iter::repeat_n(count, times));
-    }
-    Ok(cpus)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::cpus_per_node;
-
-    #[test]
-    fn cpu_counts_per_node_expand() {
-        assert_eq!(cpus_per_node("2").unwrap(), vec![2]);
-        assert_eq!(cpus_per_node("4(x2),2").unwrap(), vec![4, 4, 2]);
-        assert!(cpus_per_node("4(x2").is_err());
-        assert!(cpus_per_node("x").is_err());
-    }
 }

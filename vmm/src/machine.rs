@@ -864,6 +864,22 @@ impl Machine {
         Ok(Some(Stop::Request(request)))
     }
 
+    /// Serves one hypercall as [`Machine::run`] does for an `out` of `size`
+    /// bytes carrying `number`, with the vCPU's registers set to `regs`
+    /// first: the dispatcher without guest code in between, for fuzzing.
+    /// A reply still owed from an earlier call is dropped.
+    #[cfg(feature = "fuzzing")]
+    pub fn serve_hypercall(
+        &mut self,
+        regs: &crate::Regs,
+        size: u8,
+        number: u32,
+    ) -> Result<Option<Stop>, MachineError> {
+        self.pending = None;
+        self.vcpu.set_regs(regs)?;
+        self.hypercall(size, number)
+    }
+
     /// Serves `REPORT_PAGES`: `rax` is 0 or `-EINVAL`.
     fn report_pages(
         &mut self,
