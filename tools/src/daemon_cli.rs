@@ -158,7 +158,7 @@ impl Console {
         let text = line_text(label, line);
         let print = || {
             if self.json {
-                eprintln!("{text}");
+                note!("{text}");
             } else {
                 println!("{text}");
             }
@@ -183,7 +183,7 @@ impl Console {
         } else {
             for r in &reports {
                 let remote = r.children.iter().filter(|c| c.host.is_some()).count();
-                eprintln!(
+                note!(
                     "sf: ticket {}: {} clones ({} on other hosts), paused {:.2} ms, all running after {}{}",
                     r.ticket,
                     r.clones,
@@ -196,9 +196,9 @@ impl Console {
                 );
             }
             for report in &unimplemented {
-                eprintln!("sf: {}", report.describe());
+                note!("sf: {}", report.describe());
             }
-            eprintln!("sf: vm {vm}: {outcome:?}");
+            note!("sf: vm {vm}: {outcome:?}");
         }
         Ok(match outcome {
             VmOutcome::Exited(0) => ExitCode::SUCCESS,
@@ -216,7 +216,7 @@ pub fn clone(socket: &Path, vm: u64, clones: u32) -> Result<ExitCode> {
     else {
         bail!("unexpected answer to clone");
     };
-    eprintln!(
+    note!(
         "sf: vm {vm} paused {:.2} ms, descriptor {descriptor_bytes} bytes",
         pause.as_secs_f64() * 1e3
     );

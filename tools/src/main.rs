@@ -1,5 +1,14 @@
 //! `sf`: run flock images, watch them clone, inspect descriptors.
 
+/// `eprintln!` that drops what cannot be written: `sf` must not panic because its stderr is
+/// closed or on a full disk.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod cluster_cli;
 mod daemon_cli;
 mod files_cli;
@@ -230,7 +239,7 @@ fn main() -> ExitCode {
         }
     };
     result.unwrap_or_else(|err| {
-        eprintln!("sf: error: {err:#}");
+        note!("sf: error: {err:#}");
         ExitCode::FAILURE
     })
 }
@@ -301,7 +310,7 @@ fn console_lines(to_stderr: bool, bar: Option<ProgressBar>) -> LineSink {
         let text = console::line_text(label, line);
         let print = || {
             if to_stderr {
-                eprintln!("{text}");
+                note!("{text}");
             } else {
                 println!("{text}");
             }
@@ -393,7 +402,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         .context("the seqsearch example is not embedded in this build")?;
     let clones = args.clones.unwrap_or_else(|| {
         let cores = host_cores();
-        eprintln!(
+        note!(
             "sf demo: {cores} workers, one per core of this host: more runnable clones than \
              cores slow every clone down (--clones N to choose)"
         );

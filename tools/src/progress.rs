@@ -88,7 +88,7 @@ impl ProgressWatch {
                         }
                         match &output {
                             ProgressOutput::Bar(bar) => bar.set_message(line.clone()),
-                            ProgressOutput::Lines => eprintln!("sf: progress: {line}"),
+                            ProgressOutput::Lines => note!("sf: progress: {line}"),
                         }
                         last = line;
                     }

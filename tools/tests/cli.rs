@@ -174,3 +174,18 @@ fn the_json_report_lists_the_system_calls_snowflock_does_not_implement() {
         "{report:#}"
     );
 }
+
+#[test]
+fn an_error_on_a_stderr_that_cannot_be_written_is_an_exit_code_not_a_panic() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sf"))
+        .args(["kill", "1", "--socket", "/nonexistent/sfd.sock"])
+        .stderr(full)
+        .output()
+        .unwrap();
+    // 101 is Rust's exit code for a panic.
+    assert_eq!(out.status.code(), Some(1));
+}
