@@ -30,6 +30,8 @@
 //!     FamilyJoin {
 //!         family: 7,
 //!         generation: 0x1234,
+//!         // The key the family's server registered it under (its order says which).
+//!         key: key.id(),
 //!         group: Ipv4Addr::new(239, 255, 0, 7),
 //!         server: SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7073),
 //!         pages: 1 << 18,
